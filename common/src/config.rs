@@ -1,0 +1,91 @@
+//! Configuration plumbing shared by both programs. Each program owns its
+//! settings struct (with serde defaults); this module reads the optional TOML
+//! file into it and reports unknown keys and type errors with the file name, so
+//! a typo in `config/node.toml` fails loudly at start instead of being ignored.
+//! Precedence (highest first): command-line flag, `SWITCHBOARD_…` environment
+//! variable (both handled by clap), file, built-in default.
+
+use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid setting {name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+/// Reads `path` as TOML into `T`; with no path, returns `T::default()`.
+pub fn load_file<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T, ConfigError> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })
+}
+
+/// Fails with a readable message unless `value` is positive.
+pub fn require_positive(name: &'static str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::Invalid {
+            name,
+            reason: "must be greater than zero".into(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Default, Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Sample {
+        port: u16,
+        name: String,
+    }
+
+    #[test]
+    fn missing_path_gives_defaults() {
+        let s: Sample = load_file(None).unwrap();
+        assert_eq!(s, Sample::default());
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_the_file() {
+        let dir = std::env::temp_dir().join(format!("sb-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, "port = 1\nprot = 2\n").unwrap();
+        let err = load_file::<Sample>(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("bad.toml") && err.contains("prot"), "{err}");
+        std::fs::write(&file, "port = \"x\"\n").unwrap();
+        assert!(load_file::<Sample>(Some(&file)).is_err());
+        std::fs::write(&file, "port = 7\n").unwrap();
+        assert_eq!(load_file::<Sample>(Some(&file)).unwrap().port, 7);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn zero_is_rejected_where_positive_required() {
+        assert!(require_positive("x", 0).is_err());
+        assert!(require_positive("x", 1).is_ok());
+    }
+}

@@ -1,0 +1,9 @@
+//! What the Switchboard balancer and chat node really share: the shape of the
+//! node registry in Redis (records, keys, announcements), the connection-token
+//! format that lets the balancer route a SignalR transport request to the node
+//! that owns it without per-connection state, and the plumbing that loads a TOML
+//! configuration file with clear errors. Nothing else belongs here.
+
+pub mod config;
+pub mod registry;
+pub mod token;

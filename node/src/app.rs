@@ -1,0 +1,142 @@
+//! The node's shared state, one `Arc<App>` passed to every handler and task:
+//! configuration, identity, the connection table, local groups, the Redis link
+//! and backplane, metrics and the draining flag. It also owns the two
+//! operations every layer needs: delivering a frame to local connections and
+//! forgetting a connection exactly once.
+
+use crate::backplane::Backplane;
+use crate::config::NodeConfig;
+use crate::connection::{Connection, ConnectionTable};
+use crate::groups::LocalGroups;
+use crate::metrics::Metrics;
+use crate::outbox::PushError;
+use crate::protocol::HubMessage;
+use crate::redis_link::RedisLink;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub struct App {
+    pub cfg: NodeConfig,
+    pub node_id: String,
+    pub url: String,
+    pub name: String,
+    pub started_at: DateTime<Utc>,
+    pub connections: ConnectionTable,
+    pub groups: LocalGroups,
+    pub redis: RedisLink,
+    pub backplane: Backplane,
+    pub metrics: Metrics,
+    draining: AtomicBool,
+}
+
+impl App {
+    pub fn new(cfg: NodeConfig) -> Result<Arc<Self>, redis::RedisError> {
+        let metrics = Metrics::new();
+        let client = redis::Client::open(cfg.redis.as_str())?;
+        let node_id = cfg.node_id();
+        let redis = RedisLink::new(client, metrics.redis_up.clone());
+        let backplane = Backplane::new(&cfg.key_prefix, &node_id);
+        Ok(Arc::new(App {
+            url: cfg.advertise_url(),
+            name: cfg
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("Node {node_id}")),
+            node_id,
+            started_at: Utc::now(),
+            connections: ConnectionTable::default(),
+            groups: LocalGroups::default(),
+            redis,
+            backplane,
+            metrics,
+            draining: AtomicBool::new(false),
+            cfg,
+        }))
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.metrics.draining.set(1);
+    }
+
+    pub fn new_connection(&self, connection_id: String, key: String) -> Arc<Connection> {
+        let conn = Arc::new(Connection::new(
+            connection_id,
+            key,
+            self.cfg.max_message_bytes,
+            self.cfg.max_buffered_frames,
+        ));
+        self.connections.insert(conn.clone());
+        conn
+    }
+
+    /// Queues `frame` for `conn`; a client too slow to keep up is disconnected.
+    pub fn send_to(&self, conn: &Connection, frame: Bytes) {
+        match conn.send(frame) {
+            Ok(()) => self.metrics.messages_sent.inc(),
+            Err(PushError::Closed) => {}
+            Err(PushError::Full) => {
+                tracing::warn!(connection = %conn.connection_id, "client cannot keep up; disconnecting");
+                self.metrics.slow_client_disconnects.inc();
+                self.close(conn, Some("Connection closed with an error: the client is too slow to receive messages.".into()), false);
+            }
+        }
+    }
+
+    pub fn deliver_all(&self, frame: &Bytes) {
+        self.connections
+            .for_each_handshaken(|c| self.send_to(c, frame.clone()));
+    }
+
+    pub fn deliver_group(&self, group: &str, frame: &Bytes) {
+        for key in self.groups.members(group) {
+            if let Some(c) = self.connections.get(&key) {
+                self.send_to(&c, frame.clone());
+            }
+        }
+    }
+
+    /// Ends a connection from the server side: a Close message (when the
+    /// client completed its handshake) and then the transport finishes.
+    pub fn close(&self, conn: &Connection, error: Option<String>, allow_reconnect: bool) {
+        let last = conn.is_handshaken().then(|| {
+            Bytes::from(
+                HubMessage::Close {
+                    error,
+                    allow_reconnect,
+                }
+                .to_record(),
+            )
+        });
+        conn.outbox.close(last);
+        if conn.transport().is_none() {
+            // No transport will ever drain it.
+            self.disconnect(conn);
+        }
+    }
+
+    /// Forgets a connection: table, groups, metrics. Safe to call repeatedly.
+    pub fn disconnect(&self, conn: &Connection) {
+        if conn.removed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        conn.outbox.close(None);
+        self.connections.remove(&conn.key);
+        for group in self.groups.leave_all(&conn.key) {
+            self.backplane.unsubscribe_group(&group);
+        }
+        if let Some(t) = conn.transport() {
+            self.metrics
+                .connections
+                .with_label_values(&[t.label()])
+                .dec();
+        }
+        tracing::debug!(connection = %conn.connection_id, "disconnected");
+    }
+}

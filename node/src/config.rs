@@ -1,0 +1,304 @@
+//! The node's settings: built-in defaults, then `--config FILE` (TOML, see
+//! `config/node.toml`), then `SWITCHBOARD_…` environment variables, then
+//! command-line flags, each overriding the one before. Durations are given in
+//! seconds and may be fractional (tests use sub-second heartbeats).
+
+use clap::Parser;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use switchboard_common::config::{load_file, require_positive, ConfigError};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    pub listen: SocketAddr,
+    pub redis: String,
+    pub node_id: Option<String>,
+    pub advertise_url: Option<String>,
+    pub name: Option<String>,
+    pub description: String,
+    pub key_prefix: String,
+    pub heartbeat_secs: f64,
+    pub ttl_secs: f64,
+    pub keepalive_secs: f64,
+    pub client_timeout_secs: f64,
+    pub handshake_timeout_secs: f64,
+    pub long_poll_secs: f64,
+    pub long_poll_idle_secs: f64,
+    pub drain_secs: f64,
+    pub max_message_bytes: usize,
+    pub max_buffered_frames: usize,
+    pub history_len: usize,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            redis: "redis://127.0.0.1:6379".into(),
+            node_id: None,
+            advertise_url: None,
+            name: None,
+            description: "Switchboard chat node".into(),
+            key_prefix: switchboard_common::registry::DEFAULT_PREFIX.into(),
+            heartbeat_secs: 15.0,
+            ttl_secs: 45.0,
+            keepalive_secs: 15.0,
+            client_timeout_secs: 30.0,
+            handshake_timeout_secs: 15.0,
+            long_poll_secs: 90.0,
+            long_poll_idle_secs: 15.0,
+            drain_secs: 10.0,
+            max_message_bytes: 32 * 1024,
+            max_buffered_frames: 1024,
+            history_len: 1000,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Command line and environment; every flag overrides the file and defaults.
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchboard-node",
+    version,
+    about = "Switchboard chat node: an ASP.NET Core SignalR-compatible hub with a Redis backplane"
+)]
+pub struct Cli {
+    /// TOML configuration file (see config/node.toml)
+    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:5000]
+    #[arg(long, env = "SWITCHBOARD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Redis URL [default: redis://127.0.0.1:6379]
+    #[arg(long, env = "SWITCHBOARD_REDIS")]
+    pub redis: Option<String>,
+    /// Node id in the registry and in tokens [default: host name]
+    #[arg(long, env = "SWITCHBOARD_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Base URL the balancer dials [default: http://<host name>:<port>]
+    #[arg(long, env = "SWITCHBOARD_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// Display name [default: "Node <node id>"]
+    #[arg(long, env = "SWITCHBOARD_NAME")]
+    pub name: Option<String>,
+    /// Description shown in /nodes
+    #[arg(long, env = "SWITCHBOARD_DESCRIPTION")]
+    pub description: Option<String>,
+    /// Prefix of every Redis key and channel [default: switchboard]
+    #[arg(long, env = "SWITCHBOARD_KEY_PREFIX")]
+    pub key_prefix: Option<String>,
+    /// Registry heartbeat interval in seconds [default: 15]
+    #[arg(long, env = "SWITCHBOARD_HEARTBEAT_SECS")]
+    pub heartbeat_secs: Option<f64>,
+    /// Registry key TTL in seconds [default: 45]
+    #[arg(long, env = "SWITCHBOARD_TTL_SECS")]
+    pub ttl_secs: Option<f64>,
+    /// Send a Ping after this many seconds without sending [default: 15]
+    #[arg(long, env = "SWITCHBOARD_KEEPALIVE_SECS")]
+    pub keepalive_secs: Option<f64>,
+    /// Drop a client silent for this many seconds [default: 30]
+    #[arg(long, env = "SWITCHBOARD_CLIENT_TIMEOUT_SECS")]
+    pub client_timeout_secs: Option<f64>,
+    /// Drop a connection whose handshake has not arrived after this many seconds [default: 15]
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_SECS")]
+    pub handshake_timeout_secs: Option<f64>,
+    /// Longest a long poll waits for data, in seconds [default: 90]
+    #[arg(long, env = "SWITCHBOARD_LONG_POLL_SECS")]
+    pub long_poll_secs: Option<f64>,
+    /// Drop a long-polling connection with no poll for this many seconds [default: 15]
+    #[arg(long, env = "SWITCHBOARD_LONG_POLL_IDLE_SECS")]
+    pub long_poll_idle_secs: Option<f64>,
+    /// On SIGTERM, keep serving existing clients this many seconds before closing them [default: 10]
+    #[arg(long, env = "SWITCHBOARD_DRAIN_SECS")]
+    pub drain_secs: Option<f64>,
+    /// Largest incoming hub message in bytes [default: 32768]
+    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Frames buffered for a slow client before it is disconnected [default: 1024]
+    #[arg(long, env = "SWITCHBOARD_MAX_BUFFERED_FRAMES")]
+    pub max_buffered_frames: Option<usize>,
+    /// Messages kept in the Redis history stream [default: 1000]
+    #[arg(long, env = "SWITCHBOARD_HISTORY_LEN")]
+    pub history_len: Option<usize>,
+    /// Log format [default: text]
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+macro_rules! overlay {
+    ($cfg:ident, $cli:ident, $($field:ident),*) => {
+        $( if let Some(v) = $cli.$field { $cfg.$field = v; } )*
+    };
+}
+
+impl Cli {
+    pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
+        let mut cfg: NodeConfig = load_file(self.config.as_deref())?;
+        let cli = self;
+        overlay!(
+            cfg,
+            cli,
+            listen,
+            redis,
+            description,
+            key_prefix,
+            heartbeat_secs,
+            ttl_secs,
+            keepalive_secs,
+            client_timeout_secs,
+            handshake_timeout_secs,
+            long_poll_secs,
+            long_poll_idle_secs,
+            drain_secs,
+            max_message_bytes,
+            max_buffered_frames,
+            history_len,
+            log_format
+        );
+        if cli.node_id.is_some() {
+            cfg.node_id = cli.node_id;
+        }
+        if cli.advertise_url.is_some() {
+            cfg.advertise_url = cli.advertise_url;
+        }
+        if cli.name.is_some() {
+            cfg.name = cli.name;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn secs(name: &'static str, v: f64) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or(ConfigError::Invalid {
+            name,
+            reason: format!("{v} is not a positive number of seconds"),
+        })
+}
+
+impl NodeConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, v) in [
+            ("heartbeat_secs", self.heartbeat_secs),
+            ("ttl_secs", self.ttl_secs),
+            ("keepalive_secs", self.keepalive_secs),
+            ("client_timeout_secs", self.client_timeout_secs),
+            ("handshake_timeout_secs", self.handshake_timeout_secs),
+            ("long_poll_secs", self.long_poll_secs),
+            ("long_poll_idle_secs", self.long_poll_idle_secs),
+            ("drain_secs", self.drain_secs),
+        ] {
+            secs(name, v)?;
+        }
+        require_positive("max_message_bytes", self.max_message_bytes as u64)?;
+        require_positive("max_buffered_frames", self.max_buffered_frames as u64)?;
+        require_positive("history_len", self.history_len as u64)?;
+        if self.ttl_secs <= self.heartbeat_secs {
+            return Err(ConfigError::Invalid {
+                name: "ttl_secs",
+                reason: "must be longer than heartbeat_secs, or the key expires between heartbeats"
+                    .into(),
+            });
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
+            return Err(ConfigError::Invalid {
+                name: "key_prefix",
+                reason: "must be a non-empty word".into(),
+            });
+        }
+        if let Some(id) = &self.node_id {
+            if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c == '*') {
+                return Err(ConfigError::Invalid {
+                    name: "node_id",
+                    reason: "must be 1-128 printable characters, no '*'".into(),
+                });
+            }
+        }
+        redis::Client::open(self.redis.as_str()).map_err(|e| ConfigError::Invalid {
+            name: "redis",
+            reason: e.to_string(),
+        })?;
+        Ok(())
+    }
+
+    pub fn duration(&self, v: f64) -> Duration {
+        // Validated positive in `validate`.
+        Duration::from_secs_f64(v)
+    }
+
+    pub fn node_id(&self) -> String {
+        self.node_id
+            .clone()
+            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+    }
+
+    pub fn advertise_url(&self) -> String {
+        self.advertise_url.clone().unwrap_or_else(|| {
+            format!(
+                "http://{}:{}",
+                gethostname::gethostname().to_string_lossy(),
+                self.listen.port()
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<NodeConfig, ConfigError> {
+        let mut all = vec!["switchboard-node"];
+        all.extend_from_slice(args);
+        Cli::parse_from(all).resolve()
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen.port(), 5000);
+        assert_eq!((c.heartbeat_secs, c.ttl_secs), (15.0, 45.0));
+        assert_eq!(c.max_message_bytes, 32768);
+    }
+
+    #[test]
+    fn flags_override_and_are_validated() {
+        let c = parse(&[
+            "--heartbeat-secs",
+            "0.2",
+            "--ttl-secs",
+            "0.6",
+            "--node-id",
+            "a",
+        ])
+        .unwrap();
+        assert_eq!(c.duration(c.heartbeat_secs), Duration::from_millis(200));
+        assert_eq!(c.node_id(), "a");
+        assert!(parse(&["--heartbeat-secs", "5", "--ttl-secs", "5"]).is_err());
+        assert!(parse(&["--drain-secs=-1"]).is_err());
+        assert!(parse(&["--redis", "ftp://nope"]).is_err());
+        assert!(parse(&["--node-id", "a*b"]).is_err());
+    }
+
+    #[test]
+    fn shipped_config_file_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/node.toml");
+        let c = parse(&["--config", path]).unwrap();
+        assert_eq!(c.listen.port(), 5000);
+    }
+}

@@ -1,0 +1,218 @@
+//! One SignalR connection as the node sees it, independent of transport: its
+//! public id and the `?id=` key it is registered under, the outbox, the
+//! inbound record reader, which transport claimed it, and the clocks the
+//! keep-alive sweeper reads. `ConnectionTable` maps `?id=` values to
+//! connections. Everything here is sized for tens of thousands of idle
+//! connections: atomics instead of per-connection timers, no buffers until data
+//! flows.
+
+use crate::outbox::{Outbox, PushError};
+use crate::protocol::RecordReader;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Instant;
+use tokio::sync::Notify;
+
+/// Milliseconds since the process started; cheap and monotonic.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Transport {
+    WebSockets = 1,
+    ServerSentEvents = 2,
+    LongPolling = 3,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::WebSockets => "websockets",
+            Transport::ServerSentEvents => "sse",
+            Transport::LongPolling => "longpolling",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Transport::WebSockets),
+            2 => Some(Transport::ServerSentEvents),
+            3 => Some(Transport::LongPolling),
+            _ => None,
+        }
+    }
+}
+
+/// Why a transport request may not use a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AttachError {
+    /// A second WebSocket or event stream for the same id (409).
+    AlreadyConnected,
+    /// A different transport than the one the connection started with (400).
+    WrongTransport,
+}
+
+/// Long-polling bookkeeping: a newer poll supersedes the older one.
+#[derive(Default)]
+pub struct LongPoll {
+    pub started: AtomicBool,
+    pub generation: AtomicU64,
+    pub superseded: Notify,
+    pub active: AtomicU32,
+    pub last_poll_ms: AtomicU64,
+}
+
+pub struct Connection {
+    pub connection_id: String,
+    /// The `?id=` value: the token (negotiate v1) or the connection id (v0).
+    pub key: String,
+    pub outbox: Outbox,
+    pub reader: Mutex<RecordReader>,
+    pub handshaken: AtomicBool,
+    pub created_ms: u64,
+    pub last_sent_ms: AtomicU64,
+    pub last_received_ms: AtomicU64,
+    /// Set while a POST is being processed, to answer a concurrent POST 409.
+    pub sending: AtomicBool,
+    pub long_poll: LongPoll,
+    pub removed: AtomicBool,
+    transport: AtomicU8,
+}
+
+impl Connection {
+    pub fn new(connection_id: String, key: String, max_message: usize, max_frames: usize) -> Self {
+        let now = now_ms();
+        Connection {
+            connection_id,
+            key,
+            outbox: Outbox::new(max_frames),
+            reader: Mutex::new(RecordReader::new(max_message)),
+            handshaken: AtomicBool::new(false),
+            created_ms: now,
+            last_sent_ms: AtomicU64::new(now),
+            last_received_ms: AtomicU64::new(now),
+            sending: AtomicBool::new(false),
+            long_poll: LongPoll::default(),
+            removed: AtomicBool::new(false),
+            transport: AtomicU8::new(0),
+        }
+    }
+
+    pub fn transport(&self) -> Option<Transport> {
+        Transport::from_u8(self.transport.load(Ordering::Acquire))
+    }
+
+    /// Claims the connection for `t`. Long polling may poll many times; a
+    /// WebSocket or event stream may attach once.
+    pub fn attach(&self, t: Transport) -> Result<(), AttachError> {
+        match self
+            .transport
+            .compare_exchange(0, t as u8, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => Ok(()),
+            Err(cur) if cur == t as u8 && t == Transport::LongPolling => Ok(()),
+            Err(cur) if cur == t as u8 => Err(AttachError::AlreadyConnected),
+            Err(_) => Err(AttachError::WrongTransport),
+        }
+    }
+
+    /// Queues a frame for the client.
+    pub fn send(&self, frame: Bytes) -> Result<(), PushError> {
+        self.outbox.push(frame)?;
+        self.last_sent_ms.store(now_ms(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn touch_received(&self) {
+        self.last_received_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn is_handshaken(&self) -> bool {
+        self.handshaken.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Default)]
+pub struct ConnectionTable {
+    map: RwLock<HashMap<String, Arc<Connection>>>,
+}
+
+impl ConnectionTable {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Connection>>> {
+        self.map.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Connection>>> {
+        self.map.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, conn: Arc<Connection>) {
+        self.write().insert(conn.key.clone(), conn);
+    }
+
+    pub fn get(&self, key: &str) -> Option<Arc<Connection>> {
+        self.read().get(key).cloned()
+    }
+
+    pub fn remove(&self, key: &str) -> Option<Arc<Connection>> {
+        self.write().remove(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Every connection, copied out so callers never hold the lock across work.
+    pub fn all(&self) -> Vec<Arc<Connection>> {
+        self.read().values().cloned().collect()
+    }
+
+    /// Calls `f` for each connection that has completed its handshake.
+    pub fn for_each_handshaken(&self, mut f: impl FnMut(&Arc<Connection>)) {
+        for c in self.read().values() {
+            if c.is_handshaken() {
+                f(c);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> Connection {
+        Connection::new("c".into(), "k".into(), 100, 10)
+    }
+
+    #[test]
+    fn websocket_attaches_once() {
+        let c = conn();
+        assert_eq!(c.attach(Transport::WebSockets), Ok(()));
+        assert_eq!(
+            c.attach(Transport::WebSockets),
+            Err(AttachError::AlreadyConnected)
+        );
+        assert_eq!(
+            c.attach(Transport::LongPolling),
+            Err(AttachError::WrongTransport)
+        );
+    }
+
+    #[test]
+    fn long_polling_attaches_repeatedly() {
+        let c = conn();
+        assert_eq!(c.attach(Transport::LongPolling), Ok(()));
+        assert_eq!(c.attach(Transport::LongPolling), Ok(()));
+        assert_eq!(
+            c.attach(Transport::ServerSentEvents),
+            Err(AttachError::WrongTransport)
+        );
+        assert_eq!(c.transport(), Some(Transport::LongPolling));
+    }
+}

@@ -1,0 +1,276 @@
+//! The chat hub: what each hub message means. Transports hand raw bytes to
+//! `on_data`; it splits records, answers the handshake, parses messages and
+//! runs invocations (`SendMessage`, `GetNodeInfo`, `JoinGroup`, `LeaveGroup`,
+//! `SendMessageToGroup`, `GetHistory`, `Echo`). Method names match
+//! case-insensitively, as in ASP.NET Core. An unknown method or bad arguments
+//! earn a Completion with an error and the connection stays open; bytes that
+//! are not the protocol close the connection with an error.
+
+use crate::app::App;
+use crate::connection::Connection;
+use crate::groups;
+use crate::history::{self, HistoryEntry};
+use crate::protocol::{
+    handshake_response, parse_handshake, parse_message, HubMessage, ProtocolError,
+};
+use bytes::Bytes;
+use serde_json::Value;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Feeds bytes a client sent; afterwards the outbox says whether it lives on.
+pub async fn on_data(app: &Arc<App>, conn: &Arc<Connection>, data: &[u8]) {
+    conn.touch_received();
+    let records = {
+        let mut reader = conn.reader.lock().unwrap_or_else(|p| p.into_inner());
+        reader.feed(data)
+    };
+    let records = match records {
+        Ok(r) => r,
+        Err(e) => return protocol_error(app, conn, &e),
+    };
+    for record in records {
+        if conn.outbox.is_closed() {
+            return;
+        }
+        if !conn.is_handshaken() {
+            handshake(app, conn, &record);
+            continue;
+        }
+        app.metrics.messages_received.inc();
+        match parse_message(&record) {
+            Ok(msg) => on_message(app, conn, msg).await,
+            Err(e) => return protocol_error(app, conn, &e),
+        }
+    }
+}
+
+fn protocol_error(app: &App, conn: &Connection, e: &ProtocolError) {
+    let kind = match e {
+        ProtocolError::TooLarge { .. } => "too_large",
+        ProtocolError::InvalidJson(_) => "invalid_json",
+        ProtocolError::InvalidMessage(_) => "invalid_message",
+        ProtocolError::Handshake(_) => "handshake",
+    };
+    app.metrics.protocol_errors.with_label_values(&[kind]).inc();
+    tracing::info!(connection = %conn.connection_id, error = %e, "closing connection after a protocol error");
+    app.close(
+        conn,
+        Some(format!("Connection closed with an error. {e}")),
+        false,
+    );
+}
+
+fn handshake(app: &App, conn: &Connection, record: &[u8]) {
+    match parse_handshake(record) {
+        Ok(_) => {
+            app.send_to(conn, Bytes::from(handshake_response(None)));
+            conn.handshaken.store(true, Ordering::Release);
+        }
+        Err(e) => {
+            app.metrics
+                .protocol_errors
+                .with_label_values(&["handshake"])
+                .inc();
+            tracing::info!(connection = %conn.connection_id, error = %e, "handshake refused");
+            conn.outbox
+                .close(Some(Bytes::from(handshake_response(Some(&e.to_string())))));
+        }
+    }
+}
+
+async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
+    match msg {
+        HubMessage::Invocation {
+            invocation_id,
+            target,
+            arguments,
+        } => {
+            let outcome = invoke(app, conn, &target, arguments).await;
+            let label = if outcome.is_ok() { "ok" } else { "error" };
+            app.metrics
+                .invocations
+                .with_label_values(&[method_label(&target), label])
+                .inc();
+            if let Err(e) = &outcome {
+                tracing::debug!(connection = %conn.connection_id, %target, error = %e, "invocation failed");
+            }
+            if let Some(id) = invocation_id {
+                let (result, error) = match outcome {
+                    Ok(r) => (r, None),
+                    Err(e) => (
+                        None,
+                        Some(format!(
+                            "Failed to invoke '{target}' due to an error on the server. {e}"
+                        )),
+                    ),
+                };
+                let completion = HubMessage::Completion {
+                    invocation_id: id,
+                    result,
+                    error,
+                };
+                app.send_to(conn, Bytes::from(completion.to_record()));
+            }
+        }
+        HubMessage::StreamInvocation {
+            invocation_id,
+            target,
+            ..
+        } => {
+            let error = Some(format!("Failed to invoke '{target}' due to an error on the server. HubException: '{target}' is not a streaming method."));
+            app.send_to(
+                conn,
+                Bytes::from(
+                    HubMessage::Completion {
+                        invocation_id,
+                        result: None,
+                        error,
+                    }
+                    .to_record(),
+                ),
+            );
+        }
+        HubMessage::Close { .. } => app.close(conn, None, false),
+        HubMessage::Ping | HubMessage::CancelInvocation { .. } => {}
+        // Client results, client streams and stateful reconnect are not offered.
+        HubMessage::Completion { .. }
+        | HubMessage::StreamItem { .. }
+        | HubMessage::Ack { .. }
+        | HubMessage::Sequence { .. } => {
+            tracing::debug!(connection = %conn.connection_id, "ignoring a message type this hub does not use");
+        }
+        HubMessage::Unknown(t) => {
+            tracing::info!(connection = %conn.connection_id, message_type = t, "ignoring unknown message type");
+        }
+    }
+}
+
+/// Bounded label set for metrics, whatever target a client sends.
+fn method_label(target: &str) -> &'static str {
+    const KNOWN: [&str; 7] = [
+        "SendMessage",
+        "GetNodeInfo",
+        "JoinGroup",
+        "LeaveGroup",
+        "SendMessageToGroup",
+        "GetHistory",
+        "Echo",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(target))
+        .copied()
+        .unwrap_or("unknown")
+}
+
+fn arity<const N: usize>(args: Vec<Value>) -> Result<[Value; N], String> {
+    let n = args.len();
+    args.try_into().map_err(|_| {
+        format!("InvalidDataException: Invocation provides {n} argument(s) but target expects {N}.")
+    })
+}
+
+fn strings<const N: usize>(args: Vec<Value>) -> Result<[String; N], String> {
+    let values = arity::<N>(args)?;
+    let mut out: [String; N] = std::array::from_fn(|_| String::new());
+    for (slot, v) in out.iter_mut().zip(values) {
+        match v {
+            Value::String(s) => *slot = s,
+            _ => return Err("InvalidDataException: Error binding arguments. Make sure that the types of the provided values match the types of the hub method being invoked.".into()),
+        }
+    }
+    Ok(out)
+}
+
+fn event(target: &str, args: Vec<Value>) -> Bytes {
+    Bytes::from(HubMessage::event(target, args).to_record())
+}
+
+async fn invoke(
+    app: &Arc<App>,
+    conn: &Arc<Connection>,
+    target: &str,
+    args: Vec<Value>,
+) -> Result<Option<Value>, String> {
+    let me = || Value::String(conn.connection_id.clone());
+    let node = || Value::String(app.node_id.clone());
+    match method_label(target) {
+        "SendMessage" => {
+            let [user, message] = strings(args)?;
+            let entry = HistoryEntry {
+                user: user.clone(),
+                message: message.clone(),
+                connection_id: conn.connection_id.clone(),
+                node_id: app.node_id.clone(),
+                timestamp: switchboard_common::registry::rfc3339(chrono::Utc::now()),
+            };
+            let frame = event(
+                "ReceiveMessage",
+                vec![user.into(), message.into(), me(), node()],
+            );
+            app.deliver_all(&frame);
+            app.backplane.broadcast(app, &frame, Some(entry));
+            Ok(None)
+        }
+        "GetNodeInfo" => {
+            arity::<0>(args)?;
+            app.send_to(conn, event("NodeInfo", vec![node(), me()]));
+            Ok(None)
+        }
+        "JoinGroup" => {
+            let [group] = strings(args)?;
+            groups::validate_name(&group).map_err(|e| format!("HubException: {e}"))?;
+            if app.groups.join(&group, &conn.key) {
+                app.backplane.subscribe_group(&group);
+            }
+            Ok(None)
+        }
+        "LeaveGroup" => {
+            let [group] = strings(args)?;
+            if app.groups.leave(&group, &conn.key) {
+                app.backplane.unsubscribe_group(&group);
+            }
+            Ok(None)
+        }
+        "SendMessageToGroup" => {
+            let [group, user, message] = strings(args)?;
+            groups::validate_name(&group).map_err(|e| format!("HubException: {e}"))?;
+            let frame = event(
+                "ReceiveGroupMessage",
+                vec![
+                    group.clone().into(),
+                    user.into(),
+                    message.into(),
+                    me(),
+                    node(),
+                ],
+            );
+            app.deliver_group(&group, &frame);
+            app.backplane.to_group(app, &group, &frame);
+            Ok(None)
+        }
+        "GetHistory" => {
+            let [count] = arity::<1>(args)?;
+            let count = count
+                .as_u64()
+                .ok_or("InvalidDataException: Error binding arguments. 'count' must be a non-negative integer.")?;
+            let count = count.min(app.cfg.history_len as u64) as usize;
+            let result = match app.redis.conn().await {
+                Ok(mut c) => history::recent(&mut c, app.backplane.history_key(), count).await,
+                Err(e) => Err(e),
+            };
+            app.redis.observe(&result);
+            let entries = result
+                .map_err(|e| format!("HubException: message history is unavailable ({e})."))?;
+            serde_json::to_value(entries)
+                .map(Some)
+                .map_err(|e| e.to_string())
+        }
+        "Echo" => {
+            let [payload] = arity::<1>(args)?;
+            Ok(Some(payload))
+        }
+        _ => Err("HubException: Method does not exist.".into()),
+    }
+}

@@ -1,0 +1,68 @@
+//! One sweeper task for all connections instead of timers per connection:
+//! it sends a Ping to clients the node has not written to for the keep-alive
+//! interval, closes clients silent for the client timeout, drops connections
+//! whose handshake never came, and forgets long-polling connections nobody has
+//! polled for the long-poll idle time.
+
+use crate::app::App;
+use crate::connection::{now_ms, Transport};
+use crate::protocol::HubMessage;
+use bytes::Bytes;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub async fn sweep_forever(app: Arc<App>) {
+    let cfg = &app.cfg;
+    let ms = |secs: f64| (secs * 1000.0) as u64;
+    let (keepalive, client_timeout) = (ms(cfg.keepalive_secs), ms(cfg.client_timeout_secs));
+    let (handshake_timeout, poll_idle) =
+        (ms(cfg.handshake_timeout_secs), ms(cfg.long_poll_idle_secs));
+    let period = Duration::from_millis(
+        (keepalive
+            .min(client_timeout)
+            .min(handshake_timeout)
+            .min(poll_idle)
+            / 4)
+        .clamp(50, 1000),
+    );
+    let ping = Bytes::from(HubMessage::Ping.to_record());
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let now = now_ms();
+        for conn in app.connections.all() {
+            if conn.transport() == Some(Transport::LongPolling)
+                && conn.long_poll.active.load(Ordering::Acquire) == 0
+                && now.saturating_sub(conn.long_poll.last_poll_ms.load(Ordering::Acquire))
+                    >= poll_idle
+            {
+                tracing::debug!(connection = %conn.connection_id, "long-polling client stopped polling");
+                app.disconnect(&conn);
+            } else if !conn.is_handshaken() {
+                if now.saturating_sub(conn.created_ms) >= handshake_timeout {
+                    tracing::info!(connection = %conn.connection_id, "no handshake in time; closing");
+                    app.metrics
+                        .protocol_errors
+                        .with_label_values(&["handshake_timeout"])
+                        .inc();
+                    app.close(&conn, None, false);
+                }
+            } else if now.saturating_sub(conn.last_received_ms.load(Ordering::Relaxed))
+                >= client_timeout
+            {
+                tracing::info!(connection = %conn.connection_id, "client timed out");
+                app.close(
+                    &conn,
+                    Some(
+                        "Server timeout elapsed without receiving a message from the client."
+                            .into(),
+                    ),
+                    false,
+                );
+            } else if now.saturating_sub(conn.last_sent_ms.load(Ordering::Relaxed)) >= keepalive {
+                app.send_to(&conn, ping.clone());
+            }
+        }
+    }
+}

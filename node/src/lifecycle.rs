@@ -1,0 +1,77 @@
+//! Start and stop. Start: spawn the heartbeat, backplane and keep-alive tasks.
+//! Stop (SIGTERM or Ctrl-C): mark the node draining and announce it, so the
+//! balancer sends no new clients and negotiate answers 503; keep serving
+//! existing clients for the drain period (or until none is left); close every
+//! client with a Close carrying `allowReconnect: true`; flush the backplane
+//! queue so no accepted message is lost; delete the registry key and announce
+//! `down`; then let the HTTP server finish.
+
+use crate::app::App;
+use crate::backplane::Backplane;
+use crate::{keepalive, registry};
+use std::sync::Arc;
+use std::time::Duration;
+use switchboard_common::registry::RegistryEventKind;
+
+pub fn start_background_tasks(app: &Arc<App>) -> tokio::task::JoinHandle<()> {
+    Backplane::spawn(app);
+    tokio::spawn(keepalive::sweep_forever(app.clone()));
+    tokio::spawn(registry::heartbeat(app.clone()))
+}
+
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the node");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub async fn drain(app: &Arc<App>, heartbeat: tokio::task::JoinHandle<()>) {
+    tracing::info!(
+        connections = app.connections.len(),
+        drain_secs = app.cfg.drain_secs,
+        "draining"
+    );
+    app.start_draining();
+    heartbeat.abort();
+    if let Err(e) = registry::beat(app, Some(RegistryEventKind::Draining)).await {
+        tracing::warn!(error = %e, "could not announce draining");
+    }
+    let deadline = tokio::time::Instant::now() + app.cfg.duration(app.cfg.drain_secs);
+    while app.connections.len() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for conn in app.connections.all() {
+        app.close(&conn, None, true);
+    }
+    // Give transports a moment to deliver the Close.
+    let settle = tokio::time::Instant::now() + Duration::from_secs(2);
+    while app.connections.len() > 0 && tokio::time::Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !app.backplane.flush(Duration::from_secs(5)).await {
+        tracing::error!(
+            "backplane queue not flushed before exit; some messages did not reach other nodes"
+        );
+    }
+    match registry::deregister(app).await {
+        Ok(()) => tracing::info!("removed from the node registry"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not remove the registry key; it expires with its TTL")
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! `switchboard-node`: a chat server speaking the ASP.NET Core SignalR
+//! protocol, sharing messages with other nodes through a Redis backplane and
+//! announcing itself in the Redis node registry the balancer watches.
+//!
+//! Layers: `protocol` (pure SignalR framing and messages) → `transport`
+//! (WebSockets, Server-Sent Events, long polling) → `hub` (what messages mean)
+//! → `backplane` (between nodes). `registry` keeps the node discoverable,
+//! `lifecycle` starts and drains it.
+
+mod app;
+mod backplane;
+mod config;
+mod connection;
+mod groups;
+mod history;
+mod http;
+mod hub;
+mod keepalive;
+mod lifecycle;
+mod metrics;
+mod outbox;
+mod protocol;
+mod redis_link;
+mod registry;
+mod transport;
+
+use clap::Parser;
+use config::{Cli, LogFormat};
+use std::process::ExitCode;
+use std::time::Duration;
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cfg = match Cli::parse().resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchboard-node: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cfg.log_format);
+    let listen = cfg.listen;
+    let app = match app::App::new(cfg) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("switchboard-node: invalid redis URL: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("switchboard-node: cannot listen on {listen}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(node = %app.node_id, %listen, url = %app.url, "switchboard-node started");
+    let heartbeat = lifecycle::start_background_tasks(&app);
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server =
+        axum::serve(listener, http::router(app.clone())).with_graceful_shutdown(async move {
+            let _ = stop_rx.await;
+        });
+    let server = tokio::spawn(async move { server.await });
+
+    lifecycle::shutdown_signal().await;
+    lifecycle::drain(&app, heartbeat).await;
+    let _ = stop_tx.send(());
+    if tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP server did not finish in time; exiting anyway");
+    }
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}

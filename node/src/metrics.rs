@@ -1,0 +1,146 @@
+//! The node's Prometheus metrics, named by the conventions (`_total` counters,
+//! base units) and exported as text at `GET /metrics`.
+
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: IntGaugeVec,
+    pub connections_opened: IntCounterVec,
+    pub messages_received: IntCounter,
+    pub messages_sent: IntCounter,
+    pub invocations: IntCounterVec,
+    pub protocol_errors: IntCounterVec,
+    pub slow_client_disconnects: IntCounter,
+    pub backplane_published: IntCounter,
+    pub backplane_publish_failures: IntCounter,
+    pub backplane_dropped: IntCounter,
+    pub backplane_received: IntCounter,
+    pub backplane_invalid: IntCounter,
+    pub redis_up: IntGauge,
+    pub draining: IntGauge,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+    // Names are static and distinct, so registration cannot collide.
+    let _ = r.register(Box::new(m.clone()));
+    m
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    reg(
+        r,
+        IntCounter::new(name, help).unwrap_or_else(|_| unreachable!("static metric name {name}")),
+    )
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    reg(
+        r,
+        IntCounterVec::new(Opts::new(name, help), labels)
+            .unwrap_or_else(|_| unreachable!("static metric name {name}")),
+    )
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    reg(
+        r,
+        IntGauge::new(name, help).unwrap_or_else(|_| unreachable!("static metric name {name}")),
+    )
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        Metrics {
+            connections: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "switchboard_node_connections",
+                        "Open SignalR connections by transport",
+                    ),
+                    &["transport"],
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            connections_opened: counter_vec(
+                &r,
+                "switchboard_node_connections_opened_total",
+                "SignalR connections opened, by transport",
+                &["transport"],
+            ),
+            messages_received: counter(
+                &r,
+                "switchboard_node_messages_received_total",
+                "Hub messages received from clients",
+            ),
+            messages_sent: counter(
+                &r,
+                "switchboard_node_messages_sent_total",
+                "Frames queued to clients",
+            ),
+            invocations: counter_vec(
+                &r,
+                "switchboard_node_invocations_total",
+                "Hub method invocations by method and outcome",
+                &["method", "outcome"],
+            ),
+            protocol_errors: counter_vec(
+                &r,
+                "switchboard_node_protocol_errors_total",
+                "Connections closed or requests refused for a protocol error, by kind",
+                &["kind"],
+            ),
+            slow_client_disconnects: counter(
+                &r,
+                "switchboard_node_slow_client_disconnects_total",
+                "Clients disconnected because their outgoing buffer was full",
+            ),
+            backplane_published: counter(
+                &r,
+                "switchboard_node_backplane_published_total",
+                "Messages published to the Redis backplane",
+            ),
+            backplane_publish_failures: counter(
+                &r,
+                "switchboard_node_backplane_publish_failures_total",
+                "Failed publish attempts (retried)",
+            ),
+            backplane_dropped: counter(
+                &r,
+                "switchboard_node_backplane_dropped_total",
+                "Messages dropped because the publish queue was full",
+            ),
+            backplane_received: counter(
+                &r,
+                "switchboard_node_backplane_received_total",
+                "Messages received from other nodes through the backplane",
+            ),
+            backplane_invalid: counter(
+                &r,
+                "switchboard_node_backplane_invalid_total",
+                "Backplane payloads rejected as malformed",
+            ),
+            redis_up: gauge(
+                &r,
+                "switchboard_node_redis_up",
+                "1 while Redis answers, 0 while it does not",
+            ),
+            draining: gauge(
+                &r,
+                "switchboard_node_draining",
+                "1 while the node drains before exit",
+            ),
+            registry: r,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

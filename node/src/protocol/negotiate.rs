@@ -1,0 +1,86 @@
+//! The negotiate answer. Version 1 carries a secret `connectionToken` the
+//! client then sends as `?id=`; version 0 (what a client that sends no
+//! `negotiateVersion` gets) has no token, and the client uses `connectionId`.
+//! A client asking for a newer version than 1 gets version 1. Never includes
+//! `ProtocolVersion`, which clients take for classic ASP.NET SignalR.
+
+use serde::Serialize;
+use switchboard_common::token::ConnectionToken;
+
+pub const SERVER_NEGOTIATE_VERSION: u32 = 1;
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NegotiateResponse<'a> {
+    negotiate_version: u32,
+    connection_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connection_token: Option<&'a str>,
+    available_transports: serde_json::Value,
+}
+
+/// Reads `negotiateVersion` from the query value: absent means 0.
+pub fn requested_version(value: Option<&str>) -> Result<u32, String> {
+    match value {
+        None => Ok(0),
+        Some(v) => v
+            .parse::<u32>()
+            .map(|v| v.min(SERVER_NEGOTIATE_VERSION))
+            .map_err(|_| "The client requested an invalid protocol version".to_string()),
+    }
+}
+
+pub fn negotiate_body(version: u32, token: &ConnectionToken) -> String {
+    let body = NegotiateResponse {
+        negotiate_version: version,
+        connection_id: &token.connection_id,
+        connection_token: (version >= 1).then_some(token.token.as_str()),
+        available_transports: serde_json::json!([
+            {"transport": "WebSockets", "transferFormats": ["Text", "Binary"]},
+            {"transport": "ServerSentEvents", "transferFormats": ["Text"]},
+            {"transport": "LongPolling", "transferFormats": ["Text", "Binary"]},
+        ]),
+    };
+    serde_json::to_string(&body).unwrap_or_default()
+}
+
+/// Negotiate errors travel as HTTP 200 with `{"error":"…"}`.
+pub fn error_body(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> serde_json::Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn version_zero_has_no_token() {
+        let t = ConnectionToken::issue("n");
+        let v = parse(&negotiate_body(0, &t));
+        assert_eq!(v["negotiateVersion"], 0);
+        assert_eq!(v["connectionId"], t.connection_id.as_str());
+        assert!(v.get("connectionToken").is_none());
+        assert!(v.get("ProtocolVersion").is_none());
+        assert_eq!(v["availableTransports"].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn version_one_carries_the_token() {
+        let t = ConnectionToken::issue("n");
+        let v = parse(&negotiate_body(1, &t));
+        assert_eq!(v["negotiateVersion"], 1);
+        assert_eq!(v["connectionToken"], t.token.as_str());
+    }
+
+    #[test]
+    fn requested_versions() {
+        assert_eq!(requested_version(None), Ok(0));
+        assert_eq!(requested_version(Some("1")), Ok(1));
+        assert_eq!(requested_version(Some("7")), Ok(1));
+        assert!(requested_version(Some("x")).is_err());
+    }
+}

@@ -1,0 +1,135 @@
+//! This node's entry in the registry: the heartbeat that refreshes
+//! `{prefix}:nodes:{nodeId}` with a TTL, the announcements on
+//! `{prefix}:registry` (up when first registered or re-registered after a
+//! Redis outage, draining, down), and the SCAN-based listing behind `/nodes`.
+
+use crate::app::App;
+use chrono::Utc;
+use redis::AsyncCommands;
+use redis::RedisResult;
+use std::collections::HashMap;
+use std::sync::Arc;
+use switchboard_common::registry::{
+    node_key, node_key_pattern, registry_channel, NodeRecord, NodeStatus, RegistryEvent,
+    RegistryEventKind,
+};
+
+pub fn record(app: &App) -> NodeRecord {
+    NodeRecord {
+        node_id: app.node_id.clone(),
+        name: app.name.clone(),
+        description: app.cfg.description.clone(),
+        url: app.url.clone(),
+        status: if app.is_draining() {
+            NodeStatus::Draining
+        } else {
+            NodeStatus::Healthy
+        },
+        connections: app.connections.len() as u64,
+        last_seen: Utc::now(),
+        started_at: app.started_at,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+/// Writes the record with its TTL, plus an announcement when given.
+pub async fn beat(app: &App, announce: Option<RegistryEventKind>) -> RedisResult<()> {
+    let key = node_key(&app.cfg.key_prefix, &app.node_id);
+    let ttl_ms = (app.cfg.ttl_secs * 1000.0).ceil() as i64;
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .hset_multiple(&key, &record(app).to_fields())
+        .ignore()
+        .pexpire(&key, ttl_ms)
+        .ignore();
+    if let Some(kind) = announce {
+        let event = RegistryEvent {
+            event: kind,
+            node_id: app.node_id.clone(),
+        };
+        pipe.publish(registry_channel(&app.cfg.key_prefix), event.to_json())
+            .ignore();
+    }
+    let result = match app.redis.conn().await {
+        Ok(mut c) => pipe.query_async(&mut c).await,
+        Err(e) => Err(e),
+    };
+    app.redis.observe(&result);
+    result
+}
+
+/// Heartbeats until the task is aborted; announces after every (re)registration.
+pub async fn heartbeat(app: Arc<App>) {
+    let mut registered = false;
+    let mut tick = tokio::time::interval(app.cfg.duration(app.cfg.heartbeat_secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let announce = (!registered).then_some(if app.is_draining() {
+            RegistryEventKind::Draining
+        } else {
+            RegistryEventKind::Up
+        });
+        match beat(&app, announce).await {
+            Ok(()) => {
+                if !registered {
+                    tracing::info!(node = %app.node_id, url = %app.url, "registered in the node registry");
+                }
+                registered = true;
+            }
+            Err(e) => {
+                if registered {
+                    tracing::warn!(error = %e, "registry heartbeat failed; will re-register");
+                }
+                registered = false;
+            }
+        }
+    }
+}
+
+/// Removes the key and announces `down`.
+pub async fn deregister(app: &App) -> RedisResult<()> {
+    let key = node_key(&app.cfg.key_prefix, &app.node_id);
+    let event = RegistryEvent {
+        event: RegistryEventKind::Down,
+        node_id: app.node_id.clone(),
+    };
+    let mut pipe = redis::pipe();
+    pipe.del(&key)
+        .ignore()
+        .publish(registry_channel(&app.cfg.key_prefix), event.to_json())
+        .ignore();
+    let mut c = app.redis.conn().await?;
+    pipe.query_async(&mut c).await
+}
+
+/// Every valid record in the registry (SCAN, never KEYS); malformed ones are skipped.
+pub async fn list_nodes(app: &App) -> RedisResult<Vec<NodeRecord>> {
+    let mut c = app.redis.conn().await?;
+    let mut keys: Vec<String> = Vec::new();
+    {
+        let mut iter = c
+            .scan_match::<_, String>(node_key_pattern(&app.cfg.key_prefix))
+            .await?;
+        while let Some(k) = futures_util::StreamExt::next(&mut iter).await {
+            keys.push(k?);
+        }
+    }
+    let mut nodes = Vec::with_capacity(keys.len());
+    for key in keys {
+        let fields: HashMap<String, String> = match c.hgetall(&key).await {
+            Ok(f) => f,
+            // A key of the wrong type under our prefix is garbage, not an outage.
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                return Err(e)
+            }
+            Err(_) => HashMap::new(),
+        };
+        match NodeRecord::from_fields(&fields) {
+            Ok(r) => nodes.push(r),
+            Err(e) => tracing::debug!(%key, error = %e, "skipping malformed registry entry"),
+        }
+    }
+    nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    Ok(nodes)
+}

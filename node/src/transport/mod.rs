@@ -1,0 +1,249 @@
+//! The `/chathub` HTTP surface: negotiate, and the three transports that move
+//! frames between a client and its connection's outbox and the hub. This file
+//! routes each request by method and headers and applies the status codes of
+//! the SignalR transport spec (400 missing id, 404 unknown id, 409 second
+//! socket or concurrent send, 405 POST to a WebSocket connection); the
+//! transport modules do the streaming.
+
+pub mod long_polling;
+pub mod sse;
+pub mod websocket;
+
+use crate::app::App;
+use crate::connection::{AttachError, Connection, Transport};
+use crate::hub;
+use crate::protocol::negotiate;
+use axum::body::Bytes;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use switchboard_common::token::{ConnectionToken, MAX_TOKEN_LEN};
+
+type Params = Query<HashMap<String, String>>;
+
+/// Every way a `/chathub` request can be refused, with the status code and
+/// text the SignalR transport spec (and the official server) give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportError {
+    MissingId,
+    UnknownId,
+    AlreadyConnected,
+    WrongTransport,
+    PostToWebSocket,
+    NoTransportYet,
+    ConcurrentSend,
+    NotLongPolling,
+    Draining,
+}
+
+impl IntoResponse for TransportError {
+    fn into_response(self) -> Response {
+        use TransportError::*;
+        let (status, body) = match self {
+            MissingId => (StatusCode::BAD_REQUEST, "Connection ID required"),
+            UnknownId => (StatusCode::NOT_FOUND, "No Connection with that ID"),
+            AlreadyConnected => (
+                StatusCode::CONFLICT,
+                "Another connection with this ID is already active",
+            ),
+            WrongTransport => (
+                StatusCode::BAD_REQUEST,
+                "Cannot change transports mid-connection",
+            ),
+            PostToWebSocket => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "POST requests are not allowed for WebSocket connections.",
+            ),
+            NoTransportYet => (
+                StatusCode::BAD_REQUEST,
+                "No transport is connected for this ID yet",
+            ),
+            ConcurrentSend => (
+                StatusCode::CONFLICT,
+                "Another send request is already in progress",
+            ),
+            NotLongPolling => (
+                StatusCode::BAD_REQUEST,
+                "Cannot terminate this connection using the DELETE endpoint.",
+            ),
+            Draining => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "This node is draining; negotiate again to reach another node.",
+            ),
+        };
+        (
+            status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            body,
+        )
+            .into_response()
+    }
+}
+
+/// Looks up `?id=`.
+fn lookup(app: &App, params: &HashMap<String, String>) -> Result<Arc<Connection>, TransportError> {
+    let id = params.get("id").ok_or(TransportError::MissingId)?;
+    if id.len() > MAX_TOKEN_LEN {
+        return Err(TransportError::UnknownId);
+    }
+    app.connections.get(id).ok_or(TransportError::UnknownId)
+}
+
+fn attach(app: &App, conn: &Connection, t: Transport) -> Result<(), TransportError> {
+    let first = conn.transport().is_none();
+    conn.attach(t).map_err(|e| match e {
+        AttachError::AlreadyConnected => TransportError::AlreadyConnected,
+        AttachError::WrongTransport => TransportError::WrongTransport,
+    })?;
+    if first {
+        app.metrics
+            .connections
+            .with_label_values(&[t.label()])
+            .inc();
+        app.metrics
+            .connections_opened
+            .with_label_values(&[t.label()])
+            .inc();
+    }
+    Ok(())
+}
+
+/// `POST /chathub/negotiate[?negotiateVersion=N]`; the body is ignored.
+pub async fn negotiate(State(app): State<Arc<App>>, Query(params): Params) -> Response {
+    if app.is_draining() {
+        return TransportError::Draining.into_response();
+    }
+    let version =
+        match negotiate::requested_version(params.get("negotiateVersion").map(String::as_str)) {
+            Ok(v) => v,
+            Err(e) => return json(negotiate::error_body(&e)),
+        };
+    let token = ConnectionToken::issue(&app.node_id);
+    let key = if version >= 1 {
+        token.token.clone()
+    } else {
+        token.connection_id.clone()
+    };
+    app.new_connection(token.connection_id.clone(), key);
+    json(negotiate::negotiate_body(version, &token))
+}
+
+fn json(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn is_websocket_request(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+fn wants_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"))
+}
+
+/// `GET /chathub`: WebSocket upgrade, event stream, or long poll.
+pub async fn connect(
+    State(app): State<Arc<App>>,
+    Query(params): Params,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if is_websocket_request(&headers) {
+        let upgrade = match upgrade {
+            Ok(u) => u,
+            Err(rejection) => return rejection.into_response(),
+        };
+        return match open_websocket(&app, &params) {
+            Ok(conn) => websocket::upgrade(app, conn, upgrade),
+            Err(e) => e.into_response(),
+        };
+    }
+    let result = lookup(&app, &params).and_then(|conn| {
+        let t = if wants_event_stream(&headers) {
+            Transport::ServerSentEvents
+        } else {
+            Transport::LongPolling
+        };
+        attach(&app, &conn, t).map(|()| (conn, t))
+    });
+    match result {
+        Ok((conn, Transport::ServerSentEvents)) => sse::stream(app, conn),
+        Ok((conn, _)) => long_polling::poll(app, conn).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn open_websocket(
+    app: &App,
+    params: &HashMap<String, String>,
+) -> Result<Arc<Connection>, TransportError> {
+    let conn = if params.contains_key("id") {
+        lookup(app, params)?
+    } else {
+        // skipNegotiation: the connection starts with the socket.
+        if app.is_draining() {
+            return Err(TransportError::Draining);
+        }
+        let token = ConnectionToken::issue(&app.node_id);
+        app.new_connection(token.connection_id, token.token)
+    };
+    attach(app, &conn, Transport::WebSockets)?;
+    Ok(conn)
+}
+
+/// Clears the "POST in progress" flag however the request ends.
+struct SendingGuard<'a>(&'a Connection);
+
+impl Drop for SendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.sending.store(false, Ordering::Release);
+    }
+}
+
+/// `POST /chathub?id=…`: one or more records from an SSE or long-polling client.
+pub async fn send(
+    State(app): State<Arc<App>>,
+    Query(params): Params,
+    body: Bytes,
+) -> Result<StatusCode, TransportError> {
+    let conn = lookup(&app, &params)?;
+    match conn.transport() {
+        Some(Transport::WebSockets) => return Err(TransportError::PostToWebSocket),
+        None => return Err(TransportError::NoTransportYet),
+        Some(_) => {}
+    }
+    if conn.sending.swap(true, Ordering::AcqRel) {
+        return Err(TransportError::ConcurrentSend);
+    }
+    let _guard = SendingGuard(&conn);
+    if conn.outbox.is_closed() {
+        return Err(TransportError::UnknownId);
+    }
+    hub::on_data(&app, &conn, &body).await;
+    Ok(StatusCode::OK)
+}
+
+/// `DELETE /chathub?id=…`: ends a long-polling connection.
+pub async fn delete(
+    State(app): State<Arc<App>>,
+    Query(params): Params,
+) -> Result<StatusCode, TransportError> {
+    let conn = lookup(&app, &params)?;
+    if conn.transport() != Some(Transport::LongPolling) {
+        return Err(TransportError::NotLongPolling);
+    }
+    app.disconnect(&conn);
+    conn.long_poll.generation.fetch_add(1, Ordering::AcqRel);
+    conn.long_poll.superseded.notify_waiters();
+    Ok(StatusCode::ACCEPTED)
+}
