@@ -113,10 +113,7 @@ impl NodeRecord {
         };
         let conns = get("connections")?;
         Ok(NodeRecord {
-            name: fields
-                .get("name")
-                .cloned()
-                .unwrap_or_else(|| node_id.clone()),
+            name: fields.get("name").cloned().unwrap_or_else(|| node_id.clone()),
             description: fields.get("description").cloned().unwrap_or_default(),
             node_id,
             url,
@@ -177,10 +174,7 @@ mod tests {
     }
 
     fn as_map(r: &NodeRecord) -> HashMap<String, String> {
-        r.to_fields()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect()
+        r.to_fields().into_iter().map(|(k, v)| (k.to_string(), v)).collect()
     }
 
     #[test]
@@ -193,10 +187,7 @@ mod tests {
     fn garbage_records_are_rejected() {
         let mut m = as_map(&sample());
         m.insert("connections".into(), "-1".into());
-        assert!(matches!(
-            NodeRecord::from_fields(&m),
-            Err(RecordError::Invalid { .. })
-        ));
+        assert!(matches!(NodeRecord::from_fields(&m), Err(RecordError::Invalid { .. })));
         let mut m = as_map(&sample());
         m.insert("url".into(), "javascript:alert(1)".into());
         assert!(NodeRecord::from_fields(&m).is_err());
@@ -205,10 +196,7 @@ mod tests {
         assert!(NodeRecord::from_fields(&m).is_err());
         let mut m = as_map(&sample());
         m.remove("status");
-        assert_eq!(
-            NodeRecord::from_fields(&m),
-            Err(RecordError::Missing("status"))
-        );
+        assert_eq!(NodeRecord::from_fields(&m), Err(RecordError::Missing("status")));
     }
 
     #[test]

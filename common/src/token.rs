@@ -57,41 +57,23 @@ mod tests {
     #[test]
     fn issued_ids_and_tokens_name_their_node() {
         let t = ConnectionToken::issue("node-a.example:5000");
-        assert_eq!(
-            owner_of(&t.connection_id).as_deref(),
-            Some("node-a.example:5000")
-        );
+        assert_eq!(owner_of(&t.connection_id).as_deref(), Some("node-a.example:5000"));
         assert_eq!(owner_of(&t.token).as_deref(), Some("node-a.example:5000"));
         assert_ne!(t.connection_id, t.token);
-        assert_ne!(
-            ConnectionToken::issue("n").token,
-            ConnectionToken::issue("n").token
-        );
+        assert_ne!(ConnectionToken::issue("n").token, ConnectionToken::issue("n").token);
     }
 
     #[test]
     fn issued_values_are_url_safe() {
         let t = ConnectionToken::issue("ünïcode node/with spaces");
         for s in [&t.connection_id, &t.token] {
-            assert!(
-                s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
-                "{s}"
-            );
+            assert!(s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)), "{s}");
         }
     }
 
     #[test]
     fn malformed_ids_have_no_owner() {
-        for bad in [
-            "",
-            "abc",
-            ".abc",
-            "abc.",
-            "!!!.abc",
-            "YQ.b.c",
-            &"a".repeat(600),
-        ] {
+        for bad in ["", "abc", ".abc", "abc.", "!!!.abc", "YQ.b.c", &"a".repeat(600)] {
             assert_eq!(owner_of(bad), None, "{bad}");
         }
         // Valid base64 that is not UTF-8.

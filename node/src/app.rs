@@ -40,10 +40,7 @@ impl App {
         let backplane = Backplane::new(&cfg.key_prefix, &node_id);
         Ok(Arc::new(App {
             url: cfg.advertise_url(),
-            name: cfg
-                .name
-                .clone()
-                .unwrap_or_else(|| format!("Node {node_id}")),
+            name: cfg.name.clone().unwrap_or_else(|| format!("Node {node_id}")),
             node_id,
             started_at: Utc::now(),
             connections: ConnectionTable::default(),
@@ -84,14 +81,17 @@ impl App {
             Err(PushError::Full) => {
                 tracing::warn!(connection = %conn.connection_id, "client cannot keep up; disconnecting");
                 self.metrics.slow_client_disconnects.inc();
-                self.close(conn, Some("Connection closed with an error: the client is too slow to receive messages.".into()), false);
+                self.close(
+                    conn,
+                    Some("Connection closed with an error: the client is too slow to receive messages.".into()),
+                    false,
+                );
             }
         }
     }
 
     pub fn deliver_all(&self, frame: &Bytes) {
-        self.connections
-            .for_each_handshaken(|c| self.send_to(c, frame.clone()));
+        self.connections.for_each_handshaken(|c| self.send_to(c, frame.clone()));
     }
 
     pub fn deliver_group(&self, group: &str, frame: &Bytes) {
@@ -105,15 +105,9 @@ impl App {
     /// Ends a connection from the server side: a Close message (when the
     /// client completed its handshake) and then the transport finishes.
     pub fn close(&self, conn: &Connection, error: Option<String>, allow_reconnect: bool) {
-        let last = conn.is_handshaken().then(|| {
-            Bytes::from(
-                HubMessage::Close {
-                    error,
-                    allow_reconnect,
-                }
-                .to_record(),
-            )
-        });
+        let last = conn
+            .is_handshaken()
+            .then(|| Bytes::from(HubMessage::Close { error, allow_reconnect }.to_record()));
         conn.outbox.close(last);
         if conn.transport().is_none() {
             // No transport will ever drain it.
@@ -132,10 +126,7 @@ impl App {
             self.backplane.unsubscribe_group(&group);
         }
         if let Some(t) = conn.transport() {
-            self.metrics
-                .connections
-                .with_label_values(&[t.label()])
-                .dec();
+            self.metrics.connections.with_label_values(&[t.label()]).dec();
         }
         tracing::debug!(connection = %conn.connection_id, "disconnected");
     }

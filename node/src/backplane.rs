@@ -244,8 +244,7 @@ async fn subscriber(app: Arc<App>, mut cmds: mpsc::UnboundedReceiver<SubCommand>
     let bp = &app.backplane;
     let mut delay = Duration::from_millis(100);
     loop {
-        let connected =
-            tokio::time::timeout(CONNECT_TIMEOUT, app.redis.client.get_async_pubsub()).await;
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, app.redis.client.get_async_pubsub()).await;
         if let Ok(Ok(pubsub)) = connected {
             let (mut sink, mut stream) = pubsub.split();
             let mut channels = vec![bp.all_channel.clone()];

@@ -70,6 +70,7 @@ impl Default for NodeConfig {
 /// Command line and environment; every flag overrides the file and defaults.
 #[derive(Debug, Parser)]
 #[command(
+    args_override_self = true,
     name = "switchboard-node",
     version,
     about = "Switchboard chat node: an ASP.NET Core SignalR-compatible hub with a Redis backplane"
@@ -211,8 +212,7 @@ impl NodeConfig {
         if self.ttl_secs <= self.heartbeat_secs {
             return Err(ConfigError::Invalid {
                 name: "ttl_secs",
-                reason: "must be longer than heartbeat_secs, or the key expires between heartbeats"
-                    .into(),
+                reason: "must be longer than heartbeat_secs, or the key expires between heartbeats".into(),
             });
         }
         if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
@@ -278,15 +278,7 @@ mod tests {
 
     #[test]
     fn flags_override_and_are_validated() {
-        let c = parse(&[
-            "--heartbeat-secs",
-            "0.2",
-            "--ttl-secs",
-            "0.6",
-            "--node-id",
-            "a",
-        ])
-        .unwrap();
+        let c = parse(&["--heartbeat-secs", "0.2", "--ttl-secs", "0.6", "--node-id", "a"]).unwrap();
         assert_eq!(c.duration(c.heartbeat_secs), Duration::from_millis(200));
         assert_eq!(c.node_id(), "a");
         assert!(parse(&["--heartbeat-secs", "5", "--ttl-secs", "5"]).is_err());

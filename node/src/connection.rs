@@ -194,14 +194,8 @@ mod tests {
     fn websocket_attaches_once() {
         let c = conn();
         assert_eq!(c.attach(Transport::WebSockets), Ok(()));
-        assert_eq!(
-            c.attach(Transport::WebSockets),
-            Err(AttachError::AlreadyConnected)
-        );
-        assert_eq!(
-            c.attach(Transport::LongPolling),
-            Err(AttachError::WrongTransport)
-        );
+        assert_eq!(c.attach(Transport::WebSockets), Err(AttachError::AlreadyConnected));
+        assert_eq!(c.attach(Transport::LongPolling), Err(AttachError::WrongTransport));
     }
 
     #[test]
@@ -209,10 +203,7 @@ mod tests {
         let c = conn();
         assert_eq!(c.attach(Transport::LongPolling), Ok(()));
         assert_eq!(c.attach(Transport::LongPolling), Ok(()));
-        assert_eq!(
-            c.attach(Transport::ServerSentEvents),
-            Err(AttachError::WrongTransport)
-        );
+        assert_eq!(c.attach(Transport::ServerSentEvents), Err(AttachError::WrongTransport));
         assert_eq!(c.transport(), Some(Transport::LongPolling));
     }
 }

@@ -45,11 +45,7 @@ pub fn append(pipe: &mut redis::Pipeline, key: &str, cap: usize, e: &HistoryEntr
         .ignore();
 }
 
-pub async fn recent(
-    conn: &mut ConnectionManager,
-    key: &str,
-    count: usize,
-) -> RedisResult<Vec<HistoryEntry>> {
+pub async fn recent(conn: &mut ConnectionManager, key: &str, count: usize) -> RedisResult<Vec<HistoryEntry>> {
     if count == 0 {
         return Ok(Vec::new());
     }

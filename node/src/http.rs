@@ -22,9 +22,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/chathub/negotiate", post(transport::negotiate))
         .route(
             "/chathub",
-            get(transport::connect)
-                .post(transport::send)
-                .delete(transport::delete),
+            get(transport::connect).post(transport::send).delete(transport::delete),
         )
         .route("/health", get(health))
         .route("/nodes", get(nodes))
@@ -89,7 +87,8 @@ async fn nodes(State(app): State<Arc<App>>) -> Response {
         }
         Err(e) => {
             app.redis.set_up(false, Some(&e));
-            let body = json!({ "error": "the node registry is unavailable (Redis unreachable)", "current_node": app.node_id });
+            let body =
+                json!({ "error": "the node registry is unavailable (Redis unreachable)", "current_node": app.node_id });
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }
     }

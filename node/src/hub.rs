@@ -10,9 +10,7 @@ use crate::app::App;
 use crate::connection::Connection;
 use crate::groups;
 use crate::history::{self, HistoryEntry};
-use crate::protocol::{
-    handshake_response, parse_handshake, parse_message, HubMessage, ProtocolError,
-};
+use crate::protocol::{handshake_response, parse_handshake, parse_message, HubMessage, ProtocolError};
 use bytes::Bytes;
 use serde_json::Value;
 use std::sync::atomic::Ordering;
@@ -54,11 +52,7 @@ fn protocol_error(app: &App, conn: &Connection, e: &ProtocolError) {
     };
     app.metrics.protocol_errors.with_label_values(&[kind]).inc();
     tracing::info!(connection = %conn.connection_id, error = %e, "closing connection after a protocol error");
-    app.close(
-        conn,
-        Some(format!("Connection closed with an error. {e}")),
-        false,
-    );
+    app.close(conn, Some(format!("Connection closed with an error. {e}")), false);
 }
 
 fn handshake(app: &App, conn: &Connection, record: &[u8]) {
@@ -68,10 +62,7 @@ fn handshake(app: &App, conn: &Connection, record: &[u8]) {
             conn.handshaken.store(true, Ordering::Release);
         }
         Err(e) => {
-            app.metrics
-                .protocol_errors
-                .with_label_values(&["handshake"])
-                .inc();
+            app.metrics.protocol_errors.with_label_values(&["handshake"]).inc();
             tracing::info!(connection = %conn.connection_id, error = %e, "handshake refused");
             conn.outbox
                 .close(Some(Bytes::from(handshake_response(Some(&e.to_string())))));
@@ -114,9 +105,7 @@ async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
             }
         }
         HubMessage::StreamInvocation {
-            invocation_id,
-            target,
-            ..
+            invocation_id, target, ..
         } => {
             let error = Some(format!("Failed to invoke '{target}' due to an error on the server. HubException: '{target}' is not a streaming method."));
             app.send_to(
@@ -166,9 +155,8 @@ fn method_label(target: &str) -> &'static str {
 
 fn arity<const N: usize>(args: Vec<Value>) -> Result<[Value; N], String> {
     let n = args.len();
-    args.try_into().map_err(|_| {
-        format!("InvalidDataException: Invocation provides {n} argument(s) but target expects {N}.")
-    })
+    args.try_into()
+        .map_err(|_| format!("InvalidDataException: Invocation provides {n} argument(s) but target expects {N}."))
 }
 
 fn strings<const N: usize>(args: Vec<Value>) -> Result<[String; N], String> {
@@ -205,10 +193,7 @@ async fn invoke(
                 node_id: app.node_id.clone(),
                 timestamp: switchboard_common::registry::rfc3339(chrono::Utc::now()),
             };
-            let frame = event(
-                "ReceiveMessage",
-                vec![user.into(), message.into(), me(), node()],
-            );
+            let frame = event("ReceiveMessage", vec![user.into(), message.into(), me(), node()]);
             app.deliver_all(&frame);
             app.backplane.broadcast(app, &frame, Some(entry));
             Ok(None)
@@ -238,13 +223,7 @@ async fn invoke(
             groups::validate_name(&group).map_err(|e| format!("HubException: {e}"))?;
             let frame = event(
                 "ReceiveGroupMessage",
-                vec![
-                    group.clone().into(),
-                    user.into(),
-                    message.into(),
-                    me(),
-                    node(),
-                ],
+                vec![group.clone().into(), user.into(), message.into(), me(), node()],
             );
             app.deliver_group(&group, &frame);
             app.backplane.to_group(app, &group, &frame);
@@ -261,11 +240,8 @@ async fn invoke(
                 Err(e) => Err(e),
             };
             app.redis.observe(&result);
-            let entries = result
-                .map_err(|e| format!("HubException: message history is unavailable ({e})."))?;
-            serde_json::to_value(entries)
-                .map(Some)
-                .map_err(|e| e.to_string())
+            let entries = result.map_err(|e| format!("HubException: message history is unavailable ({e})."))?;
+            serde_json::to_value(entries).map(Some).map_err(|e| e.to_string())
         }
         "Echo" => {
             let [payload] = arity::<1>(args)?;

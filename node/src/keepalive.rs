@@ -16,15 +16,9 @@ pub async fn sweep_forever(app: Arc<App>) {
     let cfg = &app.cfg;
     let ms = |secs: f64| (secs * 1000.0) as u64;
     let (keepalive, client_timeout) = (ms(cfg.keepalive_secs), ms(cfg.client_timeout_secs));
-    let (handshake_timeout, poll_idle) =
-        (ms(cfg.handshake_timeout_secs), ms(cfg.long_poll_idle_secs));
+    let (handshake_timeout, poll_idle) = (ms(cfg.handshake_timeout_secs), ms(cfg.long_poll_idle_secs));
     let period = Duration::from_millis(
-        (keepalive
-            .min(client_timeout)
-            .min(handshake_timeout)
-            .min(poll_idle)
-            / 4)
-        .clamp(50, 1000),
+        (keepalive.min(client_timeout).min(handshake_timeout).min(poll_idle) / 4).clamp(50, 1000),
     );
     let ping = Bytes::from(HubMessage::Ping.to_record());
     let mut tick = tokio::time::interval(period);
@@ -34,8 +28,7 @@ pub async fn sweep_forever(app: Arc<App>) {
         for conn in app.connections.all() {
             if conn.transport() == Some(Transport::LongPolling)
                 && conn.long_poll.active.load(Ordering::Acquire) == 0
-                && now.saturating_sub(conn.long_poll.last_poll_ms.load(Ordering::Acquire))
-                    >= poll_idle
+                && now.saturating_sub(conn.long_poll.last_poll_ms.load(Ordering::Acquire)) >= poll_idle
             {
                 tracing::debug!(connection = %conn.connection_id, "long-polling client stopped polling");
                 app.disconnect(&conn);
@@ -48,16 +41,11 @@ pub async fn sweep_forever(app: Arc<App>) {
                         .inc();
                     app.close(&conn, None, false);
                 }
-            } else if now.saturating_sub(conn.last_received_ms.load(Ordering::Relaxed))
-                >= client_timeout
-            {
+            } else if now.saturating_sub(conn.last_received_ms.load(Ordering::Relaxed)) >= client_timeout {
                 tracing::info!(connection = %conn.connection_id, "client timed out");
                 app.close(
                     &conn,
-                    Some(
-                        "Server timeout elapsed without receiving a message from the client."
-                            .into(),
-                    ),
+                    Some("Server timeout elapsed without receiving a message from the client.".into()),
                     false,
                 );
             } else if now.saturating_sub(conn.last_sent_ms.load(Ordering::Relaxed)) >= keepalive {

@@ -64,9 +64,7 @@ pub async fn drain(app: &Arc<App>, heartbeat: tokio::task::JoinHandle<()>) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if !app.backplane.flush(Duration::from_secs(5)).await {
-        tracing::error!(
-            "backplane queue not flushed before exit; some messages did not reach other nodes"
-        );
+        tracing::error!("backplane queue not flushed before exit; some messages did not reach other nodes");
     }
     match registry::deregister(app).await {
         Ok(()) => tracing::info!("removed from the node registry"),

@@ -68,19 +68,15 @@ async fn main() -> ExitCode {
     let heartbeat = lifecycle::start_background_tasks(&app);
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server =
-        axum::serve(listener, http::router(app.clone())).with_graceful_shutdown(async move {
-            let _ = stop_rx.await;
-        });
+    let server = axum::serve(listener, http::router(app.clone())).with_graceful_shutdown(async move {
+        let _ = stop_rx.await;
+    });
     let server = tokio::spawn(async move { server.await });
 
     lifecycle::shutdown_signal().await;
     lifecycle::drain(&app, heartbeat).await;
     let _ = stop_tx.send(());
-    if tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(5), server).await.is_err() {
         tracing::warn!("HTTP server did not finish in time; exiting anyway");
     }
     tracing::info!("stopped");

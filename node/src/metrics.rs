@@ -1,9 +1,7 @@
 //! The node's Prometheus metrics, named by the conventions (`_total` counters,
 //! base units) and exported as text at `GET /metrics`.
 
-use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 pub struct Metrics {
     registry: Registry,
@@ -39,8 +37,7 @@ fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     reg(
         r,
-        IntCounterVec::new(Opts::new(name, help), labels)
-            .unwrap_or_else(|_| unreachable!("static metric name {name}")),
+        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable!("static metric name {name}")),
     )
 }
 
@@ -58,10 +55,7 @@ impl Metrics {
             connections: reg(
                 &r,
                 IntGaugeVec::new(
-                    Opts::new(
-                        "switchboard_node_connections",
-                        "Open SignalR connections by transport",
-                    ),
+                    Opts::new("switchboard_node_connections", "Open SignalR connections by transport"),
                     &["transport"],
                 )
                 .unwrap_or_else(|_| unreachable!()),
@@ -77,11 +71,7 @@ impl Metrics {
                 "switchboard_node_messages_received_total",
                 "Hub messages received from clients",
             ),
-            messages_sent: counter(
-                &r,
-                "switchboard_node_messages_sent_total",
-                "Frames queued to clients",
-            ),
+            messages_sent: counter(&r, "switchboard_node_messages_sent_total", "Frames queued to clients"),
             invocations: counter_vec(
                 &r,
                 "switchboard_node_invocations_total",
@@ -129,11 +119,7 @@ impl Metrics {
                 "switchboard_node_redis_up",
                 "1 while Redis answers, 0 while it does not",
             ),
-            draining: gauge(
-                &r,
-                "switchboard_node_draining",
-                "1 while the node drains before exit",
-            ),
+            draining: gauge(&r, "switchboard_node_draining", "1 while the node drains before exit"),
             registry: r,
         }
     }

@@ -134,10 +134,7 @@ mod tests {
         let waiter = tokio::spawn(async move { o2.next_batch().await });
         tokio::task::yield_now().await;
         o.push(Bytes::from_static(b"x")).unwrap();
-        assert_eq!(
-            waiter.await.unwrap(),
-            Batch::Frames(vec![Bytes::from_static(b"x")])
-        );
+        assert_eq!(waiter.await.unwrap(), Batch::Frames(vec![Bytes::from_static(b"x")]));
     }
 
     #[test]

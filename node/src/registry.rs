@@ -10,8 +10,7 @@ use redis::RedisResult;
 use std::collections::HashMap;
 use std::sync::Arc;
 use switchboard_common::registry::{
-    node_key, node_key_pattern, registry_channel, NodeRecord, NodeStatus, RegistryEvent,
-    RegistryEventKind,
+    node_key, node_key_pattern, registry_channel, NodeRecord, NodeStatus, RegistryEvent, RegistryEventKind,
 };
 
 pub fn record(app: &App) -> NodeRecord {
@@ -108,9 +107,7 @@ pub async fn list_nodes(app: &App) -> RedisResult<Vec<NodeRecord>> {
     let mut c = app.redis.conn().await?;
     let mut keys: Vec<String> = Vec::new();
     {
-        let mut iter = c
-            .scan_match::<_, String>(node_key_pattern(&app.cfg.key_prefix))
-            .await?;
+        let mut iter = c.scan_match::<_, String>(node_key_pattern(&app.cfg.key_prefix)).await?;
         while let Some(k) = futures_util::StreamExt::next(&mut iter).await {
             keys.push(k?);
         }
@@ -120,9 +117,7 @@ pub async fn list_nodes(app: &App) -> RedisResult<Vec<NodeRecord>> {
         let fields: HashMap<String, String> = match c.hgetall(&key).await {
             Ok(f) => f,
             // A key of the wrong type under our prefix is garbage, not an outage.
-            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
-                return Err(e)
-            }
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => return Err(e),
             Err(_) => HashMap::new(),
         };
         match NodeRecord::from_fields(&fields) {

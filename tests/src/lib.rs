@@ -1,1 +1,44 @@
+//! One small harness for the end-to-end tests: a real `redis-server` on a
+//! free loopback port (`RedisServer`), real `switchboard-node` and
+//! `switchboard-balancer` processes (`Process`), and a SignalR client that
+//! speaks the JSON hub protocol over WebSockets, Server-Sent Events or long
+//! polling on real sockets (`client::HubClient`). Everything is stopped when
+//! dropped, and every wait is bounded.
 
+pub mod client;
+pub mod cluster;
+pub mod process;
+pub mod redis_server;
+
+pub use client::{HubClient, TransportKind, ALL_TRANSPORTS, WAIT};
+pub use cluster::TestNode;
+pub use process::{free_port, Process};
+pub use redis_server::RedisServer;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Polls `check` every 50 ms until it yields `Some`, or panics after `limit`
+/// with `what` in the message. Waiting is bounded; nothing here asserts speed.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// GET `url` and parse JSON; `None` on any failure.
+pub async fn get_json(http: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
+    let resp = http.get(url).send().await.ok()?;
+    resp.json().await.ok()
+}

@@ -83,10 +83,7 @@ mod tests {
     #[test]
     fn oversized_records_fail_complete_or_not() {
         let mut r = RecordReader::new(4);
-        assert_eq!(
-            r.feed(b"12345\x1e"),
-            Err(ProtocolError::TooLarge { limit: 4 })
-        );
+        assert_eq!(r.feed(b"12345\x1e"), Err(ProtocolError::TooLarge { limit: 4 }));
         let mut r = RecordReader::new(4);
         assert!(r.feed(b"123").unwrap().is_empty());
         assert!(r.feed(b"45").is_err());

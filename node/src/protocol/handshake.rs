@@ -51,8 +51,7 @@ mod tests {
     #[test]
     fn json_v1_and_v2_are_accepted() {
         for v in [1, 2] {
-            let r =
-                parse_handshake(format!("{{\"protocol\":\"json\",\"version\":{v}}}").as_bytes());
+            let r = parse_handshake(format!("{{\"protocol\":\"json\",\"version\":{v}}}").as_bytes());
             assert_eq!(r.unwrap().version, v);
         }
     }
@@ -60,10 +59,7 @@ mod tests {
     #[test]
     fn bad_handshakes_explain_themselves() {
         let e = parse_handshake(br#"{"protocol":"messagepack","version":1}"#).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "The protocol 'messagepack' is not supported."
-        );
+        assert_eq!(e.to_string(), "The protocol 'messagepack' is not supported.");
         assert!(parse_handshake(br#"{"protocol":"json","version":9}"#).is_err());
         assert!(parse_handshake(br#"{"protocol":"json"}"#).is_err());
         assert!(parse_handshake(b"hello").is_err());

@@ -81,8 +81,7 @@ fn sequence_id(obj: &Map<String, Value>) -> Result<u64, ProtocolError> {
 
 /// Parses one record (without its separator).
 pub fn parse_message(record: &[u8]) -> Result<HubMessage, ProtocolError> {
-    let value: Value =
-        serde_json::from_slice(record).map_err(|e| ProtocolError::InvalidJson(e.to_string()))?;
+    let value: Value = serde_json::from_slice(record).map_err(|e| ProtocolError::InvalidJson(e.to_string()))?;
     let Value::Object(mut obj) = value else {
         return Err(invalid("message is not a JSON object"));
     };
@@ -117,9 +116,7 @@ pub fn parse_message(record: &[u8]) -> Result<HubMessage, ProtocolError> {
             let error = string_field(&obj, "error")?;
             let result = obj.remove("result");
             if error.is_some() && result.is_some() {
-                return Err(invalid(
-                    "a completion has either 'result' or 'error', not both",
-                ));
+                return Err(invalid("a completion has either 'result' or 'error', not both"));
             }
             HubMessage::Completion {
                 invocation_id: required_string(&obj, "invocationId")?,
@@ -138,10 +135,7 @@ pub fn parse_message(record: &[u8]) -> Result<HubMessage, ProtocolError> {
         6 => HubMessage::Ping,
         7 => HubMessage::Close {
             error: string_field(&obj, "error")?,
-            allow_reconnect: obj
-                .get("allowReconnect")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            allow_reconnect: obj.get("allowReconnect").and_then(Value::as_bool).unwrap_or(false),
         },
         8 => HubMessage::Ack {
             sequence_id: sequence_id(&obj)?,
@@ -206,10 +200,7 @@ impl HubMessage {
                 arguments: Some(arguments),
                 ..Wire::of(1)
             },
-            HubMessage::StreamItem {
-                invocation_id,
-                item,
-            } => Wire {
+            HubMessage::StreamItem { invocation_id, item } => Wire {
                 invocation_id: Some(invocation_id),
                 item: Some(item),
                 ..Wire::of(2)
@@ -221,11 +212,7 @@ impl HubMessage {
             } => Wire {
                 invocation_id: Some(invocation_id),
                 // The spec forbids both; an error wins.
-                result: if error.is_some() {
-                    None
-                } else {
-                    result.as_ref()
-                },
+                result: if error.is_some() { None } else { result.as_ref() },
                 error: error.as_deref(),
                 ..Wire::of(3)
             },
@@ -244,10 +231,7 @@ impl HubMessage {
                 ..Wire::of(5)
             },
             HubMessage::Ping => Wire::of(6),
-            HubMessage::Close {
-                error,
-                allow_reconnect,
-            } => Wire {
+            HubMessage::Close { error, allow_reconnect } => Wire {
                 error: error.as_deref(),
                 allow_reconnect: allow_reconnect.then_some(true),
                 ..Wire::of(7)
@@ -286,7 +270,9 @@ mod tests {
 
     #[test]
     fn invocation_with_and_without_id() {
-        let m = parse_message(br#"{"type":1,"invocationId":"7","target":"Echo","arguments":["x"],"headers":{"a":"b"}}"#).unwrap();
+        let m =
+            parse_message(br#"{"type":1,"invocationId":"7","target":"Echo","arguments":["x"],"headers":{"a":"b"}}"#)
+                .unwrap();
         assert_eq!(
             m,
             HubMessage::Invocation {
@@ -351,12 +337,7 @@ mod tests {
         for m in all {
             let rec = m.to_record();
             assert_eq!(rec.last(), Some(&0x1e));
-            assert_eq!(
-                parse_message(&rec[..rec.len() - 1]).unwrap(),
-                m,
-                "{}",
-                text(&m)
-            );
+            assert_eq!(parse_message(&rec[..rec.len() - 1]).unwrap(), m, "{}", text(&m));
         }
     }
 
@@ -375,18 +356,12 @@ mod tests {
             result: Some(Value::Null),
             error: None,
         };
-        assert_eq!(
-            text(&c),
-            "{\"type\":3,\"invocationId\":\"1\",\"result\":null}\u{1e}"
-        );
+        assert_eq!(text(&c), "{\"type\":3,\"invocationId\":\"1\",\"result\":null}\u{1e}");
     }
 
     #[test]
     fn unknown_types_are_not_errors() {
-        assert_eq!(
-            parse_message(br#"{"type":99}"#).unwrap(),
-            HubMessage::Unknown(99)
-        );
+        assert_eq!(parse_message(br#"{"type":99}"#).unwrap(), HubMessage::Unknown(99));
     }
 
     #[test]
@@ -404,11 +379,7 @@ mod tests {
             br#"{"type":3,"invocationId":"1","result":1,"error":"e"}"#,
             br#"{"type":8,"sequenceId":-1}"#,
         ] {
-            assert!(
-                parse_message(bad).is_err(),
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
+            assert!(parse_message(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
     }
 }

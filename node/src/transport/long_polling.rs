@@ -25,10 +25,7 @@ impl<'a> ActivePoll<'a> {
 
 impl Drop for ActivePoll<'_> {
     fn drop(&mut self) {
-        self.0
-            .long_poll
-            .last_poll_ms
-            .store(now_ms(), Ordering::Release);
+        self.0.long_poll.last_poll_ms.store(now_ms(), Ordering::Release);
         self.0.long_poll.active.fetch_sub(1, Ordering::AcqRel);
     }
 }

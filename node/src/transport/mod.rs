@@ -51,22 +51,13 @@ impl IntoResponse for TransportError {
                 StatusCode::CONFLICT,
                 "Another connection with this ID is already active",
             ),
-            WrongTransport => (
-                StatusCode::BAD_REQUEST,
-                "Cannot change transports mid-connection",
-            ),
+            WrongTransport => (StatusCode::BAD_REQUEST, "Cannot change transports mid-connection"),
             PostToWebSocket => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "POST requests are not allowed for WebSocket connections.",
             ),
-            NoTransportYet => (
-                StatusCode::BAD_REQUEST,
-                "No transport is connected for this ID yet",
-            ),
-            ConcurrentSend => (
-                StatusCode::CONFLICT,
-                "Another send request is already in progress",
-            ),
+            NoTransportYet => (StatusCode::BAD_REQUEST, "No transport is connected for this ID yet"),
+            ConcurrentSend => (StatusCode::CONFLICT, "Another send request is already in progress"),
             NotLongPolling => (
                 StatusCode::BAD_REQUEST,
                 "Cannot terminate this connection using the DELETE endpoint.",
@@ -76,12 +67,7 @@ impl IntoResponse for TransportError {
                 "This node is draining; negotiate again to reach another node.",
             ),
         };
-        (
-            status,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            body,
-        )
-            .into_response()
+        (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
     }
 }
 
@@ -101,14 +87,8 @@ fn attach(app: &App, conn: &Connection, t: Transport) -> Result<(), TransportErr
         AttachError::WrongTransport => TransportError::WrongTransport,
     })?;
     if first {
-        app.metrics
-            .connections
-            .with_label_values(&[t.label()])
-            .inc();
-        app.metrics
-            .connections_opened
-            .with_label_values(&[t.label()])
-            .inc();
+        app.metrics.connections.with_label_values(&[t.label()]).inc();
+        app.metrics.connections_opened.with_label_values(&[t.label()]).inc();
     }
     Ok(())
 }
@@ -118,11 +98,10 @@ pub async fn negotiate(State(app): State<Arc<App>>, Query(params): Params) -> Re
     if app.is_draining() {
         return TransportError::Draining.into_response();
     }
-    let version =
-        match negotiate::requested_version(params.get("negotiateVersion").map(String::as_str)) {
-            Ok(v) => v,
-            Err(e) => return json(negotiate::error_body(&e)),
-        };
+    let version = match negotiate::requested_version(params.get("negotiateVersion").map(String::as_str)) {
+        Ok(v) => v,
+        Err(e) => return json(negotiate::error_body(&e)),
+    };
     let token = ConnectionToken::issue(&app.node_id);
     let key = if version >= 1 {
         token.token.clone()
@@ -183,10 +162,7 @@ pub async fn connect(
     }
 }
 
-fn open_websocket(
-    app: &App,
-    params: &HashMap<String, String>,
-) -> Result<Arc<Connection>, TransportError> {
+fn open_websocket(app: &App, params: &HashMap<String, String>) -> Result<Arc<Connection>, TransportError> {
     let conn = if params.contains_key("id") {
         lookup(app, params)?
     } else {
@@ -234,10 +210,7 @@ pub async fn send(
 }
 
 /// `DELETE /chathub?id=…`: ends a long-polling connection.
-pub async fn delete(
-    State(app): State<Arc<App>>,
-    Query(params): Params,
-) -> Result<StatusCode, TransportError> {
+pub async fn delete(State(app): State<Arc<App>>, Query(params): Params) -> Result<StatusCode, TransportError> {
     let conn = lookup(&app, &params)?;
     if conn.transport() != Some(Transport::LongPolling) {
         return Err(TransportError::NotLongPolling);

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs Switchboard's whole test suite on a fresh Debian machine: installs what
+# is missing (cmake for Pingora's zlib-ng, redis-server for the tests), checks
+# formatting and lints, builds the programs the tests start, and runs every
+# test. Tests start their own redis-server on free loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v cmake >/dev/null || missing+=(cmake)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v cc >/dev/null || missing+=(build-essential)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+if ((${#missing[@]})); then
+  echo "scripts/test.sh: installing ${missing[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "scripts/test.sh: cargo is required (https://rustup.rs)" >&2; exit 1; }
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+# The end-to-end tests start these binaries from target/debug.
+cargo build --workspace --bins
+cargo test --workspace
