@@ -1,1 +1,112 @@
-fn main() {}
+//! `switchboard-balancer`: a Pingora proxy that replaces Traefik in front of
+//! Switchboard chat nodes. It discovers nodes by watching the Redis registry
+//! (`discovery`), checks them (`health`), routes every request by connection
+//! token, affinity cookie or least load (`routing`) through the Pingora hooks
+//! in `proxy`, and reports on a separate admin port (`admin`, `metrics`).
+//! `cluster` holds the shared state; `config` the settings.
+
+mod admin;
+mod cluster;
+mod config;
+mod discovery;
+mod front;
+mod health;
+mod metrics;
+mod protection;
+mod proxy;
+mod routing;
+mod tunnel;
+
+use arc_swap::ArcSwap;
+use clap::Parser;
+use config::{Cli, LogFormat};
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let upgrade = cli.upgrade;
+    let cfg = match cli.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchboard-balancer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cfg.log_format);
+
+    let conf = ServerConf {
+        threads: cfg.threads,
+        grace_period_seconds: Some(cfg.grace_period_secs),
+        graceful_shutdown_timeout_seconds: Some(cfg.shutdown_timeout_secs),
+        pid_file: cfg.pid_file.clone(),
+        upgrade_sock: cfg.upgrade_sock.clone(),
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let table = Arc::new(ArcSwap::from_pointee(cluster::RoutingTable::default()));
+    let passive = Arc::new(cluster::PassiveMarks::default());
+    let metrics = metrics::Metrics::new();
+    let mut backends =
+        pingora_load_balancing::Backends::new(Box::new(discovery::RegistryDiscovery::new(table.clone())));
+    backends.set_health_check(health::NodeHealthCheck::new(
+        &cfg,
+        passive.clone(),
+        table.clone(),
+        metrics.backend_healthy.clone(),
+    ));
+    let (listen, admin_listen) = (cfg.listen, cfg.admin_listen);
+    let cluster = Arc::new(cluster::Cluster::new(cfg, table, backends, passive, metrics));
+
+    let watcher = match discovery::RegistryWatcher::new(cluster.clone()) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("switchboard-balancer: invalid redis URL: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let http_proxy = Arc::new(pingora::proxy::http_proxy(
+        &server.configuration,
+        proxy::SwitchboardProxy::new(cluster.clone()),
+    ));
+    let front_app = front::FrontApp {
+        cluster: cluster.clone(),
+        proxy: http_proxy,
+    };
+    let mut proxy = Service::new("switchboard proxy".to_string(), front_app);
+    proxy.add_tcp(&listen.to_string());
+    let mut admin = Service::new(
+        "switchboard admin".to_string(),
+        admin::AdminApp {
+            cluster: cluster.clone(),
+        },
+    );
+    admin.add_tcp(&admin_listen.to_string());
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(background_service("registry watcher", watcher));
+    server.add_service(background_service("health checks", health::HealthChecker { cluster }));
+    tracing::info!(%listen, %admin_listen, "switchboard-balancer starting");
+    server.run_forever();
+}

@@ -11,7 +11,7 @@ pub mod process;
 pub mod redis_server;
 
 pub use client::{HubClient, TransportKind, ALL_TRANSPORTS, WAIT};
-pub use cluster::TestNode;
+pub use cluster::{TestBalancer, TestNode};
 pub use process::{free_port, Process};
 pub use redis_server::RedisServer;
 

@@ -1,0 +1,186 @@
+//! What the balancer knows about the chat nodes, shared by every service:
+//! the routing table (an `ArcSwap` snapshot that request handlers read without
+//! locks, replaced whole by discovery), the pingora-load-balancing `Backends`
+//! that own active health state, passive failure marks, and per-node counters
+//! that survive table rebuilds. `Cluster::ready` is the one definition of
+//! "this node can take traffic".
+
+use crate::config::BalancerConfig;
+use crate::metrics::Metrics;
+use crate::protection::Protection;
+use arc_swap::ArcSwap;
+use pingora_load_balancing::Backend;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use switchboard_common::registry::{NodeRecord, NodeStatus};
+
+/// Counters that belong to a node id and outlive table rebuilds.
+#[derive(Default)]
+pub struct NodeStats {
+    /// Requests in flight through this balancer, including open WebSockets.
+    pub open: AtomicI64,
+    pub routed_token: AtomicU64,
+    pub routed_cookie: AtomicU64,
+    pub routed_new: AtomicU64,
+    /// New clients sent here since the registry count was last refreshed.
+    pub assigned_since_record: AtomicU64,
+}
+
+pub struct RouteNode {
+    pub record: NodeRecord,
+    pub backend: Backend,
+    pub addr: SocketAddr,
+    pub cookie: String,
+    pub stats: Arc<NodeStats>,
+    /// Set when the node's registry key vanished without a `down` announcement.
+    pub missing_since: Option<Instant>,
+}
+
+impl RouteNode {
+    /// Load estimate for least-loaded selection.
+    pub fn load(&self) -> u64 {
+        let open = self.stats.open.load(Ordering::Relaxed).max(0) as u64;
+        self.record.connections.max(open) + self.stats.assigned_since_record.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+pub struct RoutingTable {
+    pub nodes: Vec<Arc<RouteNode>>,
+    by_id: HashMap<String, usize>,
+    by_cookie: HashMap<String, usize>,
+}
+
+impl RoutingTable {
+    pub fn new(nodes: Vec<Arc<RouteNode>>) -> Self {
+        let by_id = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.record.node_id.clone(), i))
+            .collect();
+        let by_cookie = nodes.iter().enumerate().map(|(i, n)| (n.cookie.clone(), i)).collect();
+        RoutingTable {
+            nodes,
+            by_id,
+            by_cookie,
+        }
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<&Arc<RouteNode>> {
+        self.by_id.get(id).map(|&i| &self.nodes[i])
+    }
+
+    pub fn by_cookie(&self, value: &str) -> Option<&Arc<RouteNode>> {
+        self.by_cookie.get(value).map(|&i| &self.nodes[i])
+    }
+}
+
+/// Addresses that refused a connection; cleared by the next passing check.
+#[derive(Default)]
+pub struct PassiveMarks(Mutex<HashSet<SocketAddr>>);
+
+impl PassiveMarks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<SocketAddr>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn mark(&self, addr: SocketAddr) -> bool {
+        self.lock().insert(addr)
+    }
+
+    pub fn clear(&self, addr: &SocketAddr) -> bool {
+        self.lock().remove(addr)
+    }
+
+    pub fn is_marked(&self, addr: &SocketAddr) -> bool {
+        self.lock().contains(addr)
+    }
+}
+
+pub struct Cluster {
+    pub cfg: BalancerConfig,
+    pub table: Arc<ArcSwap<RoutingTable>>,
+    pub backends: pingora_load_balancing::Backends,
+    pub passive: Arc<PassiveMarks>,
+    pub metrics: Metrics,
+    pub protection: Protection,
+    stats: Mutex<HashMap<String, Arc<NodeStats>>>,
+    redis_up: AtomicBool,
+}
+
+impl Cluster {
+    pub fn new(
+        cfg: BalancerConfig,
+        table: Arc<ArcSwap<RoutingTable>>,
+        backends: pingora_load_balancing::Backends,
+        passive: Arc<PassiveMarks>,
+        metrics: Metrics,
+    ) -> Self {
+        Cluster {
+            protection: Protection::new(cfg.rate_limit_per_ip, cfg.max_connections),
+            cfg,
+            table,
+            backends,
+            passive,
+            metrics,
+            stats: Mutex::new(HashMap::new()),
+            redis_up: AtomicBool::new(false),
+        }
+    }
+
+    /// Alive: passing active checks and not refusing connections.
+    pub fn ready(&self, node: &RouteNode) -> bool {
+        self.backends.ready(&node.backend) && !self.passive.is_marked(&node.addr)
+    }
+
+    /// May receive new clients: alive and not draining.
+    pub fn accepts_new(&self, node: &RouteNode) -> bool {
+        node.record.status == NodeStatus::Healthy && self.ready(node)
+    }
+
+    /// The counters of `node_id`, created on first use.
+    pub fn stats_for(&self, node_id: &str) -> Arc<NodeStats> {
+        let mut map = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(node_id.to_string()).or_default().clone()
+    }
+
+    /// Drops counters of nodes no longer in the table.
+    pub fn forget_stats_except(&self, keep: &HashSet<String>) {
+        let mut map = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|id, s| keep.contains(id) || s.open.load(Ordering::Relaxed) > 0);
+    }
+
+    /// Records that `node` was chosen for a request by `kind`.
+    pub fn count_route(&self, node: &RouteNode, kind: crate::routing::RouteKind) {
+        use crate::routing::RouteKind;
+        let s = &node.stats;
+        let counter = match kind {
+            RouteKind::Token => &s.routed_token,
+            RouteKind::Cookie => &s.routed_cookie,
+            RouteKind::New => {
+                s.assigned_since_record.fetch_add(1, Ordering::Relaxed);
+                &s.routed_new
+            }
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.metrics.routing_decisions.with_label_values(&[kind.label()]).inc();
+    }
+
+    pub fn set_redis_up(&self, up: bool) {
+        if self.redis_up.swap(up, Ordering::AcqRel) != up {
+            if up {
+                tracing::info!("registry reachable");
+            } else {
+                tracing::warn!("registry unreachable; keeping the last known nodes");
+            }
+        }
+        self.metrics.redis_up.set(up as i64);
+    }
+
+    pub fn redis_up(&self) -> bool {
+        self.redis_up.load(Ordering::Acquire)
+    }
+}

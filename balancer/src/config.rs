@@ -1,0 +1,265 @@
+//! The balancer's settings: built-in defaults, then `--config FILE` (TOML, see
+//! `config/balancer.toml`), then `SWITCHBOARD_…` environment variables, then
+//! command-line flags. One validated `BalancerConfig` comes out; the services
+//! are built from it.
+
+use clap::Parser;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use switchboard_common::config::{load_file, require_positive, ConfigError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BalancerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub redis: String,
+    pub key_prefix: String,
+    pub discovery_interval_ms: u64,
+    pub missing_grace_ms: u64,
+    pub health_interval_ms: u64,
+    pub health_timeout_ms: u64,
+    pub health_rise: usize,
+    pub health_fall: usize,
+    pub connect_timeout_ms: u64,
+    pub idle_timeout_secs: u64,
+    pub cookie_name: String,
+    pub cookie_secret: String,
+    pub rate_limit_per_ip: u32,
+    pub max_connections: usize,
+    pub threads: usize,
+    pub grace_period_secs: u64,
+    pub shutdown_timeout_secs: u64,
+    pub pid_file: String,
+    pub upgrade_sock: String,
+    pub log_format: LogFormat,
+}
+
+impl Default for BalancerConfig {
+    fn default() -> Self {
+        BalancerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8888)),
+            admin_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            redis: "redis://127.0.0.1:6379".into(),
+            key_prefix: switchboard_common::registry::DEFAULT_PREFIX.into(),
+            discovery_interval_ms: 2000,
+            missing_grace_ms: 20_000,
+            health_interval_ms: 1000,
+            health_timeout_ms: 500,
+            health_rise: 1,
+            health_fall: 2,
+            connect_timeout_ms: 1000,
+            idle_timeout_secs: 120,
+            cookie_name: "switchboard_affinity".into(),
+            cookie_secret: "switchboard".into(),
+            rate_limit_per_ip: 0,
+            max_connections: 100_000,
+            threads: 2,
+            grace_period_secs: 5,
+            shutdown_timeout_secs: 10,
+            pid_file: "/tmp/switchboard-balancer.pid".into(),
+            upgrade_sock: "/tmp/switchboard-balancer-upgrade.sock".into(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchboard-balancer",
+    version,
+    args_override_self = true,
+    about = "Switchboard load balancer: Pingora proxy with Redis-watched discovery and SignalR-aware affinity"
+)]
+pub struct Cli {
+    /// TOML configuration file (see config/balancer.toml)
+    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Public address [default: 0.0.0.0:8888]
+    #[arg(long, env = "SWITCHBOARD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Admin address: /dashboard, /api/backends, /metrics [default: 0.0.0.0:8080]
+    #[arg(long, env = "SWITCHBOARD_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Redis URL of the node registry [default: redis://127.0.0.1:6379]
+    #[arg(long, env = "SWITCHBOARD_REDIS")]
+    pub redis: Option<String>,
+    /// Prefix of registry keys and channels [default: switchboard]
+    #[arg(long, env = "SWITCHBOARD_KEY_PREFIX")]
+    pub key_prefix: Option<String>,
+    /// Full re-read of the registry every N ms, besides announcements [default: 2000]
+    #[arg(long, env = "SWITCHBOARD_DISCOVERY_INTERVAL_MS")]
+    pub discovery_interval_ms: Option<u64>,
+    /// Keep a node whose registry key vanished (e.g. Redis restarted empty) this long, if it stays healthy [default: 20000]
+    #[arg(long, env = "SWITCHBOARD_MISSING_GRACE_MS")]
+    pub missing_grace_ms: Option<u64>,
+    /// Active health check interval in ms [default: 1000]
+    #[arg(long, env = "SWITCHBOARD_HEALTH_INTERVAL_MS")]
+    pub health_interval_ms: Option<u64>,
+    /// Health check timeout in ms [default: 500]
+    #[arg(long, env = "SWITCHBOARD_HEALTH_TIMEOUT_MS")]
+    pub health_timeout_ms: Option<u64>,
+    /// Consecutive passing checks to mark a node healthy [default: 1]
+    #[arg(long, env = "SWITCHBOARD_HEALTH_RISE")]
+    pub health_rise: Option<usize>,
+    /// Consecutive failing checks to mark a node unhealthy [default: 2]
+    #[arg(long, env = "SWITCHBOARD_HEALTH_FALL")]
+    pub health_fall: Option<usize>,
+    /// Upstream connect timeout in ms [default: 1000]
+    #[arg(long, env = "SWITCHBOARD_CONNECT_TIMEOUT_MS")]
+    pub connect_timeout_ms: Option<u64>,
+    /// Close an upgraded or streaming connection idle this long, in seconds; also the longest upstream wait [default: 120]
+    #[arg(long, env = "SWITCHBOARD_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
+    /// Affinity cookie name [default: switchboard_affinity]
+    #[arg(long, env = "SWITCHBOARD_COOKIE_NAME")]
+    pub cookie_name: Option<String>,
+    /// Secret mixed into affinity cookie values so they do not reveal node ids [default: switchboard]
+    #[arg(long, env = "SWITCHBOARD_COOKIE_SECRET")]
+    pub cookie_secret: Option<String>,
+    /// New SignalR connections per second per client IP; 0 = off [default: 0]
+    #[arg(long, env = "SWITCHBOARD_RATE_LIMIT_PER_IP")]
+    pub rate_limit_per_ip: Option<u32>,
+    /// Concurrent client requests (including open WebSockets) before answering 503 [default: 100000]
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Proxy worker threads [default: 2]
+    #[arg(long, env = "SWITCHBOARD_THREADS")]
+    pub threads: Option<usize>,
+    /// On SIGTERM, keep accepting this many seconds (lets a replacement take over) [default: 5]
+    #[arg(long, env = "SWITCHBOARD_GRACE_PERIOD_SECS")]
+    pub grace_period_secs: Option<u64>,
+    /// Then let open connections finish for at most this many seconds [default: 10]
+    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_TIMEOUT_SECS")]
+    pub shutdown_timeout_secs: Option<u64>,
+    /// Pid file (used by graceful upgrade) [default: /tmp/switchboard-balancer.pid]
+    #[arg(long, env = "SWITCHBOARD_PID_FILE")]
+    pub pid_file: Option<String>,
+    /// Socket the listening sockets are handed over on during a graceful upgrade [default: /tmp/switchboard-balancer-upgrade.sock]
+    #[arg(long, env = "SWITCHBOARD_UPGRADE_SOCK")]
+    pub upgrade_sock: Option<String>,
+    /// Take over the listening sockets of a running balancer (send it SIGQUIT after starting this one)
+    #[arg(long, env = "SWITCHBOARD_UPGRADE")]
+    pub upgrade: bool,
+    /// Log format [default: text]
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+macro_rules! overlay {
+    ($cfg:ident, $cli:ident, $($field:ident),*) => {
+        $( if let Some(v) = $cli.$field { $cfg.$field = v; } )*
+    };
+}
+
+impl Cli {
+    pub fn resolve(self) -> Result<BalancerConfig, ConfigError> {
+        let mut cfg: BalancerConfig = load_file(self.config.as_deref())?;
+        let cli = self;
+        overlay!(
+            cfg,
+            cli,
+            listen,
+            admin_listen,
+            redis,
+            key_prefix,
+            discovery_interval_ms,
+            missing_grace_ms,
+            health_interval_ms,
+            health_timeout_ms,
+            health_rise,
+            health_fall,
+            connect_timeout_ms,
+            idle_timeout_secs,
+            cookie_name,
+            cookie_secret,
+            rate_limit_per_ip,
+            max_connections,
+            threads,
+            grace_period_secs,
+            shutdown_timeout_secs,
+            pid_file,
+            upgrade_sock,
+            log_format
+        );
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+impl BalancerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, v) in [
+            ("discovery_interval_ms", self.discovery_interval_ms),
+            ("health_interval_ms", self.health_interval_ms),
+            ("health_timeout_ms", self.health_timeout_ms),
+            ("health_rise", self.health_rise as u64),
+            ("health_fall", self.health_fall as u64),
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            ("max_connections", self.max_connections as u64),
+            ("threads", self.threads as u64),
+        ] {
+            require_positive(name, v)?;
+        }
+        let token_char = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+        if self.cookie_name.is_empty() || !self.cookie_name.chars().all(token_char) {
+            return Err(ConfigError::Invalid {
+                name: "cookie_name",
+                reason: "must be a non-empty HTTP token".into(),
+            });
+        }
+        if self.listen == self.admin_listen {
+            return Err(ConfigError::Invalid {
+                name: "admin_listen",
+                reason: "must differ from listen".into(),
+            });
+        }
+        redis::Client::open(self.redis.as_str()).map_err(|e| ConfigError::Invalid {
+            name: "redis",
+            reason: e.to_string(),
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<BalancerConfig, ConfigError> {
+        let mut all = vec!["switchboard-balancer"];
+        all.extend_from_slice(args);
+        Cli::parse_from(all).resolve()
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let c = parse(&[]).unwrap();
+        assert_eq!((c.listen.port(), c.admin_listen.port()), (8888, 8080));
+        assert!(c.health_interval_ms < 30_000);
+        assert_eq!(c.idle_timeout_secs, 120);
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        assert!(parse(&["--health-interval-ms", "0"]).is_err());
+        assert!(parse(&["--cookie-name", "a b"]).is_err());
+        assert!(parse(&["--listen", "127.0.0.1:1", "--admin-listen", "127.0.0.1:1"]).is_err());
+        assert!(parse(&["--redis", "nope://x"]).is_err());
+    }
+
+    #[test]
+    fn shipped_config_file_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/balancer.toml");
+        assert_eq!(parse(&["--config", path]).unwrap().listen.port(), 8888);
+    }
+}

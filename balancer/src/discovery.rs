@@ -1,0 +1,315 @@
+//! Where backends come from: the Redis node registry.
+//!
+//! `RegistryWatcher` (a Pingora background service) subscribes to the
+//! registry channel and re-reads every `{prefix}:nodes:*` hash with SCAN on
+//! each announcement and every `discovery_interval_ms`; announcements are
+//! hints, the hashes are the truth. Each read builds a new `RoutingTable` and
+//! swaps it in whole, then lets pingora-load-balancing's `Backends` pick up
+//! the change through `RegistryDiscovery`. While Redis is unreachable the last
+//! table stays (static stability). A node whose key vanishes without a `down`
+//! announcement — as when Redis restarts empty — stays for `missing_grace_ms`
+//! while it passes health checks, so a Redis restart does not empty the
+//! cluster before the nodes' next heartbeat.
+
+use crate::cluster::{Cluster, RouteNode, RoutingTable};
+use crate::routing::affinity_cookie;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora_load_balancing::discovery::ServiceDiscovery;
+use pingora_load_balancing::Backend;
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use switchboard_common::registry::{node_key_pattern, registry_channel, NodeRecord, RegistryEvent, RegistryEventKind};
+
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Hands the routing table's nodes to pingora-load-balancing.
+pub struct RegistryDiscovery {
+    table: Arc<ArcSwap<RoutingTable>>,
+}
+
+impl RegistryDiscovery {
+    pub fn new(table: Arc<ArcSwap<RoutingTable>>) -> Self {
+        RegistryDiscovery { table }
+    }
+}
+
+#[async_trait]
+impl ServiceDiscovery for RegistryDiscovery {
+    async fn discover(&self) -> pingora::Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
+        let backends = self.table.load().nodes.iter().map(|n| n.backend.clone()).collect();
+        Ok((backends, HashMap::new()))
+    }
+}
+
+/// `host:port` of an `http://host:port[/…]` URL.
+pub fn authority(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("http://")?;
+    let auth = rest.split(['/', '?', '#']).next()?;
+    (!auth.is_empty() && !auth.contains('@')).then_some(auth)
+}
+
+async fn resolve(url: &str) -> Option<SocketAddr> {
+    let auth = authority(url)?;
+    if let Ok(addr) = auth.parse() {
+        return Some(addr);
+    }
+    let lookup = tokio::time::timeout(REDIS_TIMEOUT, tokio::net::lookup_host(auth))
+        .await
+        .ok()?
+        .ok()?;
+    let addrs: Vec<SocketAddr> = lookup.collect();
+    addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied()
+}
+
+pub struct RegistryWatcher {
+    cluster: Arc<Cluster>,
+    client: redis::Client,
+}
+
+impl RegistryWatcher {
+    pub fn new(cluster: Arc<Cluster>) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(cluster.cfg.redis.as_str())?;
+        Ok(RegistryWatcher { cluster, client })
+    }
+
+    async fn read_registry(&self, conn: &mut Option<ConnectionManager>) -> redis::RedisResult<Vec<NodeRecord>> {
+        if conn.is_none() {
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(REDIS_TIMEOUT))
+                .set_response_timeout(Some(REDIS_TIMEOUT))
+                .set_number_of_retries(1);
+            *conn = Some(self.client.get_connection_manager_with_config(config).await?);
+        }
+        let Some(c) = conn.as_mut() else { return Ok(Vec::new()) };
+        let mut keys: Vec<String> = Vec::new();
+        {
+            let mut iter = c
+                .scan_match::<_, String>(node_key_pattern(&self.cluster.cfg.key_prefix))
+                .await?;
+            while let Some(k) = iter.next().await {
+                keys.push(k?);
+            }
+        }
+        let mut records = Vec::with_capacity(keys.len());
+        for key in keys {
+            let fields: HashMap<String, String> = match c.hgetall(&key).await {
+                Ok(f) => f,
+                Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => return Err(e),
+                Err(_) => continue, // not a hash: garbage under our prefix
+            };
+            match NodeRecord::from_fields(&fields) {
+                Ok(r) => records.push(r),
+                Err(e) => tracing::debug!(%key, error = %e, "ignoring malformed registry entry"),
+            }
+        }
+        Ok(records)
+    }
+
+    /// Re-reads the registry and swaps in a new table; on failure keeps the old one.
+    async fn refresh(&self, conn: &mut Option<ConnectionManager>, gone: &mut HashSet<String>) {
+        let cluster = &self.cluster;
+        let records = match self.read_registry(conn).await {
+            Ok(r) => r,
+            Err(e) => {
+                cluster.set_redis_up(false);
+                cluster
+                    .metrics
+                    .discovery_events
+                    .with_label_values(&["refresh_failed"])
+                    .inc();
+                tracing::debug!(error = %e, "registry read failed");
+                return;
+            }
+        };
+        cluster.set_redis_up(true);
+        let old = cluster.table.load_full();
+        let mut nodes: Vec<Arc<RouteNode>> = Vec::with_capacity(records.len());
+        let mut seen: HashSet<String> = HashSet::new();
+        for record in records {
+            let id = record.node_id.clone();
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            gone.remove(&id);
+            let previous = old.by_id(&id);
+            let addr = match resolve(&record.url).await {
+                Some(a) => a,
+                None => match previous.filter(|p| p.record.url == record.url) {
+                    Some(p) => p.addr,
+                    None => {
+                        tracing::warn!(node = %id, url = %record.url, "cannot resolve node url; not routing to it");
+                        continue;
+                    }
+                },
+            };
+            let Ok(backend) = Backend::new(&addr.to_string()) else {
+                continue;
+            };
+            let stats = cluster.stats_for(&id);
+            if previous.is_none_or(|p| p.record.last_seen != record.last_seen) {
+                stats
+                    .assigned_since_record
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
+            }
+            if previous.is_none() {
+                cluster.metrics.discovery_events.with_label_values(&["added"]).inc();
+                tracing::info!(node = %id, %addr, status = record.status.as_str(), "node added");
+            } else if previous.is_some_and(|p| p.record.status != record.status) {
+                tracing::info!(node = %id, status = record.status.as_str(), "node status changed");
+            }
+            nodes.push(Arc::new(RouteNode {
+                cookie: affinity_cookie(&cluster.cfg.cookie_secret, &id),
+                record,
+                backend,
+                addr,
+                stats,
+                missing_since: None,
+            }));
+        }
+        // Nodes whose key vanished: keep them briefly unless they said goodbye or fail checks.
+        let grace = Duration::from_millis(cluster.cfg.missing_grace_ms);
+        for prev in old.nodes.iter().filter(|n| !seen.contains(&n.record.node_id)) {
+            let since = prev.missing_since.unwrap_or_else(Instant::now);
+            let keep = !gone.contains(&prev.record.node_id) && since.elapsed() < grace && cluster.ready(prev);
+            if keep {
+                nodes.push(Arc::new(RouteNode {
+                    missing_since: Some(since),
+                    ..clone_node(prev)
+                }));
+            } else {
+                cluster.metrics.discovery_events.with_label_values(&["removed"]).inc();
+                let _ = cluster
+                    .metrics
+                    .open_connections
+                    .remove_label_values(&[&prev.record.node_id]);
+                let _ = cluster
+                    .metrics
+                    .backend_healthy
+                    .remove_label_values(&[&prev.record.node_id]);
+                tracing::info!(node = %prev.record.node_id, "node removed");
+            }
+        }
+        nodes.sort_by(|a, b| a.record.node_id.cmp(&b.record.node_id));
+        let ids: HashSet<String> = nodes.iter().map(|n| n.record.node_id.clone()).collect();
+        cluster.metrics.nodes.set(nodes.len() as i64);
+        cluster.table.store(Arc::new(RoutingTable::new(nodes)));
+        cluster.forget_stats_except(&ids);
+        if let Err(e) = cluster.backends.update(|_| {}).await {
+            tracing::warn!(error = %e, "backend update failed");
+        }
+        for node in cluster.table.load().nodes.iter() {
+            cluster
+                .metrics
+                .backend_healthy
+                .with_label_values(&[&node.record.node_id])
+                .set(cluster.ready(node) as i64);
+        }
+    }
+
+    async fn subscribe(&self) -> redis::RedisResult<redis::aio::PubSubStream> {
+        let mut pubsub = tokio::time::timeout(REDIS_TIMEOUT, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+        pubsub.subscribe(registry_channel(&self.cluster.cfg.key_prefix)).await?;
+        Ok(pubsub.into_on_message())
+    }
+
+    async fn watch(&self) {
+        let mut conn: Option<ConnectionManager> = None;
+        let mut gone: HashSet<String> = HashSet::new();
+        let mut events: Option<redis::aio::PubSubStream> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cluster.cfg.discovery_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if events.is_none() {
+                match self.subscribe().await {
+                    Ok(s) => {
+                        events = Some(s);
+                        tracing::info!("watching registry announcements");
+                    }
+                    Err(e) => tracing::debug!(error = %e, "registry subscribe failed"),
+                }
+            }
+            let next_event = async {
+                match events.as_mut() {
+                    Some(s) => s.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tick.tick() => self.refresh(&mut conn, &mut gone).await,
+                msg = next_event => match msg {
+                    Some(msg) => {
+                        match RegistryEvent::parse(msg.get_payload_bytes()) {
+                            Ok(ev) => {
+                                let label = match ev.event {
+                                    RegistryEventKind::Up => "up",
+                                    RegistryEventKind::Draining => "draining",
+                                    RegistryEventKind::Down => "down",
+                                };
+                                self.cluster.metrics.discovery_events.with_label_values(&[label]).inc();
+                                tracing::debug!(node = %ev.node_id, event = label, "registry announcement");
+                                if ev.event == RegistryEventKind::Down {
+                                    gone.insert(ev.node_id);
+                                }
+                            }
+                            Err(e) => {
+                                self.cluster.metrics.discovery_events.with_label_values(&["invalid"]).inc();
+                                tracing::warn!(error = %e, "ignoring malformed registry announcement");
+                                continue;
+                            }
+                        }
+                        self.refresh(&mut conn, &mut gone).await;
+                    }
+                    None => {
+                        events = None;
+                        self.cluster.set_redis_up(false);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn clone_node(n: &RouteNode) -> RouteNode {
+    RouteNode {
+        record: n.record.clone(),
+        backend: n.backend.clone(),
+        addr: n.addr,
+        cookie: n.cookie.clone(),
+        stats: n.stats.clone(),
+        missing_since: n.missing_since,
+    }
+}
+
+#[async_trait]
+impl BackgroundService for RegistryWatcher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        tokio::select! {
+            _ = shutdown.changed() => {}
+            _ = self.watch() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authority;
+
+    #[test]
+    fn authorities_are_extracted_from_http_urls_only() {
+        assert_eq!(authority("http://node-1:5000"), Some("node-1:5000"));
+        assert_eq!(authority("http://127.0.0.1:5000/x?y"), Some("127.0.0.1:5000"));
+        assert_eq!(authority("https://x:1"), None);
+        assert_eq!(authority("http://user@x:1"), None);
+        assert_eq!(authority("http://"), None);
+    }
+}

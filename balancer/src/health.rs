@@ -1,0 +1,124 @@
+//! Whether nodes are alive. Active checks are pingora-load-balancing's
+//! `HttpHealthCheck` against `GET /health` with the configured timeout and
+//! rise/fall thresholds; a draining node answers 503 there but is alive (its
+//! own clients still need it), so 503 counts as passing and draining is taken
+//! from the registry instead. Passive marks (set by the proxy when a connect
+//! fails) take a node out at once and are cleared by its next passing check.
+
+use crate::cluster::{Cluster, PassiveMarks, RoutingTable};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck};
+use pingora_load_balancing::Backend;
+use prometheus::IntGaugeVec;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct NodeHealthCheck {
+    inner: HttpHealthCheck,
+    passive: Arc<PassiveMarks>,
+    table: Arc<ArcSwap<RoutingTable>>,
+    healthy_gauge: IntGaugeVec,
+}
+
+impl NodeHealthCheck {
+    pub fn new(
+        cfg: &crate::config::BalancerConfig,
+        passive: Arc<PassiveMarks>,
+        table: Arc<ArcSwap<RoutingTable>>,
+        healthy_gauge: IntGaugeVec,
+    ) -> Box<Self> {
+        let mut inner = HttpHealthCheck::new("switchboard-health", false);
+        if let Ok(mut req) = pingora::http::RequestHeader::build("GET", b"/health", None) {
+            let _ = req.append_header("Host", "switchboard-health");
+            let _ = req.append_header("User-Agent", "switchboard-balancer");
+            inner.req = req;
+        }
+        let timeout = Duration::from_millis(cfg.health_timeout_ms);
+        inner.peer_template.options.connection_timeout = Some(timeout);
+        inner.peer_template.options.read_timeout = Some(timeout);
+        inner.consecutive_success = cfg.health_rise;
+        inner.consecutive_failure = cfg.health_fall;
+        inner.reuse_connection = true;
+        inner.validator = Some(Box::new(|resp: &pingora::http::ResponseHeader| {
+            match resp.status.as_u16() {
+                200 | 503 => Ok(()),
+                code => Err(pingora::Error::explain(
+                    pingora::ErrorType::CustomCode("health", code),
+                    "unexpected /health status",
+                )),
+            }
+        }));
+        Box::new(NodeHealthCheck {
+            inner,
+            passive,
+            table,
+            healthy_gauge,
+        })
+    }
+
+    fn node_id(&self, target: &Backend) -> String {
+        let addr = target.addr.as_inet().copied();
+        self.table
+            .load()
+            .nodes
+            .iter()
+            .find(|n| Some(n.addr) == addr)
+            .map(|n| n.record.node_id.clone())
+            .unwrap_or_else(|| target.addr.to_string())
+    }
+}
+
+#[async_trait]
+impl HealthCheck for NodeHealthCheck {
+    async fn check(&self, target: &Backend) -> pingora::Result<()> {
+        let result = self.inner.check(target).await;
+        let node = self.node_id(target);
+        if result.is_ok() {
+            if let Some(addr) = target.addr.as_inet() {
+                if self.passive.clear(addr) {
+                    tracing::info!(%node, "node answers health checks again");
+                }
+            }
+            self.healthy_gauge.with_label_values(&[&node]).set(1);
+        }
+        result
+    }
+
+    async fn health_status_change(&self, target: &Backend, healthy: bool) {
+        let node = self.node_id(target);
+        self.healthy_gauge.with_label_values(&[&node]).set(healthy as i64);
+        if healthy {
+            tracing::info!(%node, "node healthy");
+        } else {
+            tracing::warn!(%node, "node failed health checks; no longer routed to");
+        }
+    }
+
+    fn health_threshold(&self, success: bool) -> usize {
+        self.inner.health_threshold(success)
+    }
+}
+
+/// Runs a check pass over every node each `health_interval_ms`.
+pub struct HealthChecker {
+    pub cluster: Arc<Cluster>,
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let interval = Duration::from_millis(self.cluster.cfg.health_interval_ms);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = async {
+                    self.cluster.backends.run_health_check(true).await;
+                    tokio::time::sleep(interval).await;
+                } => {}
+            }
+        }
+    }
+}

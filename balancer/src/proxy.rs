@@ -1,0 +1,319 @@
+//! The public proxy: Pingora `ProxyHttp` hooks around `routing::decide`.
+//!
+//! ```text
+//! request_filter      admit (concurrency cap, per-IP rate) → decide route
+//!                     (token → cookie → least loaded) → 404 / 503 / 429 early
+//! upstream_peer       the chosen node; connect timeout, idle-bounded reads
+//! fail_to_connect     mark the node passively down; retry a non-token
+//!                     request on the next least-loaded node
+//! upstream_request_filter  X-Forwarded-* headers
+//! response_filter     Set-Cookie for new assignments; count upgrades
+//! logging             status metrics; the ctx drop releases counters
+//! ```
+//!
+//! Upgraded WebSockets, SSE streams and long polls pass through Pingora's
+//! streaming body path unbuffered; their idle limit is `idle_timeout_secs`
+//! on both sides instead of Pingora's 60 s downstream default.
+
+use crate::cluster::{Cluster, RouteNode};
+use crate::routing::{self, cookie_value, set_cookie_header, RouteDecision, RouteKind};
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::{HttpPeer, ProxyHttp, Session};
+use pingora::{Error, Result};
+use prometheus::IntGauge;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Requests retried on other nodes after connect failures, at most.
+const MAX_RETRIES: usize = 3;
+
+pub struct SwitchboardProxy {
+    cluster: Arc<Cluster>,
+}
+
+impl SwitchboardProxy {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        SwitchboardProxy { cluster }
+    }
+}
+
+/// A concurrency slot, released when the request context is dropped.
+pub struct Admitted(pub Arc<Cluster>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.protection.leave();
+    }
+}
+
+/// One in-flight request counted against a node, released on drop.
+pub struct InFlight {
+    node: Arc<RouteNode>,
+    gauge: IntGauge,
+}
+
+impl InFlight {
+    pub fn new(cluster: &Cluster, node: Arc<RouteNode>) -> Self {
+        node.stats.open.fetch_add(1, Ordering::Relaxed);
+        let gauge = cluster
+            .metrics
+            .open_connections
+            .with_label_values(&[&node.record.node_id]);
+        gauge.inc();
+        InFlight { node, gauge }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.node.stats.open.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}
+
+#[derive(Default)]
+pub struct RequestCtx {
+    admitted: Option<Admitted>,
+    node: Option<Arc<RouteNode>>,
+    kind: Option<RouteKind>,
+    tried: Vec<String>,
+    set_cookie: bool,
+    in_flight: Option<InFlight>,
+    upstream_start: Option<Instant>,
+}
+
+/// The `id` query parameter, if present.
+pub fn query_id(query: Option<&str>) -> Option<&str> {
+    query?.split('&').find_map(|pair| pair.strip_prefix("id="))
+}
+
+async fn respond(session: &mut Session, status: u16, content_type: &str, body: &'static str) -> Result<bool> {
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header("Content-Type", content_type)?;
+    resp.insert_header("Content-Length", body.len().to_string())?;
+    resp.insert_header("Cache-Control", "no-store")?;
+    if status == 503 || status == 429 {
+        resp.insert_header("Retry-After", "1")?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+        .await?;
+    Ok(true)
+}
+
+#[async_trait]
+impl ProxyHttp for SwitchboardProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let cluster = &self.cluster;
+        if !cluster.protection.try_enter() {
+            cluster.protection.leave();
+            cluster.metrics.refused.with_label_values(&["max_connections"]).inc();
+            return respond(
+                session,
+                503,
+                "text/plain; charset=utf-8",
+                "Too many connections; retry shortly.\n",
+            )
+            .await;
+        }
+        ctx.admitted = Some(Admitted(cluster.clone()));
+
+        let req = session.req_header();
+        let id = query_id(req.uri.query()).map(str::to_string);
+        let is_upgrade = session.is_upgrade_req();
+        let starts_connection = req.uri.path().ends_with("/negotiate") || (is_upgrade && id.is_none());
+        if starts_connection {
+            let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+            if let Some(ip) = ip {
+                if !cluster.protection.allow_new(ip) {
+                    cluster.metrics.refused.with_label_values(&["rate_limit"]).inc();
+                    return respond(
+                        session,
+                        429,
+                        "text/plain; charset=utf-8",
+                        "Too many new connections from this address; retry shortly.\n",
+                    )
+                    .await;
+                }
+            }
+        }
+        let cookie = session
+            .req_header()
+            .headers
+            .get_all("cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|h| cookie_value(h, &cluster.cfg.cookie_name))
+            .map(str::to_string);
+
+        let table = cluster.table.load();
+        match routing::decide(cluster, &table, id.as_deref(), cookie.as_deref()) {
+            RouteDecision::Node { node, kind } => {
+                self.cluster.count_route(&node, kind);
+                ctx.set_cookie = kind == RouteKind::New;
+                ctx.kind = Some(kind);
+                ctx.node = Some(node);
+            }
+            RouteDecision::UnknownConnection => {
+                cluster
+                    .metrics
+                    .routing_decisions
+                    .with_label_values(&["unknown_connection"])
+                    .inc();
+                return respond(
+                    session,
+                    404,
+                    "text/plain; charset=utf-8",
+                    "No connection with that id (its node is gone); negotiate again.\n",
+                )
+                .await;
+            }
+            RouteDecision::NoNodeAvailable => {
+                cluster.metrics.routing_decisions.with_label_values(&["no_node"]).inc();
+                return respond(
+                    session,
+                    503,
+                    "application/json",
+                    "{\"error\":\"no healthy chat node is available\"}",
+                )
+                .await;
+            }
+        }
+        if is_upgrade {
+            // Pingora's 60 s downstream default would cut idle WebSockets.
+            session.set_read_timeout(Some(Duration::from_secs(cluster.cfg.idle_timeout_secs)));
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let node = ctx
+            .node
+            .clone()
+            .ok_or_else(|| Error::explain(pingora::ErrorType::InternalError, "no route chosen"))?;
+        let cfg = &self.cluster.cfg;
+        let mut peer = HttpPeer::new(node.addr, false, String::new());
+        peer.options.connection_timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
+        peer.options.read_timeout = Some(Duration::from_secs(cfg.idle_timeout_secs));
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        ctx.in_flight = Some(InFlight::new(&self.cluster, node));
+        ctx.upstream_start = Some(Instant::now());
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let cluster = &self.cluster;
+        let Some(node) = ctx.node.take() else { return e };
+        if cluster.passive.mark(node.addr) {
+            tracing::warn!(node = %node.record.node_id, error = %e, "connect failed; node marked down until it passes a check");
+        }
+        ctx.in_flight = None;
+        ctx.tried.push(node.record.node_id.clone());
+        if ctx.kind != Some(RouteKind::Token) && ctx.tried.len() <= MAX_RETRIES {
+            let table = cluster.table.load();
+            if let Some(next) = routing::least_loaded(cluster, &table, &ctx.tried) {
+                cluster.count_route(&next, RouteKind::New);
+                cluster.metrics.retries.inc();
+                ctx.node = Some(next);
+                ctx.kind = Some(RouteKind::New);
+                ctx.set_cookie = true;
+                e.set_retry(true);
+            }
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(ip) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string())
+        {
+            upstream.insert_header("X-Forwarded-For", ip)?;
+        }
+        upstream.insert_header("X-Forwarded-Proto", "http")?;
+        if let Some(host) = session.req_header().headers.get("host").cloned() {
+            upstream.insert_header("X-Forwarded-Host", host)?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(start) = ctx.upstream_start.take() {
+            self.cluster
+                .metrics
+                .upstream_latency
+                .observe(start.elapsed().as_secs_f64());
+        }
+        if resp.status.as_u16() == 101 {
+            self.cluster.metrics.upgrades.inc();
+        }
+        if ctx.set_cookie {
+            if let Some(node) = &ctx.node {
+                resp.append_header(
+                    "Set-Cookie",
+                    set_cookie_header(&self.cluster.cfg.cookie_name, &node.cookie),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A client abandoning a long poll or event stream is normal SignalR
+    /// behaviour, not an error worth an ERROR line.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        error.esource() == &pingora::ErrorSource::Downstream && error.etype() == &pingora::ErrorType::ConnectionClosed
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, _ctx: &mut RequestCtx) {
+        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "none",
+        };
+        self.cluster.metrics.requests.with_label_values(&[class]).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_id;
+
+    #[test]
+    fn the_id_parameter_is_found_among_others() {
+        assert_eq!(query_id(Some("id=abc")), Some("abc"));
+        assert_eq!(query_id(Some("x=1&id=abc&y")), Some("abc"));
+        assert_eq!(query_id(Some("xid=abc")), None);
+        assert_eq!(query_id(None), None);
+    }
+}

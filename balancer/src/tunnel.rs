@@ -1,0 +1,432 @@
+//! WebSocket tunnels owned by the balancer. `front` hands over a connection
+//! whose first request is a WebSocket upgrade; this module routes it like any
+//! request (token → cookie → least loaded, with the same protection and
+//! metrics), connects to the node, forwards the head, relays the node's
+//! answer (adding the affinity cookie for new clients) and, after a 101,
+//! relays bytes both ways until either side closes or the tunnel has been
+//! idle for `idle_timeout_secs`.
+//!
+//! The relay waits on socket readiness and allocates a buffer only while a
+//! read is in progress, so an idle tunnel holds two sockets and one small task.
+
+use crate::cluster::{Cluster, RouteNode};
+use crate::proxy::{query_id, Admitted, InFlight};
+use crate::routing::{self, cookie_value, set_cookie_header, RouteDecision, RouteKind};
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use std::io::ErrorKind;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+const MAX_ERROR_BODY: usize = 64 * 1024;
+const RELAY_CHUNK: usize = 16 * 1024;
+const MAX_RETRIES: usize = 3;
+
+/// The parts of an upgrade request head that routing needs.
+#[derive(Debug, PartialEq)]
+pub struct UpgradeRequest {
+    pub head_len: usize,
+    pub id: Option<String>,
+    pub cookie: Option<String>,
+}
+
+fn header_has_token(value: &[u8], token: &str) -> bool {
+    std::str::from_utf8(value)
+        .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .unwrap_or(false)
+}
+
+impl UpgradeRequest {
+    /// `Some` for a complete `GET` head asking to upgrade to WebSocket.
+    pub fn parse(buf: &[u8]) -> Option<Self> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        let httparse::Status::Complete(head_len) = req.parse(buf).ok()? else {
+            return None;
+        };
+        if req.method != Some("GET") {
+            return None;
+        }
+        let upgrade = req
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade") && header_has_token(h.value, "websocket"));
+        let connection = req
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("connection") && header_has_token(h.value, "upgrade"));
+        if !(upgrade && connection) {
+            return None;
+        }
+        let query = req.path?.split_once('?').map(|(_, q)| q);
+        let cookies: Vec<&str> = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .collect();
+        Some(UpgradeRequest {
+            head_len,
+            id: query_id(query).map(str::to_string),
+            cookie: (!cookies.is_empty()).then(|| cookies.join("; ")),
+        })
+    }
+}
+
+/// Duplicates the accepted socket into a tokio `TcpStream` we own.
+fn take_socket(stream: &L4Stream) -> Option<TcpStream> {
+    // SAFETY: `stream` owns this descriptor and outlives the borrow; it is only duplicated.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let std_stream = std::net::TcpStream::from(fd.try_clone_to_owned().ok()?);
+    std_stream.set_nonblocking(true).ok()?;
+    TcpStream::from_std(std_stream).ok()
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn respond(client: &TcpStream, status: &str, content_type: &str, body: &str) {
+    let extra = if status.starts_with("503") || status.starts_with("429") {
+        "Retry-After: 1\r\n"
+    } else {
+        ""
+    };
+    let msg = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{extra}Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = write_all(client, msg.as_bytes()).await;
+}
+
+/// Inserts header lines before the blank line that ends `head`.
+fn with_headers(head: &[u8], extra: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len() + extra.len());
+    out.extend_from_slice(&head[..head.len() - 2]);
+    out.extend_from_slice(extra.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Reads a response head; returns (bytes read, head length, status, content length).
+async fn read_response_head(upstream: &TcpStream) -> Option<(Vec<u8>, usize, u16, Option<usize>)> {
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    loop {
+        upstream.readable().await.ok()?;
+        let mut chunk = Vec::with_capacity(4096);
+        match upstream.try_read_buf(&mut chunk) {
+            Ok(0) => return None,
+            Ok(_) => buf.extend_from_slice(&chunk),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(_) => return None,
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let status = resp.code?;
+                let length = resp
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok());
+                return Some((buf, len, status, length));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// Chooses a node and connects to it, retrying other nodes for non-token routes.
+async fn connect(
+    cluster: &Cluster,
+    req: &UpgradeRequest,
+    client: &TcpStream,
+) -> Result<(Arc<RouteNode>, RouteKind, TcpStream), ()> {
+    let table = cluster.table.load();
+    let cookie = req
+        .cookie
+        .as_deref()
+        .and_then(|h| cookie_value(h, &cluster.cfg.cookie_name));
+    let (mut node, mut kind) = match routing::decide(cluster, &table, req.id.as_deref(), cookie) {
+        RouteDecision::Node { node, kind } => (node, kind),
+        RouteDecision::UnknownConnection => {
+            cluster
+                .metrics
+                .routing_decisions
+                .with_label_values(&["unknown_connection"])
+                .inc();
+            respond(
+                client,
+                "404 Not Found",
+                "text/plain; charset=utf-8",
+                "No connection with that id (its node is gone); negotiate again.\n",
+            )
+            .await;
+            return Err(());
+        }
+        RouteDecision::NoNodeAvailable => {
+            cluster.metrics.routing_decisions.with_label_values(&["no_node"]).inc();
+            respond(
+                client,
+                "503 Service Unavailable",
+                "application/json",
+                "{\"error\":\"no healthy chat node is available\"}",
+            )
+            .await;
+            return Err(());
+        }
+    };
+    let timeout = Duration::from_millis(cluster.cfg.connect_timeout_ms);
+    let mut tried: Vec<String> = Vec::new();
+    loop {
+        cluster.count_route(&node, kind);
+        match tokio::time::timeout(timeout, TcpStream::connect(node.addr)).await {
+            Ok(Ok(upstream)) => {
+                let _ = upstream.set_nodelay(true);
+                return Ok((node, kind, upstream));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(node = %node.record.node_id, error = %e, "websocket connect failed; node marked down until it passes a check")
+            }
+            Err(_) => {
+                tracing::warn!(node = %node.record.node_id, "websocket connect timed out; node marked down until it passes a check")
+            }
+        }
+        cluster.passive.mark(node.addr);
+        tried.push(node.record.node_id.clone());
+        let next = (kind != RouteKind::Token && tried.len() <= MAX_RETRIES)
+            .then(|| routing::least_loaded(cluster, &table, &tried))
+            .flatten();
+        match next {
+            Some(n) => {
+                cluster.metrics.retries.inc();
+                node = n;
+                kind = RouteKind::New;
+            }
+            None if kind == RouteKind::Token => {
+                respond(
+                    client,
+                    "404 Not Found",
+                    "text/plain; charset=utf-8",
+                    "No connection with that id (its node is gone); negotiate again.\n",
+                )
+                .await;
+                return Err(());
+            }
+            None => {
+                respond(
+                    client,
+                    "502 Bad Gateway",
+                    "text/plain; charset=utf-8",
+                    "No chat node could be reached.\n",
+                )
+                .await;
+                return Err(());
+            }
+        }
+    }
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Routes, handshakes and relays one WebSocket connection.
+pub async fn serve(cluster: Arc<Cluster>, downstream: Box<L4Stream>, req: UpgradeRequest, buf: Vec<u8>) {
+    let Some(client) = take_socket(&downstream) else { return };
+    drop(downstream);
+    let _ = client.set_nodelay(true);
+    if !cluster.protection.try_enter() {
+        cluster.protection.leave();
+        cluster.metrics.refused.with_label_values(&["max_connections"]).inc();
+        return respond(
+            &client,
+            "503 Service Unavailable",
+            "text/plain; charset=utf-8",
+            "Too many connections; retry shortly.\n",
+        )
+        .await;
+    }
+    let _admitted = Admitted(cluster.clone());
+    if req.id.is_none() {
+        if let Ok(peer) = client.peer_addr() {
+            if !cluster.protection.allow_new(peer.ip()) {
+                cluster.metrics.refused.with_label_values(&["rate_limit"]).inc();
+                return respond(
+                    &client,
+                    "429 Too Many Requests",
+                    "text/plain; charset=utf-8",
+                    "Too many new connections from this address; retry shortly.\n",
+                )
+                .await;
+            }
+        }
+    }
+    let Ok((node, kind, upstream)) = connect(&cluster, &req, &client).await else {
+        return;
+    };
+    let _in_flight = InFlight::new(&cluster, node.clone());
+    let started = std::time::Instant::now();
+
+    let forwarded = match client.peer_addr() {
+        Ok(peer) => format!("X-Forwarded-For: {}\r\nX-Forwarded-Proto: http\r\n", peer.ip()),
+        Err(_) => "X-Forwarded-Proto: http\r\n".to_string(),
+    };
+    let head = with_headers(&buf[..req.head_len], &forwarded);
+    if write_all(&upstream, &head).await.is_err() || write_all(&upstream, &buf[req.head_len..]).await.is_err() {
+        return respond(
+            &client,
+            "502 Bad Gateway",
+            "text/plain; charset=utf-8",
+            "The chat node closed the connection.\n",
+        )
+        .await;
+    }
+    let idle = Duration::from_secs(cluster.cfg.idle_timeout_secs);
+    let Ok(Some((resp, head_len, status, length))) = tokio::time::timeout(idle, read_response_head(&upstream)).await
+    else {
+        cluster.metrics.requests.with_label_values(&["5xx"]).inc();
+        return respond(
+            &client,
+            "502 Bad Gateway",
+            "text/plain; charset=utf-8",
+            "The chat node did not answer the upgrade.\n",
+        )
+        .await;
+    };
+    cluster
+        .metrics
+        .upstream_latency
+        .observe(started.elapsed().as_secs_f64());
+    cluster
+        .metrics
+        .requests
+        .with_label_values(&[status_class(status)])
+        .inc();
+    let head = if kind == RouteKind::New {
+        let cookie = set_cookie_header(&cluster.cfg.cookie_name, &node.cookie);
+        with_headers(&resp[..head_len], &format!("Set-Cookie: {cookie}\r\n"))
+    } else {
+        resp[..head_len].to_vec()
+    };
+    if write_all(&client, &head).await.is_err() || write_all(&client, &resp[head_len..]).await.is_err() {
+        return;
+    }
+    if status == 101 {
+        cluster.metrics.upgrades.inc();
+        relay(&client, &upstream, idle).await;
+    } else {
+        // A refusal (404, 409, 503…): pass its body on, then close.
+        let mut remaining = length
+            .unwrap_or(0)
+            .min(MAX_ERROR_BODY)
+            .saturating_sub(resp.len() - head_len);
+        while remaining > 0 {
+            match tokio::time::timeout(idle, pump(&upstream, &client)).await {
+                Ok(Pump::Moved(n)) => remaining = remaining.saturating_sub(n),
+                Ok(Pump::Wait) => {}
+                _ => break,
+            }
+        }
+    }
+}
+
+enum Pump {
+    Moved(usize),
+    Wait,
+    Closed,
+}
+
+/// Moves what is readable now from `from` to `to`.
+async fn pump(from: &TcpStream, to: &TcpStream) -> Pump {
+    if from.readable().await.is_err() {
+        return Pump::Closed;
+    }
+    let mut buf = Vec::with_capacity(RELAY_CHUNK);
+    match from.try_read_buf(&mut buf) {
+        Ok(0) => Pump::Closed,
+        Ok(n) => match write_all(to, &buf).await {
+            Ok(()) => Pump::Moved(n),
+            Err(_) => Pump::Closed,
+        },
+        Err(e) if e.kind() == ErrorKind::WouldBlock => Pump::Wait,
+        Err(_) => Pump::Closed,
+    }
+}
+
+async fn relay(client: &TcpStream, upstream: &TcpStream, idle: Duration) {
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
+    loop {
+        let moved = tokio::select! {
+            p = pump(client, upstream) => p,
+            p = pump(upstream, client) => p,
+            _ = &mut timer => {
+                tracing::debug!("closing idle websocket tunnel");
+                return;
+            }
+        };
+        match moved {
+            Pump::Moved(_) => timer.as_mut().reset(Instant::now() + idle),
+            Pump::Wait => {}
+            Pump::Closed => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WS: &[u8] = b"GET /chathub?id=YQ.x&v=1 HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nCookie: a=1\r\nCookie: switchboard_affinity=ff\r\nSec-WebSocket-Key: k\r\n\r\nextra";
+
+    #[test]
+    fn websocket_upgrades_are_recognised() {
+        let r = UpgradeRequest::parse(WS).unwrap();
+        assert_eq!(r.id.as_deref(), Some("YQ.x"));
+        assert_eq!(r.head_len, WS.len() - 5);
+        assert_eq!(
+            cookie_value(r.cookie.as_deref().unwrap(), "switchboard_affinity"),
+            Some("ff")
+        );
+    }
+
+    #[test]
+    fn other_requests_are_not_upgrades() {
+        assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").is_none());
+        assert!(
+            UpgradeRequest::parse(b"POST /chathub HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
+                .is_none()
+        );
+        assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n").is_none());
+        assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n").is_none());
+        assert!(UpgradeRequest::parse(b"\x00\x01garbage\r\n\r\n").is_none());
+    }
+
+    #[test]
+    fn headers_are_inserted_before_the_blank_line() {
+        assert_eq!(
+            with_headers(b"HTTP/1.1 101 x\r\nA: b\r\n\r\n", "C: d\r\n"),
+            b"HTTP/1.1 101 x\r\nA: b\r\nC: d\r\n\r\n"
+        );
+    }
+}
