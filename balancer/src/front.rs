@@ -46,7 +46,9 @@ async fn read_head(stream: &mut L4Stream) -> Option<(Vec<u8>, bool)> {
             if buf.len() >= MAX_HEAD {
                 return Some(false);
             }
-            let mut chunk = [0u8; 4096];
+            // On the heap, not in the future: every connection's task is as
+            // large as its largest await state for as long as it lives.
+            let mut chunk = vec![0u8; 4096];
             match stream.read(&mut chunk).await {
                 Ok(0) | Err(_) => return None,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),

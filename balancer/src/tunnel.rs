@@ -250,41 +250,61 @@ fn status_class(status: u16) -> &'static str {
     }
 }
 
+/// An established tunnel: both sockets and the counters held while it lives.
+struct Tunnel {
+    client: TcpStream,
+    upstream: TcpStream,
+    _admitted: Admitted,
+    _in_flight: InFlight,
+}
+
 /// Routes, handshakes and relays one WebSocket connection.
 pub async fn serve(cluster: Arc<Cluster>, downstream: Box<L4Stream>, req: UpgradeRequest, buf: Vec<u8>) {
     let Some(client) = take_socket(&downstream) else { return };
     drop(downstream);
+    // The handshake's state (head buffers, routing, connect) is boxed so that
+    // it is freed when it ends instead of sizing this task's future for the
+    // tunnel's whole life; an idle tunnel keeps its sockets and little else.
+    if let Some(t) = Box::pin(handshake(&cluster, client, req, buf)).await {
+        relay(
+            &t.client,
+            &t.upstream,
+            Duration::from_secs(cluster.cfg.idle_timeout_secs),
+        )
+        .await;
+    }
+}
+
+async fn refuse(client: &TcpStream, status: &str, content_type: &str, body: &str) -> Option<Tunnel> {
+    respond(client, status, content_type, body).await;
+    None
+}
+
+async fn handshake(cluster: &Arc<Cluster>, client: TcpStream, req: UpgradeRequest, buf: Vec<u8>) -> Option<Tunnel> {
     let _ = client.set_nodelay(true);
+    let text = "text/plain; charset=utf-8";
     if !cluster.protection.try_enter() {
         cluster.protection.leave();
         cluster.metrics.refused.with_label_values(&["max_connections"]).inc();
-        return respond(
+        return refuse(
             &client,
             "503 Service Unavailable",
-            "text/plain; charset=utf-8",
+            text,
             "Too many connections; retry shortly.\n",
         )
         .await;
     }
-    let _admitted = Admitted(cluster.clone());
+    let admitted = Admitted(cluster.clone());
     if req.id.is_none() {
-        if let Ok(peer) = client.peer_addr() {
-            if !cluster.protection.allow_new(peer.ip()) {
-                cluster.metrics.refused.with_label_values(&["rate_limit"]).inc();
-                return respond(
-                    &client,
-                    "429 Too Many Requests",
-                    "text/plain; charset=utf-8",
-                    "Too many new connections from this address; retry shortly.\n",
-                )
-                .await;
-            }
+        let ip = client.peer_addr().ok().map(|a| a.ip());
+        if ip.is_some_and(|ip| !cluster.protection.allow_new(ip)) {
+            cluster.metrics.refused.with_label_values(&["rate_limit"]).inc();
+            let body = "Too many new connections from this address; retry shortly.\n";
+            return refuse(&client, "429 Too Many Requests", text, body).await;
         }
     }
-    let Ok((node, kind, upstream)) = connect(&cluster, &req, &client).await else {
-        return;
-    };
-    let _in_flight = InFlight::new(&cluster, node.clone());
+    let (node, kind, upstream) = connect(cluster, &req, &client).await.ok()?;
+    let in_flight = InFlight::new(cluster, node.clone());
     let started = std::time::Instant::now();
 
     let forwarded = match client.peer_addr() {
@@ -293,22 +313,22 @@ pub async fn serve(cluster: Arc<Cluster>, downstream: Box<L4Stream>, req: Upgrad
     };
     let head = with_headers(&buf[..req.head_len], &forwarded);
     if write_all(&upstream, &head).await.is_err() || write_all(&upstream, &buf[req.head_len..]).await.is_err() {
-        return respond(
+        return refuse(
             &client,
             "502 Bad Gateway",
-            "text/plain; charset=utf-8",
+            text,
             "The chat node closed the connection.\n",
         )
         .await;
     }
     let idle = Duration::from_secs(cluster.cfg.idle_timeout_secs);
-    let Ok(Some((resp, head_len, status, length))) = tokio::time::timeout(idle, read_response_head(&upstream)).await
-    else {
+    let answer = tokio::time::timeout(idle, read_response_head(&upstream)).await;
+    let Ok(Some((resp, head_len, status, length))) = answer else {
         cluster.metrics.requests.with_label_values(&["5xx"]).inc();
-        return respond(
+        return refuse(
             &client,
             "502 Bad Gateway",
-            "text/plain; charset=utf-8",
+            text,
             "The chat node did not answer the upgrade.\n",
         )
         .await;
@@ -329,25 +349,30 @@ pub async fn serve(cluster: Arc<Cluster>, downstream: Box<L4Stream>, req: Upgrad
         resp[..head_len].to_vec()
     };
     if write_all(&client, &head).await.is_err() || write_all(&client, &resp[head_len..]).await.is_err() {
-        return;
+        return None;
     }
     if status == 101 {
         cluster.metrics.upgrades.inc();
-        relay(&client, &upstream, idle).await;
-    } else {
-        // A refusal (404, 409, 503…): pass its body on, then close.
-        let mut remaining = length
-            .unwrap_or(0)
-            .min(MAX_ERROR_BODY)
-            .saturating_sub(resp.len() - head_len);
-        while remaining > 0 {
-            match tokio::time::timeout(idle, pump(&upstream, &client)).await {
-                Ok(Pump::Moved(n)) => remaining = remaining.saturating_sub(n),
-                Ok(Pump::Wait) => {}
-                _ => break,
-            }
+        return Some(Tunnel {
+            client,
+            upstream,
+            _admitted: admitted,
+            _in_flight: in_flight,
+        });
+    }
+    // A refusal (404, 409, 503…): pass its body on, then close.
+    let mut remaining = length
+        .unwrap_or(0)
+        .min(MAX_ERROR_BODY)
+        .saturating_sub(resp.len() - head_len);
+    while remaining > 0 {
+        match tokio::time::timeout(idle, pump(&upstream, &client)).await {
+            Ok(Pump::Moved(n)) => remaining = remaining.saturating_sub(n),
+            Ok(Pump::Wait) => {}
+            _ => break,
         }
     }
+    None
 }
 
 enum Pump {

@@ -13,7 +13,7 @@ use axum::response::Response;
 use futures_util::SinkExt;
 use std::sync::Arc;
 
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 0; // write through; frames are batched by the outbox
 
 pub fn upgrade(app: Arc<App>, conn: Arc<Connection>, upgrade: WebSocketUpgrade) -> Response {

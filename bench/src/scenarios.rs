@@ -1,0 +1,347 @@
+//! The measurements. Each runs against URLs it is given (nodes, the balancer
+//! or another proxy on loopback), bounded in count and time, and returns a
+//! JSON value that the report generator stores alongside the printed line.
+
+use crate::rss::rss_kib;
+use crate::signalr::{self, HubSocket};
+use crate::stats::{histogram, median, record, summarize};
+use anyhow::{bail, Context, Result};
+use futures_util::stream::{self, StreamExt};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Opens `count` SignalR WebSocket connections to `url`, keeps them alive
+/// with pings, and reports how much resident memory each process in `pids`
+/// gained per connection, and how much it kept after the clients left.
+pub async fn idle(url: &str, count: usize, pids: &[u32], settle: Duration) -> Result<Value> {
+    let before: Vec<u64> = pids.iter().map(|&p| rss_kib(p).unwrap_or(0)).collect();
+    let http = reqwest::Client::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let failures = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(count);
+    let mut sockets = stream::iter(0..count)
+        .map(|_| {
+            let http = http.clone();
+            async move { signalr::connect(&http, url).await }
+        })
+        .buffer_unordered(128);
+    while let Some(s) = sockets.next().await {
+        match s {
+            Ok(sock) => tasks.push(tokio::spawn(keep_alive(sock, stop_rx.clone()))),
+            Err(e) => {
+                if failures.fetch_add(1, Ordering::Relaxed) < 3 {
+                    eprintln!("connect failed: {e:#}");
+                }
+            }
+        }
+    }
+    let open = tasks.len();
+    let connect_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(settle).await;
+    let loaded: Vec<u64> = pids.iter().map(|&p| rss_kib(p).unwrap_or(0)).collect();
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    tokio::time::sleep(settle).await;
+    let after: Vec<u64> = pids.iter().map(|&p| rss_kib(p).unwrap_or(0)).collect();
+    let per_process: Vec<Value> = pids
+        .iter()
+        .enumerate()
+        .map(|(i, pid)| {
+            let per_conn = (loaded[i] as f64 - before[i] as f64) * 1024.0 / open.max(1) as f64;
+            json!({
+                "pid": pid,
+                "rss_before_kib": before[i],
+                "rss_loaded_kib": loaded[i],
+                "rss_after_close_kib": after[i],
+                "bytes_per_connection": per_conn.round(),
+                "kept_after_close_kib": after[i] as i64 - before[i] as i64,
+            })
+        })
+        .collect();
+    Ok(
+        json!({ "url": url, "requested": count, "open": open, "failed": failures.load(Ordering::Relaxed), "connect_secs": connect_secs, "processes": per_process }),
+    )
+}
+
+async fn keep_alive(mut sock: HubSocket, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => if sock.ping().await.is_err() { break },
+            msg = sock.ws.next() => if !matches!(msg, Some(Ok(_))) { break },
+        }
+    }
+    let _ = sock.ws.close(None).await;
+}
+
+/// Round trips of `Echo` with a `payload_bytes` string, each connection
+/// sending at `rate / connections` per second for `duration`.
+pub async fn echo_latency(
+    url: &str,
+    connections: usize,
+    rate: f64,
+    duration: Duration,
+    payload_bytes: usize,
+) -> Result<Value> {
+    let http = reqwest::Client::new();
+    let payload = "x".repeat(payload_bytes);
+    let interval = Duration::from_secs_f64(connections as f64 / rate.max(1.0));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let mut sock = signalr::connect(&http, url).await?;
+        let payload = payload.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = histogram();
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let end = Instant::now() + duration;
+            // Warm-up: the first round trips include lazy allocations.
+            for _ in 0..20 {
+                sock.invoke("Echo", json!([payload])).await?;
+            }
+            while Instant::now() < end {
+                tick.tick().await;
+                let t = Instant::now();
+                sock.invoke("Echo", json!([payload])).await?;
+                record(&mut h, t.elapsed());
+            }
+            anyhow::Ok(h)
+        }));
+    }
+    let mut all = histogram();
+    for t in tasks {
+        all.add(t.await??).context("merge histograms")?;
+    }
+    Ok(json!({ "url": url, "connections": connections, "rate": rate, "latency": summarize(&all) }))
+}
+
+/// Closed-loop `Echo` throughput: every connection sends its next request as
+/// soon as the previous completes.
+pub async fn echo_throughput(url: &str, connections: usize, duration: Duration) -> Result<Value> {
+    let http = reqwest::Client::new();
+    let done = Arc::new(AtomicU64::new(0));
+    let mut socks = Vec::new();
+    for _ in 0..connections {
+        socks.push(signalr::connect(&http, url).await?);
+    }
+    let end = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for mut sock in socks {
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < end {
+                sock.invoke("Echo", json!(["x".repeat(64)])).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let n = done.load(Ordering::Relaxed);
+    Ok(
+        json!({ "url": url, "connections": connections, "messages": n, "messages_per_sec": (n as f64 / started.elapsed().as_secs_f64()).round() }),
+    )
+}
+
+/// One sender broadcasts `SendMessage` at `rate` for `duration` to
+/// `receivers` clients spread over `urls`; reports deliveries per second and
+/// delivery latency (send → receive, same clock).
+pub async fn fanout(urls: &[String], receivers: usize, rate: f64, duration: Duration) -> Result<Value> {
+    if urls.is_empty() {
+        bail!("fanout needs at least one URL");
+    }
+    let http = reqwest::Client::new();
+    let epoch = Instant::now();
+    let hist = Arc::new(Mutex::new(histogram()));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for i in 0..receivers {
+        let mut sock = signalr::connect(&http, &urls[i % urls.len()]).await?;
+        let (hist, delivered, mut stop) = (hist.clone(), delivered.clone(), stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut local = histogram();
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    frame = sock.read_frame() => {
+                        let Ok(frame) = frame else { break };
+                        for m in frame {
+                            if m["target"] == "ReceiveMessage" {
+                                if let Some(sent) = m["arguments"][1].as_str().and_then(|t| t.strip_prefix("t:")).and_then(|t| t.parse::<u64>().ok()) {
+                                    let now = epoch.elapsed().as_micros() as u64;
+                                    record(&mut local, Duration::from_micros(now.saturating_sub(sent)));
+                                    delivered.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if let Ok(mut h) = hist.lock() {
+                let _ = h.add(local);
+            }
+        }));
+    }
+    let mut sender = signalr::connect(&http, &urls[0]).await?;
+    // Let every node's backplane subscription settle before measuring.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
+    let end = Instant::now() + duration;
+    let mut sent = 0u64;
+    while Instant::now() < end {
+        tick.tick().await;
+        let text = format!("t:{}", epoch.elapsed().as_micros());
+        sender
+            .send_record(&json!({"type": 1, "target": "SendMessage", "arguments": ["bench", text]}))
+            .await?;
+        sent += 1;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let n = delivered.load(Ordering::Relaxed);
+    let summary = hist.lock().map(|h| summarize(&h)).ok();
+    Ok(json!({
+        "urls": urls, "receivers": receivers, "sent": sent, "expected_deliveries": sent * receivers as u64,
+        "delivered": n, "deliveries_per_sec": (n as f64 / duration.as_secs_f64()).round(), "latency": summary,
+    }))
+}
+
+/// How fast the balancer notices nodes: start a node, then count the time
+/// until the balancer routes a new client to it; `kill -9` it, then count the
+/// time until the balancer stops offering it (`/api/backends`), with a client
+/// negotiating through the balancer all along. Repeated `runs` times.
+pub async fn discovery(balancer: &str, admin: &str, redis: &str, node_bin: &str, runs: usize) -> Result<Value> {
+    let http = reqwest::Client::new();
+    let mut to_routed = Vec::new();
+    let mut to_removed = Vec::new();
+    for run in 0..runs {
+        let port = free_port()?;
+        let id = format!("bench-late-{run}-{port}");
+        let base = format!("http://127.0.0.1:{port}");
+        let t0 = Instant::now();
+        let mut child = std::process::Command::new(node_bin)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--redis",
+                redis,
+                "--node-id",
+                &id,
+                "--advertise-url",
+                &base,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("start node")?;
+        let owner = format!("{}.", base64_url(&id));
+        let routed = async {
+            loop {
+                if let Ok(r) = http
+                    .post(format!("{balancer}/chathub/negotiate?negotiateVersion=1"))
+                    .send()
+                    .await
+                {
+                    if let Ok(v) = r.json::<Value>().await {
+                        if v["connectionToken"].as_str().is_some_and(|t| t.starts_with(&owner)) {
+                            return t0.elapsed();
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        let routed = tokio::time::timeout(Duration::from_secs(30), routed)
+            .await
+            .context("new node never routed")?;
+        to_routed.push(routed.as_secs_f64() * 1000.0);
+
+        let t1 = Instant::now();
+        let _ = child.kill();
+        let _ = child.wait();
+        let removed = async {
+            loop {
+                let _ = http
+                    .post(format!("{balancer}/chathub/negotiate?negotiateVersion=1"))
+                    .send()
+                    .await;
+                if let Ok(r) = http.get(format!("{admin}/api/backends")).send().await {
+                    if let Ok(v) = r.json::<Value>().await {
+                        let offered = v["nodes"].as_array().is_some_and(|ns| {
+                            ns.iter()
+                                .any(|n| n["nodeId"] == id.as_str() && n["acceptsNewClients"] == true)
+                        });
+                        if !offered {
+                            return t1.elapsed();
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        let removed = tokio::time::timeout(Duration::from_secs(60), removed)
+            .await
+            .context("dead node never removed")?;
+        to_removed.push(removed.as_secs_f64() * 1000.0);
+        eprintln!(
+            "run {run}: start→routed {:.0} ms, kill→out of rotation {:.0} ms",
+            routed.as_secs_f64() * 1000.0,
+            removed.as_secs_f64() * 1000.0
+        );
+        // Let the registry forget the dead node before the next run.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(json!({
+        "runs": runs,
+        "start_to_routed_ms": to_routed, "median_start_to_routed_ms": median(&mut to_routed.clone()),
+        "kill_to_out_of_rotation_ms": to_removed, "median_kill_to_out_of_rotation_ms": median(&mut to_removed.clone()),
+    }))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Unpadded base64url, as node ids appear in connection tokens.
+fn base64_url(s: &str) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for chunk in b.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &v)| acc | (v as u32) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base64_url;
+
+    #[test]
+    fn base64url_matches_token_owner_encoding() {
+        assert_eq!(base64_url("a"), "YQ");
+        assert_eq!(base64_url("ab"), "YWI");
+        assert_eq!(base64_url("abc"), "YWJj");
+        assert_eq!(base64_url("n1"), "bjE");
+    }
+}
