@@ -18,6 +18,8 @@ use std::time::Duration;
 
 pub struct NodeHealthCheck {
     inner: HttpHealthCheck,
+    /// Whole-check deadline: connect, request and response together.
+    timeout: Duration,
     passive: Arc<PassiveMarks>,
     table: Arc<ArcSwap<RoutingTable>>,
     healthy_gauge: IntGaugeVec,
@@ -53,6 +55,7 @@ impl NodeHealthCheck {
         }));
         Box::new(NodeHealthCheck {
             inner,
+            timeout,
             passive,
             table,
             healthy_gauge,
@@ -74,7 +77,15 @@ impl NodeHealthCheck {
 #[async_trait]
 impl HealthCheck for NodeHealthCheck {
     async fn check(&self, target: &Backend) -> pingora::Result<()> {
-        let result = self.inner.check(target).await;
+        // Pingora bounds each step, not the whole; a stalled check would hold up
+        // the pass for every node (seen after nodes were killed mid-check).
+        let result = match tokio::time::timeout(self.timeout, self.inner.check(target)).await {
+            Ok(r) => r,
+            Err(_) => Err(pingora::Error::explain(
+                pingora::ErrorType::ConnectTimedout,
+                "health check timed out",
+            )),
+        };
         let node = self.node_id(target);
         if result.is_ok() {
             if let Some(addr) = target.addr.as_inet() {
@@ -110,12 +121,17 @@ pub struct HealthChecker {
 #[async_trait]
 impl BackgroundService for HealthChecker {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let interval = Duration::from_millis(self.cluster.cfg.health_interval_ms);
+        let cfg = &self.cluster.cfg;
+        let interval = Duration::from_millis(cfg.health_interval_ms);
+        // A pass never outlives its checks by much; dropping it cancels what is left.
+        let pass_limit = Duration::from_millis(cfg.health_timeout_ms * 2 + 100);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = async {
-                    self.cluster.backends.run_health_check(true).await;
+                    if tokio::time::timeout(pass_limit, self.cluster.backends.run_health_check(true)).await.is_err() {
+                        tracing::warn!("a health check pass overran its time limit and was cut short");
+                    }
                     tokio::time::sleep(interval).await;
                 } => {}
             }
