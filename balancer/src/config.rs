@@ -7,14 +7,9 @@ use clap::Parser;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+pub use switchboard_common::config::LogFormat;
 use switchboard_common::config::{load_file, require_positive, ConfigError};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+use switchboard_common::overlay;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -152,12 +147,6 @@ pub struct Cli {
     /// Log format [default: text]
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
-}
-
-macro_rules! overlay {
-    ($cfg:ident, $cli:ident, $($field:ident),*) => {
-        $( if let Some(v) = $cli.$field { $cfg.$field = v; } )*
-    };
 }
 
 impl Cli {

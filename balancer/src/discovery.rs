@@ -21,12 +21,11 @@ use pingora::services::background::BackgroundService;
 use pingora_load_balancing::discovery::ServiceDiscovery;
 use pingora_load_balancing::Backend;
 use redis::aio::ConnectionManager;
-use redis::AsyncCommands;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use switchboard_common::registry::{node_key_pattern, registry_channel, NodeRecord, RegistryEvent, RegistryEventKind};
+use switchboard_common::registry::{registry_channel, NodeRecord, RegistryEvent, RegistryEventKind};
 
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -89,28 +88,7 @@ impl RegistryWatcher {
             *conn = Some(self.client.get_connection_manager_with_config(config).await?);
         }
         let Some(c) = conn.as_mut() else { return Ok(Vec::new()) };
-        let mut keys: Vec<String> = Vec::new();
-        {
-            let mut iter = c
-                .scan_match::<_, String>(node_key_pattern(&self.cluster.cfg.key_prefix))
-                .await?;
-            while let Some(k) = iter.next().await {
-                keys.push(k?);
-            }
-        }
-        let mut records = Vec::with_capacity(keys.len());
-        for key in keys {
-            let fields: HashMap<String, String> = match c.hgetall(&key).await {
-                Ok(f) => f,
-                Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => return Err(e),
-                Err(_) => continue, // not a hash: garbage under our prefix
-            };
-            match NodeRecord::from_fields(&fields) {
-                Ok(r) => records.push(r),
-                Err(e) => tracing::debug!(%key, error = %e, "ignoring malformed registry entry"),
-            }
-        }
-        Ok(records)
+        switchboard_common::registry::read_all(c, &self.cluster.cfg.key_prefix).await
     }
 
     /// Re-reads the registry and swaps in a new table; on failure keeps the old one.

@@ -16,6 +16,7 @@
 //! on both sides instead of Pingora's 60 s downstream default.
 
 use crate::cluster::{Cluster, RouteNode};
+use crate::refusal::{self, Refusal};
 use crate::routing::{self, cookie_value, set_cookie_header, RouteDecision, RouteKind};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -90,17 +91,17 @@ pub fn query_id(query: Option<&str>) -> Option<&str> {
     query?.split('&').find_map(|pair| pair.strip_prefix("id="))
 }
 
-async fn respond(session: &mut Session, status: u16, content_type: &str, body: &'static str) -> Result<bool> {
-    let mut resp = ResponseHeader::build(status, Some(4))?;
-    resp.insert_header("Content-Type", content_type)?;
-    resp.insert_header("Content-Length", body.len().to_string())?;
+async fn respond(session: &mut Session, refusal: &Refusal) -> Result<bool> {
+    let mut resp = ResponseHeader::build(refusal.status, Some(4))?;
+    resp.insert_header("Content-Type", refusal.content_type)?;
+    resp.insert_header("Content-Length", refusal.body.len().to_string())?;
     resp.insert_header("Cache-Control", "no-store")?;
-    if status == 503 || status == 429 {
+    if refusal.retry_after() {
         resp.insert_header("Retry-After", "1")?;
     }
     session.write_response_header(Box::new(resp), false).await?;
     session
-        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+        .write_response_body(Some(Bytes::from_static(refusal.body.as_bytes())), true)
         .await?;
     Ok(true)
 }
@@ -118,13 +119,7 @@ impl ProxyHttp for SwitchboardProxy {
         if !cluster.protection.try_enter() {
             cluster.protection.leave();
             cluster.metrics.refused.with_label_values(&["max_connections"]).inc();
-            return respond(
-                session,
-                503,
-                "text/plain; charset=utf-8",
-                "Too many connections; retry shortly.\n",
-            )
-            .await;
+            return respond(session, &refusal::TOO_MANY_CONNECTIONS).await;
         }
         ctx.admitted = Some(Admitted(cluster.clone()));
 
@@ -137,13 +132,7 @@ impl ProxyHttp for SwitchboardProxy {
             if let Some(ip) = ip {
                 if !cluster.protection.allow_new(ip) {
                     cluster.metrics.refused.with_label_values(&["rate_limit"]).inc();
-                    return respond(
-                        session,
-                        429,
-                        "text/plain; charset=utf-8",
-                        "Too many new connections from this address; retry shortly.\n",
-                    )
-                    .await;
+                    return respond(session, &refusal::RATE_LIMITED).await;
                 }
             }
         }
@@ -170,23 +159,11 @@ impl ProxyHttp for SwitchboardProxy {
                     .routing_decisions
                     .with_label_values(&["unknown_connection"])
                     .inc();
-                return respond(
-                    session,
-                    404,
-                    "text/plain; charset=utf-8",
-                    "No connection with that id (its node is gone); negotiate again.\n",
-                )
-                .await;
+                return respond(session, &refusal::UNKNOWN_CONNECTION).await;
             }
             RouteDecision::NoNodeAvailable => {
                 cluster.metrics.routing_decisions.with_label_values(&["no_node"]).inc();
-                return respond(
-                    session,
-                    503,
-                    "application/json",
-                    "{\"error\":\"no healthy chat node is available\"}",
-                )
-                .await;
+                return respond(session, &refusal::NO_NODE).await;
             }
         }
         if is_upgrade {

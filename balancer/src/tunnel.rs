@@ -11,6 +11,7 @@
 
 use crate::cluster::{Cluster, RouteNode};
 use crate::proxy::{query_id, Admitted, InFlight};
+use crate::refusal::{self, Refusal};
 use crate::routing::{self, cookie_value, set_cookie_header, RouteDecision, RouteKind};
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use std::io::ErrorKind;
@@ -97,15 +98,19 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn respond(client: &TcpStream, status: &str, content_type: &str, body: &str) {
-    let extra = if status.starts_with("503") || status.starts_with("429") {
+async fn respond(client: &TcpStream, refusal: &Refusal) {
+    let extra = if refusal.retry_after() {
         "Retry-After: 1\r\n"
     } else {
         ""
     };
     let msg = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{extra}Connection: close\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{extra}Connection: close\r\n\r\n{}",
+        refusal.status,
+        refusal.reason,
+        refusal.content_type,
+        refusal.body.len(),
+        refusal.body
     );
     let _ = write_all(client, msg.as_bytes()).await;
 }
@@ -168,24 +173,12 @@ async fn connect(
                 .routing_decisions
                 .with_label_values(&["unknown_connection"])
                 .inc();
-            respond(
-                client,
-                "404 Not Found",
-                "text/plain; charset=utf-8",
-                "No connection with that id (its node is gone); negotiate again.\n",
-            )
-            .await;
+            respond(client, &refusal::UNKNOWN_CONNECTION).await;
             return Err(());
         }
         RouteDecision::NoNodeAvailable => {
             cluster.metrics.routing_decisions.with_label_values(&["no_node"]).inc();
-            respond(
-                client,
-                "503 Service Unavailable",
-                "application/json",
-                "{\"error\":\"no healthy chat node is available\"}",
-            )
-            .await;
+            respond(client, &refusal::NO_NODE).await;
             return Err(());
         }
     };
@@ -217,23 +210,11 @@ async fn connect(
                 kind = RouteKind::New;
             }
             None if kind == RouteKind::Token => {
-                respond(
-                    client,
-                    "404 Not Found",
-                    "text/plain; charset=utf-8",
-                    "No connection with that id (its node is gone); negotiate again.\n",
-                )
-                .await;
+                respond(client, &refusal::UNKNOWN_CONNECTION).await;
                 return Err(());
             }
             None => {
-                respond(
-                    client,
-                    "502 Bad Gateway",
-                    "text/plain; charset=utf-8",
-                    "No chat node could be reached.\n",
-                )
-                .await;
+                respond(client, &refusal::NODE_UNREACHABLE).await;
                 return Err(());
             }
         }
@@ -275,32 +256,24 @@ pub async fn serve(cluster: Arc<Cluster>, downstream: Box<L4Stream>, req: Upgrad
     }
 }
 
-async fn refuse(client: &TcpStream, status: &str, content_type: &str, body: &str) -> Option<Tunnel> {
-    respond(client, status, content_type, body).await;
+async fn refuse(client: &TcpStream, refusal: &Refusal) -> Option<Tunnel> {
+    respond(client, refusal).await;
     None
 }
 
 async fn handshake(cluster: &Arc<Cluster>, client: TcpStream, req: UpgradeRequest, buf: Vec<u8>) -> Option<Tunnel> {
     let _ = client.set_nodelay(true);
-    let text = "text/plain; charset=utf-8";
     if !cluster.protection.try_enter() {
         cluster.protection.leave();
         cluster.metrics.refused.with_label_values(&["max_connections"]).inc();
-        return refuse(
-            &client,
-            "503 Service Unavailable",
-            text,
-            "Too many connections; retry shortly.\n",
-        )
-        .await;
+        return refuse(&client, &refusal::TOO_MANY_CONNECTIONS).await;
     }
     let admitted = Admitted(cluster.clone());
     if req.id.is_none() {
         let ip = client.peer_addr().ok().map(|a| a.ip());
         if ip.is_some_and(|ip| !cluster.protection.allow_new(ip)) {
             cluster.metrics.refused.with_label_values(&["rate_limit"]).inc();
-            let body = "Too many new connections from this address; retry shortly.\n";
-            return refuse(&client, "429 Too Many Requests", text, body).await;
+            return refuse(&client, &refusal::RATE_LIMITED).await;
         }
     }
     let (node, kind, upstream) = connect(cluster, &req, &client).await.ok()?;
@@ -313,25 +286,13 @@ async fn handshake(cluster: &Arc<Cluster>, client: TcpStream, req: UpgradeReques
     };
     let head = with_headers(&buf[..req.head_len], &forwarded);
     if write_all(&upstream, &head).await.is_err() || write_all(&upstream, &buf[req.head_len..]).await.is_err() {
-        return refuse(
-            &client,
-            "502 Bad Gateway",
-            text,
-            "The chat node closed the connection.\n",
-        )
-        .await;
+        return refuse(&client, &refusal::NODE_UNREACHABLE).await;
     }
     let idle = Duration::from_secs(cluster.cfg.idle_timeout_secs);
     let answer = tokio::time::timeout(idle, read_response_head(&upstream)).await;
     let Ok(Some((resp, head_len, status, length))) = answer else {
         cluster.metrics.requests.with_label_values(&["5xx"]).inc();
-        return refuse(
-            &client,
-            "502 Bad Gateway",
-            text,
-            "The chat node did not answer the upgrade.\n",
-        )
-        .await;
+        return refuse(&client, &refusal::NODE_UNREACHABLE).await;
     };
     cluster
         .metrics

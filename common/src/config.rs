@@ -6,7 +6,36 @@
 //! variable (both handled by clap), file, built-in default.
 
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
+
+/// How logs are written: human-readable lines, or one JSON object per line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Installs the `tracing` subscriber; `RUST_LOG` filters (default `info`).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Copies every `Some` field of a parsed command line over the settings
+/// loaded from defaults and the config file: `overlay!(cfg, cli, a, b, …)`.
+#[macro_export]
+macro_rules! overlay {
+    ($cfg:ident, $cli:ident, $($field:ident),* $(,)?) => {
+        $( if let Some(v) = $cli.$field { $cfg.$field = v; } )*
+    };
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

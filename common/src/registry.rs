@@ -6,6 +6,8 @@
 //! instead of guessing.
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use futures_util::StreamExt;
+use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -150,6 +152,35 @@ impl RegistryEvent {
     pub fn parse(payload: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(payload)
     }
+}
+
+/// Every well-formed record under `prefix`, read with SCAN (never KEYS).
+/// Malformed entries and keys of the wrong type are skipped: they are
+/// garbage under our prefix, not an outage. Sorted by node id.
+pub async fn read_all<C: redis::aio::ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    prefix: &str,
+) -> redis::RedisResult<Vec<NodeRecord>> {
+    let mut keys: Vec<String> = Vec::new();
+    {
+        let mut iter = conn.scan_match::<_, String>(node_key_pattern(prefix)).await?;
+        while let Some(k) = iter.next().await {
+            keys.push(k?);
+        }
+    }
+    let mut records = Vec::with_capacity(keys.len());
+    for key in keys {
+        let fields: HashMap<String, String> = match conn.hgetall(&key).await {
+            Ok(f) => f,
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => return Err(e),
+            Err(_) => continue,
+        };
+        if let Ok(r) = NodeRecord::from_fields(&fields) {
+            records.push(r);
+        }
+    }
+    records.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    Ok(records)
 }
 
 #[cfg(test)]

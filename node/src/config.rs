@@ -8,7 +8,9 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+pub use switchboard_common::config::LogFormat;
 use switchboard_common::config::{load_file, require_positive, ConfigError};
+use switchboard_common::overlay;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -32,13 +34,6 @@ pub struct NodeConfig {
     pub max_buffered_frames: usize,
     pub history_len: usize,
     pub log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 impl Default for NodeConfig {
@@ -136,12 +131,6 @@ pub struct Cli {
     /// Log format [default: text]
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
-}
-
-macro_rules! overlay {
-    ($cfg:ident, $cli:ident, $($field:ident),*) => {
-        $( if let Some(v) = $cli.$field { $cfg.$field = v; } )*
-    };
 }
 
 impl Cli {

@@ -25,10 +25,10 @@ mod registry;
 mod transport;
 
 use clap::Parser;
-use config::{Cli, LogFormat};
+use config::Cli;
 use std::process::ExitCode;
 use std::time::Duration;
-use tracing_subscriber::EnvFilter;
+use switchboard_common::config::init_logging;
 
 /// jemalloc with background purging returns the memory of closed connections
 /// to the OS within seconds; glibc malloc kept ~80 MB after 10,000 clients left.
@@ -38,15 +38,6 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000\0";
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
 
 #[tokio::main]
 async fn main() -> ExitCode {

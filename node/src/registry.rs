@@ -5,12 +5,10 @@
 
 use crate::app::App;
 use chrono::Utc;
-use redis::AsyncCommands;
 use redis::RedisResult;
-use std::collections::HashMap;
 use std::sync::Arc;
 use switchboard_common::registry::{
-    node_key, node_key_pattern, registry_channel, NodeRecord, NodeStatus, RegistryEvent, RegistryEventKind,
+    node_key, registry_channel, NodeRecord, NodeStatus, RegistryEvent, RegistryEventKind,
 };
 
 pub fn record(app: &App) -> NodeRecord {
@@ -102,29 +100,8 @@ pub async fn deregister(app: &App) -> RedisResult<()> {
     pipe.query_async(&mut c).await
 }
 
-/// Every valid record in the registry (SCAN, never KEYS); malformed ones are skipped.
+/// Every valid record in the registry, for `/nodes`.
 pub async fn list_nodes(app: &App) -> RedisResult<Vec<NodeRecord>> {
     let mut c = app.redis.conn().await?;
-    let mut keys: Vec<String> = Vec::new();
-    {
-        let mut iter = c.scan_match::<_, String>(node_key_pattern(&app.cfg.key_prefix)).await?;
-        while let Some(k) = futures_util::StreamExt::next(&mut iter).await {
-            keys.push(k?);
-        }
-    }
-    let mut nodes = Vec::with_capacity(keys.len());
-    for key in keys {
-        let fields: HashMap<String, String> = match c.hgetall(&key).await {
-            Ok(f) => f,
-            // A key of the wrong type under our prefix is garbage, not an outage.
-            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => return Err(e),
-            Err(_) => HashMap::new(),
-        };
-        match NodeRecord::from_fields(&fields) {
-            Ok(r) => nodes.push(r),
-            Err(e) => tracing::debug!(%key, error = %e, "skipping malformed registry entry"),
-        }
-    }
-    nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-    Ok(nodes)
+    switchboard_common::registry::read_all(&mut c, &app.cfg.key_prefix).await
 }

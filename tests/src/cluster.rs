@@ -4,7 +4,7 @@
 //! can watch a node appear, drain and expire within seconds.
 
 use crate::process::{free_port, Process};
-use crate::{eventually, RedisServer};
+use crate::{eventually, wait_for_status, RedisServer};
 use std::time::Duration;
 
 pub struct TestNode {
@@ -43,20 +43,12 @@ impl TestNode {
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
         let process = Process::spawn("switchboard-node", &format!("node-{id}"), &args);
-        let http = reqwest::Client::new();
-        let url = format!("{base}/health");
-        eventually(Duration::from_secs(15), &format!("node {id} to answer /health"), || {
-            let http = http.clone();
-            let url = url.clone();
-            async move {
-                http.get(url)
-                    .send()
-                    .await
-                    .ok()
-                    .filter(|r| r.status() == 200)
-                    .map(|_| ())
-            }
-        })
+        wait_for_status(
+            &format!("{base}/health"),
+            200,
+            Duration::from_secs(15),
+            &format!("node {id} to answer /health"),
+        )
         .await;
         TestNode {
             id: id.to_string(),
@@ -109,19 +101,12 @@ impl TestBalancer {
         args.extend(extra.iter().map(|s| s.to_string()));
         let process = Process::spawn("switchboard-balancer", "balancer", &args);
         let admin = format!("http://127.0.0.1:{admin_port}");
-        let http = reqwest::Client::new();
-        let url = format!("{admin}/health");
-        eventually(Duration::from_secs(15), "balancer admin to answer", || {
-            let (http, url) = (http.clone(), url.clone());
-            async move {
-                http.get(url)
-                    .send()
-                    .await
-                    .ok()
-                    .filter(|r| r.status() == 200)
-                    .map(|_| ())
-            }
-        })
+        wait_for_status(
+            &format!("{admin}/health"),
+            200,
+            Duration::from_secs(15),
+            "balancer admin to answer",
+        )
         .await;
         TestBalancer {
             base: format!("http://127.0.0.1:{port}"),

@@ -37,6 +37,23 @@ where
     }
 }
 
+/// Waits until `GET url` answers `status`, or panics after `limit`.
+pub async fn wait_for_status(url: &str, status: u16, limit: Duration, what: &str) {
+    let http = reqwest::Client::new();
+    eventually(limit, what, || {
+        let (http, url) = (http.clone(), url.to_string());
+        async move {
+            http.get(url)
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status() == status)
+                .map(|_| ())
+        }
+    })
+    .await;
+}
+
 /// GET `url` and parse JSON; `None` on any failure.
 pub async fn get_json(http: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
     let resp = http.get(url).send().await.ok()?;

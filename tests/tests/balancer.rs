@@ -13,7 +13,7 @@ use switchboard_common::registry::{node_key, NodeRecord, NodeStatus};
 use switchboard_common::token::ConnectionToken;
 use switchboard_tests::client::{record, ws_url};
 use switchboard_tests::{
-    eventually, HubClient, RedisServer, TestBalancer, TestNode, TransportKind, ALL_TRANSPORTS, WAIT,
+    eventually, wait_for_status, HubClient, RedisServer, TestBalancer, TestNode, TransportKind, ALL_TRANSPORTS, WAIT,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -465,16 +465,7 @@ async fn per_ip_rate_limit_and_connection_cap_refuse_clearly() {
         .unwrap();
     assert_eq!(over.status(), 503);
     drop(sockets);
-    eventually(WAIT, "capacity to return", || async {
-        cookieless()
-            .get(format!("{}/health", c.balancer.base))
-            .send()
-            .await
-            .ok()
-            .filter(|r| r.status() == 200)
-            .map(|_| ())
-    })
-    .await;
+    wait_for_status(&format!("{}/health", c.balancer.base), 200, WAIT, "capacity to return").await;
 }
 
 #[tokio::test]

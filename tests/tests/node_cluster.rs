@@ -6,7 +6,9 @@
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 use std::time::Duration;
-use switchboard_tests::{eventually, get_json, HubClient, RedisServer, TestNode, TransportKind, ALL_TRANSPORTS, WAIT};
+use switchboard_tests::{
+    eventually, get_json, wait_for_status, HubClient, RedisServer, TestNode, TransportKind, ALL_TRANSPORTS, WAIT,
+};
 
 async fn two_nodes() -> (RedisServer, TestNode, TestNode, reqwest::Client) {
     let redis = RedisServer::start();
@@ -372,18 +374,7 @@ async fn sigterm_drains_closes_clients_with_allow_reconnect_and_loses_no_message
 
     b.process.terminate();
     // Draining: health 503, negotiate refused, registry says draining.
-    eventually(WAIT, "node to report draining", || {
-        let (http, url) = (http.clone(), format!("{}/health", b.base));
-        async move {
-            http.get(url)
-                .send()
-                .await
-                .ok()
-                .filter(|r| r.status() == 503)
-                .map(|_| ())
-        }
-    })
-    .await;
+    wait_for_status(&format!("{}/health", b.base), 503, WAIT, "node to report draining").await;
     let neg = http
         .post(format!("{}/chathub/negotiate?negotiateVersion=1", b.base))
         .send()

@@ -1,0 +1,54 @@
+//! The answers the balancer gives itself instead of a node's, in one place so
+//! that the Pingora proxy and the WebSocket tunnel say exactly the same thing.
+
+pub struct Refusal {
+    pub status: u16,
+    pub reason: &'static str,
+    pub content_type: &'static str,
+    pub body: &'static str,
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// `?id=` names no live node: SignalR clients negotiate again on a 404.
+pub const UNKNOWN_CONNECTION: Refusal = Refusal {
+    status: 404,
+    reason: "Not Found",
+    content_type: TEXT,
+    body: "No connection with that id (its node is gone); negotiate again.\n",
+};
+
+pub const NO_NODE: Refusal = Refusal {
+    status: 503,
+    reason: "Service Unavailable",
+    content_type: "application/json",
+    body: "{\"error\":\"no healthy chat node is available\"}",
+};
+
+pub const TOO_MANY_CONNECTIONS: Refusal = Refusal {
+    status: 503,
+    reason: "Service Unavailable",
+    content_type: TEXT,
+    body: "Too many connections; retry shortly.\n",
+};
+
+pub const RATE_LIMITED: Refusal = Refusal {
+    status: 429,
+    reason: "Too Many Requests",
+    content_type: TEXT,
+    body: "Too many new connections from this address; retry shortly.\n",
+};
+
+pub const NODE_UNREACHABLE: Refusal = Refusal {
+    status: 502,
+    reason: "Bad Gateway",
+    content_type: TEXT,
+    body: "The chat node could not be reached or did not answer.\n",
+};
+
+impl Refusal {
+    /// Whether a client should be told to come back in a second.
+    pub fn retry_after(&self) -> bool {
+        matches!(self.status, 429 | 503)
+    }
+}
