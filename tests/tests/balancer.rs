@@ -527,3 +527,34 @@ async fn admin_port_serves_api_dashboard_and_metrics() {
         200
     );
 }
+
+#[tokio::test]
+async fn requests_to_a_node_that_just_died_are_retried_on_another_before_any_health_check() {
+    // Health checks every minute: only the failed connection can reveal the death.
+    let mut c = cluster(&["a", "b"], &[], &["--health-interval-ms", "60000"]).await;
+    c.nodes[0].process.kill();
+    for i in 0..8 {
+        let r = cookieless()
+            .post(format!("{}/chathub/negotiate?negotiateVersion=1", c.balancer.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "negotiate {i} failed after a node died");
+        let body: Value = r.json().await.unwrap();
+        let token = body["connectionToken"].as_str().unwrap();
+        assert_eq!(switchboard_common::token::owner_of(token).as_deref(), Some("b"));
+    }
+    let m = cookieless()
+        .get(format!("{}/metrics", c.balancer.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("switchboard_balancer_retries_total") && !l.ends_with(" 0")),
+        "{m}"
+    );
+}
