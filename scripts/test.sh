@@ -20,6 +20,12 @@ if ((${#missing[@]})); then
 fi
 command -v cargo >/dev/null || { echo "scripts/test.sh: cargo is required (https://rustup.rs)" >&2; exit 1; }
 
+# The compose test builds the project's image; where this Docker engine cannot
+# pull base images, build them locally first (it skips what is present).
+if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+  scripts/build-base-images.sh
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The end-to-end tests start these binaries from target/debug.
