@@ -77,21 +77,15 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
-            "/api/backends" => reply(
-                StatusCode::OK,
-                "application/json",
-                backends_json(&self.cluster).to_string().into_bytes(),
-            ),
-            "/metrics" => reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                self.cluster.metrics.render().into_bytes(),
-            ),
-            "/dashboard" | "/dashboard/" => reply(
-                StatusCode::OK,
-                "text/html; charset=utf-8",
-                include_bytes!("../static/dashboard.html").to_vec(),
-            ),
+            "/api/backends" => {
+                reply(StatusCode::OK, "application/json", backends_json(&self.cluster).to_string().into_bytes())
+            }
+            "/metrics" => {
+                reply(StatusCode::OK, "text/plain; version=0.0.4", self.cluster.metrics.render().into_bytes())
+            }
+            "/dashboard" | "/dashboard/" => {
+                reply(StatusCode::OK, "text/html; charset=utf-8", include_bytes!("../static/dashboard.html").to_vec())
+            }
             "/health" => reply(StatusCode::OK, "application/json", br#"{"status":"ok"}"#.to_vec()),
             "/" => Response::builder()
                 .status(StatusCode::FOUND)
@@ -99,11 +93,7 @@ impl ServeHttp for AdminApp {
                 .header("Content-Length", 0)
                 .body(Vec::new())
                 .unwrap_or_else(|_| Response::new(Vec::new())),
-            _ => reply(
-                StatusCode::NOT_FOUND,
-                "text/plain; charset=utf-8",
-                b"Not found\n".to_vec(),
-            ),
+            _ => reply(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", b"Not found\n".to_vec()),
         }
     }
 }

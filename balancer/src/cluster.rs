@@ -56,17 +56,9 @@ pub struct RoutingTable {
 
 impl RoutingTable {
     pub fn new(nodes: Vec<Arc<RouteNode>>) -> Self {
-        let by_id = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.record.node_id.clone(), i))
-            .collect();
+        let by_id = nodes.iter().enumerate().map(|(i, n)| (n.record.node_id.clone(), i)).collect();
         let by_cookie = nodes.iter().enumerate().map(|(i, n)| (n.cookie.clone(), i)).collect();
-        RoutingTable {
-            nodes,
-            by_id,
-            by_cookie,
-        }
+        RoutingTable { nodes, by_id, by_cookie }
     }
 
     pub fn by_id(&self, id: &str) -> Option<&Arc<RouteNode>> {

@@ -201,21 +201,13 @@ impl BalancerConfig {
         }
         let token_char = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
         if self.cookie_name.is_empty() || !self.cookie_name.chars().all(token_char) {
-            return Err(ConfigError::Invalid {
-                name: "cookie_name",
-                reason: "must be a non-empty HTTP token".into(),
-            });
+            return Err(ConfigError::Invalid { name: "cookie_name", reason: "must be a non-empty HTTP token".into() });
         }
         if self.listen == self.admin_listen {
-            return Err(ConfigError::Invalid {
-                name: "admin_listen",
-                reason: "must differ from listen".into(),
-            });
+            return Err(ConfigError::Invalid { name: "admin_listen", reason: "must differ from listen".into() });
         }
-        redis::Client::open(self.redis.as_str()).map_err(|e| ConfigError::Invalid {
-            name: "redis",
-            reason: e.to_string(),
-        })?;
+        redis::Client::open(self.redis.as_str())
+            .map_err(|e| ConfigError::Invalid { name: "redis", reason: e.to_string() })?;
         Ok(())
     }
 }

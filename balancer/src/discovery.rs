@@ -60,10 +60,7 @@ async fn resolve(url: &str) -> Option<SocketAddr> {
     if let Ok(addr) = auth.parse() {
         return Some(addr);
     }
-    let lookup = tokio::time::timeout(REDIS_TIMEOUT, tokio::net::lookup_host(auth))
-        .await
-        .ok()?
-        .ok()?;
+    let lookup = tokio::time::timeout(REDIS_TIMEOUT, tokio::net::lookup_host(auth)).await.ok()?.ok()?;
     let addrs: Vec<SocketAddr> = lookup.collect();
     addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied()
 }
@@ -98,11 +95,7 @@ impl RegistryWatcher {
             Ok(r) => r,
             Err(e) => {
                 cluster.set_redis_up(false);
-                cluster
-                    .metrics
-                    .discovery_events
-                    .with_label_values(&["refresh_failed"])
-                    .inc();
+                cluster.metrics.discovery_events.with_label_values(&["refresh_failed"]).inc();
                 tracing::debug!(error = %e, "registry read failed");
                 return;
             }
@@ -133,9 +126,7 @@ impl RegistryWatcher {
             };
             let stats = cluster.stats_for(&id);
             if previous.is_none_or(|p| p.record.last_seen != record.last_seen) {
-                stats
-                    .assigned_since_record
-                    .store(0, std::sync::atomic::Ordering::Relaxed);
+                stats.assigned_since_record.store(0, std::sync::atomic::Ordering::Relaxed);
             }
             if previous.is_none() {
                 cluster.metrics.discovery_events.with_label_values(&["added"]).inc();
@@ -158,20 +149,11 @@ impl RegistryWatcher {
             let since = prev.missing_since.unwrap_or_else(Instant::now);
             let keep = !gone.contains(&prev.record.node_id) && since.elapsed() < grace && cluster.ready(prev);
             if keep {
-                nodes.push(Arc::new(RouteNode {
-                    missing_since: Some(since),
-                    ..clone_node(prev)
-                }));
+                nodes.push(Arc::new(RouteNode { missing_since: Some(since), ..clone_node(prev) }));
             } else {
                 cluster.metrics.discovery_events.with_label_values(&["removed"]).inc();
-                let _ = cluster
-                    .metrics
-                    .open_connections
-                    .remove_label_values(&[&prev.record.node_id]);
-                let _ = cluster
-                    .metrics
-                    .backend_healthy
-                    .remove_label_values(&[&prev.record.node_id]);
+                let _ = cluster.metrics.open_connections.remove_label_values(&[&prev.record.node_id]);
+                let _ = cluster.metrics.backend_healthy.remove_label_values(&[&prev.record.node_id]);
                 tracing::info!(node = %prev.record.node_id, "node removed");
             }
         }
@@ -184,11 +166,7 @@ impl RegistryWatcher {
             tracing::warn!(error = %e, "backend update failed");
         }
         for node in cluster.table.load().nodes.iter() {
-            cluster
-                .metrics
-                .backend_healthy
-                .with_label_values(&[&node.record.node_id])
-                .set(cluster.ready(node) as i64);
+            cluster.metrics.backend_healthy.with_label_values(&[&node.record.node_id]).set(cluster.ready(node) as i64);
         }
     }
 

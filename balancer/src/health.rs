@@ -44,22 +44,14 @@ impl NodeHealthCheck {
         inner.consecutive_success = cfg.health_rise;
         inner.consecutive_failure = cfg.health_fall;
         inner.reuse_connection = true;
-        inner.validator = Some(Box::new(|resp: &pingora::http::ResponseHeader| {
-            match resp.status.as_u16() {
-                200 | 503 => Ok(()),
-                code => Err(pingora::Error::explain(
-                    pingora::ErrorType::CustomCode("health", code),
-                    "unexpected /health status",
-                )),
-            }
+        inner.validator = Some(Box::new(|resp: &pingora::http::ResponseHeader| match resp.status.as_u16() {
+            200 | 503 => Ok(()),
+            code => Err(pingora::Error::explain(
+                pingora::ErrorType::CustomCode("health", code),
+                "unexpected /health status",
+            )),
         }));
-        Box::new(NodeHealthCheck {
-            inner,
-            timeout,
-            passive,
-            table,
-            healthy_gauge,
-        })
+        Box::new(NodeHealthCheck { inner, timeout, passive, table, healthy_gauge })
     }
 
     fn node_id(&self, target: &Backend) -> String {
@@ -81,10 +73,7 @@ impl HealthCheck for NodeHealthCheck {
         // the pass for every node (seen after nodes were killed mid-check).
         let result = match tokio::time::timeout(self.timeout, self.inner.check(target)).await {
             Ok(r) => r,
-            Err(_) => Err(pingora::Error::explain(
-                pingora::ErrorType::ConnectTimedout,
-                "health check timed out",
-            )),
+            Err(_) => Err(pingora::Error::explain(pingora::ErrorType::ConnectTimedout, "health check timed out")),
         };
         let node = self.node_id(target);
         if result.is_ok() {

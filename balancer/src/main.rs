@@ -58,10 +58,7 @@ fn main() -> ExitCode {
         upgrade_sock: cfg.upgrade_sock.clone(),
         ..ServerConf::default()
     };
-    let opt = Opt {
-        upgrade,
-        ..Opt::default()
-    };
+    let opt = Opt { upgrade, ..Opt::default() };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
@@ -86,22 +83,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let http_proxy = Arc::new(pingora::proxy::http_proxy(
-        &server.configuration,
-        proxy::SwitchboardProxy::new(cluster.clone()),
-    ));
-    let front_app = front::FrontApp {
-        cluster: cluster.clone(),
-        proxy: http_proxy,
-    };
+    let http_proxy =
+        Arc::new(pingora::proxy::http_proxy(&server.configuration, proxy::SwitchboardProxy::new(cluster.clone())));
+    let front_app = front::FrontApp { cluster: cluster.clone(), proxy: http_proxy };
     let mut proxy = Service::new("switchboard proxy".to_string(), front_app);
     proxy.add_tcp(&listen.to_string());
-    let mut admin = Service::new(
-        "switchboard admin".to_string(),
-        admin::AdminApp {
-            cluster: cluster.clone(),
-        },
-    );
+    let mut admin = Service::new("switchboard admin".to_string(), admin::AdminApp { cluster: cluster.clone() });
     admin.add_tcp(&admin_listen.to_string());
 
     server.add_service(proxy);

@@ -26,25 +26,17 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    register(
-        r,
-        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable!("{name}")),
-    )
+    register(r, IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable!("{name}")))
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    register(
-        r,
-        IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable!("{name}")),
-    )
+    register(r, IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable!("{name}")))
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        let buckets = vec![
-            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-        ];
+        let buckets = vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
         Metrics {
             requests: counter_vec(
                 &r,
@@ -60,11 +52,8 @@ impl Metrics {
             ),
             upgrades: register(
                 &r,
-                IntCounter::new(
-                    "switchboard_balancer_upgrades_total",
-                    "Connections upgraded to WebSocket",
-                )
-                .unwrap_or_else(|_| unreachable!()),
+                IntCounter::new("switchboard_balancer_upgrades_total", "Connections upgraded to WebSocket")
+                    .unwrap_or_else(|_| unreachable!()),
             ),
             retries: register(
                 &r,

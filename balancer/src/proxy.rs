@@ -59,10 +59,7 @@ pub struct InFlight {
 impl InFlight {
     pub fn new(cluster: &Cluster, node: Arc<RouteNode>) -> Self {
         node.stats.open.fetch_add(1, Ordering::Relaxed);
-        let gauge = cluster
-            .metrics
-            .open_connections
-            .with_label_values(&[&node.record.node_id]);
+        let gauge = cluster.metrics.open_connections.with_label_values(&[&node.record.node_id]);
         gauge.inc();
         InFlight { node, gauge }
     }
@@ -100,9 +97,7 @@ async fn respond(session: &mut Session, refusal: &Refusal) -> Result<bool> {
         resp.insert_header("Retry-After", "1")?;
     }
     session.write_response_header(Box::new(resp), false).await?;
-    session
-        .write_response_body(Some(Bytes::from_static(refusal.body.as_bytes())), true)
-        .await?;
+    session.write_response_body(Some(Bytes::from_static(refusal.body.as_bytes())), true).await?;
     Ok(true)
 }
 
@@ -153,18 +148,8 @@ impl ProxyHttp for SwitchboardProxy {
                 ctx.kind = Some(kind);
                 ctx.node = Some(node);
             }
-            RouteDecision::UnknownConnection => {
-                cluster
-                    .metrics
-                    .routing_decisions
-                    .with_label_values(&["unknown_connection"])
-                    .inc();
-                return respond(session, &refusal::UNKNOWN_CONNECTION).await;
-            }
-            RouteDecision::NoNodeAvailable => {
-                cluster.metrics.routing_decisions.with_label_values(&["no_node"]).inc();
-                return respond(session, &refusal::NO_NODE).await;
-            }
+            RouteDecision::UnknownConnection => return respond(session, &refusal::UNKNOWN_CONNECTION).await,
+            RouteDecision::NoNodeAvailable => return respond(session, &refusal::NO_NODE).await,
         }
         if is_upgrade {
             // Pingora's 60 s downstream default would cut idle WebSockets.
@@ -174,10 +159,8 @@ impl ProxyHttp for SwitchboardProxy {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
-        let node = ctx
-            .node
-            .clone()
-            .ok_or_else(|| Error::explain(pingora::ErrorType::InternalError, "no route chosen"))?;
+        let node =
+            ctx.node.clone().ok_or_else(|| Error::explain(pingora::ErrorType::InternalError, "no route chosen"))?;
         let cfg = &self.cluster.cfg;
         let mut peer = HttpPeer::new(node.addr, false, String::new());
         peer.options.connection_timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
@@ -222,11 +205,7 @@ impl ProxyHttp for SwitchboardProxy {
         upstream: &mut RequestHeader,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(ip) = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string())
-        {
+        if let Some(ip) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string()) {
             upstream.insert_header("X-Forwarded-For", ip)?;
         }
         upstream.insert_header("X-Forwarded-Proto", "http")?;
@@ -243,20 +222,14 @@ impl ProxyHttp for SwitchboardProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(start) = ctx.upstream_start.take() {
-            self.cluster
-                .metrics
-                .upstream_latency
-                .observe(start.elapsed().as_secs_f64());
+            self.cluster.metrics.upstream_latency.observe(start.elapsed().as_secs_f64());
         }
         if resp.status.as_u16() == 101 {
             self.cluster.metrics.upgrades.inc();
         }
         if ctx.set_cookie {
             if let Some(node) = &ctx.node {
-                resp.append_header(
-                    "Set-Cookie",
-                    set_cookie_header(&self.cluster.cfg.cookie_name, &node.cookie),
-                )?;
+                resp.append_header("Set-Cookie", set_cookie_header(&self.cluster.cfg.cookie_name, &node.cookie))?;
             }
         }
         Ok(())

@@ -27,9 +27,7 @@ const MAX_COOKIE_VALUE: usize = 64;
 pub fn cookie_value<'a>(header: &'a str, name: &str) -> Option<&'a str> {
     header.split(';').map(str::trim).find_map(|pair| {
         let (k, v) = pair.split_once('=')?;
-        (k.trim() == name)
-            .then(|| v.trim().trim_matches('"'))
-            .filter(|v| v.len() <= MAX_COOKIE_VALUE)
+        (k.trim() == name).then(|| v.trim().trim_matches('"')).filter(|v| v.len() <= MAX_COOKIE_VALUE)
     })
 }
 
@@ -65,30 +63,36 @@ pub enum RouteDecision {
     NoNodeAvailable,
 }
 
-/// Decides for a request with query `?id=` (if any) and affinity cookie (if any).
+/// Decides for a request with query `?id=` (if any) and affinity cookie (if
+/// any). Refusals are counted here; routed requests are counted by the caller,
+/// which may still retry elsewhere (`Cluster::count_route`).
 pub fn decide(cluster: &Cluster, table: &RoutingTable, id: Option<&str>, cookie: Option<&str>) -> RouteDecision {
+    let decision = choose(cluster, table, id, cookie);
+    let refused = match decision {
+        RouteDecision::Node { .. } => None,
+        RouteDecision::UnknownConnection => Some("unknown_connection"),
+        RouteDecision::NoNodeAvailable => Some("no_node"),
+    };
+    if let Some(kind) = refused {
+        cluster.metrics.routing_decisions.with_label_values(&[kind]).inc();
+    }
+    decision
+}
+
+fn choose(cluster: &Cluster, table: &RoutingTable, id: Option<&str>, cookie: Option<&str>) -> RouteDecision {
     if let Some(id) = id {
         return match token::owner_of(id).and_then(|owner| table.by_id(&owner)) {
-            Some(node) if cluster.ready(node) => RouteDecision::Node {
-                node: node.clone(),
-                kind: RouteKind::Token,
-            },
+            Some(node) if cluster.ready(node) => RouteDecision::Node { node: node.clone(), kind: RouteKind::Token },
             _ => RouteDecision::UnknownConnection,
         };
     }
     if let Some(node) = cookie.and_then(|c| table.by_cookie(c)) {
         if cluster.accepts_new(node) {
-            return RouteDecision::Node {
-                node: node.clone(),
-                kind: RouteKind::Cookie,
-            };
+            return RouteDecision::Node { node: node.clone(), kind: RouteKind::Cookie };
         }
     }
     match least_loaded(cluster, table, &[]) {
-        Some(node) => RouteDecision::Node {
-            node,
-            kind: RouteKind::New,
-        },
+        Some(node) => RouteDecision::Node { node, kind: RouteKind::New },
         None => RouteDecision::NoNodeAvailable,
     }
 }

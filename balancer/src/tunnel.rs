@@ -35,9 +35,7 @@ pub struct UpgradeRequest {
 }
 
 fn header_has_token(value: &[u8], token: &str) -> bool {
-    std::str::from_utf8(value)
-        .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        .unwrap_or(false)
+    std::str::from_utf8(value).map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))).unwrap_or(false)
 }
 
 impl UpgradeRequest {
@@ -99,11 +97,7 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
 }
 
 async fn respond(client: &TcpStream, refusal: &Refusal) {
-    let extra = if refusal.retry_after() {
-        "Retry-After: 1\r\n"
-    } else {
-        ""
-    };
+    let extra = if refusal.retry_after() { "Retry-After: 1\r\n" } else { "" };
     let msg = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{extra}Connection: close\r\n\r\n{}",
         refusal.status,
@@ -161,23 +155,14 @@ async fn connect(
     client: &TcpStream,
 ) -> Result<(Arc<RouteNode>, RouteKind, TcpStream), ()> {
     let table = cluster.table.load();
-    let cookie = req
-        .cookie
-        .as_deref()
-        .and_then(|h| cookie_value(h, &cluster.cfg.cookie_name));
+    let cookie = req.cookie.as_deref().and_then(|h| cookie_value(h, &cluster.cfg.cookie_name));
     let (mut node, mut kind) = match routing::decide(cluster, &table, req.id.as_deref(), cookie) {
         RouteDecision::Node { node, kind } => (node, kind),
         RouteDecision::UnknownConnection => {
-            cluster
-                .metrics
-                .routing_decisions
-                .with_label_values(&["unknown_connection"])
-                .inc();
             respond(client, &refusal::UNKNOWN_CONNECTION).await;
             return Err(());
         }
         RouteDecision::NoNodeAvailable => {
-            cluster.metrics.routing_decisions.with_label_values(&["no_node"]).inc();
             respond(client, &refusal::NO_NODE).await;
             return Err(());
         }
@@ -247,12 +232,7 @@ pub async fn serve(cluster: Arc<Cluster>, downstream: Box<L4Stream>, req: Upgrad
     // it is freed when it ends instead of sizing this task's future for the
     // tunnel's whole life; an idle tunnel keeps its sockets and little else.
     if let Some(t) = Box::pin(handshake(&cluster, client, req, buf)).await {
-        relay(
-            &t.client,
-            &t.upstream,
-            Duration::from_secs(cluster.cfg.idle_timeout_secs),
-        )
-        .await;
+        relay(&t.client, &t.upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
     }
 }
 
@@ -294,15 +274,8 @@ async fn handshake(cluster: &Arc<Cluster>, client: TcpStream, req: UpgradeReques
         cluster.metrics.requests.with_label_values(&["5xx"]).inc();
         return refuse(&client, &refusal::NODE_UNREACHABLE).await;
     };
-    cluster
-        .metrics
-        .upstream_latency
-        .observe(started.elapsed().as_secs_f64());
-    cluster
-        .metrics
-        .requests
-        .with_label_values(&[status_class(status)])
-        .inc();
+    cluster.metrics.upstream_latency.observe(started.elapsed().as_secs_f64());
+    cluster.metrics.requests.with_label_values(&[status_class(status)]).inc();
     let head = if kind == RouteKind::New {
         let cookie = set_cookie_header(&cluster.cfg.cookie_name, &node.cookie);
         with_headers(&resp[..head_len], &format!("Set-Cookie: {cookie}\r\n"))
@@ -314,18 +287,10 @@ async fn handshake(cluster: &Arc<Cluster>, client: TcpStream, req: UpgradeReques
     }
     if status == 101 {
         cluster.metrics.upgrades.inc();
-        return Some(Tunnel {
-            client,
-            upstream,
-            _admitted: admitted,
-            _in_flight: in_flight,
-        });
+        return Some(Tunnel { client, upstream, _admitted: admitted, _in_flight: in_flight });
     }
     // A refusal (404, 409, 503…): pass its body on, then close.
-    let mut remaining = length
-        .unwrap_or(0)
-        .min(MAX_ERROR_BODY)
-        .saturating_sub(resp.len() - head_len);
+    let mut remaining = length.unwrap_or(0).min(MAX_ERROR_BODY).saturating_sub(resp.len() - head_len);
     while remaining > 0 {
         match tokio::time::timeout(idle, pump(&upstream, &client)).await {
             Ok(Pump::Moved(n)) => remaining = remaining.saturating_sub(n),
@@ -390,19 +355,14 @@ mod tests {
         let r = UpgradeRequest::parse(WS).unwrap();
         assert_eq!(r.id.as_deref(), Some("YQ.x"));
         assert_eq!(r.head_len, WS.len() - 5);
-        assert_eq!(
-            cookie_value(r.cookie.as_deref().unwrap(), "switchboard_affinity"),
-            Some("ff")
-        );
+        assert_eq!(cookie_value(r.cookie.as_deref().unwrap(), "switchboard_affinity"), Some("ff"));
     }
 
     #[test]
     fn other_requests_are_not_upgrades() {
         assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").is_none());
-        assert!(
-            UpgradeRequest::parse(b"POST /chathub HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
-                .is_none()
-        );
+        assert!(UpgradeRequest::parse(b"POST /chathub HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
+            .is_none());
         assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n").is_none());
         assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n").is_none());
         assert!(UpgradeRequest::parse(b"\x00\x01garbage\r\n\r\n").is_none());

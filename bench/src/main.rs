@@ -12,11 +12,7 @@ use clap::{Parser, Subcommand};
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(
-    name = "switchboard-bench",
-    version,
-    about = "Measure Switchboard nodes and proxies on loopback"
-)]
+#[command(name = "switchboard-bench", version, about = "Measure Switchboard nodes and proxies on loopback")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -89,37 +85,21 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let secs = Duration::from_secs_f64;
     let result = match Cli::parse().command {
-        Command::Idle {
-            url,
-            count,
-            pids,
-            settle_secs,
-        } => scenarios::idle(&url, count, &pids, secs(settle_secs)).await?,
-        Command::Latency {
-            url,
-            connections,
-            rate,
-            duration_secs,
-            payload_bytes,
-        } => scenarios::echo_latency(&url, connections, rate, secs(duration_secs), payload_bytes).await?,
-        Command::Throughput {
-            url,
-            connections,
-            duration_secs,
-        } => scenarios::echo_throughput(&url, connections, secs(duration_secs)).await?,
-        Command::Fanout {
-            urls,
-            receivers,
-            rate,
-            duration_secs,
-        } => scenarios::fanout(&urls, receivers, rate, secs(duration_secs)).await?,
-        Command::Discovery {
-            balancer,
-            admin,
-            redis,
-            node_bin,
-            runs,
-        } => scenarios::discovery(&balancer, &admin, &redis, &node_bin, runs).await?,
+        Command::Idle { url, count, pids, settle_secs } => {
+            scenarios::idle(&url, count, &pids, secs(settle_secs)).await?
+        }
+        Command::Latency { url, connections, rate, duration_secs, payload_bytes } => {
+            scenarios::echo_latency(&url, connections, rate, secs(duration_secs), payload_bytes).await?
+        }
+        Command::Throughput { url, connections, duration_secs } => {
+            scenarios::echo_throughput(&url, connections, secs(duration_secs)).await?
+        }
+        Command::Fanout { urls, receivers, rate, duration_secs } => {
+            scenarios::fanout(&urls, receivers, rate, secs(duration_secs)).await?
+        }
+        Command::Discovery { balancer, admin, redis, node_bin, runs } => {
+            scenarios::discovery(&balancer, &admin, &redis, &node_bin, runs).await?
+        }
     };
     println!("{result}");
     Ok(())

@@ -19,10 +19,7 @@ mod tests {
 
     #[test]
     fn parses_vm_rss() {
-        assert_eq!(
-            parse_vm_rss_kib("Name:\tx\nVmRSS:\t  12345 kB\nVmSwap: 0 kB\n"),
-            Some(12345)
-        );
+        assert_eq!(parse_vm_rss_kib("Name:\tx\nVmRSS:\t  12345 kB\nVmSwap: 0 kB\n"), Some(12345));
         assert_eq!(parse_vm_rss_kib("Name: x\n"), None);
         assert!(rss_kib(std::process::id()).is_some_and(|k| k > 0));
     }

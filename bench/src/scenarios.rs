@@ -202,9 +202,7 @@ pub async fn fanout(urls: &[String], receivers: usize, rate: f64, duration: Dura
     while Instant::now() < end {
         tick.tick().await;
         let text = format!("t:{}", epoch.elapsed().as_micros());
-        sender
-            .send_record(&json!({"type": 1, "target": "SendMessage", "arguments": ["bench", text]}))
-            .await?;
+        sender.send_record(&json!({"type": 1, "target": "SendMessage", "arguments": ["bench", text]})).await?;
         sent += 1;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -251,11 +249,7 @@ pub async fn discovery(balancer: &str, admin: &str, redis: &str, node_bin: &str,
         let owner = format!("{}.", base64_url(&id));
         let routed = async {
             loop {
-                if let Ok(r) = http
-                    .post(format!("{balancer}/chathub/negotiate?negotiateVersion=1"))
-                    .send()
-                    .await
-                {
+                if let Ok(r) = http.post(format!("{balancer}/chathub/negotiate?negotiateVersion=1")).send().await {
                     if let Ok(v) = r.json::<Value>().await {
                         if v["connectionToken"].as_str().is_some_and(|t| t.starts_with(&owner)) {
                             return t0.elapsed();
@@ -265,9 +259,7 @@ pub async fn discovery(balancer: &str, admin: &str, redis: &str, node_bin: &str,
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         };
-        let routed = tokio::time::timeout(Duration::from_secs(30), routed)
-            .await
-            .context("new node never routed")?;
+        let routed = tokio::time::timeout(Duration::from_secs(30), routed).await.context("new node never routed")?;
         to_routed.push(routed.as_secs_f64() * 1000.0);
 
         let t1 = Instant::now();
@@ -275,15 +267,11 @@ pub async fn discovery(balancer: &str, admin: &str, redis: &str, node_bin: &str,
         let _ = child.wait();
         let removed = async {
             loop {
-                let _ = http
-                    .post(format!("{balancer}/chathub/negotiate?negotiateVersion=1"))
-                    .send()
-                    .await;
+                let _ = http.post(format!("{balancer}/chathub/negotiate?negotiateVersion=1")).send().await;
                 if let Ok(r) = http.get(format!("{admin}/api/backends")).send().await {
                     if let Ok(v) = r.json::<Value>().await {
                         let offered = v["nodes"].as_array().is_some_and(|ns| {
-                            ns.iter()
-                                .any(|n| n["nodeId"] == id.as_str() && n["acceptsNewClients"] == true)
+                            ns.iter().any(|n| n["nodeId"] == id.as_str() && n["acceptsNewClients"] == true)
                         });
                         if !offered {
                             return t1.elapsed();
@@ -293,9 +281,8 @@ pub async fn discovery(balancer: &str, admin: &str, redis: &str, node_bin: &str,
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         };
-        let removed = tokio::time::timeout(Duration::from_secs(60), removed)
-            .await
-            .context("dead node never removed")?;
+        let removed =
+            tokio::time::timeout(Duration::from_secs(60), removed).await.context("dead node never removed")?;
         to_removed.push(removed.as_secs_f64() * 1000.0);
         eprintln!(
             "run {run}: start→routed {:.0} ms, kill→out of rotation {:.0} ms",
@@ -322,10 +309,7 @@ fn base64_url(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = String::new();
     for chunk in b.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, &v)| acc | (v as u32) << (16 - 8 * i));
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &v)| acc | (v as u32) << (16 - 8 * i));
         for i in 0..=chunk.len() {
             out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
         }

@@ -17,24 +17,13 @@ pub struct HubSocket {
 }
 
 pub async fn connect(http: &reqwest::Client, base: &str) -> Result<HubSocket> {
-    let resp = http
-        .post(format!("{base}/chathub/negotiate?negotiateVersion=1"))
-        .send()
-        .await?;
+    let resp = http.post(format!("{base}/chathub/negotiate?negotiateVersion=1")).send().await?;
     let status = resp.status();
-    let body: Value = resp
-        .json()
-        .await
-        .with_context(|| format!("negotiate answered {status}"))?;
-    let token = body["connectionToken"]
-        .as_str()
-        .ok_or_else(|| anyhow!("negotiate: {body}"))?;
+    let body: Value = resp.json().await.with_context(|| format!("negotiate answered {status}"))?;
+    let token = body["connectionToken"].as_str().ok_or_else(|| anyhow!("negotiate: {body}"))?;
     let url = format!("{}/chathub?id={token}", base.replacen("http://", "ws://", 1));
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
-    ws.send(Message::Text(
-        format!("{{\"protocol\":\"json\",\"version\":1}}{RS}").into(),
-    ))
-    .await?;
+    ws.send(Message::Text(format!("{{\"protocol\":\"json\",\"version\":1}}{RS}").into())).await?;
     match ws.next().await {
         Some(Ok(Message::Text(t))) if t.as_str().starts_with("{}") => Ok(HubSocket { ws, next_id: 0 }),
         other => bail!("handshake answered {other:?}"),
@@ -55,8 +44,7 @@ impl HubSocket {
     pub async fn invoke(&mut self, target: &str, args: Value) -> Result<Value> {
         self.next_id += 1;
         let id = self.next_id.to_string();
-        self.send_record(&json!({"type": 1, "invocationId": id, "target": target, "arguments": args}))
-            .await?;
+        self.send_record(&json!({"type": 1, "invocationId": id, "target": target, "arguments": args})).await?;
         loop {
             for msg in self.read_frame().await? {
                 if msg["type"] == 3 && msg["invocationId"] == id.as_str() {

@@ -42,10 +42,7 @@ pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
     #[error("invalid setting {name}: {reason}")]
     Invalid { name: &'static str, reason: String },
 }
@@ -55,23 +52,15 @@ pub fn load_file<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T
     let Some(path) = path else {
         return Ok(T::default());
     };
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse {
-        path: path.to_path_buf(),
-        source: Box::new(source),
-    })
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(source) })
 }
 
 /// Fails with a readable message unless `value` is positive.
 pub fn require_positive(name: &'static str, value: u64) -> Result<(), ConfigError> {
     if value == 0 {
-        return Err(ConfigError::Invalid {
-            name,
-            reason: "must be greater than zero".into(),
-        });
+        return Err(ConfigError::Invalid { name, reason: "must be greater than zero".into() });
     }
     Ok(())
 }

@@ -90,15 +90,11 @@ impl NodeRecord {
     /// nodes can add fields without breaking older balancers.
     pub fn from_fields(fields: &HashMap<String, String>) -> Result<Self, RecordError> {
         let get = |name: &'static str| fields.get(name).ok_or(RecordError::Missing(name));
-        let invalid = |field: &'static str, value: &str| RecordError::Invalid {
-            field,
-            value: value.chars().take(64).collect(),
-        };
+        let invalid =
+            |field: &'static str, value: &str| RecordError::Invalid { field, value: value.chars().take(64).collect() };
         let time = |name: &'static str| -> Result<DateTime<Utc>, RecordError> {
             let v = get(name)?;
-            DateTime::parse_from_rfc3339(v)
-                .map(|t| t.with_timezone(&Utc))
-                .map_err(|_| invalid(name, v))
+            DateTime::parse_from_rfc3339(v).map(|t| t.with_timezone(&Utc)).map_err(|_| invalid(name, v))
         };
         let node_id = get("nodeId")?.clone();
         if node_id.is_empty() {
@@ -188,9 +184,7 @@ mod tests {
     use super::*;
 
     fn sample() -> NodeRecord {
-        let t = DateTime::parse_from_rfc3339("2026-11-22T10:00:00.123Z")
-            .unwrap()
-            .with_timezone(&Utc);
+        let t = DateTime::parse_from_rfc3339("2026-11-22T10:00:00.123Z").unwrap().with_timezone(&Utc);
         NodeRecord {
             node_id: "n1".into(),
             name: "Node n1".into(),
@@ -232,10 +226,7 @@ mod tests {
 
     #[test]
     fn events_round_trip_and_garbage_fails() {
-        let e = RegistryEvent {
-            event: RegistryEventKind::Draining,
-            node_id: "x".into(),
-        };
+        let e = RegistryEvent { event: RegistryEventKind::Draining, node_id: "x".into() };
         assert_eq!(e.to_json(), r#"{"event":"draining","nodeId":"x"}"#);
         assert_eq!(RegistryEvent::parse(e.to_json().as_bytes()).unwrap(), e);
         assert!(RegistryEvent::parse(b"{\"event\":\"exploded\"}").is_err());

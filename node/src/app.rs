@@ -63,12 +63,8 @@ impl App {
     }
 
     pub fn new_connection(&self, connection_id: String, key: String) -> Arc<Connection> {
-        let conn = Arc::new(Connection::new(
-            connection_id,
-            key,
-            self.cfg.max_message_bytes,
-            self.cfg.max_buffered_frames,
-        ));
+        let conn =
+            Arc::new(Connection::new(connection_id, key, self.cfg.max_message_bytes, self.cfg.max_buffered_frames));
         self.connections.insert(conn.clone());
         conn
     }
@@ -105,9 +101,7 @@ impl App {
     /// Ends a connection from the server side: a Close message (when the
     /// client completed its handshake) and then the transport finishes.
     pub fn close(&self, conn: &Connection, error: Option<String>, allow_reconnect: bool) {
-        let last = conn
-            .is_handshaken()
-            .then(|| Bytes::from(HubMessage::Close { error, allow_reconnect }.to_record()));
+        let last = conn.is_handshaken().then(|| Bytes::from(HubMessage::Close { error, allow_reconnect }.to_record()));
         conn.outbox.close(last);
         if conn.transport().is_none() {
             // No transport will ever drain it.

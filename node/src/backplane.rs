@@ -92,21 +92,10 @@ impl Backplane {
     }
 
     fn enqueue(&self, app: &App, channel: String, frame: &Bytes, history: Option<HistoryEntry>) {
-        let envelope = Envelope {
-            origin: self.instance.clone(),
-            frame: String::from_utf8_lossy(frame).into_owned(),
-        };
+        let envelope = Envelope { origin: self.instance.clone(), frame: String::from_utf8_lossy(frame).into_owned() };
         let payload = serde_json::to_string(&envelope).unwrap_or_default();
         self.pending.fetch_add(1, Ordering::AcqRel);
-        if self
-            .queue
-            .try_send(Publication {
-                channel,
-                payload,
-                history,
-            })
-            .is_err()
-        {
+        if self.queue.try_send(Publication { channel, payload, history }).is_err() {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             app.metrics.backplane_dropped.inc();
             tracing::error!("backplane publish queue is full; message not sent to other nodes");
@@ -176,10 +165,7 @@ impl Backplane {
         // Only well-formed invocations are forwarded to clients.
         let record = envelope.frame.as_bytes();
         let valid = record.last() == Some(&RECORD_SEPARATOR)
-            && matches!(
-                parse_message(&record[..record.len() - 1]),
-                Ok(HubMessage::Invocation { .. })
-            );
+            && matches!(parse_message(&record[..record.len() - 1]), Ok(HubMessage::Invocation { .. }));
         if !valid {
             app.metrics.backplane_invalid.inc();
             tracing::warn!(%channel, origin = %envelope.origin, "ignoring backplane payload that is not one hub invocation");

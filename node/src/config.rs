@@ -175,10 +175,7 @@ fn secs(name: &'static str, v: f64) -> Result<Duration, ConfigError> {
     Duration::try_from_secs_f64(v)
         .ok()
         .filter(|d| !d.is_zero())
-        .ok_or(ConfigError::Invalid {
-            name,
-            reason: format!("{v} is not a positive number of seconds"),
-        })
+        .ok_or(ConfigError::Invalid { name, reason: format!("{v} is not a positive number of seconds") })
 }
 
 impl NodeConfig {
@@ -205,10 +202,7 @@ impl NodeConfig {
             });
         }
         if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
-            return Err(ConfigError::Invalid {
-                name: "key_prefix",
-                reason: "must be a non-empty word".into(),
-            });
+            return Err(ConfigError::Invalid { name: "key_prefix", reason: "must be a non-empty word".into() });
         }
         if let Some(id) = &self.node_id {
             if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c == '*') {
@@ -218,10 +212,8 @@ impl NodeConfig {
                 });
             }
         }
-        redis::Client::open(self.redis.as_str()).map_err(|e| ConfigError::Invalid {
-            name: "redis",
-            reason: e.to_string(),
-        })?;
+        redis::Client::open(self.redis.as_str())
+            .map_err(|e| ConfigError::Invalid { name: "redis", reason: e.to_string() })?;
         Ok(())
     }
 
@@ -231,18 +223,12 @@ impl NodeConfig {
     }
 
     pub fn node_id(&self) -> String {
-        self.node_id
-            .clone()
-            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+        self.node_id.clone().unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
     }
 
     pub fn advertise_url(&self) -> String {
         self.advertise_url.clone().unwrap_or_else(|| {
-            format!(
-                "http://{}:{}",
-                gethostname::gethostname().to_string_lossy(),
-                self.listen.port()
-            )
+            format!("http://{}:{}", gethostname::gethostname().to_string_lossy(), self.listen.port())
         })
     }
 }

@@ -110,10 +110,7 @@ impl Connection {
     /// Claims the connection for `t`. Long polling may poll many times; a
     /// WebSocket or event stream may attach once.
     pub fn attach(&self, t: Transport) -> Result<(), AttachError> {
-        match self
-            .transport
-            .compare_exchange(0, t as u8, Ordering::AcqRel, Ordering::Acquire)
-        {
+        match self.transport.compare_exchange(0, t as u8, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => Ok(()),
             Err(cur) if cur == t as u8 && t == Transport::LongPolling => Ok(()),
             Err(cur) if cur == t as u8 => Err(AttachError::AlreadyConnected),

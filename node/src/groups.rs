@@ -23,9 +23,7 @@ struct Inner {
 
 pub fn validate_name(group: &str) -> Result<(), String> {
     if group.is_empty() || group.len() > MAX_GROUP_NAME || group.chars().any(char::is_control) {
-        return Err(format!(
-            "group names are 1-{MAX_GROUP_NAME} bytes without control characters"
-        ));
+        return Err(format!("group names are 1-{MAX_GROUP_NAME} bytes without control characters"));
     }
     Ok(())
 }
@@ -38,10 +36,7 @@ impl LocalGroups {
     /// Adds `conn` (a connection key); true when the group had no local member.
     pub fn join(&self, group: &str, conn: &str) -> bool {
         let mut g = self.lock();
-        g.of_connection
-            .entry(conn.to_string())
-            .or_default()
-            .insert(group.to_string());
+        g.of_connection.entry(conn.to_string()).or_default().insert(group.to_string());
         let set = g.members.entry(group.to_string()).or_default();
         let first = set.is_empty();
         set.insert(conn.to_string());
@@ -72,21 +67,13 @@ impl LocalGroups {
 
     /// Removes `conn` from all its groups; returns the groups left empty.
     pub fn leave_all(&self, conn: &str) -> Vec<String> {
-        let groups: Vec<String> = self
-            .lock()
-            .of_connection
-            .get(conn)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default();
+        let groups: Vec<String> =
+            self.lock().of_connection.get(conn).map(|s| s.iter().cloned().collect()).unwrap_or_default();
         groups.into_iter().filter(|g| self.leave(g, conn)).collect()
     }
 
     pub fn members(&self, group: &str) -> Vec<String> {
-        self.lock()
-            .members
-            .get(group)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default()
+        self.lock().members.get(group).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
 
     pub fn groups(&self) -> Vec<String> {

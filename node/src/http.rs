@@ -20,10 +20,7 @@ const MAX_POST_BODY: usize = 1024 * 1024;
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/chathub/negotiate", post(transport::negotiate))
-        .route(
-            "/chathub",
-            get(transport::connect).post(transport::send).delete(transport::delete),
-        )
+        .route("/chathub", get(transport::connect).post(transport::send).delete(transport::delete))
         .route("/health", get(health))
         .route("/nodes", get(nodes))
         .route("/metrics", get(metrics))
@@ -44,11 +41,7 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     } else {
         "degraded"
     };
-    let code = if app.is_draining() {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
+    let code = if app.is_draining() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     let body = json!({
         "status": status,
         "nodeId": app.node_id,
@@ -95,19 +88,12 @@ async fn nodes(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
 }
 
 async fn index() -> Response {
     (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")],
         include_str!("../static/index.html"),
     )
         .into_response()

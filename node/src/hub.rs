@@ -64,61 +64,32 @@ fn handshake(app: &App, conn: &Connection, record: &[u8]) {
         Err(e) => {
             app.metrics.protocol_errors.with_label_values(&["handshake"]).inc();
             tracing::info!(connection = %conn.connection_id, error = %e, "handshake refused");
-            conn.outbox
-                .close(Some(Bytes::from(handshake_response(Some(&e.to_string())))));
+            conn.outbox.close(Some(Bytes::from(handshake_response(Some(&e.to_string())))));
         }
     }
 }
 
 async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
     match msg {
-        HubMessage::Invocation {
-            invocation_id,
-            target,
-            arguments,
-        } => {
+        HubMessage::Invocation { invocation_id, target, arguments } => {
             let outcome = invoke(app, conn, &target, arguments).await;
             let label = if outcome.is_ok() { "ok" } else { "error" };
-            app.metrics
-                .invocations
-                .with_label_values(&[method_label(&target), label])
-                .inc();
+            app.metrics.invocations.with_label_values(&[method_label(&target), label]).inc();
             if let Err(e) = &outcome {
                 tracing::debug!(connection = %conn.connection_id, %target, error = %e, "invocation failed");
             }
             if let Some(id) = invocation_id {
                 let (result, error) = match outcome {
                     Ok(r) => (r, None),
-                    Err(e) => (
-                        None,
-                        Some(format!(
-                            "Failed to invoke '{target}' due to an error on the server. {e}"
-                        )),
-                    ),
+                    Err(e) => (None, Some(format!("Failed to invoke '{target}' due to an error on the server. {e}"))),
                 };
-                let completion = HubMessage::Completion {
-                    invocation_id: id,
-                    result,
-                    error,
-                };
+                let completion = HubMessage::Completion { invocation_id: id, result, error };
                 app.send_to(conn, Bytes::from(completion.to_record()));
             }
         }
-        HubMessage::StreamInvocation {
-            invocation_id, target, ..
-        } => {
+        HubMessage::StreamInvocation { invocation_id, target, .. } => {
             let error = Some(format!("Failed to invoke '{target}' due to an error on the server. HubException: '{target}' is not a streaming method."));
-            app.send_to(
-                conn,
-                Bytes::from(
-                    HubMessage::Completion {
-                        invocation_id,
-                        result: None,
-                        error,
-                    }
-                    .to_record(),
-                ),
-            );
+            app.send_to(conn, Bytes::from(HubMessage::Completion { invocation_id, result: None, error }.to_record()));
         }
         HubMessage::Close { .. } => app.close(conn, None, false),
         HubMessage::Ping | HubMessage::CancelInvocation { .. } => {}
@@ -137,20 +108,9 @@ async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
 
 /// Bounded label set for metrics, whatever target a client sends.
 fn method_label(target: &str) -> &'static str {
-    const KNOWN: [&str; 7] = [
-        "SendMessage",
-        "GetNodeInfo",
-        "JoinGroup",
-        "LeaveGroup",
-        "SendMessageToGroup",
-        "GetHistory",
-        "Echo",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| k.eq_ignore_ascii_case(target))
-        .copied()
-        .unwrap_or("unknown")
+    const KNOWN: [&str; 7] =
+        ["SendMessage", "GetNodeInfo", "JoinGroup", "LeaveGroup", "SendMessageToGroup", "GetHistory", "Echo"];
+    KNOWN.iter().find(|k| k.eq_ignore_ascii_case(target)).copied().unwrap_or("unknown")
 }
 
 fn arity<const N: usize>(args: Vec<Value>) -> Result<[Value; N], String> {
@@ -221,10 +181,8 @@ async fn invoke(
         "SendMessageToGroup" => {
             let [group, user, message] = strings(args)?;
             groups::validate_name(&group).map_err(|e| format!("HubException: {e}"))?;
-            let frame = event(
-                "ReceiveGroupMessage",
-                vec![group.clone().into(), user.into(), message.into(), me(), node()],
-            );
+            let frame =
+                event("ReceiveGroupMessage", vec![group.clone().into(), user.into(), message.into(), me(), node()]);
             app.deliver_group(&group, &frame);
             app.backplane.to_group(app, &group, &frame);
             Ok(None)

@@ -35,10 +35,7 @@ pub async fn sweep_forever(app: Arc<App>) {
             } else if !conn.is_handshaken() {
                 if now.saturating_sub(conn.created_ms) >= handshake_timeout {
                     tracing::info!(connection = %conn.connection_id, "no handshake in time; closing");
-                    app.metrics
-                        .protocol_errors
-                        .with_label_values(&["handshake_timeout"])
-                        .inc();
+                    app.metrics.protocol_errors.with_label_values(&["handshake_timeout"]).inc();
                     app.close(&conn, None, false);
                 }
             } else if now.saturating_sub(conn.last_received_ms.load(Ordering::Relaxed)) >= client_timeout {

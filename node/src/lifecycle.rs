@@ -41,11 +41,7 @@ pub async fn shutdown_signal() {
 }
 
 pub async fn drain(app: &Arc<App>, heartbeat: tokio::task::JoinHandle<()>) {
-    tracing::info!(
-        connections = app.connections.len(),
-        drain_secs = app.cfg.drain_secs,
-        "draining"
-    );
+    tracing::info!(connections = app.connections.len(), drain_secs = app.cfg.drain_secs, "draining");
     app.start_draining();
     heartbeat.abort();
     if let Err(e) = registry::beat(app, Some(RegistryEventKind::Draining)).await {

@@ -28,10 +28,7 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> 
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
-    reg(
-        r,
-        IntCounter::new(name, help).unwrap_or_else(|_| unreachable!("static metric name {name}")),
-    )
+    reg(r, IntCounter::new(name, help).unwrap_or_else(|_| unreachable!("static metric name {name}")))
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -42,10 +39,7 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
-    reg(
-        r,
-        IntGauge::new(name, help).unwrap_or_else(|_| unreachable!("static metric name {name}")),
-    )
+    reg(r, IntGauge::new(name, help).unwrap_or_else(|_| unreachable!("static metric name {name}")))
 }
 
 impl Metrics {
@@ -114,11 +108,7 @@ impl Metrics {
                 "switchboard_node_backplane_invalid_total",
                 "Backplane payloads rejected as malformed",
             ),
-            redis_up: gauge(
-                &r,
-                "switchboard_node_redis_up",
-                "1 while Redis answers, 0 while it does not",
-            ),
+            redis_up: gauge(&r, "switchboard_node_redis_up", "1 while Redis answers, 0 while it does not"),
             draining: gauge(&r, "switchboard_node_draining", "1 while the node drains before exit"),
             registry: r,
         }

@@ -38,11 +38,7 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(limit: usize) -> Self {
-        Outbox {
-            state: Mutex::new(State::default()),
-            notify: Notify::new(),
-            limit,
-        }
+        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), limit }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -120,10 +116,7 @@ mod tests {
         o.push(Bytes::from_static(b"a")).unwrap();
         o.close(Some(Bytes::from_static(b"bye")));
         assert_eq!(o.push(Bytes::from_static(b"late")), Err(PushError::Closed));
-        assert_eq!(
-            o.next_batch().await,
-            Batch::Frames(vec![Bytes::from_static(b"a"), Bytes::from_static(b"bye")])
-        );
+        assert_eq!(o.next_batch().await, Batch::Frames(vec![Bytes::from_static(b"a"), Bytes::from_static(b"bye")]));
         assert_eq!(o.next_batch().await, Batch::Closed);
     }
 

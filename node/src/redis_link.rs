@@ -23,12 +23,7 @@ pub struct RedisLink {
 
 impl RedisLink {
     pub fn new(client: Client, gauge: IntGauge) -> Self {
-        RedisLink {
-            client,
-            manager: tokio::sync::Mutex::new(None),
-            up: AtomicBool::new(false),
-            gauge,
-        }
+        RedisLink { client, manager: tokio::sync::Mutex::new(None), up: AtomicBool::new(false), gauge }
     }
 
     /// A command connection; fails fast while Redis is unreachable.

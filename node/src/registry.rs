@@ -17,11 +17,7 @@ pub fn record(app: &App) -> NodeRecord {
         name: app.name.clone(),
         description: app.cfg.description.clone(),
         url: app.url.clone(),
-        status: if app.is_draining() {
-            NodeStatus::Draining
-        } else {
-            NodeStatus::Healthy
-        },
+        status: if app.is_draining() { NodeStatus::Draining } else { NodeStatus::Healthy },
         connections: app.connections.len() as u64,
         last_seen: Utc::now(),
         started_at: app.started_at,
@@ -34,18 +30,10 @@ pub async fn beat(app: &App, announce: Option<RegistryEventKind>) -> RedisResult
     let key = node_key(&app.cfg.key_prefix, &app.node_id);
     let ttl_ms = (app.cfg.ttl_secs * 1000.0).ceil() as i64;
     let mut pipe = redis::pipe();
-    pipe.atomic()
-        .hset_multiple(&key, &record(app).to_fields())
-        .ignore()
-        .pexpire(&key, ttl_ms)
-        .ignore();
+    pipe.atomic().hset_multiple(&key, &record(app).to_fields()).ignore().pexpire(&key, ttl_ms).ignore();
     if let Some(kind) = announce {
-        let event = RegistryEvent {
-            event: kind,
-            node_id: app.node_id.clone(),
-        };
-        pipe.publish(registry_channel(&app.cfg.key_prefix), event.to_json())
-            .ignore();
+        let event = RegistryEvent { event: kind, node_id: app.node_id.clone() };
+        pipe.publish(registry_channel(&app.cfg.key_prefix), event.to_json()).ignore();
     }
     let result = match app.redis.conn().await {
         Ok(mut c) => pipe.query_async(&mut c).await,
@@ -87,15 +75,9 @@ pub async fn heartbeat(app: Arc<App>) {
 /// Removes the key and announces `down`.
 pub async fn deregister(app: &App) -> RedisResult<()> {
     let key = node_key(&app.cfg.key_prefix, &app.node_id);
-    let event = RegistryEvent {
-        event: RegistryEventKind::Down,
-        node_id: app.node_id.clone(),
-    };
+    let event = RegistryEvent { event: RegistryEventKind::Down, node_id: app.node_id.clone() };
     let mut pipe = redis::pipe();
-    pipe.del(&key)
-        .ignore()
-        .publish(registry_channel(&app.cfg.key_prefix), event.to_json())
-        .ignore();
+    pipe.del(&key).ignore().publish(registry_channel(&app.cfg.key_prefix), event.to_json()).ignore();
     let mut c = app.redis.conn().await?;
     pipe.query_async(&mut c).await
 }

@@ -23,11 +23,8 @@ pub enum TransportKind {
     LongPolling,
 }
 
-pub const ALL_TRANSPORTS: [TransportKind; 3] = [
-    TransportKind::WebSockets,
-    TransportKind::ServerSentEvents,
-    TransportKind::LongPolling,
-];
+pub const ALL_TRANSPORTS: [TransportKind; 3] =
+    [TransportKind::WebSockets, TransportKind::ServerSentEvents, TransportKind::LongPolling];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming {
@@ -142,9 +139,8 @@ impl HubClient {
         };
         let (sender, task) = match kind {
             TransportKind::WebSockets => {
-                let (ws, _) = tokio_tungstenite::connect_async(ws_url(&url))
-                    .await
-                    .map_err(|e| format!("websocket: {e}"))?;
+                let (ws, _) =
+                    tokio_tungstenite::connect_async(ws_url(&url)).await.map_err(|e| format!("websocket: {e}"))?;
                 let (sink, mut stream) = ws.split();
                 let task = tokio::spawn(async move {
                     while let Some(msg) = stream.next().await {
@@ -167,21 +163,12 @@ impl HubClient {
                 (Sender::Ws(Arc::new(Mutex::new(sink))), task)
             }
             TransportKind::ServerSentEvents => {
-                let resp = http
-                    .get(&url)
-                    .header("Accept", "text/event-stream")
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let resp =
+                    http.get(&url).header("Accept", "text/event-stream").send().await.map_err(|e| e.to_string())?;
                 if resp.status() != 200 {
                     return Err(format!("event stream answered {}", resp.status()));
                 }
-                let ct = resp
-                    .headers()
-                    .get("content-type")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
+                let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
                 if !ct.starts_with("text/event-stream") {
                     return Err(format!("event stream content type {ct}"));
                 }
@@ -247,8 +234,7 @@ impl HubClient {
     }
 
     async fn handshake(&mut self) -> Result<(), String> {
-        self.send_raw(b"{\"protocol\":\"json\",\"version\":1}\x1e".to_vec())
-            .await?;
+        self.send_raw(b"{\"protocol\":\"json\",\"version\":1}\x1e".to_vec()).await?;
         match self.next(WAIT).await {
             Some(Incoming::Message(v)) if v == json!({}) => Ok(()),
             other => Err(format!("handshake answered {other:?}")),
@@ -260,11 +246,7 @@ impl HubClient {
         match &self.sender {
             Sender::Ws(sink) => {
                 let text = String::from_utf8(data).map_err(|e| e.to_string())?;
-                sink.lock()
-                    .await
-                    .send(Message::Text(text.into()))
-                    .await
-                    .map_err(|e| e.to_string())
+                sink.lock().await.send(Message::Text(text.into())).await.map_err(|e| e.to_string())
             }
             Sender::Http => {
                 let resp = self.post(data).await?;
@@ -320,21 +302,14 @@ impl HubClient {
 
     /// Waits for a message matching `pred`; others stay queued in order.
     pub async fn expect(&mut self, limit: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
-        if let Some(pos) = self
-            .pending
-            .iter()
-            .position(|i| matches!(i, Incoming::Message(v) if pred(v)))
-        {
+        if let Some(pos) = self.pending.iter().position(|i| matches!(i, Incoming::Message(v) if pred(v))) {
             if let Some(Incoming::Message(v)) = self.pending.remove(pos) {
                 return Some(v);
             }
         }
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let item = tokio::time::timeout_at(deadline, self.inbox.recv())
-                .await
-                .ok()
-                .flatten()?;
+            let item = tokio::time::timeout_at(deadline, self.inbox.recv()).await.ok().flatten()?;
             match item {
                 Incoming::Message(v) if pred(&v) => return Some(v),
                 other => {

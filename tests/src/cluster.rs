@@ -50,12 +50,7 @@ impl TestNode {
             &format!("node {id} to answer /health"),
         )
         .await;
-        TestNode {
-            id: id.to_string(),
-            port,
-            base,
-            process,
-        }
+        TestNode { id: id.to_string(), port, base, process }
     }
 }
 
@@ -101,49 +96,33 @@ impl TestBalancer {
         args.extend(extra.iter().map(|s| s.to_string()));
         let process = Process::spawn("switchboard-balancer", "balancer", &args);
         let admin = format!("http://127.0.0.1:{admin_port}");
-        wait_for_status(
-            &format!("{admin}/health"),
-            200,
-            Duration::from_secs(15),
-            "balancer admin to answer",
-        )
-        .await;
-        TestBalancer {
-            base: format!("http://127.0.0.1:{port}"),
-            admin,
-            process,
-        }
+        wait_for_status(&format!("{admin}/health"), 200, Duration::from_secs(15), "balancer admin to answer").await;
+        TestBalancer { base: format!("http://127.0.0.1:{port}"), admin, process }
     }
 
     /// `/api/backends`, parsed.
     pub async fn backends(&self) -> serde_json::Value {
-        crate::get_json(&reqwest::Client::new(), &format!("{}/api/backends", self.admin))
-            .await
-            .unwrap_or_default()
+        crate::get_json(&reqwest::Client::new(), &format!("{}/api/backends", self.admin)).await.unwrap_or_default()
     }
 
     /// Waits until the nodes accepting new clients are exactly `ids`.
     pub async fn wait_accepting(&self, ids: &[&str]) {
         let mut want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
         want.sort();
-        eventually(
-            Duration::from_secs(15),
-            &format!("balancer to route new clients to {want:?}"),
-            || {
-                let want = want.clone();
-                async move {
-                    let v = self.backends().await;
-                    let mut got: Vec<String> = v["nodes"]
-                        .as_array()?
-                        .iter()
-                        .filter(|n| n["acceptsNewClients"] == true)
-                        .filter_map(|n| n["nodeId"].as_str().map(String::from))
-                        .collect();
-                    got.sort();
-                    (got == want).then_some(())
-                }
-            },
-        )
+        eventually(Duration::from_secs(15), &format!("balancer to route new clients to {want:?}"), || {
+            let want = want.clone();
+            async move {
+                let v = self.backends().await;
+                let mut got: Vec<String> = v["nodes"]
+                    .as_array()?
+                    .iter()
+                    .filter(|n| n["acceptsNewClients"] == true)
+                    .filter_map(|n| n["nodeId"].as_str().map(String::from))
+                    .collect();
+                got.sort();
+                (got == want).then_some(())
+            }
+        })
         .await;
     }
 }

@@ -42,16 +42,20 @@ pub async fn wait_for_status(url: &str, status: u16, limit: Duration, what: &str
     let http = reqwest::Client::new();
     eventually(limit, what, || {
         let (http, url) = (http.clone(), url.to_string());
-        async move {
-            http.get(url)
-                .send()
-                .await
-                .ok()
-                .filter(|r| r.status() == status)
-                .map(|_| ())
-        }
+        async move { http.get(url).send().await.ok().filter(|r| r.status() == status).map(|_| ()) }
     })
     .await;
+}
+
+/// GET `url` and return the body as text; panics when unreachable.
+pub async fn get_text(url: &str) -> String {
+    let resp = reqwest::get(url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    resp.text().await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// Whether a Prometheus text exposition has a sample of `name` whose value is not zero.
+pub fn metric_nonzero(exposition: &str, name: &str) -> bool {
+    exposition.lines().any(|l| l.starts_with(name) && !l.starts_with('#') && !l.ends_with(" 0"))
 }
 
 /// GET `url` and parse JSON; `None` on any failure.

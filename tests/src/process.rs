@@ -10,10 +10,7 @@ use std::time::{Duration, Instant};
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
 }
 
 /// `target/<profile>`, found from the running test executable.
@@ -53,11 +50,7 @@ impl Process {
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {binary_name}: {e}"));
-        Process {
-            name: label.to_string(),
-            log,
-            child: Some(child),
-        }
+        Process { name: label.to_string(), log, child: Some(child) }
     }
 
     pub fn pid(&self) -> i32 {

@@ -13,7 +13,8 @@ use switchboard_common::registry::{node_key, NodeRecord, NodeStatus};
 use switchboard_common::token::ConnectionToken;
 use switchboard_tests::client::{record, ws_url};
 use switchboard_tests::{
-    eventually, wait_for_status, HubClient, RedisServer, TestBalancer, TestNode, TransportKind, ALL_TRANSPORTS, WAIT,
+    eventually, get_json, get_text, metric_nonzero, wait_for_status, HubClient, RedisServer, TestBalancer, TestNode,
+    TransportKind, ALL_TRANSPORTS, WAIT,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -48,9 +49,7 @@ fn cookieless() -> reqwest::Client {
 /// Connects cookie-less clients until one lands on `node`.
 async fn client_on(base: &str, kind: TransportKind, node: &str) -> HubClient {
     for _ in 0..20 {
-        let mut c = HubClient::connect(&cookieless(), base, kind)
-            .await
-            .expect("connect through balancer");
+        let mut c = HubClient::connect(&cookieless(), base, kind).await.expect("connect through balancer");
         if node_of(&mut c).await == node {
             return c;
         }
@@ -70,10 +69,7 @@ async fn clients_on_every_transport_exchange_messages_through_the_balancer() {
         for i in 0..50 {
             let text = format!("{kind:?} hello {i}");
             x.send("SendMessage", vec![json!("x"), json!(text)]).await;
-            if let Some(v) = y
-                .expect(Duration::from_millis(300), |v| v["arguments"][1] == text.as_str())
-                .await
-            {
+            if let Some(v) = y.expect(Duration::from_millis(300), |v| v["arguments"][1] == text.as_str()).await {
                 got = Some(v);
                 break;
             }
@@ -90,9 +86,8 @@ async fn a_cookieless_long_polling_client_stays_on_its_node_by_token() {
     let c = cluster(&["a", "b", "c"], &[], &[]).await;
     for version in [None, Some(1)] {
         let http = cookieless();
-        let mut lp = HubClient::connect_with(&http, &c.balancer.base, TransportKind::LongPolling, version)
-            .await
-            .unwrap();
+        let mut lp =
+            HubClient::connect_with(&http, &c.balancer.base, TransportKind::LongPolling, version).await.unwrap();
         let home = node_of(&mut lp).await;
         for i in 0..15 {
             assert_eq!(lp.invoke("Echo", vec![json!(i)]).await, Ok(json!(i)), "{version:?}");
@@ -100,12 +95,7 @@ async fn a_cookieless_long_polling_client_stays_on_its_node_by_token() {
         assert_eq!(node_of(&mut lp).await, home);
     }
     let v = c.balancer.backends().await;
-    let token_routed: u64 = v["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["routed"]["token"].as_u64().unwrap())
-        .sum();
+    let token_routed: u64 = v["nodes"].as_array().unwrap().iter().map(|n| n["routed"]["token"].as_u64().unwrap()).sum();
     assert!(token_routed >= 30, "{v}");
 }
 
@@ -115,33 +105,17 @@ async fn a_browser_like_client_with_cookies_sticks_to_its_node_and_others_spread
     let browser = reqwest::Client::builder().cookie_store(true).build().unwrap();
     let mut seen = std::collections::HashSet::new();
     for _ in 0..10 {
-        let h: Value = browser
-            .get(format!("{}/health", c.balancer.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let h = get_json(&browser, &format!("{}/health", c.balancer.base)).await.expect("health");
         seen.insert(h["nodeId"].as_str().unwrap().to_string());
     }
     assert_eq!(seen.len(), 1, "cookie client moved between {seen:?}");
     // The cookie also pins negotiation, so the page's SignalR connection lands there.
-    let mut conn = HubClient::connect(&browser, &c.balancer.base, TransportKind::LongPolling)
-        .await
-        .unwrap();
+    let mut conn = HubClient::connect(&browser, &c.balancer.base, TransportKind::LongPolling).await.unwrap();
     assert_eq!(Some(&node_of(&mut conn).await), seen.iter().next());
 
     let mut spread = std::collections::HashSet::new();
     for _ in 0..12 {
-        let h: Value = cookieless()
-            .get(format!("{}/health", c.balancer.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let h = get_json(&cookieless(), &format!("{}/health", c.balancer.base)).await.expect("health");
         spread.insert(h["nodeId"].as_str().unwrap().to_string());
     }
     assert!(spread.len() >= 2, "cookie-less requests all went to {spread:?}");
@@ -153,9 +127,7 @@ async fn new_clients_go_to_the_least_loaded_node_including_one_that_joins_later(
     let mut clients = Vec::new();
     let mut per_node: HashMap<String, usize> = HashMap::new();
     for _ in 0..6 {
-        let mut cl = HubClient::connect(&cookieless(), &c.balancer.base, TransportKind::WebSockets)
-            .await
-            .unwrap();
+        let mut cl = HubClient::connect(&cookieless(), &c.balancer.base, TransportKind::WebSockets).await.unwrap();
         *per_node.entry(node_of(&mut cl).await).or_default() += 1;
         clients.push(cl);
     }
@@ -164,14 +136,8 @@ async fn new_clients_go_to_the_least_loaded_node_including_one_that_joins_later(
 
     c.nodes.push(TestNode::start(&c.redis, "d", &[]).await);
     c.balancer.wait_accepting(&["a", "b", "c", "d"]).await;
-    let mut late = HubClient::connect(&cookieless(), &c.balancer.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
-    assert_eq!(
-        node_of(&mut late).await,
-        "d",
-        "the empty new node should take the next client"
-    );
+    let mut late = HubClient::connect(&cookieless(), &c.balancer.base, TransportKind::WebSockets).await.unwrap();
+    assert_eq!(node_of(&mut late).await, "d", "the empty new node should take the next client");
 }
 
 #[tokio::test]
@@ -183,22 +149,14 @@ async fn a_killed_node_gets_no_new_clients_and_its_clients_renegotiate_elsewhere
     c.nodes[0].process.kill();
     c.balancer.wait_accepting(&["b"]).await;
     for _ in 0..6 {
-        let mut n = HubClient::connect(&cookieless(), &base, TransportKind::WebSockets)
-            .await
-            .unwrap();
+        let mut n = HubClient::connect(&cookieless(), &base, TransportKind::WebSockets).await.unwrap();
         assert_eq!(node_of(&mut n).await, "b");
     }
     // The dead node's token now gets a fast 404, which makes clients negotiate again.
-    let r = cookieless()
-        .get(format!("{base}/chathub?id={victim_id}"))
-        .send()
-        .await
-        .unwrap();
+    let r = cookieless().get(format!("{base}/chathub?id={victim_id}")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert!(victim.wait_ended(WAIT).await, "the victim's poll should end");
-    let mut again = HubClient::connect(&cookieless(), &base, TransportKind::LongPolling)
-        .await
-        .unwrap();
+    let mut again = HubClient::connect(&cookieless(), &base, TransportKind::LongPolling).await.unwrap();
     assert_eq!(node_of(&mut again).await, "b");
 }
 
@@ -211,19 +169,14 @@ async fn a_draining_node_gets_no_new_clients_while_its_clients_keep_working_unti
     c.nodes[0].process.terminate();
     c.balancer.wait_accepting(&["b"]).await;
     for _ in 0..4 {
-        let mut n = HubClient::connect(&cookieless(), &base, TransportKind::LongPolling)
-            .await
-            .unwrap();
+        let mut n = HubClient::connect(&cookieless(), &base, TransportKind::LongPolling).await.unwrap();
         assert_eq!(node_of(&mut n).await, "b");
     }
     // Existing clients of the draining node still reach it by token.
     assert_eq!(ws.invoke("Echo", vec![json!("still")]).await, Ok(json!("still")));
     assert_eq!(lp.invoke("Echo", vec![json!("still")]).await, Ok(json!("still")));
     for cl in [&mut ws, &mut lp] {
-        let close = cl
-            .expect_close(Duration::from_secs(15))
-            .await
-            .expect("Close from the draining node");
+        let close = cl.expect_close(Duration::from_secs(15)).await.expect("Close from the draining node");
         assert_eq!(close["allowReconnect"], true);
     }
 }
@@ -239,9 +192,8 @@ async fn with_redis_stopped_the_balancer_keeps_routing_to_known_nodes() {
     let mut nodes = std::collections::HashSet::new();
     for kind in ALL_TRANSPORTS {
         for _ in 0..2 {
-            let mut cl = HubClient::connect(&cookieless(), &c.balancer.base, kind)
-                .await
-                .expect("connect with Redis down");
+            let mut cl =
+                HubClient::connect(&cookieless(), &c.balancer.base, kind).await.expect("connect with Redis down");
             assert_eq!(cl.invoke("Echo", vec![json!("up")]).await, Ok(json!("up")));
             nodes.insert(node_of(&mut cl).await);
         }
@@ -252,24 +204,13 @@ async fn with_redis_stopped_the_balancer_keeps_routing_to_known_nodes() {
 #[tokio::test]
 async fn the_idle_limit_closes_quiet_websockets_and_spares_active_ones() {
     let c = cluster(&["a"], &[], &["--idle-timeout-secs", "1"]).await;
-    let mut quiet = HubClient::connect(&cookieless(), &c.balancer.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
-    let mut active = HubClient::connect(&cookieless(), &c.balancer.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
+    let mut quiet = HubClient::connect(&cookieless(), &c.balancer.base, TransportKind::WebSockets).await.unwrap();
+    let mut active = HubClient::connect(&cookieless(), &c.balancer.base, TransportKind::WebSockets).await.unwrap();
     for i in 0..8 {
-        assert_eq!(
-            active.invoke("Echo", vec![json!(i)]).await,
-            Ok(json!(i)),
-            "active client cut"
-        );
+        assert_eq!(active.invoke("Echo", vec![json!(i)]).await, Ok(json!(i)), "active client cut");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert!(
-        quiet.wait_ended(WAIT).await,
-        "an idle WebSocket outlived the configured idle limit"
-    );
+    assert!(quiet.wait_ended(WAIT).await, "an idle WebSocket outlived the configured idle limit");
 }
 
 #[tokio::test]
@@ -282,17 +223,9 @@ async fn bad_cookies_are_ignored_and_replaced() {
         set.starts_with("switchboard_affinity=") && set.contains("HttpOnly") && set.contains("SameSite=Lax"),
         "{set}"
     );
-    assert!(
-        !set.contains("127.0.0.1") && !set.contains("http"),
-        "cookie must be opaque: {set}"
-    );
+    assert!(!set.contains("127.0.0.1") && !set.contains("http"), "cookie must be opaque: {set}");
     for bad in ["zzzz", "0000000000000000", &"f".repeat(2000), "\"\"", ""] {
-        let r = cookieless()
-            .get(&url)
-            .header("Cookie", format!("switchboard_affinity={bad}"))
-            .send()
-            .await
-            .unwrap();
+        let r = cookieless().get(&url).header("Cookie", format!("switchboard_affinity={bad}")).send().await.unwrap();
         assert_eq!(r.status(), 200, "cookie {bad:?}");
         let replaced = r.headers().get("set-cookie").map(|v| v.to_str().unwrap().to_string());
         assert!(
@@ -311,18 +244,12 @@ async fn malformed_unknown_and_forged_tokens_get_404() {
     let c = cluster(&["a"], &[], &[]).await;
     let base = &c.balancer.base;
     let gone = ConnectionToken::issue("node-that-left").token;
-    let forged_for_live = format!(
-        "{}.forgedforgedforged",
-        ConnectionToken::issue("a").token.split('.').next().unwrap()
-    );
+    let forged_for_live =
+        format!("{}.forgedforgedforged", ConnectionToken::issue("a").token.split('.').next().unwrap());
     for id in ["garbage", "", &"a".repeat(600), &gone, &forged_for_live, "%00%ff"] {
         for method in [reqwest::Method::GET, reqwest::Method::POST, reqwest::Method::DELETE] {
-            let r = cookieless()
-                .request(method.clone(), format!("{base}/chathub?id={id}"))
-                .body("x")
-                .send()
-                .await
-                .unwrap();
+            let r =
+                cookieless().request(method.clone(), format!("{base}/chathub?id={id}")).body("x").send().await.unwrap();
             assert_eq!(r.status(), 404, "{method} id={id:.40}");
         }
     }
@@ -337,11 +264,7 @@ async fn malformed_unknown_and_forged_tokens_get_404() {
 async fn with_no_healthy_node_requests_get_503_with_a_clear_body() {
     let redis = RedisServer::start();
     let balancer = TestBalancer::start(&redis, &[]).await;
-    let r = cookieless()
-        .post(format!("{}/chathub/negotiate?negotiateVersion=1", balancer.base))
-        .send()
-        .await
-        .unwrap();
+    let r = cookieless().post(format!("{}/chathub/negotiate?negotiateVersion=1", balancer.base)).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
     let body: Value = r.json().await.unwrap();
@@ -357,26 +280,18 @@ async fn malformed_requests_and_slow_clients_do_not_disturb_others() {
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
     s.write_all(b"GARBAGE \x00\x01 nonsense\r\n\r\n").await.unwrap();
     let mut buf = vec![0u8; 1024];
-    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-        .await
-        .expect("no hang")
-        .unwrap_or(0);
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.expect("no hang").unwrap_or(0);
     let head = String::from_utf8_lossy(&buf[..n]);
     assert!(n == 0 || head.starts_with("HTTP/1.1 4"), "{head}");
     // A slow client that sends half a request header and stalls.
     let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
     slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     // A header block over Pingora's 1 MiB limit.
-    let big = cookieless()
-        .get(format!("{}/health", c.balancer.base))
-        .header("X-Big", "x".repeat(2_000_000))
-        .send()
-        .await;
+    let big =
+        cookieless().get(format!("{}/health", c.balancer.base)).header("X-Big", "x".repeat(2_000_000)).send().await;
     assert!(big.map(|r| r.status().is_client_error()).unwrap_or(true));
     // Everyone else is served meanwhile.
-    let mut cl = HubClient::connect(&cookieless(), &c.balancer.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
+    let mut cl = HubClient::connect(&cookieless(), &c.balancer.base, TransportKind::WebSockets).await.unwrap();
     assert_eq!(cl.invoke("Echo", vec![json!("ok")]).await, Ok(json!("ok")));
     drop(slow);
 }
@@ -406,24 +321,15 @@ async fn a_node_that_accepts_tcp_but_never_answers_is_taken_out_of_rotation() {
         version: "0".into(),
     };
     let mut r = c.redis.connection().await;
-    let _: () = r
-        .hset_multiple(node_key("switchboard", "blackhole"), &fake.to_fields())
-        .await
-        .unwrap();
+    let _: () = r.hset_multiple(node_key("switchboard", "blackhole"), &fake.to_fields()).await.unwrap();
     let _: () = r.expire(node_key("switchboard", "blackhole"), 60).await.unwrap();
     eventually(WAIT, "black hole to be listed and found unhealthy", || async {
         let v = c.balancer.backends().await;
-        v["nodes"]
-            .as_array()?
-            .iter()
-            .find(|n| n["nodeId"] == "blackhole" && n["healthy"] == false)
-            .map(|_| ())
+        v["nodes"].as_array()?.iter().find(|n| n["nodeId"] == "blackhole" && n["healthy"] == false).map(|_| ())
     })
     .await;
     for _ in 0..6 {
-        let mut cl = HubClient::connect(&cookieless(), &c.balancer.base, TransportKind::LongPolling)
-            .await
-            .unwrap();
+        let mut cl = HubClient::connect(&cookieless(), &c.balancer.base, TransportKind::LongPolling).await.unwrap();
         assert_eq!(node_of(&mut cl).await, "a");
     }
     holder.abort();
@@ -445,24 +351,16 @@ async fn per_ip_rate_limit_and_connection_cap_refuse_clearly() {
     for _ in 0..4 {
         if let Ok((mut ws, _)) = tokio_tungstenite::connect_async(format!("{}/chathub", ws_url(&c.balancer.base))).await
         {
-            ws.send(Message::Text(
-                String::from_utf8(record(&json!({"protocol":"json","version":1})))
-                    .unwrap()
-                    .into(),
-            ))
-            .await
-            .unwrap();
+            ws.send(Message::Text(String::from_utf8(record(&json!({"protocol":"json","version":1}))).unwrap().into()))
+                .await
+                .unwrap();
             let _ = ws.next().await;
             sockets.push(ws);
         }
         tokio::time::sleep(Duration::from_millis(350)).await;
     }
     assert_eq!(sockets.len(), 4);
-    let over = cookieless()
-        .get(format!("{}/health", c.balancer.base))
-        .send()
-        .await
-        .unwrap();
+    let over = cookieless().get(format!("{}/health", c.balancer.base)).send().await.unwrap();
     assert_eq!(over.status(), 503);
     drop(sockets);
     wait_for_status(&format!("{}/health", c.balancer.base), 200, WAIT, "capacity to return").await;
@@ -471,40 +369,18 @@ async fn per_ip_rate_limit_and_connection_cap_refuse_clearly() {
 #[tokio::test]
 async fn admin_port_serves_api_dashboard_and_metrics() {
     let c = cluster(&["a", "b"], &[], &[]).await;
-    let mut cl = HubClient::connect(&cookieless(), &c.balancer.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
+    let mut cl = HubClient::connect(&cookieless(), &c.balancer.base, TransportKind::WebSockets).await.unwrap();
     let home = node_of(&mut cl).await;
     let v = c.balancer.backends().await;
-    let node = v["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["nodeId"] == home.as_str())
-        .unwrap()
-        .clone();
+    let node = v["nodes"].as_array().unwrap().iter().find(|n| n["nodeId"] == home.as_str()).unwrap().clone();
     assert_eq!(node["openConnections"], 1, "{node}");
     for field in ["url", "status", "healthy", "lastSeen", "routed"] {
         assert!(!node[field].is_null(), "{field} missing");
     }
     assert_eq!(v["totals"]["nodes"], 2);
-    let page = cookieless()
-        .get(format!("{}/dashboard", c.balancer.admin))
-        .send()
-        .await
-        .unwrap();
-    assert!(page.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/html"));
-    let m = cookieless()
-        .get(format!("{}/metrics", c.balancer.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = cookieless().get(format!("{}/dashboard", c.balancer.admin)).send().await.unwrap();
+    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    let m = get_text(&format!("{}/metrics", c.balancer.admin)).await;
     for name in [
         "switchboard_balancer_requests_total",
         "switchboard_balancer_routing_decisions_total{kind=\"new\"}",
@@ -517,15 +393,7 @@ async fn admin_port_serves_api_dashboard_and_metrics() {
         assert!(m.contains(name), "{name} missing from metrics:\n{m}");
     }
     // The public port does not expose the admin API.
-    assert_ne!(
-        cookieless()
-            .get(format!("{}/api/backends", c.balancer.base))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_ne!(cookieless().get(format!("{}/api/backends", c.balancer.base)).send().await.unwrap().status(), 200);
 }
 
 #[tokio::test]
@@ -544,17 +412,6 @@ async fn requests_to_a_node_that_just_died_are_retried_on_another_before_any_hea
         let token = body["connectionToken"].as_str().unwrap();
         assert_eq!(switchboard_common::token::owner_of(token).as_deref(), Some("b"));
     }
-    let m = cookieless()
-        .get(format!("{}/metrics", c.balancer.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        m.lines()
-            .any(|l| l.starts_with("switchboard_balancer_retries_total") && !l.ends_with(" 0")),
-        "{m}"
-    );
+    let m = get_text(&format!("{}/metrics", c.balancer.admin)).await;
+    assert!(metric_nonzero(&m, "switchboard_balancer_retries_total"), "{m}");
 }

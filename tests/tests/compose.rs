@@ -18,16 +18,8 @@ fn repo() -> PathBuf {
 
 /// `docker compose` (v2) where present, else the standalone `docker-compose`.
 fn compose_program() -> Option<Vec<&'static str>> {
-    let works = |p: &[&str]| {
-        Command::new(p[0])
-            .args(&p[1..])
-            .arg("version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    [vec!["docker", "compose"], vec!["docker-compose"]]
-        .into_iter()
-        .find(|p| works(p))
+    let works = |p: &[&str]| Command::new(p[0]).args(&p[1..]).arg("version").output().is_ok_and(|o| o.status.success());
+    [vec!["docker", "compose"], vec!["docker-compose"]].into_iter().find(|p| works(p))
 }
 
 /// One compose project; cloneable so a rescale can run on another thread.
@@ -64,20 +56,12 @@ impl Compose {
 
     fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "compose {args:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "compose {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn container_ids(&self, service: &str) -> Vec<String> {
-        self.ok(&["ps", "-q", service])
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect()
+        self.ok(&["ps", "-q", service]).lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()
     }
 
     fn base(&self) -> String {
@@ -117,19 +101,13 @@ impl Drop for Project {
 }
 
 fn inspect(id: &str, format: &str) -> String {
-    let out = Command::new("docker")
-        .args(["inspect", "-f", format, id])
-        .output()
-        .expect("docker inspect");
+    let out = Command::new("docker").args(["inspect", "-f", format, id]).output().expect("docker inspect");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 async fn node_of(c: &mut HubClient) -> String {
     c.send("GetNodeInfo", vec![]).await;
-    c.expect_event("NodeInfo", WAIT).await.expect("NodeInfo")[0]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    c.expect_event("NodeInfo", WAIT).await.expect("NodeInfo")[0].as_str().unwrap_or_default().to_string()
 }
 
 async fn connect(base: &str) -> (HubClient, String) {
@@ -142,10 +120,7 @@ async fn connect(base: &str) -> (HubClient, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
-    let docker_answers = Command::new("docker")
-        .arg("info")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let docker_answers = Command::new("docker").arg("info").output().is_ok_and(|o| o.status.success());
     let Some(program) = compose_program().filter(|_| docker_answers) else {
         eprintln!("\n*** SKIPPED compose test: no Docker engine answers on this machine ***\n");
         return;
@@ -176,12 +151,8 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
     }
     let mut crossed = false;
     for i in 0..50 {
-        a.send("SendMessage", vec![json!("a"), json!(format!("hello {i}"))])
-            .await;
-        if b.expect(Duration::from_millis(300), |v| v["target"] == "ReceiveMessage")
-            .await
-            .is_some()
-        {
+        a.send("SendMessage", vec![json!("a"), json!(format!("hello {i}"))]).await;
+        if b.expect(Duration::from_millis(300), |v| v["target"] == "ReceiveMessage").await.is_some() {
             crossed = true;
             break;
         }
@@ -202,20 +173,9 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
         on_new += new_nodes.contains(&n) as usize;
         clients.push((c, n));
     }
-    assert!(
-        on_new >= 3,
-        "new clients should go to the empty new nodes, got {on_new} of 4"
-    );
-    assert_eq!(
-        project.container_ids("balancer"),
-        vec![balancer.clone()],
-        "balancer container replaced"
-    );
-    assert_eq!(
-        inspect(&balancer, "{{.State.StartedAt}}"),
-        balancer_started,
-        "balancer restarted"
-    );
+    assert!(on_new >= 3, "new clients should go to the empty new nodes, got {on_new} of 4");
+    assert_eq!(project.container_ids("balancer"), vec![balancer.clone()], "balancer container replaced");
+    assert_eq!(inspect(&balancer, "{{.State.StartedAt}}"), balancer_started, "balancer restarted");
 
     // --scale node=2: removed nodes drain; their clients are told to reconnect and do.
     clients.push((a, node_a));
@@ -235,10 +195,8 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
             continue;
         }
         // The drain finished before compose returned, so the Close is already here.
-        let close = c
-            .expect_close(Duration::from_secs(5))
-            .await
-            .unwrap_or_else(|| panic!("no Close from drained node {n}"));
+        let close =
+            c.expect_close(Duration::from_secs(5)).await.unwrap_or_else(|| panic!("no Close from drained node {n}"));
         assert_eq!(close["allowReconnect"], true, "{close}");
         let (c2, n2) = connect(&base).await;
         assert!(two.contains(&n2), "reconnected onto {n2}, not a remaining node");
@@ -249,9 +207,7 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
     // No message sent after the rescale is lost.
     let sender = &survivors[0];
     for i in 0..20 {
-        sender
-            .send("SendMessage", vec![json!("after"), json!(format!("after-{i}"))])
-            .await;
+        sender.send("SendMessage", vec![json!("after"), json!(format!("after-{i}"))]).await;
     }
     for (k, c) in survivors.iter_mut().enumerate() {
         for i in 0..20 {
@@ -265,10 +221,7 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
     // docker kill of one node: it leaves rotation within seconds.
     let victim = project.container_ids("node").pop().expect("a node");
     let victim_host = inspect(&victim, "{{.Config.Hostname}}");
-    assert!(Command::new("docker")
-        .args(["kill", &victim])
-        .status()
-        .is_ok_and(|s| s.success()));
+    assert!(Command::new("docker").args(["kill", &victim]).status().is_ok_and(|s| s.success()));
     let left = project.wait_accepting(1).await;
     assert!(!left.contains(&victim_host), "{left:?}");
     for _ in 0..4 {
@@ -278,30 +231,13 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
     // down -v leaves nothing behind.
     project.ok(&["down", "-v", "--remove-orphans", "--timeout", "5"]);
     let leftovers = Command::new("docker")
-        .args([
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=com.docker.compose.project={}", project.name),
-        ])
+        .args(["ps", "-aq", "--filter", &format!("label=com.docker.compose.project={}", project.name)])
         .output()
         .expect("docker ps");
-    assert!(
-        String::from_utf8_lossy(&leftovers.stdout).trim().is_empty(),
-        "containers left behind"
-    );
+    assert!(String::from_utf8_lossy(&leftovers.stdout).trim().is_empty(), "containers left behind");
     let volumes = Command::new("docker")
-        .args([
-            "volume",
-            "ls",
-            "-q",
-            "--filter",
-            &format!("label=com.docker.compose.project={}", project.name),
-        ])
+        .args(["volume", "ls", "-q", "--filter", &format!("label=com.docker.compose.project={}", project.name)])
         .output()
         .expect("docker volume ls");
-    assert!(
-        String::from_utf8_lossy(&volumes.stdout).trim().is_empty(),
-        "volumes left behind"
-    );
+    assert!(String::from_utf8_lossy(&volumes.stdout).trim().is_empty(), "volumes left behind");
 }

@@ -7,7 +7,8 @@ use redis::AsyncCommands;
 use serde_json::{json, Value};
 use std::time::Duration;
 use switchboard_tests::{
-    eventually, get_json, wait_for_status, HubClient, RedisServer, TestNode, TransportKind, ALL_TRANSPORTS, WAIT,
+    eventually, get_json, get_text, metric_nonzero, wait_for_status, HubClient, RedisServer, TestNode, TransportKind,
+    ALL_TRANSPORTS, WAIT,
 };
 
 async fn two_nodes() -> (RedisServer, TestNode, TestNode, reqwest::Client) {
@@ -19,20 +20,11 @@ async fn two_nodes() -> (RedisServer, TestNode, TestNode, reqwest::Client) {
 
 /// Waits until both nodes' backplanes are subscribed (a broadcast crosses).
 async fn wait_backplane(http: &reqwest::Client, a: &TestNode, b: &TestNode) {
-    let mut ca = HubClient::connect(http, &a.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
-    let cb = HubClient::connect(http, &b.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
+    let mut ca = HubClient::connect(http, &a.base, TransportKind::WebSockets).await.unwrap();
+    let cb = HubClient::connect(http, &b.base, TransportKind::WebSockets).await.unwrap();
     for i in 0..100 {
-        cb.send("SendMessage", vec![json!("probe"), json!(format!("probe-{i}"))])
-            .await;
-        if ca
-            .expect_event("ReceiveMessage", Duration::from_millis(200))
-            .await
-            .is_some()
-        {
+        cb.send("SendMessage", vec![json!("probe"), json!(format!("probe-{i}"))]).await;
+        if ca.expect_event("ReceiveMessage", Duration::from_millis(200)).await.is_some() {
             return;
         }
     }
@@ -51,9 +43,7 @@ async fn a_message_sent_on_one_node_reaches_clients_on_both_over_every_transport
         let sender_id = on_a.connection_id.clone();
         for (who, c) in [("sender", &mut on_a), ("other node", &mut on_b)] {
             let args = c
-                .expect(WAIT, |v| {
-                    v["target"] == "ReceiveMessage" && v["arguments"][1] == text.as_str()
-                })
+                .expect(WAIT, |v| v["target"] == "ReceiveMessage" && v["arguments"][1] == text.as_str())
                 .await
                 .unwrap_or_else(|| panic!("{who} did not get the {kind:?} message"));
             assert_eq!(args["arguments"], json!(["alice", text, sender_id, "node-a"]), "{who}");
@@ -62,11 +52,7 @@ async fn a_message_sent_on_one_node_reaches_clients_on_both_over_every_transport
         on_b.send("SendMessage", vec![json!("bob"), json!("fence")]).await;
         for c in [&mut on_a, &mut on_b] {
             c.expect(WAIT, |v| v["arguments"][1] == "fence").await.expect("fence");
-            let dupes = c
-                .drain_pending()
-                .into_iter()
-                .filter(|i| format!("{i:?}").contains(&text))
-                .count();
+            let dupes = c.drain_pending().into_iter().filter(|i| format!("{i:?}").contains(&text)).count();
             assert_eq!(dupes, 0, "{kind:?} message delivered twice");
         }
     }
@@ -76,15 +62,9 @@ async fn a_message_sent_on_one_node_reaches_clients_on_both_over_every_transport
 async fn group_messages_reach_members_on_both_nodes_and_nobody_else() {
     let (_redis, a, b, http) = two_nodes().await;
     wait_backplane(&http, &a, &b).await;
-    let mut member_a = HubClient::connect(&http, &a.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
-    let mut member_b = HubClient::connect(&http, &b.base, TransportKind::LongPolling)
-        .await
-        .unwrap();
-    let mut outsider_b = HubClient::connect(&http, &b.base, TransportKind::ServerSentEvents)
-        .await
-        .unwrap();
+    let mut member_a = HubClient::connect(&http, &a.base, TransportKind::WebSockets).await.unwrap();
+    let mut member_b = HubClient::connect(&http, &b.base, TransportKind::LongPolling).await.unwrap();
+    let mut outsider_b = HubClient::connect(&http, &b.base, TransportKind::ServerSentEvents).await.unwrap();
     member_a.invoke("JoinGroup", vec![json!("room")]).await.unwrap();
     member_b.invoke("JoinGroup", vec![json!("room")]).await.unwrap();
     outsider_b.invoke("JoinGroup", vec![json!("other-room")]).await.unwrap();
@@ -92,114 +72,57 @@ async fn group_messages_reach_members_on_both_nodes_and_nobody_else() {
     // Subscribing is asynchronous; retry the first group message until it crosses.
     let mut crossed = false;
     for i in 0..50 {
-        member_a
-            .send(
-                "SendMessageToGroup",
-                vec![json!("room"), json!("alice"), json!(format!("warmup-{i}"))],
-            )
-            .await;
-        if member_b
-            .expect_event("ReceiveGroupMessage", Duration::from_millis(200))
-            .await
-            .is_some()
-        {
+        member_a.send("SendMessageToGroup", vec![json!("room"), json!("alice"), json!(format!("warmup-{i}"))]).await;
+        if member_b.expect_event("ReceiveGroupMessage", Duration::from_millis(200)).await.is_some() {
             crossed = true;
             break;
         }
     }
     assert!(crossed, "group message never reached the member on the other node");
 
-    member_b
-        .send(
-            "SendMessageToGroup",
-            vec![json!("room"), json!("bob"), json!("in the room")],
-        )
-        .await;
+    member_b.send("SendMessageToGroup", vec![json!("room"), json!("bob"), json!("in the room")]).await;
     let sender_id = member_b.connection_id.clone();
     for c in [&mut member_a, &mut member_b] {
         let got = c
-            .expect(WAIT, |v| {
-                v["target"] == "ReceiveGroupMessage" && v["arguments"][2] == "in the room"
-            })
+            .expect(WAIT, |v| v["target"] == "ReceiveGroupMessage" && v["arguments"][2] == "in the room")
             .await
             .unwrap();
-        assert_eq!(
-            got["arguments"],
-            json!(["room", "bob", "in the room", sender_id, "node-b"])
-        );
+        assert_eq!(got["arguments"], json!(["room", "bob", "in the room", sender_id, "node-b"]));
     }
     // The outsider, in another group on the sender's node, got nothing from "room".
-    outsider_b
-        .send(
-            "SendMessageToGroup",
-            vec![json!("other-room"), json!("o"), json!("fence")],
-        )
-        .await;
-    outsider_b
-        .expect(WAIT, |v| v["arguments"][2] == "fence")
-        .await
-        .expect("own group message");
-    let leaked: Vec<_> = outsider_b
-        .drain_pending()
-        .into_iter()
-        .filter(|i| format!("{i:?}").contains("\"room\""))
-        .collect();
+    outsider_b.send("SendMessageToGroup", vec![json!("other-room"), json!("o"), json!("fence")]).await;
+    outsider_b.expect(WAIT, |v| v["arguments"][2] == "fence").await.expect("own group message");
+    let leaked: Vec<_> =
+        outsider_b.drain_pending().into_iter().filter(|i| format!("{i:?}").contains("\"room\"")).collect();
     assert!(leaked.is_empty(), "outsider received {leaked:?}");
 
     // After leaving, a member no longer receives the group.
     member_a.invoke("LeaveGroup", vec![json!("room")]).await.unwrap();
-    member_b
-        .send(
-            "SendMessageToGroup",
-            vec![json!("room"), json!("bob"), json!("after leave")],
-        )
-        .await;
-    member_b
-        .expect(WAIT, |v| v["arguments"][2] == "after leave")
-        .await
-        .expect("member still gets it");
+    member_b.send("SendMessageToGroup", vec![json!("room"), json!("bob"), json!("after leave")]).await;
+    member_b.expect(WAIT, |v| v["arguments"][2] == "after leave").await.expect("member still gets it");
     member_a.send("SendMessage", vec![json!("a"), json!("fence-a")]).await;
-    member_a
-        .expect(WAIT, |v| v["arguments"][1] == "fence-a")
-        .await
-        .expect("fence");
-    assert!(!member_a
-        .drain_pending()
-        .iter()
-        .any(|i| format!("{i:?}").contains("after leave")));
+    member_a.expect(WAIT, |v| v["arguments"][1] == "fence-a").await.expect("fence");
+    assert!(!member_a.drain_pending().iter().any(|i| format!("{i:?}").contains("after leave")));
 }
 
 #[tokio::test]
 async fn history_is_shared_across_nodes_oldest_first() {
     let (_redis, a, b, http) = two_nodes().await;
-    let c_a = HubClient::connect(&http, &a.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
-    let mut c_b = HubClient::connect(&http, &b.base, TransportKind::LongPolling)
-        .await
-        .unwrap();
+    let c_a = HubClient::connect(&http, &a.base, TransportKind::WebSockets).await.unwrap();
+    let mut c_b = HubClient::connect(&http, &b.base, TransportKind::LongPolling).await.unwrap();
     for i in 0..5 {
-        c_a.send("SendMessage", vec![json!("alice"), json!(format!("m{i}"))])
-            .await;
+        c_a.send("SendMessage", vec![json!("alice"), json!(format!("m{i}"))]).await;
     }
     // History is written by the sender's publisher task, so it lands shortly after.
     let mut history = Value::Null;
     for _ in 0..100 {
         history = c_b.invoke("GetHistory", vec![json!(3)]).await.unwrap();
-        if history
-            .as_array()
-            .is_some_and(|a| a.len() == 3 && a[2]["message"] == "m4")
-        {
+        if history.as_array().is_some_and(|a| a.len() == 3 && a[2]["message"] == "m4") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let messages: Vec<&str> = history
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["message"].as_str().unwrap())
-        .collect();
+    let messages: Vec<&str> = history.as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
     assert_eq!(messages, ["m2", "m3", "m4"]);
     assert_eq!(history[0]["nodeId"], "node-a");
     assert_eq!(history[0]["user"], "alice");
@@ -249,9 +172,7 @@ async fn nodes_lists_live_nodes_and_forgets_a_killed_one_after_its_ttl() {
 async fn garbage_on_backplane_channels_is_ignored() {
     let (redis, a, b, http) = two_nodes().await;
     wait_backplane(&http, &a, &b).await;
-    let mut c = HubClient::connect(&http, &a.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
+    let mut c = HubClient::connect(&http, &a.base, TransportKind::WebSockets).await.unwrap();
     let mut r = redis.connection().await;
     for junk in [
         "not json",
@@ -262,44 +183,25 @@ async fn garbage_on_backplane_channels_is_ignored() {
         let _: () = r.publish("switchboard:bp:all", junk).await.unwrap();
     }
     let _: () = r.publish("switchboard:bp:all", vec![0xffu8, 0xfe, 0x00]).await.unwrap();
-    let cb = HubClient::connect(&http, &b.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
+    let cb = HubClient::connect(&http, &b.base, TransportKind::WebSockets).await.unwrap();
     cb.send("SendMessage", vec![json!("b"), json!("after junk")]).await;
-    c.expect(WAIT, |v| v["arguments"][1] == "after junk")
-        .await
-        .expect("delivery continues after junk");
+    c.expect(WAIT, |v| v["arguments"][1] == "after junk").await.expect("delivery continues after junk");
     let junk: Vec<_> = c
         .drain_pending()
         .into_iter()
         .filter(|i| format!("{i:?}").contains("script") || format!("{i:?}").contains("\"type\": Number(7)"))
         .collect();
     assert!(junk.is_empty(), "{junk:?}");
-    let m = http
-        .get(format!("{}/metrics", a.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        m.lines()
-            .any(|l| l.starts_with("switchboard_node_backplane_invalid_total") && !l.ends_with(" 0")),
-        "{m}"
-    );
+    let m = get_text(&format!("{}/metrics", a.base)).await;
+    assert!(metric_nonzero(&m, "switchboard_node_backplane_invalid_total"), "{m}");
 }
 
 #[tokio::test]
 async fn nodes_survive_a_redis_restart_re_register_and_resume_cross_node_delivery() {
     let (mut redis, a, b, http) = two_nodes().await;
     wait_backplane(&http, &a, &b).await;
-    let mut on_a = HubClient::connect(&http, &a.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
-    let on_b = HubClient::connect(&http, &b.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
+    let mut on_a = HubClient::connect(&http, &a.base, TransportKind::WebSockets).await.unwrap();
+    let on_b = HubClient::connect(&http, &b.base, TransportKind::WebSockets).await.unwrap();
 
     redis.stop();
     // Health reports the outage as degraded, not unavailable.
@@ -316,11 +218,8 @@ async fn nodes_survive_a_redis_restart_re_register_and_resume_cross_node_deliver
     assert_eq!(h.0, 200);
     assert_eq!(h.1["status"], "degraded");
     // Local clients keep being served.
-    on_a.send("SendMessage", vec![json!("a"), json!("local during outage")])
-        .await;
-    on_a.expect(WAIT, |v| v["arguments"][1] == "local during outage")
-        .await
-        .expect("local delivery during outage");
+    on_a.send("SendMessage", vec![json!("a"), json!("local during outage")]).await;
+    on_a.expect(WAIT, |v| v["arguments"][1] == "local during outage").await.expect("local delivery during outage");
     let e = on_a.invoke("GetHistory", vec![json!(5)]).await.unwrap_err();
     assert!(e.contains("unavailable"), "{e}");
 
@@ -339,13 +238,10 @@ async fn nodes_survive_a_redis_restart_re_register_and_resume_cross_node_deliver
     // Cross-node delivery resumes (the subscriber reconnects with backoff).
     let mut delivered = false;
     for i in 0..60 {
-        on_b.send("SendMessage", vec![json!("b"), json!(format!("after restart {i}"))])
-            .await;
+        on_b.send("SendMessage", vec![json!("b"), json!(format!("after restart {i}"))]).await;
         if on_a
             .expect(Duration::from_millis(250), |v| {
-                v["arguments"][1]
-                    .as_str()
-                    .is_some_and(|s| s.starts_with("after restart"))
+                v["arguments"][1].as_str().is_some_and(|s| s.starts_with("after restart"))
             })
             .await
             .is_some()
@@ -364,9 +260,7 @@ async fn sigterm_drains_closes_clients_with_allow_reconnect_and_loses_no_message
     let mut b = TestNode::start(&redis, "leave", &["--drain-secs", "2"]).await;
     let http = reqwest::Client::new();
     wait_backplane(&http, &a, &b).await;
-    let mut watcher = HubClient::connect(&http, &a.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
+    let mut watcher = HubClient::connect(&http, &a.base, TransportKind::WebSockets).await.unwrap();
     let mut leaving: Vec<HubClient> = Vec::new();
     for kind in ALL_TRANSPORTS {
         leaving.push(HubClient::connect(&http, &b.base, kind).await.unwrap());
@@ -375,11 +269,7 @@ async fn sigterm_drains_closes_clients_with_allow_reconnect_and_loses_no_message
     b.process.terminate();
     // Draining: health 503, negotiate refused, registry says draining.
     wait_for_status(&format!("{}/health", b.base), 503, WAIT, "node to report draining").await;
-    let neg = http
-        .post(format!("{}/chathub/negotiate?negotiateVersion=1", b.base))
-        .send()
-        .await
-        .unwrap();
+    let neg = http.post(format!("{}/chathub/negotiate?negotiateVersion=1", b.base)).send().await.unwrap();
     assert_eq!(neg.status(), 503);
     let mut r = redis.connection().await;
     let status: Option<String> = r.hget("switchboard:nodes:leave", "status").await.unwrap();
@@ -387,40 +277,26 @@ async fn sigterm_drains_closes_clients_with_allow_reconnect_and_loses_no_message
 
     // Messages accepted while draining reach the other node.
     for (i, c) in leaving.iter().enumerate() {
-        c.send("SendMessage", vec![json!("leaver"), json!(format!("drain-msg-{i}"))])
-            .await;
+        c.send("SendMessage", vec![json!("leaver"), json!(format!("drain-msg-{i}"))]).await;
     }
     for c in leaving.iter_mut() {
-        let close = c
-            .expect_close(Duration::from_secs(15))
-            .await
-            .unwrap_or_else(|| panic!("{:?} got no Close", c.kind));
+        let close =
+            c.expect_close(Duration::from_secs(15)).await.unwrap_or_else(|| panic!("{:?} got no Close", c.kind));
         assert_eq!(close["allowReconnect"], true, "{close}");
         assert!(close.get("error").is_none() || close["error"].is_null(), "{close}");
     }
     for i in 0..leaving.len() {
         let text = format!("drain-msg-{i}");
-        watcher
-            .expect(WAIT, |v| v["arguments"][1] == text.as_str())
-            .await
-            .unwrap_or_else(|| panic!("{text} lost"));
+        watcher.expect(WAIT, |v| v["arguments"][1] == text.as_str()).await.unwrap_or_else(|| panic!("{text} lost"));
     }
-    let status = b
-        .process
-        .wait_exit(Duration::from_secs(15))
-        .expect("node exits after draining");
+    let status = b.process.wait_exit(Duration::from_secs(15)).expect("node exits after draining");
     assert!(status.success(), "{status:?}");
     let exists: bool = r.exists("switchboard:nodes:leave").await.unwrap();
     assert!(!exists, "registry key still present after drain");
     // History kept the drained node's messages too.
     let h = watcher.invoke("GetHistory", vec![json!(10)]).await.unwrap();
     assert!(
-        h.as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["nodeId"] == "leave" && e["user"] == "leaver")
-            .count()
-            == 3,
+        h.as_array().unwrap().iter().filter(|e| e["nodeId"] == "leave" && e["user"] == "leaver").count() == 3,
         "{h}"
     );
 }

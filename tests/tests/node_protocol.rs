@@ -7,7 +7,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::time::Duration;
 use switchboard_tests::client::{negotiate, record, ws_url};
-use switchboard_tests::{HubClient, RedisServer, TestNode, TransportKind, ALL_TRANSPORTS, WAIT};
+use switchboard_tests::{get_text, HubClient, RedisServer, TestNode, TransportKind, ALL_TRANSPORTS, WAIT};
 use tokio_tungstenite::tungstenite::Message;
 
 async fn one_node() -> (RedisServer, TestNode, reqwest::Client) {
@@ -23,12 +23,8 @@ async fn negotiate_v1_returns_a_token_and_v0_does_not() {
     assert_eq!(v1["negotiateVersion"], 1);
     assert!(v1["connectionToken"].as_str().is_some_and(|t| !t.is_empty()));
     assert_ne!(v1["connectionToken"], v1["connectionId"]);
-    let transports: Vec<&str> = v1["availableTransports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["transport"].as_str().unwrap())
-        .collect();
+    let transports: Vec<&str> =
+        v1["availableTransports"].as_array().unwrap().iter().map(|t| t["transport"].as_str().unwrap()).collect();
     assert_eq!(transports, ["WebSockets", "ServerSentEvents", "LongPolling"]);
     assert!(v1.get("ProtocolVersion").is_none());
 
@@ -36,11 +32,7 @@ async fn negotiate_v1_returns_a_token_and_v0_does_not() {
     assert_eq!(v0["negotiateVersion"], 0);
     assert!(v0.get("connectionToken").is_none());
 
-    let bad = http
-        .post(format!("{}/chathub/negotiate?negotiateVersion=abc", node.base))
-        .send()
-        .await
-        .unwrap();
+    let bad = http.post(format!("{}/chathub/negotiate?negotiateVersion=abc", node.base)).send().await.unwrap();
     assert_eq!(bad.status(), 200);
     assert!(bad.json::<Value>().await.unwrap()["error"].is_string());
 }
@@ -79,17 +71,11 @@ async fn several_messages_in_one_frame_and_methods_ignore_case() {
         let mut frame =
             record(&json!({"type":1,"invocationId":"a","target":"echo","arguments":[1],"headers":{"x":"y"}}));
         frame.extend(record(&json!({"type":6})));
-        frame.extend(record(
-            &json!({"type":1,"invocationId":"b","target":"ECHO","arguments":[2]}),
-        ));
+        frame.extend(record(&json!({"type":1,"invocationId":"b","target":"ECHO","arguments":[2]})));
         c.send_raw(frame).await.unwrap();
         let a = c.expect(WAIT, |v| v["invocationId"] == "a").await.unwrap();
         let b = c.expect(WAIT, |v| v["invocationId"] == "b").await.unwrap();
-        assert_eq!(
-            (a["result"].clone(), b["result"].clone()),
-            (json!(1), json!(2)),
-            "{kind:?}"
-        );
+        assert_eq!((a["result"].clone(), b["result"].clone()), (json!(1), json!(2)), "{kind:?}");
     }
 }
 
@@ -109,35 +95,18 @@ async fn unknown_methods_and_bad_arguments_get_completion_errors_and_the_connect
         let e = c.invoke("JoinGroup", vec![json!("")]).await.unwrap_err();
         assert!(e.contains("group"), "{e}");
         // A streaming invocation of a non-streaming method.
-        c.send_raw(record(
-            &json!({"type":4,"invocationId":"s","target":"Echo","arguments":[1]}),
-        ))
-        .await
-        .unwrap();
-        let s = c
-            .expect(WAIT, |v| v["type"] == 3 && v["invocationId"] == "s")
-            .await
-            .unwrap();
+        c.send_raw(record(&json!({"type":4,"invocationId":"s","target":"Echo","arguments":[1]}))).await.unwrap();
+        let s = c.expect(WAIT, |v| v["type"] == 3 && v["invocationId"] == "s").await.unwrap();
         assert!(s["error"].is_string());
         // Unknown message types are ignored.
         c.send_raw(record(&json!({"type":42,"whatever":true}))).await.unwrap();
-        assert_eq!(
-            c.invoke("Echo", vec![json!("still here")]).await,
-            Ok(json!("still here")),
-            "{kind:?}"
-        );
+        assert_eq!(c.invoke("Echo", vec![json!("still here")]).await, Ok(json!("still here")), "{kind:?}");
     }
 }
 
 async fn assert_closed_with_error(c: &mut HubClient, what: &str) {
-    let close = c
-        .expect_close(WAIT)
-        .await
-        .unwrap_or_else(|| panic!("{what}: no Close message"));
-    assert!(
-        close["error"].as_str().is_some_and(|e| !e.is_empty()),
-        "{what}: {close}"
-    );
+    let close = c.expect_close(WAIT).await.unwrap_or_else(|| panic!("{what}: no Close message"));
+    assert!(close["error"].as_str().is_some_and(|e| !e.is_empty()), "{what}: {close}");
     assert!(c.wait_ended(WAIT).await, "{what}: transport did not end");
 }
 
@@ -150,14 +119,8 @@ async fn invalid_json_unparsable_messages_and_oversized_messages_close_with_an_e
         for (what, bad) in [
             ("invalid json", b"{not json\x1e".to_vec()),
             ("no type", b"{\"target\":\"Echo\"}\x1e".to_vec()),
-            (
-                "invocation without arguments",
-                b"{\"type\":1,\"target\":\"Echo\"}\x1e".to_vec(),
-            ),
-            (
-                "oversized",
-                record(&json!({"type":1,"target":"Echo","arguments":["x".repeat(2000)]})),
-            ),
+            ("invocation without arguments", b"{\"type\":1,\"target\":\"Echo\"}\x1e".to_vec()),
+            ("oversized", record(&json!({"type":1,"target":"Echo","arguments":["x".repeat(2000)]}))),
             ("oversized without separator", vec![b'a'; 1500]),
         ] {
             let mut c = HubClient::connect(&http, &node.base, kind).await.unwrap();
@@ -176,21 +139,14 @@ async fn bad_handshakes_are_answered_with_an_error_and_closed() {
         b"{\"protocol\":\"json\",\"version\":99}\x1e",
         b"garbage\x1e",
     ] {
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/chathub", ws_url(&node.base)))
-            .await
-            .unwrap();
-        ws.send(Message::Text(String::from_utf8_lossy(hs).into_owned().into()))
-            .await
-            .unwrap();
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/chathub", ws_url(&node.base))).await.unwrap();
+        ws.send(Message::Text(String::from_utf8_lossy(hs).into_owned().into())).await.unwrap();
         let reply = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
         let text = reply.into_text().unwrap();
         let v: Value = serde_json::from_str(text.trim_end_matches('\u{1e}')).unwrap();
         assert!(v["error"].is_string() && v.get("type").is_none(), "{v}");
         let end = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
-        assert!(
-            matches!(end, None | Some(Ok(Message::Close(_))) | Some(Err(_))),
-            "{end:?}"
-        );
+        assert!(matches!(end, None | Some(Ok(Message::Close(_))) | Some(Err(_))), "{end:?}");
     }
 }
 
@@ -211,9 +167,7 @@ async fn transport_requests_get_the_spec_status_codes() {
     assert!(ws_unknown.is_err());
 
     // A second WebSocket for the same id: 409; POST to a WebSocket connection: 405.
-    let ws = HubClient::connect(&http, &node.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
+    let ws = HubClient::connect(&http, &node.base, TransportKind::WebSockets).await.unwrap();
     let second = tokio_tungstenite::connect_async(format!("{}/chathub?id={}", ws_url(&node.base), ws.id)).await;
     match second {
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 409),
@@ -221,30 +175,13 @@ async fn transport_requests_get_the_spec_status_codes() {
     }
     assert_eq!(ws.post(b"{}".to_vec()).await.unwrap().status(), 405);
     // DELETE on a non-long-polling connection: 400.
-    assert_eq!(
-        http.delete(url(&format!("?id={}", ws.id)))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        400
-    );
+    assert_eq!(http.delete(url(&format!("?id={}", ws.id))).send().await.unwrap().status(), 400);
 
     // A second event stream: 409; long polling on an SSE connection: 400.
-    let sse = HubClient::connect(&http, &node.base, TransportKind::ServerSentEvents)
-        .await
-        .unwrap();
-    let again = http
-        .get(url(&format!("?id={}", sse.id)))
-        .header("Accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
+    let sse = HubClient::connect(&http, &node.base, TransportKind::ServerSentEvents).await.unwrap();
+    let again = http.get(url(&format!("?id={}", sse.id))).header("Accept", "text/event-stream").send().await.unwrap();
     assert_eq!(again.status(), 409);
-    assert_eq!(
-        http.get(url(&format!("?id={}", sse.id))).send().await.unwrap().status(),
-        400
-    );
+    assert_eq!(http.get(url(&format!("?id={}", sse.id))).send().await.unwrap().status(), 400);
 }
 
 #[tokio::test]
@@ -258,18 +195,10 @@ async fn long_polling_follows_the_spec() {
     assert_eq!(first.status(), 200);
     assert!(first.bytes().await.unwrap().is_empty());
     // POST answers 200 with an empty body; the handshake reply comes by poll.
-    let post = http
-        .post(&url)
-        .body(&b"{\"protocol\":\"json\",\"version\":1}\x1e"[..])
-        .send()
-        .await
-        .unwrap();
+    let post = http.post(&url).body(&b"{\"protocol\":\"json\",\"version\":1}\x1e"[..]).send().await.unwrap();
     assert_eq!(post.status(), 200);
     assert!(post.bytes().await.unwrap().is_empty());
-    assert_eq!(
-        http.get(&url).send().await.unwrap().bytes().await.unwrap().as_ref(),
-        b"{}\x1e"
-    );
+    assert_eq!(http.get(&url).send().await.unwrap().bytes().await.unwrap().as_ref(), b"{}\x1e");
     // A newer poll ends the older one with 204.
     let old = tokio::spawn({
         let (http, url) = (http.clone(), url.clone());
@@ -283,9 +212,7 @@ async fn long_polling_follows_the_spec() {
     assert_eq!(tokio::time::timeout(WAIT, old).await.unwrap().unwrap(), 204);
     // The newer poll gets the next message.
     http.post(&url)
-        .body(record(
-            &json!({"type":1,"invocationId":"1","target":"Echo","arguments":["lp"]}),
-        ))
+        .body(record(&json!({"type":1,"invocationId":"1","target":"Echo","arguments":["lp"]})))
         .send()
         .await
         .unwrap();
@@ -302,19 +229,11 @@ async fn long_polling_follows_the_spec() {
 #[tokio::test]
 async fn concurrent_posts_get_409() {
     let (_r, node, http) = one_node().await;
-    let mut c = HubClient::connect(&http, &node.base, TransportKind::LongPolling)
-        .await
-        .unwrap();
+    let mut c = HubClient::connect(&http, &node.base, TransportKind::LongPolling).await.unwrap();
     // GetHistory waits on Redis; pause Redis so the first POST stays in progress.
     let redis = redis::Client::open(format!("redis://127.0.0.1:{}", _r.port)).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1500)
-        .arg("ALL")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(1500).arg("ALL").query_async(&mut conn).await.unwrap();
     let slow = record(&json!({"type":1,"invocationId":"h","target":"GetHistory","arguments":[1]}));
     let first = tokio::spawn({
         let http = c.http.clone();
@@ -330,16 +249,9 @@ async fn concurrent_posts_get_409() {
 #[tokio::test]
 async fn the_node_pings_idle_clients_and_drops_silent_ones() {
     let redis = RedisServer::start();
-    let node = TestNode::start(
-        &redis,
-        "pinger",
-        &["--keepalive-secs", "0.3", "--client-timeout-secs", "1.5"],
-    )
-    .await;
+    let node = TestNode::start(&redis, "pinger", &["--keepalive-secs", "0.3", "--client-timeout-secs", "1.5"]).await;
     let http = reqwest::Client::new();
-    let mut c = HubClient::connect(&http, &node.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
+    let mut c = HubClient::connect(&http, &node.base, TransportKind::WebSockets).await.unwrap();
     assert!(c.expect(WAIT, |v| v["type"] == 6).await.is_some(), "no keep-alive ping");
     // This client never sends anything, so the node must close it.
     let close = c.expect_close(WAIT).await.expect("silent client closed");
@@ -349,37 +261,12 @@ async fn the_node_pings_idle_clients_and_drops_silent_ones() {
 #[tokio::test]
 async fn health_and_metrics_answer() {
     let (_r, node, http) = one_node().await;
-    let h: Value = http
-        .get(format!("{}/health", node.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        (h["status"].as_str(), h["redis"].as_str()),
-        (Some("healthy"), Some("up"))
-    );
-    let _c = HubClient::connect(&http, &node.base, TransportKind::WebSockets)
-        .await
-        .unwrap();
-    let m = http
-        .get(format!("{}/metrics", node.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        m.contains("switchboard_node_connections{transport=\"websockets\"} 1"),
-        "{m}"
-    );
+    let h: Value = http.get(format!("{}/health", node.base)).send().await.unwrap().json().await.unwrap();
+    assert_eq!((h["status"].as_str(), h["redis"].as_str()), (Some("healthy"), Some("up")));
+    let _c = HubClient::connect(&http, &node.base, TransportKind::WebSockets).await.unwrap();
+    let m = get_text(&format!("{}/metrics", node.base)).await;
+    assert!(m.contains("switchboard_node_connections{transport=\"websockets\"} 1"), "{m}");
     assert!(m.contains("switchboard_node_redis_up 1"));
     let page = http.get(format!("{}/", node.base)).send().await.unwrap();
-    assert!(page.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/html"));
+    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
 }

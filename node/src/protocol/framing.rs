@@ -17,10 +17,7 @@ pub struct RecordReader {
 
 impl RecordReader {
     pub fn new(max_message: usize) -> Self {
-        RecordReader {
-            pending: Vec::new(),
-            max_message,
-        }
+        RecordReader { pending: Vec::new(), max_message }
     }
 
     /// Feeds transport bytes; returns each complete record without its separator.

@@ -74,9 +74,7 @@ fn arguments(obj: &mut Map<String, Value>) -> Result<Vec<Value>, ProtocolError> 
 }
 
 fn sequence_id(obj: &Map<String, Value>) -> Result<u64, ProtocolError> {
-    obj.get("sequenceId")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| invalid("'sequenceId' must be a non-negative integer"))
+    obj.get("sequenceId").and_then(Value::as_u64).ok_or_else(|| invalid("'sequenceId' must be a non-negative integer"))
 }
 
 /// Parses one record (without its separator).
@@ -90,16 +88,10 @@ pub fn parse_message(record: &[u8]) -> Result<HubMessage, ProtocolError> {
             return Err(invalid("'headers' must be an object"));
         }
     }
-    let ty = obj
-        .get("type")
-        .and_then(Value::as_i64)
-        .ok_or_else(|| invalid("missing or non-integer 'type'"))?;
+    let ty = obj.get("type").and_then(Value::as_i64).ok_or_else(|| invalid("missing or non-integer 'type'"))?;
     Ok(match ty {
         1 => {
-            if obj
-                .get("streamIds")
-                .is_some_and(|s| s.as_array().is_some_and(|a| !a.is_empty()))
-            {
+            if obj.get("streamIds").is_some_and(|s| s.as_array().is_some_and(|a| !a.is_empty())) {
                 return Err(invalid("client-to-server streams are not supported"));
             }
             HubMessage::Invocation {
@@ -118,31 +110,21 @@ pub fn parse_message(record: &[u8]) -> Result<HubMessage, ProtocolError> {
             if error.is_some() && result.is_some() {
                 return Err(invalid("a completion has either 'result' or 'error', not both"));
             }
-            HubMessage::Completion {
-                invocation_id: required_string(&obj, "invocationId")?,
-                result,
-                error,
-            }
+            HubMessage::Completion { invocation_id: required_string(&obj, "invocationId")?, result, error }
         }
         4 => HubMessage::StreamInvocation {
             invocation_id: required_string(&obj, "invocationId")?,
             target: required_string(&obj, "target")?,
             arguments: arguments(&mut obj)?,
         },
-        5 => HubMessage::CancelInvocation {
-            invocation_id: required_string(&obj, "invocationId")?,
-        },
+        5 => HubMessage::CancelInvocation { invocation_id: required_string(&obj, "invocationId")? },
         6 => HubMessage::Ping,
         7 => HubMessage::Close {
             error: string_field(&obj, "error")?,
             allow_reconnect: obj.get("allowReconnect").and_then(Value::as_bool).unwrap_or(false),
         },
-        8 => HubMessage::Ack {
-            sequence_id: sequence_id(&obj)?,
-        },
-        9 => HubMessage::Sequence {
-            sequence_id: sequence_id(&obj)?,
-        },
+        8 => HubMessage::Ack { sequence_id: sequence_id(&obj)? },
+        9 => HubMessage::Sequence { sequence_id: sequence_id(&obj)? },
         other => HubMessage::Unknown(other),
     })
 }
@@ -190,60 +172,37 @@ impl HubMessage {
     /// Serializes to one record, separator included.
     pub fn to_record(&self) -> Vec<u8> {
         let wire = match self {
-            HubMessage::Invocation {
-                invocation_id,
-                target,
-                arguments,
-            } => Wire {
+            HubMessage::Invocation { invocation_id, target, arguments } => Wire {
                 invocation_id: invocation_id.as_deref(),
                 target: Some(target),
                 arguments: Some(arguments),
                 ..Wire::of(1)
             },
-            HubMessage::StreamItem { invocation_id, item } => Wire {
-                invocation_id: Some(invocation_id),
-                item: Some(item),
-                ..Wire::of(2)
-            },
-            HubMessage::Completion {
-                invocation_id,
-                result,
-                error,
-            } => Wire {
+            HubMessage::StreamItem { invocation_id, item } => {
+                Wire { invocation_id: Some(invocation_id), item: Some(item), ..Wire::of(2) }
+            }
+            HubMessage::Completion { invocation_id, result, error } => Wire {
                 invocation_id: Some(invocation_id),
                 // The spec forbids both; an error wins.
                 result: if error.is_some() { None } else { result.as_ref() },
                 error: error.as_deref(),
                 ..Wire::of(3)
             },
-            HubMessage::StreamInvocation {
-                invocation_id,
-                target,
-                arguments,
-            } => Wire {
+            HubMessage::StreamInvocation { invocation_id, target, arguments } => Wire {
                 invocation_id: Some(invocation_id),
                 target: Some(target),
                 arguments: Some(arguments),
                 ..Wire::of(4)
             },
-            HubMessage::CancelInvocation { invocation_id } => Wire {
-                invocation_id: Some(invocation_id),
-                ..Wire::of(5)
-            },
+            HubMessage::CancelInvocation { invocation_id } => {
+                Wire { invocation_id: Some(invocation_id), ..Wire::of(5) }
+            }
             HubMessage::Ping => Wire::of(6),
-            HubMessage::Close { error, allow_reconnect } => Wire {
-                error: error.as_deref(),
-                allow_reconnect: allow_reconnect.then_some(true),
-                ..Wire::of(7)
-            },
-            HubMessage::Ack { sequence_id } => Wire {
-                sequence_id: Some(*sequence_id),
-                ..Wire::of(8)
-            },
-            HubMessage::Sequence { sequence_id } => Wire {
-                sequence_id: Some(*sequence_id),
-                ..Wire::of(9)
-            },
+            HubMessage::Close { error, allow_reconnect } => {
+                Wire { error: error.as_deref(), allow_reconnect: allow_reconnect.then_some(true), ..Wire::of(7) }
+            }
+            HubMessage::Ack { sequence_id } => Wire { sequence_id: Some(*sequence_id), ..Wire::of(8) },
+            HubMessage::Sequence { sequence_id } => Wire { sequence_id: Some(*sequence_id), ..Wire::of(9) },
             HubMessage::Unknown(_) => Wire::of(0),
         };
         frame(serde_json::to_vec(&wire).unwrap_or_default())
@@ -251,11 +210,7 @@ impl HubMessage {
 
     /// A server-to-client invocation with no reply expected.
     pub fn event(target: &str, arguments: Vec<Value>) -> Self {
-        HubMessage::Invocation {
-            invocation_id: None,
-            target: target.to_string(),
-            arguments,
-        }
+        HubMessage::Invocation { invocation_id: None, target: target.to_string(), arguments }
     }
 }
 
@@ -282,55 +237,22 @@ mod tests {
             }
         );
         let m = parse_message(br#"{"type":1,"target":"SendMessage","arguments":[]}"#).unwrap();
-        assert!(matches!(
-            m,
-            HubMessage::Invocation {
-                invocation_id: None,
-                ..
-            }
-        ));
+        assert!(matches!(m, HubMessage::Invocation { invocation_id: None, .. }));
     }
 
     #[test]
     fn every_type_round_trips() {
         let all = vec![
             HubMessage::event("ReceiveMessage", vec![json!("u"), json!("m")]),
-            HubMessage::StreamItem {
-                invocation_id: "1".into(),
-                item: json!(5),
-            },
-            HubMessage::Completion {
-                invocation_id: "1".into(),
-                result: Some(json!([1])),
-                error: None,
-            },
-            HubMessage::Completion {
-                invocation_id: "1".into(),
-                result: None,
-                error: Some("bad".into()),
-            },
-            HubMessage::Completion {
-                invocation_id: "1".into(),
-                result: None,
-                error: None,
-            },
-            HubMessage::StreamInvocation {
-                invocation_id: "2".into(),
-                target: "S".into(),
-                arguments: vec![],
-            },
-            HubMessage::CancelInvocation {
-                invocation_id: "2".into(),
-            },
+            HubMessage::StreamItem { invocation_id: "1".into(), item: json!(5) },
+            HubMessage::Completion { invocation_id: "1".into(), result: Some(json!([1])), error: None },
+            HubMessage::Completion { invocation_id: "1".into(), result: None, error: Some("bad".into()) },
+            HubMessage::Completion { invocation_id: "1".into(), result: None, error: None },
+            HubMessage::StreamInvocation { invocation_id: "2".into(), target: "S".into(), arguments: vec![] },
+            HubMessage::CancelInvocation { invocation_id: "2".into() },
             HubMessage::Ping,
-            HubMessage::Close {
-                error: Some("e".into()),
-                allow_reconnect: true,
-            },
-            HubMessage::Close {
-                error: None,
-                allow_reconnect: false,
-            },
+            HubMessage::Close { error: Some("e".into()), allow_reconnect: true },
+            HubMessage::Close { error: None, allow_reconnect: false },
             HubMessage::Ack { sequence_id: 3 },
             HubMessage::Sequence { sequence_id: 4 },
         ];
@@ -345,17 +267,10 @@ mod tests {
     fn wire_shapes_match_the_spec() {
         assert_eq!(text(&HubMessage::Ping), "{\"type\":6}\u{1e}");
         assert_eq!(
-            text(&HubMessage::Close {
-                error: None,
-                allow_reconnect: true
-            }),
+            text(&HubMessage::Close { error: None, allow_reconnect: true }),
             "{\"type\":7,\"allowReconnect\":true}\u{1e}"
         );
-        let c = HubMessage::Completion {
-            invocation_id: "1".into(),
-            result: Some(Value::Null),
-            error: None,
-        };
+        let c = HubMessage::Completion { invocation_id: "1".into(), result: Some(Value::Null), error: None };
         assert_eq!(text(&c), "{\"type\":3,\"invocationId\":\"1\",\"result\":null}\u{1e}");
     }
 

@@ -47,25 +47,17 @@ impl IntoResponse for TransportError {
         let (status, body) = match self {
             MissingId => (StatusCode::BAD_REQUEST, "Connection ID required"),
             UnknownId => (StatusCode::NOT_FOUND, "No Connection with that ID"),
-            AlreadyConnected => (
-                StatusCode::CONFLICT,
-                "Another connection with this ID is already active",
-            ),
+            AlreadyConnected => (StatusCode::CONFLICT, "Another connection with this ID is already active"),
             WrongTransport => (StatusCode::BAD_REQUEST, "Cannot change transports mid-connection"),
-            PostToWebSocket => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                "POST requests are not allowed for WebSocket connections.",
-            ),
+            PostToWebSocket => {
+                (StatusCode::METHOD_NOT_ALLOWED, "POST requests are not allowed for WebSocket connections.")
+            }
             NoTransportYet => (StatusCode::BAD_REQUEST, "No transport is connected for this ID yet"),
             ConcurrentSend => (StatusCode::CONFLICT, "Another send request is already in progress"),
-            NotLongPolling => (
-                StatusCode::BAD_REQUEST,
-                "Cannot terminate this connection using the DELETE endpoint.",
-            ),
-            Draining => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "This node is draining; negotiate again to reach another node.",
-            ),
+            NotLongPolling => (StatusCode::BAD_REQUEST, "Cannot terminate this connection using the DELETE endpoint."),
+            Draining => {
+                (StatusCode::SERVICE_UNAVAILABLE, "This node is draining; negotiate again to reach another node.")
+            }
         };
         (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
     }
@@ -103,11 +95,7 @@ pub async fn negotiate(State(app): State<Arc<App>>, Query(params): Params) -> Re
         Err(e) => return json(negotiate::error_body(&e)),
     };
     let token = ConnectionToken::issue(&app.node_id);
-    let key = if version >= 1 {
-        token.token.clone()
-    } else {
-        token.connection_id.clone()
-    };
+    let key = if version >= 1 { token.token.clone() } else { token.connection_id.clone() };
     app.new_connection(token.connection_id.clone(), key);
     json(negotiate::negotiate_body(version, &token))
 }
@@ -117,17 +105,11 @@ fn json(body: String) -> Response {
 }
 
 fn is_websocket_request(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+    headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
 fn wants_event_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"))
+    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"))
 }
 
 /// `GET /chathub`: WebSocket upgrade, event stream, or long poll.
@@ -148,11 +130,7 @@ pub async fn connect(
         };
     }
     let result = lookup(&app, &params).and_then(|conn| {
-        let t = if wants_event_stream(&headers) {
-            Transport::ServerSentEvents
-        } else {
-            Transport::LongPolling
-        };
+        let t = if wants_event_stream(&headers) { Transport::ServerSentEvents } else { Transport::LongPolling };
         attach(&app, &conn, t).map(|()| (conn, t))
     });
     match result {
