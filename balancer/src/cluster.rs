@@ -27,8 +27,23 @@ pub struct NodeStats {
     pub routed_new: AtomicU64,
     /// New clients sent here since the registry count was last refreshed.
     pub assigned_since_record: AtomicU64,
+    /// Set when a connection to the node failed; cleared by its next passing check.
+    pub unreachable: AtomicBool,
 }
 
+impl NodeStats {
+    /// Marks the node unreachable; true when it was not already.
+    pub fn mark_unreachable(&self) -> bool {
+        !self.unreachable.swap(true, Ordering::AcqRel)
+    }
+
+    /// Clears the mark; true when it was set.
+    pub fn clear_unreachable(&self) -> bool {
+        self.unreachable.swap(false, Ordering::AcqRel)
+    }
+}
+
+#[derive(Clone)]
 pub struct RouteNode {
     pub record: NodeRecord,
     pub backend: Backend,
@@ -70,33 +85,10 @@ impl RoutingTable {
     }
 }
 
-/// Addresses that refused a connection; cleared by the next passing check.
-#[derive(Default)]
-pub struct PassiveMarks(Mutex<HashSet<SocketAddr>>);
-
-impl PassiveMarks {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<SocketAddr>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn mark(&self, addr: SocketAddr) -> bool {
-        self.lock().insert(addr)
-    }
-
-    pub fn clear(&self, addr: &SocketAddr) -> bool {
-        self.lock().remove(addr)
-    }
-
-    pub fn is_marked(&self, addr: &SocketAddr) -> bool {
-        self.lock().contains(addr)
-    }
-}
-
 pub struct Cluster {
     pub cfg: BalancerConfig,
     pub table: Arc<ArcSwap<RoutingTable>>,
     pub backends: pingora_load_balancing::Backends,
-    pub passive: Arc<PassiveMarks>,
     pub metrics: Metrics,
     pub protection: Protection,
     stats: Mutex<HashMap<String, Arc<NodeStats>>>,
@@ -108,7 +100,6 @@ impl Cluster {
         cfg: BalancerConfig,
         table: Arc<ArcSwap<RoutingTable>>,
         backends: pingora_load_balancing::Backends,
-        passive: Arc<PassiveMarks>,
         metrics: Metrics,
     ) -> Self {
         Cluster {
@@ -116,7 +107,6 @@ impl Cluster {
             cfg,
             table,
             backends,
-            passive,
             metrics,
             stats: Mutex::new(HashMap::new()),
             redis_up: AtomicBool::new(false),
@@ -125,7 +115,7 @@ impl Cluster {
 
     /// Alive: passing active checks and not refusing connections.
     pub fn ready(&self, node: &RouteNode) -> bool {
-        self.backends.ready(&node.backend) && !self.passive.is_marked(&node.addr)
+        self.backends.ready(&node.backend) && !node.stats.unreachable.load(Ordering::Acquire)
     }
 
     /// May receive new clients: alive and not draining.

@@ -149,7 +149,7 @@ impl RegistryWatcher {
             let since = prev.missing_since.unwrap_or_else(Instant::now);
             let keep = !gone.contains(&prev.record.node_id) && since.elapsed() < grace && cluster.ready(prev);
             if keep {
-                nodes.push(Arc::new(RouteNode { missing_since: Some(since), ..clone_node(prev) }));
+                nodes.push(Arc::new(RouteNode { missing_since: Some(since), ..RouteNode::clone(prev) }));
             } else {
                 cluster.metrics.discovery_events.with_label_values(&["removed"]).inc();
                 let _ = cluster.metrics.open_connections.remove_label_values(&[&prev.record.node_id]);
@@ -232,17 +232,6 @@ impl RegistryWatcher {
                 }
             }
         }
-    }
-}
-
-fn clone_node(n: &RouteNode) -> RouteNode {
-    RouteNode {
-        record: n.record.clone(),
-        backend: n.backend.clone(),
-        addr: n.addr,
-        cookie: n.cookie.clone(),
-        stats: n.stats.clone(),
-        missing_since: n.missing_since,
     }
 }
 

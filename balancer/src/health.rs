@@ -5,7 +5,7 @@
 //! from the registry instead. Passive marks (set by the proxy when a connect
 //! fails) take a node out at once and are cleared by its next passing check.
 
-use crate::cluster::{Cluster, PassiveMarks, RoutingTable};
+use crate::cluster::{Cluster, RouteNode, RoutingTable};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -20,7 +20,6 @@ pub struct NodeHealthCheck {
     inner: HttpHealthCheck,
     /// Whole-check deadline: connect, request and response together.
     timeout: Duration,
-    passive: Arc<PassiveMarks>,
     table: Arc<ArcSwap<RoutingTable>>,
     healthy_gauge: IntGaugeVec,
 }
@@ -28,7 +27,6 @@ pub struct NodeHealthCheck {
 impl NodeHealthCheck {
     pub fn new(
         cfg: &crate::config::BalancerConfig,
-        passive: Arc<PassiveMarks>,
         table: Arc<ArcSwap<RoutingTable>>,
         healthy_gauge: IntGaugeVec,
     ) -> Box<Self> {
@@ -51,18 +49,16 @@ impl NodeHealthCheck {
                 "unexpected /health status",
             )),
         }));
-        Box::new(NodeHealthCheck { inner, timeout, passive, table, healthy_gauge })
+        Box::new(NodeHealthCheck { inner, timeout, table, healthy_gauge })
+    }
+
+    fn node(&self, target: &Backend) -> Option<Arc<RouteNode>> {
+        let addr = target.addr.as_inet().copied();
+        self.table.load().nodes.iter().find(|n| Some(n.addr) == addr).cloned()
     }
 
     fn node_id(&self, target: &Backend) -> String {
-        let addr = target.addr.as_inet().copied();
-        self.table
-            .load()
-            .nodes
-            .iter()
-            .find(|n| Some(n.addr) == addr)
-            .map(|n| n.record.node_id.clone())
-            .unwrap_or_else(|| target.addr.to_string())
+        self.node(target).map(|n| n.record.node_id.clone()).unwrap_or_else(|| target.addr.to_string())
     }
 }
 
@@ -75,14 +71,13 @@ impl HealthCheck for NodeHealthCheck {
             Ok(r) => r,
             Err(_) => Err(pingora::Error::explain(pingora::ErrorType::ConnectTimedout, "health check timed out")),
         };
-        let node = self.node_id(target);
         if result.is_ok() {
-            if let Some(addr) = target.addr.as_inet() {
-                if self.passive.clear(addr) {
-                    tracing::info!(%node, "node answers health checks again");
-                }
+            let node = self.node(target);
+            let id = node.as_ref().map(|n| n.record.node_id.clone()).unwrap_or_else(|| target.addr.to_string());
+            if node.is_some_and(|n| n.stats.clear_unreachable()) {
+                tracing::info!(node = %id, "node answers health checks again");
             }
-            self.healthy_gauge.with_label_values(&[&node]).set(1);
+            self.healthy_gauge.with_label_values(&[&id]).set(1);
         }
         result
     }

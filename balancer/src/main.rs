@@ -63,18 +63,12 @@ fn main() -> ExitCode {
     server.bootstrap();
 
     let table = Arc::new(ArcSwap::from_pointee(cluster::RoutingTable::default()));
-    let passive = Arc::new(cluster::PassiveMarks::default());
     let metrics = metrics::Metrics::new();
     let mut backends =
         pingora_load_balancing::Backends::new(Box::new(discovery::RegistryDiscovery::new(table.clone())));
-    backends.set_health_check(health::NodeHealthCheck::new(
-        &cfg,
-        passive.clone(),
-        table.clone(),
-        metrics.backend_healthy.clone(),
-    ));
+    backends.set_health_check(health::NodeHealthCheck::new(&cfg, table.clone(), metrics.backend_healthy.clone()));
     let (listen, admin_listen) = (cfg.listen, cfg.admin_listen);
-    let cluster = Arc::new(cluster::Cluster::new(cfg, table, backends, passive, metrics));
+    let cluster = Arc::new(cluster::Cluster::new(cfg, table, backends, metrics));
 
     let watcher = match discovery::RegistryWatcher::new(cluster.clone()) {
         Ok(w) => w,

@@ -180,7 +180,7 @@ impl ProxyHttp for SwitchboardProxy {
     ) -> Box<Error> {
         let cluster = &self.cluster;
         let Some(node) = ctx.node.take() else { return e };
-        if cluster.passive.mark(node.addr) {
+        if node.stats.mark_unreachable() {
             tracing::warn!(node = %node.record.node_id, error = %e, "connect failed; node marked down until it passes a check");
         }
         ctx.in_flight = None;

@@ -183,7 +183,7 @@ async fn connect(
                 tracing::warn!(node = %node.record.node_id, "websocket connect timed out; node marked down until it passes a check")
             }
         }
-        cluster.passive.mark(node.addr);
+        node.stats.mark_unreachable();
         tried.push(node.record.node_id.clone());
         let next = (kind != RouteKind::Token && tried.len() <= MAX_RETRIES)
             .then(|| routing::least_loaded(cluster, &table, &tried))

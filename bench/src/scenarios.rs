@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use switchboard_common::token::owner_of;
 use tokio::sync::watch;
 
 /// Opens `count` SignalR WebSocket connections to `url`, keeps them alive
@@ -246,12 +247,11 @@ pub async fn discovery(balancer: &str, admin: &str, redis: &str, node_bin: &str,
             .stderr(std::process::Stdio::null())
             .spawn()
             .context("start node")?;
-        let owner = format!("{}.", base64_url(&id));
         let routed = async {
             loop {
                 if let Ok(r) = http.post(format!("{balancer}/chathub/negotiate?negotiateVersion=1")).send().await {
                     if let Ok(v) = r.json::<Value>().await {
-                        if v["connectionToken"].as_str().is_some_and(|t| t.starts_with(&owner)) {
+                        if v["connectionToken"].as_str().and_then(owner_of).as_deref() == Some(id.as_str()) {
                             return t0.elapsed();
                         }
                     }
@@ -301,31 +301,4 @@ pub async fn discovery(balancer: &str, admin: &str, redis: &str, node_bin: &str,
 
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Unpadded base64url, as node ids appear in connection tokens.
-fn base64_url(s: &str) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let b = s.as_bytes();
-    let mut out = String::new();
-    for chunk in b.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &v)| acc | (v as u32) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::base64_url;
-
-    #[test]
-    fn base64url_matches_token_owner_encoding() {
-        assert_eq!(base64_url("a"), "YQ");
-        assert_eq!(base64_url("ab"), "YWI");
-        assert_eq!(base64_url("abc"), "YWJj");
-        assert_eq!(base64_url("n1"), "bjE");
-    }
 }

@@ -72,9 +72,10 @@ fn handshake(app: &App, conn: &Connection, record: &[u8]) {
 async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
     match msg {
         HubMessage::Invocation { invocation_id, target, arguments } => {
-            let outcome = invoke(app, conn, &target, arguments).await;
+            let method = method_label(&target);
+            let outcome = invoke(app, conn, method, arguments).await;
             let label = if outcome.is_ok() { "ok" } else { "error" };
-            app.metrics.invocations.with_label_values(&[method_label(&target), label]).inc();
+            app.metrics.invocations.with_label_values(&[method, label]).inc();
             if let Err(e) = &outcome {
                 tracing::debug!(connection = %conn.connection_id, %target, error = %e, "invocation failed");
             }
@@ -135,15 +136,16 @@ fn event(target: &str, args: Vec<Value>) -> Bytes {
     Bytes::from(HubMessage::event(target, args).to_record())
 }
 
+/// Runs `method`, the canonical name from `method_label` ("unknown" when none matched).
 async fn invoke(
     app: &Arc<App>,
     conn: &Arc<Connection>,
-    target: &str,
+    method: &'static str,
     args: Vec<Value>,
 ) -> Result<Option<Value>, String> {
     let me = || Value::String(conn.connection_id.clone());
     let node = || Value::String(app.node_id.clone());
-    match method_label(target) {
+    match method {
         "SendMessage" => {
             let [user, message] = strings(args)?;
             let entry = HistoryEntry {
