@@ -270,3 +270,26 @@ async fn health_and_metrics_answer() {
     let page = http.get(format!("{}/", node.base)).send().await.unwrap();
     assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
 }
+
+#[tokio::test]
+async fn the_web_client_is_served_with_its_assets_and_a_strict_content_policy() {
+    let (_r, node, http) = one_node().await;
+    let page = http.get(format!("{}/", node.base)).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"].to_str().unwrap().to_string();
+    assert!(csp.contains("default-src 'self'") && !csp.contains("unsafe-inline"), "{csp}");
+    let html = page.text().await.unwrap();
+    for (asset, content_type) in
+        [("chat.css", "text/css"), ("signalr.js", "text/javascript"), ("chat.js", "text/javascript")]
+    {
+        assert!(html.contains(&format!("static/{asset}")), "the page does not load {asset}");
+        let resp = http.get(format!("{}/static/{asset}", node.base)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{asset}");
+        assert!(resp.headers()["content-type"].to_str().unwrap().starts_with(content_type), "{asset}");
+        assert!(!resp.text().await.unwrap().is_empty());
+    }
+    for missing in ["nope.js", "..%2Fhttp.rs", "chat.js.map"] {
+        let resp = http.get(format!("{}/static/{missing}", node.base)).send().await.unwrap();
+        assert_eq!(resp.status(), 404, "{missing}");
+    }
+}

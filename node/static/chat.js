@@ -1,0 +1,291 @@
+// The chat page: connects to the hub through whatever served the page (the
+// balancer, normally), shows every message with its sender, time and the node
+// that carried it, manages groups, and lists the cluster's nodes from /nodes.
+//
+// Everything a user or the server supplies is inserted with textContent or as
+// attribute values, never parsed as HTML: chat text is data (DESIGN §3).
+"use strict";
+
+(function () {
+  const HISTORY_COUNT = 50;
+  const NODES_REFRESH_MS = 10000; // the seed's page refreshes its node list every 10 s
+  const MAX_MESSAGES = 500;
+
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    status: $("status"),
+    retry: $("retry"),
+    nodeId: $("node-id"),
+    connectionId: $("connection-id"),
+    transport: $("transport"),
+    messages: $("messages"),
+    composer: $("composer"),
+    name: $("name"),
+    target: $("target"),
+    message: $("message"),
+    groupForm: $("group-form"),
+    groupName: $("group-name"),
+    groups: $("groups"),
+    nodes: $("nodes"),
+    nodeCount: $("node-count"),
+    nodesUpdated: $("nodes-updated"),
+  };
+
+  const joinedGroups = new Set();
+  const seen = new Set(); // broadcast messages already shown, to merge history after a reconnect
+  let me = { nodeId: null, connectionId: null };
+
+  function el(tag, className, text) {
+    const e = document.createElement(tag);
+    if (className) e.className = className;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+
+  function timeLabel(date) {
+    return date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  }
+
+  function scrollToEnd(wasAtEnd) {
+    if (wasAtEnd) ui.messages.scrollTop = ui.messages.scrollHeight;
+  }
+
+  function append(li) {
+    const list = ui.messages;
+    const atEnd = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+    list.appendChild(li);
+    while (list.children.length > MAX_MESSAGES) list.removeChild(list.firstChild);
+    scrollToEnd(atEnd);
+  }
+
+  function system(text) {
+    const li = el("li", "system", timeLabel(new Date()) + " · " + text);
+    append(li);
+  }
+
+  function messageKey(user, message, connectionId) {
+    return connectionId + "\u0000" + user + "\u0000" + message;
+  }
+
+  /** Renders one chat message. `kind` is "broadcast", "group" or "history". */
+  function showMessage({ user, message, connectionId, nodeId, when, group, kind }) {
+    const li = el("li", "message " + kind);
+    if (connectionId === me.connectionId) li.classList.add("mine");
+    li.dataset.kind = kind;
+    li.dataset.node = nodeId;
+    li.dataset.connection = connectionId;
+    if (group !== undefined) li.dataset.group = group;
+    const meta = el("div", "meta");
+    meta.appendChild(el("span", "user", user));
+    if (group !== undefined) meta.appendChild(el("span", "tag", "group " + group));
+    const time = el("time", "when", timeLabel(when));
+    time.dateTime = when.toISOString();
+    meta.appendChild(time);
+    meta.appendChild(el("span", "node", "via " + nodeId));
+    if (kind === "history") meta.appendChild(el("span", "origin", "history"));
+    li.appendChild(meta);
+    li.appendChild(el("div", "text", message));
+    append(li);
+  }
+
+  function setStatus(state, text) {
+    ui.status.dataset.state = state;
+    ui.status.textContent = text;
+    ui.retry.hidden = !(state === "reconnecting" || state === "offline");
+  }
+
+  // ---- hub ----------------------------------------------------------------
+  const hub = new SignalR.HubConnection("chathub");
+
+  hub.on("ReceiveMessage", (user, message, connectionId, nodeId) => {
+    seen.add(messageKey(user, message, connectionId));
+    showMessage({ user, message, connectionId, nodeId, when: new Date(), kind: "broadcast" });
+  });
+  hub.on("ReceiveGroupMessage", (group, user, message, connectionId, nodeId) => {
+    showMessage({ user, message, connectionId, nodeId, when: new Date(), group, kind: "group" });
+  });
+  hub.on("NodeInfo", (nodeId, connectionId) => {
+    me = { nodeId, connectionId };
+    ui.nodeId.textContent = nodeId;
+    ui.connectionId.textContent = connectionId;
+    setStatus("connected", "Connected to " + nodeId);
+    highlightCurrentNode();
+  });
+
+  let lostAt = null;
+  hub.onstatechange = (state, detail) => {
+    if (state === "connecting") setStatus("connecting", "Connecting…");
+    else if (state === "connected") {
+      ui.transport.textContent = detail.transport;
+      // Node name arrives with NodeInfo; until then say what we know.
+      setStatus("connected", "Connected");
+    } else if (state === "reconnecting" || state === "offline") {
+      if (lostAt === null) {
+        lostAt = Date.now();
+        const reason = hub.lastError ? " (" + hub.lastError.message + ")" : "";
+        system("Connection to " + (me.nodeId || "the server") + " lost" + reason + "; reconnecting…");
+        ui.nodeId.textContent = "–";
+        ui.connectionId.textContent = "–";
+        ui.transport.textContent = "–";
+      }
+      const secs = Math.max(1, Math.round(detail.delayMs / 1000));
+      const label = state === "offline" ? "Offline" : "Reconnecting";
+      setStatus(state, label + " (attempt " + detail.attempt + ", in " + secs + " s)…");
+    }
+  };
+
+  hub.onconnected = async (reconnected) => {
+    try {
+      await hub.send("GetNodeInfo");
+      for (const group of joinedGroups) await hub.invoke("JoinGroup", group);
+      if (reconnected) {
+        const secs = ((Date.now() - (lostAt || Date.now())) / 1000).toFixed(1);
+        system("Reconnected over " + hub.transportName + " after " + secs + " s");
+      }
+      lostAt = null;
+      await loadHistory(reconnected);
+    } catch (e) {
+      system("Could not finish connecting: " + e.message);
+    }
+    refreshNodes();
+  };
+
+  hub.onclosed = (error) => {
+    system("The server closed the connection" + (error ? ": " + error.message : "") + ". Reload the page to reconnect.");
+  };
+
+  async function loadHistory(reconnected) {
+    let entries;
+    try {
+      entries = await hub.invoke("GetHistory", HISTORY_COUNT);
+    } catch (e) {
+      system("History unavailable: " + e.message);
+      return;
+    }
+    if (!Array.isArray(entries)) return;
+    let added = 0;
+    for (const h of entries) {
+      if (!h || typeof h !== "object") continue;
+      const key = messageKey(String(h.user), String(h.message), String(h.connectionId));
+      if (seen.has(key)) continue;
+      seen.add(key);
+      const when = new Date(h.timestamp);
+      showMessage({
+        user: String(h.user),
+        message: String(h.message),
+        connectionId: String(h.connectionId),
+        nodeId: String(h.nodeId),
+        when: isNaN(when) ? new Date() : when,
+        kind: "history",
+      });
+      added++;
+    }
+    if (!reconnected) system(added ? "Loaded " + added + " earlier messages" : "No earlier messages");
+    else if (added) system(added + " messages arrived while reconnecting");
+  }
+
+  // ---- composing ----------------------------------------------------------
+  ui.name.value = localStorage.getItem("switchboard.name") || "guest-" + Math.random().toString(36).slice(2, 6);
+  ui.name.addEventListener("change", () => localStorage.setItem("switchboard.name", ui.name.value.trim()));
+
+  ui.composer.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const user = ui.name.value.trim();
+    const text = ui.message.value;
+    if (!user || !text.trim()) return;
+    const group = ui.target.value;
+    try {
+      if (group) await hub.invoke("SendMessageToGroup", group, user, text);
+      else await hub.invoke("SendMessage", user, text);
+      ui.message.value = "";
+    } catch (err) {
+      system("Not sent: " + err.message);
+    }
+    ui.message.focus();
+  });
+
+  // ---- groups -------------------------------------------------------------
+  function renderGroups() {
+    ui.groups.replaceChildren();
+    const current = ui.target.value;
+    ui.target.replaceChildren(new Option("everyone", ""));
+    for (const group of [...joinedGroups].sort()) {
+      const li = el("li");
+      li.dataset.group = group;
+      li.appendChild(el("span", "group-name", group));
+      const leave = el("button", "secondary", "Leave");
+      leave.type = "button";
+      leave.addEventListener("click", () => leaveGroup(group));
+      li.appendChild(leave);
+      ui.groups.appendChild(li);
+      ui.target.appendChild(new Option("group " + group, group));
+    }
+    ui.target.value = joinedGroups.has(current) ? current : "";
+  }
+
+  ui.groupForm.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const group = ui.groupName.value.trim();
+    if (!group) return;
+    try {
+      await hub.invoke("JoinGroup", group);
+      joinedGroups.add(group);
+      ui.groupName.value = "";
+      renderGroups();
+      ui.target.value = group;
+      system("Joined group " + group);
+    } catch (err) {
+      system("Could not join " + group + ": " + err.message);
+    }
+  });
+
+  async function leaveGroup(group) {
+    try {
+      await hub.invoke("LeaveGroup", group);
+      joinedGroups.delete(group);
+      renderGroups();
+      system("Left group " + group);
+    } catch (err) {
+      system("Could not leave " + group + ": " + err.message);
+    }
+  }
+
+  // ---- cluster panel ------------------------------------------------------
+  function highlightCurrentNode() {
+    for (const li of ui.nodes.children) li.classList.toggle("current", li.dataset.node === me.nodeId);
+  }
+
+  async function refreshNodes() {
+    let data;
+    try {
+      const resp = await fetch("nodes", { cache: "no-store", credentials: "same-origin" });
+      data = await resp.json();
+      if (!resp.ok) throw new Error(data.error || "HTTP " + resp.status);
+    } catch (e) {
+      ui.nodesUpdated.textContent = "node list unavailable: " + e.message;
+      return;
+    }
+    const nodes = Array.isArray(data.available_nodes) ? data.available_nodes : [];
+    ui.nodeCount.textContent = String(data.active_count ?? nodes.length);
+    ui.nodes.replaceChildren();
+    for (const n of nodes) {
+      const li = el("li");
+      li.dataset.node = String(n.id);
+      li.dataset.status = String(n.status);
+      const title = el("span", "node-name", String(n.name || n.id));
+      li.appendChild(title);
+      li.appendChild(el("span", n.status === "draining" ? "state draining" : "state", " · " + String(n.status)));
+      const seen = new Date(n.lastSeen);
+      const detail = String(n.id) + " · " + (n.connections ?? "?") + " connections · seen " + (isNaN(seen) ? "?" : timeLabel(seen));
+      li.appendChild(el("span", "detail", detail));
+      ui.nodes.appendChild(li);
+    }
+    highlightCurrentNode();
+    ui.nodesUpdated.textContent = "updated " + timeLabel(new Date()) + " (from " + String(data.current_node) + ")";
+  }
+
+  ui.retry.addEventListener("click", () => hub.retryNow());
+  setInterval(refreshNodes, NODES_REFRESH_MS);
+  refreshNodes();
+  hub.start();
+})();
