@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs Switchboard's whole test suite on a fresh Debian machine: installs what
-# is missing (cmake for Pingora's zlib-ng, redis-server for the tests), checks
+# is missing (cmake for Pingora's zlib-ng, redis-server for the tests,
+# chromium and chromium-driver for the web-page tests), checks
 # formatting and lints, builds the programs the tests start, and runs every
 # test. Tests start their own redis-server on free loopback ports.
 set -euo pipefail
@@ -11,6 +12,8 @@ command -v cmake >/dev/null || missing+=(cmake)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v cc >/dev/null || missing+=(build-essential)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
+[ -x /usr/lib/chromium/chromium ] || [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if ((${#missing[@]})); then
   echo "scripts/test.sh: installing ${missing[*]}"
   sudo_cmd=()

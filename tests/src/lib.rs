@@ -5,6 +5,7 @@
 //! polling on real sockets (`client::HubClient`). Everything is stopped when
 //! dropped, and every wait is bounded.
 
+pub mod browser;
 pub mod client;
 pub mod cluster;
 pub mod process;

@@ -37,19 +37,26 @@ pub struct Process {
 }
 
 impl Process {
+    /// Starts one of the workspace's binaries from `target/<profile>`.
     pub fn spawn(binary_name: &str, label: &str, args: &[String]) -> Self {
+        Self::spawn_program(&binary(binary_name), label, args)
+    }
+
+    /// Starts any program (a system one such as chromedriver) with its output
+    /// in `target/<profile>/test-logs/<label>-….log`.
+    pub fn spawn_program(program: &std::path::Path, label: &str, args: &[String]) -> Self {
         let logs = target_dir().join("test-logs");
         let _ = std::fs::create_dir_all(&logs);
         let log = logs.join(format!("{label}-{}.log", free_port()));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(binary(binary_name))
+        let child = Command::new(program)
             .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {binary_name}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
         Process { name: label.to_string(), log, child: Some(child) }
     }
 

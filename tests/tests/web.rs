@@ -1,0 +1,299 @@
+//! The chat page and the balancer dashboard in a real headless Chromium,
+//! through a real balancer in front of real nodes and Redis: two people land
+//! on different nodes and talk; markup typed by a user stays text; groups and
+//! history work; the page fits a phone; when a person's node is killed the
+//! page says so, reconnects to another node and chat goes on; the dashboard
+//! shows a node drain and a killed node leave. Screenshots are saved under
+//! `target/<profile>/test-artifacts/`.
+
+use fantoccini::{Client, Locator};
+use serde_json::Value;
+use switchboard_tests::browser::{click, eval, eval_until, screenshot, type_into, Browser};
+use switchboard_tests::{eventually, HubClient, RedisServer, TestBalancer, TestNode, TransportKind, WAIT};
+
+const XSS_IMG: &str = r#"<img src=x onerror="window.__xss=(window.__xss||0)+1">"#;
+const XSS_SCRIPT: &str = "<script>window.__xss=(window.__xss||0)+1</script>";
+
+/// Every chat message on the page, as the user sees it.
+const MESSAGES_JS: &str = r#"
+return [...document.querySelectorAll('#messages li.message')].map(li => ({
+  kind: li.dataset.kind,
+  node: li.dataset.node,
+  group: li.dataset.group || null,
+  user: li.querySelector('.user').textContent,
+  text: li.querySelector('.text').textContent,
+  via: li.querySelector('.node').textContent,
+}));"#;
+
+/// Opens the chat page at `url` and waits until it says which node it is on.
+async fn open_chat(browser: &Browser, url: &str, width: u32, height: u32) -> (Client, String) {
+    let client = browser.session(width, height).await;
+    client.goto(url).await.unwrap_or_else(|e| panic!("open {url}: {e}"));
+    let node = connected_node(&client, None).await;
+    (client, node)
+}
+
+/// Waits until the page shows "connected" with a node id (other than `not`).
+async fn connected_node(client: &Client, not: Option<&str>) -> String {
+    let js = r#"const s = document.getElementById('status');
+        return s.dataset.state === 'connected' ? document.getElementById('node-id').textContent : null;"#;
+    eval_until(client, "the page to show it is connected to a node", js, |v| {
+        let node = v.as_str()?;
+        (node != "–" && Some(node) != not).then(|| node.to_string())
+    })
+    .await
+}
+
+async fn set_name(client: &Client, name: &str) {
+    type_into(client, "#name", name).await;
+}
+
+async fn send_chat(client: &Client, text: &str) {
+    type_into(client, "#message", text).await;
+    click(client, "#send").await;
+    // The field is cleared once the hub accepted the message.
+    eval_until(
+        client,
+        "the message box to clear after sending",
+        "return document.getElementById('message').value;",
+        |v| (v.as_str() == Some("")).then_some(()),
+    )
+    .await;
+}
+
+async fn messages(client: &Client) -> Vec<Value> {
+    eval(client, MESSAGES_JS).await.as_array().cloned().unwrap_or_default()
+}
+
+/// Waits for a chat message whose text is exactly `text`, and returns it.
+async fn wait_message(client: &Client, text: &str) -> Value {
+    eval_until(client, &format!("the message {text:?} on the page"), MESSAGES_JS, |v| {
+        v.as_array()?.iter().find(|m| m["text"] == text).cloned()
+    })
+    .await
+}
+
+async fn system_lines(client: &Client) -> Vec<String> {
+    let js = "return [...document.querySelectorAll('#messages li.system')].map(li => li.textContent);";
+    eval(client, js).await.as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect()
+}
+
+/// Asserts that no markup from chat text became elements or ran.
+async fn assert_nothing_injected(client: &Client, who: &str) {
+    let v = eval(
+        client,
+        "return { elements: document.querySelectorAll('#messages img, #messages script').length, xss: window.__xss ?? null };",
+    )
+    .await;
+    assert_eq!(v["elements"], 0, "{who}: chat text became elements");
+    assert_eq!(v["xss"], Value::Null, "{who}: chat text ran as script");
+}
+
+async fn join_group(client: &Client, group: &str) {
+    type_into(client, "#group-name", group).await;
+    click(client, "#join").await;
+    let js = format!("return document.querySelector('#groups li[data-group=\"{group}\"]') !== null;");
+    eval_until(client, &format!("group {group} to be listed"), &js, |v| (v == true).then_some(())).await;
+}
+
+async fn choose_target(client: &Client, value: &str) {
+    let select = client.find(Locator::Css("#target")).await.unwrap_or_else(|e| panic!("no #target: {e}"));
+    select.select_by_value(value).await.unwrap_or_else(|e| panic!("select {value:?}: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_people_on_different_nodes_chat_in_groups_with_history_and_markup_stays_text() {
+    let redis = RedisServer::start();
+    let _a = TestNode::start(&redis, "node-a", &[]).await;
+    let _b = TestNode::start(&redis, "node-b", &[]).await;
+    let lb = TestBalancer::start(&redis, &[]).await;
+    lb.wait_accepting(&["node-a", "node-b"]).await;
+    let Some(browser) = Browser::start().await else { return };
+
+    // Separate sessions are separate cookie jars: the second person is a new
+    // client and goes to the less loaded node.
+    let (alice, alice_node) = open_chat(&browser, &lb.base, 1280, 800).await;
+    let (bob, bob_node) = open_chat(&browser, &lb.base, 1280, 800).await;
+    assert_ne!(alice_node, bob_node, "two new people should land on different nodes");
+    set_name(&alice, "alice").await;
+    set_name(&bob, "bob").await;
+
+    send_chat(&alice, "hello from alice").await;
+    let seen_by_bob = wait_message(&bob, "hello from alice").await;
+    assert_eq!(seen_by_bob["user"], "alice");
+    assert_eq!(seen_by_bob["node"], alice_node.as_str(), "the message names the node that carried it");
+    assert_eq!(seen_by_bob["via"], format!("via {alice_node}"));
+    assert_eq!(seen_by_bob["kind"], "broadcast");
+    send_chat(&bob, "hi alice").await;
+    let seen_by_alice = wait_message(&alice, "hi alice").await;
+    assert_eq!(seen_by_alice["user"], "bob");
+    assert_eq!(seen_by_alice["node"], bob_node.as_str());
+
+    // Markup is shown as typed and runs nowhere (not even for the sender).
+    send_chat(&alice, XSS_IMG).await;
+    send_chat(&alice, XSS_SCRIPT).await;
+    for who in [&alice, &bob] {
+        wait_message(who, XSS_IMG).await;
+        wait_message(who, XSS_SCRIPT).await;
+    }
+    assert_nothing_injected(&alice, "alice").await;
+    assert_nothing_injected(&bob, "bob").await;
+
+    // Groups: a group message crosses nodes to members only, marked as such.
+    join_group(&alice, "ops").await;
+    join_group(&bob, "ops").await;
+    choose_target(&bob, "ops").await;
+    send_chat(&bob, "ops only").await;
+    let group_msg = wait_message(&alice, "ops only").await;
+    assert_eq!(group_msg["kind"], "group");
+    assert_eq!(group_msg["group"], "ops");
+    assert_eq!(group_msg["node"], bob_node.as_str());
+    click(&alice, "#groups li[data-group=\"ops\"] button").await;
+    eval_until(&alice, "ops to leave the group list", "return document.querySelectorAll('#groups li').length;", |v| {
+        (v == 0).then_some(())
+    })
+    .await;
+    send_chat(&bob, "ops after alice left").await;
+    wait_message(&bob, "ops after alice left").await;
+    choose_target(&bob, "").await;
+    send_chat(&bob, "everyone again").await;
+    wait_message(&alice, "everyone again").await;
+    assert!(
+        !messages(&alice).await.iter().any(|m| m["text"] == "ops after alice left"),
+        "a group message reached someone who had left the group"
+    );
+
+    // The cluster panel lists both nodes and marks the page's own.
+    let panel = eval_until(
+        &alice,
+        "the cluster panel to list both nodes",
+        r#"return { count: document.getElementById('node-count').textContent,
+                    nodes: [...document.querySelectorAll('#nodes li')].map(li => li.dataset.node),
+                    current: document.querySelector('#nodes li.current')?.dataset.node ?? null };"#,
+        |v| (v["count"] == "2" && v["nodes"].as_array()?.len() == 2).then(|| v.clone()),
+    )
+    .await;
+    assert_eq!(panel["current"], alice_node.as_str());
+    screenshot(&alice, "chat-desktop").await;
+
+    // A third person, on a phone-sized screen, gets the earlier messages as
+    // history, still as text, and the page fits the screen.
+    let (carol, _) = open_chat(&browser, &lb.base, 390, 844).await;
+    let history = wait_message(&carol, "hello from alice").await;
+    assert_eq!(history["kind"], "history");
+    assert_eq!(history["node"], alice_node.as_str());
+    wait_message(&carol, XSS_IMG).await;
+    assert_nothing_injected(&carol, "carol").await;
+    let fit = eval(
+        &carol,
+        r#"const send = document.getElementById('send').getBoundingClientRect();
+           return { overflow: document.documentElement.scrollWidth - window.innerWidth,
+                    sendVisible: send.width > 0 && send.right <= window.innerWidth };"#,
+    )
+    .await;
+    assert!(fit["overflow"].as_i64().unwrap_or(1) <= 0, "the page scrolls sideways on a phone: {fit}");
+    assert_eq!(fit["sendVisible"], true, "the send button is off screen on a phone: {fit}");
+    screenshot(&carol, "chat-phone").await;
+
+    // Someone behind a proxy that breaks WebSockets falls back to long
+    // polling and chats both ways.
+    let dave = browser.session_without_websockets(1024, 700).await;
+    dave.goto(&lb.base).await.expect("open the chat page");
+    connected_node(&dave, None).await;
+    let transport = eval(&dave, "return document.getElementById('transport').textContent;").await;
+    assert_eq!(transport, "LongPolling");
+    set_name(&dave, "dave").await;
+    send_chat(&dave, "sent over long polling").await;
+    assert_eq!(wait_message(&alice, "sent over long polling").await["user"], "dave");
+    send_chat(&alice, "to dave").await;
+    wait_message(&dave, "to dave").await;
+
+    for c in [alice, bob, carol, dave] {
+        let _ = c.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_sends_its_page_elsewhere_and_the_dashboard_shows_drain_and_loss() {
+    let redis = RedisServer::start();
+    let mut nodes = [
+        TestNode::start(&redis, "node-a", &[]).await,
+        TestNode::start(&redis, "node-b", &[]).await,
+        // Drains for long enough that the dashboard must show it.
+        TestNode::start(&redis, "node-c", &["--drain-secs", "30"]).await,
+    ];
+    let lb = TestBalancer::start(&redis, &[]).await;
+    lb.wait_accepting(&["node-a", "node-b", "node-c"]).await;
+    let Some(browser) = Browser::start().await else { return };
+
+    // A client straight on node-c keeps it busy, so the two people land on
+    // node-a and node-b, and it keeps node-c draining instead of exiting.
+    let http = reqwest::Client::new();
+    let c_base = nodes[2].base.clone();
+    let pinned = HubClient::connect(&http, &c_base, TransportKind::WebSockets).await.expect("client on node-c");
+    eventually(WAIT, "the balancer to see node-c's client", || async {
+        let v = lb.backends().await;
+        v["nodes"].as_array()?.iter().any(|n| n["nodeId"] == "node-c" && n["nodeConnections"] == 1).then_some(())
+    })
+    .await;
+
+    let dashboard = browser.session(1280, 720).await;
+    dashboard.goto(&format!("{}/dashboard", lb.admin)).await.expect("open the dashboard");
+    let rows_js = "return Object.fromEntries([...document.querySelectorAll('#nodes tr')].map(r => [r.dataset.node, r.dataset.status]));";
+    eval_until(&dashboard, "the dashboard to list three healthy nodes", rows_js, |v| {
+        let rows = v.as_object()?;
+        (rows.len() == 3 && rows.values().all(|s| s == "healthy")).then_some(())
+    })
+    .await;
+
+    let (alice, alice_node) = open_chat(&browser, &lb.base, 1280, 800).await;
+    let (bob, bob_node) = open_chat(&browser, &lb.base, 1280, 800).await;
+    assert_ne!(alice_node, bob_node);
+    for n in [&alice_node, &bob_node] {
+        assert_ne!(n, "node-c", "a person was sent to the busy node");
+    }
+    set_name(&alice, "alice").await;
+    set_name(&bob, "bob").await;
+    send_chat(&alice, "before the failure").await;
+    wait_message(&bob, "before the failure").await;
+
+    // Draining shows on the dashboard.
+    nodes[2].process.terminate();
+    eval_until(&dashboard, "the dashboard to show node-c draining", rows_js, |v| {
+        (v["node-c"] == "draining").then_some(())
+    })
+    .await;
+    screenshot(&dashboard, "dashboard").await;
+
+    // Kill bob's node outright.
+    let bob_index = nodes.iter().position(|n| n.id == bob_node).expect("bob's node is one of ours");
+    nodes[bob_index].process.kill();
+
+    // The page notices, says so, and reconnects to the only node still taking
+    // new clients.
+    let now_on = connected_node(&bob, Some(&bob_node)).await;
+    assert_eq!(now_on, alice_node, "bob should reconnect to the remaining accepting node");
+    let lines = system_lines(&bob).await;
+    assert!(
+        lines.iter().any(|l| l.contains(&format!("Connection to {bob_node} lost"))),
+        "the page did not say the connection was lost: {lines:?}"
+    );
+    assert!(lines.iter().any(|l| l.contains("Reconnected")), "the page did not say it reconnected: {lines:?}");
+    send_chat(&bob, "back on another node").await;
+    let msg = wait_message(&alice, "back on another node").await;
+    assert_eq!(msg["node"], alice_node.as_str());
+    assert_eq!(msg["user"], "bob");
+    screenshot(&bob, "chat-after-failover").await;
+
+    // The dashboard drops the killed node.
+    eval_until(&dashboard, "the dashboard to drop the killed node", rows_js, |v| {
+        v.as_object()?.get(&bob_node).is_none().then_some(())
+    })
+    .await;
+    screenshot(&dashboard, "dashboard-after-kill").await;
+
+    drop(pinned);
+    for c in [alice, bob, dashboard] {
+        let _ = c.close().await;
+    }
+}
