@@ -1,12 +1,18 @@
-//! `switchboard-bench`: measurements of Switchboard on loopback — idle memory
-//! per connection, `Echo` latency and throughput, cross-node broadcast
-//! fan-out, and discovery/failover times. Each subcommand prints a human line
-//! on stderr and one JSON document on stdout for the report.
+//! `switchboard-bench`: measurements of Switchboard on loopback. `suite` runs
+//! the whole comparison (direct, Switchboard, Traefik, nginx, HAProxy) and
+//! writes the report; the other subcommands run one workload against URLs
+//! you give, printing a human line on stderr and JSON on stdout.
 
+mod contenders;
+mod failover;
+mod report;
 mod rss;
 mod scenarios;
+mod setup;
 mod signalr;
 mod stats;
+mod suite;
+mod svg;
 
 use clap::{Parser, Subcommand};
 use std::time::Duration;
@@ -20,6 +26,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Every workload through every contender, started here on loopback; writes
+    /// results.json, report.md and SVG plots under --out/<date>-<mode>/
+    Suite {
+        /// Short durations and counts (finishes in a few minutes)
+        #[arg(long)]
+        quick: bool,
+        /// Where switchboard-node and switchboard-balancer are (default: next to this program)
+        #[arg(long)]
+        bin_dir: Option<std::path::PathBuf>,
+        /// The traefik binary (scripts/bench.sh installs the pinned one in a venv)
+        #[arg(long)]
+        traefik: std::path::PathBuf,
+        #[arg(long, default_value = "bench/results")]
+        out: std::path::PathBuf,
+        /// The command line to record in the report (scripts/bench.sh passes its own)
+        #[arg(long)]
+        command_line: Option<String>,
+    },
+    /// Rewrite report.md and the plots of an earlier run from its results.json
+    Report { results: std::path::PathBuf },
     /// Open N idle SignalR WebSockets to URL; report RSS gained per connection by each PID
     Idle {
         #[arg(long)]
@@ -85,6 +111,26 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let secs = Duration::from_secs_f64;
     let result = match Cli::parse().command {
+        Command::Suite { quick, bin_dir, traefik, out, command_line } => {
+            let bin_dir = match bin_dir {
+                Some(d) => d,
+                None => std::env::current_exe()?.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
+            };
+            let command_line = command_line.unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
+            let doc = suite::run(&suite::Options { quick, bin_dir, traefik, command_line }).await?;
+            let dir = suite::results_dir(&out, &doc);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&doc)?)?;
+            write_report(&dir, &doc)?;
+            eprintln!("report written to {}", dir.join("report.md").display());
+            return Ok(());
+        }
+        Command::Report { results } => {
+            let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&results)?)?;
+            let dir = results.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+            write_report(&dir, &doc)?;
+            return Ok(());
+        }
         Command::Idle { url, count, pids, settle_secs } => {
             scenarios::idle(&url, count, &pids, secs(settle_secs)).await?
         }
@@ -102,5 +148,14 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     println!("{result}");
+    Ok(())
+}
+
+/// report.md, latency.svg and memory.svg next to results.json.
+fn write_report(dir: &std::path::Path, doc: &serde_json::Value) -> anyhow::Result<()> {
+    std::fs::write(dir.join("report.md"), report::markdown(doc))?;
+    let (latency, memory) = report::plots(doc);
+    std::fs::write(dir.join("latency.svg"), latency)?;
+    std::fs::write(dir.join("memory.svg"), memory)?;
     Ok(())
 }

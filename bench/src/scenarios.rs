@@ -2,7 +2,7 @@
 //! or another proxy on loopback), bounded in count and time, and returns a
 //! JSON value that the report generator stores alongside the printed line.
 
-use crate::rss::rss_kib;
+use crate::rss::tree_rss_kib;
 use crate::signalr::{self, HubSocket};
 use crate::stats::{histogram, median, record, summarize};
 use anyhow::{bail, Context, Result};
@@ -18,7 +18,7 @@ use tokio::sync::watch;
 /// with pings, and reports how much resident memory each process in `pids`
 /// gained per connection, and how much it kept after the clients left.
 pub async fn idle(url: &str, count: usize, pids: &[u32], settle: Duration) -> Result<Value> {
-    let before: Vec<u64> = pids.iter().map(|&p| rss_kib(p).unwrap_or(0)).collect();
+    let before: Vec<u64> = pids.iter().map(|&p| tree_rss_kib(p).unwrap_or(0)).collect();
     let http = reqwest::Client::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     let failures = Arc::new(AtomicU64::new(0));
@@ -43,13 +43,13 @@ pub async fn idle(url: &str, count: usize, pids: &[u32], settle: Duration) -> Re
     let open = tasks.len();
     let connect_secs = started.elapsed().as_secs_f64();
     tokio::time::sleep(settle).await;
-    let loaded: Vec<u64> = pids.iter().map(|&p| rss_kib(p).unwrap_or(0)).collect();
+    let loaded: Vec<u64> = pids.iter().map(|&p| tree_rss_kib(p).unwrap_or(0)).collect();
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
     }
     tokio::time::sleep(settle).await;
-    let after: Vec<u64> = pids.iter().map(|&p| rss_kib(p).unwrap_or(0)).collect();
+    let after: Vec<u64> = pids.iter().map(|&p| tree_rss_kib(p).unwrap_or(0)).collect();
     let per_process: Vec<Value> = pids
         .iter()
         .enumerate()
@@ -167,8 +167,10 @@ pub async fn fanout(urls: &[String], receivers: usize, rate: f64, duration: Dura
     let delivered = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    let mut per_node = std::collections::BTreeMap::<String, u64>::new();
     for i in 0..receivers {
         let mut sock = signalr::connect(&http, &urls[i % urls.len()]).await?;
+        *per_node.entry(sock.node.clone().unwrap_or_else(|| "?".into())).or_default() += 1;
         let (hist, delivered, mut stop) = (hist.clone(), delivered.clone(), stop_rx.clone());
         tasks.push(tokio::spawn(async move {
             let mut local = histogram();
@@ -214,7 +216,7 @@ pub async fn fanout(urls: &[String], receivers: usize, rate: f64, duration: Dura
     let n = delivered.load(Ordering::Relaxed);
     let summary = hist.lock().map(|h| summarize(&h)).ok();
     Ok(json!({
-        "urls": urls, "receivers": receivers, "sent": sent, "expected_deliveries": sent * receivers as u64,
+        "urls": urls, "receivers": receivers, "receivers_per_node": per_node, "sent": sent, "expected_deliveries": sent * receivers as u64,
         "delivered": n, "deliveries_per_sec": (n as f64 / duration.as_secs_f64()).round(), "latency": summary,
     }))
 }

@@ -1,11 +1,17 @@
-//! A lean SignalR JSON-protocol client over WebSocket for load generation:
-//! negotiate (v1), connect, handshake, invoke and read, with nothing kept
-//! per message beyond what a measurement needs.
+//! A lean SignalR JSON-protocol client for load generation: negotiate (v1),
+//! WebSocket connect, handshake, invoke and read, with nothing kept per
+//! message beyond what a measurement needs. Like a browser, it carries the
+//! cookies the negotiate answer set onto the WebSocket upgrade, so cookie
+//! stickiness (Traefik, HAProxy, Switchboard) can work. `longpoll_echo` is the
+//! other kind of client: a third-party one that keeps no cookies and polls.
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use switchboard_common::token::owner_of;
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::header::{COOKIE, SET_COOKIE};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -13,21 +19,80 @@ pub const RS: char = '\u{1e}';
 
 pub struct HubSocket {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The node that owns the connection (read from its token).
+    pub node: Option<String>,
     next_id: u64,
+}
+
+/// `name=value` pairs of every Set-Cookie header, as one Cookie header value.
+pub fn cookie_header<'a>(set_cookies: impl Iterator<Item = &'a str>) -> Option<String> {
+    let pairs: Vec<&str> =
+        set_cookies.filter_map(|c| c.split(';').next()).map(str::trim).filter(|p| p.contains('=')).collect();
+    (!pairs.is_empty()).then(|| pairs.join("; "))
 }
 
 pub async fn connect(http: &reqwest::Client, base: &str) -> Result<HubSocket> {
     let resp = http.post(format!("{base}/chathub/negotiate?negotiateVersion=1")).send().await?;
     let status = resp.status();
+    let cookies = cookie_header(resp.headers().get_all(SET_COOKIE).iter().filter_map(|v| v.to_str().ok()));
     let body: Value = resp.json().await.with_context(|| format!("negotiate answered {status}"))?;
     let token = body["connectionToken"].as_str().ok_or_else(|| anyhow!("negotiate: {body}"))?;
     let url = format!("{}/chathub?id={token}", base.replacen("http://", "ws://", 1));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    let mut request = url.into_client_request()?;
+    if let Some(c) = cookies {
+        request.headers_mut().insert(COOKIE, c.parse()?);
+    }
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
     ws.send(Message::Text(format!("{{\"protocol\":\"json\",\"version\":1}}{RS}").into())).await?;
     match ws.next().await {
-        Some(Ok(Message::Text(t))) if t.as_str().starts_with("{}") => Ok(HubSocket { ws, next_id: 0 }),
+        Some(Ok(Message::Text(t))) if t.as_str().starts_with("{}") => {
+            Ok(HubSocket { ws, node: owner_of(token), next_id: 0 })
+        }
         other => bail!("handshake answered {other:?}"),
     }
+}
+
+/// One third-party-style session over long polling with no cookies: negotiate
+/// (v1 or v0), open, handshake, one `Echo` round trip, close. Each request is
+/// routed by the proxy on its own, so this succeeds only where the proxy keeps
+/// a connection's requests on its node. Returns the owning node on success.
+pub async fn longpoll_echo(http: &reqwest::Client, base: &str, negotiate_version: u8) -> Result<Option<String>> {
+    let query = if negotiate_version == 0 { String::new() } else { "?negotiateVersion=1".into() };
+    let resp = http.post(format!("{base}/chathub/negotiate{query}")).send().await?;
+    let status = resp.status();
+    let body: Value = resp.json().await.with_context(|| format!("negotiate answered {status}"))?;
+    let key = if negotiate_version == 0 { "connectionId" } else { "connectionToken" };
+    let token = body[key].as_str().ok_or_else(|| anyhow!("negotiate: {body}"))?.to_string();
+    let url = format!("{base}/chathub?id={token}");
+    let check = |r: reqwest::Response, what: &str| {
+        if r.status().is_success() {
+            Ok(r)
+        } else {
+            Err(anyhow!("{what} answered {}", r.status()))
+        }
+    };
+    check(http.get(&url).send().await?, "first poll")?;
+    check(http.post(&url).body(format!("{{\"protocol\":\"json\",\"version\":1}}{RS}")).send().await?, "handshake")?;
+    let mut seen = String::new();
+    let mut sent_echo = false;
+    for _ in 0..6 {
+        let text = check(http.get(&url).send().await?, "poll")?.text().await?;
+        seen.push_str(&text);
+        if !sent_echo && seen.contains("{}") {
+            let echo = json!({"type": 1, "invocationId": "1", "target": "Echo", "arguments": ["sticky"]});
+            check(http.post(&url).body(format!("{echo}{RS}")).send().await?, "send")?;
+            sent_echo = true;
+        }
+        let done = seen
+            .split(RS)
+            .filter_map(|r| serde_json::from_str::<Value>(r).ok())
+            .any(|m| m["type"] == 3 && m["invocationId"] == "1" && m["result"] == "sticky");
+        if done {
+            let _ = http.delete(&url).send().await;
+            return Ok(owner_of(&token));
+        }
+    }
+    bail!("no Echo completion after 6 polls")
 }
 
 impl HubSocket {
@@ -74,5 +139,17 @@ impl HubSocket {
                 Some(Err(e)) => return Err(e.into()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_set_by_negotiate_are_carried_as_name_value_pairs() {
+        let set = ["signalr-server=abc; Path=/; HttpOnly", "SERVERID=n1; path=/", "broken-no-equals; Path=/"];
+        assert_eq!(cookie_header(set.into_iter()).as_deref(), Some("signalr-server=abc; SERVERID=n1"));
+        assert_eq!(cookie_header(std::iter::empty()), None);
     }
 }

@@ -1,0 +1,279 @@
+//! The whole comparison in one run: start Redis, three Switchboard nodes and
+//! every contender on loopback, run each workload through each contender in
+//! turn (direct = straight to a node), and return one JSON document with the
+//! machine, the versions, the settings and every result. `report` turns it
+//! into Markdown and SVG.
+
+use crate::contenders::{self, Proc, Proxy};
+use crate::failover::{self, Membership};
+use crate::{scenarios, setup};
+use anyhow::{Context, Result};
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub struct Options {
+    pub quick: bool,
+    pub bin_dir: PathBuf,
+    pub traefik: PathBuf,
+    pub command_line: String,
+}
+
+/// How much of each workload to run.
+struct Plan {
+    latency: Duration,
+    throughput: Duration,
+    short: Duration,
+    fanout: Duration,
+    fanout_receivers: usize,
+    idle_counts: Vec<usize>,
+    sticky_sessions: usize,
+    failover_runs: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        let s = Duration::from_secs;
+        if quick {
+            Plan {
+                latency: s(4),
+                throughput: s(4),
+                short: s(3),
+                fanout: s(4),
+                fanout_receivers: 150,
+                idle_counts: vec![1000, 3000],
+                sticky_sessions: 30,
+                failover_runs: 1,
+            }
+        } else {
+            Plan {
+                latency: s(10),
+                throughput: s(10),
+                short: s(8),
+                fanout: s(10),
+                fanout_receivers: 300,
+                idle_counts: vec![1000, 5000, 9000],
+                sticky_sessions: 90,
+                failover_runs: 5,
+            }
+        }
+    }
+}
+
+/// One contender: its name, where clients connect, the process whose memory
+/// is charged to it (the node itself for "direct").
+struct Contender {
+    name: &'static str,
+    url: String,
+    pid: u32,
+}
+
+/// Lets this process (and the proxies it starts) hold as many sockets as the
+/// hard limit allows; idle tests open thousands.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model =
+        cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']));
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).map(str::trim);
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": model,
+        "memory": mem,
+        "kernel": contenders::version_of("uname", &["-sr"]),
+        "open_files_limit": contenders::fd_limit(),
+    })
+}
+
+async fn wait_redis(url: &str) -> Result<()> {
+    let addr = url.trim_start_matches("redis://").to_string();
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("redis-server did not start on {addr}")
+}
+
+pub async fn run(opts: &Options) -> Result<Value> {
+    raise_fd_limit();
+    let plan = Plan::new(opts.quick);
+    let work = std::env::temp_dir().join(format!("switchboard-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let (_redis, redis) = contenders::redis(&work)?;
+    wait_redis(&redis).await?;
+
+    let mut nodes: Vec<(Proc, String)> = Vec::new();
+    for i in 1..=3 {
+        let (p, base) = contenders::node(&opts.bin_dir, &work, &redis, &format!("node-{i}"))?;
+        contenders::wait_ok(&format!("{base}/health"), Duration::from_secs(20)).await?;
+        nodes.push((p, base));
+    }
+    let node_urls: Vec<String> = nodes.iter().map(|(_, u)| u.clone()).collect();
+
+    let switchboard = contenders::switchboard(&opts.bin_dir, &work, &redis)?;
+    let traefik_dir = work.join("traefik");
+    std::fs::create_dir_all(&traefik_dir)?;
+    let traefik = contenders::traefik(&opts.traefik, &traefik_dir, &node_urls)?;
+    let nginx = contenders::nginx(&work, &node_urls)?;
+    let haproxy = contenders::haproxy(&work, &node_urls)?;
+    let proxies: [(&'static str, &Proxy); 4] =
+        [("switchboard", &switchboard), ("traefik", &traefik), ("nginx", &nginx), ("haproxy", &haproxy)];
+    for (name, p) in &proxies {
+        contenders::wait_ok(&format!("{}/health", p.url), Duration::from_secs(30))
+            .await
+            .with_context(|| format!("{name} did not come up (logs in {})", work.display()))?;
+    }
+    // Let health checks see every node before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut contenders = vec![Contender { name: "direct", url: node_urls[0].clone(), pid: nodes[0].0.pid() }];
+    contenders.extend(proxies.iter().map(|(name, p)| Contender { name, url: p.url.clone(), pid: p.process.pid() }));
+
+    let mut results = Map::new();
+    let mut put = |workload: &str, contender: &str, v: Value| {
+        let entry = results.entry(workload.to_string()).or_insert_with(|| json!({}));
+        entry[contender] = v;
+    };
+
+    eprintln!("1/8 Echo latency at a fixed rate");
+    for c in &contenders {
+        let v = scenarios::echo_latency(&c.url, 10, 2000.0, plan.latency, 64).await;
+        put("echo_latency", c.name, report_line(c.name, v));
+        settle().await;
+    }
+    eprintln!("2/8 saturated Echo throughput");
+    for c in &contenders {
+        let v = scenarios::echo_throughput(&c.url, 32, plan.throughput).await;
+        put("echo_throughput", c.name, report_line(c.name, v));
+        settle().await;
+    }
+    eprintln!("4/8 connection setup rate");
+    for c in &contenders {
+        let v = setup::connect_rate(&c.url, 8, plan.short).await;
+        put("connect_rate", c.name, report_line(c.name, v));
+        settle().await;
+    }
+    eprintln!("5/8 plain HTTP GET /health");
+    for c in &contenders {
+        let v = setup::http_rate(&c.url, 16, plan.short).await;
+        put("http_health", c.name, report_line(c.name, v));
+        settle().await;
+    }
+    eprintln!("6/8 broadcast fan-out over three nodes");
+    for c in &contenders {
+        let urls = if c.name == "direct" { node_urls.clone() } else { vec![c.url.clone()] };
+        let v = scenarios::fanout(&urls, plan.fanout_receivers, 50.0, plan.fanout).await;
+        put("fanout", c.name, report_line(c.name, v));
+        settle().await;
+    }
+    eprintln!("8/8 sticky sessions: cookie-less long-polling clients");
+    for c in &contenders {
+        let v = setup::sticky_longpolling(&c.url, plan.sticky_sessions, 8).await;
+        put("sticky_longpolling", c.name, report_line(c.name, v));
+    }
+    eprintln!("3/8 idle connections: resident memory per open WebSocket");
+    for &count in &plan.idle_counts {
+        for c in &contenders {
+            let v = scenarios::idle(&c.url, count, &[c.pid], Duration::from_secs(2)).await;
+            put(&format!("idle_{count}"), c.name, report_line(c.name, v));
+            settle().await;
+        }
+    }
+    eprintln!("7/8 discovery and failover: Switchboard (Redis registry) and Traefik (file provider)");
+    let observe = Duration::from_millis(4 * contenders::CHECK_INTERVAL_MS);
+    let sb = failover::Setup {
+        proxy_url: &switchboard.url,
+        membership: Membership::Registry,
+        bin_dir: &opts.bin_dir,
+        work_dir: &work,
+        redis: &redis,
+    };
+    put(
+        "failover",
+        "switchboard",
+        report_line("switchboard", failover::failover(&sb, plan.failover_runs, observe).await),
+    );
+    let tf = failover::Setup {
+        proxy_url: &traefik.url,
+        membership: Membership::TraefikFile { dir: &traefik_dir, nodes: &node_urls },
+        bin_dir: &opts.bin_dir,
+        work_dir: &work,
+        redis: &redis,
+    };
+    put("failover", "traefik", report_line("traefik", failover::failover(&tf, plan.failover_runs, observe).await));
+
+    let versions = json!({
+        "switchboard": env!("CARGO_PKG_VERSION"),
+        "traefik": contenders::version_of(&opts.traefik.to_string_lossy(), &["version"]).replace("Version:", "").trim().to_string(),
+        "nginx": contenders::version_of(&contenders::which("nginx")?.to_string_lossy(), &["-v"]),
+        "haproxy": contenders::version_of(&contenders::which("haproxy")?.to_string_lossy(), &["-v"]),
+        "redis": contenders::version_of("redis-server", &["--version"]),
+    });
+    let doc = json!({
+        "mode": if opts.quick { "quick" } else { "full" },
+        "date": chrono_like_now(),
+        "command": opts.command_line,
+        "machine": machine(),
+        "versions": versions,
+        "settings": {
+            "nodes": 3,
+            "health_check_interval_ms": contenders::CHECK_INTERVAL_MS,
+            "health_check_timeout_ms": contenders::CHECK_TIMEOUT_MS,
+            "proxy_threads": "2 for every proxy (nginx worker_processes 2, HAProxy nbthread 2, Traefik GOMAXPROCS = 2 cores, Switchboard default)",
+            "echo_latency": { "connections": 10, "rate_per_sec": 2000, "payload_bytes": 64, "secs": plan.latency.as_secs() },
+            "echo_throughput": { "connections": 32, "secs": plan.throughput.as_secs() },
+            "connect_rate": { "concurrency": 8, "secs": plan.short.as_secs() },
+            "http_health": { "concurrency": 16, "secs": plan.short.as_secs() },
+            "fanout": { "receivers": plan.fanout_receivers, "rate_per_sec": 50, "secs": plan.fanout.as_secs() },
+            "sticky_longpolling": { "sessions": plan.sticky_sessions, "concurrency": 8 },
+            "idle_counts": plan.idle_counts,
+            "failover": { "runs": plan.failover_runs, "observe_ms": observe.as_millis() as u64 },
+        },
+        "results": Value::Object(results),
+    });
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(doc)
+}
+
+/// A workload's JSON, or its error as `{ "error": … }` so one failing
+/// contender does not lose the others' results; prints a line either way.
+fn report_line(name: &str, v: Result<Value>) -> Value {
+    match v {
+        Ok(v) => {
+            eprintln!("  {name:<12} {}", crate::report::one_line(&v));
+            v
+        }
+        Err(e) => {
+            eprintln!("  {name:<12} FAILED: {e:#}");
+            json!({ "error": format!("{e:#}") })
+        }
+    }
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(700)).await;
+}
+
+/// The date in UTC as YYYY-MM-DD HH:MM:SS, from `date` to avoid a clock crate.
+fn chrono_like_now() -> String {
+    contenders::version_of("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"])
+}
+
+/// Where a run's report goes: `bench/results/<date>-<mode>/`.
+pub fn results_dir(root: &Path, doc: &Value) -> PathBuf {
+    let date = doc["date"].as_str().unwrap_or("undated").split(' ').next().unwrap_or("undated").to_string();
+    root.join(format!("{date}-{}", doc["mode"].as_str().unwrap_or("run")))
+}

