@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 pub const CHECK_INTERVAL_MS: u64 = 1000;
 pub const CHECK_TIMEOUT_MS: u64 = 500;
 
-/// A child process, killed (SIGKILL) and reaped on drop.
+/// A child process. `kill` is SIGKILL (a node dying); dropping it stops it
+/// properly (SIGTERM, then SIGKILL after 3 s), because SIGKILL of nginx's
+/// master would leave its workers running.
 pub struct Proc {
     child: Child,
 }
@@ -48,6 +50,20 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.kill();
     }
 }
@@ -130,15 +146,21 @@ pub fn switchboard(bin_dir: &Path, dir: &Path, redis: &str) -> Result<Proxy> {
         &CHECK_INTERVAL_MS.to_string(),
         "--health-timeout-ms",
         &CHECK_TIMEOUT_MS.to_string(),
+        // The benchmark stops contenders often; nothing measures shutdown.
+        "--grace-period-secs",
+        "0",
+        "--shutdown-timeout-secs",
+        "1",
         "--pid-file",
-        &dir.join("switchboard.pid").to_string_lossy(),
+        &dir.join(format!("switchboard-{port}.pid")).to_string_lossy(),
         "--upgrade-sock",
-        &dir.join("switchboard.sock").to_string_lossy(),
+        &dir.join(format!("switchboard-{port}.sock")).to_string_lossy(),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let process = Proc::spawn(&bin_dir.join("switchboard-balancer"), &args, &dir.join("switchboard.log"))?;
+    let process =
+        Proc::spawn(&bin_dir.join("switchboard-balancer"), &args, &dir.join(format!("switchboard-{port}.log")))?;
     Ok(Proxy { url: format!("http://127.0.0.1:{port}"), process })
 }
 
@@ -171,6 +193,7 @@ pub fn traefik(program: &Path, dir: &Path, nodes: &[String]) -> Result<Proxy> {
         // Long polls and idle sockets must not be cut by Traefik's 60 s default.
         "--entryPoints.web.transport.respondingTimeouts.readTimeout=0".into(),
         "--global.checkNewVersion=false".into(),
+        "--entryPoints.web.transport.lifeCycle.graceTimeOut=1s".into(),
         "--global.sendAnonymousUsage=false".into(),
     ];
     let process = Proc::spawn(program, &args, &dir.join("traefik.log"))?;
@@ -183,21 +206,20 @@ pub fn nginx(dir: &Path, nodes: &[String]) -> Result<Proxy> {
     let d = dir.display();
     let files = fd_limit();
     let conf = format!(
-        "worker_processes 2;\nuser root;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log error;\n\
-         worker_rlimit_nofile {files};\nevents {{ worker_connections {}; }}\n\
+        "worker_processes 2;\nuser root;\ndaemon off;\npid {d}/nginx-{port}.pid;\nerror_log {d}/nginx-{port}-error.log error;\n\
+         worker_rlimit_nofile {files};\nevents {{ worker_connections {files}; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/nginx-body;\n  proxy_temp_path {d}/nginx-proxy;\n\
          \x20 map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}\n\
          \x20 upstream signalr {{\n    ip_hash;\n{servers}  }}\n\
          \x20 server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://signalr;\n\
          \x20     proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n\
          \x20     proxy_set_header Connection $connection_upgrade;\n      proxy_set_header Host $host;\n\
-         \x20     proxy_buffering off;\n      proxy_cache off;\n      proxy_read_timeout 120s;\n    }}\n  }}\n}}\n",
-        files / 2
+         \x20     proxy_buffering off;\n      proxy_cache off;\n      proxy_read_timeout 120s;\n    }}\n  }}\n}}\n"
     );
-    let path = dir.join("nginx.conf");
+    let path = dir.join(format!("nginx-{port}.conf"));
     std::fs::write(&path, conf)?;
     let args = vec!["-p".to_string(), dir.display().to_string(), "-c".to_string(), path.display().to_string()];
-    let process = Proc::spawn(&which("nginx")?, &args, &dir.join("nginx.log"))?;
+    let process = Proc::spawn(&which("nginx")?, &args, &dir.join(format!("nginx-{port}.log")))?;
     Ok(Proxy { url: format!("http://127.0.0.1:{port}"), process })
 }
 
@@ -222,10 +244,10 @@ pub fn haproxy(dir: &Path, nodes: &[String]) -> Result<Proxy> {
         // Two sockets per proxied connection, and some to spare.
         fd_limit() / 2 - 100
     );
-    let path = dir.join("haproxy.cfg");
+    let path = dir.join(format!("haproxy-{port}.cfg"));
     std::fs::write(&path, conf)?;
     let args = vec!["-db".to_string(), "-f".to_string(), path.display().to_string()];
-    let process = Proc::spawn(&which("haproxy")?, &args, &dir.join("haproxy.log"))?;
+    let process = Proc::spawn(&which("haproxy")?, &args, &dir.join(format!("haproxy-{port}.log")))?;
     Ok(Proxy { url: format!("http://127.0.0.1:{port}"), process })
 }
 

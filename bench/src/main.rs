@@ -80,6 +80,15 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         duration_secs: f64,
     },
+    /// Keep-alive `GET /health` requests per second and latency
+    Http {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10.0)]
+        duration_secs: f64,
+    },
     /// Broadcast fan-out across nodes: deliveries per second and latency
     Fanout {
         /// Comma-separated base URLs (receivers are spread over them; the sender uses the first)
@@ -139,6 +148,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Throughput { url, connections, duration_secs } => {
             scenarios::echo_throughput(&url, connections, secs(duration_secs)).await?
+        }
+        Command::Http { url, concurrency, duration_secs } => {
+            setup::http_rate(&url, concurrency, secs(duration_secs)).await?
         }
         Command::Fanout { urls, receivers, rate, duration_secs } => {
             scenarios::fanout(&urls, receivers, rate, secs(duration_secs)).await?

@@ -242,7 +242,9 @@ pub fn markdown(doc: &Value) -> String {
         s,
         "\nThree Switchboard nodes behind every proxy; **direct** means clients connect to a node with no proxy. \
          Every client speaks SignalR JSON over WebSocket and, like a browser, carries cookies from negotiate to the \
-         upgrade. Settings of each workload are in `results.json` (`settings`).\n"
+         upgrade. Idle memory is measured on a freshly started instance of each contender (for direct, a fresh \
+         node), so pools grown by earlier workloads do not hide it. Settings of each workload are in \
+         `results.json` (`settings`).\n"
     );
     let _ = writeln!(s, "## Headline\n\n{}", headline_table(doc));
     let _ = writeln!(s, "![Echo latency percentiles](latency.svg)\n\n![Memory per idle WebSocket](memory.svg)\n");

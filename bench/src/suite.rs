@@ -60,12 +60,10 @@ impl Plan {
     }
 }
 
-/// One contender: its name, where clients connect, the process whose memory
-/// is charged to it (the node itself for "direct").
+/// One contender: its name and where clients connect ("direct" is node-1).
 struct Contender {
     name: &'static str,
     url: String,
-    pid: u32,
 }
 
 /// Lets this process (and the proxies it starts) hold as many sockets as the
@@ -139,8 +137,8 @@ pub async fn run(opts: &Options) -> Result<Value> {
     // Let health checks see every node before measuring.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let mut contenders = vec![Contender { name: "direct", url: node_urls[0].clone(), pid: nodes[0].0.pid() }];
-    contenders.extend(proxies.iter().map(|(name, p)| Contender { name, url: p.url.clone(), pid: p.process.pid() }));
+    let mut contenders = vec![Contender { name: "direct", url: node_urls[0].clone() }];
+    contenders.extend(proxies.iter().map(|(name, p)| Contender { name, url: p.url.clone() }));
 
     let mut results = Map::new();
     let mut put = |workload: &str, contender: &str, v: Value| {
@@ -184,10 +182,13 @@ pub async fn run(opts: &Options) -> Result<Value> {
         let v = setup::sticky_longpolling(&c.url, plan.sticky_sessions, 8).await;
         put("sticky_longpolling", c.name, report_line(c.name, v));
     }
-    eprintln!("3/8 idle connections: resident memory per open WebSocket");
+    eprintln!("3/8 idle connections: resident memory per open WebSocket (a fresh process each time)");
     for &count in &plan.idle_counts {
         for c in &contenders {
-            let v = scenarios::idle(&c.url, count, &[c.pid], Duration::from_secs(2)).await;
+            let v = match fresh_instance(c.name, opts, &work, &redis, &node_urls).await {
+                Ok((process, url)) => scenarios::idle(&url, count, &[process.pid()], Duration::from_secs(2)).await,
+                Err(e) => Err(e),
+            };
             put(&format!("idle_{count}"), c.name, report_line(c.name, v));
             settle().await;
         }
@@ -246,6 +247,38 @@ pub async fn run(opts: &Options) -> Result<Value> {
     });
     let _ = std::fs::remove_dir_all(&work);
     Ok(doc)
+}
+
+/// A newly started instance of a contender (for "direct", a new node), ready
+/// and health-checked, so memory is measured from a clean baseline rather
+/// than after pools grown by earlier workloads.
+async fn fresh_instance(
+    name: &str,
+    opts: &Options,
+    work: &Path,
+    redis: &str,
+    node_urls: &[String],
+) -> Result<(Proc, String)> {
+    let (process, url) = match name {
+        "direct" => contenders::node(&opts.bin_dir, work, redis, &format!("fresh-{}", contenders::free_port()?))?,
+        "switchboard" => split(contenders::switchboard(&opts.bin_dir, work, redis)?),
+        "traefik" => {
+            let dir = work.join(format!("traefik-{}", contenders::free_port()?));
+            std::fs::create_dir_all(&dir)?;
+            split(contenders::traefik(&opts.traefik, &dir, node_urls)?)
+        }
+        "nginx" => split(contenders::nginx(work, node_urls)?),
+        "haproxy" => split(contenders::haproxy(work, node_urls)?),
+        other => anyhow::bail!("unknown contender {other}"),
+    };
+    contenders::wait_ok(&format!("{url}/health"), Duration::from_secs(30)).await?;
+    // One health-check interval, so every node is in rotation.
+    tokio::time::sleep(Duration::from_millis(contenders::CHECK_INTERVAL_MS + 200)).await;
+    Ok((process, url))
+}
+
+fn split(p: Proxy) -> (Proc, String) {
+    (p.process, p.url)
 }
 
 /// A workload's JSON, or its error as `{ "error": … }` so one failing
