@@ -391,7 +391,9 @@ class HubConnection {
   }
 
   connectionLost(transport, error) {
-    if (transport !== this.transport || this.stopped) return;
+    // Only the live transport can be lost, once: later records of the same
+    // frame, or a late close event, must not start a second reconnect loop.
+    if (!transport || transport !== this.transport || this.stopped) return;
     this.teardown(error || new Error("connection lost"));
     this.lastError = error;
     this.reconnectLoop(true);
