@@ -1,8 +1,8 @@
 //! The chat page and the balancer dashboard in a real headless Chromium,
 //! through a real balancer in front of real nodes and Redis: two people land
 //! on different nodes and talk; markup typed by a user stays text; groups and
-//! history work; the page fits a phone; when a person's node is killed the
-//! page says so, reconnects to another node and chat goes on; the dashboard
+//! history work; the page fits a phone; when a person's node drains or is
+//! killed the page says so, reconnects to another node and chat goes on; the dashboard
 //! shows a node drain and a killed node leave. Screenshots are saved under
 //! `target/<profile>/test-artifacts/`.
 
@@ -104,8 +104,7 @@ async fn choose_target(client: &Client, value: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_people_on_different_nodes_chat_in_groups_with_history_and_markup_stays_text() {
     let redis = RedisServer::start();
-    let _a = TestNode::start(&redis, "node-a", &[]).await;
-    let _b = TestNode::start(&redis, "node-b", &[]).await;
+    let nodes = [TestNode::start(&redis, "node-a", &[]).await, TestNode::start(&redis, "node-b", &[]).await];
     let lb = TestBalancer::start(&redis, &[]).await;
     lb.wait_accepting(&["node-a", "node-b"]).await;
     let Some(browser) = Browser::start().await else { return };
@@ -207,6 +206,15 @@ async fn two_people_on_different_nodes_chat_in_groups_with_history_and_markup_st
     assert_eq!(wait_message(&alice, "sent over long polling").await["user"], "dave");
     send_chat(&alice, "to dave").await;
     wait_message(&dave, "to dave").await;
+
+    // Draining bob's node (SIGTERM): the node sends Close with
+    // allowReconnect, and the page moves to the other node by itself.
+    let bob_proc = nodes.iter().find(|n| n.id == bob_node).expect("bob's node is one of ours");
+    bob_proc.process.terminate();
+    let moved_to = connected_node(&bob, Some(&bob_node)).await;
+    assert_eq!(moved_to, alice_node, "a drained page should reconnect to the remaining node");
+    send_chat(&bob, "after the drain").await;
+    assert_eq!(wait_message(&alice, "after the drain").await["node"], alice_node.as_str());
 
     for c in [alice, bob, carol, dave] {
         let _ = c.close().await;
