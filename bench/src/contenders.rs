@@ -114,8 +114,8 @@ pub fn redis(dir: &Path) -> Result<(Proc, String)> {
     Ok((p, format!("redis://127.0.0.1:{port}")))
 }
 
-/// A chat node on a free port; returns it and its base URL.
-pub fn node(bin_dir: &Path, dir: &Path, redis: &str, id: &str) -> Result<(Proc, String)> {
+/// A chat node on a free port.
+pub fn node(bin_dir: &Path, dir: &Path, redis: &str, id: &str) -> Result<Running> {
     let port = free_port()?;
     let base = format!("http://127.0.0.1:{port}");
     let args: Vec<String> =
@@ -123,17 +123,18 @@ pub fn node(bin_dir: &Path, dir: &Path, redis: &str, id: &str) -> Result<(Proc, 
             .iter()
             .map(|s| s.to_string())
             .collect();
-    let p = Proc::spawn(&bin_dir.join("switchboard-node"), &args, &dir.join(format!("node-{id}.log")))?;
-    Ok((p, base))
+    let process = Proc::spawn(&bin_dir.join("switchboard-node"), &args, &dir.join(format!("node-{id}.log")))?;
+    Ok(Running { url: base, process })
 }
 
-/// A running proxy: where clients go, and the process whose memory counts.
-pub struct Proxy {
+/// A started node or proxy: where clients go, and the process whose memory
+/// counts.
+pub struct Running {
     pub url: String,
     pub process: Proc,
 }
 
-pub fn switchboard(bin_dir: &Path, dir: &Path, redis: &str) -> Result<Proxy> {
+pub fn switchboard(bin_dir: &Path, dir: &Path, redis: &str) -> Result<Running> {
     let (port, admin) = (free_port()?, free_port()?);
     let args: Vec<String> = [
         "--listen",
@@ -161,7 +162,7 @@ pub fn switchboard(bin_dir: &Path, dir: &Path, redis: &str) -> Result<Proxy> {
     .collect();
     let process =
         Proc::spawn(&bin_dir.join("switchboard-balancer"), &args, &dir.join(format!("switchboard-{port}.log")))?;
-    Ok(Proxy { url: format!("http://127.0.0.1:{port}"), process })
+    Ok(Running { url: format!("http://127.0.0.1:{port}"), process })
 }
 
 /// Traefik's dynamic configuration: one service over `nodes`, the seed's
@@ -181,7 +182,7 @@ pub fn traefik_dynamic(dir: &Path, nodes: &[String]) -> Result<()> {
     Ok(())
 }
 
-pub fn traefik(program: &Path, dir: &Path, nodes: &[String]) -> Result<Proxy> {
+pub fn traefik(program: &Path, dir: &Path, nodes: &[String]) -> Result<Running> {
     let port = free_port()?;
     std::fs::create_dir_all(dir.join("dynamic"))?;
     traefik_dynamic(dir, nodes)?;
@@ -197,10 +198,10 @@ pub fn traefik(program: &Path, dir: &Path, nodes: &[String]) -> Result<Proxy> {
         "--global.sendAnonymousUsage=false".into(),
     ];
     let process = Proc::spawn(program, &args, &dir.join("traefik.log"))?;
-    Ok(Proxy { url: format!("http://127.0.0.1:{port}"), process })
+    Ok(Running { url: format!("http://127.0.0.1:{port}"), process })
 }
 
-pub fn nginx(dir: &Path, nodes: &[String]) -> Result<Proxy> {
+pub fn nginx(dir: &Path, nodes: &[String]) -> Result<Running> {
     let port = free_port()?;
     let servers: String = nodes.iter().map(|u| format!("    server {};\n", u.trim_start_matches("http://"))).collect();
     let d = dir.display();
@@ -220,10 +221,10 @@ pub fn nginx(dir: &Path, nodes: &[String]) -> Result<Proxy> {
     std::fs::write(&path, conf)?;
     let args = vec!["-p".to_string(), dir.display().to_string(), "-c".to_string(), path.display().to_string()];
     let process = Proc::spawn(&which("nginx")?, &args, &dir.join(format!("nginx-{port}.log")))?;
-    Ok(Proxy { url: format!("http://127.0.0.1:{port}"), process })
+    Ok(Running { url: format!("http://127.0.0.1:{port}"), process })
 }
 
-pub fn haproxy(dir: &Path, nodes: &[String]) -> Result<Proxy> {
+pub fn haproxy(dir: &Path, nodes: &[String]) -> Result<Running> {
     let port = free_port()?;
     let servers: String = nodes
         .iter()
@@ -248,7 +249,7 @@ pub fn haproxy(dir: &Path, nodes: &[String]) -> Result<Proxy> {
     std::fs::write(&path, conf)?;
     let args = vec!["-db".to_string(), "-f".to_string(), path.display().to_string()];
     let process = Proc::spawn(&which("haproxy")?, &args, &dir.join(format!("haproxy-{port}.log")))?;
-    Ok(Proxy { url: format!("http://127.0.0.1:{port}"), process })
+    Ok(Running { url: format!("http://127.0.0.1:{port}"), process })
 }
 
 /// A program on PATH or in /usr/sbin (where Debian puts nginx and haproxy).

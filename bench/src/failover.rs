@@ -34,7 +34,7 @@ impl Membership<'_> {
     }
 }
 
-async fn negotiate_owner(http: &reqwest::Client, url: &str) -> Option<String> {
+pub async fn negotiate_owner(http: &reqwest::Client, url: &str) -> Option<String> {
     let r = http.post(format!("{url}/chathub/negotiate?negotiateVersion=1")).send().await.ok()?;
     if !r.status().is_success() {
         return None;
@@ -57,8 +57,8 @@ pub async fn failover(setup: &Setup<'_>, runs: usize, observe: Duration) -> Resu
     for run in 0..runs {
         let id = format!("late-{run}-{}", contenders::free_port()?);
         let t0 = Instant::now();
-        let (mut node, base) = contenders::node(setup.bin_dir, setup.work_dir, setup.redis, &id)?;
-        setup.membership.set(Some(&base))?;
+        let mut node = contenders::node(setup.bin_dir, setup.work_dir, setup.redis, &id)?;
+        setup.membership.set(Some(&node.url))?;
         let routed = async {
             loop {
                 if negotiate_owner(&http, setup.proxy_url).await.as_deref() == Some(id.as_str()) {
@@ -72,7 +72,7 @@ pub async fn failover(setup: &Setup<'_>, runs: usize, observe: Duration) -> Resu
         // Let the node settle into rotation before killing it.
         tokio::time::sleep(Duration::from_millis(1500)).await;
 
-        let (last_error, errors, sent) = kill_and_watch(&mut node, setup.proxy_url, observe).await;
+        let (last_error, errors, sent) = kill_and_watch(&mut node.process, setup.proxy_url, observe).await;
         requests += sent;
         last_errors.push(last_error.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0));
         error_counts.push(errors);

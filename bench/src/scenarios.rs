@@ -2,6 +2,8 @@
 //! or another proxy on loopback), bounded in count and time, and returns a
 //! JSON value that the report generator stores alongside the printed line.
 
+use crate::contenders::free_port;
+use crate::failover::negotiate_owner;
 use crate::rss::tree_rss_kib;
 use crate::signalr::{self, HubSocket};
 use crate::stats::{histogram, median, record, summarize};
@@ -11,7 +13,6 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use switchboard_common::token::owner_of;
 use tokio::sync::watch;
 
 /// Opens `count` SignalR WebSocket connections to `url`, keeps them alive
@@ -251,12 +252,8 @@ pub async fn discovery(balancer: &str, admin: &str, redis: &str, node_bin: &str,
             .context("start node")?;
         let routed = async {
             loop {
-                if let Ok(r) = http.post(format!("{balancer}/chathub/negotiate?negotiateVersion=1")).send().await {
-                    if let Ok(v) = r.json::<Value>().await {
-                        if v["connectionToken"].as_str().and_then(owner_of).as_deref() == Some(id.as_str()) {
-                            return t0.elapsed();
-                        }
-                    }
+                if negotiate_owner(&http, balancer).await.as_deref() == Some(id.as_str()) {
+                    return t0.elapsed();
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -299,8 +296,4 @@ pub async fn discovery(balancer: &str, admin: &str, redis: &str, node_bin: &str,
         "start_to_routed_ms": to_routed, "median_start_to_routed_ms": median(&mut to_routed.clone()),
         "kill_to_out_of_rotation_ms": to_removed, "median_kill_to_out_of_rotation_ms": median(&mut to_removed.clone()),
     }))
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

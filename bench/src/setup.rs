@@ -6,28 +6,36 @@
 use crate::signalr;
 use crate::stats::{histogram, record, summarize};
 use anyhow::Result;
+use hdrhistogram::Histogram;
 use serde_json::{json, Value};
+use std::future::Future;
 use std::time::{Duration, Instant};
 
-/// Connections set up per second; each worker connects, handshakes, closes,
-/// and starts over.
-pub async fn connect_rate(url: &str, concurrency: usize, duration: Duration) -> Result<Value> {
-    let end = Instant::now() + duration;
+/// Runs `concurrency` workers, each with its own `client()`, repeating `step`
+/// until `duration` is over. A step returns its latency, or `None` when it
+/// failed. Returns the merged latencies, the failures and the elapsed seconds.
+async fn closed_loop<C, F, Fut>(
+    concurrency: usize,
+    duration: Duration,
+    client: impl Fn() -> Result<C>,
+    step: F,
+) -> Result<(Histogram<u64>, u64, f64)>
+where
+    C: Clone + Send + 'static,
+    F: Fn(C) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Option<Duration>> + Send,
+{
     let started = Instant::now();
+    let end = started + duration;
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let url = url.to_string();
+        let (c, step) = (client()?, step.clone());
         tasks.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
             let (mut h, mut failed) = (histogram(), 0u64);
             while Instant::now() < end {
-                let t = Instant::now();
-                match signalr::connect(&http, &url).await {
-                    Ok(mut sock) => {
-                        record(&mut h, t.elapsed());
-                        let _ = sock.ws.close(None).await;
-                    }
-                    Err(_) => failed += 1,
+                match step(c.clone()).await {
+                    Some(latency) => record(&mut h, latency),
+                    None => failed += 1,
                 }
             }
             (h, failed)
@@ -39,7 +47,29 @@ pub async fn connect_rate(url: &str, concurrency: usize, duration: Duration) -> 
         all.add(h)?;
         failed += f;
     }
-    let secs = started.elapsed().as_secs_f64();
+    Ok((all, failed, started.elapsed().as_secs_f64()))
+}
+
+/// Connections set up per second; each worker connects, handshakes, closes,
+/// and starts over.
+pub async fn connect_rate(url: &str, concurrency: usize, duration: Duration) -> Result<Value> {
+    let target = url.to_string();
+    let (all, failed, secs) = closed_loop(
+        concurrency,
+        duration,
+        || Ok(reqwest::Client::new()),
+        move |http| {
+            let url = target.clone();
+            async move {
+                let t = Instant::now();
+                let mut sock = signalr::connect(&http, &url).await.ok()?;
+                let latency = t.elapsed();
+                let _ = sock.ws.close(None).await;
+                Some(latency)
+            }
+        },
+    )
+    .await?;
     Ok(json!({
         "url": url, "concurrency": concurrency, "connections": all.len(), "failed": failed,
         "connections_per_sec": (all.len() as f64 / secs).round(), "setup_latency": summarize(&all),
@@ -49,34 +79,22 @@ pub async fn connect_rate(url: &str, concurrency: usize, duration: Duration) -> 
 /// `GET {url}/health` requests per second over `concurrency` keep-alive
 /// connections (one HTTP client, and so one pooled connection, per worker).
 pub async fn http_rate(url: &str, concurrency: usize, duration: Duration) -> Result<Value> {
-    let end = Instant::now() + duration;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let target = format!("{url}/health");
-        tasks.push(tokio::spawn(async move {
-            let http = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
-            let (mut h, mut failed) = (histogram(), 0u64);
-            while Instant::now() < end {
+    let target = format!("{url}/health");
+    let (all, failed, secs) = closed_loop(
+        concurrency,
+        duration,
+        || Ok(reqwest::Client::builder().pool_max_idle_per_host(1).build()?),
+        move |http| {
+            let target = target.clone();
+            async move {
                 let t = Instant::now();
-                match http.get(&target).send().await {
-                    Ok(r) if r.status().is_success() => {
-                        let _ = r.bytes().await;
-                        record(&mut h, t.elapsed());
-                    }
-                    _ => failed += 1,
-                }
+                let r = http.get(&target).send().await.ok().filter(|r| r.status().is_success())?;
+                let _ = r.bytes().await;
+                Some(t.elapsed())
             }
-            anyhow::Ok((h, failed))
-        }));
-    }
-    let (mut all, mut failed) = (histogram(), 0);
-    for t in tasks {
-        let (h, f) = t.await??;
-        all.add(h)?;
-        failed += f;
-    }
-    let secs = started.elapsed().as_secs_f64();
+        },
+    )
+    .await?;
     Ok(json!({
         "url": url, "concurrency": concurrency, "requests": all.len(), "failed": failed,
         "requests_per_sec": (all.len() as f64 / secs).round(), "latency": summarize(&all),

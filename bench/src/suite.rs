@@ -4,7 +4,7 @@
 //! machine, the versions, the settings and every result. `report` turns it
 //! into Markdown and SVG.
 
-use crate::contenders::{self, Proc, Proxy};
+use crate::contenders::{self, Running};
 use crate::failover::{self, Membership};
 use crate::{scenarios, setup};
 use anyhow::{Context, Result};
@@ -113,13 +113,13 @@ pub async fn run(opts: &Options) -> Result<Value> {
     let (_redis, redis) = contenders::redis(&work)?;
     wait_redis(&redis).await?;
 
-    let mut nodes: Vec<(Proc, String)> = Vec::new();
+    let mut nodes: Vec<Running> = Vec::new();
     for i in 1..=3 {
-        let (p, base) = contenders::node(&opts.bin_dir, &work, &redis, &format!("node-{i}"))?;
-        contenders::wait_ok(&format!("{base}/health"), Duration::from_secs(20)).await?;
-        nodes.push((p, base));
+        let node = contenders::node(&opts.bin_dir, &work, &redis, &format!("node-{i}"))?;
+        contenders::wait_ok(&format!("{}/health", node.url), Duration::from_secs(20)).await?;
+        nodes.push(node);
     }
-    let node_urls: Vec<String> = nodes.iter().map(|(_, u)| u.clone()).collect();
+    let node_urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
 
     let switchboard = contenders::switchboard(&opts.bin_dir, &work, &redis)?;
     let traefik_dir = work.join("traefik");
@@ -127,7 +127,7 @@ pub async fn run(opts: &Options) -> Result<Value> {
     let traefik = contenders::traefik(&opts.traefik, &traefik_dir, &node_urls)?;
     let nginx = contenders::nginx(&work, &node_urls)?;
     let haproxy = contenders::haproxy(&work, &node_urls)?;
-    let proxies: [(&'static str, &Proxy); 4] =
+    let proxies: [(&'static str, &Running); 4] =
         [("switchboard", &switchboard), ("traefik", &traefik), ("nginx", &nginx), ("haproxy", &haproxy)];
     for (name, p) in &proxies {
         contenders::wait_ok(&format!("{}/health", p.url), Duration::from_secs(30))
@@ -141,57 +141,35 @@ pub async fn run(opts: &Options) -> Result<Value> {
     contenders.extend(proxies.iter().map(|(name, p)| Contender { name, url: p.url.clone() }));
 
     let mut results = Map::new();
-    let mut put = |workload: &str, contender: &str, v: Value| {
-        let entry = results.entry(workload.to_string()).or_insert_with(|| json!({}));
-        entry[contender] = v;
-    };
-
+    let r = &mut results;
     eprintln!("1/8 Echo latency at a fixed rate");
-    for c in &contenders {
-        let v = scenarios::echo_latency(&c.url, 10, 2000.0, plan.latency, 64).await;
-        put("echo_latency", c.name, report_line(c.name, v));
-        settle().await;
-    }
+    each(r, "echo_latency", &contenders, async |c| scenarios::echo_latency(&c.url, 10, 2000.0, plan.latency, 64).await)
+        .await;
     eprintln!("2/8 saturated Echo throughput");
-    for c in &contenders {
-        let v = scenarios::echo_throughput(&c.url, 32, plan.throughput).await;
-        put("echo_throughput", c.name, report_line(c.name, v));
-        settle().await;
-    }
+    each(r, "echo_throughput", &contenders, async |c| scenarios::echo_throughput(&c.url, 32, plan.throughput).await)
+        .await;
     eprintln!("4/8 connection setup rate");
-    for c in &contenders {
-        let v = setup::connect_rate(&c.url, 8, plan.short).await;
-        put("connect_rate", c.name, report_line(c.name, v));
-        settle().await;
-    }
+    each(r, "connect_rate", &contenders, async |c| setup::connect_rate(&c.url, 8, plan.short).await).await;
     eprintln!("5/8 plain HTTP GET /health");
-    for c in &contenders {
-        let v = setup::http_rate(&c.url, 16, plan.short).await;
-        put("http_health", c.name, report_line(c.name, v));
-        settle().await;
-    }
+    each(r, "http_health", &contenders, async |c| setup::http_rate(&c.url, 16, plan.short).await).await;
     eprintln!("6/8 broadcast fan-out over three nodes");
-    for c in &contenders {
+    each(r, "fanout", &contenders, async |c| {
         let urls = if c.name == "direct" { node_urls.clone() } else { vec![c.url.clone()] };
-        let v = scenarios::fanout(&urls, plan.fanout_receivers, 50.0, plan.fanout).await;
-        put("fanout", c.name, report_line(c.name, v));
-        settle().await;
-    }
+        scenarios::fanout(&urls, plan.fanout_receivers, 50.0, plan.fanout).await
+    })
+    .await;
     eprintln!("8/8 sticky sessions: cookie-less long-polling clients");
-    for c in &contenders {
-        let v = setup::sticky_longpolling(&c.url, plan.sticky_sessions, 8).await;
-        put("sticky_longpolling", c.name, report_line(c.name, v));
-    }
+    each(r, "sticky_longpolling", &contenders, async |c| {
+        setup::sticky_longpolling(&c.url, plan.sticky_sessions, 8).await
+    })
+    .await;
     eprintln!("3/8 idle connections: resident memory per open WebSocket (a fresh process each time)");
     for &count in &plan.idle_counts {
-        for c in &contenders {
-            let v = match fresh_instance(c.name, opts, &work, &redis, &node_urls).await {
-                Ok((process, url)) => scenarios::idle(&url, count, &[process.pid()], Duration::from_secs(2)).await,
-                Err(e) => Err(e),
-            };
-            put(&format!("idle_{count}"), c.name, report_line(c.name, v));
-            settle().await;
-        }
+        each(r, &format!("idle_{count}"), &contenders, async |c| {
+            let fresh = fresh_instance(c.name, opts, &work, &redis, &node_urls).await?;
+            scenarios::idle(&fresh.url, count, &[fresh.process.pid()], Duration::from_secs(2)).await
+        })
+        .await;
     }
     eprintln!("7/8 discovery and failover: Switchboard (Redis registry) and Traefik (file provider)");
     let observe = Duration::from_millis(4 * contenders::CHECK_INTERVAL_MS);
@@ -202,11 +180,7 @@ pub async fn run(opts: &Options) -> Result<Value> {
         work_dir: &work,
         redis: &redis,
     };
-    put(
-        "failover",
-        "switchboard",
-        report_line("switchboard", failover::failover(&sb, plan.failover_runs, observe).await),
-    );
+    put(r, "failover", "switchboard", failover::failover(&sb, plan.failover_runs, observe).await);
     let tf = failover::Setup {
         proxy_url: &traefik.url,
         membership: Membership::TraefikFile { dir: &traefik_dir, nodes: &node_urls },
@@ -214,7 +188,7 @@ pub async fn run(opts: &Options) -> Result<Value> {
         work_dir: &work,
         redis: &redis,
     };
-    put("failover", "traefik", report_line("traefik", failover::failover(&tf, plan.failover_runs, observe).await));
+    put(r, "failover", "traefik", failover::failover(&tf, plan.failover_runs, observe).await);
 
     let versions = json!({
         "switchboard": env!("CARGO_PKG_VERSION"),
@@ -225,7 +199,7 @@ pub async fn run(opts: &Options) -> Result<Value> {
     });
     let doc = json!({
         "mode": if opts.quick { "quick" } else { "full" },
-        "date": chrono_like_now(),
+        "date": utc_now(),
         "command": opts.command_line,
         "machine": machine(),
         "versions": versions,
@@ -252,33 +226,43 @@ pub async fn run(opts: &Options) -> Result<Value> {
 /// A newly started instance of a contender (for "direct", a new node), ready
 /// and health-checked, so memory is measured from a clean baseline rather
 /// than after pools grown by earlier workloads.
-async fn fresh_instance(
-    name: &str,
-    opts: &Options,
-    work: &Path,
-    redis: &str,
-    node_urls: &[String],
-) -> Result<(Proc, String)> {
-    let (process, url) = match name {
+async fn fresh_instance(name: &str, opts: &Options, work: &Path, redis: &str, node_urls: &[String]) -> Result<Running> {
+    let fresh = match name {
         "direct" => contenders::node(&opts.bin_dir, work, redis, &format!("fresh-{}", contenders::free_port()?))?,
-        "switchboard" => split(contenders::switchboard(&opts.bin_dir, work, redis)?),
+        "switchboard" => contenders::switchboard(&opts.bin_dir, work, redis)?,
         "traefik" => {
             let dir = work.join(format!("traefik-{}", contenders::free_port()?));
             std::fs::create_dir_all(&dir)?;
-            split(contenders::traefik(&opts.traefik, &dir, node_urls)?)
+            contenders::traefik(&opts.traefik, &dir, node_urls)?
         }
-        "nginx" => split(contenders::nginx(work, node_urls)?),
-        "haproxy" => split(contenders::haproxy(work, node_urls)?),
+        "nginx" => contenders::nginx(work, node_urls)?,
+        "haproxy" => contenders::haproxy(work, node_urls)?,
         other => anyhow::bail!("unknown contender {other}"),
     };
-    contenders::wait_ok(&format!("{url}/health"), Duration::from_secs(30)).await?;
+    contenders::wait_ok(&format!("{}/health", fresh.url), Duration::from_secs(30)).await?;
     // One health-check interval, so every node is in rotation.
     tokio::time::sleep(Duration::from_millis(contenders::CHECK_INTERVAL_MS + 200)).await;
-    Ok((process, url))
+    Ok(fresh)
 }
 
-fn split(p: Proxy) -> (Proc, String) {
-    (p.process, p.url)
+/// Runs `workload` through every contender in turn, pausing between them.
+async fn each(
+    results: &mut Map<String, Value>,
+    workload: &str,
+    contenders: &[Contender],
+    run: impl AsyncFn(&Contender) -> Result<Value>,
+) {
+    for c in contenders {
+        let v = run(c).await;
+        put(results, workload, c.name, v);
+        settle().await;
+    }
+}
+
+/// Stores one contender's result of a workload (see `report_line`).
+fn put(results: &mut Map<String, Value>, workload: &str, contender: &str, v: Result<Value>) {
+    let entry = results.entry(workload.to_string()).or_insert_with(|| json!({}));
+    entry[contender] = report_line(contender, v);
 }
 
 /// A workload's JSON, or its error as `{ "error": … }` so one failing
@@ -301,7 +285,7 @@ async fn settle() {
 }
 
 /// The date in UTC as YYYY-MM-DD HH:MM:SS, from `date` to avoid a clock crate.
-fn chrono_like_now() -> String {
+fn utc_now() -> String {
     contenders::version_of("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"])
 }
 

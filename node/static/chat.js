@@ -275,8 +275,9 @@
       const title = el("span", "node-name", String(n.name || n.id));
       li.appendChild(title);
       li.appendChild(el("span", n.status === "draining" ? "state draining" : "state", " · " + String(n.status)));
-      const seen = new Date(n.lastSeen);
-      const detail = String(n.id) + " · " + (n.connections ?? "?") + " connections · seen " + (isNaN(seen) ? "?" : timeLabel(seen));
+      const lastSeen = new Date(n.lastSeen);
+      const detail =
+        String(n.id) + " · " + (n.connections ?? "?") + " connections · seen " + (isNaN(lastSeen) ? "?" : timeLabel(lastSeen));
       li.appendChild(el("span", "detail", detail));
       ui.nodes.appendChild(li);
     }

@@ -9,7 +9,7 @@ use crate::{eventually, wait_for_status};
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// How long a page may take to reach a state; generous, since two cores run
@@ -158,10 +158,6 @@ pub async fn screenshot(client: &Client, name: &str) -> PathBuf {
     let png = client.screenshot().await.unwrap_or_else(|e| panic!("screenshot {name}: {e}"));
     assert!(png.starts_with(b"\x89PNG"), "screenshot {name} is not a PNG");
     let path = artifacts_dir().join(format!("{name}.png"));
-    write(&path, &png);
+    std::fs::write(&path, &png).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     path
-}
-
-fn write(path: &Path, bytes: &[u8]) {
-    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
