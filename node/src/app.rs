@@ -9,10 +9,9 @@ use crate::config::NodeConfig;
 use crate::connection::{Connection, ConnectionTable};
 use crate::groups::LocalGroups;
 use crate::metrics::Metrics;
-use crate::outbox::PushError;
-use crate::protocol::HubMessage;
+use crate::outbox::{OutFrame, PushError};
+use crate::protocol::{HubMessage, Outgoing};
 use crate::redis_link::RedisLink;
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -62,16 +61,18 @@ impl App {
         self.metrics.draining.set(1);
     }
 
-    pub fn new_connection(&self, connection_id: String, key: String) -> Arc<Connection> {
-        let conn =
-            Arc::new(Connection::new(connection_id, key, self.cfg.max_message_bytes, self.cfg.max_buffered_frames));
+    pub fn new_connection(&self, connection_id: String, key: String, stateful_requested: bool) -> Arc<Connection> {
+        let mut conn = Connection::new(connection_id, key, self.cfg.max_message_bytes, self.cfg.max_buffered_frames);
+        conn.stateful_requested = stateful_requested;
+        let conn = Arc::new(conn);
         self.connections.insert(conn.clone());
         conn
     }
 
-    /// Queues `frame` for `conn`; a client too slow to keep up is disconnected.
-    pub fn send_to(&self, conn: &Connection, frame: Bytes) {
-        match conn.send(frame) {
+    /// Queues `out`, in the connection's protocol, for `conn`; a client too
+    /// slow to keep up is disconnected.
+    pub fn send_to(&self, conn: &Connection, out: &Outgoing) {
+        match conn.send(out.bytes(conn.protocol()), out.is_sequenced()) {
             Ok(()) => self.metrics.messages_sent.inc(),
             Err(PushError::Closed) => {}
             Err(PushError::Full) => {
@@ -86,14 +87,19 @@ impl App {
         }
     }
 
-    pub fn deliver_all(&self, frame: &Bytes) {
-        self.connections.for_each_handshaken(|c| self.send_to(c, frame.clone()));
+    /// Queues one message for one connection.
+    pub fn send_message(&self, conn: &Connection, message: HubMessage) {
+        self.send_to(conn, &Outgoing::new(message));
     }
 
-    pub fn deliver_group(&self, group: &str, frame: &Bytes) {
+    pub fn deliver_all(&self, out: &Outgoing) {
+        self.connections.for_each_handshaken(|c| self.send_to(c, out));
+    }
+
+    pub fn deliver_group(&self, group: &str, out: &Outgoing) {
         for key in self.groups.members(group) {
             if let Some(c) = self.connections.get(&key) {
-                self.send_to(&c, frame.clone());
+                self.send_to(&c, out);
             }
         }
     }
@@ -101,7 +107,10 @@ impl App {
     /// Ends a connection from the server side: a Close message (when the
     /// client completed its handshake) and then the transport finishes.
     pub fn close(&self, conn: &Connection, error: Option<String>, allow_reconnect: bool) {
-        let last = conn.is_handshaken().then(|| Bytes::from(HubMessage::Close { error, allow_reconnect }.to_record()));
+        let last = conn.is_handshaken().then(|| {
+            let close = HubMessage::Close { error, allow_reconnect };
+            OutFrame::plain(conn.protocol().encode(&close).into())
+        });
         conn.outbox.close(last);
         if conn.transport().is_none() {
             // No transport will ever drain it.

@@ -15,7 +15,7 @@
 
 use crate::app::App;
 use crate::history::{self, HistoryEntry};
-use crate::protocol::{parse_message, HubMessage, RECORD_SEPARATOR};
+use crate::protocol::{HubMessage, HubProtocol, Outgoing, RECORD_SEPARATOR};
 use crate::redis_link::CONNECT_TIMEOUT;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -33,7 +33,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 struct Envelope {
     /// Sending node instance.
     origin: String,
-    /// One hub-protocol record, separator included.
+    /// One JSON hub-protocol record, separator included. JSON is the
+    /// backplane's neutral form: each receiving node encodes it once per
+    /// protocol its clients speak.
     frame: String,
 }
 
@@ -91,8 +93,9 @@ impl Backplane {
         format!("{}{group}", self.group_prefix)
     }
 
-    fn enqueue(&self, app: &App, channel: String, frame: &Bytes, history: Option<HistoryEntry>) {
-        let envelope = Envelope { origin: self.instance.clone(), frame: String::from_utf8_lossy(frame).into_owned() };
+    fn enqueue(&self, app: &App, channel: String, out: &Outgoing, history: Option<HistoryEntry>) {
+        let frame = out.bytes(HubProtocol::Json);
+        let envelope = Envelope { origin: self.instance.clone(), frame: String::from_utf8_lossy(&frame).into_owned() };
         let payload = serde_json::to_string(&envelope).unwrap_or_default();
         self.pending.fetch_add(1, Ordering::AcqRel);
         if self.queue.try_send(Publication { channel, payload, history }).is_err() {
@@ -103,12 +106,12 @@ impl Backplane {
     }
 
     /// Sends a record to every other node's clients (and records history).
-    pub fn broadcast(&self, app: &App, frame: &Bytes, history: Option<HistoryEntry>) {
-        self.enqueue(app, self.all_channel.clone(), frame, history);
+    pub fn broadcast(&self, app: &App, out: &Outgoing, history: Option<HistoryEntry>) {
+        self.enqueue(app, self.all_channel.clone(), out, history);
     }
 
-    pub fn to_group(&self, app: &App, group: &str, frame: &Bytes) {
-        self.enqueue(app, self.group_channel(group), frame, None);
+    pub fn to_group(&self, app: &App, group: &str, out: &Outgoing) {
+        self.enqueue(app, self.group_channel(group), out, None);
     }
 
     pub fn subscribe_group(&self, group: &str) {
@@ -164,18 +167,20 @@ impl Backplane {
         }
         // Only well-formed invocations are forwarded to clients.
         let record = envelope.frame.as_bytes();
-        let valid = record.last() == Some(&RECORD_SEPARATOR)
-            && matches!(parse_message(&record[..record.len() - 1]), Ok(HubMessage::Invocation { .. }));
-        if !valid {
+        let message = match record.split_last() {
+            Some((&RECORD_SEPARATOR, body)) => HubProtocol::Json.parse(body).ok(),
+            _ => None,
+        };
+        let Some(message @ HubMessage::Invocation { .. }) = message else {
             app.metrics.backplane_invalid.inc();
             tracing::warn!(%channel, origin = %envelope.origin, "ignoring backplane payload that is not one hub invocation");
             return;
-        }
+        };
         app.metrics.backplane_received.inc();
-        let frame = Bytes::from(envelope.frame);
+        let out = Outgoing::with_json(message, Bytes::from(envelope.frame));
         match target {
-            None => app.deliver_all(&frame),
-            Some(g) => app.deliver_group(g, &frame),
+            None => app.deliver_all(&out),
+            Some(g) => app.deliver_group(g, &out),
         }
     }
 }

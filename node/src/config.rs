@@ -33,6 +33,9 @@ pub struct NodeConfig {
     pub max_message_bytes: usize,
     pub max_buffered_frames: usize,
     pub history_len: usize,
+    pub stateful_reconnect: bool,
+    pub stateful_buffer_bytes: usize,
+    pub reconnect_window_secs: f64,
     pub log_format: LogFormat,
 }
 
@@ -57,6 +60,9 @@ impl Default for NodeConfig {
             max_message_bytes: 32 * 1024,
             max_buffered_frames: 1024,
             history_len: 1000,
+            stateful_reconnect: true,
+            stateful_buffer_bytes: 100_000,
+            reconnect_window_secs: 15.0,
             log_format: LogFormat::Text,
         }
     }
@@ -128,6 +134,15 @@ pub struct Cli {
     /// Messages kept in the Redis history stream [default: 1000]
     #[arg(long, env = "SWITCHBOARD_HISTORY_LEN")]
     pub history_len: Option<usize>,
+    /// Offer stateful reconnect to clients that ask for it [default: true]
+    #[arg(long, env = "SWITCHBOARD_STATEFUL_RECONNECT")]
+    pub stateful_reconnect: Option<bool>,
+    /// Unacknowledged bytes a stateful connection may have on the wire before sending pauses [default: 100000]
+    #[arg(long, env = "SWITCHBOARD_STATEFUL_BUFFER_BYTES")]
+    pub stateful_buffer_bytes: Option<usize>,
+    /// How long a stateful connection whose socket dropped waits for the client to resume, in seconds [default: 15]
+    #[arg(long, env = "SWITCHBOARD_RECONNECT_WINDOW_SECS")]
+    pub reconnect_window_secs: Option<f64>,
     /// Log format [default: text]
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -155,6 +170,9 @@ impl Cli {
             max_message_bytes,
             max_buffered_frames,
             history_len,
+            stateful_reconnect,
+            stateful_buffer_bytes,
+            reconnect_window_secs,
             log_format
         );
         if cli.node_id.is_some() {
@@ -189,12 +207,14 @@ impl NodeConfig {
             ("long_poll_secs", self.long_poll_secs),
             ("long_poll_idle_secs", self.long_poll_idle_secs),
             ("drain_secs", self.drain_secs),
+            ("reconnect_window_secs", self.reconnect_window_secs),
         ] {
             secs(name, v)?;
         }
         require_positive("max_message_bytes", self.max_message_bytes as u64)?;
         require_positive("max_buffered_frames", self.max_buffered_frames as u64)?;
         require_positive("history_len", self.history_len as u64)?;
+        require_positive("stateful_buffer_bytes", self.stateful_buffer_bytes as u64)?;
         if self.ttl_secs <= self.heartbeat_secs {
             return Err(ConfigError::Invalid {
                 name: "ttl_secs",

@@ -1,17 +1,19 @@
 //! One SignalR connection as the node sees it, independent of transport: its
 //! public id and the `?id=` key it is registered under, the outbox, the
-//! inbound record reader, which transport claimed it, and the clocks the
-//! keep-alive sweeper reads. `ConnectionTable` maps `?id=` values to
+//! inbound record reader, which transport claimed it, the hub protocol its
+//! handshake chose, its stateful-reconnect state when it asked for that, and
+//! the clocks the keep-alive sweeper reads. `ConnectionTable` maps `?id=` values to
 //! connections. Everything here is sized for tens of thousands of idle
 //! connections: atomics instead of per-connection timers, no buffers until data
 //! flows.
 
-use crate::outbox::{Outbox, PushError};
-use crate::protocol::RecordReader;
+use crate::outbox::{OutFrame, Outbox, PushError};
+use crate::protocol::{HubProtocol, RecordReader};
+use crate::stateful::Stateful;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 use tokio::sync::Notify;
 
@@ -72,13 +74,17 @@ pub struct Connection {
     /// The `?id=` value: the token (negotiate v1) or the connection id (v0).
     pub key: String,
     pub outbox: Outbox,
-    pub reader: Mutex<RecordReader>,
+    /// Held while a batch of client bytes is processed, which also serialises
+    /// concurrent long-polling sends, as the official server's write lock does.
+    pub reader: tokio::sync::Mutex<RecordReader>,
     pub handshaken: AtomicBool,
+    protocol: AtomicU8,
+    /// The client asked for stateful reconnect at negotiate (and the node allows it).
+    pub stateful_requested: bool,
+    stateful: OnceLock<Box<Stateful>>,
     pub created_ms: u64,
     pub last_sent_ms: AtomicU64,
     pub last_received_ms: AtomicU64,
-    /// Set while a POST is being processed, to answer a concurrent POST 409.
-    pub sending: AtomicBool,
     pub long_poll: LongPoll,
     pub removed: AtomicBool,
     transport: AtomicU8,
@@ -91,12 +97,14 @@ impl Connection {
             connection_id,
             key,
             outbox: Outbox::new(max_frames),
-            reader: Mutex::new(RecordReader::new(max_message)),
+            reader: tokio::sync::Mutex::new(RecordReader::new(max_message)),
             handshaken: AtomicBool::new(false),
+            protocol: AtomicU8::new(HubProtocol::Json as u8),
+            stateful_requested: false,
+            stateful: OnceLock::new(),
             created_ms: now,
             last_sent_ms: AtomicU64::new(now),
             last_received_ms: AtomicU64::new(now),
-            sending: AtomicBool::new(false),
             long_poll: LongPoll::default(),
             removed: AtomicBool::new(false),
             transport: AtomicU8::new(0),
@@ -118,11 +126,32 @@ impl Connection {
         }
     }
 
-    /// Queues a frame for the client.
-    pub fn send(&self, frame: Bytes) -> Result<(), PushError> {
-        self.outbox.push(frame)?;
+    /// Queues a frame for the client; `sequenced` frames are numbered and
+    /// kept for resending when stateful reconnect is on.
+    pub fn send(&self, frame: Bytes, sequenced: bool) -> Result<(), PushError> {
+        match self.stateful() {
+            Some(st) if sequenced => st.push(&self.outbox, frame)?,
+            _ => self.outbox.push(OutFrame::plain(frame))?,
+        }
         self.last_sent_ms.store(now_ms(), Ordering::Relaxed);
         Ok(())
+    }
+
+    pub fn protocol(&self) -> HubProtocol {
+        HubProtocol::from_u8(self.protocol.load(Ordering::Acquire))
+    }
+
+    pub fn set_protocol(&self, p: HubProtocol) {
+        self.protocol.store(p as u8, Ordering::Release);
+    }
+
+    pub fn stateful(&self) -> Option<&Stateful> {
+        self.stateful.get().map(|b| &**b)
+    }
+
+    /// Turns stateful reconnect on (once, at the handshake).
+    pub fn enable_stateful(&self, st: Stateful) {
+        let _ = self.stateful.set(Box::new(st));
     }
 
     pub fn touch_received(&self) {

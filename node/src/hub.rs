@@ -8,38 +8,55 @@
 
 use crate::app::App;
 use crate::connection::Connection;
+use crate::connection::Transport;
 use crate::groups;
 use crate::history::{self, HistoryEntry};
-use crate::protocol::{handshake_response, parse_handshake, parse_message, HubMessage, ProtocolError};
+use crate::outbox::OutFrame;
+use crate::protocol::{
+    handshake_response, parse_handshake, transfer_format_error, HubMessage, Outgoing, ProtocolError,
+};
+use crate::stateful::{Receive, Stateful};
 use bytes::Bytes;
 use serde_json::Value;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Feeds bytes a client sent; afterwards the outbox says whether it lives on.
+/// Holding the reader for the whole batch processes one connection's records
+/// in order, and makes a concurrent long-polling send wait for the one before.
 pub async fn on_data(app: &Arc<App>, conn: &Arc<Connection>, data: &[u8]) {
     conn.touch_received();
-    let records = {
-        let mut reader = conn.reader.lock().unwrap_or_else(|p| p.into_inner());
-        reader.feed(data)
-    };
-    let records = match records {
-        Ok(r) => r,
-        Err(e) => return protocol_error(app, conn, &e),
-    };
-    for record in records {
+    let mut reader = conn.reader.lock().await;
+    reader.feed(data);
+    loop {
         if conn.outbox.is_closed() {
             return;
         }
+        let record = match reader.next_record() {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => return protocol_error(app, conn, &e),
+        };
         if !conn.is_handshaken() {
-            handshake(app, conn, &record);
+            if handshake(app, conn, &record) {
+                // Whatever follows the handshake in this feed is in the new protocol.
+                reader.set_framing(conn.protocol().framing());
+            }
             continue;
         }
         app.metrics.messages_received.inc();
-        match parse_message(&record) {
-            Ok(msg) => on_message(app, conn, msg).await,
+        let msg = match conn.protocol().parse(&record) {
+            Ok(msg) => msg,
             Err(e) => return protocol_error(app, conn, &e),
+        };
+        if let Some(st) = conn.stateful() {
+            match st.on_receive(&msg) {
+                Ok(Receive::Process) => {}
+                Ok(Receive::Skip) => continue,
+                Err(e) => return protocol_error(app, conn, &ProtocolError::InvalidMessage(e)),
+            }
         }
+        on_message(app, conn, msg).await;
     }
 }
 
@@ -55,16 +72,35 @@ fn protocol_error(app: &App, conn: &Connection, e: &ProtocolError) {
     app.close(conn, Some(format!("Connection closed with an error. {e}")), false);
 }
 
-fn handshake(app: &App, conn: &Connection, record: &[u8]) {
-    match parse_handshake(record) {
-        Ok(_) => {
-            app.send_to(conn, Bytes::from(handshake_response(None)));
+/// Answers the handshake; true when it succeeded.
+fn handshake(app: &App, conn: &Connection, record: &[u8]) -> bool {
+    let accepted = parse_handshake(record).and_then(|req| {
+        if req.protocol.is_binary() && conn.transport() == Some(Transport::ServerSentEvents) {
+            return Err(transfer_format_error(req.protocol));
+        }
+        Ok(req)
+    });
+    match accepted {
+        Ok(req) => {
+            conn.set_protocol(req.protocol);
+            // As in the official server: only a client that negotiated it and
+            // speaks version 2 gets stateful reconnect, and only on WebSockets.
+            if conn.stateful_requested && req.version >= 2 && conn.transport() == Some(Transport::WebSockets) {
+                conn.enable_stateful(Stateful::new(
+                    app.cfg.stateful_buffer_bytes,
+                    app.metrics.stateful_buffer_bytes.clone(),
+                ));
+            }
+            let _ = conn.send(Bytes::from(handshake_response(None)), false);
             conn.handshaken.store(true, Ordering::Release);
+            tracing::debug!(connection = %conn.connection_id, protocol = req.protocol.name(), version = req.version, stateful = conn.stateful().is_some(), "handshake");
+            true
         }
         Err(e) => {
             app.metrics.protocol_errors.with_label_values(&["handshake"]).inc();
             tracing::info!(connection = %conn.connection_id, error = %e, "handshake refused");
-            conn.outbox.close(Some(Bytes::from(handshake_response(Some(&e.to_string())))));
+            conn.outbox.close(Some(OutFrame::plain(Bytes::from(handshake_response(Some(&e.to_string()))))));
+            false
         }
     }
 }
@@ -84,17 +120,18 @@ async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
                     Ok(r) => (r, None),
                     Err(e) => (None, Some(format!("Failed to invoke '{target}' due to an error on the server. {e}"))),
                 };
-                let completion = HubMessage::Completion { invocation_id: id, result, error };
-                app.send_to(conn, Bytes::from(completion.to_record()));
+                app.send_message(conn, HubMessage::Completion { invocation_id: id, result, error });
             }
         }
         HubMessage::StreamInvocation { invocation_id, target, .. } => {
             let error = Some(format!("Failed to invoke '{target}' due to an error on the server. HubException: '{target}' is not a streaming method."));
-            app.send_to(conn, Bytes::from(HubMessage::Completion { invocation_id, result: None, error }.to_record()));
+            app.send_message(conn, HubMessage::Completion { invocation_id, result: None, error });
         }
         HubMessage::Close { .. } => app.close(conn, None, false),
         HubMessage::Ping | HubMessage::CancelInvocation { .. } => {}
-        // Client results, client streams and stateful reconnect are not offered.
+        // Client results and client streams are not offered; Ack and
+        // Sequence only mean something with stateful reconnect, which
+        // handled them before this point.
         HubMessage::Completion { .. }
         | HubMessage::StreamItem { .. }
         | HubMessage::Ack { .. }
@@ -132,8 +169,8 @@ fn strings<const N: usize>(args: Vec<Value>) -> Result<[String; N], String> {
     Ok(out)
 }
 
-fn event(target: &str, args: Vec<Value>) -> Bytes {
-    Bytes::from(HubMessage::event(target, args).to_record())
+fn event(target: &str, args: Vec<Value>) -> Outgoing {
+    Outgoing::new(HubMessage::event(target, args))
 }
 
 /// Runs `method`, the canonical name from `method_label` ("unknown" when none matched).
@@ -162,7 +199,7 @@ async fn invoke(
         }
         "GetNodeInfo" => {
             arity::<0>(args)?;
-            app.send_to(conn, event("NodeInfo", vec![node(), me()]));
+            app.send_to(conn, &event("NodeInfo", vec![node(), me()]));
             Ok(None)
         }
         "JoinGroup" => {

@@ -1,13 +1,15 @@
 //! One sweeper task for all connections instead of timers per connection:
 //! it sends a Ping to clients the node has not written to for the keep-alive
 //! interval, closes clients silent for the client timeout, drops connections
-//! whose handshake never came, and forgets long-polling connections nobody has
-//! polled for the long-poll idle time.
+//! whose handshake never came, forgets long-polling connections nobody has
+//! polled for the long-poll idle time, acknowledges what stateful-reconnect
+//! clients sent (so about once a second, like the official server), and drops
+//! stateful connections whose client did not come back within the reconnect
+//! window.
 
 use crate::app::App;
 use crate::connection::{now_ms, Transport};
-use crate::protocol::HubMessage;
-use bytes::Bytes;
+use crate::protocol::{HubMessage, Outgoing};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,15 +19,29 @@ pub async fn sweep_forever(app: Arc<App>) {
     let ms = |secs: f64| (secs * 1000.0) as u64;
     let (keepalive, client_timeout) = (ms(cfg.keepalive_secs), ms(cfg.client_timeout_secs));
     let (handshake_timeout, poll_idle) = (ms(cfg.handshake_timeout_secs), ms(cfg.long_poll_idle_secs));
+    let reconnect_window = ms(cfg.reconnect_window_secs);
     let period = Duration::from_millis(
-        (keepalive.min(client_timeout).min(handshake_timeout).min(poll_idle) / 4).clamp(50, 1000),
+        (keepalive.min(client_timeout).min(handshake_timeout).min(poll_idle).min(reconnect_window) / 4).clamp(50, 1000),
     );
-    let ping = Bytes::from(HubMessage::Ping.to_record());
+    let ping = Outgoing::new(HubMessage::Ping);
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
         let now = now_ms();
         for conn in app.connections.all() {
+            if let Some(st) = conn.stateful() {
+                if let Some(since) = st.disconnected_since() {
+                    if now.saturating_sub(since) >= reconnect_window {
+                        tracing::info!(connection = %conn.connection_id, "client did not resume within the reconnect window");
+                        app.metrics.stateful_expired.inc();
+                        app.disconnect(&conn);
+                    }
+                    continue;
+                }
+                if let Some(id) = st.ack_due() {
+                    app.send_message(&conn, HubMessage::Ack { sequence_id: id });
+                }
+            }
             if conn.transport() == Some(Transport::LongPolling)
                 && conn.long_poll.active.load(Ordering::Acquire) == 0
                 && now.saturating_sub(conn.long_poll.last_poll_ms.load(Ordering::Acquire)) >= poll_idle
@@ -46,7 +62,7 @@ pub async fn sweep_forever(app: Arc<App>) {
                     false,
                 );
             } else if now.saturating_sub(conn.last_sent_ms.load(Ordering::Relaxed)) >= keepalive {
-                app.send_to(&conn, ping.clone());
+                app.send_to(&conn, &ping);
             }
         }
     }

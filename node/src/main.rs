@@ -22,6 +22,7 @@ mod outbox;
 mod protocol;
 mod redis_link;
 mod registry;
+mod stateful;
 mod transport;
 
 use clap::Parser;

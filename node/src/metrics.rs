@@ -17,6 +17,10 @@ pub struct Metrics {
     pub backplane_dropped: IntCounter,
     pub backplane_received: IntCounter,
     pub backplane_invalid: IntCounter,
+    pub stateful_buffer_bytes: IntGauge,
+    pub stateful_resumes: IntCounter,
+    pub stateful_resent: IntCounter,
+    pub stateful_expired: IntCounter,
     pub redis_up: IntGauge,
     pub draining: IntGauge,
 }
@@ -107,6 +111,26 @@ impl Metrics {
                 &r,
                 "switchboard_node_backplane_invalid_total",
                 "Backplane payloads rejected as malformed",
+            ),
+            stateful_buffer_bytes: gauge(
+                &r,
+                "switchboard_node_stateful_buffer_bytes",
+                "Bytes kept for stateful-reconnect clients until they acknowledge them",
+            ),
+            stateful_resumes: counter(
+                &r,
+                "switchboard_node_stateful_resumes_total",
+                "Stateful connections resumed on a new WebSocket",
+            ),
+            stateful_resent: counter(
+                &r,
+                "switchboard_node_stateful_resent_messages_total",
+                "Unacknowledged messages resent after a resume",
+            ),
+            stateful_expired: counter(
+                &r,
+                "switchboard_node_stateful_expired_total",
+                "Stateful connections dropped because no new socket came within the reconnect window",
             ),
             redis_up: gauge(&r, "switchboard_node_redis_up", "1 while Redis answers, 0 while it does not"),
             draining: gauge(&r, "switchboard_node_draining", "1 while the node drains before exit"),

@@ -5,17 +5,40 @@
 //! connections, and a frame shared by a broadcast is reference-counted, not
 //! copied. When more than `limit` frames wait, the client is too slow and the
 //! push fails so the caller can disconnect it instead of growing without bound.
+//!
+//! Each frame carries its stateful-reconnect sequence id (0 when it has none)
+//! so the writer can account for what it put on the wire. A stateful
+//! connection that resumes on a new transport `reset`s the outbox to the
+//! frames it must resend and bumps its generation; a consumer of an older
+//! generation then gets `Superseded` instead of frames, so two sockets never
+//! drain one outbox.
 
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use tokio::sync::Notify;
 
+/// One serialized message on its way out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutFrame {
+    pub bytes: Bytes,
+    /// Stateful-reconnect sequence id, 0 for frames that have none.
+    pub seq: u64,
+}
+
+impl OutFrame {
+    pub fn plain(bytes: Bytes) -> Self {
+        OutFrame { bytes, seq: 0 }
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Batch {
-    Frames(Vec<Bytes>),
+    Frames(Vec<OutFrame>),
     /// Closed and fully drained: the transport should finish.
     Closed,
+    /// A newer transport took the connection over.
+    Superseded,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -26,8 +49,9 @@ pub enum PushError {
 
 #[derive(Default)]
 struct State {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<OutFrame>,
     closed: bool,
+    generation: u64,
 }
 
 pub struct Outbox {
@@ -46,7 +70,7 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
+    pub fn push(&self, frame: OutFrame) -> Result<(), PushError> {
         {
             let mut s = self.lock();
             if s.closed {
@@ -61,8 +85,25 @@ impl Outbox {
         Ok(())
     }
 
+    /// Replaces whatever waits with `frames` for a new transport and returns
+    /// the generation that transport consumes. Closed outboxes stay closed.
+    pub fn reset(&self, frames: Vec<OutFrame>) -> u64 {
+        let generation = {
+            let mut s = self.lock();
+            s.generation += 1;
+            s.frames = frames.into();
+            s.generation
+        };
+        self.notify.notify_waiters();
+        generation
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
     /// Pushes a last frame (if any) and closes; later pushes fail.
-    pub fn close(&self, last: Option<Bytes>) {
+    pub fn close(&self, last: Option<OutFrame>) {
         {
             let mut s = self.lock();
             if s.closed {
@@ -81,24 +122,45 @@ impl Outbox {
     }
 
     /// Takes everything queued now without waiting; `None` when nothing is.
-    pub fn try_take(&self) -> Option<Batch> {
+    pub fn try_take(&self, generation: u64) -> Option<Batch> {
         let mut s = self.lock();
+        if s.generation != generation {
+            return Some(Batch::Superseded);
+        }
         if !s.frames.is_empty() {
-            let frames: Vec<Bytes> = s.frames.drain(..).collect();
+            let frames: Vec<OutFrame> = s.frames.drain(..).collect();
             s.frames = VecDeque::new(); // release capacity while idle
             return Some(Batch::Frames(frames));
         }
         s.closed.then_some(Batch::Closed)
     }
 
-    /// Waits until frames are queued or the outbox is closed and drained.
-    pub async fn next_batch(&self) -> Batch {
+    /// Waits until the outbox is closed or a newer generation took over (a
+    /// writer that pauses for acknowledgements still notices a close).
+    pub async fn closed_or_superseded(&self, generation: u64) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let s = self.lock();
+                if s.closed || s.generation != generation {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until frames are queued, the outbox is closed and drained, or a
+    /// newer generation took over.
+    pub async fn next_batch(&self, generation: u64) -> Batch {
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             // Register before checking, so a push between check and await wakes us.
             notified.as_mut().enable();
-            if let Some(b) = self.try_take() {
+            if let Some(b) = self.try_take(generation) {
                 return b;
             }
             notified.await;
@@ -110,30 +172,45 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    fn f(b: &'static [u8]) -> OutFrame {
+        OutFrame::plain(Bytes::from_static(b))
+    }
+
     #[tokio::test]
     async fn frames_then_close_then_closed() {
         let o = Outbox::new(10);
-        o.push(Bytes::from_static(b"a")).unwrap();
-        o.close(Some(Bytes::from_static(b"bye")));
-        assert_eq!(o.push(Bytes::from_static(b"late")), Err(PushError::Closed));
-        assert_eq!(o.next_batch().await, Batch::Frames(vec![Bytes::from_static(b"a"), Bytes::from_static(b"bye")]));
-        assert_eq!(o.next_batch().await, Batch::Closed);
+        o.push(f(b"a")).unwrap();
+        o.close(Some(f(b"bye")));
+        assert_eq!(o.push(f(b"late")), Err(PushError::Closed));
+        assert_eq!(o.next_batch(0).await, Batch::Frames(vec![f(b"a"), f(b"bye")]));
+        assert_eq!(o.next_batch(0).await, Batch::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_reset_supersedes_the_old_consumer() {
+        let o = std::sync::Arc::new(Outbox::new(10));
+        o.push(f(b"old")).unwrap();
+        let o2 = o.clone();
+        let g = o.reset(vec![f(b"resend")]);
+        assert_eq!(g, 1);
+        assert_eq!(o2.next_batch(0).await, Batch::Superseded);
+        assert_eq!(o.next_batch(g).await, Batch::Frames(vec![f(b"resend")]));
     }
 
     #[tokio::test]
     async fn a_waiting_consumer_is_woken() {
         let o = std::sync::Arc::new(Outbox::new(10));
         let o2 = o.clone();
-        let waiter = tokio::spawn(async move { o2.next_batch().await });
+        let waiter = tokio::spawn(async move { o2.next_batch(0).await });
         tokio::task::yield_now().await;
-        o.push(Bytes::from_static(b"x")).unwrap();
-        assert_eq!(waiter.await.unwrap(), Batch::Frames(vec![Bytes::from_static(b"x")]));
+        o.push(f(b"x")).unwrap();
+        assert_eq!(waiter.await.unwrap(), Batch::Frames(vec![f(b"x")]));
     }
 
     #[test]
     fn a_full_outbox_refuses() {
         let o = Outbox::new(1);
-        o.push(Bytes::new()).unwrap();
-        assert_eq!(o.push(Bytes::new()), Err(PushError::Full));
+        o.push(f(b"")).unwrap();
+        assert_eq!(o.push(f(b"")), Err(PushError::Full));
     }
 }

@@ -1,8 +1,10 @@
 //! A SignalR client for tests, written against the spec rather than the
 //! server: negotiate (v0 or v1), then WebSockets (tokio-tungstenite), Server-
-//! Sent Events or long polling (reqwest), then the JSON handshake. Incoming
-//! records land in an inbox; tests wait for the message they expect, with a
-//! bounded wait, and may look at everything else that arrived.
+//! Sent Events or long polling (reqwest), then the handshake, in the JSON or
+//! the MessagePack hub protocol. Incoming messages land in an inbox in the
+//! JSON protocol's shape whatever the wire protocol; tests wait for the message
+//! they expect, with a bounded wait, and may look at everything else that
+//! arrived.
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -26,6 +28,82 @@ pub enum TransportKind {
 pub const ALL_TRANSPORTS: [TransportKind; 3] =
     [TransportKind::WebSockets, TransportKind::ServerSentEvents, TransportKind::LongPolling];
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Json,
+    MessagePack,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Json => "json",
+            Protocol::MessagePack => "messagepack",
+        }
+    }
+
+    /// One hub message (in the JSON protocol's shape) as wire bytes.
+    pub fn encode(self, v: &Value) -> Vec<u8> {
+        match self {
+            Protocol::Json => record(v),
+            Protocol::MessagePack => crate::msgpack::encode(v),
+        }
+    }
+}
+
+/// Reads what the server sends: the handshake answer (always a JSON record),
+/// then messages in the connection's protocol, however they are split.
+pub struct WireDecoder {
+    protocol: Protocol,
+    handshaken: bool,
+    buf: Vec<u8>,
+}
+
+impl WireDecoder {
+    pub fn new(protocol: Protocol) -> Self {
+        WireDecoder { protocol, handshaken: false, buf: Vec::new() }
+    }
+
+    /// For a socket that resumes a connection: no handshake answer comes.
+    pub fn after_handshake(protocol: Protocol) -> Self {
+        WireDecoder { protocol, handshaken: true, buf: Vec::new() }
+    }
+
+    pub fn feed(&mut self, data: &[u8]) -> Vec<Value> {
+        self.buf.extend_from_slice(data);
+        let mut out = Vec::new();
+        if !self.handshaken {
+            let Some(end) = self.buf.iter().position(|&b| b == RS) else { return out };
+            let hs: Vec<u8> = self.buf.drain(..=end).collect();
+            out.extend(parse_records(&hs));
+            self.handshaken = true;
+        }
+        match self.protocol {
+            Protocol::Json => {
+                let Some(end) = self.buf.iter().rposition(|&b| b == RS) else { return out };
+                let whole: Vec<u8> = self.buf.drain(..=end).collect();
+                out.extend(parse_records(&whole));
+            }
+            Protocol::MessagePack => out.extend(crate::msgpack::take_messages(&mut self.buf)),
+        }
+        out
+    }
+}
+
+/// How a test client connects.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectOptions {
+    pub negotiate_version: Option<u32>,
+    pub protocol: Protocol,
+    pub handshake_version: u32,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions { negotiate_version: Some(1), protocol: Protocol::Json, handshake_version: 1 }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming {
     Message(Value),
@@ -47,6 +125,7 @@ pub struct HubClient {
     pub base: String,
     pub http: reqwest::Client,
     pub kind: TransportKind,
+    pub protocol: Protocol,
     pub connection_id: String,
     /// The `?id=` value the transport uses.
     pub id: String,
@@ -106,21 +185,31 @@ impl HubClient {
         kind: TransportKind,
         negotiate_version: Option<u32>,
     ) -> Result<Self, String> {
-        let body = negotiate(http, base, negotiate_version).await?;
+        Self::connect_opts(http, base, kind, ConnectOptions { negotiate_version, ..ConnectOptions::default() }).await
+    }
+
+    /// Connects with a chosen negotiate version, hub protocol and handshake version.
+    pub async fn connect_opts(
+        http: &reqwest::Client,
+        base: &str,
+        kind: TransportKind,
+        opts: ConnectOptions,
+    ) -> Result<Self, String> {
+        let body = negotiate(http, base, opts.negotiate_version).await?;
         let connection_id = body["connectionId"].as_str().ok_or("no connectionId")?.to_string();
         let id = match body.get("connectionToken").and_then(Value::as_str) {
             Some(t) => t.to_string(),
             None => connection_id.clone(),
         };
-        let mut client = Self::open(http, base, kind, connection_id, Some(id)).await?;
-        client.handshake().await?;
+        let mut client = Self::open(http, base, kind, opts.protocol, connection_id, Some(id)).await?;
+        client.handshake(opts.handshake_version).await?;
         Ok(client)
     }
 
     /// WebSocket without negotiation (`skipNegotiation: true`).
     pub async fn connect_skip_negotiation(http: &reqwest::Client, base: &str) -> Result<Self, String> {
-        let mut client = Self::open(http, base, TransportKind::WebSockets, String::new(), None).await?;
-        client.handshake().await?;
+        let mut client = Self::open(http, base, TransportKind::WebSockets, Protocol::Json, String::new(), None).await?;
+        client.handshake(1).await?;
         Ok(client)
     }
 
@@ -128,10 +217,12 @@ impl HubClient {
         http: &reqwest::Client,
         base: &str,
         kind: TransportKind,
+        protocol: Protocol,
         connection_id: String,
         id: Option<String>,
     ) -> Result<Self, String> {
         let (tx, inbox) = mpsc::unbounded_channel();
+        let mut decoder = WireDecoder::new(protocol);
         let idq = id.clone().unwrap_or_default();
         let url = match &id {
             Some(id) => format!("{base}/chathub?id={id}"),
@@ -154,7 +245,7 @@ impl HubClient {
                                 return;
                             }
                         };
-                        for v in parse_records(&data) {
+                        for v in decoder.feed(&data) {
                             let _ = tx.send(Incoming::Message(v));
                         }
                     }
@@ -181,7 +272,7 @@ impl HubClient {
                         while let Some(end) = find_event_end(&buf) {
                             let event: Vec<u8> = buf.drain(..end.0).collect();
                             buf.drain(..end.1);
-                            for v in parse_records(&sse_data(&event)) {
+                            for v in decoder.feed(&sse_data(&event)) {
                                 let _ = tx.send(Incoming::Message(v));
                             }
                         }
@@ -201,7 +292,7 @@ impl HubClient {
                         match http.get(&url).send().await {
                             Ok(r) if r.status() == 200 => {
                                 let data = r.bytes().await.unwrap_or_default();
-                                for v in parse_records(&data) {
+                                for v in decoder.feed(&data) {
                                     let _ = tx.send(Incoming::Message(v));
                                 }
                             }
@@ -223,6 +314,7 @@ impl HubClient {
             base: base.to_string(),
             http: http.clone(),
             kind,
+            protocol,
             connection_id,
             id: idq,
             sender,
@@ -233,20 +325,29 @@ impl HubClient {
         })
     }
 
-    async fn handshake(&mut self) -> Result<(), String> {
-        self.send_raw(b"{\"protocol\":\"json\",\"version\":1}\x1e".to_vec()).await?;
+    async fn handshake(&mut self, version: u32) -> Result<(), String> {
+        let hs = record(&json!({"protocol": self.protocol.name(), "version": version}));
+        self.send_raw_as(hs, false).await?;
         match self.next(WAIT).await {
             Some(Incoming::Message(v)) if v == json!({}) => Ok(()),
             other => Err(format!("handshake answered {other:?}")),
         }
     }
 
-    /// Sends raw bytes as one WebSocket text frame or one POST body.
+    /// Sends raw bytes as one WebSocket frame (binary for MessagePack) or one POST body.
     pub async fn send_raw(&self, data: Vec<u8>) -> Result<(), String> {
+        self.send_raw_as(data, self.protocol == Protocol::MessagePack).await
+    }
+
+    async fn send_raw_as(&self, data: Vec<u8>, binary: bool) -> Result<(), String> {
         match &self.sender {
             Sender::Ws(sink) => {
-                let text = String::from_utf8(data).map_err(|e| e.to_string())?;
-                sink.lock().await.send(Message::Text(text.into())).await.map_err(|e| e.to_string())
+                let msg = if binary {
+                    Message::Binary(data.into())
+                } else {
+                    Message::Text(String::from_utf8(data).map_err(|e| e.to_string())?.into())
+                };
+                sink.lock().await.send(msg).await.map_err(|e| e.to_string())
             }
             Sender::Http => {
                 let resp = self.post(data).await?;
@@ -273,7 +374,7 @@ impl HubClient {
     /// Invokes `target` without expecting a reply.
     pub async fn send(&self, target: &str, args: Vec<Value>) {
         let msg = json!({"type": 1, "target": target, "arguments": args});
-        self.send_raw(record(&msg)).await.expect("send");
+        self.send_raw(self.protocol.encode(&msg)).await.expect("send");
     }
 
     /// Invokes `target` and waits for its Completion: `Ok(result)` or `Err(error)`.
@@ -281,7 +382,7 @@ impl HubClient {
         self.next_invocation += 1;
         let id = self.next_invocation.to_string();
         let msg = json!({"type": 1, "invocationId": id, "target": target, "arguments": args});
-        self.send_raw(record(&msg)).await.expect("send invocation");
+        self.send_raw(self.protocol.encode(&msg)).await.expect("send invocation");
         let done = self
             .expect(WAIT, |v| v["type"] == 3 && v["invocationId"] == id.as_str())
             .await

@@ -1,17 +1,18 @@
 //! One small harness for the end-to-end tests: a real `redis-server` on a
 //! free loopback port (`RedisServer`), real `switchboard-node` and
 //! `switchboard-balancer` processes (`Process`), and a SignalR client that
-//! speaks the JSON hub protocol over WebSockets, Server-Sent Events or long
+//! speaks the JSON or MessagePack hub protocol over WebSockets, Server-Sent Events or long
 //! polling on real sockets (`client::HubClient`). Everything is stopped when
 //! dropped, and every wait is bounded.
 
 pub mod browser;
 pub mod client;
 pub mod cluster;
+pub mod msgpack;
 pub mod process;
 pub mod redis_server;
 
-pub use client::{HubClient, TransportKind, ALL_TRANSPORTS, WAIT};
+pub use client::{ConnectOptions, HubClient, Protocol, TransportKind, ALL_TRANSPORTS, WAIT};
 pub use cluster::{TestBalancer, TestNode};
 pub use process::{free_port, Process};
 pub use redis_server::RedisServer;

@@ -208,6 +208,20 @@ impl HubMessage {
         frame(serde_json::to_vec(&wire).unwrap_or_default())
     }
 
+    /// Whether stateful reconnect numbers this message (and buffers it until
+    /// acknowledged): invocations, stream items, completions and cancels, the
+    /// official `HubInvocationMessage` types; not Ping, Close, Ack or Sequence.
+    pub fn is_sequenced(&self) -> bool {
+        matches!(
+            self,
+            HubMessage::Invocation { .. }
+                | HubMessage::StreamItem { .. }
+                | HubMessage::Completion { .. }
+                | HubMessage::StreamInvocation { .. }
+                | HubMessage::CancelInvocation { .. }
+        )
+    }
+
     /// A server-to-client invocation with no reply expected.
     pub fn event(target: &str, arguments: Vec<Value>) -> Self {
         HubMessage::Invocation { invocation_id: None, target: target.to_string(), arguments }

@@ -1,7 +1,9 @@
 //! The negotiate answer. Version 1 carries a secret `connectionToken` the
 //! client then sends as `?id=`; version 0 (what a client that sends no
 //! `negotiateVersion` gets) has no token, and the client uses `connectionId`.
-//! A client asking for a newer version than 1 gets version 1. Never includes
+//! A client asking for a newer version than 1 gets version 1. A client that
+//! asked for stateful reconnect (and a node that allows it) sees
+//! `"useStatefulReconnect":true`. Never includes
 //! `ProtocolVersion`, which clients take for classic ASP.NET SignalR.
 
 use serde::Serialize;
@@ -17,6 +19,8 @@ struct NegotiateResponse<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     connection_token: Option<&'a str>,
     available_transports: serde_json::Value,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    use_stateful_reconnect: bool,
 }
 
 /// Reads `negotiateVersion` from the query value: absent means 0.
@@ -30,7 +34,7 @@ pub fn requested_version(value: Option<&str>) -> Result<u32, String> {
     }
 }
 
-pub fn negotiate_body(version: u32, token: &ConnectionToken) -> String {
+pub fn negotiate_body(version: u32, token: &ConnectionToken, stateful_reconnect: bool) -> String {
     let body = NegotiateResponse {
         negotiate_version: version,
         connection_id: &token.connection_id,
@@ -40,6 +44,7 @@ pub fn negotiate_body(version: u32, token: &ConnectionToken) -> String {
             {"transport": "ServerSentEvents", "transferFormats": ["Text"]},
             {"transport": "LongPolling", "transferFormats": ["Text", "Binary"]},
         ]),
+        use_stateful_reconnect: stateful_reconnect,
     };
     serde_json::to_string(&body).unwrap_or_default()
 }
@@ -60,7 +65,7 @@ mod tests {
     #[test]
     fn version_zero_has_no_token() {
         let t = ConnectionToken::issue("n");
-        let v = parse(&negotiate_body(0, &t));
+        let v = parse(&negotiate_body(0, &t, false));
         assert_eq!(v["negotiateVersion"], 0);
         assert_eq!(v["connectionId"], t.connection_id.as_str());
         assert!(v.get("connectionToken").is_none());
@@ -71,9 +76,12 @@ mod tests {
     #[test]
     fn version_one_carries_the_token() {
         let t = ConnectionToken::issue("n");
-        let v = parse(&negotiate_body(1, &t));
+        let v = parse(&negotiate_body(1, &t, false));
         assert_eq!(v["negotiateVersion"], 1);
         assert_eq!(v["connectionToken"], t.token.as_str());
+        assert!(v.get("useStatefulReconnect").is_none());
+        let v = parse(&negotiate_body(1, &t, true));
+        assert_eq!(v["useStatefulReconnect"], true);
     }
 
     #[test]

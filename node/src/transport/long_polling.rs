@@ -7,7 +7,7 @@
 
 use crate::app::App;
 use crate::connection::{now_ms, Connection};
-use crate::outbox::Batch;
+use crate::outbox::{Batch, OutFrame};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::sync::atomic::Ordering;
@@ -42,8 +42,8 @@ async fn superseded(conn: &Connection, generation: u64) {
     }
 }
 
-fn data(frames: Vec<axum::body::Bytes>) -> Response {
-    let body: Vec<u8> = frames.concat();
+fn data(frames: Vec<OutFrame>) -> Response {
+    let body: Vec<u8> = frames.iter().flat_map(|f| f.bytes.iter().copied()).collect();
     ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response()
 }
 
@@ -59,9 +59,9 @@ pub async fn poll(app: Arc<App>, conn: Arc<Connection>) -> Response {
     tokio::select! {
         biased;
         _ = superseded(&conn, generation) => StatusCode::NO_CONTENT.into_response(),
-        batch = conn.outbox.next_batch() => match batch {
+        batch = conn.outbox.next_batch(0) => match batch {
             Batch::Frames(frames) => data(frames),
-            Batch::Closed => {
+            Batch::Closed | Batch::Superseded => {
                 app.disconnect(&conn);
                 StatusCode::NO_CONTENT.into_response()
             }

@@ -1,9 +1,13 @@
 //! The `/chathub` HTTP surface: negotiate, and the three transports that move
 //! frames between a client and its connection's outbox and the hub. This file
 //! routes each request by method and headers and applies the status codes of
-//! the SignalR transport spec (400 missing id, 404 unknown id, 409 second
-//! socket or concurrent send, 405 POST to a WebSocket connection); the
-//! transport modules do the streaming.
+//! the SignalR transport spec and the official server (400 missing id, 404
+//! unknown id, 409 second socket, 405 POST to a WebSocket connection); the
+//! transport modules do the streaming. As in the official server, a send may
+//! come before the first poll (it is processed and its answers wait in the
+//! outbox), concurrent sends on one connection are taken in turn rather than
+//! refused, and a second WebSocket for a stateful-reconnect connection takes
+//! the connection over instead of being refused.
 
 pub mod long_polling;
 pub mod sse;
@@ -12,7 +16,7 @@ pub mod websocket;
 use crate::app::App;
 use crate::connection::{AttachError, Connection, Transport};
 use crate::hub;
-use crate::protocol::negotiate;
+use crate::protocol::{negotiate, HubMessage};
 use axum::body::Bytes;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
@@ -35,8 +39,6 @@ pub enum TransportError {
     AlreadyConnected,
     WrongTransport,
     PostToWebSocket,
-    NoTransportYet,
-    ConcurrentSend,
     NotLongPolling,
     Draining,
 }
@@ -52,8 +54,6 @@ impl IntoResponse for TransportError {
             PostToWebSocket => {
                 (StatusCode::METHOD_NOT_ALLOWED, "POST requests are not allowed for WebSocket connections.")
             }
-            NoTransportYet => (StatusCode::BAD_REQUEST, "No transport is connected for this ID yet"),
-            ConcurrentSend => (StatusCode::CONFLICT, "Another send request is already in progress"),
             NotLongPolling => (StatusCode::BAD_REQUEST, "Cannot terminate this connection using the DELETE endpoint."),
             Draining => {
                 (StatusCode::SERVICE_UNAVAILABLE, "This node is draining; negotiate again to reach another node.")
@@ -61,6 +61,14 @@ impl IntoResponse for TransportError {
         };
         (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
     }
+}
+
+/// A query parameter by name, ignoring case as ASP.NET Core's query does.
+fn param<'a>(params: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
+    params
+        .get(name)
+        .or_else(|| params.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
+        .map(String::as_str)
 }
 
 /// Looks up `?id=`.
@@ -90,14 +98,16 @@ pub async fn negotiate(State(app): State<Arc<App>>, Query(params): Params) -> Re
     if app.is_draining() {
         return TransportError::Draining.into_response();
     }
-    let version = match negotiate::requested_version(params.get("negotiateVersion").map(String::as_str)) {
+    let version = match negotiate::requested_version(param(&params, "negotiateVersion")) {
         Ok(v) => v,
         Err(e) => return json(negotiate::error_body(&e)),
     };
+    let stateful = app.cfg.stateful_reconnect
+        && param(&params, "useStatefulReconnect").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let token = ConnectionToken::issue(&app.node_id);
     let key = if version >= 1 { token.token.clone() } else { token.connection_id.clone() };
-    app.new_connection(token.connection_id.clone(), key);
-    json(negotiate::negotiate_body(version, &token))
+    app.new_connection(token.connection_id.clone(), key, stateful);
+    json(negotiate::negotiate_body(version, &token, stateful))
 }
 
 fn json(body: String) -> Response {
@@ -125,7 +135,7 @@ pub async fn connect(
             Err(rejection) => return rejection.into_response(),
         };
         return match open_websocket(&app, &params) {
-            Ok(conn) => websocket::upgrade(app, conn, upgrade),
+            Ok((conn, generation)) => websocket::upgrade(app, conn, upgrade, generation),
             Err(e) => e.into_response(),
         };
     }
@@ -140,7 +150,9 @@ pub async fn connect(
     }
 }
 
-fn open_websocket(app: &App, params: &HashMap<String, String>) -> Result<Arc<Connection>, TransportError> {
+/// The connection a WebSocket request serves, and the outbox generation the
+/// socket drains: 0 for a new connection, a fresh one for a resume.
+fn open_websocket(app: &App, params: &HashMap<String, String>) -> Result<(Arc<Connection>, u64), TransportError> {
     let conn = if params.contains_key("id") {
         lookup(app, params)?
     } else {
@@ -149,19 +161,25 @@ fn open_websocket(app: &App, params: &HashMap<String, String>) -> Result<Arc<Con
             return Err(TransportError::Draining);
         }
         let token = ConnectionToken::issue(&app.node_id);
-        app.new_connection(token.connection_id, token.token)
+        app.new_connection(token.connection_id, token.token, false)
     };
-    attach(app, &conn, Transport::WebSockets)?;
-    Ok(conn)
-}
-
-/// Clears the "POST in progress" flag however the request ends.
-struct SendingGuard<'a>(&'a Connection);
-
-impl Drop for SendingGuard<'_> {
-    fn drop(&mut self) {
-        self.0.sending.store(false, Ordering::Release);
+    if conn.transport() == Some(Transport::WebSockets) && !conn.outbox.is_closed() {
+        if let Some(st) = conn.stateful() {
+            // Stateful reconnect: this socket takes the connection over, the
+            // old one (dead or not) is superseded, and what the client has not
+            // acknowledged is sent again after a Sequence.
+            let protocol = conn.protocol();
+            let (generation, resent) =
+                st.resume(&conn.outbox, |id| protocol.encode(&HubMessage::Sequence { sequence_id: id }).into());
+            conn.touch_received();
+            app.metrics.stateful_resumes.inc();
+            app.metrics.stateful_resent.inc_by(resent as u64);
+            tracing::info!(connection = %conn.connection_id, resent, "stateful connection resumed on a new WebSocket");
+            return Ok((conn, generation));
+        }
     }
+    attach(app, &conn, Transport::WebSockets)?;
+    Ok((conn, 0))
 }
 
 /// `POST /chathub?id=…`: one or more records from an SSE or long-polling client.
@@ -171,15 +189,9 @@ pub async fn send(
     body: Bytes,
 ) -> Result<StatusCode, TransportError> {
     let conn = lookup(&app, &params)?;
-    match conn.transport() {
-        Some(Transport::WebSockets) => return Err(TransportError::PostToWebSocket),
-        None => return Err(TransportError::NoTransportYet),
-        Some(_) => {}
+    if conn.transport() == Some(Transport::WebSockets) {
+        return Err(TransportError::PostToWebSocket);
     }
-    if conn.sending.swap(true, Ordering::AcqRel) {
-        return Err(TransportError::ConcurrentSend);
-    }
-    let _guard = SendingGuard(&conn);
     if conn.outbox.is_closed() {
         return Err(TransportError::UnknownId);
     }

@@ -41,12 +41,12 @@ pub fn event(frame: &[u8]) -> Vec<u8> {
 pub fn stream(app: Arc<App>, conn: Arc<Connection>) -> Response {
     let guard = StreamGuard { app, conn };
     let body = futures_util::stream::unfold(guard, |guard| async move {
-        match guard.conn.outbox.next_batch().await {
+        match guard.conn.outbox.next_batch(0).await {
             Batch::Frames(frames) => {
-                let bytes: Vec<u8> = frames.iter().flat_map(|f| event(f)).collect();
+                let bytes: Vec<u8> = frames.iter().flat_map(|f| event(&f.bytes)).collect();
                 Some((Ok::<_, Infallible>(Bytes::from(bytes)), guard))
             }
-            Batch::Closed => None,
+            Batch::Closed | Batch::Superseded => None,
         }
     });
     let mut resp = Body::from_stream(body).into_response();

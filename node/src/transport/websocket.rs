@@ -2,12 +2,17 @@
 //! hub) and writes (draining the outbox), so an idle connection costs one
 //! task and no timers. The socket's buffers are kept small; tungstenite's
 //! default 128 KiB read buffer per socket would dominate memory at scale.
-//! WebSocket pings are answered by tungstenite itself.
+//! WebSocket pings are answered by tungstenite itself. JSON goes in text
+//! frames and MessagePack in binary ones. With stateful reconnect the writer
+//! pauses while too much is unacknowledged, and a socket that drops without a
+//! close leaves the connection waiting for the client's new socket.
 
 use crate::app::App;
-use crate::connection::Connection;
+use crate::connection::{now_ms, Connection};
 use crate::hub;
-use crate::outbox::Batch;
+use crate::outbox::{Batch, OutFrame};
+use crate::protocol::HubProtocol;
+use axum::body::Bytes;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::SinkExt;
@@ -16,7 +21,7 @@ use std::sync::Arc;
 const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 0; // write through; frames are batched by the outbox
 
-pub fn upgrade(app: Arc<App>, conn: Arc<Connection>, upgrade: WebSocketUpgrade) -> Response {
+pub fn upgrade(app: Arc<App>, conn: Arc<Connection>, upgrade: WebSocketUpgrade, generation: u64) -> Response {
     // Messages above the hub limit still get a SignalR Close; far larger
     // frames are refused by the socket layer before they are buffered.
     let socket_limit = app.cfg.max_message_bytes.saturating_mul(4).max(64 * 1024);
@@ -28,47 +33,88 @@ pub fn upgrade(app: Arc<App>, conn: Arc<Connection>, upgrade: WebSocketUpgrade) 
         .max_frame_size(socket_limit)
         .on_failed_upgrade(move |e| {
             tracing::info!(error = %e, "websocket upgrade failed");
-            failed.0.disconnect(&failed.1);
+            ended(&failed.0, &failed.1, generation, false);
         })
-        .on_upgrade(move |socket| run(app, conn, socket))
+        .on_upgrade(move |socket| run(app, conn, socket, generation))
 }
 
-async fn run(app: Arc<App>, conn: Arc<Connection>, mut socket: WebSocket) {
-    loop {
+/// A frame as a WebSocket message: text for JSON, binary for MessagePack.
+fn message(protocol: HubProtocol, frame: Bytes) -> Option<Message> {
+    if protocol.is_binary() {
+        return Some(Message::Binary(frame));
+    }
+    // JSON records are serialized by serde_json, always UTF-8.
+    Utf8Bytes::try_from(frame).ok().map(Message::Text)
+}
+
+/// Writes a batch; false when the socket failed.
+async fn write(socket: &mut WebSocket, conn: &Connection, frames: Vec<OutFrame>) -> bool {
+    if let Some(st) = conn.stateful() {
+        // Counted before writing: what is taken is either on the wire or,
+        // if the socket fails, kept for the resume.
+        if let Some(last) = frames.iter().map(|f| f.seq).max() {
+            st.written(last);
+        }
+    }
+    let protocol = conn.protocol();
+    for f in frames {
+        let Some(msg) = message(protocol, f.bytes) else { continue };
+        if socket.feed(msg).await.is_err() {
+            return false;
+        }
+    }
+    socket.flush().await.is_ok()
+}
+
+async fn run(app: Arc<App>, conn: Arc<Connection>, mut socket: WebSocket, generation: u64) {
+    let graceful = loop {
+        // A stateful writer pauses while too much is unacknowledged, unless
+        // the connection is closing: then what is queued and the Close go out.
+        let may_write = conn.stateful().is_none_or(|st| st.may_write()) || conn.outbox.is_closed();
         tokio::select! {
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Text(t))) => hub::on_data(&app, &conn, t.as_bytes()).await,
                 Some(Ok(Message::Binary(b))) => hub::on_data(&app, &conn, &b).await,
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => conn.touch_received(),
-                Some(Ok(Message::Close(_))) | None => break,
+                Some(Ok(Message::Close(_))) => break true,
+                None => break false,
                 Some(Err(e)) => {
                     tracing::debug!(connection = %conn.connection_id, error = %e, "websocket read failed");
-                    break;
+                    break false;
                 }
             },
-            batch = conn.outbox.next_batch() => match batch {
+            batch = conn.outbox.next_batch(generation), if may_write => match batch {
                 Batch::Frames(frames) => {
-                    let mut ok = true;
-                    for f in frames {
-                        let msg = match Utf8Bytes::try_from(f) {
-                            Ok(t) => Message::Text(t),
-                            Err(_) => continue, // records are serialized JSON, always UTF-8
-                        };
-                        if socket.feed(msg).await.is_err() {
-                            ok = false;
-                            break;
-                        }
-                    }
-                    if !ok || socket.flush().await.is_err() {
-                        break;
+                    if !write(&mut socket, &conn, frames).await {
+                        break false;
                     }
                 }
                 Batch::Closed => {
                     let _ = socket.send(Message::Close(None)).await;
-                    break;
+                    break true;
                 }
-            }
+                // A newer socket resumed this connection; it owns it now.
+                Batch::Superseded => return,
+            },
+            () = conn.outbox.closed_or_superseded(generation), if !may_write => {}
+        }
+    };
+    ended(&app, &conn, generation, graceful);
+}
+
+/// The socket of `generation` is gone. A stateful connection whose socket
+/// dropped without a close waits for the client to resume it; anything else
+/// is over.
+fn ended(app: &App, conn: &Connection, generation: u64, graceful: bool) {
+    if conn.outbox.generation() != generation {
+        return; // superseded while it ended
+    }
+    if let Some(st) = conn.stateful() {
+        if !graceful && !conn.outbox.is_closed() {
+            tracing::debug!(connection = %conn.connection_id, "websocket dropped; waiting for the client to resume");
+            st.disconnected(now_ms());
+            return;
         }
     }
-    app.disconnect(&conn);
+    app.disconnect(conn);
 }
