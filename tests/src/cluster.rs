@@ -60,6 +60,7 @@ pub struct TestBalancer {
     pub base: String,
     pub admin: String,
     pub process: Process,
+    args: Vec<String>,
 }
 
 impl TestBalancer {
@@ -97,7 +98,23 @@ impl TestBalancer {
         let process = Process::spawn("switchboard-balancer", "balancer", &args);
         let admin = format!("http://127.0.0.1:{admin_port}");
         wait_for_status(&format!("{admin}/health"), 200, Duration::from_secs(15), "balancer admin to answer").await;
-        TestBalancer { base: format!("http://127.0.0.1:{port}"), admin, process }
+        TestBalancer { base: format!("http://127.0.0.1:{port}"), admin, process, args }
+    }
+
+    /// Pingora's graceful upgrade: a new process with the same settings and
+    /// `--upgrade` takes the listening sockets from this one after SIGQUIT;
+    /// the old process finishes (and then drops) its open connections.
+    /// Returns the old process, so the test can watch it exit.
+    pub async fn upgrade(&mut self) -> Process {
+        let mut args = self.args.clone();
+        args.push("--upgrade".into());
+        let new = Process::spawn("switchboard-balancer", "balancer-upgraded", &args);
+        // The new process waits on the upgrade socket; give it a moment to listen there.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.process.signal(libc::SIGQUIT);
+        let old = std::mem::replace(&mut self.process, new);
+        wait_for_status(&format!("{}/health", self.admin), 200, Duration::from_secs(15), "upgraded balancer").await;
+        old
     }
 
     /// `/api/backends`, parsed.
