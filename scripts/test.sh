@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs Switchboard's whole test suite on a fresh Debian machine: installs what
 # is missing (cmake for Pingora's zlib-ng, redis-server for the tests,
-# chromium and chromium-driver for the web-page tests), checks
+# chromium and chromium-driver for the web-page tests, iproute2's `ss` to cut
+# connections, python3-venv for the PyPI SignalR clients), checks
 # formatting and lints, builds the programs the tests start, and runs every
 # test. Tests start their own redis-server on free loopback ports.
 set -euo pipefail
@@ -14,6 +15,9 @@ command -v cc >/dev/null || missing+=(build-essential)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 [ -x /usr/lib/chromium/chromium ] || [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v ss >/dev/null || missing+=(iproute2)
+command -v python3 >/dev/null || missing+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 . scripts/lib/apt-install.sh
 apt_install ${missing[@]+"${missing[@]}"}
 command -v cargo >/dev/null || { echo "scripts/test.sh: cargo is required (https://rustup.rs)" >&2; exit 1; }
@@ -22,6 +26,16 @@ command -v cargo >/dev/null || { echo "scripts/test.sh: cargo is required (https
 # pull base images, build them locally first (it skips what is present).
 if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
   scripts/build-base-images.sh
+fi
+
+# Third-party SignalR clients from PyPI, pinned, in their own environment
+# (tests/tests/python_clients.rs runs them against the cluster).
+venv=target/py-clients
+if ! cmp -s tests/python/requirements.txt "$venv/requirements.txt" 2>/dev/null; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+  cp tests/python/requirements.txt "$venv/requirements.txt"
 fi
 
 cargo fmt --all -- --check
