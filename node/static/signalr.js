@@ -3,7 +3,12 @@
 // It negotiates (version 1), connects over WebSockets and falls back to long
 // polling when a WebSocket cannot be opened, performs the handshake, sends
 // keep-alive pings and watches the server's, and reconnects by itself with
-// exponential backoff and jitter. No library is downloaded: the page must work
+// exponential backoff and jitter. On WebSockets it asks for stateful
+// reconnect (SignalR 8): messages both ways are numbered and kept until the
+// other side acknowledges them, so when the socket drops (a network blip, a
+// cut tunnel, the balancer's upgrade) one immediate new socket to the same
+// connection resumes it and nothing is lost or repeated; only if that fails
+// does it start over with a new connection. No library is downloaded: the page must work
 // offline from the node, so this file is the whole client. Only what the chat
 // hub uses is implemented: invocations with and without a result, events,
 // pings and Close. Everything received is handed to callers as data; nothing
@@ -11,7 +16,22 @@
 "use strict";
 
 const RECORD_SEPARATOR = "\x1e";
-const MessageType = { Invocation: 1, StreamItem: 2, Completion: 3, Ping: 6, Close: 7 };
+const MessageType = {
+  Invocation: 1,
+  StreamItem: 2,
+  Completion: 3,
+  StreamInvocation: 4,
+  CancelInvocation: 5,
+  Ping: 6,
+  Close: 7,
+  Ack: 8,
+  Sequence: 9,
+};
+
+/** The messages stateful reconnect numbers (the official HubInvocationMessage types). */
+function isSequenced(type) {
+  return type >= MessageType.Invocation && type <= MessageType.CancelInvocation;
+}
 
 /** Splits a text frame into JSON records (each ends with 0x1E). */
 function parseRecords(text) {
@@ -228,6 +248,7 @@ class HubConnection {
   async negotiate() {
     const u = new URL(this.url.replace(/\/?(\?.*)?$/, "/negotiate"));
     u.searchParams.set("negotiateVersion", "1");
+    u.searchParams.set("useStatefulReconnect", "true");
     const resp = await fetch(u, { method: "POST", cache: "no-store", credentials: "same-origin" });
     if (!resp.ok) throw new Error("negotiate failed with HTTP " + resp.status);
     const body = await resp.json();
@@ -249,9 +270,12 @@ class HubConnection {
       const token = negotiation.connectionToken || negotiation.connectionId;
       const transport =
         name === "WebSockets" ? new WebSocketTransport(this.url, token) : new LongPollingTransport(this.url, token);
+      // Stateful reconnect only where the server offered it, and only on WebSockets.
+      const stateful = negotiation.useStatefulReconnect === true && name === "WebSockets";
       try {
-        await this.startTransport(transport);
+        await this.startTransport(transport, stateful);
         this.connectionId = negotiation.connectionId;
+        this.token = token;
         this.transportName = name;
         return;
       } catch (e) {
@@ -263,7 +287,8 @@ class HubConnection {
     throw lastError;
   }
 
-  async startTransport(transport) {
+  async startTransport(transport, stateful) {
+    this.stateful = stateful ? new Sequencer() : null;
     let handshakeDone;
     let handshakeFailed;
     const handshake = new Promise((resolve, reject) => {
@@ -304,7 +329,8 @@ class HubConnection {
     };
     await transport.connect();
     this.transport = transport;
-    await transport.send(JSON.stringify({ protocol: "json", version: 1 }) + RECORD_SEPARATOR);
+    // Version 2 tells the server we speak Ack and Sequence.
+    await transport.send(JSON.stringify({ protocol: "json", version: stateful ? 2 : 1 }) + RECORD_SEPARATOR);
     const timeout = sleep(this.handshakeTimeoutMs).then(() => {
       throw new Error("no handshake response within " + this.handshakeTimeoutMs + " ms");
     });
@@ -336,6 +362,13 @@ class HubConnection {
         msg = JSON.parse(record);
       } catch (e) {
         console.warn("ignoring a malformed hub message", e);
+        continue;
+      }
+      if (this.stateful && !this.stateful.shouldProcess(msg, () => this.scheduleAck())) {
+        if (this.stateful.failed) {
+          this.connectionLost(this.transport, new Error(this.stateful.failed), true);
+          return;
+        }
         continue;
       }
       switch (msg.type) {
@@ -390,19 +423,86 @@ class HubConnection {
     this.pending.clear();
   }
 
-  connectionLost(transport, error) {
+  connectionLost(transport, error, noResume) {
     // Only the live transport can be lost, once: later records of the same
     // frame, or a late close event, must not start a second reconnect loop.
     if (!transport || transport !== this.transport || this.stopped) return;
+    // A WebSocket that dropped without a close (error set) may resume.
+    if (this.stateful && error && !noResume && transport instanceof WebSocketTransport) {
+      this.resume(transport, error);
+      return;
+    }
     this.teardown(error || new Error("connection lost"));
     this.lastError = error;
     this.reconnectLoop(true);
   }
 
+  /**
+   * Stateful reconnect: one immediate new socket to the same connection.
+   * Messages sent meanwhile wait in the buffer; pending invocations stay
+   * pending. If the socket cannot be opened the connection starts over.
+   */
+  async resume(old, error) {
+    this.resuming = true;
+    clearInterval(this.timer);
+    this.timer = null;
+    old.onclose = () => {};
+    const transport = new WebSocketTransport(this.url, this.token);
+    transport.onreceive = (text) => {
+      this.lastReceived = Date.now();
+      this.dispatch(text);
+    };
+    transport.onclose = (e) => this.connectionLost(transport, e, true);
+    this.transport = transport;
+    // Until the server's Sequence arrives on the new socket, ignore everything.
+    this.stateful.disconnected();
+    try {
+      await transport.connect();
+    } catch (e) {
+      this.resuming = false;
+      this.transport = old;
+      this.connectionLost(old, error, true);
+      return;
+    }
+    if (this.transport !== transport || this.stopped) return;
+    const resend = this.stateful.resend();
+    try {
+      for (const text of resend) await transport.send(text);
+    } catch (e) {
+      this.resuming = false;
+      this.connectionLost(transport, e, true);
+      return;
+    }
+    this.resuming = false;
+    this.resumes = (this.resumes || 0) + 1;
+    this.lastReceived = Date.now();
+    this.lastSent = Date.now();
+    this.timer = setInterval(() => this.tick(), 1000);
+  }
+
+  /** Acknowledges what arrived, at most once a second, like the official client. */
+  scheduleAck() {
+    if (this.ackTimer) return;
+    this.ackTimer = setTimeout(() => {
+      this.ackTimer = null;
+      if (!this.stateful || this.resuming || !this.transport) return;
+      const text = JSON.stringify({ type: MessageType.Ack, sequenceId: this.stateful.latestReceived }) + RECORD_SEPARATOR;
+      this.transport.send(text).catch(() => {});
+    }, 1000);
+  }
+
   sendRecord(message) {
     if (!this.transport || this.state !== "connected") return Promise.reject(new Error("not connected"));
     this.lastSent = Date.now();
-    return this.transport.send(JSON.stringify(message) + RECORD_SEPARATOR);
+    const text = JSON.stringify(message) + RECORD_SEPARATOR;
+    if (this.stateful && isSequenced(message.type)) {
+      this.stateful.sent(text);
+      // While resuming, the buffer is resent on the new socket.
+      if (this.resuming) return Promise.resolve();
+    } else if (this.resuming) {
+      return Promise.resolve(); // pings are not needed meanwhile
+    }
+    return this.transport.send(text);
   }
 
   /** Calls a hub method and resolves with its result. */
@@ -420,6 +520,65 @@ class HubConnection {
   /** Calls a hub method without waiting for a result. */
   send(method, ...args) {
     return this.sendRecord({ type: MessageType.Invocation, target: method, arguments: args });
+  }
+}
+
+/**
+ * The client half of stateful reconnect (the official MessageBuffer): what
+ * we send is numbered and kept until the server's Ack; what we receive is
+ * counted, duplicates after a resume are dropped, and after a resume
+ * everything waits for the server's Sequence.
+ */
+class Sequencer {
+  constructor() {
+    this.buffer = []; // [{ id, text }] not yet acknowledged
+    this.totalSent = 0;
+    this.nextReceiving = 1;
+    this.latestReceived = 0;
+    this.waitForSequence = false;
+    this.failed = null;
+  }
+
+  sent(text) {
+    this.totalSent++;
+    this.buffer.push({ id: this.totalSent, text });
+  }
+
+  /** Whether the hub should act on `msg`; Ack and Sequence are handled here. */
+  shouldProcess(msg, onNew) {
+    if (this.waitForSequence) {
+      if (msg.type !== MessageType.Sequence) return false;
+      this.waitForSequence = false;
+    }
+    if (msg.type === MessageType.Sequence) {
+      if (msg.sequenceId > this.nextReceiving) {
+        this.failed = "Sequence ID greater than amount of messages we've received.";
+        return false;
+      }
+      this.nextReceiving = msg.sequenceId;
+      return false;
+    }
+    if (msg.type === MessageType.Ack) {
+      this.buffer = this.buffer.filter((m) => m.id > msg.sequenceId);
+      return false;
+    }
+    if (!isSequenced(msg.type)) return true;
+    const current = this.nextReceiving++;
+    if (current <= this.latestReceived) return false; // a duplicate after a resume
+    this.latestReceived = current;
+    onNew();
+    return true;
+  }
+
+  disconnected() {
+    this.waitForSequence = true;
+  }
+
+  /** What to send first on a resumed socket: Sequence, then the buffer. */
+  resend() {
+    const first = this.buffer.length ? this.buffer[0].id : this.totalSent + 1;
+    const sequence = JSON.stringify({ type: MessageType.Sequence, sequenceId: first }) + RECORD_SEPARATOR;
+    return [sequence, ...this.buffer.map((m) => m.text)];
   }
 }
 

@@ -9,7 +9,9 @@
 use fantoccini::{Client, Locator};
 use serde_json::Value;
 use switchboard_tests::browser::{click, eval, eval_until, screenshot, type_into, Browser};
-use switchboard_tests::{eventually, HubClient, RedisServer, TestBalancer, TestNode, TransportKind, WAIT};
+use switchboard_tests::{
+    eventually, get_text, metric_nonzero, HubClient, RedisServer, TestBalancer, TestNode, TransportKind, WAIT,
+};
 
 const XSS_IMG: &str = r#"<img src=x onerror="window.__xss=(window.__xss||0)+1">"#;
 const XSS_SCRIPT: &str = "<script>window.__xss=(window.__xss||0)+1</script>";
@@ -304,4 +306,59 @@ async fn a_killed_node_sends_its_page_elsewhere_and_the_dashboard_shows_drain_an
     for c in [alice, bob, dashboard] {
         let _ = c.close().await;
     }
+}
+
+/// Kills every TCP socket whose destination port is `port` (`ss -K`), as a
+/// network cut between the browser and the balancer would.
+fn cut_connections_to(port: u16) {
+    let out = std::process::Command::new("ss")
+        .args(["-K", "dst", "127.0.0.1", "dport", "=", &format!(":{port}")])
+        .output()
+        .expect("ss (iproute2) is installed by scripts/test.sh");
+    assert!(out.status.success(), "ss -K failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+async fn chat_from(sender: &mut HubClient, text: String) {
+    sender.invoke("SendMessage", vec![serde_json::json!("sender"), serde_json::json!(text)]).await.expect("send");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_resumes_without_losing_or_repeating_a_message() {
+    let redis = RedisServer::start();
+    let nodes = [TestNode::start(&redis, "node-a", &[]).await, TestNode::start(&redis, "node-b", &[]).await];
+    let lb = TestBalancer::start(&redis, &[]).await;
+    lb.wait_accepting(&["node-a", "node-b"]).await;
+    let Some(browser) = Browser::start().await else { return };
+    let (page, node) = open_chat(&browser, &lb.base, 1024, 768).await;
+    let connection_id = eval(&page, "return document.getElementById('connection-id').textContent;").await;
+    let other = nodes.iter().find(|n| n.id != node).expect("another node");
+    let http = reqwest::Client::new();
+    let mut sender = HubClient::connect(&http, &other.base, TransportKind::WebSockets).await.unwrap();
+    for i in 0..5 {
+        chat_from(&mut sender, format!("before {i}")).await;
+    }
+    wait_message(&page, "before 4").await;
+
+    // Every connection from the browser to the balancer is cut; messages
+    // keep coming meanwhile.
+    let port: u16 = lb.base.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap();
+    cut_connections_to(port);
+    for i in 0..20 {
+        chat_from(&mut sender, format!("during {i}")).await;
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    wait_message(&page, "during 19").await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    let texts: Vec<String> =
+        messages(&page).await.iter().map(|m| m["text"].as_str().unwrap_or_default().to_string()).collect();
+    let want: Vec<String> =
+        (0..5).map(|i| format!("before {i}")).chain((0..20).map(|i| format!("during {i}"))).collect();
+    assert_eq!(texts, want, "every message once, in order");
+    let lines = system_lines(&page).await;
+    assert!(!lines.iter().any(|l| l.contains("lost")), "the page never lost its connection: {lines:?}");
+    let still = eval(&page, "return document.getElementById('connection-id').textContent;").await;
+    assert_eq!(still, connection_id, "same connection, resumed");
+    let metrics = get_text(&format!("{}/metrics", nodes.iter().find(|n| n.id == node).unwrap().base)).await;
+    assert!(metric_nonzero(&metrics, "switchboard_node_stateful_resumes_total"), "the node saw a resume");
 }
