@@ -123,6 +123,15 @@ async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
                 app.send_message(conn, HubMessage::Completion { invocation_id: id, result, error });
             }
         }
+        HubMessage::InvocationWithStreams { invocation_id, target, streams } => {
+            // As the official server: the method has no stream parameters.
+            if let Some(invocation_id) = invocation_id {
+                let error = Some(format!(
+                    "Failed to invoke '{target}' due to an error on the server. HubException: Client sent {streams} stream(s), Hub method expects 0."
+                ));
+                app.send_message(conn, HubMessage::Completion { invocation_id, result: None, error });
+            }
+        }
         HubMessage::StreamInvocation { invocation_id, target, .. } => {
             let error = Some(format!("Failed to invoke '{target}' due to an error on the server. HubException: '{target}' is not a streaming method."));
             app.send_message(conn, HubMessage::Completion { invocation_id, result: None, error });

@@ -449,3 +449,87 @@ async fn a_stateful_client_that_never_acknowledges_is_bounded() {
     let metrics = get_text(&format!("{}/metrics", node.base)).await;
     assert!(metrics.contains("switchboard_node_stateful_buffer_bytes 0"), "buffer released: {metrics}");
 }
+
+#[tokio::test]
+async fn negotiate_and_invocation_details_match_the_official_server() {
+    let (_r, node, http) = one_node(&[]).await;
+    // Only POST negotiates.
+    let get = http.get(format!("{}/chathub/negotiate", node.base)).send().await.unwrap();
+    assert_eq!(get.status(), 405);
+    // Query keys are case-insensitive, as ASP.NET Core's query collection is.
+    let v: Value = http
+        .post(format!("{}/chathub/negotiate?NegotiateVersion=1&UseStatefulReconnect=True", node.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((v["negotiateVersion"].as_u64(), v["useStatefulReconnect"].as_bool()), (Some(1), Some(true)), "{v}");
+    // A node with stateful reconnect off never offers it.
+    let (_r2, plain, _) = one_node(&["--stateful-reconnect", "false"]).await;
+    let v: Value = http
+        .post(format!("{}/chathub/negotiate?negotiateVersion=1&useStatefulReconnect=true", plain.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(v.get("useStatefulReconnect").is_none(), "{v}");
+    // An invocation that opens client streams gets an error and the
+    // connection stays open, in both protocols.
+    for protocol in [Protocol::Json, Protocol::MessagePack] {
+        let mut c = HubClient::connect_opts(&http, &node.base, TransportKind::WebSockets, opts(protocol, Some(1), 1))
+            .await
+            .unwrap();
+        let msg = json!({"type":1,"invocationId":"s","target":"Echo","arguments":[],"streamIds":["1"]});
+        let bytes = match protocol {
+            Protocol::Json => record(&msg),
+            Protocol::MessagePack => {
+                // The test encoder writes no stream ids; build this one by hand.
+                let mut body = Vec::new();
+                let arr = rmpv::Value::Array(vec![
+                    1.into(),
+                    rmpv::Value::Map(vec![]),
+                    "s".into(),
+                    "Echo".into(),
+                    rmpv::Value::Array(vec![]),
+                    rmpv::Value::Array(vec!["1".into()]),
+                ]);
+                rmpv::encode::write_value(&mut body, &arr).unwrap();
+                let mut framed = Vec::new();
+                switchboard_tests::msgpack::varint(&mut framed, body.len());
+                framed.extend(body);
+                framed
+            }
+        };
+        c.send_raw(bytes).await.unwrap();
+        let done = c.expect(WAIT, |v| v["type"] == 3 && v["invocationId"] == "s").await.unwrap();
+        assert!(done["error"].as_str().unwrap().contains("Client sent 1 stream(s)"), "{done}");
+        assert_eq!(c.invoke("Echo", vec![json!("open")]).await, Ok(json!("open")), "{protocol:?}");
+    }
+}
+
+#[tokio::test]
+async fn silent_handshakes_and_abandoned_long_polls_are_dropped() {
+    let (_r, node, http) = one_node(&["--handshake-timeout-secs", "0.5", "--long-poll-idle-secs", "0.5"]).await;
+    // A WebSocket that never sends its handshake is closed.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/chathub", ws_url(&node.base))).await.unwrap();
+    let end = tokio::time::timeout(WAIT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the node keeps a connection that never shook hands");
+    // A long-polling connection nobody polls any more is forgotten.
+    let body = negotiate(&http, &node.base, Some(1)).await.unwrap();
+    let url = format!("{}/chathub?id={}", node.base, body["connectionToken"].as_str().unwrap());
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(http.post(&url).body("x").send().await.unwrap().status(), 404);
+}

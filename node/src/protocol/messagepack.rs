@@ -124,12 +124,12 @@ fn arguments(items: &mut [Mp], i: usize) -> Result<Vec<Json>, ProtocolError> {
     }
 }
 
-fn no_streams(items: &[Mp], i: usize) -> Result<(), ProtocolError> {
+/// How many client-to-server streams the invocation opens.
+fn streams(items: &[Mp], i: usize) -> Result<usize, ProtocolError> {
     match items.get(i) {
-        None | Some(Mp::Nil) => Ok(()),
-        Some(Mp::Array(a)) if a.is_empty() => Ok(()),
-        Some(Mp::Array(_)) => Err(invalid("client-to-server streams are not supported")),
-        Some(_) => Err(invalid("stream ids must be an array")),
+        None | Some(Mp::Nil) => Ok(0),
+        Some(Mp::Array(a)) if a.iter().all(Mp::is_str) => Ok(a.len()),
+        Some(_) => Err(invalid("stream ids must be an array of strings")),
     }
 }
 
@@ -150,7 +150,10 @@ pub fn parse_message(payload: &[u8]) -> Result<HubMessage, ProtocolError> {
             let id = if ty == 1 { optional_string(id, "invocationId")? } else { Some(string(id, "invocationId")?) };
             let target = string(field(&items, 3, "target")?, "target")?;
             let arguments = arguments(&mut items, 4)?;
-            no_streams(&items, 5)?;
+            let streams = streams(&items, 5)?;
+            if ty == 1 && streams > 0 {
+                return Ok(HubMessage::InvocationWithStreams { invocation_id: id, target, streams });
+            }
             match (ty, id) {
                 (1, invocation_id) => HubMessage::Invocation { invocation_id, target, arguments },
                 (_, id) => HubMessage::StreamInvocation { invocation_id: id.unwrap_or_default(), target, arguments },
@@ -217,6 +220,9 @@ pub fn to_frame(m: &HubMessage) -> Vec<u8> {
             Mp::Array(arguments.iter().map(from_json).collect()),
             Mp::Array(Vec::new()),
         ],
+        HubMessage::InvocationWithStreams { invocation_id, target, .. } => {
+            vec![Mp::from(1), no_headers(), id_value(invocation_id), Mp::from(target.as_str()), Mp::Array(Vec::new())]
+        }
         HubMessage::StreamItem { invocation_id, item } => {
             vec![Mp::from(2), no_headers(), Mp::from(invocation_id.as_str()), from_json(item)]
         }
@@ -344,7 +350,14 @@ mod tests {
             encode(Mp::Array(vec![Mp::from(1), Mp::Map(vec![]), Mp::Nil, s("x")])),              // no arguments
             encode(Mp::Array(vec![Mp::from(1), Mp::Map(vec![]), Mp::Nil, s("x"), Mp::Map(vec![])])), // arguments not an array
             encode(Mp::Array(vec![Mp::from(1), Mp::from(3), Mp::Nil, s("x"), args()])), // headers not a map
-            encode(Mp::Array(vec![Mp::from(1), Mp::Map(vec![]), Mp::Nil, s("x"), args(), Mp::Array(vec![s("1")])])),
+            encode(Mp::Array(vec![
+                Mp::from(1),
+                Mp::Map(vec![]),
+                Mp::Nil,
+                s("x"),
+                args(),
+                Mp::Array(vec![Mp::from(1)]),
+            ])),
             encode(Mp::Array(vec![Mp::from(3), Mp::Map(vec![]), s("1"), Mp::from(7)])), // bad result kind
             encode(Mp::Array(vec![Mp::from(3), Mp::Map(vec![]), s("1"), Mp::from(3)])), // result missing
             encode(Mp::Array(vec![Mp::from(8), Mp::from(-1)])),                         // negative ack

@@ -17,6 +17,13 @@ pub enum HubMessage {
         target: String,
         arguments: Vec<Value>,
     },
+    /// An invocation that also opens client-to-server streams; the chat hub
+    /// has no streaming parameters, so it is answered with an error.
+    InvocationWithStreams {
+        invocation_id: Option<String>,
+        target: String,
+        streams: usize,
+    },
     StreamItem {
         invocation_id: String,
         item: Value,
@@ -91,8 +98,17 @@ pub fn parse_message(record: &[u8]) -> Result<HubMessage, ProtocolError> {
     let ty = obj.get("type").and_then(Value::as_i64).ok_or_else(|| invalid("missing or non-integer 'type'"))?;
     Ok(match ty {
         1 => {
-            if obj.get("streamIds").is_some_and(|s| s.as_array().is_some_and(|a| !a.is_empty())) {
-                return Err(invalid("client-to-server streams are not supported"));
+            let streams = match obj.get("streamIds") {
+                None | Some(Value::Null) => 0,
+                Some(Value::Array(a)) if a.iter().all(Value::is_string) => a.len(),
+                Some(_) => return Err(invalid("'streamIds' must be an array of strings")),
+            };
+            if streams > 0 {
+                return Ok(HubMessage::InvocationWithStreams {
+                    invocation_id: string_field(&obj, "invocationId")?,
+                    target: required_string(&obj, "target")?,
+                    streams,
+                });
             }
             HubMessage::Invocation {
                 invocation_id: string_field(&obj, "invocationId")?,
@@ -178,6 +194,12 @@ impl HubMessage {
                 arguments: Some(arguments),
                 ..Wire::of(1)
             },
+            HubMessage::InvocationWithStreams { invocation_id, target, .. } => Wire {
+                invocation_id: invocation_id.as_deref(),
+                target: Some(target),
+                arguments: Some(&[]),
+                ..Wire::of(1)
+            },
             HubMessage::StreamItem { invocation_id, item } => {
                 Wire { invocation_id: Some(invocation_id), item: Some(item), ..Wire::of(2) }
             }
@@ -215,6 +237,7 @@ impl HubMessage {
         matches!(
             self,
             HubMessage::Invocation { .. }
+                | HubMessage::InvocationWithStreams { .. }
                 | HubMessage::StreamItem { .. }
                 | HubMessage::Completion { .. }
                 | HubMessage::StreamInvocation { .. }
@@ -286,6 +309,19 @@ mod tests {
         );
         let c = HubMessage::Completion { invocation_id: "1".into(), result: Some(Value::Null), error: None };
         assert_eq!(text(&c), "{\"type\":3,\"invocationId\":\"1\",\"result\":null}\u{1e}");
+    }
+
+    #[test]
+    fn invocations_that_open_streams_are_recognised() {
+        let m = parse_message(br#"{"type":1,"invocationId":"1","target":"Up","arguments":[],"streamIds":["a","b"]}"#)
+            .unwrap();
+        assert_eq!(
+            m,
+            HubMessage::InvocationWithStreams { invocation_id: Some("1".into()), target: "Up".into(), streams: 2 }
+        );
+        let m = parse_message(br#"{"type":1,"target":"Up","arguments":[],"streamIds":[]}"#).unwrap();
+        assert!(matches!(m, HubMessage::Invocation { .. }));
+        assert!(parse_message(br#"{"type":1,"target":"Up","arguments":[],"streamIds":[1]}"#).is_err());
     }
 
     #[test]
