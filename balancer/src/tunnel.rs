@@ -6,8 +6,13 @@
 //! relays bytes both ways until either side closes or the tunnel has been
 //! idle for `idle_timeout_secs`.
 //!
-//! The relay waits on socket readiness and allocates a buffer only while a
-//! read is in progress, so an idle tunnel holds two sockets and one small task.
+//! The relay runs one loop per direction, each owning its buffer from the
+//! read until the write has finished: a byte read is always written before
+//! that loop looks at anything else, and only the wait for readiness (which
+//! holds no data) is ever raced against the end of the tunnel. When one
+//! direction ends, the other finishes what it is writing and stops. A buffer
+//! is allocated only while data moves, so an idle tunnel holds two sockets and
+//! one small task.
 
 use crate::cluster::{Cluster, RouteNode};
 use crate::proxy::{query_id, Admitted, InFlight};
@@ -324,24 +329,97 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> Pump {
     }
 }
 
-async fn relay(client: &TcpStream, upstream: &TcpStream, idle: Duration) {
-    let timer = tokio::time::sleep(idle);
-    tokio::pin!(timer);
-    loop {
-        let moved = tokio::select! {
-            p = pump(client, upstream) => p,
-            p = pump(upstream, client) => p,
-            _ = &mut timer => {
-                tracing::debug!("closing idle websocket tunnel");
+/// The end of a tunnel, seen by both directions and the idle watchdog.
+#[derive(Default)]
+struct Stop {
+    stopped: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Stop {
+    fn set(&self) {
+        self.stopped.store(true, std::sync::atomic::Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
                 return;
             }
-        };
-        match moved {
-            Pump::Moved(_) => timer.as_mut().reset(Instant::now() + idle),
-            Pump::Wait => {}
-            Pump::Closed => return,
+            notified.await;
         }
     }
+}
+
+/// Milliseconds since `epoch`, for the shared idle clock.
+fn millis_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+/// Copies `from` → `to` until either side closes or the tunnel stops. Never
+/// abandons bytes it has read: the write is not raced against anything (a
+/// write that makes no progress for `idle` ends the tunnel).
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    stop: &Stop,
+    epoch: Instant,
+    last: &std::sync::atomic::AtomicU64,
+    idle: Duration,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.wait() => return,
+            ready = from.readable() => if ready.is_err() { break },
+        }
+        let mut buf = Vec::with_capacity(RELAY_CHUNK);
+        match from.try_read_buf(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {
+                last.store(millis_since(epoch), Relaxed);
+                match tokio::time::timeout(idle, write_all(to, &buf)).await {
+                    Ok(Ok(())) => last.store(millis_since(epoch), Relaxed),
+                    _ => break,
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+    }
+    stop.set();
+}
+
+async fn relay(client: &TcpStream, upstream: &TcpStream, idle: Duration) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let stop = Stop::default();
+    let epoch = Instant::now();
+    let last = AtomicU64::new(0);
+    let watchdog = async {
+        let idle_ms = idle.as_millis() as u64;
+        loop {
+            let deadline = epoch + Duration::from_millis(last.load(Relaxed).saturating_add(idle_ms));
+            tokio::select! {
+                () = stop.wait() => return,
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+            if millis_since(epoch).saturating_sub(last.load(Relaxed)) >= idle_ms {
+                tracing::debug!("closing idle websocket tunnel");
+                stop.set();
+                return;
+            }
+        }
+    };
+    tokio::join!(
+        one_way(client, upstream, &stop, epoch, &last, idle),
+        one_way(upstream, client, &stop, epoch, &last, idle),
+        watchdog
+    );
 }
 
 #[cfg(test)]

@@ -57,6 +57,9 @@ enum Command {
         pids: Vec<u32>,
         #[arg(long, default_value_t = 3.0)]
         settle_secs: f64,
+        /// Ask for stateful reconnect (SignalR 8) on every connection
+        #[arg(long)]
+        stateful: bool,
     },
     /// Echo round-trip latency at a fixed total rate
     Latency {
@@ -140,8 +143,8 @@ async fn main() -> anyhow::Result<()> {
             write_report(&dir, &doc)?;
             return Ok(());
         }
-        Command::Idle { url, count, pids, settle_secs } => {
-            scenarios::idle(&url, count, &pids, secs(settle_secs)).await?
+        Command::Idle { url, count, pids, settle_secs, stateful } => {
+            scenarios::idle(&url, count, &pids, secs(settle_secs), stateful).await?
         }
         Command::Latency { url, connections, rate, duration_secs, payload_bytes } => {
             scenarios::echo_latency(&url, connections, rate, secs(duration_secs), payload_bytes).await?

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 /// Opens `count` SignalR WebSocket connections to `url`, keeps them alive
 /// with pings, and reports how much resident memory each process in `pids`
 /// gained per connection, and how much it kept after the clients left.
-pub async fn idle(url: &str, count: usize, pids: &[u32], settle: Duration) -> Result<Value> {
+pub async fn idle(url: &str, count: usize, pids: &[u32], settle: Duration, stateful: bool) -> Result<Value> {
     let before: Vec<u64> = pids.iter().map(|&p| tree_rss_kib(p).unwrap_or(0)).collect();
     let http = reqwest::Client::new();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -28,7 +28,7 @@ pub async fn idle(url: &str, count: usize, pids: &[u32], settle: Duration) -> Re
     let mut sockets = stream::iter(0..count)
         .map(|_| {
             let http = http.clone();
-            async move { signalr::connect(&http, url).await }
+            async move { signalr::connect_with(&http, url, stateful).await }
         })
         .buffer_unordered(128);
     while let Some(s) = sockets.next().await {

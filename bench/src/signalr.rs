@@ -32,7 +32,15 @@ pub fn cookie_header<'a>(set_cookies: impl Iterator<Item = &'a str>) -> Option<S
 }
 
 pub async fn connect(http: &reqwest::Client, base: &str) -> Result<HubSocket> {
-    let resp = http.post(format!("{base}/chathub/negotiate?negotiateVersion=1")).send().await?;
+    connect_with(http, base, false).await
+}
+
+/// `connect`, optionally asking for stateful reconnect (negotiate flag and
+/// handshake version 2), which makes the node keep per-connection sequence
+/// state.
+pub async fn connect_with(http: &reqwest::Client, base: &str, stateful: bool) -> Result<HubSocket> {
+    let query = if stateful { "negotiateVersion=1&useStatefulReconnect=true" } else { "negotiateVersion=1" };
+    let resp = http.post(format!("{base}/chathub/negotiate?{query}")).send().await?;
     let status = resp.status();
     let cookies = cookie_header(resp.headers().get_all(SET_COOKIE).iter().filter_map(|v| v.to_str().ok()));
     let body: Value = resp.json().await.with_context(|| format!("negotiate answered {status}"))?;
@@ -43,7 +51,8 @@ pub async fn connect(http: &reqwest::Client, base: &str) -> Result<HubSocket> {
         request.headers_mut().insert(COOKIE, c.parse()?);
     }
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
-    ws.send(Message::Text(format!("{{\"protocol\":\"json\",\"version\":1}}{RS}").into())).await?;
+    let version = if stateful { 2 } else { 1 };
+    ws.send(Message::Text(format!("{{\"protocol\":\"json\",\"version\":{version}}}{RS}").into())).await?;
     match ws.next().await {
         Some(Ok(Message::Text(t))) if t.as_str().starts_with("{}") => {
             Ok(HubSocket { ws, node: owner_of(token), next_id: 0 })

@@ -167,7 +167,7 @@ pub async fn run(opts: &Options) -> Result<Value> {
     for &count in &plan.idle_counts {
         each(r, &format!("idle_{count}"), &contenders, async |c| {
             let fresh = fresh_instance(c.name, opts, &work, &redis, &node_urls).await?;
-            scenarios::idle(&fresh.url, count, &[fresh.process.pid()], Duration::from_secs(2)).await
+            scenarios::idle(&fresh.url, count, &[fresh.process.pid()], Duration::from_secs(2), false).await
         })
         .await;
     }
