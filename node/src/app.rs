@@ -72,7 +72,17 @@ impl App {
     /// Queues `out`, in the connection's protocol, for `conn`; a client too
     /// slow to keep up is disconnected.
     pub fn send_to(&self, conn: &Connection, out: &Outgoing) {
-        match conn.send(out.bytes(conn.protocol()), out.is_sequenced()) {
+        self.queue(conn, out, false);
+    }
+
+    /// Queues the answer to something `conn` asked for: never refused for a
+    /// full outbox (the transports stop reading instead).
+    pub fn reply(&self, conn: &Connection, message: HubMessage) {
+        self.queue(conn, &Outgoing::new(message), true);
+    }
+
+    fn queue(&self, conn: &Connection, out: &Outgoing, reply: bool) {
+        match conn.send(out.bytes(conn.protocol()), out.is_sequenced(), reply) {
             Ok(()) => self.metrics.messages_sent.inc(),
             Err(PushError::Closed) => {}
             Err(PushError::Full) => {

@@ -127,10 +127,12 @@ impl Connection {
     }
 
     /// Queues a frame for the client; `sequenced` frames are numbered and
-    /// kept for resending when stateful reconnect is on.
-    pub fn send(&self, frame: Bytes, sequenced: bool) -> Result<(), PushError> {
+    /// kept for resending when stateful reconnect is on. A `reply` (to the
+    /// client's own request) is never refused for a full outbox.
+    pub fn send(&self, frame: Bytes, sequenced: bool, reply: bool) -> Result<(), PushError> {
         match self.stateful() {
-            Some(st) if sequenced => st.push(&self.outbox, frame)?,
+            Some(st) if sequenced => st.push(&self.outbox, frame, reply)?,
+            _ if reply => self.outbox.push_reply(OutFrame::plain(frame))?,
             _ => self.outbox.push(OutFrame::plain(frame))?,
         }
         self.last_sent_ms.store(now_ms(), Ordering::Relaxed);

@@ -91,7 +91,7 @@ fn handshake(app: &App, conn: &Connection, record: &[u8]) -> bool {
                     app.metrics.stateful_buffer_bytes.clone(),
                 ));
             }
-            let _ = conn.send(Bytes::from(handshake_response(None)), false);
+            let _ = conn.send(Bytes::from(handshake_response(None)), false, true);
             conn.handshaken.store(true, Ordering::Release);
             tracing::debug!(connection = %conn.connection_id, protocol = req.protocol.name(), version = req.version, stateful = conn.stateful().is_some(), "handshake");
             true
@@ -120,7 +120,7 @@ async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
                     Ok(r) => (r, None),
                     Err(e) => (None, Some(format!("Failed to invoke '{target}' due to an error on the server. {e}"))),
                 };
-                app.send_message(conn, HubMessage::Completion { invocation_id: id, result, error });
+                app.reply(conn, HubMessage::Completion { invocation_id: id, result, error });
             }
         }
         HubMessage::InvocationWithStreams { invocation_id, target, streams } => {
@@ -129,12 +129,12 @@ async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
                 let error = Some(format!(
                     "Failed to invoke '{target}' due to an error on the server. HubException: Client sent {streams} stream(s), Hub method expects 0."
                 ));
-                app.send_message(conn, HubMessage::Completion { invocation_id, result: None, error });
+                app.reply(conn, HubMessage::Completion { invocation_id, result: None, error });
             }
         }
         HubMessage::StreamInvocation { invocation_id, target, .. } => {
             let error = Some(format!("Failed to invoke '{target}' due to an error on the server. HubException: '{target}' is not a streaming method."));
-            app.send_message(conn, HubMessage::Completion { invocation_id, result: None, error });
+            app.reply(conn, HubMessage::Completion { invocation_id, result: None, error });
         }
         HubMessage::Close { .. } => app.close(conn, None, false),
         HubMessage::Ping | HubMessage::CancelInvocation { .. } => {}
@@ -208,7 +208,7 @@ async fn invoke(
         }
         "GetNodeInfo" => {
             arity::<0>(args)?;
-            app.send_to(conn, &event("NodeInfo", vec![node(), me()]));
+            app.reply(conn, HubMessage::event("NodeInfo", vec![node(), me()]));
             Ok(None)
         }
         "JoinGroup" => {

@@ -71,12 +71,24 @@ impl Outbox {
     }
 
     pub fn push(&self, frame: OutFrame) -> Result<(), PushError> {
+        self.push_inner(frame, true)
+    }
+
+    /// Queues a reply the client asked for (a completion, the handshake
+    /// answer). It is not refused when the outbox is full: a client that
+    /// pipelines invocations gets every answer, and the transports bound it by
+    /// reading no more from the client until the outbox has room (`wait_room`).
+    pub fn push_reply(&self, frame: OutFrame) -> Result<(), PushError> {
+        self.push_inner(frame, false)
+    }
+
+    fn push_inner(&self, frame: OutFrame, limited: bool) -> Result<(), PushError> {
         {
             let mut s = self.lock();
             if s.closed {
                 return Err(PushError::Closed);
             }
-            if s.frames.len() >= self.limit {
+            if limited && s.frames.len() >= self.limit {
                 return Err(PushError::Full);
             }
             s.frames.push_back(frame);
@@ -96,6 +108,25 @@ impl Outbox {
         };
         self.notify.notify_waiters();
         generation
+    }
+
+    /// Whether fewer frames than the limit wait, so more client input may be read.
+    pub fn has_room(&self) -> bool {
+        let s = self.lock();
+        s.closed || s.frames.len() < self.limit
+    }
+
+    /// Waits until `has_room` (or the outbox closes).
+    pub async fn wait_room(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.has_room() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub fn generation(&self) -> u64 {
@@ -130,6 +161,8 @@ impl Outbox {
         if !s.frames.is_empty() {
             let frames: Vec<OutFrame> = s.frames.drain(..).collect();
             s.frames = VecDeque::new(); // release capacity while idle
+            drop(s);
+            self.notify.notify_waiters(); // room again for `wait_room`
             return Some(Batch::Frames(frames));
         }
         s.closed.then_some(Batch::Closed)
@@ -212,5 +245,19 @@ mod tests {
         let o = Outbox::new(1);
         o.push(f(b"")).unwrap();
         assert_eq!(o.push(f(b"")), Err(PushError::Full));
+    }
+
+    #[tokio::test]
+    async fn replies_go_past_the_limit_and_readers_wait_for_room() {
+        let o = std::sync::Arc::new(Outbox::new(1));
+        o.push(f(b"a")).unwrap();
+        o.push_reply(f(b"reply")).unwrap();
+        assert!(!o.has_room());
+        let o2 = o.clone();
+        let waiter = tokio::spawn(async move { o2.wait_room().await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        assert_eq!(o.next_batch(0).await, Batch::Frames(vec![f(b"a"), f(b"reply")]));
+        waiter.await.unwrap();
     }
 }

@@ -66,10 +66,15 @@ impl Stateful {
 
     /// Numbers `frame`, keeps it until acknowledged, and queues it on `outbox`
     /// in the same step, so a concurrent resume sees it exactly once.
-    pub fn push(&self, outbox: &Outbox, frame: Bytes) -> Result<(), PushError> {
+    pub fn push(&self, outbox: &Outbox, frame: Bytes, reply: bool) -> Result<(), PushError> {
         let mut s = self.lock();
         let seq = s.last_sent + 1;
-        outbox.push(OutFrame { bytes: frame.clone(), seq })?;
+        let out = OutFrame { bytes: frame.clone(), seq };
+        if reply {
+            outbox.push_reply(out)?;
+        } else {
+            outbox.push(out)?;
+        }
         s.last_sent = seq;
         s.unacked_bytes += frame.len();
         self.gauge.add(frame.len() as i64);
@@ -217,7 +222,7 @@ mod tests {
     async fn messages_are_numbered_kept_and_released_by_acks() {
         let (st, outbox, gauge) = setup(1000);
         for _ in 0..3 {
-            st.push(&outbox, Bytes::from_static(b"abcd")).unwrap();
+            st.push(&outbox, Bytes::from_static(b"abcd"), false).unwrap();
         }
         assert_eq!(seqs(outbox.next_batch(0).await), vec![1, 2, 3]);
         assert_eq!((st.buffered_bytes(), gauge.get()), (12, 12));
@@ -233,7 +238,7 @@ mod tests {
     async fn resume_resends_from_the_first_unacknowledged() {
         let (st, outbox, _) = setup(1000);
         for _ in 0..4 {
-            st.push(&outbox, Bytes::from_static(b"m")).unwrap();
+            st.push(&outbox, Bytes::from_static(b"m"), false).unwrap();
         }
         let _ = outbox.next_batch(0).await;
         st.on_receive(&HubMessage::Ack { sequence_id: 1 }).unwrap();
@@ -299,7 +304,7 @@ mod tests {
     async fn the_writer_pauses_above_the_limit_until_an_ack() {
         let (st, outbox, _) = setup(10);
         for _ in 0..3 {
-            st.push(&outbox, Bytes::from_static(b"12345")).unwrap();
+            st.push(&outbox, Bytes::from_static(b"12345"), false).unwrap();
         }
         assert!(st.may_write());
         st.written(2);

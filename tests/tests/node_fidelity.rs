@@ -533,3 +533,24 @@ async fn silent_handshakes_and_abandoned_long_polls_are_dropped() {
     tokio::time::sleep(Duration::from_millis(2000)).await;
     assert_eq!(http.post(&url).body("x").send().await.unwrap().status(), 404);
 }
+
+#[tokio::test]
+async fn pipelined_invocations_all_get_their_completions() {
+    let (_r, node, http) = one_node(&[]).await;
+    for (kind, n) in [(TransportKind::WebSockets, 1800), (TransportKind::LongPolling, 1500)] {
+        let mut c = HubClient::connect(&http, &node.base, kind).await.unwrap();
+        let mut frame = Vec::new();
+        for i in 0..n {
+            frame.extend(record(&json!({"type":1,"invocationId":i.to_string(),"target":"Echo","arguments":[i]})));
+        }
+        c.send_raw(frame).await.unwrap();
+        for i in 0..n {
+            let done = c
+                .expect(WAIT, |v| v["type"] == 3 || v["type"] == 7)
+                .await
+                .unwrap_or_else(|| panic!("{kind:?}: completion {i} of {n} missing"));
+            assert_eq!(done["type"], 3, "{kind:?}: closed after {i} completions: {done}");
+            assert_eq!(done["result"], json!(i), "{kind:?}: in order");
+        }
+    }
+}

@@ -192,6 +192,9 @@ pub async fn send(
     if conn.transport() == Some(Transport::WebSockets) {
         return Err(TransportError::PostToWebSocket);
     }
+    // Backpressure, as the official server's pipe gives: a send waits until
+    // the replies to earlier ones have been polled.
+    conn.outbox.wait_room().await;
     if conn.outbox.is_closed() {
         return Err(TransportError::UnknownId);
     }

@@ -71,8 +71,12 @@ async fn run(app: Arc<App>, conn: Arc<Connection>, mut socket: WebSocket, genera
         // A stateful writer pauses while too much is unacknowledged, unless
         // the connection is closing: then what is queued and the Close go out.
         let may_write = conn.stateful().is_none_or(|st| st.may_write()) || conn.outbox.is_closed();
+        // Backpressure: while the client's replies fill the outbox, read no
+        // more of its requests (it is not disconnected for asking); but a
+        // stateful writer waiting for an Ack must still read the Ack.
+        let may_read = conn.outbox.has_room() || !may_write;
         tokio::select! {
-            incoming = socket.recv() => match incoming {
+            incoming = socket.recv(), if may_read => match incoming {
                 Some(Ok(Message::Text(t))) => hub::on_data(&app, &conn, t.as_bytes()).await,
                 Some(Ok(Message::Binary(b))) => hub::on_data(&app, &conn, &b).await,
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => conn.touch_received(),
