@@ -6,8 +6,9 @@
 
 use crate::backplane::Backplane;
 use crate::config::NodeConfig;
-use crate::connection::{Connection, ConnectionTable};
+use crate::connection::{ChatDelivery, Connection, ConnectionOptions, ConnectionTable};
 use crate::groups::LocalGroups;
+use crate::history::ChatMessage;
 use crate::metrics::Metrics;
 use crate::outbox::{OutFrame, PushError};
 use crate::protocol::{HubMessage, Outgoing};
@@ -36,7 +37,7 @@ impl App {
         let client = redis::Client::open(cfg.redis.as_str())?;
         let node_id = cfg.node_id();
         let redis = RedisLink::new(client, metrics.redis_up.clone());
-        let backplane = Backplane::new(&cfg.key_prefix, &node_id);
+        let backplane = Backplane::new(&cfg.key_prefix);
         Ok(Arc::new(App {
             url: cfg.advertise_url(),
             name: cfg.name.clone().unwrap_or_else(|| format!("Node {node_id}")),
@@ -61,9 +62,10 @@ impl App {
         self.metrics.draining.set(1);
     }
 
-    pub fn new_connection(&self, connection_id: String, key: String, stateful_requested: bool) -> Arc<Connection> {
+    pub fn new_connection(&self, connection_id: String, key: String, options: ConnectionOptions) -> Arc<Connection> {
         let mut conn = Connection::new(connection_id, key, self.cfg.max_message_bytes, self.cfg.max_buffered_frames);
-        conn.stateful_requested = stateful_requested;
+        conn.stateful_requested = options.stateful_reconnect;
+        conn.message_ids = options.message_ids;
         let conn = Arc::new(conn);
         self.connections.insert(conn.clone());
         conn
@@ -102,14 +104,25 @@ impl App {
         self.send_to(conn, &Outgoing::new(message));
     }
 
-    pub fn deliver_all(&self, out: &Outgoing) {
-        self.connections.for_each_handshaken(|c| self.send_to(c, out));
-    }
-
-    pub fn deliver_group(&self, group: &str, out: &Outgoing) {
-        for key in self.groups.members(group) {
-            if let Some(c) = self.connections.get(&key) {
-                self.send_to(&c, out);
+    /// Delivers a chat message to every local connection that should see
+    /// it (everyone, or the group's members), encoded once per protocol and
+    /// per form (with the message id for connections that asked for it). A
+    /// connection in the middle of `Resume` holds it until the replay is done.
+    pub fn deliver_chat(&self, message: &ChatMessage) {
+        let delivery = Arc::new(ChatDelivery::new(message.clone()));
+        let offer = |c: &Arc<Connection>| {
+            if let Some(d) = c.hold_during_resume(&delivery) {
+                self.send_to(c, d.for_connection(c));
+            }
+        };
+        match &message.group {
+            None => self.connections.for_each_handshaken(offer),
+            Some(g) => {
+                for key in self.groups.members(g) {
+                    if let Some(c) = self.connections.get(&key) {
+                        offer(&c);
+                    }
+                }
             }
         }
     }

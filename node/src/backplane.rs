@@ -1,25 +1,31 @@
-//! The Redis backplane that fans hub messages out to every node.
+//! The Redis backplane that fans chat messages out to every node, in the
+//! order history stores them.
 //!
 //! Channels: `{prefix}:bp:all` for broadcasts and `{prefix}:bp:group:{name}`
-//! per group (a node subscribes only while it has local members). Every
-//! payload is an `Envelope` naming the sending instance; the sender delivers to
-//! its own clients directly and ignores its own echo, so each client receives
-//! each message exactly once.
+//! per group (a node subscribes only while it has local members). Sending a
+//! message means storing and publishing it in one atomic, idempotent step
+//! (`history::store_and_publish`); every node, the sender included, delivers
+//! it to its clients when it arrives on the backplane, so every client sees
+//! messages in id order, each exactly once (a node ignores ids it has already
+//! passed).
 //!
 //! Publishing goes through a bounded queue drained by one task, which batches
-//! what is waiting into one pipeline (publish + history append) and, while
-//! Redis is unreachable, retries the batch with backoff instead of dropping it.
-//! Local clients keep being served meanwhile; only a queue overflow drops
-//! messages, and that is counted. The subscriber task reconnects with backoff
-//! and resubscribes to the broadcast channel and every current group.
+//! what is waiting into one pipeline and, while Redis is unreachable, retries
+//! the batch with backoff instead of dropping it. While a batch cannot be
+//! stored, the sender's own clients get it at once, without an id, and the
+//! node remembers its uid so that the stored copy is not delivered to them
+//! again. Only a queue overflow drops messages, and that is counted.
+//!
+//! The subscriber task reconnects with backoff, resubscribes to the broadcast
+//! channel and every current group, and then catches up from history on
+//! everything stored after the last id it delivered, so a Redis outage or a
+//! lost subscription costs no remote client a message.
 
 use crate::app::App;
-use crate::history::{self, HistoryEntry};
-use crate::protocol::{HubMessage, HubProtocol, Outgoing, RECORD_SEPARATOR};
+use crate::history::{self, cmp_ids, ChatMessage};
 use crate::redis_link::CONNECT_TIMEOUT;
-use bytes::Bytes;
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,21 +34,12 @@ use tokio::sync::mpsc;
 const QUEUE_CAPACITY: usize = 10_000;
 const BATCH: usize = 256;
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Envelope {
-    /// Sending node instance.
-    origin: String,
-    /// One JSON hub-protocol record, separator included. JSON is the
-    /// backplane's neutral form: each receiving node encodes it once per
-    /// protocol its clients speak.
-    frame: String,
-}
+/// Uids of messages delivered locally before they could be stored.
+const MAX_EARLY_UIDS: usize = 100_000;
 
 pub struct Publication {
     channel: String,
-    payload: String,
-    history: Option<HistoryEntry>,
+    message: ChatMessage,
 }
 
 enum SubCommand {
@@ -50,9 +47,15 @@ enum SubCommand {
     Unsubscribe(String),
 }
 
+/// Messages this node delivered to its own clients before storing them.
+#[derive(Default)]
+struct EarlyDeliveries {
+    order: VecDeque<String>,
+    uids: HashSet<String>,
+}
+
 pub struct Backplane {
-    /// Unique per process, so a restarted node with the same id is still "other".
-    instance: String,
+    prefix: String,
     all_channel: String,
     group_prefix: String,
     history_key: String,
@@ -61,6 +64,9 @@ pub struct Backplane {
     subs: mpsc::UnboundedSender<SubCommand>,
     subs_rx: Mutex<Option<mpsc::UnboundedReceiver<SubCommand>>>,
     pending: AtomicUsize,
+    /// The newest id delivered from the backplane; later arrivals at or below it are repeats.
+    last_id: Mutex<Option<String>>,
+    early: Mutex<EarlyDeliveries>,
 }
 
 fn backoff(current: Duration) -> Duration {
@@ -68,12 +74,11 @@ fn backoff(current: Duration) -> Duration {
 }
 
 impl Backplane {
-    pub fn new(prefix: &str, node_id: &str) -> Self {
+    pub fn new(prefix: &str) -> Self {
         let (queue, queue_rx) = mpsc::channel(QUEUE_CAPACITY);
         let (subs, subs_rx) = mpsc::unbounded_channel();
-        let nonce: u64 = rand::random();
         Backplane {
-            instance: format!("{node_id}/{nonce:016x}"),
+            prefix: prefix.to_string(),
             all_channel: format!("{prefix}:bp:all"),
             group_prefix: format!("{prefix}:bp:group:"),
             history_key: history::stream_key(prefix),
@@ -82,6 +87,8 @@ impl Backplane {
             subs,
             subs_rx: Mutex::new(Some(subs_rx)),
             pending: AtomicUsize::new(0),
+            last_id: Mutex::new(None),
+            early: Mutex::new(EarlyDeliveries::default()),
         }
     }
 
@@ -93,25 +100,23 @@ impl Backplane {
         format!("{}{group}", self.group_prefix)
     }
 
-    fn enqueue(&self, app: &App, channel: String, out: &Outgoing, history: Option<HistoryEntry>) {
-        let frame = out.bytes(HubProtocol::Json);
-        let envelope = Envelope { origin: self.instance.clone(), frame: String::from_utf8_lossy(&frame).into_owned() };
-        let payload = serde_json::to_string(&envelope).unwrap_or_default();
+    /// Queues a chat message for storing and delivery on every node,
+    /// this one included.
+    pub fn send(&self, app: &App, message: ChatMessage) {
+        let channel = match &message.group {
+            Some(g) => self.group_channel(g),
+            None => self.all_channel.clone(),
+        };
         self.pending.fetch_add(1, Ordering::AcqRel);
-        if self.queue.try_send(Publication { channel, payload, history }).is_err() {
+        if let Err(e) = self.queue.try_send(Publication { channel, message }) {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             app.metrics.backplane_dropped.inc();
-            tracing::error!("backplane publish queue is full; message not sent to other nodes");
+            tracing::error!("backplane publish queue is full; message delivered to this node only");
+            let message = match e {
+                mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p.message,
+            };
+            app.deliver_chat(&message);
         }
-    }
-
-    /// Sends a record to every other node's clients (and records history).
-    pub fn broadcast(&self, app: &App, out: &Outgoing, history: Option<HistoryEntry>) {
-        self.enqueue(app, self.all_channel.clone(), out, history);
-    }
-
-    pub fn to_group(&self, app: &App, group: &str, out: &Outgoing) {
-        self.enqueue(app, self.group_channel(group), out, None);
     }
 
     pub fn subscribe_group(&self, group: &str) {
@@ -145,43 +150,78 @@ impl Backplane {
         }
     }
 
-    /// Delivers a payload received from Redis to local clients.
-    fn receive(&self, app: &App, channel: &str, payload: &[u8]) {
-        let target = if channel == self.all_channel {
-            None
-        } else if let Some(g) = channel.strip_prefix(&self.group_prefix) {
-            Some(g)
-        } else {
-            return;
-        };
-        let envelope: Envelope = match serde_json::from_slice(payload) {
-            Ok(e) => e,
-            Err(e) => {
-                app.metrics.backplane_invalid.inc();
-                tracing::warn!(%channel, error = %e, "ignoring malformed backplane payload");
+    fn early(&self) -> std::sync::MutexGuard<'_, EarlyDeliveries> {
+        self.early.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Delivers to this node's clients now, before the message is stored.
+    fn deliver_early(&self, app: &App, message: &ChatMessage) {
+        {
+            let mut early = self.early();
+            if !early.uids.insert(message.uid.clone()) {
+                return; // already delivered early
+            }
+            early.order.push_back(message.uid.clone());
+            while early.order.len() > MAX_EARLY_UIDS {
+                if let Some(old) = early.order.pop_front() {
+                    early.uids.remove(&old);
+                }
+            }
+        }
+        app.deliver_chat(message);
+    }
+
+    /// Delivers a stored message once: not at or below the last id passed,
+    /// and not to this node's clients again if they had it early.
+    fn deliver_stored(&self, app: &App, message: &ChatMessage) {
+        let Some(id) = message.id.as_deref() else { return };
+        {
+            let mut last = self.last_id.lock().unwrap_or_else(|p| p.into_inner());
+            if last.as_deref().is_some_and(|l| cmp_ids(id, l) != std::cmp::Ordering::Greater) {
                 return;
             }
-        };
-        if envelope.origin == self.instance {
+            *last = Some(id.to_string());
+        }
+        if self.early().uids.remove(&message.uid) {
             return;
         }
-        // Only well-formed invocations are forwarded to clients.
-        let record = envelope.frame.as_bytes();
-        let message = match record.split_last() {
-            Some((&RECORD_SEPARATOR, body)) => HubProtocol::Json.parse(body).ok(),
-            _ => None,
-        };
-        let Some(message @ HubMessage::Invocation { .. }) = message else {
-            app.metrics.backplane_invalid.inc();
-            tracing::warn!(%channel, origin = %envelope.origin, "ignoring backplane payload that is not one hub invocation");
-            return;
-        };
         app.metrics.backplane_received.inc();
-        let out = Outgoing::with_json(message, Bytes::from(envelope.frame));
-        match target {
-            None => app.deliver_all(&out),
-            Some(g) => app.deliver_group(g, &out),
+        app.deliver_chat(message);
+    }
+
+    /// A payload received from Redis.
+    fn receive(&self, app: &App, channel: &str, payload: &[u8]) {
+        if channel != self.all_channel && !channel.starts_with(&self.group_prefix) {
+            return;
         }
+        match history::parse_published(payload) {
+            Some(m) if (channel == self.all_channel) == m.group.is_none() => self.deliver_stored(app, &m),
+            _ => {
+                app.metrics.backplane_invalid.inc();
+                tracing::warn!(%channel, "ignoring malformed backplane payload");
+            }
+        }
+    }
+
+    /// After (re)subscribing: everything stored after the last id passed.
+    async fn catch_up(&self, app: &App) -> redis::RedisResult<usize> {
+        let mut conn = app.redis.conn().await?;
+        let last = self.last_id.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(last) = last else {
+            // First subscription: start from the newest stored message.
+            let newest = history::last_id(&mut conn, &self.history_key).await?;
+            let mut guard = self.last_id.lock().unwrap_or_else(|p| p.into_inner());
+            if guard.is_none() {
+                *guard = Some(newest);
+            }
+            return Ok(0);
+        };
+        let missed = history::after(&mut conn, &self.history_key, &last, app.cfg.history_len).await?;
+        let n = missed.len();
+        for m in &missed {
+            self.deliver_stored(app, m);
+        }
+        Ok(n)
     }
 }
 
@@ -199,31 +239,35 @@ async fn publisher(app: Arc<App>, mut rx: mpsc::Receiver<Publication>) {
         }
         let mut pipe = redis::pipe();
         for p in &batch {
-            pipe.publish(&p.channel, &p.payload).ignore();
-            if let Some(h) = &p.history {
-                history::append(&mut pipe, &bp.history_key, app.cfg.history_len, h);
-            }
+            history::store_and_publish(&mut pipe, &bp.prefix, app.cfg.history_len, &p.channel, &p.message);
         }
-        let result: redis::RedisResult<()> = match app.redis.conn().await {
+        let result: redis::RedisResult<Vec<String>> = match app.redis.conn().await {
             Ok(mut c) => pipe.query_async(&mut c).await,
             Err(e) => Err(e),
         };
         app.redis.observe(&result);
         match result {
-            Ok(()) => {
+            Ok(_) => {
                 app.metrics.backplane_published.inc_by(batch.len() as u64);
                 delay = Duration::from_millis(100);
             }
             Err(e) if retryable(&e) => {
                 app.metrics.backplane_publish_failures.inc();
-                tracing::debug!(error = %e, queued = batch.len(), "publish failed; retrying");
+                tracing::debug!(error = %e, queued = batch.len(), "store and publish failed; retrying");
+                // The sender's own clients should not wait for Redis.
+                for p in &batch {
+                    bp.deliver_early(&app, &p.message);
+                }
                 tokio::time::sleep(delay).await;
                 delay = backoff(delay);
                 continue;
             }
             Err(e) => {
                 app.metrics.backplane_dropped.inc_by(batch.len() as u64);
-                tracing::error!(error = %e, "redis refused a publish batch; dropped");
+                tracing::error!(error = %e, "redis refused a publish batch; delivered to this node only");
+                for p in &batch {
+                    bp.deliver_early(&app, &p.message);
+                }
             }
         }
         bp.pending.fetch_sub(batch.len(), Ordering::AcqRel);
@@ -245,6 +289,12 @@ async fn subscriber(app: Arc<App>, mut cmds: mpsc::UnboundedReceiver<SubCommand>
                     app.redis.set_up(true, None);
                     tracing::info!(channels = channels.len(), "backplane subscribed");
                     delay = Duration::from_millis(100);
+                    // Subscribed first, then read history: nothing falls between.
+                    match bp.catch_up(&app).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(messages = n, "caught up from history after resubscribing"),
+                        Err(e) => tracing::warn!(error = %e, "could not catch up from history"),
+                    }
                     loop {
                         tokio::select! {
                             msg = stream.next() => match msg {

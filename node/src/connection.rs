@@ -7,13 +7,14 @@
 //! connections: atomics instead of per-connection timers, no buffers until data
 //! flows.
 
+use crate::history::ChatMessage;
 use crate::outbox::{OutFrame, Outbox, PushError};
-use crate::protocol::{HubProtocol, RecordReader};
+use crate::protocol::{HubProtocol, Outgoing, RecordReader};
 use crate::stateful::Stateful;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 use tokio::sync::Notify;
 
@@ -81,6 +82,10 @@ pub struct Connection {
     protocol: AtomicU8,
     /// The client asked for stateful reconnect at negotiate (and the node allows it).
     pub stateful_requested: bool,
+    /// The client opted in with `?messageIds=true`: chat events carry the id.
+    pub message_ids: bool,
+    /// While `Resume` replays history, live chat messages wait here.
+    resume_hold: Mutex<Option<Vec<Arc<ChatDelivery>>>>,
     stateful: OnceLock<Box<Stateful>>,
     pub created_ms: u64,
     pub last_sent_ms: AtomicU64,
@@ -101,6 +106,8 @@ impl Connection {
             handshaken: AtomicBool::new(false),
             protocol: AtomicU8::new(HubProtocol::Json as u8),
             stateful_requested: false,
+            message_ids: false,
+            resume_hold: Mutex::new(None),
             stateful: OnceLock::new(),
             created_ms: now,
             last_sent_ms: AtomicU64::new(now),
@@ -139,6 +146,29 @@ impl Connection {
         Ok(())
     }
 
+    /// Returns `d` to deliver now, or keeps it while a `Resume` replays.
+    pub fn hold_during_resume<'a>(&self, d: &'a Arc<ChatDelivery>) -> Option<&'a Arc<ChatDelivery>> {
+        let mut hold = self.resume_hold.lock().unwrap_or_else(|p| p.into_inner());
+        match hold.as_mut() {
+            Some(held) => {
+                held.push(d.clone());
+                None
+            }
+            None => Some(d),
+        }
+    }
+
+    /// Starts holding live chat messages (a `Resume` began).
+    pub fn begin_resume(&self) {
+        let mut hold = self.resume_hold.lock().unwrap_or_else(|p| p.into_inner());
+        hold.get_or_insert_with(Vec::new);
+    }
+
+    /// Stops holding; returns what arrived meanwhile, in arrival order.
+    pub fn end_resume(&self) -> Vec<Arc<ChatDelivery>> {
+        self.resume_hold.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default()
+    }
+
     pub fn protocol(&self) -> HubProtocol {
         HubProtocol::from_u8(self.protocol.load(Ordering::Acquire))
     }
@@ -162,6 +192,36 @@ impl Connection {
 
     pub fn is_handshaken(&self) -> bool {
         self.handshaken.load(Ordering::Acquire)
+    }
+}
+
+/// What a client chose when it connected.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnectionOptions {
+    pub stateful_reconnect: bool,
+    pub message_ids: bool,
+}
+
+/// A chat message on its way to this node's connections: the event without
+/// the id and, for connections that asked for ids, with it; each encoded at
+/// most once per protocol.
+pub struct ChatDelivery {
+    pub message: ChatMessage,
+    plain: Outgoing,
+    with_id: OnceLock<Outgoing>,
+}
+
+impl ChatDelivery {
+    pub fn new(message: ChatMessage) -> Self {
+        ChatDelivery { plain: Outgoing::new(message.event(false)), with_id: OnceLock::new(), message }
+    }
+
+    pub fn for_connection(&self, c: &Connection) -> &Outgoing {
+        if c.message_ids {
+            self.with_id.get_or_init(|| Outgoing::new(self.message.event(true)))
+        } else {
+            &self.plain
+        }
     }
 }
 

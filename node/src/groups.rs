@@ -76,6 +76,11 @@ impl LocalGroups {
         self.lock().members.get(group).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
 
+    /// The groups `conn` is in now.
+    pub fn of_connection(&self, conn: &str) -> std::collections::HashSet<String> {
+        self.lock().of_connection.get(conn).cloned().unwrap_or_default()
+    }
+
     pub fn groups(&self) -> Vec<String> {
         self.lock().members.keys().cloned().collect()
     }

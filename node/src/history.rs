@@ -1,73 +1,297 @@
-//! Message history in a capped Redis Stream (`{prefix}:history`), so
-//! `GetHistory` and late joiners see recent messages on any node. Entries are
-//! written in the same MULTI as the backplane publish; reading returns the
-//! newest `count` entries oldest first. Entries read back are untrusted: a
-//! malformed one is skipped and logged, not returned half-filled.
+//! Chat messages and their history in a capped Redis Stream
+//! (`{prefix}:history`). Every chat message, broadcast or group, gets one
+//! cluster-wide id when it is stored: its stream entry id. A Lua script
+//! stores it and publishes it on the backplane in one atomic step, so the
+//! order on the backplane is the order in history, and it is idempotent: the
+//! message's own random `uid`, chosen before the first attempt, marks it as
+//! stored, so a publish retried after a timeout neither stores nor delivers
+//! it twice. Reading returns the newest `count` entries oldest first, or the
+//! entries after an id (for catching up and for `Resume`). Entries read back
+//! are untrusted: a malformed one is skipped and logged, not returned
+//! half-filled.
 
 use redis::aio::ConnectionManager;
-use redis::streams::StreamRangeReply;
+use redis::streams::{StreamId, StreamRangeReply};
 use redis::{AsyncCommands, RedisResult};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::cmp::Ordering;
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One chat message as stored, published and replayed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct HistoryEntry {
+pub struct ChatMessage {
+    /// Stream entry id, once stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Chosen by the sending node before the first store attempt.
+    #[serde(default)]
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub user: String,
     pub message: String,
     pub connection_id: String,
     pub node_id: String,
     /// RFC 3339 UTC.
+    #[serde(default)]
     pub timestamp: String,
+}
+
+impl ChatMessage {
+    /// The hub event clients receive; with `with_id`, the message id is one
+    /// extra last argument (for connections that opted in with `messageIds`).
+    pub fn event(&self, with_id: bool) -> crate::protocol::HubMessage {
+        let mut args: Vec<Value> = Vec::with_capacity(6);
+        if let Some(g) = &self.group {
+            args.push(g.clone().into());
+        }
+        args.extend([
+            self.user.clone().into(),
+            self.message.clone().into(),
+            self.connection_id.clone().into(),
+            self.node_id.clone().into(),
+        ]);
+        if with_id {
+            args.push(self.id.clone().map_or(Value::Null, Value::String));
+        }
+        let target = if self.group.is_some() { "ReceiveGroupMessage" } else { "ReceiveMessage" };
+        crate::protocol::HubMessage::event(target, args)
+    }
+
+    fn from_entry(e: &StreamId) -> Option<Self> {
+        let field = |name: &str| e.get::<String>(name);
+        Some(ChatMessage {
+            id: Some(e.id.clone()),
+            uid: field("uid").unwrap_or_default(),
+            group: field("group").filter(|g| !g.is_empty()),
+            user: field("user")?,
+            message: field("message")?,
+            connection_id: field("connectionId")?,
+            node_id: field("nodeId")?,
+            timestamp: field("timestamp").unwrap_or_default(),
+        })
+    }
 }
 
 pub fn stream_key(prefix: &str) -> String {
     format!("{prefix}:history")
 }
 
-/// Adds `XADD key MAXLEN ~ cap * field value …` to a pipeline.
-pub fn append(pipe: &mut redis::Pipeline, key: &str, cap: usize, e: &HistoryEntry) {
-    pipe.cmd("XADD")
-        .arg(key)
-        .arg("MAXLEN")
-        .arg("~")
+/// Stores (XADD, capped) and publishes (`<id> <json>`) one message, once per
+/// uid: a retry finds the uid's marker and returns the id it was given.
+const STORE_AND_PUBLISH: &str = r#"
+local id = redis.call('GET', KEYS[2])
+if id then return id end
+id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 4))
+redis.call('SET', KEYS[2], id, 'EX', 600)
+redis.call('PUBLISH', ARGV[2], id .. ' ' .. ARGV[3])
+return id
+"#;
+
+/// Adds the atomic store-and-publish of `m` to a pipeline; it answers the id.
+pub fn store_and_publish(pipe: &mut redis::Pipeline, prefix: &str, cap: usize, channel: &str, m: &ChatMessage) {
+    let payload = serde_json::to_string(m).unwrap_or_default();
+    let cmd = pipe
+        .cmd("EVAL")
+        .arg(STORE_AND_PUBLISH)
+        .arg(2)
+        .arg(stream_key(prefix))
+        .arg(format!("{prefix}:stored:{}", m.uid))
         .arg(cap)
-        .arg("*")
+        .arg(channel)
+        .arg(payload)
+        .arg("uid")
+        .arg(&m.uid)
         .arg("user")
-        .arg(&e.user)
+        .arg(&m.user)
         .arg("message")
-        .arg(&e.message)
+        .arg(&m.message)
         .arg("connectionId")
-        .arg(&e.connection_id)
+        .arg(&m.connection_id)
         .arg("nodeId")
-        .arg(&e.node_id)
+        .arg(&m.node_id)
         .arg("timestamp")
-        .arg(&e.timestamp)
-        .ignore();
+        .arg(&m.timestamp);
+    if let Some(g) = &m.group {
+        cmd.arg("group").arg(g);
+    }
 }
 
-pub async fn recent(conn: &mut ConnectionManager, key: &str, count: usize) -> RedisResult<Vec<HistoryEntry>> {
+/// Parses a backplane payload `<id> <json>`.
+pub fn parse_published(payload: &[u8]) -> Option<ChatMessage> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let (id, json) = text.split_once(' ')?;
+    parse_id(id)?;
+    let mut m: ChatMessage = serde_json::from_str(json).ok()?;
+    m.id = Some(id.to_string());
+    Some(m)
+}
+
+/// A stream entry id `ms-seq`.
+pub fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// Orders two valid ids; invalid ones compare as equal (callers validate).
+pub fn cmp_ids(a: &str, b: &str) -> Ordering {
+    match (parse_id(a), parse_id(b)) {
+        (Some(a), Some(b)) => a.cmp(&b),
+        _ => Ordering::Equal,
+    }
+}
+
+fn collect(reply: StreamRangeReply) -> Vec<ChatMessage> {
+    reply
+        .ids
+        .iter()
+        .filter_map(|e| {
+            let m = ChatMessage::from_entry(e);
+            if m.is_none() {
+                tracing::warn!(id = %e.id, "skipping malformed history entry");
+            }
+            m
+        })
+        .collect()
+}
+
+/// The newest `count` messages, oldest first.
+pub async fn recent(conn: &mut ConnectionManager, key: &str, count: usize) -> RedisResult<Vec<ChatMessage>> {
     if count == 0 {
         return Ok(Vec::new());
     }
     let reply: StreamRangeReply = conn.xrevrange_count(key, "+", "-", count).await?;
-    let mut out: Vec<HistoryEntry> = reply
-        .ids
-        .iter()
-        .filter_map(|id| {
-            let field = |name: &str| id.get::<String>(name);
-            let entry = Some(HistoryEntry {
-                user: field("user")?,
-                message: field("message")?,
-                connection_id: field("connectionId")?,
-                node_id: field("nodeId")?,
-                timestamp: field("timestamp").unwrap_or_default(),
-            });
-            if entry.is_none() {
-                tracing::warn!(id = %id.id, "skipping malformed history entry");
-            }
-            entry
-        })
-        .collect();
+    let mut out = collect(reply);
     out.reverse();
     Ok(out)
+}
+
+/// Up to `count` messages after `after` (exclusive), oldest first.
+pub async fn after(
+    conn: &mut ConnectionManager,
+    key: &str,
+    after: &str,
+    count: usize,
+) -> RedisResult<Vec<ChatMessage>> {
+    let reply: StreamRangeReply = conn.xrange_count(key, format!("({after}"), "+", count).await?;
+    Ok(collect(reply))
+}
+
+/// The id of the newest entry, or `0-0` for an empty history.
+pub async fn last_id(conn: &mut ConnectionManager, key: &str) -> RedisResult<String> {
+    let reply: StreamRangeReply = conn.xrevrange_count(key, "+", "-", 1).await?;
+    Ok(reply.ids.first().map_or_else(|| "0-0".to_string(), |e| e.id.clone()))
+}
+
+/// Why `Resume` cannot replay from an id.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ResumeError {
+    Malformed,
+    Future,
+    Gone,
+}
+
+impl std::fmt::Display for ResumeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResumeError::Malformed => "the message id is malformed (expected <milliseconds>-<sequence>)",
+            ResumeError::Future => "the message id is newer than any stored message",
+            ResumeError::Gone => "messages after that id have left the capped history; some are missing",
+        })
+    }
+}
+
+/// Checks that replaying after `from` is possible: a well-formed id, not
+/// newer than the newest entry, and no entry after it trimmed away.
+pub async fn check_resume(conn: &mut ConnectionManager, key: &str, from: &str) -> RedisResult<Result<(), ResumeError>> {
+    if parse_id(from).is_none() {
+        return Ok(Err(ResumeError::Malformed));
+    }
+    let newest = last_id(conn, key).await?;
+    if cmp_ids(from, &newest) == Ordering::Greater {
+        return Ok(Err(ResumeError::Future));
+    }
+    // XINFO STREAM: max-deleted-entry-id is the newest id trimmed away.
+    let info: redis::Value = redis::cmd("XINFO").arg("STREAM").arg(key).query_async(conn).await.or_else(|e| {
+        if e.code() == Some("ERR") {
+            Ok(redis::Value::Nil) // no stream yet
+        } else {
+            Err(e)
+        }
+    })?;
+    if let Some(deleted) = info_field(&info, "max-deleted-entry-id") {
+        if deleted != "0-0" && cmp_ids(from, &deleted) == Ordering::Less {
+            return Ok(Err(ResumeError::Gone));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// A string field of an XINFO reply (a flat array or a RESP3 map).
+fn info_field(v: &redis::Value, name: &str) -> Option<String> {
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    match v {
+        redis::Value::Array(items) => items
+            .chunks(2)
+            .find(|kv| kv.len() == 2 && text(&kv[0]).as_deref() == Some(name))
+            .and_then(|kv| text(&kv[1])),
+        redis::Value::Map(pairs) => {
+            pairs.iter().find(|(k, _)| text(k).as_deref() == Some(name)).and_then(|(_, v)| text(v))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(group: Option<&str>) -> ChatMessage {
+        ChatMessage {
+            id: Some("5-1".into()),
+            uid: "u".into(),
+            group: group.map(String::from),
+            user: "a".into(),
+            message: "m".into(),
+            connection_id: "c".into(),
+            node_id: "n".into(),
+            timestamp: "t".into(),
+        }
+    }
+
+    #[test]
+    fn events_carry_the_id_only_when_asked() {
+        let text = |m: crate::protocol::HubMessage| String::from_utf8(m.to_record()).unwrap();
+        assert_eq!(
+            text(msg(None).event(false)),
+            "{\"type\":1,\"target\":\"ReceiveMessage\",\"arguments\":[\"a\",\"m\",\"c\",\"n\"]}\u{1e}"
+        );
+        assert_eq!(
+            text(msg(Some("g")).event(true)),
+            "{\"type\":1,\"target\":\"ReceiveGroupMessage\",\"arguments\":[\"g\",\"a\",\"m\",\"c\",\"n\",\"5-1\"]}\u{1e}"
+        );
+    }
+
+    #[test]
+    fn published_payloads_round_trip_and_junk_is_refused() {
+        let m = msg(Some("g"));
+        let payload = format!("5-1 {}", serde_json::to_string(&m).unwrap());
+        assert_eq!(parse_published(payload.as_bytes()), Some(m));
+        for junk in ["", "5-1", "x-1 {}", "5-1 {", "5-1 {\"user\":1}", "{\"origin\":\"x\"}"] {
+            assert_eq!(parse_published(junk.as_bytes()), None, "{junk}");
+        }
+    }
+
+    #[test]
+    fn ids_are_compared_as_numbers() {
+        assert_eq!(cmp_ids("10-0", "9-5"), Ordering::Greater);
+        assert_eq!(cmp_ids("9-10", "9-9"), Ordering::Greater);
+        assert_eq!(cmp_ids("9-0", "9-0"), Ordering::Equal);
+        assert!(parse_id("9").is_none() && parse_id("a-1").is_none() && parse_id("1-").is_none());
+    }
 }

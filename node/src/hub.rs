@@ -1,7 +1,9 @@
 //! The chat hub: what each hub message means. Transports hand raw bytes to
 //! `on_data`; it splits records, answers the handshake, parses messages and
 //! runs invocations (`SendMessage`, `GetNodeInfo`, `JoinGroup`, `LeaveGroup`,
-//! `SendMessageToGroup`, `GetHistory`, `Echo`). Method names match
+//! `SendMessageToGroup`, `GetHistory`, `Echo`, `Resume`). Chat messages are
+//! not delivered here: they are stored and published (`backplane`), and every
+//! node, this one too, delivers them in id order as they come back. Method names match
 //! case-insensitively, as in ASP.NET Core. An unknown method or bad arguments
 //! earn a Completion with an error and the connection stays open; bytes that
 //! are not the protocol close the connection with an error.
@@ -10,11 +12,9 @@ use crate::app::App;
 use crate::connection::Connection;
 use crate::connection::Transport;
 use crate::groups;
-use crate::history::{self, HistoryEntry};
+use crate::history::{self, ChatMessage};
 use crate::outbox::OutFrame;
-use crate::protocol::{
-    handshake_response, parse_handshake, transfer_format_error, HubMessage, Outgoing, ProtocolError,
-};
+use crate::protocol::{handshake_response, parse_handshake, transfer_format_error, HubMessage, ProtocolError};
 use crate::stateful::{Receive, Stateful};
 use bytes::Bytes;
 use serde_json::Value;
@@ -155,8 +155,8 @@ async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
 
 /// Bounded label set for metrics, whatever target a client sends.
 fn method_label(target: &str) -> &'static str {
-    const KNOWN: [&str; 7] =
-        ["SendMessage", "GetNodeInfo", "JoinGroup", "LeaveGroup", "SendMessageToGroup", "GetHistory", "Echo"];
+    const KNOWN: [&str; 8] =
+        ["SendMessage", "GetNodeInfo", "JoinGroup", "LeaveGroup", "SendMessageToGroup", "GetHistory", "Echo", "Resume"];
     KNOWN.iter().find(|k| k.eq_ignore_ascii_case(target)).copied().unwrap_or("unknown")
 }
 
@@ -178,8 +178,66 @@ fn strings<const N: usize>(args: Vec<Value>) -> Result<[String; N], String> {
     Ok(out)
 }
 
-fn event(target: &str, args: Vec<Value>) -> Outgoing {
-    Outgoing::new(HubMessage::event(target, args))
+/// A new chat message from `conn`, with its uid chosen before any attempt to store it.
+fn chat_message(app: &App, conn: &Connection, group: Option<String>, user: String, message: String) -> ChatMessage {
+    ChatMessage {
+        id: None,
+        uid: format!("{:032x}", rand::random::<u128>()),
+        group,
+        user,
+        message,
+        connection_id: conn.connection_id.clone(),
+        node_id: app.node_id.clone(),
+        timestamp: switchboard_common::registry::rfc3339(chrono::Utc::now()),
+    }
+}
+
+/// `Resume(lastMessageId)`: replays, as ordinary events in id order, every
+/// stored message after `last` this connection would have received (all
+/// broadcasts; group messages of the groups it is in now). Live messages are
+/// held while the replay runs and then delivered if newer than the replay, so
+/// there is no gap and no repeat between the two.
+async fn resume(app: &Arc<App>, conn: &Arc<Connection>, last: &str) -> Result<usize, String> {
+    conn.begin_resume();
+    let replay = async {
+        let mut c = app.redis.conn().await?;
+        let key = app.backplane.history_key();
+        if let Err(e) = history::check_resume(&mut c, key, last).await? {
+            return Ok(Err(e));
+        }
+        history::after(&mut c, key, last, app.cfg.history_len).await.map(Ok)
+    };
+    let result: redis::RedisResult<Result<Vec<ChatMessage>, history::ResumeError>> = replay.await;
+    app.redis.observe(&result);
+    let mut newest = last.to_string();
+    let mut replayed = 0;
+    let outcome = match result {
+        Ok(Ok(messages)) => {
+            let mine = app.groups.of_connection(&conn.key);
+            for m in messages {
+                if let Some(id) = &m.id {
+                    newest = id.clone();
+                }
+                if m.group.as_ref().is_none_or(|g| mine.contains(g)) {
+                    let d = crate::connection::ChatDelivery::new(m);
+                    app.send_to(conn, d.for_connection(conn));
+                    replayed += 1;
+                }
+            }
+            Ok(replayed)
+        }
+        Ok(Err(e)) => {
+            Err(format!("HubException: cannot resume after '{}': {e}.", last.chars().take(64).collect::<String>()))
+        }
+        Err(e) => Err(format!("HubException: message history is unavailable ({e}).")),
+    };
+    for d in conn.end_resume() {
+        let newer = d.message.id.as_deref().is_none_or(|id| history::cmp_ids(id, &newest).is_gt());
+        if newer || outcome.is_err() {
+            app.send_to(conn, d.for_connection(conn));
+        }
+    }
+    outcome
 }
 
 /// Runs `method`, the canonical name from `method_label` ("unknown" when none matched).
@@ -194,16 +252,7 @@ async fn invoke(
     match method {
         "SendMessage" => {
             let [user, message] = strings(args)?;
-            let entry = HistoryEntry {
-                user: user.clone(),
-                message: message.clone(),
-                connection_id: conn.connection_id.clone(),
-                node_id: app.node_id.clone(),
-                timestamp: switchboard_common::registry::rfc3339(chrono::Utc::now()),
-            };
-            let frame = event("ReceiveMessage", vec![user.into(), message.into(), me(), node()]);
-            app.deliver_all(&frame);
-            app.backplane.broadcast(app, &frame, Some(entry));
+            app.backplane.send(app, chat_message(app, conn, None, user, message));
             Ok(None)
         }
         "GetNodeInfo" => {
@@ -229,10 +278,7 @@ async fn invoke(
         "SendMessageToGroup" => {
             let [group, user, message] = strings(args)?;
             groups::validate_name(&group).map_err(|e| format!("HubException: {e}"))?;
-            let frame =
-                event("ReceiveGroupMessage", vec![group.clone().into(), user.into(), message.into(), me(), node()]);
-            app.deliver_group(&group, &frame);
-            app.backplane.to_group(app, &group, &frame);
+            app.backplane.send(app, chat_message(app, conn, Some(group), user, message));
             Ok(None)
         }
         "GetHistory" => {
@@ -247,11 +293,26 @@ async fn invoke(
             };
             app.redis.observe(&result);
             let entries = result.map_err(|e| format!("HubException: message history is unavailable ({e})."))?;
-            serde_json::to_value(entries).map(Some).map_err(|e| e.to_string())
+            // Each with its `id` (and `group` for group messages); the uid is internal.
+            let entries: Vec<Value> = entries
+                .into_iter()
+                .filter_map(|m| serde_json::to_value(m).ok())
+                .map(|mut v| {
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("uid");
+                    }
+                    v
+                })
+                .collect();
+            Ok(Some(Value::Array(entries)))
         }
         "Echo" => {
             let [payload] = arity::<1>(args)?;
             Ok(Some(payload))
+        }
+        "Resume" => {
+            let [last] = strings(args)?;
+            resume(app, conn, &last).await.map(|n| Some(Value::from(n)))
         }
         _ => Err("HubException: Method does not exist.".into()),
     }

@@ -309,9 +309,16 @@ impl StatefulClient {
     }
 }
 
+/// Sends each text and waits until it came back to the sender, so it has
+/// been delivered on the node (every connection's copy is queued in the
+/// same step as the sender's).
 async fn broadcast(sender: &mut HubClient, texts: impl IntoIterator<Item = String>) {
     for t in texts {
         sender.invoke("SendMessage", vec![json!("s"), json!(t)]).await.unwrap();
+        sender
+            .expect(WAIT, |v| v["target"] == "ReceiveMessage" && v["arguments"][1] == t.as_str())
+            .await
+            .unwrap_or_else(|| panic!("{t} never came back to its sender"));
     }
 }
 

@@ -12,7 +12,7 @@ pub mod messages;
 pub mod negotiate;
 pub mod outgoing;
 
-pub use framing::{Framing, RecordReader, RECORD_SEPARATOR};
+pub use framing::{Framing, RecordReader};
 pub use handshake::{handshake_response, parse_handshake, transfer_format_error};
 pub use messages::HubMessage;
 pub use outgoing::Outgoing;

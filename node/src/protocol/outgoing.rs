@@ -17,13 +17,6 @@ impl Outgoing {
         Outgoing { message, encoded: [OnceLock::new(), OnceLock::new()] }
     }
 
-    /// A message whose JSON record is already at hand (from the backplane).
-    pub fn with_json(message: HubMessage, json: Bytes) -> Self {
-        let out = Outgoing::new(message);
-        let _ = out.encoded[HubProtocol::Json as usize].set(json);
-        out
-    }
-
     #[cfg(test)]
     pub fn message(&self) -> &HubMessage {
         &self.message

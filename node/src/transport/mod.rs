@@ -14,7 +14,7 @@ pub mod sse;
 pub mod websocket;
 
 use crate::app::App;
-use crate::connection::{AttachError, Connection, Transport};
+use crate::connection::{AttachError, Connection, ConnectionOptions, Transport};
 use crate::hub;
 use crate::protocol::{negotiate, HubMessage};
 use axum::body::Bytes;
@@ -71,6 +71,12 @@ fn param<'a>(params: &'a HashMap<String, String>, name: &str) -> Option<&'a str>
         .map(String::as_str)
 }
 
+/// `?messageIds=true` on the hub URL (so on negotiate, and on the socket
+/// of a client that skips negotiation): chat events carry the message id.
+fn wants_message_ids(params: &HashMap<String, String>) -> bool {
+    param(params, "messageIds").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
 /// Looks up `?id=`.
 fn lookup(app: &App, params: &HashMap<String, String>) -> Result<Arc<Connection>, TransportError> {
     let id = params.get("id").ok_or(TransportError::MissingId)?;
@@ -106,7 +112,8 @@ pub async fn negotiate(State(app): State<Arc<App>>, Query(params): Params) -> Re
         && param(&params, "useStatefulReconnect").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let token = ConnectionToken::issue(&app.node_id);
     let key = if version >= 1 { token.token.clone() } else { token.connection_id.clone() };
-    app.new_connection(token.connection_id.clone(), key, stateful);
+    let options = ConnectionOptions { stateful_reconnect: stateful, message_ids: wants_message_ids(&params) };
+    app.new_connection(token.connection_id.clone(), key, options);
     json(negotiate::negotiate_body(version, &token, stateful))
 }
 
@@ -161,7 +168,8 @@ fn open_websocket(app: &App, params: &HashMap<String, String>) -> Result<(Arc<Co
             return Err(TransportError::Draining);
         }
         let token = ConnectionToken::issue(&app.node_id);
-        app.new_connection(token.connection_id, token.token, false)
+        let options = ConnectionOptions { stateful_reconnect: false, message_ids: wants_message_ids(params) };
+        app.new_connection(token.connection_id, token.token, options)
     };
     if conn.transport() == Some(Transport::WebSockets) && !conn.outbox.is_closed() {
         if let Some(st) = conn.stateful() {
