@@ -254,11 +254,28 @@ async fn publisher(app: Arc<App>, mut rx: mpsc::Receiver<Publication>) {
             Err(e) if retryable(&e) => {
                 app.metrics.backplane_publish_failures.inc();
                 tracing::debug!(error = %e, queued = batch.len(), "store and publish failed; retrying");
-                // The sender's own clients should not wait for Redis.
+                // The sender's own clients should not wait for Redis: what is
+                // queued now, and what is sent until the next attempt, reaches
+                // them at once (without an id) and is stored later.
                 for p in &batch {
                     bp.deliver_early(&app, &p.message);
                 }
-                tokio::time::sleep(delay).await;
+                let retry_at = tokio::time::Instant::now() + delay;
+                loop {
+                    let mut more = Vec::new();
+                    tokio::select! {
+                        () = tokio::time::sleep_until(retry_at) => break,
+                        n = rx.recv_many(&mut more, BATCH) => {
+                            if n == 0 {
+                                break;
+                            }
+                            for p in &more {
+                                bp.deliver_early(&app, &p.message);
+                            }
+                            batch.extend(more);
+                        }
+                    }
+                }
                 delay = backoff(delay);
                 continue;
             }

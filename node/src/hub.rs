@@ -205,7 +205,10 @@ async fn resume(app: &Arc<App>, conn: &Arc<Connection>, last: &str) -> Result<us
         if let Err(e) = history::check_resume(&mut c, key, last).await? {
             return Ok(Err(e));
         }
-        history::after(&mut c, key, last, app.cfg.history_len).await.map(Ok)
+        // One more than the bound, to tell "exactly the bound" from "more".
+        let bound = app.cfg.history_len;
+        let messages = history::after(&mut c, key, last, bound + 1).await?;
+        Ok(if messages.len() > bound { Err(history::ResumeError::TooMany(bound)) } else { Ok(messages) })
     };
     let result: redis::RedisResult<Result<Vec<ChatMessage>, history::ResumeError>> = replay.await;
     app.redis.observe(&result);

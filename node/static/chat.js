@@ -32,8 +32,27 @@
   };
 
   const joinedGroups = new Set();
-  const seen = new Set(); // broadcast messages already shown, to merge history after a reconnect
+  const seen = new Set(); // messages already shown, by id (or by content when a message has no id)
   let me = { nodeId: null, connectionId: null };
+  // The id of the newest message seen: after a reconnect, Resume(lastId)
+  // replays exactly what was missed (DESIGN §3, message ids and resume).
+  let lastId = null;
+
+  function idParts(id) {
+    const m = /^(\d+)-(\d+)$/.exec(String(id));
+    return m ? [Number(m[1]), Number(m[2])] : null;
+  }
+
+  /** Remembers `id` as the newest seen if it is; false when it was seen before. */
+  function noteId(id) {
+    if (id === null || id === undefined) return true;
+    if (seen.has(id)) return false;
+    seen.add(id);
+    const p = idParts(id);
+    const q = lastId === null ? null : idParts(lastId);
+    if (p && (!q || p[0] > q[0] || (p[0] === q[0] && p[1] > q[1]))) lastId = String(id);
+    return true;
+  }
 
   function el(tag, className, text) {
     const e = document.createElement(tag);
@@ -95,13 +114,15 @@
   }
 
   // ---- hub ----------------------------------------------------------------
-  const hub = new SignalR.HubConnection("chathub");
+  const hub = new SignalR.HubConnection("chathub?messageIds=true");
 
-  hub.on("ReceiveMessage", (user, message, connectionId, nodeId) => {
+  hub.on("ReceiveMessage", (user, message, connectionId, nodeId, messageId) => {
+    if (!noteId(messageId)) return;
     seen.add(messageKey(user, message, connectionId));
     showMessage({ user, message, connectionId, nodeId, when: new Date(), kind: "broadcast" });
   });
-  hub.on("ReceiveGroupMessage", (group, user, message, connectionId, nodeId) => {
+  hub.on("ReceiveGroupMessage", (group, user, message, connectionId, nodeId, messageId) => {
+    if (!noteId(messageId)) return;
     showMessage({ user, message, connectionId, nodeId, when: new Date(), group, kind: "group" });
   });
   hub.on("NodeInfo", (nodeId, connectionId) => {
@@ -143,7 +164,8 @@
         system("Reconnected over " + hub.transportName + " after " + secs + " s");
       }
       lostAt = null;
-      await loadHistory(reconnected);
+      if (reconnected && lastId !== null) await resume();
+      else await loadHistory(reconnected);
     } catch (e) {
       system("Could not finish connecting: " + e.message);
     }
@@ -153,6 +175,19 @@
   hub.onclosed = (error) => {
     system("The server closed the connection" + (error ? ": " + error.message : "") + ". Reload the page to reconnect.");
   };
+
+  /** After a reconnect (groups already rejoined): replay what was missed. */
+  async function resume() {
+    try {
+      const n = await hub.invoke("Resume", lastId);
+      if (n > 0) system(n + " messages arrived while reconnecting");
+    } catch (e) {
+      // The id left the history (or history is unavailable): say there may be
+      // a gap, and show what history still has.
+      system("Some messages may be missing: " + e.message);
+      await loadHistory(true);
+    }
+  }
 
   async function loadHistory(reconnected) {
     let entries;
@@ -166,8 +201,11 @@
     let added = 0;
     for (const h of entries) {
       if (!h || typeof h !== "object") continue;
+      // Group messages only for groups this page is in.
+      if (h.group !== undefined && h.group !== null && !joinedGroups.has(String(h.group))) continue;
       const key = messageKey(String(h.user), String(h.message), String(h.connectionId));
-      if (seen.has(key)) continue;
+      if (h.id === undefined && seen.has(key)) continue;
+      if (!noteId(h.id)) continue;
       seen.add(key);
       const when = new Date(h.timestamp);
       showMessage({
@@ -176,6 +214,7 @@
         connectionId: String(h.connectionId),
         nodeId: String(h.nodeId),
         when: isNaN(when) ? new Date() : when,
+        group: h.group === undefined || h.group === null ? undefined : String(h.group),
         kind: "history",
       });
       added++;

@@ -246,7 +246,9 @@ class HubConnection {
   }
 
   async negotiate() {
-    const u = new URL(this.url.replace(/\/?(\?.*)?$/, "/negotiate"));
+    // The hub URL's own query (e.g. messageIds=true) goes to negotiate too.
+    const u = new URL(this.url);
+    u.pathname = u.pathname.replace(/\/?$/, "/negotiate");
     u.searchParams.set("negotiateVersion", "1");
     u.searchParams.set("useStatefulReconnect", "true");
     const resp = await fetch(u, { method: "POST", cache: "no-store", credentials: "same-origin" });

@@ -96,11 +96,18 @@ pub struct ConnectOptions {
     pub negotiate_version: Option<u32>,
     pub protocol: Protocol,
     pub handshake_version: u32,
+    /// `?messageIds=true` on the hub URL: chat events carry their id.
+    pub message_ids: bool,
 }
 
 impl Default for ConnectOptions {
     fn default() -> Self {
-        ConnectOptions { negotiate_version: Some(1), protocol: Protocol::Json, handshake_version: 1 }
+        ConnectOptions {
+            negotiate_version: Some(1),
+            protocol: Protocol::Json,
+            handshake_version: 1,
+            message_ids: false,
+        }
     }
 }
 
@@ -156,9 +163,26 @@ pub fn ws_url(base: &str) -> String {
 
 /// POSTs to `/chathub/negotiate`, returning the parsed body.
 pub async fn negotiate(http: &reqwest::Client, base: &str, version: Option<u32>) -> Result<Value, String> {
-    let url = match version {
-        Some(v) => format!("{base}/chathub/negotiate?negotiateVersion={v}"),
-        None => format!("{base}/chathub/negotiate"),
+    negotiate_query(http, base, version, false).await
+}
+
+async fn negotiate_query(
+    http: &reqwest::Client,
+    base: &str,
+    version: Option<u32>,
+    message_ids: bool,
+) -> Result<Value, String> {
+    let mut query = Vec::new();
+    if let Some(v) = version {
+        query.push(format!("negotiateVersion={v}"));
+    }
+    if message_ids {
+        query.push("messageIds=true".to_string());
+    }
+    let url = if query.is_empty() {
+        format!("{base}/chathub/negotiate")
+    } else {
+        format!("{base}/chathub/negotiate?{}", query.join("&"))
     };
     let resp = http.post(url).send().await.map_err(|e| e.to_string())?;
     let status = resp.status();
@@ -195,7 +219,7 @@ impl HubClient {
         kind: TransportKind,
         opts: ConnectOptions,
     ) -> Result<Self, String> {
-        let body = negotiate(http, base, opts.negotiate_version).await?;
+        let body = negotiate_query(http, base, opts.negotiate_version, opts.message_ids).await?;
         let connection_id = body["connectionId"].as_str().ok_or("no connectionId")?.to_string();
         let id = match body.get("connectionToken").and_then(Value::as_str) {
             Some(t) => t.to_string(),

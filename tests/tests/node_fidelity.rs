@@ -23,7 +23,7 @@ async fn one_node(extra: &[&str]) -> (RedisServer, TestNode, reqwest::Client) {
 }
 
 fn opts(protocol: Protocol, negotiate_version: Option<u32>, handshake_version: u32) -> ConnectOptions {
-    ConnectOptions { negotiate_version, protocol, handshake_version }
+    ConnectOptions { negotiate_version, protocol, handshake_version, message_ids: false }
 }
 
 #[tokio::test]

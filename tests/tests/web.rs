@@ -278,10 +278,15 @@ async fn a_killed_node_sends_its_page_elsewhere_and_the_dashboard_shows_drain_an
     // Kill bob's node outright.
     let bob_index = nodes.iter().position(|n| n.id == bob_node).expect("bob's node is one of ours");
     nodes[bob_index].process.kill();
+    // Alice keeps talking while bob is away.
+    send_chat(&alice, "while bob reconnects").await;
 
     // The page notices, says so, and reconnects to the only node still taking
-    // new clients.
+    // new clients; Resume replays what bob missed, once.
     let now_on = connected_node(&bob, Some(&bob_node)).await;
+    wait_message(&bob, "while bob reconnects").await;
+    let missed = messages(&bob).await.iter().filter(|m| m["text"] == "while bob reconnects").count();
+    assert_eq!(missed, 1, "the message sent during the failover is shown exactly once");
     assert_eq!(now_on, alice_node, "bob should reconnect to the remaining accepting node");
     let lines = system_lines(&bob).await;
     assert!(

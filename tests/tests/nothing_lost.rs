@@ -1,0 +1,239 @@
+//! Chat messages are neither lost nor repeated while Redis and nodes come
+//! and go: every message gets one id when it is stored (atomically with its
+//! publication), connections that opt in with `?messageIds=true` see it,
+//! `Resume(lastId)` replays exactly what a connection missed, a Redis
+//! outage costs no cross-node delivery (nodes catch up from history when they
+//! resubscribe), and a paused Redis (publishes retried after timeouts) stores
+//! and delivers each message once. Real nodes, a real redis-server.
+
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::time::Duration;
+use switchboard_tests::{ConnectOptions, HubClient, RedisServer, TestNode, TransportKind, WAIT};
+
+fn with_ids() -> ConnectOptions {
+    ConnectOptions { message_ids: true, ..ConnectOptions::default() }
+}
+
+async fn connect(http: &reqwest::Client, node: &TestNode, ids: bool) -> HubClient {
+    let opts = if ids { with_ids() } else { ConnectOptions::default() };
+    HubClient::connect_opts(http, &node.base, TransportKind::WebSockets, opts).await.unwrap()
+}
+
+/// Texts of every ReceiveMessage (and group message) received until `until`
+/// arrives, with their ids (the last argument) when present.
+async fn collect_until(c: &mut HubClient, until: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    loop {
+        let v = c
+            .expect(WAIT, |v| v["target"] == "ReceiveMessage" || v["target"] == "ReceiveGroupMessage")
+            .await
+            .unwrap_or_else(|| panic!("{until:?} never arrived; got {out:?}"));
+        let args = v["arguments"].as_array().unwrap();
+        let group = v["target"] == "ReceiveGroupMessage";
+        let text = args[if group { 2 } else { 1 }].as_str().unwrap().to_string();
+        let id_at = if group { 5 } else { 4 };
+        let id = args.get(id_at).and_then(Value::as_str).map(String::from);
+        let done = text == until;
+        out.push((text, id));
+        if done {
+            return out;
+        }
+    }
+}
+
+async fn say(c: &mut HubClient, text: &str) {
+    c.invoke("SendMessage", vec![json!("u"), json!(text)]).await.unwrap();
+}
+
+#[tokio::test]
+async fn message_ids_are_opt_in_ordered_and_match_history() {
+    let redis = RedisServer::start();
+    let (a, b) = (TestNode::start(&redis, "node-a", &[]).await, TestNode::start(&redis, "node-b", &[]).await);
+    let http = reqwest::Client::new();
+    let mut plain = connect(&http, &a, false).await;
+    let mut ided = connect(&http, &b, true).await;
+    ided.invoke("JoinGroup", vec![json!("g")]).await.unwrap();
+    plain.invoke("JoinGroup", vec![json!("g")]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    say(&mut plain, "one").await;
+    plain.invoke("SendMessageToGroup", vec![json!("g"), json!("u"), json!("two")]).await.unwrap();
+    say(&mut plain, "three").await;
+
+    let plain_got = collect_until(&mut plain, "three").await;
+    assert!(plain_got.iter().all(|(_, id)| id.is_none()), "no id without opting in: {plain_got:?}");
+    let got = collect_until(&mut ided, "three").await;
+    let texts: Vec<&str> = got.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(texts, ["one", "two", "three"]);
+    let ids: Vec<String> = got.iter().map(|(_, id)| id.clone().expect("an id")).collect();
+    let mut sorted = ids.clone();
+    sorted.sort_by_key(|id| {
+        let (ms, seq) = id.split_once('-').unwrap();
+        (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+    });
+    assert_eq!(ids, sorted, "delivered in id order");
+    let history = ided.invoke("GetHistory", vec![json!(10)]).await.unwrap();
+    let entries = history.as_array().unwrap();
+    let by_text: HashMap<&str, &Value> = entries.iter().map(|e| (e["message"].as_str().unwrap(), e)).collect();
+    for (text, id) in &got {
+        assert_eq!(by_text[text.as_str()]["id"].as_str(), id.as_deref(), "{text}");
+    }
+    assert_eq!(by_text["two"]["group"], "g");
+    assert!(by_text["one"].get("group").is_none() && by_text["one"].get("uid").is_none());
+}
+
+#[tokio::test]
+async fn resume_replays_exactly_what_a_connection_missed() {
+    let redis = RedisServer::start();
+    let (a, b) = (TestNode::start(&redis, "node-a", &[]).await, TestNode::start(&redis, "node-b", &[]).await);
+    let http = reqwest::Client::new();
+    let mut sender = connect(&http, &a, false).await;
+    let mut first = connect(&http, &b, true).await;
+    first.invoke("JoinGroup", vec![json!("mine")]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    say(&mut sender, "seen").await;
+    let seen = collect_until(&mut first, "seen").await;
+    let last_id = seen.last().unwrap().1.clone().unwrap();
+    drop(first); // the connection is lost…
+    say(&mut sender, "missed 1").await;
+    sender.invoke("SendMessageToGroup", vec![json!("mine"), json!("u"), json!("missed group")]).await.unwrap();
+    sender.invoke("SendMessageToGroup", vec![json!("other"), json!("u"), json!("not mine")]).await.unwrap();
+    say(&mut sender, "missed 2").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // …and the client comes back on another node: rejoin, then resume.
+    let mut again = connect(&http, &a, true).await;
+    again.invoke("JoinGroup", vec![json!("mine")]).await.unwrap();
+    let replayed = again.invoke("Resume", vec![json!(last_id)]).await.unwrap();
+    assert_eq!(replayed, json!(3));
+    say(&mut sender, "live").await;
+    let got: Vec<String> = collect_until(&mut again, "live").await.into_iter().map(|(t, _)| t).collect();
+    assert_eq!(got, ["missed 1", "missed group", "missed 2", "live"], "replay, then live, nothing twice");
+
+    // Bad ids get clear errors; a second Resume answers again, bounded.
+    let e = again.invoke("Resume", vec![json!("garbage")]).await.unwrap_err();
+    assert!(e.contains("malformed"), "{e}");
+    let e = again.invoke("Resume", vec![json!("99999999999999-0")]).await.unwrap_err();
+    assert!(e.contains("newer than any"), "{e}");
+    let e = again.invoke("Resume", vec![json!(5)]).await.unwrap_err();
+    assert!(e.contains("Error binding arguments"), "{e}");
+    assert_eq!(again.invoke("Resume", vec![json!(last_id)]).await, Ok(json!(4)));
+}
+
+#[tokio::test]
+async fn resuming_from_an_id_that_left_the_history_says_so() {
+    let redis = RedisServer::start();
+    let node = TestNode::start(&redis, "small", &["--history-len", "10"]).await;
+    let http = reqwest::Client::new();
+    let mut c = connect(&http, &node, true).await;
+    say(&mut c, "first").await;
+    let first_id = collect_until(&mut c, "first").await[0].1.clone().unwrap();
+    // MAXLEN ~ trims whole blocks of entries, so send enough to drop some.
+    let mut frame = Vec::new();
+    for i in 0..400 {
+        frame.extend(switchboard_tests::client::record(
+            &json!({"type":1,"target":"SendMessage","arguments":["u", format!("bulk {i}")]}),
+        ));
+    }
+    c.send_raw(frame).await.unwrap();
+    collect_until(&mut c, "bulk 399").await;
+    let e = c.invoke("Resume", vec![json!(first_id)]).await.unwrap_err();
+    assert!(e.contains("left the capped history"), "{e}");
+}
+
+/// Adds to `got` what arrives until every text in `want` is there (or the
+/// wait runs out), then whatever else comes within half a second.
+async fn collect_all(c: &mut HubClient, want: &[String], got: &mut Vec<(String, Option<String>)>) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut settle = None;
+    loop {
+        if settle.is_none() && want.iter().all(|w| got.iter().any(|(t, _)| t == w)) {
+            settle = Some(tokio::time::Instant::now() + Duration::from_millis(500));
+        }
+        let until = settle.unwrap_or(deadline).min(deadline);
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return;
+        }
+        let Some(v) = c.expect(until - now, |v| v["target"] == "ReceiveMessage").await else { continue };
+        got.push((v["arguments"][1].as_str().unwrap_or_default().to_string(), None));
+    }
+}
+
+/// Every client got every text exactly once.
+fn assert_exactly_once(who: &str, got: &[(String, Option<String>)], want: &[String]) {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for (t, _) in got {
+        *counts.entry(t.as_str()).or_default() += 1;
+    }
+    let missing: Vec<&String> = want.iter().filter(|w| !counts.contains_key(w.as_str())).collect();
+    let repeated: Vec<(&&str, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(missing.is_empty() && repeated.is_empty(), "{who}: missing {missing:?}, repeated {repeated:?}");
+}
+
+#[tokio::test]
+async fn a_redis_outage_costs_no_cross_node_message() {
+    let mut redis = RedisServer::start();
+    let (a, b) = (TestNode::start(&redis, "node-a", &[]).await, TestNode::start(&redis, "node-b", &[]).await);
+    let http = reqwest::Client::new();
+    let mut on_a = connect(&http, &a, false).await;
+    let mut on_b = connect(&http, &b, false).await;
+    say(&mut on_a, "before").await;
+    collect_until(&mut on_b, "before").await;
+    collect_until(&mut on_a, "before").await;
+
+    redis.stop();
+    let mut want = Vec::new();
+    for i in 0..10 {
+        for (c, name) in [(&mut on_a, "a"), (&mut on_b, "b")] {
+            let text = format!("{name} during {i}");
+            c.send("SendMessage", vec![json!("u"), json!(text)]).await;
+            want.push(text);
+        }
+    }
+    // Each node's own clients are not kept waiting for Redis.
+    let early = collect_until(&mut on_a, "a during 9").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.restart();
+    say(&mut on_a, "after").await;
+    want.push("after".into());
+    for (c, who, mut got) in [(&mut on_a, "client on a", early), (&mut on_b, "client on b", Vec::new())] {
+        collect_all(c, &want, &mut got).await;
+        got.retain(|(t, _)| t != "before");
+        assert_exactly_once(who, &got, &want);
+    }
+}
+
+#[tokio::test]
+async fn a_paused_redis_stores_and_delivers_each_message_once() {
+    let redis = RedisServer::start();
+    let (a, b) = (TestNode::start(&redis, "node-a", &[]).await, TestNode::start(&redis, "node-b", &[]).await);
+    let http = reqwest::Client::new();
+    let mut on_a = connect(&http, &a, false).await;
+    let mut on_b = connect(&http, &b, false).await;
+    say(&mut on_a, "warm").await;
+    collect_until(&mut on_b, "warm").await;
+    collect_until(&mut on_a, "warm").await;
+    let mut admin = redis.connection().await;
+    // Longer than the nodes' 2 s response timeout, so publishes are retried.
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(3500).arg("WRITE").query_async(&mut admin).await.unwrap();
+    let mut want = Vec::new();
+    for i in 0..5 {
+        let text = format!("paused {i}");
+        on_a.send("SendMessage", vec![json!("u"), json!(text)]).await;
+        want.push(text);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    say(&mut on_a, "resumed").await;
+    want.push("resumed".into());
+    for (c, who) in [(&mut on_a, "sender's node"), (&mut on_b, "other node")] {
+        let mut got = Vec::new();
+        collect_all(c, &want, &mut got).await;
+        assert_exactly_once(who, &got, &want);
+    }
+    let history = on_b.invoke("GetHistory", vec![json!(50)]).await.unwrap();
+    let stored: Vec<&str> = history.as_array().unwrap().iter().filter_map(|e| e["message"].as_str()).collect();
+    for w in &want {
+        assert_eq!(stored.iter().filter(|s| **s == w.as_str()).count(), 1, "{w} stored once: {stored:?}");
+    }
+}
