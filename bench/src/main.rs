@@ -3,6 +3,7 @@
 //! writes the report; the other subcommands run one workload against URLs
 //! you give, printing a human line on stderr and JSON on stdout.
 
+mod chaos;
 mod contenders;
 mod failover;
 mod report;
@@ -43,6 +44,24 @@ enum Command {
         /// The command line to record in the report (scripts/bench.sh passes its own)
         #[arg(long)]
         command_line: Option<String>,
+    },
+    /// Redis, four nodes and the balancer on loopback while parts fail in turn
+    /// (drain, kill -9, balancer restart, Redis stop, Redis pause, scale-in);
+    /// counts what every client lost and received twice. Exits non-zero when a
+    /// resuming client lost or repeated anything, or anyone did to Redis.
+    Chaos {
+        /// Short outages and pauses (about a minute in all)
+        #[arg(long)]
+        quick: bool,
+        /// Where switchboard-node and switchboard-balancer are (default: next to this program)
+        #[arg(long)]
+        bin_dir: Option<std::path::PathBuf>,
+        /// Clients of each kind (resuming, plain) through the balancer
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Messages per second from the sender
+        #[arg(long, default_value_t = 40.0)]
+        rate: f64,
     },
     /// Rewrite report.md and the plots of an earlier run from its results.json
     Report { results: std::path::PathBuf },
@@ -135,6 +154,21 @@ async fn main() -> anyhow::Result<()> {
             std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&doc)?)?;
             write_report(&dir, &doc)?;
             eprintln!("report written to {}", dir.join("report.md").display());
+            return Ok(());
+        }
+        Command::Chaos { quick, bin_dir, clients, rate } => {
+            let bin_dir = match bin_dir {
+                Some(d) => d,
+                None => std::env::current_exe()?.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
+            };
+            let result = chaos::run(&chaos::Options { quick, bin_dir, clients, rate }).await?;
+            eprintln!("{}", chaos::table(&result));
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            let failures = result["failures"].as_array().map_or(0, |f| f.len());
+            if failures > 0 {
+                eprintln!("chaos: FAILED: {}", result["failures"]);
+                std::process::exit(1);
+            }
             return Ok(());
         }
         Command::Report { results } => {

@@ -112,6 +112,7 @@ impl App {
         let delivery = Arc::new(ChatDelivery::new(message.clone()));
         let offer = |c: &Arc<Connection>| {
             if let Some(d) = c.hold_during_resume(&delivery) {
+                c.note_live(d.message.id.as_deref());
                 self.send_to(c, d.for_connection(c));
             }
         };

@@ -86,6 +86,9 @@ pub struct Connection {
     pub message_ids: bool,
     /// While `Resume` replays history, live chat messages wait here.
     resume_hold: Mutex<Option<Vec<Arc<ChatDelivery>>>>,
+    /// Id of the first chat message delivered live: live delivery is in id
+    /// order, so `Resume` need replay only what is older than it.
+    first_live_id: OnceLock<String>,
     stateful: OnceLock<Box<Stateful>>,
     pub created_ms: u64,
     pub last_sent_ms: AtomicU64,
@@ -108,6 +111,7 @@ impl Connection {
             stateful_requested: false,
             message_ids: false,
             resume_hold: Mutex::new(None),
+            first_live_id: OnceLock::new(),
             stateful: OnceLock::new(),
             created_ms: now,
             last_sent_ms: AtomicU64::new(now),
@@ -156,6 +160,17 @@ impl Connection {
             }
             None => Some(d),
         }
+    }
+
+    /// Records that a chat message with `id` was delivered live.
+    pub fn note_live(&self, id: Option<&str>) {
+        if let Some(id) = id {
+            let _ = self.first_live_id.get_or_init(|| id.to_string());
+        }
+    }
+
+    pub fn first_live_id(&self) -> Option<&str> {
+        self.first_live_id.get().map(String::as_str)
     }
 
     /// Starts holding live chat messages (a `Resume` began).

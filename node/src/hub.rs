@@ -195,8 +195,10 @@ fn chat_message(app: &App, conn: &Connection, group: Option<String>, user: Strin
 /// `Resume(lastMessageId)`: replays, as ordinary events in id order, every
 /// stored message after `last` this connection would have received (all
 /// broadcasts; group messages of the groups it is in now). Live messages are
-/// held while the replay runs and then delivered if newer than the replay, so
-/// there is no gap and no repeat between the two.
+/// held while the replay runs and then delivered if newer than the replay;
+/// and what this connection already got live before it called `Resume` (live
+/// delivery is in id order, so everything from its first live id on) is not
+/// replayed. So there is no gap and no repeat between the two.
 async fn resume(app: &Arc<App>, conn: &Arc<Connection>, last: &str) -> Result<usize, String> {
     conn.begin_resume();
     let replay = async {
@@ -217,10 +219,13 @@ async fn resume(app: &Arc<App>, conn: &Arc<Connection>, last: &str) -> Result<us
     let outcome = match result {
         Ok(Ok(messages)) => {
             let mine = app.groups.of_connection(&conn.key);
+            let live_from = conn.first_live_id().map(String::from);
             for m in messages {
-                if let Some(id) = &m.id {
-                    newest = id.clone();
+                let Some(id) = m.id.clone() else { continue };
+                if live_from.as_deref().is_some_and(|f| history::cmp_ids(&id, f).is_ge()) {
+                    break; // delivered live already, as is everything after it
                 }
+                newest = id;
                 if m.group.as_ref().is_none_or(|g| mine.contains(g)) {
                     let d = crate::connection::ChatDelivery::new(m);
                     app.send_to(conn, d.for_connection(conn));
@@ -237,6 +242,7 @@ async fn resume(app: &Arc<App>, conn: &Arc<Connection>, last: &str) -> Result<us
     for d in conn.end_resume() {
         let newer = d.message.id.as_deref().is_none_or(|id| history::cmp_ids(id, &newest).is_gt());
         if newer || outcome.is_err() {
+            conn.note_live(d.message.id.as_deref());
             app.send_to(conn, d.for_connection(conn));
         }
     }
