@@ -12,6 +12,7 @@ mod scenarios;
 mod setup;
 mod signalr;
 mod stats;
+mod store_cost;
 mod suite;
 mod svg;
 
@@ -62,6 +63,14 @@ enum Command {
         /// Messages per second from the sender
         #[arg(long, default_value_t = 40.0)]
         rate: f64,
+    },
+    /// Messages per second Redis stores and publishes: the old PUBLISH+XADD
+    /// pipeline against the atomic store-and-publish script
+    StoreCost {
+        #[arg(long)]
+        redis: String,
+        #[arg(long, default_value_t = 100_000)]
+        count: usize,
     },
     /// Rewrite report.md and the plots of an earlier run from its results.json
     Report { results: std::path::PathBuf },
@@ -171,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        Command::StoreCost { redis, count } => store_cost::run(&redis, count).await?,
         Command::Report { results } => {
             let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&results)?)?;
             let dir = results.parent().map(|p| p.to_path_buf()).unwrap_or_default();

@@ -233,19 +233,48 @@ async fn publisher(app: Arc<App>, mut rx: mpsc::Receiver<Publication>) {
     let bp = &app.backplane;
     let mut batch: Vec<Publication> = Vec::with_capacity(BATCH);
     let mut delay = Duration::from_millis(100);
+    // The script's SHA1 once loaded; loaded again after Redis forgot it.
+    let mut sha: Option<String> = None;
     loop {
         if batch.is_empty() && rx.recv_many(&mut batch, BATCH).await == 0 {
             return;
         }
-        let mut pipe = redis::pipe();
-        for p in &batch {
-            history::store_and_publish(&mut pipe, &bp.prefix, app.cfg.history_len, &p.channel, &p.message);
-        }
         let result: redis::RedisResult<Vec<String>> = match app.redis.conn().await {
-            Ok(mut c) => pipe.query_async(&mut c).await,
+            Ok(mut c) => {
+                let loaded = match sha.clone() {
+                    Some(s) => Ok(s),
+                    None => history::load_script(&mut c).await,
+                };
+                match loaded {
+                    Ok(s) => {
+                        sha = Some(s.clone());
+                        let mut pipe = redis::pipe();
+                        for p in &batch {
+                            history::store_and_publish(
+                                &mut pipe,
+                                &s,
+                                &bp.prefix,
+                                app.cfg.history_len,
+                                &p.channel,
+                                &p.message,
+                            );
+                        }
+                        pipe.query_async(&mut c).await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             Err(e) => Err(e),
         };
         app.redis.observe(&result);
+        if let Err(e) = &result {
+            if e.code() == Some("NOSCRIPT") {
+                // Redis restarted and lost its script cache: load it and
+                // retry at once (stored messages are not stored again).
+                sha = None;
+                continue;
+            }
+        }
         match result {
             Ok(_) => {
                 app.metrics.backplane_published.inc_by(batch.len() as u64);

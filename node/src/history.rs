@@ -80,21 +80,27 @@ pub fn stream_key(prefix: &str) -> String {
 
 /// Stores (XADD, capped) and publishes (`<id> <json>`) one message, once per
 /// uid: a retry finds the uid's marker and returns the id it was given.
-const STORE_AND_PUBLISH: &str = r#"
-local id = redis.call('GET', KEYS[2])
-if id then return id end
-id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 4))
-redis.call('SET', KEYS[2], id, 'EX', 600)
-redis.call('PUBLISH', ARGV[2], id .. ' ' .. ARGV[3])
-return id
-"#;
+pub const STORE_AND_PUBLISH: &str = include_str!("store_and_publish.lua");
 
-/// Adds the atomic store-and-publish of `m` to a pipeline; it answers the id.
-pub fn store_and_publish(pipe: &mut redis::Pipeline, prefix: &str, cap: usize, channel: &str, m: &ChatMessage) {
+/// Loads the script into Redis's script cache; answers its SHA1 for `EVALSHA`.
+pub async fn load_script(conn: &mut ConnectionManager) -> RedisResult<String> {
+    redis::cmd("SCRIPT").arg("LOAD").arg(STORE_AND_PUBLISH).query_async(conn).await
+}
+
+/// Adds the atomic store-and-publish of `m` to a pipeline (`EVALSHA` of the
+/// loaded script, `sha`); it answers the id.
+pub fn store_and_publish(
+    pipe: &mut redis::Pipeline,
+    sha: &str,
+    prefix: &str,
+    cap: usize,
+    channel: &str,
+    m: &ChatMessage,
+) {
     let payload = serde_json::to_string(m).unwrap_or_default();
     let cmd = pipe
-        .cmd("EVAL")
-        .arg(STORE_AND_PUBLISH)
+        .cmd("EVALSHA")
+        .arg(sha)
         .arg(2)
         .arg(stream_key(prefix))
         .arg(format!("{prefix}:stored:{}", m.uid))
