@@ -14,7 +14,7 @@
 //! anything, or any client lost or repeated a message to a Redis outage or
 //! pause. Every wait is bounded.
 
-use crate::contenders::{free_port, wait_ok, Proc};
+use crate::contenders::{free_port, switchboard_on, wait_ok, Proc};
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -33,6 +33,9 @@ pub struct Options {
     pub bin_dir: PathBuf,
     pub clients: usize,
     pub rate: f64,
+    /// Announce the balancer's URL and wait this long before sending, so
+    /// clients from outside (browsers in the end-to-end test) can join.
+    pub hold: Duration,
 }
 
 struct Timing {
@@ -89,32 +92,8 @@ fn spawn_node(bin: &Path, dir: &Path, redis: &str, id: &str, port: u16) -> Resul
 }
 
 fn spawn_balancer(bin: &Path, dir: &Path, redis: &str, port: u16, admin: u16) -> Result<Proc> {
-    let args: Vec<String> = [
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--admin-listen",
-        &format!("127.0.0.1:{admin}"),
-        "--redis",
-        redis,
-        "--health-interval-ms",
-        "200",
-        "--health-timeout-ms",
-        "300",
-        "--discovery-interval-ms",
-        "500",
-        "--grace-period-secs",
-        "0",
-        "--shutdown-timeout-secs",
-        "1",
-        "--pid-file",
-        &dir.join("balancer.pid").to_string_lossy(),
-        "--upgrade-sock",
-        &dir.join("balancer.sock").to_string_lossy(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    Proc::spawn(&bin.join("switchboard-balancer"), &args, &dir.join(format!("balancer-{}.log", now_tag())))
+    // Fast health checks, as the end-to-end tests use.
+    switchboard_on(bin, dir, redis, port, admin, 200, 300)
 }
 
 fn now_tag() -> u128 {
@@ -322,6 +301,10 @@ pub async fn run(opts: &Options) -> Result<Value> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    if !opts.hold.is_zero() {
+        eprintln!("chaos: balancer {lb}");
+        tokio::time::sleep(opts.hold).await;
+    }
     let sending =
         tokio::spawn(sender(format!("http://127.0.0.1:{}", ports["n1"]), opts.rate, phase.clone(), stop_sender_rx));
     tokio::time::sleep(t.settle).await;
@@ -424,7 +407,8 @@ fn tally(sent: &[(String, String)], logs: &[(bool, Arc<Mutex<Log>>)]) -> Value {
     }
     let resume_errors: Vec<String> =
         logs.iter().flat_map(|(_, l)| l.lock().map(|l| l.resume_errors.clone()).unwrap_or_default()).collect();
-    json!({ "sent": sent.len(), "rows": rows, "resume_errors": resume_errors, "failures": failures })
+    let sent_texts: Vec<Value> = sent.iter().map(|(p, t)| json!([p, t])).collect();
+    json!({ "sent": sent.len(), "rows": rows, "resume_errors": resume_errors, "failures": failures, "sent_texts": sent_texts })
 }
 
 /// The table for a person.

@@ -149,6 +149,21 @@ pub struct Running {
 
 pub fn switchboard(bin_dir: &Path, dir: &Path, redis: &str) -> Result<Running> {
     let (port, admin) = (free_port()?, free_port()?);
+    let process = switchboard_on(bin_dir, dir, redis, port, admin, CHECK_INTERVAL_MS, CHECK_TIMEOUT_MS)?;
+    Ok(Running { url: format!("http://127.0.0.1:{port}"), process })
+}
+
+/// Switchboard's balancer on given ports (the chaos run restarts it on the
+/// same ones) with the given health-check interval and timeout.
+pub fn switchboard_on(
+    bin_dir: &Path,
+    dir: &Path,
+    redis: &str,
+    port: u16,
+    admin: u16,
+    check_interval_ms: u64,
+    check_timeout_ms: u64,
+) -> Result<Proc> {
     let args: Vec<String> = [
         "--listen",
         &format!("127.0.0.1:{port}"),
@@ -157,9 +172,9 @@ pub fn switchboard(bin_dir: &Path, dir: &Path, redis: &str) -> Result<Running> {
         "--redis",
         redis,
         "--health-interval-ms",
-        &CHECK_INTERVAL_MS.to_string(),
+        &check_interval_ms.to_string(),
         "--health-timeout-ms",
-        &CHECK_TIMEOUT_MS.to_string(),
+        &check_timeout_ms.to_string(),
         // The benchmark stops contenders often; nothing measures shutdown.
         "--grace-period-secs",
         "0",
@@ -173,9 +188,8 @@ pub fn switchboard(bin_dir: &Path, dir: &Path, redis: &str) -> Result<Running> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let process =
-        Proc::spawn(&bin_dir.join("switchboard-balancer"), &args, &dir.join(format!("switchboard-{port}.log")))?;
-    Ok(Running { url: format!("http://127.0.0.1:{port}"), process })
+    let log = dir.join(format!("switchboard-{port}-{}.log", std::process::id()));
+    Proc::spawn(&bin_dir.join("switchboard-balancer"), &args, &log)
 }
 
 /// Traefik's dynamic configuration: one service over `nodes`, the seed's

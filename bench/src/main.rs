@@ -63,6 +63,9 @@ enum Command {
         /// Messages per second from the sender
         #[arg(long, default_value_t = 40.0)]
         rate: f64,
+        /// Print the balancer's URL and wait this long before sending (for outside clients)
+        #[arg(long, default_value_t = 0.0)]
+        hold_secs: f64,
     },
     /// Messages per second Redis stores and publishes: the old PUBLISH+XADD
     /// pipeline against the atomic store-and-publish script
@@ -165,12 +168,13 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("report written to {}", dir.join("report.md").display());
             return Ok(());
         }
-        Command::Chaos { quick, bin_dir, clients, rate } => {
+        Command::Chaos { quick, bin_dir, clients, rate, hold_secs } => {
             let bin_dir = match bin_dir {
                 Some(d) => d,
                 None => std::env::current_exe()?.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
             };
-            let result = chaos::run(&chaos::Options { quick, bin_dir, clients, rate }).await?;
+            let hold = secs(hold_secs);
+            let result = chaos::run(&chaos::Options { quick, bin_dir, clients, rate, hold }).await?;
             eprintln!("{}", chaos::table(&result));
             println!("{}", serde_json::to_string_pretty(&result)?);
             let failures = result["failures"].as_array().map_or(0, |f| f.len());

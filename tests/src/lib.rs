@@ -9,6 +9,7 @@ pub mod browser;
 pub mod client;
 pub mod cluster;
 pub mod msgpack;
+pub mod official;
 pub mod process;
 pub mod redis_server;
 
@@ -58,6 +59,17 @@ pub async fn get_text(url: &str) -> String {
 /// Whether a Prometheus text exposition has a sample of `name` whose value is not zero.
 pub fn metric_nonzero(exposition: &str, name: &str) -> bool {
     exposition.lines().any(|l| l.starts_with(name) && !l.starts_with('#') && !l.ends_with(" 0"))
+}
+
+/// Kills every TCP socket on this machine whose destination is 127.0.0.1:`port`
+/// (`ss -K`, iproute2), as a network cut would: the client side of each gets
+/// an abort, the server side a reset.
+pub fn cut_connections_to(port: u16) {
+    let out = std::process::Command::new("ss")
+        .args(["-K", "dst", "127.0.0.1", "dport", "=", &format!(":{port}")])
+        .output()
+        .expect("ss (iproute2) is installed by scripts/test.sh");
+    assert!(out.status.success(), "ss -K failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// GET `url` and parse JSON; `None` on any failure.

@@ -18,72 +18,10 @@
 //! the project.
 
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::time::Duration;
 use switchboard_tests::browser::{eval, eval_until, Browser};
-use switchboard_tests::{get_text, HubClient, RedisServer, TestBalancer, TestNode, TransportKind};
-
-fn vendor(file: &str) -> String {
-    let dir = std::env::var_os("SWITCHBOARD_VENDOR_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vendor")));
-    let path = dir.join(file);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("{}: {e} (the official client lives in shared/vendor beside the repository)", path.display())
-    })
-}
-
-/// Helpers the tests call in the page; each records what happened in
-/// `window.__sb` so the test can poll for it.
-const HARNESS: &str = r#"
-window.__sb = { clients: {} };
-window.__sbStart = async (name, o) => {
-  const b = new signalR.HubConnectionBuilder()
-    .withUrl(o.url, { transport: signalR.HttpTransportType[o.transport], skipNegotiation: !!o.skip })
-    .configureLogging(signalR.LogLevel.Warning);
-  if (o.msgpack) b.withHubProtocol(new signalR.protocols.msgpack.MessagePackHubProtocol());
-  if (o.stateful) b.withStatefulReconnect();
-  const c = b.build();
-  const rec = { state: 'starting', got: [], node: null, reconnecting: 0, closed: 0, errors: [] };
-  window.__sb.clients[name] = { c, rec };
-  c.on('ReceiveMessage', (user, message) => rec.got.push(message));
-  c.on('NodeInfo', (node) => { rec.node = node; });
-  c.onreconnecting(() => rec.reconnecting++);
-  c.onclose((e) => { rec.closed++; if (e) rec.errors.push(String(e)); });
-  try {
-    await c.start();
-    rec.connectionId = c.connectionId;
-    await c.invoke('GetNodeInfo');
-    rec.state = 'connected';
-  } catch (e) { rec.state = 'failed: ' + e; }
-};
-window.__sbEcho = async (name) => {
-  const { c, rec } = window.__sb.clients[name];
-  try {
-    const big = 'x'.repeat(19990) + 'é€😀 <b>&</b>';
-    const nested = { a: [1, -2, 3.5, null, true, { b: 'c' }], s: 'é', n: { deep: [[[]]] } };
-    const r1 = await c.invoke('Echo', big);
-    const r2 = await c.invoke('Echo', nested);
-    rec.echo = (r1 === big ? 'ok' : 'big differs') + '/' + (JSON.stringify(r2) === JSON.stringify(nested) ? 'ok' : JSON.stringify(r2));
-  } catch (e) { rec.echo = 'error: ' + e; }
-};
-window.__sbSend = (name, text) => window.__sb.clients[name].c.invoke('SendMessage', name, text)
-  .catch((e) => window.__sb.clients[name].rec.errors.push('send: ' + e));
-window.__sbRec = (name) => { const r = window.__sb.clients[name].rec; return Object.assign({}, r, { connectionIdNow: window.__sb.clients[name].c.connectionId }); };
-return typeof signalR.HubConnectionBuilder + '/' + typeof signalR.protocols.msgpack.MessagePackHubProtocol;
-"#;
-
-/// Opens `origin`'s `/health` (a page of that origin without a CSP) and loads
-/// the official client and the harness into it.
-async fn official_client_page(browser: &Browser, origin: &str) -> fantoccini::Client {
-    let client = browser.session(800, 600).await;
-    client.goto(&format!("{origin}/health")).await.unwrap_or_else(|e| panic!("open {origin}/health: {e}"));
-    // Each is a UMD bundle: run as a function body it defines window.signalR.
-    eval(&client, &format!("{}\nreturn 1;", vendor("signalr.js"))).await;
-    eval(&client, &format!("{}\nreturn 1;", vendor("signalr-protocol-msgpack.js"))).await;
-    assert_eq!(eval(&client, HARNESS).await, json!("function/function"));
-    client
-}
+use switchboard_tests::official::official_client_page;
+use switchboard_tests::{cut_connections_to, get_text, HubClient, RedisServer, TestBalancer, TestNode, TransportKind};
 
 struct Case {
     name: &'static str,
@@ -199,16 +137,6 @@ fn start_sender(mut sender: HubClient) -> (tokio::sync::oneshot::Sender<()>, tok
         n
     });
     (stop, task)
-}
-
-/// Kills every TCP socket on this machine whose destination port is `port`
-/// (`ss -K`), as a network cut would.
-fn cut_connections_to(port: u16) {
-    let out = std::process::Command::new("ss")
-        .args(["-K", "dst", "127.0.0.1", "dport", "=", &format!(":{port}")])
-        .output()
-        .expect("ss (iproute2) is installed by scripts/test.sh");
-    assert!(out.status.success(), "ss -K failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn port_of(base: &str) -> u16 {

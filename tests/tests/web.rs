@@ -10,7 +10,8 @@ use fantoccini::{Client, Locator};
 use serde_json::Value;
 use switchboard_tests::browser::{click, eval, eval_until, screenshot, type_into, Browser};
 use switchboard_tests::{
-    eventually, get_text, metric_nonzero, HubClient, RedisServer, TestBalancer, TestNode, TransportKind, WAIT,
+    cut_connections_to, eventually, get_text, metric_nonzero, HubClient, RedisServer, TestBalancer, TestNode,
+    TransportKind, WAIT,
 };
 
 const XSS_IMG: &str = r#"<img src=x onerror="window.__xss=(window.__xss||0)+1">"#;
@@ -311,16 +312,6 @@ async fn a_killed_node_sends_its_page_elsewhere_and_the_dashboard_shows_drain_an
     for c in [alice, bob, dashboard] {
         let _ = c.close().await;
     }
-}
-
-/// Kills every TCP socket whose destination port is `port` (`ss -K`), as a
-/// network cut between the browser and the balancer would.
-fn cut_connections_to(port: u16) {
-    let out = std::process::Command::new("ss")
-        .args(["-K", "dst", "127.0.0.1", "dport", "=", &format!(":{port}")])
-        .output()
-        .expect("ss (iproute2) is installed by scripts/test.sh");
-    assert!(out.status.success(), "ss -K failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 async fn chat_from(sender: &mut HubClient, text: String) {
