@@ -100,12 +100,12 @@ impl Metrics {
             backplane_dropped: counter(
                 &r,
                 "switchboard_node_backplane_dropped_total",
-                "Messages dropped because the publish queue was full",
+                "Messages not stored or published (queue full or refused by Redis); delivered to this node's clients only",
             ),
             backplane_received: counter(
                 &r,
                 "switchboard_node_backplane_received_total",
-                "Messages received from other nodes through the backplane",
+                "Chat messages delivered from the backplane (this node's own included: every message is delivered as it comes back from Redis)",
             ),
             backplane_invalid: counter(
                 &r,
