@@ -1,8 +1,9 @@
 //! The node's shared state, one `Arc<App>` passed to every handler and task:
 //! configuration, identity, the connection table, local groups, the Redis link
-//! and backplane, metrics and the draining flag. It also owns the two
-//! operations every layer needs: delivering a frame to local connections and
-//! forgetting a connection exactly once.
+//! and backplane, metrics and the draining flag. It also owns the operations
+//! every layer needs: queueing a message for a connection (a reply the client
+//! asked for, or traffic it did not), delivering a chat message to the local
+//! connections that should see it, and forgetting a connection exactly once.
 
 use crate::backplane::Backplane;
 use crate::config::NodeConfig;

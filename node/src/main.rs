@@ -4,8 +4,9 @@
 //!
 //! Layers: `protocol` (pure SignalR framing and messages) → `transport`
 //! (WebSockets, Server-Sent Events, long polling) → `hub` (what messages mean)
-//! → `backplane` (between nodes). `registry` keeps the node discoverable,
-//! `lifecycle` starts and drains it.
+//! → `backplane` (between nodes, in `history` order). `stateful` is SignalR
+//! 8's stateful reconnect for one connection. `registry` keeps the node
+//! discoverable, `lifecycle` starts and drains it.
 
 mod app;
 mod backplane;
