@@ -64,7 +64,9 @@ impl App {
     }
 
     pub fn new_connection(&self, connection_id: String, key: String, options: ConnectionOptions) -> Arc<Connection> {
-        let mut conn = Connection::new(connection_id, key, self.cfg.max_message_bytes, self.cfg.max_buffered_frames);
+        let cfg = &self.cfg;
+        let mut conn =
+            Connection::new(connection_id, key, cfg.max_message_bytes, cfg.max_buffered_frames, cfg.max_buffered_bytes);
         conn.stateful_requested = options.stateful_reconnect;
         conn.message_ids = options.message_ids;
         let conn = Arc::new(conn);

@@ -32,6 +32,8 @@ pub struct NodeConfig {
     pub drain_secs: f64,
     pub max_message_bytes: usize,
     pub max_buffered_frames: usize,
+    pub max_buffered_bytes: usize,
+    pub max_groups_per_connection: usize,
     pub history_len: usize,
     pub stateful_reconnect: bool,
     pub stateful_buffer_bytes: usize,
@@ -59,6 +61,8 @@ impl Default for NodeConfig {
             drain_secs: 10.0,
             max_message_bytes: 32 * 1024,
             max_buffered_frames: 1024,
+            max_buffered_bytes: 1024 * 1024,
+            max_groups_per_connection: 100,
             history_len: 1000,
             stateful_reconnect: true,
             stateful_buffer_bytes: 100_000,
@@ -131,6 +135,14 @@ pub struct Cli {
     /// Frames buffered for a slow client before it is disconnected [default: 1024]
     #[arg(long, env = "SWITCHBOARD_MAX_BUFFERED_FRAMES")]
     pub max_buffered_frames: Option<usize>,
+    /// Bytes buffered for one client before it stops being read (its own
+    /// replies) or is disconnected (traffic it did not ask for); a GetHistory
+    /// answer is at most half of it [default: 1048576]
+    #[arg(long, env = "SWITCHBOARD_MAX_BUFFERED_BYTES")]
+    pub max_buffered_bytes: Option<usize>,
+    /// Groups one connection may be in at once [default: 100]
+    #[arg(long, env = "SWITCHBOARD_MAX_GROUPS_PER_CONNECTION")]
+    pub max_groups_per_connection: Option<usize>,
     /// Messages kept in the Redis history stream [default: 1000]
     #[arg(long, env = "SWITCHBOARD_HISTORY_LEN")]
     pub history_len: Option<usize>,
@@ -169,6 +181,8 @@ impl Cli {
             drain_secs,
             max_message_bytes,
             max_buffered_frames,
+            max_buffered_bytes,
+            max_groups_per_connection,
             history_len,
             stateful_reconnect,
             stateful_buffer_bytes,
@@ -213,6 +227,13 @@ impl NodeConfig {
         }
         require_positive("max_message_bytes", self.max_message_bytes as u64)?;
         require_positive("max_buffered_frames", self.max_buffered_frames as u64)?;
+        require_positive("max_groups_per_connection", self.max_groups_per_connection as u64)?;
+        if self.max_buffered_bytes < 2 * self.max_message_bytes {
+            return Err(ConfigError::Invalid {
+                name: "max_buffered_bytes",
+                reason: "must be at least twice max_message_bytes".into(),
+            });
+        }
         require_positive("history_len", self.history_len as u64)?;
         require_positive("stateful_buffer_bytes", self.stateful_buffer_bytes as u64)?;
         if self.ttl_secs <= self.heartbeat_secs {

@@ -99,12 +99,12 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(connection_id: String, key: String, max_message: usize, max_frames: usize) -> Self {
+    pub fn new(connection_id: String, key: String, max_message: usize, max_frames: usize, max_bytes: usize) -> Self {
         let now = now_ms();
         Connection {
             connection_id,
             key,
-            outbox: Outbox::new(max_frames),
+            outbox: Outbox::new(max_frames, max_bytes),
             reader: tokio::sync::Mutex::new(RecordReader::new(max_message)),
             handshaken: AtomicBool::new(false),
             protocol: AtomicU8::new(HubProtocol::Json as u8),
@@ -290,7 +290,7 @@ mod tests {
     use super::*;
 
     fn conn() -> Connection {
-        Connection::new("c".into(), "k".into(), 100, 10)
+        Connection::new("c".into(), "k".into(), 100, 10, 1000)
     }
 
     #[test]

@@ -33,14 +33,19 @@ impl LocalGroups {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds `conn` (a connection key); true when the group had no local member.
-    pub fn join(&self, group: &str, conn: &str) -> bool {
+    /// Adds `conn` (a connection key); true when the group had no local
+    /// member. Refused when `conn` is already in `max` other groups.
+    pub fn join(&self, group: &str, conn: &str, max: usize) -> Result<bool, String> {
         let mut g = self.lock();
-        g.of_connection.entry(conn.to_string()).or_default().insert(group.to_string());
+        let mine = g.of_connection.entry(conn.to_string()).or_default();
+        if !mine.contains(group) && mine.len() >= max {
+            return Err(format!("a connection may be in at most {max} groups; leave one first"));
+        }
+        mine.insert(group.to_string());
         let set = g.members.entry(group.to_string()).or_default();
         let first = set.is_empty();
         set.insert(conn.to_string());
-        first
+        Ok(first)
     }
 
     /// Removes `conn`; true when the group has no local member left.
@@ -93,9 +98,9 @@ mod tests {
     #[test]
     fn first_and_last_members_are_reported() {
         let g = LocalGroups::default();
-        assert!(g.join("a", "c1"));
-        assert!(!g.join("a", "c2"));
-        assert!(!g.join("a", "c2"));
+        assert_eq!(g.join("a", "c1", 10), Ok(true));
+        assert_eq!(g.join("a", "c2", 10), Ok(false));
+        assert_eq!(g.join("a", "c2", 10), Ok(false));
         assert!(!g.leave("a", "c1"));
         assert!(!g.leave("a", "nobody"));
         assert!(g.leave("a", "c2"));
@@ -105,11 +110,22 @@ mod tests {
     #[test]
     fn leave_all_returns_emptied_groups() {
         let g = LocalGroups::default();
-        g.join("a", "c1");
-        g.join("b", "c1");
-        g.join("b", "c2");
+        g.join("a", "c1", 10).unwrap();
+        g.join("b", "c1", 10).unwrap();
+        g.join("b", "c2", 10).unwrap();
         assert_eq!(g.leave_all("c1"), vec!["a".to_string()]);
         assert_eq!(g.members("b"), vec!["c2".to_string()]);
+    }
+
+    #[test]
+    fn a_connection_is_in_a_bounded_number_of_groups() {
+        let g = LocalGroups::default();
+        g.join("a", "c", 2).unwrap();
+        g.join("b", "c", 2).unwrap();
+        assert!(g.join("x", "c", 2).is_err());
+        assert_eq!(g.join("a", "c", 2), Ok(false), "rejoining is not a new group");
+        g.leave("a", "c");
+        assert!(g.join("x", "c", 2).is_ok());
     }
 
     #[test]

@@ -21,21 +21,41 @@ use serde_json::Value;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// Whether `on_data` processed everything it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Done,
+    /// The connection's outbox is full of replies: the rest waits in the
+    /// reader until the transport has sent some (then call again with no data).
+    Paused,
+}
+
 /// Feeds bytes a client sent; afterwards the outbox says whether it lives on.
 /// Holding the reader for the whole batch processes one connection's records
 /// in order, and makes a concurrent long-polling send wait for the one before.
-pub async fn on_data(app: &Arc<App>, conn: &Arc<Connection>, data: &[u8]) {
+/// Between records it pauses while the outbox is full (after processing at
+/// least one, so every call makes progress), which bounds what a client's
+/// pipelined requests can make the node hold.
+pub async fn on_data(app: &Arc<App>, conn: &Arc<Connection>, data: &[u8]) -> Flow {
     conn.touch_received();
     let mut reader = conn.reader.lock().await;
     reader.feed(data);
+    let mut first = true;
     loop {
         if conn.outbox.is_closed() {
-            return;
+            return Flow::Done;
         }
+        if !first && !conn.outbox.has_room() {
+            return Flow::Paused;
+        }
+        first = false;
         let record = match reader.next_record() {
             Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(e) => return protocol_error(app, conn, &e),
+            Ok(None) => return Flow::Done,
+            Err(e) => {
+                protocol_error(app, conn, &e);
+                return Flow::Done;
+            }
         };
         if !conn.is_handshaken() {
             if handshake(app, conn, &record) {
@@ -47,13 +67,19 @@ pub async fn on_data(app: &Arc<App>, conn: &Arc<Connection>, data: &[u8]) {
         app.metrics.messages_received.inc();
         let msg = match conn.protocol().parse(&record) {
             Ok(msg) => msg,
-            Err(e) => return protocol_error(app, conn, &e),
+            Err(e) => {
+                protocol_error(app, conn, &e);
+                return Flow::Done;
+            }
         };
         if let Some(st) = conn.stateful() {
             match st.on_receive(&msg) {
                 Ok(Receive::Process) => {}
                 Ok(Receive::Skip) => continue,
-                Err(e) => return protocol_error(app, conn, &ProtocolError::InvalidMessage(e)),
+                Err(e) => {
+                    protocol_error(app, conn, &ProtocolError::InvalidMessage(e));
+                    return Flow::Done;
+                }
             }
         }
         on_message(app, conn, msg).await;
@@ -272,7 +298,8 @@ async fn invoke(
         "JoinGroup" => {
             let [group] = strings(args)?;
             groups::validate_name(&group).map_err(|e| format!("HubException: {e}"))?;
-            if app.groups.join(&group, &conn.key) {
+            let cap = app.cfg.max_groups_per_connection;
+            if app.groups.join(&group, &conn.key, cap).map_err(|e| format!("HubException: {e}."))? {
                 app.backplane.subscribe_group(&group);
             }
             Ok(None)
@@ -302,18 +329,25 @@ async fn invoke(
             };
             app.redis.observe(&result);
             let entries = result.map_err(|e| format!("HubException: message history is unavailable ({e})."))?;
-            // Each with its `id` (and `group` for group messages); the uid is internal.
-            let entries: Vec<Value> = entries
-                .into_iter()
-                .filter_map(|m| serde_json::to_value(m).ok())
-                .map(|mut v| {
-                    if let Some(o) = v.as_object_mut() {
-                        o.remove("uid");
-                    }
-                    v
-                })
-                .collect();
-            Ok(Some(Value::Array(entries)))
+            // Each with its `id` (and `group` for group messages); the uid is
+            // internal. The newest entries that fit in half the connection's
+            // byte budget: a page, so one call cannot make the node hold more.
+            let budget = app.cfg.max_buffered_bytes / 2;
+            let mut used = 0;
+            let mut page = Vec::new();
+            for m in entries.into_iter().rev() {
+                let Ok(mut v) = serde_json::to_value(m) else { continue };
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("uid");
+                }
+                used += v.to_string().len() + 1;
+                if used > budget {
+                    break;
+                }
+                page.push(v);
+            }
+            page.reverse();
+            Ok(Some(Value::Array(page)))
         }
         "Echo" => {
             let [payload] = arity::<1>(args)?;

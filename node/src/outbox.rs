@@ -3,8 +3,9 @@
 //! WebSocket task, the SSE body stream, or the current long poll. An empty
 //! outbox owns no heap memory, which matters at tens of thousands of idle
 //! connections, and a frame shared by a broadcast is reference-counted, not
-//! copied. When more than `limit` frames wait, the client is too slow and the
-//! push fails so the caller can disconnect it instead of growing without bound.
+//! copied. When more than `limit` frames or `byte_limit` bytes wait, the
+//! client is too slow and the push fails so the caller can disconnect it
+//! instead of growing without bound.
 //!
 //! Each frame carries its stateful-reconnect sequence id (0 when it has none)
 //! so the writer can account for what it put on the wire. A stateful
@@ -50,6 +51,7 @@ pub enum PushError {
 #[derive(Default)]
 struct State {
     frames: VecDeque<OutFrame>,
+    bytes: usize,
     closed: bool,
     generation: u64,
 }
@@ -58,11 +60,12 @@ pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
     limit: usize,
+    byte_limit: usize,
 }
 
 impl Outbox {
-    pub fn new(limit: usize) -> Self {
-        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), limit }
+    pub fn new(limit: usize, byte_limit: usize) -> Self {
+        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), limit, byte_limit }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -88,9 +91,10 @@ impl Outbox {
             if s.closed {
                 return Err(PushError::Closed);
             }
-            if limited && s.frames.len() >= self.limit {
+            if limited && (s.frames.len() >= self.limit || s.bytes + frame.bytes.len() > self.byte_limit) {
                 return Err(PushError::Full);
             }
+            s.bytes += frame.bytes.len();
             s.frames.push_back(frame);
         }
         self.notify.notify_waiters();
@@ -103,6 +107,7 @@ impl Outbox {
         let generation = {
             let mut s = self.lock();
             s.generation += 1;
+            s.bytes = frames.iter().map(|f| f.bytes.len()).sum();
             s.frames = frames.into();
             s.generation
         };
@@ -113,7 +118,7 @@ impl Outbox {
     /// Whether fewer frames than the limit wait, so more client input may be read.
     pub fn has_room(&self) -> bool {
         let s = self.lock();
-        s.closed || s.frames.len() < self.limit
+        s.closed || (s.frames.len() < self.limit && s.bytes < self.byte_limit)
     }
 
     /// Waits until `has_room` (or the outbox closes).
@@ -141,6 +146,7 @@ impl Outbox {
                 return;
             }
             if let Some(f) = last {
+                s.bytes += f.bytes.len();
                 s.frames.push_back(f);
             }
             s.closed = true;
@@ -161,6 +167,7 @@ impl Outbox {
         if !s.frames.is_empty() {
             let frames: Vec<OutFrame> = s.frames.drain(..).collect();
             s.frames = VecDeque::new(); // release capacity while idle
+            s.bytes = 0;
             drop(s);
             self.notify.notify_waiters(); // room again for `wait_room`
             return Some(Batch::Frames(frames));
@@ -211,7 +218,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_then_close_then_closed() {
-        let o = Outbox::new(10);
+        let o = Outbox::new(10, 1 << 20);
         o.push(f(b"a")).unwrap();
         o.close(Some(f(b"bye")));
         assert_eq!(o.push(f(b"late")), Err(PushError::Closed));
@@ -221,7 +228,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reset_supersedes_the_old_consumer() {
-        let o = std::sync::Arc::new(Outbox::new(10));
+        let o = std::sync::Arc::new(Outbox::new(10, 1 << 20));
         o.push(f(b"old")).unwrap();
         let o2 = o.clone();
         let g = o.reset(vec![f(b"resend")]);
@@ -232,7 +239,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_consumer_is_woken() {
-        let o = std::sync::Arc::new(Outbox::new(10));
+        let o = std::sync::Arc::new(Outbox::new(10, 1 << 20));
         let o2 = o.clone();
         let waiter = tokio::spawn(async move { o2.next_batch(0).await });
         tokio::task::yield_now().await;
@@ -242,14 +249,24 @@ mod tests {
 
     #[test]
     fn a_full_outbox_refuses() {
-        let o = Outbox::new(1);
+        let o = Outbox::new(1, 1 << 20);
         o.push(f(b"")).unwrap();
         assert_eq!(o.push(f(b"")), Err(PushError::Full));
     }
 
+    #[test]
+    fn bytes_are_bounded_too() {
+        let o = Outbox::new(100, 4);
+        o.push(f(b"abc")).unwrap();
+        assert_eq!(o.push(f(b"de")), Err(PushError::Full));
+        assert!(o.has_room());
+        o.push_reply(f(b"de")).unwrap();
+        assert!(!o.has_room());
+    }
+
     #[tokio::test]
     async fn replies_go_past_the_limit_and_readers_wait_for_room() {
-        let o = std::sync::Arc::new(Outbox::new(1));
+        let o = std::sync::Arc::new(Outbox::new(1, 1 << 20));
         o.push(f(b"a")).unwrap();
         o.push_reply(f(b"reply")).unwrap();
         assert!(!o.has_room());

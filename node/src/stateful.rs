@@ -204,7 +204,7 @@ mod tests {
 
     fn setup(limit: usize) -> (Stateful, Outbox, IntGauge) {
         let gauge = IntGauge::new("g", "g").unwrap();
-        (Stateful::new(limit, gauge.clone()), Outbox::new(100), gauge)
+        (Stateful::new(limit, gauge.clone()), Outbox::new(100, 1 << 20), gauge)
     }
 
     fn inv() -> HubMessage {

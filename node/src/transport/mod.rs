@@ -206,7 +206,16 @@ pub async fn send(
     if conn.outbox.is_closed() {
         return Err(TransportError::UnknownId);
     }
-    hub::on_data(&app, &conn, &body).await;
+    // The send answers once all of its records are processed; while the
+    // client's replies fill the outbox, the rest waits for its polls.
+    let mut flow = hub::on_data(&app, &conn, &body).await;
+    while flow == hub::Flow::Paused {
+        conn.outbox.wait_room().await;
+        if conn.outbox.is_closed() {
+            break;
+        }
+        flow = hub::on_data(&app, &conn, &[]).await;
+    }
     Ok(StatusCode::OK)
 }
 

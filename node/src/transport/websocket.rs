@@ -9,7 +9,7 @@
 
 use crate::app::App;
 use crate::connection::{now_ms, Connection};
-use crate::hub;
+use crate::hub::{self, Flow};
 use crate::outbox::{Batch, OutFrame};
 use crate::protocol::HubProtocol;
 use axum::body::Bytes;
@@ -67,6 +67,8 @@ async fn write(socket: &mut WebSocket, conn: &Connection, frames: Vec<OutFrame>)
 }
 
 async fn run(app: Arc<App>, conn: Arc<Connection>, mut socket: WebSocket, generation: u64) {
+    // Records already read but not processed while the outbox was full.
+    let mut paused = false;
     let graceful = loop {
         // A stateful writer pauses while too much is unacknowledged, unless
         // the connection is closing: then what is queued and the Close go out.
@@ -74,11 +76,18 @@ async fn run(app: Arc<App>, conn: Arc<Connection>, mut socket: WebSocket, genera
         // Backpressure: while the client's replies fill the outbox, read no
         // more of its requests (it is not disconnected for asking); but a
         // stateful writer waiting for an Ack must still read the Ack.
-        let may_read = conn.outbox.has_room() || !may_write;
+        let room = conn.outbox.has_room();
+        let may_read = !paused && (room || !may_write);
+        // Pending records go on when there is room again (or, for a writer
+        // waiting for an Ack, one at a time: the Ack may be among them).
+        let may_resume = paused && (room || !may_write);
         tokio::select! {
+            () = std::future::ready(()), if may_resume => {
+                paused = hub::on_data(&app, &conn, &[]).await == Flow::Paused;
+            }
             incoming = socket.recv(), if may_read => match incoming {
-                Some(Ok(Message::Text(t))) => hub::on_data(&app, &conn, t.as_bytes()).await,
-                Some(Ok(Message::Binary(b))) => hub::on_data(&app, &conn, &b).await,
+                Some(Ok(Message::Text(t))) => paused = hub::on_data(&app, &conn, t.as_bytes()).await == Flow::Paused,
+                Some(Ok(Message::Binary(b))) => paused = hub::on_data(&app, &conn, &b).await == Flow::Paused,
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => conn.touch_received(),
                 Some(Ok(Message::Close(_))) => break true,
                 None => break false,
