@@ -69,6 +69,13 @@ impl App {
             Connection::new(connection_id, key, cfg.max_message_bytes, cfg.max_buffered_frames, cfg.max_buffered_bytes);
         conn.stateful_requested = options.stateful_reconnect;
         conn.message_ids = options.message_ids;
+        if options.message_ids {
+            // A client that tracks message ids may resume: hold live chat
+            // messages until it calls Resume (or GetHistory), or briefly, so
+            // a replay comes before anything newer and the client's last id
+            // is always its newest (see `release_held`).
+            conn.begin_resume();
+        }
         let conn = Arc::new(conn);
         self.connections.insert(conn.clone());
         conn
@@ -127,6 +134,21 @@ impl App {
                         offer(&c);
                     }
                 }
+            }
+        }
+    }
+
+    /// Delivers the live chat messages held for `conn` newer than `after`
+    /// (all of them when `after` is `None`) and stops holding.
+    pub fn release_held(&self, conn: &Connection, after: Option<&str>) {
+        for d in conn.end_resume() {
+            let newer = match (d.message.id.as_deref(), after) {
+                (Some(id), Some(after)) => crate::history::cmp_ids(id, after).is_gt(),
+                _ => true,
+            };
+            if newer {
+                conn.note_live(d.message.id.as_deref());
+                self.send_to(conn, d.for_connection(conn));
             }
         }
     }

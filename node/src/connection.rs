@@ -86,6 +86,8 @@ pub struct Connection {
     pub message_ids: bool,
     /// While `Resume` replays history, live chat messages wait here.
     resume_hold: Mutex<Option<Vec<Arc<ChatDelivery>>>>,
+    /// A `Resume` is replaying now (the sweeper must not release the hold).
+    pub resuming: AtomicBool,
     /// Id of the first chat message delivered live: live delivery is in id
     /// order, so `Resume` need replay only what is older than it.
     first_live_id: OnceLock<String>,
@@ -111,6 +113,7 @@ impl Connection {
             stateful_requested: false,
             message_ids: false,
             resume_hold: Mutex::new(None),
+            resuming: AtomicBool::new(false),
             first_live_id: OnceLock::new(),
             stateful: OnceLock::new(),
             created_ms: now,
@@ -177,6 +180,10 @@ impl Connection {
     pub fn begin_resume(&self) {
         let mut hold = self.resume_hold.lock().unwrap_or_else(|p| p.into_inner());
         hold.get_or_insert_with(Vec::new);
+    }
+
+    pub fn is_holding(&self) -> bool {
+        self.resume_hold.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
     /// Stops holding; returns what arrived meanwhile, in arrival order.

@@ -226,6 +226,7 @@ fn chat_message(app: &App, conn: &Connection, group: Option<String>, user: Strin
 /// delivery is in id order, so everything from its first live id on) is not
 /// replayed. So there is no gap and no repeat between the two.
 async fn resume(app: &Arc<App>, conn: &Arc<Connection>, last: &str) -> Result<usize, String> {
+    conn.resuming.store(true, Ordering::Release);
     conn.begin_resume();
     let replay = async {
         let mut c = app.redis.conn().await?;
@@ -265,13 +266,8 @@ async fn resume(app: &Arc<App>, conn: &Arc<Connection>, last: &str) -> Result<us
         }
         Err(e) => Err(format!("HubException: message history is unavailable ({e}).")),
     };
-    for d in conn.end_resume() {
-        let newer = d.message.id.as_deref().is_none_or(|id| history::cmp_ids(id, &newest).is_gt());
-        if newer || outcome.is_err() {
-            conn.note_live(d.message.id.as_deref());
-            app.send_to(conn, d.for_connection(conn));
-        }
-    }
+    app.release_held(conn, outcome.is_ok().then_some(newest.as_str()));
+    conn.resuming.store(false, Ordering::Release);
     outcome
 }
 
@@ -347,6 +343,10 @@ async fn invoke(
                 page.push(v);
             }
             page.reverse();
+            // A client that reads history instead of resuming gets live messages now.
+            if conn.message_ids && conn.is_holding() {
+                app.release_held(conn, None);
+            }
             Ok(Some(Value::Array(page)))
         }
         "Echo" => {

@@ -14,6 +14,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long a connection with message ids holds live chat messages while
+/// waiting for its `Resume` (or `GetHistory`).
+const RESUME_GRACE_MS: u64 = 2000;
+
 pub async fn sweep_forever(app: Arc<App>) {
     let cfg = &app.cfg;
     let ms = |secs: f64| (secs * 1000.0) as u64;
@@ -41,6 +45,15 @@ pub async fn sweep_forever(app: Arc<App>) {
                 if let Some(id) = st.ack_due() {
                     app.send_message(&conn, HubMessage::Ack { sequence_id: id });
                 }
+            }
+            // A message-id client that neither resumed nor read history
+            // within a moment gets its live messages.
+            if conn.message_ids
+                && now.saturating_sub(conn.created_ms) >= RESUME_GRACE_MS
+                && !conn.resuming.load(Ordering::Acquire)
+                && conn.is_holding()
+            {
+                app.release_held(&conn, None);
             }
             if conn.transport() == Some(Transport::LongPolling)
                 && conn.long_poll.active.load(Ordering::Acquire) == 0
