@@ -9,8 +9,7 @@
 //! are not the protocol close the connection with an error.
 
 use crate::app::App;
-use crate::connection::Connection;
-use crate::connection::Transport;
+use crate::connection::{ChatDelivery, Connection, Transport};
 use crate::groups;
 use crate::history::{self, ChatMessage};
 use crate::outbox::OutFrame;
@@ -254,7 +253,7 @@ async fn resume(app: &Arc<App>, conn: &Arc<Connection>, last: &str) -> Result<us
                 }
                 newest = id;
                 if m.group.as_ref().is_none_or(|g| mine.contains(g)) {
-                    let d = crate::connection::ChatDelivery::new(m);
+                    let d = ChatDelivery::new(m);
                     app.send_to(conn, d.for_connection(conn));
                     replayed += 1;
                 }

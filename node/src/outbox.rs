@@ -123,12 +123,19 @@ impl Outbox {
 
     /// Waits until `has_room` (or the outbox closes).
     pub async fn wait_room(&self) {
+        self.wait_for(|| self.has_room().then_some(())).await
+    }
+
+    /// Waits until `check` yields: it runs now and after every change
+    /// (push, take, close, reset), registered before checking so no change
+    /// between the check and the wait is missed.
+    async fn wait_for<T>(&self, mut check: impl FnMut() -> Option<T>) -> T {
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.has_room() {
-                return;
+            if let Some(v) = check() {
+                return v;
             }
             notified.await;
         }
@@ -178,33 +185,17 @@ impl Outbox {
     /// Waits until the outbox is closed or a newer generation took over (a
     /// writer that pauses for acknowledgements still notices a close).
     pub async fn closed_or_superseded(&self, generation: u64) {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let s = self.lock();
-                if s.closed || s.generation != generation {
-                    return;
-                }
-            }
-            notified.await;
-        }
+        self.wait_for(|| {
+            let s = self.lock();
+            (s.closed || s.generation != generation).then_some(())
+        })
+        .await
     }
 
     /// Waits until frames are queued, the outbox is closed and drained, or a
     /// newer generation took over.
     pub async fn next_batch(&self, generation: u64) -> Batch {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            // Register before checking, so a push between check and await wakes us.
-            notified.as_mut().enable();
-            if let Some(b) = self.try_take(generation) {
-                return b;
-            }
-            notified.await;
-        }
+        self.wait_for(|| self.try_take(generation)).await
     }
 }
 

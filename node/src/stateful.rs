@@ -94,7 +94,15 @@ impl Stateful {
             return;
         }
         let from = s.written_upto;
-        let added: usize = s.unacked.iter().filter(|(id, _)| *id > from && *id <= upto).map(|(_, f)| f.len()).sum();
+        // Ids are ascending: only the tail past `from` is new.
+        let added: usize = s
+            .unacked
+            .iter()
+            .rev()
+            .take_while(|(id, _)| *id > from)
+            .filter(|(id, _)| *id <= upto)
+            .map(|(_, f)| f.len())
+            .sum();
         s.written_bytes += added;
         s.written_upto = upto;
     }

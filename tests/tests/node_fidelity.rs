@@ -22,6 +22,12 @@ async fn one_node(extra: &[&str]) -> (RedisServer, TestNode, reqwest::Client) {
     (redis, node, reqwest::Client::new())
 }
 
+/// The negotiate answer for `query`, parsed.
+async fn negotiate_at(http: &reqwest::Client, base: &str, query: &str) -> Value {
+    let url = format!("{base}/chathub/negotiate?{query}");
+    http.post(url).send().await.unwrap().json().await.unwrap()
+}
+
 fn opts(protocol: Protocol, negotiate_version: Option<u32>, handshake_version: u32) -> ConnectOptions {
     ConnectOptions { negotiate_version, protocol, handshake_version, message_ids: false }
 }
@@ -237,8 +243,7 @@ struct StatefulClient {
 
 impl StatefulClient {
     async fn connect(http: &reqwest::Client, base: &str) -> Self {
-        let url = format!("{base}/chathub/negotiate?negotiateVersion=1&useStatefulReconnect=true");
-        let body: Value = http.post(url).send().await.unwrap().json().await.unwrap();
+        let body = negotiate_at(http, base, "negotiateVersion=1&useStatefulReconnect=true").await;
         assert_eq!(body["useStatefulReconnect"], true, "{body}");
         let token = body["connectionToken"].as_str().unwrap().to_string();
         let (mut ws, _) =
@@ -464,25 +469,11 @@ async fn negotiate_and_invocation_details_match_the_official_server() {
     let get = http.get(format!("{}/chathub/negotiate", node.base)).send().await.unwrap();
     assert_eq!(get.status(), 405);
     // Query keys are case-insensitive, as ASP.NET Core's query collection is.
-    let v: Value = http
-        .post(format!("{}/chathub/negotiate?NegotiateVersion=1&UseStatefulReconnect=True", node.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = negotiate_at(&http, &node.base, "NegotiateVersion=1&UseStatefulReconnect=True").await;
     assert_eq!((v["negotiateVersion"].as_u64(), v["useStatefulReconnect"].as_bool()), (Some(1), Some(true)), "{v}");
     // A node with stateful reconnect off never offers it.
     let (_r2, plain, _) = one_node(&["--stateful-reconnect", "false"]).await;
-    let v: Value = http
-        .post(format!("{}/chathub/negotiate?negotiateVersion=1&useStatefulReconnect=true", plain.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = negotiate_at(&http, &plain.base, "negotiateVersion=1&useStatefulReconnect=true").await;
     assert!(v.get("useStatefulReconnect").is_none(), "{v}");
     // An invocation that opens client streams gets an error and the
     // connection stays open, in both protocols.

@@ -11,6 +11,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 use switchboard_tests::{ConnectOptions, HubClient, RedisServer, TestNode, TransportKind, WAIT};
 
+async fn two_nodes() -> (RedisServer, TestNode, TestNode, reqwest::Client) {
+    let redis = RedisServer::start();
+    let (a, b) = (TestNode::start(&redis, "node-a", &[]).await, TestNode::start(&redis, "node-b", &[]).await);
+    (redis, a, b, reqwest::Client::new())
+}
+
 fn with_ids() -> ConnectOptions {
     ConnectOptions { message_ids: true, ..ConnectOptions::default() }
 }
@@ -48,9 +54,7 @@ async fn say(c: &mut HubClient, text: &str) {
 
 #[tokio::test]
 async fn message_ids_are_opt_in_ordered_and_match_history() {
-    let redis = RedisServer::start();
-    let (a, b) = (TestNode::start(&redis, "node-a", &[]).await, TestNode::start(&redis, "node-b", &[]).await);
-    let http = reqwest::Client::new();
+    let (_redis, a, b, http) = two_nodes().await;
     let mut plain = connect(&http, &a, false).await;
     let mut ided = connect(&http, &b, true).await;
     ided.invoke("JoinGroup", vec![json!("g")]).await.unwrap();
@@ -84,9 +88,7 @@ async fn message_ids_are_opt_in_ordered_and_match_history() {
 
 #[tokio::test]
 async fn resume_replays_exactly_what_a_connection_missed() {
-    let redis = RedisServer::start();
-    let (a, b) = (TestNode::start(&redis, "node-a", &[]).await, TestNode::start(&redis, "node-b", &[]).await);
-    let http = reqwest::Client::new();
+    let (_redis, a, b, http) = two_nodes().await;
     let mut sender = connect(&http, &a, false).await;
     let mut first = connect(&http, &b, true).await;
     first.invoke("JoinGroup", vec![json!("mine")]).await.unwrap();
@@ -188,9 +190,7 @@ fn assert_exactly_once(who: &str, got: &[(String, Option<String>)], want: &[Stri
 
 #[tokio::test]
 async fn a_redis_outage_costs_no_cross_node_message() {
-    let mut redis = RedisServer::start();
-    let (a, b) = (TestNode::start(&redis, "node-a", &[]).await, TestNode::start(&redis, "node-b", &[]).await);
-    let http = reqwest::Client::new();
+    let (mut redis, a, b, http) = two_nodes().await;
     let mut on_a = connect(&http, &a, false).await;
     let mut on_b = connect(&http, &b, false).await;
     say(&mut on_a, "before").await;
@@ -221,9 +221,7 @@ async fn a_redis_outage_costs_no_cross_node_message() {
 
 #[tokio::test]
 async fn a_paused_redis_stores_and_delivers_each_message_once() {
-    let redis = RedisServer::start();
-    let (a, b) = (TestNode::start(&redis, "node-a", &[]).await, TestNode::start(&redis, "node-b", &[]).await);
-    let http = reqwest::Client::new();
+    let (redis, a, b, http) = two_nodes().await;
     let mut on_a = connect(&http, &a, false).await;
     let mut on_b = connect(&http, &b, false).await;
     say(&mut on_a, "warm").await;

@@ -43,7 +43,10 @@ async fn superseded(conn: &Connection, generation: u64) {
 }
 
 fn data(frames: Vec<OutFrame>) -> Response {
-    let body: Vec<u8> = frames.iter().flat_map(|f| f.bytes.iter().copied()).collect();
+    let mut body = Vec::with_capacity(frames.iter().map(|f| f.bytes.len()).sum());
+    for f in &frames {
+        body.extend_from_slice(&f.bytes);
+    }
     ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response()
 }
 
