@@ -90,7 +90,13 @@ impl App {
     /// Queues the answer to something `conn` asked for: never refused for a
     /// full outbox (the transports stop reading instead).
     pub fn reply(&self, conn: &Connection, message: HubMessage) {
-        self.queue(conn, &Outgoing::new(message), true);
+        self.reply_to(conn, &Outgoing::new(message));
+    }
+
+    /// `reply` for a message already encoded for many (a replayed or held
+    /// chat message the client's `Resume` asked for).
+    pub fn reply_to(&self, conn: &Connection, out: &Outgoing) {
+        self.queue(conn, out, true);
     }
 
     fn queue(&self, conn: &Connection, out: &Outgoing, reply: bool) {
@@ -139,7 +145,9 @@ impl App {
     }
 
     /// Delivers the live chat messages held for `conn` newer than `after`
-    /// (all of them when `after` is `None`) and stops holding.
+    /// (all of them when `after` is `None`) and stops holding. They continue
+    /// a replay the client asked for, so, like it, they are not refused for a
+    /// full outbox; the hold's short window bounds them.
     pub fn release_held(&self, conn: &Connection, after: Option<&str>) {
         for d in conn.end_resume() {
             let newer = match (d.message.id.as_deref(), after) {
@@ -148,7 +156,7 @@ impl App {
             };
             if newer {
                 conn.note_live(d.message.id.as_deref());
-                self.send_to(conn, d.for_connection(conn));
+                self.reply_to(conn, d.for_connection(conn));
             }
         }
     }

@@ -253,8 +253,10 @@ async fn resume(app: &Arc<App>, conn: &Arc<Connection>, last: &str) -> Result<us
                 }
                 newest = id;
                 if m.group.as_ref().is_none_or(|g| mine.contains(g)) {
+                    // A reply to the client's own request: never refused for a
+                    // full outbox (reading pauses instead), so none is lost.
                     let d = ChatDelivery::new(m);
-                    app.send_to(conn, d.for_connection(conn));
+                    app.reply_to(conn, d.for_connection(conn));
                     replayed += 1;
                 }
             }

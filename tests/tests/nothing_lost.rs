@@ -138,6 +138,32 @@ async fn resume_replays_exactly_what_a_connection_missed() {
 }
 
 #[tokio::test]
+async fn a_replay_larger_than_the_outbox_budget_arrives_whole() {
+    let redis = RedisServer::start();
+    let small = ["--max-buffered-frames", "16", "--max-buffered-bytes", "65536"];
+    let node = TestNode::start(&redis, "small-outbox", &small).await;
+    let http = reqwest::Client::new();
+    let mut sender = connect(&http, &node, false).await;
+    let mut first = connect(&http, &node, true).await;
+    say(&mut sender, "seen").await;
+    let last_id = collect_until(&mut first, "seen").await[0].1.clone().unwrap();
+    drop(first);
+    // 100 messages of 1 KB: more frames and bytes than the outbox holds for
+    // traffic a client did not ask for.
+    let filler = "x".repeat(1000);
+    for i in 0..100 {
+        say(&mut sender, &format!("{i} {filler}")).await;
+    }
+    collect_until(&mut sender, &format!("99 {filler}")).await;
+    let mut again = connect(&http, &node, true).await;
+    assert_eq!(again.invoke("Resume", vec![json!(last_id)]).await, Ok(json!(100)));
+    let got = collect_until(&mut again, &format!("99 {filler}")).await;
+    assert_eq!(got.len(), 100, "every replayed message, and the client stays connected");
+    say(&mut sender, "after").await;
+    collect_until(&mut again, "after").await;
+}
+
+#[tokio::test]
 async fn resuming_from_an_id_that_left_the_history_says_so() {
     let redis = RedisServer::start();
     let node = TestNode::start(&redis, "small", &["--history-len", "10"]).await;
