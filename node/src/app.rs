@@ -127,7 +127,7 @@ impl App {
     pub fn deliver_chat(&self, message: &ChatMessage) {
         let delivery = Arc::new(ChatDelivery::new(message.clone()));
         let offer = |c: &Arc<Connection>| {
-            if let Some(d) = c.hold_during_resume(&delivery) {
+            if let Some(d) = c.gate_live(&delivery) {
                 c.note_live(d.message.id.as_deref());
                 self.send_to(c, d.for_connection(c));
             }
@@ -149,7 +149,7 @@ impl App {
     /// a replay the client asked for, so, like it, they are not refused for a
     /// full outbox; the hold's short window bounds them.
     pub fn release_held(&self, conn: &Connection, after: Option<&str>) {
-        for d in conn.end_resume() {
+        for d in conn.end_resume(after) {
             let newer = match (d.message.id.as_deref(), after) {
                 (Some(id), Some(after)) => crate::history::cmp_ids(id, after).is_gt(),
                 _ => true,

@@ -84,8 +84,8 @@ pub struct Connection {
     pub stateful_requested: bool,
     /// The client opted in with `?messageIds=true`: chat events carry the id.
     pub message_ids: bool,
-    /// While `Resume` replays history, live chat messages wait here.
-    resume_hold: Mutex<Option<Vec<Arc<ChatDelivery>>>>,
+    /// Live chat messages held while `Resume` replays, and how far it replayed.
+    live_gate: Mutex<LiveGate>,
     /// A `Resume` is replaying now (the sweeper must not release the hold).
     pub resuming: AtomicBool,
     /// Id of the first chat message delivered live: live delivery is in id
@@ -112,7 +112,7 @@ impl Connection {
             protocol: AtomicU8::new(HubProtocol::Json as u8),
             stateful_requested: false,
             message_ids: false,
-            resume_hold: Mutex::new(None),
+            live_gate: Mutex::new(LiveGate::default()),
             resuming: AtomicBool::new(false),
             first_live_id: OnceLock::new(),
             stateful: OnceLock::new(),
@@ -153,15 +153,24 @@ impl Connection {
         Ok(())
     }
 
-    /// Returns `d` to deliver now, or keeps it while a `Resume` replays.
-    pub fn hold_during_resume<'a>(&self, d: &'a Arc<ChatDelivery>) -> Option<&'a Arc<ChatDelivery>> {
-        let mut hold = self.resume_hold.lock().unwrap_or_else(|p| p.into_inner());
-        match hold.as_mut() {
-            Some(held) => {
-                held.push(d.clone());
-                None
-            }
-            None => Some(d),
+    fn gate(&self) -> std::sync::MutexGuard<'_, LiveGate> {
+        self.live_gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Returns `d` to deliver now; keeps it while a `Resume` replays; or
+    /// drops it when a replay already sent it (the replay read history after
+    /// the message was stored, but the backplane handed it to this node
+    /// only later).
+    pub fn gate_live<'a>(&self, d: &'a Arc<ChatDelivery>) -> Option<&'a Arc<ChatDelivery>> {
+        let mut gate = self.gate();
+        if let Some(held) = gate.held.as_mut() {
+            held.push(d.clone());
+            return None;
+        }
+        let id = d.message.id.as_deref().and_then(crate::history::parse_id);
+        match (id, gate.replayed_through.as_deref().and_then(crate::history::parse_id)) {
+            (Some(id), Some(through)) if id <= through => None,
+            _ => Some(d),
         }
     }
 
@@ -178,17 +187,25 @@ impl Connection {
 
     /// Starts holding live chat messages (a `Resume` began).
     pub fn begin_resume(&self) {
-        let mut hold = self.resume_hold.lock().unwrap_or_else(|p| p.into_inner());
-        hold.get_or_insert_with(Vec::new);
+        self.gate().held.get_or_insert_with(Vec::new);
     }
 
     pub fn is_holding(&self) -> bool {
-        self.resume_hold.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.gate().held.is_some()
     }
 
-    /// Stops holding; returns what arrived meanwhile, in arrival order.
-    pub fn end_resume(&self) -> Vec<Arc<ChatDelivery>> {
-        self.resume_hold.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default()
+    /// Stops holding and returns what arrived meanwhile, in arrival order.
+    /// `replayed_through` is the newest id the replay sent: live messages up
+    /// to it that arrive from now on are repeats and are dropped.
+    pub fn end_resume(&self, replayed_through: Option<&str>) -> Vec<Arc<ChatDelivery>> {
+        let mut gate = self.gate();
+        if let Some(id) = replayed_through {
+            let newer = gate.replayed_through.as_deref().is_none_or(|t| crate::history::cmp_ids(id, t).is_gt());
+            if newer {
+                gate.replayed_through = Some(id.to_string());
+            }
+        }
+        gate.held.take().unwrap_or_default()
     }
 
     pub fn protocol(&self) -> HubProtocol {
@@ -215,6 +232,15 @@ impl Connection {
     pub fn is_handshaken(&self) -> bool {
         self.handshaken.load(Ordering::Acquire)
     }
+}
+
+/// Live delivery's gate for one connection during and after `Resume`.
+#[derive(Default)]
+struct LiveGate {
+    /// `Some` while a replay runs (or the client has yet to resume).
+    held: Option<Vec<Arc<ChatDelivery>>>,
+    /// The newest id a replay sent.
+    replayed_through: Option<String>,
 }
 
 /// What a client chose when it connected.
@@ -315,5 +341,37 @@ mod tests {
         assert_eq!(c.attach(Transport::LongPolling), Ok(()));
         assert_eq!(c.attach(Transport::ServerSentEvents), Err(AttachError::WrongTransport));
         assert_eq!(c.transport(), Some(Transport::LongPolling));
+    }
+
+    fn delivery(id: &str) -> Arc<ChatDelivery> {
+        Arc::new(ChatDelivery::new(crate::history::ChatMessage {
+            id: Some(id.into()),
+            uid: id.into(),
+            group: None,
+            user: "u".into(),
+            message: "m".into(),
+            connection_id: "c".into(),
+            node_id: "n".into(),
+            timestamp: String::new(),
+        }))
+    }
+
+    #[test]
+    fn live_messages_wait_for_the_replay_and_never_repeat_it() {
+        let c = conn();
+        c.begin_resume();
+        assert!(c.gate_live(&delivery("5-0")).is_none(), "held while replaying");
+        assert!(c.gate_live(&delivery("7-0")).is_none());
+        // The replay sent up to 6-0: of the held ones only 7-0 is new, and
+        // 6-0 (stored before the replay read it, but handed to this node by
+        // the backplane only afterwards) must not go out a second time.
+        let held: Vec<_> = c.end_resume(Some("6-0")).into_iter().map(|d| d.message.id.clone()).collect();
+        assert_eq!(held, [Some("5-0".to_string()), Some("7-0".to_string())]);
+        assert!(c.gate_live(&delivery("6-0")).is_none(), "replayed already");
+        assert!(c.gate_live(&delivery("6-1")).is_some());
+        // A later, shorter replay does not move the floor back.
+        c.begin_resume();
+        let _ = c.end_resume(Some("2-0"));
+        assert!(c.gate_live(&delivery("6-0")).is_none());
     }
 }
