@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use switchboard_common::redis_state::RedisState;
 use switchboard_common::registry::{NodeRecord, NodeStatus};
 
 /// Counters that belong to a node id and outlive table rebuilds.
@@ -92,7 +93,7 @@ pub struct Cluster {
     pub metrics: Metrics,
     pub protection: Protection,
     stats: Mutex<HashMap<String, Arc<NodeStats>>>,
-    redis_up: AtomicBool,
+    redis: RedisState,
 }
 
 impl Cluster {
@@ -101,15 +102,16 @@ impl Cluster {
         table: Arc<ArcSwap<RoutingTable>>,
         backends: pingora_load_balancing::Backends,
         metrics: Metrics,
+        protection: Protection,
     ) -> Self {
         Cluster {
-            protection: Protection::new(cfg.rate_limit_per_ip, cfg.max_connections),
+            protection,
             cfg,
             table,
             backends,
             metrics,
             stats: Mutex::new(HashMap::new()),
-            redis_up: AtomicBool::new(false),
+            redis: RedisState::new("routing to the nodes already known"),
         }
     }
 
@@ -151,18 +153,11 @@ impl Cluster {
         self.metrics.routing_decisions.with_label_values(&[kind.label()]).inc();
     }
 
-    pub fn set_redis_up(&self, up: bool) {
-        if self.redis_up.swap(up, Ordering::AcqRel) != up {
-            if up {
-                tracing::info!("registry reachable");
-            } else {
-                tracing::warn!("registry unreachable; keeping the last known nodes");
-            }
-        }
-        self.metrics.redis_up.set(up as i64);
+    pub fn set_redis_up(&self, up: bool, err: Option<&redis::RedisError>) {
+        self.metrics.redis_up.set(self.redis.record(up, err) as i64);
     }
 
     pub fn redis_up(&self) -> bool {
-        self.redis_up.load(Ordering::Acquire)
+        self.redis.is_up()
     }
 }

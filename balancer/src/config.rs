@@ -26,10 +26,15 @@ pub struct BalancerConfig {
     pub health_fall: usize,
     pub connect_timeout_ms: u64,
     pub idle_timeout_secs: u64,
+    pub request_head_timeout_secs: u64,
+    pub keepalive_timeout_secs: u64,
+    pub max_request_head_bytes: usize,
     pub cookie_name: String,
     pub cookie_secret: String,
     pub rate_limit_per_ip: u32,
     pub max_connections: usize,
+    pub fd_reserve: u64,
+    pub admin_token: String,
     pub threads: usize,
     pub grace_period_secs: u64,
     pub shutdown_timeout_secs: u64,
@@ -42,7 +47,7 @@ impl Default for BalancerConfig {
     fn default() -> Self {
         BalancerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8888)),
-            admin_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             redis: "redis://127.0.0.1:6379".into(),
             key_prefix: switchboard_common::registry::DEFAULT_PREFIX.into(),
             discovery_interval_ms: 2000,
@@ -53,10 +58,15 @@ impl Default for BalancerConfig {
             health_fall: 2,
             connect_timeout_ms: 1000,
             idle_timeout_secs: 120,
+            request_head_timeout_secs: 20,
+            keepalive_timeout_secs: 60,
+            max_request_head_bytes: 32 * 1024,
             cookie_name: "switchboard_affinity".into(),
             cookie_secret: "switchboard".into(),
             rate_limit_per_ip: 0,
             max_connections: 100_000,
+            fd_reserve: 256,
+            admin_token: String::new(),
             threads: 2,
             grace_period_secs: 5,
             shutdown_timeout_secs: 10,
@@ -81,7 +91,7 @@ pub struct Cli {
     /// Public address [default: 0.0.0.0:8888]
     #[arg(long, env = "SWITCHBOARD_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Admin address: /dashboard, /api/backends, /metrics [default: 0.0.0.0:8080]
+    /// Admin address: /dashboard, /api/backends, /metrics [default: 127.0.0.1:8080]
     #[arg(long, env = "SWITCHBOARD_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
     /// Redis URL of the node registry [default: redis://127.0.0.1:6379]
@@ -114,6 +124,15 @@ pub struct Cli {
     /// Close an upgraded or streaming connection idle this long, in seconds; also the longest upstream wait [default: 120]
     #[arg(long, env = "SWITCHBOARD_IDLE_TIMEOUT_SECS")]
     pub idle_timeout_secs: Option<u64>,
+    /// A request head must arrive whole within this many seconds, counted from the connection's start for its first request and from the first byte for later ones [default: 20]
+    #[arg(long, env = "SWITCHBOARD_REQUEST_HEAD_TIMEOUT_SECS")]
+    pub request_head_timeout_secs: Option<u64>,
+    /// Close a kept-alive client connection idle this long between requests, in seconds [default: 60]
+    #[arg(long, env = "SWITCHBOARD_KEEPALIVE_TIMEOUT_SECS")]
+    pub keepalive_timeout_secs: Option<u64>,
+    /// Largest request head (request line and headers) in bytes; larger ones get 431 [default: 32768]
+    #[arg(long, env = "SWITCHBOARD_MAX_REQUEST_HEAD_BYTES")]
+    pub max_request_head_bytes: Option<usize>,
     /// Affinity cookie name [default: switchboard_affinity]
     #[arg(long, env = "SWITCHBOARD_COOKIE_NAME")]
     pub cookie_name: Option<String>,
@@ -123,9 +142,15 @@ pub struct Cli {
     /// New SignalR connections per second per client IP; 0 = off [default: 0]
     #[arg(long, env = "SWITCHBOARD_RATE_LIMIT_PER_IP")]
     pub rate_limit_per_ip: Option<u32>,
-    /// Concurrent client requests (including open WebSockets) before answering 503 [default: 100000]
+    /// Open client connections (WebSockets included) before answering 503; lowered further to what the open-file limit allows [default: 100000]
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Descriptors kept free for the admin port, health checks, Redis and upstream pools; the rest allow two per client connection [default: 256]
+    #[arg(long, env = "SWITCHBOARD_FD_RESERVE")]
+    pub fd_reserve: Option<u64>,
+    /// Token for the admin port's /dashboard, /api/* and /metrics (Bearer, or Basic auth with it as the password). Without one, only loopback clients are served [default: none]
+    #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Proxy worker threads [default: 2]
     #[arg(long, env = "SWITCHBOARD_THREADS")]
     pub threads: Option<usize>,
@@ -168,10 +193,15 @@ impl Cli {
             health_fall,
             connect_timeout_ms,
             idle_timeout_secs,
+            request_head_timeout_secs,
+            keepalive_timeout_secs,
+            max_request_head_bytes,
             cookie_name,
             cookie_secret,
             rate_limit_per_ip,
             max_connections,
+            fd_reserve,
+            admin_token,
             threads,
             grace_period_secs,
             shutdown_timeout_secs,
@@ -194,6 +224,8 @@ impl BalancerConfig {
             ("health_fall", self.health_fall as u64),
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("idle_timeout_secs", self.idle_timeout_secs),
+            ("request_head_timeout_secs", self.request_head_timeout_secs),
+            ("keepalive_timeout_secs", self.keepalive_timeout_secs),
             ("max_connections", self.max_connections as u64),
             ("threads", self.threads as u64),
         ] {
@@ -202,6 +234,12 @@ impl BalancerConfig {
         let token_char = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
         if self.cookie_name.is_empty() || !self.cookie_name.chars().all(token_char) {
             return Err(ConfigError::Invalid { name: "cookie_name", reason: "must be a non-empty HTTP token".into() });
+        }
+        if self.max_request_head_bytes < 1024 {
+            return Err(ConfigError::Invalid {
+                name: "max_request_head_bytes",
+                reason: "must be at least 1024".into(),
+            });
         }
         if self.listen == self.admin_listen {
             return Err(ConfigError::Invalid { name: "admin_listen", reason: "must differ from listen".into() });
@@ -228,6 +266,7 @@ mod tests {
         assert_eq!((c.listen.port(), c.admin_listen.port()), (8888, 8080));
         assert!(c.health_interval_ms < 30_000);
         assert_eq!(c.idle_timeout_secs, 120);
+        assert!(c.admin_listen.ip().is_loopback(), "the admin port is private unless configured otherwise");
     }
 
     #[test]
@@ -236,6 +275,8 @@ mod tests {
         assert!(parse(&["--cookie-name", "a b"]).is_err());
         assert!(parse(&["--listen", "127.0.0.1:1", "--admin-listen", "127.0.0.1:1"]).is_err());
         assert!(parse(&["--redis", "nope://x"]).is_err());
+        assert!(parse(&["--max-request-head-bytes", "100"]).is_err());
+        assert!(parse(&["--request-head-timeout-secs", "0"]).is_err());
     }
 
     #[test]

@@ -94,13 +94,13 @@ impl RegistryWatcher {
         let records = match self.read_registry(conn).await {
             Ok(r) => r,
             Err(e) => {
-                cluster.set_redis_up(false);
+                cluster.set_redis_up(false, Some(&e));
                 cluster.metrics.discovery_events.with_label_values(&["refresh_failed"]).inc();
                 tracing::debug!(error = %e, "registry read failed");
                 return;
             }
         };
-        cluster.set_redis_up(true);
+        cluster.set_redis_up(true, None);
         let old = cluster.table.load_full();
         let mut nodes: Vec<Arc<RouteNode>> = Vec::with_capacity(records.len());
         let mut seen: HashSet<String> = HashSet::new();
@@ -191,7 +191,10 @@ impl RegistryWatcher {
                         events = Some(s);
                         tracing::info!("watching registry announcements");
                     }
-                    Err(e) => tracing::debug!(error = %e, "registry subscribe failed"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "registry subscribe failed");
+                        self.cluster.set_redis_up(false, Some(&e));
+                    }
                 }
             }
             let next_event = async {
@@ -227,7 +230,7 @@ impl RegistryWatcher {
                     }
                     None => {
                         events = None;
-                        self.cluster.set_redis_up(false);
+                        self.cluster.set_redis_up(false, None);
                     }
                 }
             }

@@ -1,88 +1,267 @@
 //! The public listener's front door, a Pingora `ServerApp` in front of the
-//! proxy. It reads the first request head of each connection itself: a
-//! WebSocket upgrade is routed and tunnelled by `tunnel` (the balancer owns the
-//! socket once the node answers 101); anything else is pushed back into the
-//! stream (`rewind`) and handed to the Pingora HTTP proxy unchanged.
+//! proxy. It owns every client connection from accept to close: it counts it
+//! against the connection cap (503 above it), and reads each request head
+//! itself, the first and every later one on a kept-alive connection, within
+//! `request_head_timeout_secs` and `max_request_head_bytes` (408 and 431
+//! past them) and after at most `keepalive_timeout_secs` of idleness. A
+//! WebSocket upgrade is routed and tunnelled by `tunnel` (the balancer owns
+//! the socket once the node answers 101); any other request is pushed back
+//! into the stream (`rewind`) and handed to the Pingora HTTP proxy for that
+//! one request, which gives the connection back when it may be reused.
 //!
-//! Why: Pingora 0.9 pumps upgraded connections through its HTTP body path,
-//! which keeps 64 KiB buffers per direction for the life of every WebSocket,
-//! and has a race that drops a tunnel when the node's 101 is parsed before
-//! the request's empty body is — seen here on pooled upstream connections.
-//! Later requests on a kept-alive connection go straight to the proxy; browsers
-//! and SignalR clients open a fresh connection for every WebSocket.
+//! Why not let Pingora run the connection: its read timeout is per read, so
+//! a head trickled a byte at a time on a kept-alive connection never ends,
+//! and its keep-alive loop offers no hook between requests. And Pingora 0.9
+//! pumps upgraded connections through its HTTP body path, which keeps 64 KiB
+//! buffers per direction for the life of every WebSocket, and has a race that
+//! drops a tunnel when the node's 101 is parsed before the request's empty
+//! body is (seen here on pooled upstream connections).
 
 use crate::cluster::Cluster;
 use crate::proxy::SwitchboardProxy;
+use crate::refusal::{self, Refusal};
 use crate::tunnel;
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
-/// Largest request head the front door reads; larger ones go to the proxy,
-/// which answers them itself.
-pub const MAX_HEAD: usize = 16 * 1024;
-const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection over the cap may take to send its head before it
+/// is answered 503 anyway (reading it first lets the client see the answer
+/// instead of a reset).
+const REFUSAL_READ: Duration = Duration::from_millis(500);
+
+/// How long, and for how many reads, a refused connection is drained.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_READS: usize = 256;
 
 pub struct FrontApp {
     pub cluster: Arc<Cluster>,
     pub proxy: Arc<HttpProxy<SwitchboardProxy>>,
 }
 
-/// Reads until the end of the request head; returns everything read (the
-/// head and whatever followed it), or `None` on EOF, error or timeout.
-async fn read_head(stream: &mut L4Stream) -> Option<(Vec<u8>, bool)> {
-    let mut buf: Vec<u8> = Vec::with_capacity(2048);
-    let read = async {
-        loop {
-            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                return Some(true);
-            }
-            if buf.len() >= MAX_HEAD {
-                return Some(false);
-            }
-            // On the heap, not in the future: every connection's task is as
-            // large as its largest await state for as long as it lives.
-            let mut chunk = vec![0u8; 4096];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+/// Limits on one request head.
+#[derive(Clone, Copy)]
+pub struct HeadLimits {
+    pub time: Duration,
+    pub bytes: usize,
+}
+
+/// What reading one request head came to.
+#[derive(Debug, PartialEq)]
+pub enum Head {
+    /// The whole head, and whatever followed it.
+    Complete(Vec<u8>),
+    TooLarge,
+    /// The time limit passed with part of a head read.
+    TimedOut,
+    /// Closed, failed, or nothing arrived in time.
+    Closed,
+}
+
+/// Where the blank line that ends a head is, searching from `from` (bytes
+/// before it were searched already, so a trickled head costs linear time).
+/// Bare `\n` line ends are accepted, as Pingora's parser accepts them.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    (from.max(1)..buf.len()).find_map(|i| {
+        let ends = buf[i] == b'\n' && (buf[i - 1] == b'\n' || (i >= 2 && buf[i - 1] == b'\r' && buf[i - 2] == b'\n'));
+        ends.then_some(i + 1)
+    })
+}
+
+/// Reads one request head. With `idle`, first waits that long for its first
+/// byte (a kept-alive connection between requests) and the time limit runs
+/// from that byte; without it the limit runs from now.
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    limits: HeadLimits,
+    idle: Option<Duration>,
+) -> Head {
+    let mut buf: Vec<u8> = Vec::new();
+    if let Some(idle) = idle {
+        buf.reserve(1024);
+        match tokio::time::timeout(idle, stream.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Head::Closed,
+        }
+    }
+    let deadline = Instant::now() + limits.time;
+    let mut searched: usize = 0;
+    loop {
+        if head_end(&buf, searched.saturating_sub(3)).is_some() {
+            return Head::Complete(buf);
+        }
+        searched = buf.len();
+        if buf.len() >= limits.bytes {
+            return Head::TooLarge;
+        }
+        // Grown on the heap as bytes arrive, never past the limit by more
+        // than one read: an idle connection holds no buffer at all.
+        buf.reserve((limits.bytes - buf.len()).min(4096));
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Err(_) if buf.is_empty() => return Head::Closed,
+            Err(_) => return Head::TimedOut,
+            Ok(Ok(0)) | Ok(Err(_)) => return Head::Closed,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Answers and closes. What the client is still sending is read and
+/// discarded for a moment first (a "lingering close", as nginx does):
+/// closing with unread bytes makes the kernel send a reset, which can
+/// destroy the answer before the client reads it.
+async fn answer(stream: &mut L4Stream, refusal: &Refusal) {
+    let write = async {
+        stream.write_all(refusal.to_http().as_bytes()).await?;
+        stream.flush().await?;
+        stream.shutdown().await
+    };
+    if !matches!(tokio::time::timeout(Duration::from_secs(2), write).await, Ok(Ok(()))) {
+        return;
+    }
+    let linger = async {
+        let mut sink = vec![0u8; 4096];
+        for _ in 0..LINGER_READS {
+            if !matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {
+                break;
             }
         }
     };
-    let complete = tokio::time::timeout(HEAD_TIMEOUT, read).await.ok()??;
-    Some((buf, complete))
+    let _ = tokio::time::timeout(LINGER, linger).await;
+}
+
+fn into_l4(stream: Stream) -> Option<Box<L4Stream>> {
+    match stream.into_any().downcast::<L4Stream>() {
+        Ok(s) => Some(s),
+        Err(_) => {
+            tracing::error!("unexpected stream type on the public listener");
+            None
+        }
+    }
+}
+
+impl FrontApp {
+    fn refuse(&self, reason: &str) {
+        self.cluster.metrics.refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Serves requests on one connection until it closes, fails a limit or
+    /// becomes a tunnel.
+    async fn serve(&self, mut l4: Box<L4Stream>, shutdown: &ShutdownWatch) {
+        let cfg = &self.cluster.cfg;
+        let limits =
+            HeadLimits { time: Duration::from_secs(cfg.request_head_timeout_secs), bytes: cfg.max_request_head_bytes };
+        let keepalive = Duration::from_secs(cfg.keepalive_timeout_secs);
+        let mut idle = None;
+        loop {
+            let head = match read_head(&mut *l4, limits, idle).await {
+                Head::Complete(head) => head,
+                Head::Closed => return,
+                Head::TimedOut => {
+                    self.refuse("head_timeout");
+                    return answer(&mut l4, &refusal::HEAD_TIMEOUT).await;
+                }
+                Head::TooLarge => {
+                    self.refuse("head_too_large");
+                    return answer(&mut l4, &refusal::HEAD_TOO_LARGE).await;
+                }
+            };
+            if let Some(request) = tunnel::UpgradeRequest::parse(&head) {
+                return tunnel::serve(self.cluster.clone(), l4, request, head).await;
+            }
+            l4.rewind(&head);
+            let mut session = ServerSession::new_http1(l4);
+            // Pingora reads this one request (its head is already buffered)
+            // and says whether the connection may carry another.
+            let reusable = !*shutdown.borrow();
+            session.set_keepalive(reusable.then_some(cfg.keepalive_timeout_secs));
+            let Some(reused) = self.proxy.process_new_http(session, shutdown).await else { return };
+            let (stream, _) = reused.consume();
+            let Some(next) = into_l4(stream) else { return };
+            l4 = next;
+            idle = Some(keepalive);
+        }
+    }
 }
 
 #[async_trait]
 impl ServerApp for FrontApp {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let any = stream.into_any();
-        let mut l4: Box<L4Stream> = match any.downcast::<L4Stream>() {
-            Ok(s) => s,
-            Err(_) => {
-                tracing::error!("unexpected stream type on the public listener");
-                return None;
-            }
+        let mut l4 = into_l4(stream)?;
+        let Some(_permit) = self.cluster.protection.try_connect() else {
+            self.refuse("max_connections");
+            let brief = HeadLimits { time: REFUSAL_READ, bytes: self.cluster.cfg.max_request_head_bytes };
+            let _ = read_head(&mut *l4, brief, None).await;
+            answer(&mut l4, &refusal::TOO_MANY_CONNECTIONS).await;
+            return None;
         };
-        let (head, complete) = read_head(&mut l4).await?;
-        if complete {
-            if let Some(request) = tunnel::UpgradeRequest::parse(&head) {
-                tunnel::serve(self.cluster.clone(), l4, request, head).await;
-                return None;
-            }
-        }
-        l4.rewind(&head);
-        let stream: Stream = l4;
-        ServerApp::process_new(&self.proxy, stream, shutdown).await
+        self.serve(l4, shutdown).await;
+        None
     }
 
     async fn cleanup(&self) {
         ServerApp::cleanup(self.proxy.as_ref()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    const LIMITS: HeadLimits = HeadLimits { time: Duration::from_millis(300), bytes: 64 };
+
+    #[test]
+    fn the_end_of_a_head_is_found_from_where_the_search_left_off() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nbody", 0), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nA: b\n\nbody", 0), Some(21));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n", 0), None);
+        // Searching again from three bytes before the old end still finds an
+        // end split across two reads.
+        let buf = b"GET / HTTP/1.1\r\n\r\n";
+        assert_eq!(head_end(buf, buf.len() - 2 - 3), Some(buf.len()));
+    }
+
+    #[tokio::test]
+    async fn a_head_is_read_whole_with_what_follows() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\nnext").await.unwrap();
+        let Head::Complete(buf) = read_head(&mut server, LIMITS, None).await else { panic!() };
+        assert!(buf.ends_with(b"\r\n\r\nnext"));
+    }
+
+    #[tokio::test]
+    async fn a_trickled_head_times_out_and_a_silent_connection_closes() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let trickle = tokio::spawn(async move {
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if client.write_all(b"X").await.is_err() {
+                    break;
+                }
+            }
+        });
+        assert_eq!(read_head(&mut server, LIMITS, None).await, Head::TimedOut);
+        trickle.abort();
+        let (_client, mut server) = tokio::io::duplex(1024);
+        assert_eq!(read_head(&mut server, LIMITS, None).await, Head::Closed);
+        // Kept alive: silence for the idle time closes quietly too.
+        assert_eq!(read_head(&mut server, LIMITS, Some(Duration::from_millis(50))).await, Head::Closed);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_head_is_refused() {
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        client.write_all(&[b'a'; 200]).await.unwrap();
+        assert_eq!(read_head(&mut server, LIMITS, None).await, Head::TooLarge);
     }
 }

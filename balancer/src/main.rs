@@ -14,6 +14,7 @@ mod health;
 mod metrics;
 mod protection;
 mod proxy;
+mod public_surface;
 mod refusal;
 mod routing;
 mod tunnel;
@@ -68,7 +69,15 @@ fn main() -> ExitCode {
         pingora_load_balancing::Backends::new(Box::new(discovery::RegistryDiscovery::new(table.clone())));
     backends.set_health_check(health::NodeHealthCheck::new(&cfg, table.clone(), metrics.backend_healthy.clone()));
     let (listen, admin_listen) = (cfg.listen, cfg.admin_listen);
-    let cluster = Arc::new(cluster::Cluster::new(cfg, table, backends, metrics));
+    let open_files = protection::open_file_limit();
+    let cap = open_files
+        .map_or(cfg.max_connections, |l| cfg.max_connections.min(protection::descriptor_cap(l, cfg.fd_reserve)));
+    tracing::info!(open_file_limit = ?open_files, connection_cap = cap, fd_reserve = cfg.fd_reserve, "client connections capped");
+    if cfg.admin_token.is_empty() && !admin_listen.ip().is_loopback() {
+        tracing::info!(%admin_listen, "no admin_token: the admin port serves /dashboard, /api and /metrics to loopback clients only");
+    }
+    let protection = protection::Protection::new(cfg.rate_limit_per_ip, cap);
+    let cluster = Arc::new(cluster::Cluster::new(cfg, table, backends, metrics, protection));
 
     let watcher = match discovery::RegistryWatcher::new(cluster.clone()) {
         Ok(w) => w,

@@ -1,7 +1,7 @@
 //! The public proxy: Pingora `ProxyHttp` hooks around `routing::decide`.
 //!
 //! ```text
-//! request_filter      admit (concurrency cap, per-IP rate) → decide route
+//! request_filter      public paths only; per-IP rate → decide route
 //!                     (token → cookie → least loaded) → 404 / 503 / 429 early
 //! upstream_peer       the chosen node; connect timeout, idle-bounded reads
 //! fail_to_connect     mark the node passively down; retry a non-token
@@ -16,6 +16,7 @@
 //! on both sides instead of Pingora's 60 s downstream default.
 
 use crate::cluster::{Cluster, RouteNode};
+use crate::public_surface;
 use crate::refusal::{self, Refusal};
 use crate::routing::{self, cookie_value, set_cookie_header, RouteDecision, RouteKind};
 use async_trait::async_trait;
@@ -28,6 +29,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+const POOLED_IDLE: Duration = Duration::from_secs(15);
+
 /// Requests retried on other nodes after connect failures, at most.
 const MAX_RETRIES: usize = 3;
 
@@ -38,15 +41,6 @@ pub struct SwitchboardProxy {
 impl SwitchboardProxy {
     pub fn new(cluster: Arc<Cluster>) -> Self {
         SwitchboardProxy { cluster }
-    }
-}
-
-/// A concurrency slot, released when the request context is dropped.
-pub struct Admitted(pub Arc<Cluster>);
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        self.0.protection.leave();
     }
 }
 
@@ -74,7 +68,6 @@ impl Drop for InFlight {
 
 #[derive(Default)]
 pub struct RequestCtx {
-    admitted: Option<Admitted>,
     node: Option<Arc<RouteNode>>,
     kind: Option<RouteKind>,
     tried: Vec<String>,
@@ -111,14 +104,10 @@ impl ProxyHttp for SwitchboardProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let cluster = &self.cluster;
-        if !cluster.protection.try_enter() {
-            cluster.protection.leave();
-            cluster.metrics.refused.with_label_values(&["max_connections"]).inc();
-            return respond(session, &refusal::TOO_MANY_CONNECTIONS).await;
-        }
-        ctx.admitted = Some(Admitted(cluster.clone()));
-
         let req = session.req_header();
+        if !public_surface::serves(req.uri.path()) {
+            return respond(session, &refusal::NOT_PUBLIC).await;
+        }
         let id = query_id(req.uri.query()).map(str::to_string);
         let is_upgrade = session.is_upgrade_req();
         let starts_connection = req.uri.path().ends_with("/negotiate") || (is_upgrade && id.is_none());
@@ -165,7 +154,9 @@ impl ProxyHttp for SwitchboardProxy {
         let mut peer = HttpPeer::new(node.addr, false, String::new());
         peer.options.connection_timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
         peer.options.read_timeout = Some(Duration::from_secs(cfg.idle_timeout_secs));
-        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        // Pooled connections idle for less than the nodes' head timeout
+        // (30 s by default), so a node never closes one as it is reused.
+        peer.options.idle_timeout = Some(POOLED_IDLE);
         ctx.in_flight = Some(InFlight::new(&self.cluster, node));
         ctx.upstream_start = Some(Instant::now());
         Ok(Box::new(peer))

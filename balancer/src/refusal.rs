@@ -39,6 +39,23 @@ pub const RATE_LIMITED: Refusal = Refusal {
     body: "Too many new connections from this address; retry shortly.\n",
 };
 
+pub const HEAD_TIMEOUT: Refusal = Refusal {
+    status: 408,
+    reason: "Request Timeout",
+    content_type: TEXT,
+    body: "The request head did not arrive in time.\n",
+};
+
+pub const HEAD_TOO_LARGE: Refusal = Refusal {
+    status: 431,
+    reason: "Request Header Fields Too Large",
+    content_type: TEXT,
+    body: "The request head is too large.\n",
+};
+
+/// A path the nodes serve only to the cluster's insiders (`/metrics`).
+pub const NOT_PUBLIC: Refusal = Refusal { status: 404, reason: "Not Found", content_type: TEXT, body: "Not found.\n" };
+
 pub const NODE_UNREACHABLE: Refusal = Refusal {
     status: 502,
     reason: "Bad Gateway",
@@ -50,5 +67,19 @@ impl Refusal {
     /// Whether a client should be told to come back in a second.
     pub fn retry_after(&self) -> bool {
         matches!(self.status, 429 | 503)
+    }
+
+    /// The whole response, for the paths that write raw HTTP/1.1 (the
+    /// front door and the tunnel); the connection closes after it.
+    pub fn to_http(&self) -> String {
+        let extra = if self.retry_after() { "Retry-After: 1\r\n" } else { "" };
+        format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{extra}Connection: close\r\n\r\n{}",
+            self.status,
+            self.reason,
+            self.content_type,
+            self.body.len(),
+            self.body
+        )
     }
 }

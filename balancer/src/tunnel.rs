@@ -15,7 +15,8 @@
 //! one small task.
 
 use crate::cluster::{Cluster, RouteNode};
-use crate::proxy::{query_id, Admitted, InFlight};
+use crate::proxy::{query_id, InFlight};
+use crate::public_surface;
 use crate::refusal::{self, Refusal};
 use crate::routing::{self, cookie_value, set_cookie_header, RouteDecision, RouteKind};
 use pingora::protocols::l4::stream::Stream as L4Stream;
@@ -35,6 +36,8 @@ const MAX_RETRIES: usize = 3;
 #[derive(Debug, PartialEq)]
 pub struct UpgradeRequest {
     pub head_len: usize,
+    /// The path without the query.
+    pub path: String,
     pub id: Option<String>,
     pub cookie: Option<String>,
 }
@@ -65,7 +68,8 @@ impl UpgradeRequest {
         if !(upgrade && connection) {
             return None;
         }
-        let query = req.path?.split_once('?').map(|(_, q)| q);
+        let target = req.path?;
+        let (path, query) = target.split_once('?').map_or((target, None), |(p, q)| (p, Some(q)));
         let cookies: Vec<&str> = req
             .headers
             .iter()
@@ -74,6 +78,7 @@ impl UpgradeRequest {
             .collect();
         Some(UpgradeRequest {
             head_len,
+            path: path.to_string(),
             id: query_id(query).map(str::to_string),
             cookie: (!cookies.is_empty()).then(|| cookies.join("; ")),
         })
@@ -102,16 +107,7 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
 }
 
 async fn respond(client: &TcpStream, refusal: &Refusal) {
-    let extra = if refusal.retry_after() { "Retry-After: 1\r\n" } else { "" };
-    let msg = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{extra}Connection: close\r\n\r\n{}",
-        refusal.status,
-        refusal.reason,
-        refusal.content_type,
-        refusal.body.len(),
-        refusal.body
-    );
-    let _ = write_all(client, msg.as_bytes()).await;
+    let _ = write_all(client, refusal.to_http().as_bytes()).await;
 }
 
 /// Inserts header lines before the blank line that ends `head`.
@@ -225,7 +221,6 @@ fn status_class(status: u16) -> &'static str {
 struct Tunnel {
     client: TcpStream,
     upstream: TcpStream,
-    _admitted: Admitted,
     _in_flight: InFlight,
 }
 
@@ -248,12 +243,9 @@ async fn refuse(client: &TcpStream, refusal: &Refusal) -> Option<Tunnel> {
 
 async fn handshake(cluster: &Arc<Cluster>, client: TcpStream, req: UpgradeRequest, buf: Vec<u8>) -> Option<Tunnel> {
     let _ = client.set_nodelay(true);
-    if !cluster.protection.try_enter() {
-        cluster.protection.leave();
-        cluster.metrics.refused.with_label_values(&["max_connections"]).inc();
-        return refuse(&client, &refusal::TOO_MANY_CONNECTIONS).await;
+    if !public_surface::serves(&req.path) {
+        return refuse(&client, &refusal::NOT_PUBLIC).await;
     }
-    let admitted = Admitted(cluster.clone());
     if req.id.is_none() {
         let ip = client.peer_addr().ok().map(|a| a.ip());
         if ip.is_some_and(|ip| !cluster.protection.allow_new(ip)) {
@@ -292,7 +284,7 @@ async fn handshake(cluster: &Arc<Cluster>, client: TcpStream, req: UpgradeReques
     }
     if status == 101 {
         cluster.metrics.upgrades.inc();
-        return Some(Tunnel { client, upstream, _admitted: admitted, _in_flight: in_flight });
+        return Some(Tunnel { client, upstream, _in_flight: in_flight });
     }
     // A refusal (404, 409, 503…): pass its body on, then close.
     let mut remaining = length.unwrap_or(0).min(MAX_ERROR_BODY).saturating_sub(resp.len() - head_len);
@@ -432,6 +424,7 @@ mod tests {
     fn websocket_upgrades_are_recognised() {
         let r = UpgradeRequest::parse(WS).unwrap();
         assert_eq!(r.id.as_deref(), Some("YQ.x"));
+        assert_eq!(r.path, "/chathub");
         assert_eq!(r.head_len, WS.len() - 5);
         assert_eq!(cookie_value(r.cookie.as_deref().unwrap(), "switchboard_affinity"), Some("ff"));
     }

@@ -5,5 +5,6 @@
 //! configuration file with clear errors. Nothing else belongs here.
 
 pub mod config;
+pub mod redis_state;
 pub mod registry;
 pub mod token;

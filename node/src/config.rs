@@ -27,6 +27,8 @@ pub struct NodeConfig {
     pub keepalive_secs: f64,
     pub client_timeout_secs: f64,
     pub handshake_timeout_secs: f64,
+    pub request_head_timeout_secs: f64,
+    pub max_request_head_bytes: usize,
     pub long_poll_secs: f64,
     pub long_poll_idle_secs: f64,
     pub drain_secs: f64,
@@ -56,6 +58,8 @@ impl Default for NodeConfig {
             keepalive_secs: 15.0,
             client_timeout_secs: 30.0,
             handshake_timeout_secs: 15.0,
+            request_head_timeout_secs: 30.0,
+            max_request_head_bytes: 32 * 1024,
             long_poll_secs: 90.0,
             long_poll_idle_secs: 15.0,
             drain_secs: 10.0,
@@ -120,6 +124,12 @@ pub struct Cli {
     /// Drop a connection whose handshake has not arrived after this many seconds [default: 15]
     #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_SECS")]
     pub handshake_timeout_secs: Option<f64>,
+    /// A request head must arrive whole within this many seconds, counted from when the connection is ready for it (idle kept-alive connections close after it too); longer than the balancer's pooled-connection idle time [default: 30]
+    #[arg(long, env = "SWITCHBOARD_REQUEST_HEAD_TIMEOUT_SECS")]
+    pub request_head_timeout_secs: Option<f64>,
+    /// Largest request head (request line and headers) in bytes; larger ones get 431 [default: 32768]
+    #[arg(long, env = "SWITCHBOARD_MAX_REQUEST_HEAD_BYTES")]
+    pub max_request_head_bytes: Option<usize>,
     /// Longest a long poll waits for data, in seconds [default: 90]
     #[arg(long, env = "SWITCHBOARD_LONG_POLL_SECS")]
     pub long_poll_secs: Option<f64>,
@@ -176,6 +186,8 @@ impl Cli {
             keepalive_secs,
             client_timeout_secs,
             handshake_timeout_secs,
+            request_head_timeout_secs,
+            max_request_head_bytes,
             long_poll_secs,
             long_poll_idle_secs,
             drain_secs,
@@ -218,6 +230,7 @@ impl NodeConfig {
             ("keepalive_secs", self.keepalive_secs),
             ("client_timeout_secs", self.client_timeout_secs),
             ("handshake_timeout_secs", self.handshake_timeout_secs),
+            ("request_head_timeout_secs", self.request_head_timeout_secs),
             ("long_poll_secs", self.long_poll_secs),
             ("long_poll_idle_secs", self.long_poll_idle_secs),
             ("drain_secs", self.drain_secs),
@@ -226,6 +239,12 @@ impl NodeConfig {
             secs(name, v)?;
         }
         require_positive("max_message_bytes", self.max_message_bytes as u64)?;
+        if self.max_request_head_bytes < 1024 {
+            return Err(ConfigError::Invalid {
+                name: "max_request_head_bytes",
+                reason: "must be at least 1024".into(),
+            });
+        }
         require_positive("max_buffered_frames", self.max_buffered_frames as u64)?;
         require_positive("max_groups_per_connection", self.max_groups_per_connection as u64)?;
         if self.max_buffered_bytes < 2 * self.max_message_bytes {

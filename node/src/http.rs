@@ -1,6 +1,8 @@
 //! The node's HTTP surface: the `/chathub` endpoints (see `transport`),
-//! `/health` for the balancer's checks, `/nodes` in the seed's shape,
-//! `/metrics` for Prometheus, and `/`, the web client.
+//! `/health` for the balancer's checks, `/nodes` in the seed's shape (less
+//! the nodes' internal URLs, which are the balancer's business and shown on
+//! its admin port), `/metrics` for Prometheus (the balancer does not pass it
+//! on from its public port), and `/`, the web client.
 
 use crate::app::App;
 use crate::registry;
@@ -65,7 +67,6 @@ async fn nodes(State(app): State<Arc<App>>) -> Response {
                         "name": r.name,
                         "description": r.description,
                         "lastSeen": rfc3339(r.last_seen),
-                        "url": r.url,
                         "status": r.status.as_str(),
                         "connections": r.connections,
                     })

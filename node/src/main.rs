@@ -23,6 +23,7 @@ mod outbox;
 mod protocol;
 mod redis_link;
 mod registry;
+mod server;
 mod stateful;
 mod transport;
 
@@ -70,15 +71,19 @@ async fn main() -> ExitCode {
     let heartbeat = lifecycle::start_background_tasks(&app);
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, http::router(app.clone())).with_graceful_shutdown(async move {
+    let limits = server::Limits {
+        head_timeout: app.cfg.duration(app.cfg.request_head_timeout_secs),
+        max_head_bytes: app.cfg.max_request_head_bytes,
+    };
+    let stop = async move {
         let _ = stop_rx.await;
-    });
-    let server = tokio::spawn(async move { server.await });
+    };
+    let server = tokio::spawn(server::serve(listener, http::router(app.clone()), limits, stop, Duration::from_secs(5)));
 
     lifecycle::shutdown_signal().await;
     lifecycle::drain(&app, heartbeat).await;
     let _ = stop_tx.send(());
-    if tokio::time::timeout(Duration::from_secs(5), server).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(6), server).await.is_err() {
         tracing::warn!("HTTP server did not finish in time; exiting anyway");
     }
     tracing::info!("stopped");

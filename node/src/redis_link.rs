@@ -2,14 +2,15 @@
 //! lazily and retried on every use, so a node starts and serves its local
 //! clients even while Redis is down; after that, redis-rs's
 //! `ConnectionManager` reconnects by itself. Short connect and response
-//! timeouts keep a dead Redis from hanging a hub call. The up/down state is
-//! logged on every change and exported in `/health` and metrics.
+//! timeouts keep a dead Redis from hanging a hub call. The up/down state
+//! (`RedisState`: changes logged, refusals logged with their reason) is
+//! exported in `/health` and metrics.
 
 use prometheus::IntGauge;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, RedisResult};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use switchboard_common::redis_state::RedisState;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -17,13 +18,18 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct RedisLink {
     pub client: Client,
     manager: tokio::sync::Mutex<Option<ConnectionManager>>,
-    up: AtomicBool,
+    state: RedisState,
     gauge: IntGauge,
 }
 
 impl RedisLink {
     pub fn new(client: Client, gauge: IntGauge) -> Self {
-        RedisLink { client, manager: tokio::sync::Mutex::new(None), up: AtomicBool::new(false), gauge }
+        RedisLink {
+            client,
+            manager: tokio::sync::Mutex::new(None),
+            state: RedisState::new("serving local clients only"),
+            gauge,
+        }
     }
 
     /// A command connection; fails fast while Redis is unreachable.
@@ -50,18 +56,10 @@ impl RedisLink {
     }
 
     pub fn set_up(&self, up: bool, err: Option<&redis::RedisError>) {
-        let was = self.up.swap(up, Ordering::AcqRel);
-        self.gauge.set(up as i64);
-        match (was, up) {
-            (false, true) => tracing::info!("redis is reachable"),
-            (true, false) => {
-                tracing::warn!(error = ?err, "redis is unreachable; serving local clients only")
-            }
-            _ => {}
-        }
+        self.gauge.set(self.state.record(up, err) as i64);
     }
 
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        self.state.is_up()
     }
 }

@@ -65,6 +65,12 @@ pub struct TestBalancer {
 
 impl TestBalancer {
     pub async fn start(redis: &RedisServer, extra: &[&str]) -> Self {
+        Self::start_limited(redis, extra, None).await
+    }
+
+    /// Starts it under `prlimit --nofile=N:N` when `open_files` is given, as
+    /// an operator's lower open-file limit would.
+    pub async fn start_limited(redis: &RedisServer, extra: &[&str], open_files: Option<u64>) -> Self {
         let (port, admin_port) = (free_port(), free_port());
         let dir = std::env::temp_dir();
         let mut args: Vec<String> = [
@@ -95,7 +101,15 @@ impl TestBalancer {
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let process = Process::spawn("switchboard-balancer", "balancer", &args);
+        let process = match open_files {
+            None => Process::spawn("switchboard-balancer", "balancer", &args),
+            Some(n) => {
+                let mut wrapped = vec![format!("--nofile={n}:{n}"), "--".to_string()];
+                wrapped.push(crate::process::binary("switchboard-balancer").to_string_lossy().into_owned());
+                wrapped.extend(args.iter().cloned());
+                Process::spawn_program(std::path::Path::new("prlimit"), "balancer-limited", &wrapped)
+            }
+        };
         let admin = format!("http://127.0.0.1:{admin_port}");
         wait_for_status(&format!("{admin}/health"), 200, Duration::from_secs(15), "balancer admin to answer").await;
         TestBalancer { base: format!("http://127.0.0.1:{port}"), admin, process, args }
@@ -117,9 +131,16 @@ impl TestBalancer {
         old
     }
 
-    /// `/api/backends`, parsed.
+    /// `/api/backends`, parsed (with the `--admin-token` it was started with, if any).
     pub async fn backends(&self) -> serde_json::Value {
-        crate::get_json(&reqwest::Client::new(), &format!("{}/api/backends", self.admin)).await.unwrap_or_default()
+        let mut req = reqwest::Client::new().get(format!("{}/api/backends", self.admin));
+        if let Some(i) = self.args.iter().position(|a| a == "--admin-token") {
+            req = req.bearer_auth(self.args.get(i + 1).cloned().unwrap_or_default());
+        }
+        match req.send().await {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        }
     }
 
     /// Waits until the nodes accepting new clients are exactly `ids`.

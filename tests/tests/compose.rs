@@ -41,6 +41,8 @@ impl std::ops::Deref for Project {
     }
 }
 
+const ADMIN_TOKEN: &str = "compose-test-token";
+
 impl Compose {
     fn run(&self, args: &[&str]) -> Output {
         let file = repo().join("docker-compose.yml");
@@ -50,6 +52,7 @@ impl Compose {
             .args(args)
             .env("SWITCHBOARD_PUBLIC_PORT", self.public.to_string())
             .env("SWITCHBOARD_ADMIN_PORT", self.admin.to_string())
+            .env("SWITCHBOARD_ADMIN_TOKEN", ADMIN_TOKEN)
             .output()
             .expect("run compose")
     }
@@ -70,7 +73,8 @@ impl Compose {
 
     async fn accepting(&self) -> Vec<String> {
         let url = format!("http://127.0.0.1:{}/api/backends", self.admin);
-        let v: Value = match reqwest::get(url).await {
+        // Published from a container, the admin port wants its token.
+        let v: Value = match reqwest::Client::new().get(url).bearer_auth(ADMIN_TOKEN).send().await {
             Ok(r) => r.json().await.unwrap_or_default(),
             Err(_) => return Vec::new(),
         };
