@@ -3,7 +3,7 @@
 // that carried it, manages groups, and lists the cluster's nodes from /nodes.
 //
 // Everything a user or the server supplies is inserted with textContent or as
-// attribute values, never parsed as HTML: chat text is data (DESIGN §3).
+// attribute values, never parsed as HTML: chat text is data, never markup.
 "use strict";
 
 (function () {
@@ -35,7 +35,7 @@
   const seen = new Set(); // messages already shown, by id (or by content when a message has no id)
   let me = { nodeId: null, connectionId: null };
   // The id of the newest message seen: after a reconnect, Resume(lastId)
-  // replays exactly what was missed (DESIGN §3, message ids and resume).
+  // replays exactly what was missed (the hub's Resume, see node/src/hub.rs).
   let lastId = null;
 
   function idParts(id) {

@@ -1,14 +1,15 @@
-//! The Server-Sent Events transport: a streaming response that turns every
-//! outbox frame into `data:` lines and a blank line, and ends when the
+//! The Server-Sent Events transport: a streaming response (axum's `Sse`)
+//! that turns every outbox frame into one event, and ends when the
 //! connection closes. The client sends with POST. When the client goes away
 //! the body stream is dropped, and with it the connection.
 
 use crate::app::App;
 use crate::connection::Connection;
 use crate::outbox::Batch;
-use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderValue};
+use axum::http::HeaderValue;
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -24,46 +25,45 @@ impl Drop for StreamGuard {
     }
 }
 
-/// Formats one frame as an SSE event; a frame never legitimately holds line
-/// breaks, but each line gets its own `data:` field if it does.
-pub fn event(frame: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(frame.len() + 10);
-    for line in frame.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        out.extend_from_slice(b"data: ");
-        out.extend_from_slice(line);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out
+/// One outbox frame as an event. Frames on this transport are JSON text
+/// (MessagePack is refused at the handshake), so they are valid UTF-8; a
+/// frame never holds a line break, but `Event::data` would split one into
+/// several `data:` fields as the format requires.
+pub fn event(frame: &[u8]) -> Event {
+    Event::default().data(String::from_utf8_lossy(frame))
 }
 
 pub fn stream(app: Arc<App>, conn: Arc<Connection>) -> Response {
     let guard = StreamGuard { app, conn };
-    let body = futures_util::stream::unfold(guard, |guard| async move {
+    let batches = futures_util::stream::unfold(guard, |guard| async move {
         match guard.conn.outbox.next_batch(0).await {
             Batch::Frames(frames) => {
-                let bytes: Vec<u8> = frames.iter().flat_map(|f| event(&f.bytes)).collect();
-                Some((Ok::<_, Infallible>(Bytes::from(bytes)), guard))
+                let events: Vec<Result<Event, Infallible>> = frames.iter().map(|f| Ok(event(&f.bytes))).collect();
+                Some((futures_util::stream::iter(events), guard))
             }
             Batch::Closed | Batch::Superseded => None,
         }
     });
-    let mut resp = Body::from_stream(body).into_response();
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    let mut resp = Sse::new(batches.flatten()).into_response();
+    // Tells nginx-style proxies in front not to buffer the stream.
+    resp.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
     resp
 }
 
 #[cfg(test)]
 mod tests {
     use super::event;
+    use axum::response::IntoResponse;
 
-    #[test]
-    fn frames_become_data_lines() {
-        assert_eq!(event(b"{}\x1e"), b"data: {}\x1e\r\n\r\n");
-        assert_eq!(event(b"a\nb"), b"data: a\r\ndata: b\r\n\r\n");
+    async fn wire(frames: &[&[u8]]) -> String {
+        let events: Vec<Result<_, std::convert::Infallible>> = frames.iter().map(|f| Ok(event(f))).collect();
+        let resp = axum::response::sse::Sse::new(futures_util::stream::iter(events)).into_response();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn frames_become_data_lines() {
+        assert_eq!(wire(&[b"{}\x1e", b"a\nb"]).await, "data: {}\x1e\n\ndata: a\ndata: b\n\n");
     }
 }
