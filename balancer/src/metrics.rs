@@ -1,8 +1,7 @@
 //! The balancer's Prometheus metrics, served on the admin port.
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
+use switchboard_common::metrics::{counter, counter_vec, gauge, gauge_vec, histogram};
 
 pub struct Metrics {
     registry: Registry,
@@ -17,20 +16,6 @@ pub struct Metrics {
     pub upstream_latency: Histogram,
     pub redis_up: IntGauge,
     pub nodes: IntGauge,
-}
-
-fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
-    // Names are static and distinct, so registration cannot collide.
-    let _ = r.register(Box::new(m.clone()));
-    m
-}
-
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    register(r, IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable!("{name}")))
-}
-
-fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    register(r, IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable!("{name}")))
 }
 
 impl Metrics {
@@ -50,23 +35,16 @@ impl Metrics {
                 "Routing decisions by kind: token, cookie, new, unknown_connection, no_node",
                 &["kind"],
             ),
-            upgrades: register(
+            upgrades: counter(&r, "switchboard_balancer_upgrades_total", "Connections upgraded to WebSocket"),
+            retries: counter(
                 &r,
-                IntCounter::new("switchboard_balancer_upgrades_total", "Connections upgraded to WebSocket")
-                    .unwrap_or_else(|_| unreachable!()),
-            ),
-            retries: register(
-                &r,
-                IntCounter::new(
-                    "switchboard_balancer_retries_total",
-                    "Requests retried on another node after a connect failure",
-                )
-                .unwrap_or_else(|_| unreachable!()),
+                "switchboard_balancer_retries_total",
+                "Requests retried on another node after a connect failure",
             ),
             refused: counter_vec(
                 &r,
                 "switchboard_balancer_refused_total",
-                "Requests refused by protection, by reason",
+                "Requests and connections refused by admission, by reason",
                 &["reason"],
             ),
             open_connections: gauge_vec(
@@ -87,34 +65,19 @@ impl Metrics {
                 "Registry announcements and table changes by event",
                 &["event"],
             ),
-            upstream_latency: register(
+            upstream_latency: histogram(
                 &r,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "switchboard_balancer_upstream_latency_seconds",
-                        "Time from choosing a backend to its response header",
-                    )
-                    .buckets(buckets),
-                )
-                .unwrap_or_else(|_| unreachable!()),
+                "switchboard_balancer_upstream_latency_seconds",
+                "Time from choosing a backend to its response header",
+                buckets,
             ),
-            redis_up: register(
-                &r,
-                IntGauge::new("switchboard_balancer_redis_up", "1 while the registry is reachable")
-                    .unwrap_or_else(|_| unreachable!()),
-            ),
-            nodes: register(
-                &r,
-                IntGauge::new("switchboard_balancer_nodes", "Nodes in the routing table")
-                    .unwrap_or_else(|_| unreachable!()),
-            ),
+            redis_up: gauge(&r, "switchboard_balancer_redis_up", "1 while the registry is reachable"),
+            nodes: gauge(&r, "switchboard_balancer_nodes", "Nodes in the routing table"),
             registry: r,
         }
     }
 
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        switchboard_common::metrics::render(&self.registry)
     }
 }

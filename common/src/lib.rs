@@ -5,6 +5,7 @@
 //! configuration file with clear errors. Nothing else belongs here.
 
 pub mod config;
+pub mod metrics;
 pub mod redis_state;
 pub mod registry;
 pub mod token;

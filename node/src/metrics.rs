@@ -1,7 +1,8 @@
 //! The node's Prometheus metrics, named by the conventions (`_total` counters,
 //! base units) and exported as text at `GET /metrics`.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
+use switchboard_common::metrics::{counter, counter_vec, gauge, gauge_vec};
 
 pub struct Metrics {
     registry: Registry,
@@ -25,38 +26,15 @@ pub struct Metrics {
     pub draining: IntGauge,
 }
 
-fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
-    // Names are static and distinct, so registration cannot collide.
-    let _ = r.register(Box::new(m.clone()));
-    m
-}
-
-fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
-    reg(r, IntCounter::new(name, help).unwrap_or_else(|_| unreachable!("static metric name {name}")))
-}
-
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    reg(
-        r,
-        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable!("static metric name {name}")),
-    )
-}
-
-fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
-    reg(r, IntGauge::new(name, help).unwrap_or_else(|_| unreachable!("static metric name {name}")))
-}
-
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
         Metrics {
-            connections: reg(
+            connections: gauge_vec(
                 &r,
-                IntGaugeVec::new(
-                    Opts::new("switchboard_node_connections", "Open SignalR connections by transport"),
-                    &["transport"],
-                )
-                .unwrap_or_else(|_| unreachable!()),
+                "switchboard_node_connections",
+                "Open SignalR connections by transport",
+                &["transport"],
             ),
             connections_opened: counter_vec(
                 &r,
@@ -139,8 +117,6 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        switchboard_common::metrics::render(&self.registry)
     }
 }
