@@ -6,11 +6,11 @@
 //! variable (both handled by clap), file, built-in default.
 
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// How logs are written: human-readable lines, or one JSON object per line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
@@ -63,6 +63,52 @@ pub fn require_positive(name: &'static str, value: u64) -> Result<(), ConfigErro
         return Err(ConfigError::Invalid { name, reason: "must be greater than zero".into() });
     }
     Ok(())
+}
+
+/// Checks that the three places a setting is written agree with the
+/// settings struct's `Default`: the shipped TOML file names every setting
+/// and gives its default (`shipped` is that file parsed into the struct), and
+/// every flag's `--help` line says `[default: …]` with the same value (an
+/// empty string may be described in words). Returns every disagreement.
+pub fn defaults_disagree<T: Serialize>(defaults: &T, shipped_text: &str, shipped: &T, help: &str) -> Vec<String> {
+    let table = |v: &T| toml::Value::try_from(v).ok().and_then(|v| v.as_table().cloned()).unwrap_or_default();
+    let (want, got) = (table(defaults), table(shipped));
+    let raw: toml::Table = toml::from_str(shipped_text).unwrap_or_default();
+    let mut problems = Vec::new();
+    for (key, value) in &want {
+        if !raw.contains_key(key) {
+            problems.push(format!("{key}: missing from the shipped file"));
+        } else if got.get(key) != Some(value) {
+            problems.push(format!("{key}: shipped file says {:?}, default is {value}", got.get(key)));
+        }
+        let flag = format!("--{} ", key.replace('_', "-"));
+        let Some(at) = help.find(&flag) else {
+            problems.push(format!("{key}: no {flag}in --help"));
+            continue;
+        };
+        // The flag's line and its description, up to the next flag's line.
+        let mut lines = help[at..].lines();
+        let first = lines.next().unwrap_or_default();
+        let rest: Vec<&str> = lines.take_while(|l| !l.trim_start().starts_with('-')).collect();
+        let entry = format!("{first}\n{}", rest.join("\n"));
+        let said = entry.split_once("[default: ").and_then(|(_, rest)| rest.split_once(']')).map(|(d, _)| d);
+        let agrees = match (said, value) {
+            (None, _) => false,
+            (Some(d), toml::Value::Integer(i)) => d.parse::<f64>().ok() == Some(*i as f64),
+            (Some(d), toml::Value::Float(f)) => d.parse::<f64>().ok() == Some(*f),
+            (Some(d), toml::Value::Boolean(b)) => d == b.to_string(),
+            (Some(d), toml::Value::String(s)) if s.is_empty() => matches!(d, "empty" | "none"),
+            (Some(d), toml::Value::String(s)) => d == s,
+            (Some(_), _) => true,
+        };
+        if !agrees {
+            problems.push(format!("{key}: --help says {said:?}, default is {value}"));
+        }
+    }
+    for key in raw.keys().filter(|k| !want.contains_key(*k)) {
+        problems.push(format!("{key}: in the shipped file but not a setting with a default"));
+    }
+    problems
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! seconds and may be fractional (tests use sub-second heartbeats).
 
 use clap::Parser;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,7 +12,7 @@ pub use switchboard_common::config::LogFormat;
 use switchboard_common::config::{load_file, require_positive, ConfigError};
 use switchboard_common::overlay;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
     pub listen: SocketAddr,
@@ -103,7 +103,7 @@ pub struct Cli {
     /// Display name [default: "Node <node id>"]
     #[arg(long, env = "SWITCHBOARD_NAME")]
     pub name: Option<String>,
-    /// Description shown in /nodes
+    /// Description shown in /nodes [default: Switchboard chat node]
     #[arg(long, env = "SWITCHBOARD_DESCRIPTION")]
     pub description: Option<String>,
     /// Prefix of every Redis key and channel [default: switchboard]
@@ -296,6 +296,16 @@ impl NodeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn help_the_shipped_file_and_the_defaults_agree() {
+        let text = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/node.toml"));
+        let shipped: NodeConfig = toml::from_str(text).unwrap();
+        let help = Cli::command().render_help().to_string();
+        let problems = switchboard_common::config::defaults_disagree(&NodeConfig::default(), text, &shipped, &help);
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
 
     fn parse(args: &[&str]) -> Result<NodeConfig, ConfigError> {
         let mut all = vec!["switchboard-node"];
