@@ -10,6 +10,7 @@
 //! as the password, which a browser asks for by itself on the dashboard).
 
 use crate::cluster::Cluster;
+use crate::routing::Readiness;
 use async_trait::async_trait;
 use http::{Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
@@ -72,8 +73,8 @@ pub fn backends_json(cluster: &Cluster) -> serde_json::Value {
             "healthy": table.nodes.iter().filter(|n| cluster.ready(n)).count(),
             "acceptingNewClients": table.nodes.iter().filter(|n| cluster.accepts_new(n)).count(),
             "openConnections": table.nodes.iter().map(|n| n.stats.open.load(Ordering::Relaxed)).sum::<i64>(),
-            "clientConnections": cluster.protection.open(),
-            "connectionCap": cluster.protection.cap(),
+            "clientConnections": cluster.admission.open(),
+            "connectionCap": cluster.admission.cap(),
         },
         "registry": if cluster.redis_up() { "up" } else { "down" },
         "generatedAt": rfc3339(chrono::Utc::now()),

@@ -1,8 +1,10 @@
-//! Protection against one client overwhelming the cluster, and the balancer
-//! against running out of descriptors: a cap on open client connections
-//! (a permit per accepted socket, released on drop; 503 past it) and an
-//! optional per-IP limit on new SignalR connections per second (429 past it),
-//! counted in one-second windows.
+//! The admission policy both public paths share (the Pingora proxy and the
+//! WebSocket tunnel): a cap on open client connections (a permit per
+//! accepted socket, released on drop; 503 past it), an optional per-IP limit
+//! on new SignalR connections per second (governor's GCRA: a burst of the
+//! limit, then the limit per second; 429 past it), the `X-Forwarded-*`
+//! headers a node receives (the client's own are replaced, never passed on),
+//! and the status classes metrics count.
 //!
 //! The cap is the smaller of `max_connections` and what the open-file limit
 //! allows: every client connection may hold a second descriptor to its node
@@ -10,17 +12,20 @@
 //! for the admin port, health checks, Redis and pooled upstream connections,
 //! so the balancer can always accept, answer 503 and report on itself.
 
-use std::collections::HashMap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
-use std::time::Instant;
 
-pub struct Protection {
-    per_ip_per_sec: u32,
+/// Forget addresses idle this many checks apart (governor's keyed state grows
+/// with every address until `retain_recent` runs).
+const RETAIN_EVERY: usize = 4096;
+
+pub struct Admission {
+    per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    checks: AtomicUsize,
     cap: usize,
     open: AtomicUsize,
-    windows: Mutex<(Instant, HashMap<IpAddr, u32>)>,
 }
 
 /// One open client connection, counted until dropped.
@@ -44,14 +49,39 @@ pub fn descriptor_cap(limit: u64, reserve: u64) -> usize {
     (limit.saturating_sub(reserve) / 2).max(1).try_into().unwrap_or(usize::MAX)
 }
 
-impl Protection {
+/// The headers the balancer sets on every request to a node; a client's own
+/// are removed first, so a node can trust them.
+pub const FORWARDED_HEADERS: [&str; 3] = ["X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host"];
+
+/// The values of `FORWARDED_HEADERS` for a client at `peer` that sent `host`.
+pub fn forwarded(peer: Option<IpAddr>, host: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut h = Vec::with_capacity(3);
+    if let Some(ip) = peer {
+        h.push((FORWARDED_HEADERS[0], ip.to_canonical().to_string()));
+    }
+    h.push((FORWARDED_HEADERS[1], "http".to_string()));
+    if let Some(host) = host {
+        h.push((FORWARDED_HEADERS[2], host.to_string()));
+    }
+    h
+}
+
+/// The label a response status is counted under.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}
+
+impl Admission {
     pub fn new(per_ip_per_sec: u32, cap: usize) -> Self {
-        Protection {
-            per_ip_per_sec,
-            cap,
-            open: AtomicUsize::new(0),
-            windows: Mutex::new((Instant::now(), HashMap::new())),
-        }
+        let per_ip = NonZeroU32::new(per_ip_per_sec).map(|n| RateLimiter::keyed(Quota::per_second(n)));
+        Admission { per_ip, checks: AtomicUsize::new(0), cap, open: AtomicUsize::new(0) }
     }
 
     /// Counts a newly accepted client connection; `None` when the cap is reached.
@@ -71,16 +101,11 @@ impl Protection {
 
     /// Counts a new connection from `ip`; false when over the per-second limit.
     pub fn allow_new(&self, ip: IpAddr) -> bool {
-        if self.per_ip_per_sec == 0 {
-            return true;
+        let Some(limiter) = &self.per_ip else { return true };
+        if self.checks.fetch_add(1, Ordering::Relaxed) % RETAIN_EVERY == RETAIN_EVERY - 1 {
+            limiter.retain_recent();
         }
-        let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        if w.0.elapsed().as_secs() >= 1 {
-            *w = (Instant::now(), HashMap::new());
-        }
-        let n = w.1.entry(ip).or_insert(0);
-        *n += 1;
-        *n <= self.per_ip_per_sec
+        limiter.check_key(&ip.to_canonical()).is_ok()
     }
 }
 
@@ -90,7 +115,7 @@ mod tests {
 
     #[test]
     fn the_cap_counts_open_connections_and_permits_release_themselves() {
-        let p = Protection::new(0, 2);
+        let p = Admission::new(0, 2);
         let (a, b) = (p.try_connect(), p.try_connect());
         assert!(a.is_some() && b.is_some());
         assert!(p.try_connect().is_none());
@@ -110,11 +135,27 @@ mod tests {
 
     #[test]
     fn the_rate_limit_is_per_ip() {
-        let p = Protection::new(2, 10);
+        let p = Admission::new(2, 10);
         let (x, y) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         assert!(p.allow_new(x) && p.allow_new(x));
         assert!(!p.allow_new(x));
         assert!(p.allow_new(y));
-        assert!(Protection::new(0, 1).allow_new(x));
+        // The same address written as IPv4-mapped IPv6 is the same client.
+        assert!(!p.allow_new("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(Admission::new(0, 1).allow_new(x));
+    }
+
+    #[test]
+    fn forwarded_headers_name_the_peer_and_the_status_classes_agree() {
+        let h = forwarded(Some("::ffff:10.1.2.3".parse().unwrap()), Some("chat.example"));
+        assert_eq!(
+            h,
+            [
+                ("X-Forwarded-For", "10.1.2.3".to_string()),
+                ("X-Forwarded-Proto", "http".to_string()),
+                ("X-Forwarded-Host", "chat.example".to_string())
+            ]
+        );
+        assert_eq!([101, 204, 302, 404, 503, 0].map(status_class), ["1xx", "2xx", "3xx", "4xx", "5xx", "none"]);
     }
 }

@@ -1,97 +1,32 @@
 //! What the balancer knows about the chat nodes, shared by every service:
-//! the routing table (an `ArcSwap` snapshot that request handlers read without
-//! locks, replaced whole by discovery), the pingora-load-balancing `Backends`
-//! that own active health state, passive failure marks, and per-node counters
-//! that survive table rebuilds. `Cluster::ready` is the one definition of
-//! "this node can take traffic".
+//! the routing table (`table`, an `ArcSwap` snapshot that request handlers
+//! read without locks, replaced whole by discovery), the pingora-load-balancing
+//! `Backends` that own active health state, passive failure marks, and
+//! per-node counters that survive table rebuilds. `Cluster::ready` is the one
+//! definition of "this node can take traffic"; `Cluster::route` applies the
+//! pure `routing` decision to the live table and counts it.
 
+use crate::admission::Admission;
 use crate::config::BalancerConfig;
 use crate::metrics::Metrics;
-use crate::protection::Protection;
+use crate::routing::{self, Readiness, RouteDecision, RouteKind};
+use crate::table::{NodeStats, RouteNode, RoutingTable};
 use arc_swap::ArcSwap;
-use pingora_load_balancing::Backend;
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 use switchboard_common::redis_state::RedisState;
-use switchboard_common::registry::{NodeRecord, NodeStatus};
+use switchboard_common::registry::NodeStatus;
 
-/// Counters that belong to a node id and outlive table rebuilds.
-#[derive(Default)]
-pub struct NodeStats {
-    /// Requests in flight through this balancer, including open WebSockets.
-    pub open: AtomicI64,
-    pub routed_token: AtomicU64,
-    pub routed_cookie: AtomicU64,
-    pub routed_new: AtomicU64,
-    /// New clients sent here since the registry count was last refreshed.
-    pub assigned_since_record: AtomicU64,
-    /// Set when a connection to the node failed; cleared by its next passing check.
-    pub unreachable: AtomicBool,
-}
-
-impl NodeStats {
-    /// Marks the node unreachable; true when it was not already.
-    pub fn mark_unreachable(&self) -> bool {
-        !self.unreachable.swap(true, Ordering::AcqRel)
-    }
-
-    /// Clears the mark; true when it was set.
-    pub fn clear_unreachable(&self) -> bool {
-        self.unreachable.swap(false, Ordering::AcqRel)
-    }
-}
-
-#[derive(Clone)]
-pub struct RouteNode {
-    pub record: NodeRecord,
-    pub backend: Backend,
-    pub addr: SocketAddr,
-    pub cookie: String,
-    pub stats: Arc<NodeStats>,
-    /// Set when the node's registry key vanished without a `down` announcement.
-    pub missing_since: Option<Instant>,
-}
-
-impl RouteNode {
-    /// Load estimate for least-loaded selection.
-    pub fn load(&self) -> u64 {
-        let open = self.stats.open.load(Ordering::Relaxed).max(0) as u64;
-        self.record.connections.max(open) + self.stats.assigned_since_record.load(Ordering::Relaxed)
-    }
-}
-
-#[derive(Default)]
-pub struct RoutingTable {
-    pub nodes: Vec<Arc<RouteNode>>,
-    by_id: HashMap<String, usize>,
-    by_cookie: HashMap<String, usize>,
-}
-
-impl RoutingTable {
-    pub fn new(nodes: Vec<Arc<RouteNode>>) -> Self {
-        let by_id = nodes.iter().enumerate().map(|(i, n)| (n.record.node_id.clone(), i)).collect();
-        let by_cookie = nodes.iter().enumerate().map(|(i, n)| (n.cookie.clone(), i)).collect();
-        RoutingTable { nodes, by_id, by_cookie }
-    }
-
-    pub fn by_id(&self, id: &str) -> Option<&Arc<RouteNode>> {
-        self.by_id.get(id).map(|&i| &self.nodes[i])
-    }
-
-    pub fn by_cookie(&self, value: &str) -> Option<&Arc<RouteNode>> {
-        self.by_cookie.get(value).map(|&i| &self.nodes[i])
-    }
-}
+/// Other nodes a request is retried on after connect failures, at most.
+pub const MAX_RETRIES: usize = 3;
 
 pub struct Cluster {
     pub cfg: BalancerConfig,
     pub table: Arc<ArcSwap<RoutingTable>>,
     pub backends: pingora_load_balancing::Backends,
     pub metrics: Metrics,
-    pub protection: Protection,
+    pub admission: Admission,
     stats: Mutex<HashMap<String, Arc<NodeStats>>>,
     redis: RedisState,
 }
@@ -102,10 +37,10 @@ impl Cluster {
         table: Arc<ArcSwap<RoutingTable>>,
         backends: pingora_load_balancing::Backends,
         metrics: Metrics,
-        protection: Protection,
+        admission: Admission,
     ) -> Self {
         Cluster {
-            protection,
+            admission,
             cfg,
             table,
             backends,
@@ -113,16 +48,6 @@ impl Cluster {
             stats: Mutex::new(HashMap::new()),
             redis: RedisState::new("routing to the nodes already known"),
         }
-    }
-
-    /// Alive: passing active checks and not refusing connections.
-    pub fn ready(&self, node: &RouteNode) -> bool {
-        self.backends.ready(&node.backend) && !node.stats.unreachable.load(Ordering::Acquire)
-    }
-
-    /// May receive new clients: alive and not draining.
-    pub fn accepts_new(&self, node: &RouteNode) -> bool {
-        node.record.status == NodeStatus::Healthy && self.ready(node)
     }
 
     /// The counters of `node_id`, created on first use.
@@ -137,9 +62,59 @@ impl Cluster {
         map.retain(|id, s| keep.contains(id) || s.open.load(Ordering::Relaxed) > 0);
     }
 
+    /// Routes a request by the live table (see `routing::decide`), counting
+    /// refusals; a chosen node is counted by the caller once it is used
+    /// (`count_route`), since a failed connect may send the request elsewhere.
+    pub fn route(&self, id: Option<&str>, cookie: Option<&str>) -> RouteDecision {
+        let table = self.table.load();
+        let decision = routing::decide(&table, self, id, cookie, &mut rand::random::<u32>);
+        let refused = match decision {
+            RouteDecision::Node { .. } => None,
+            RouteDecision::UnknownConnection => Some("unknown_connection"),
+            RouteDecision::NoNodeAvailable => Some("no_node"),
+        };
+        if let Some(kind) = refused {
+            self.metrics.routing_decisions.with_label_values(&[kind]).inc();
+        }
+        decision
+    }
+
+    /// The least-loaded node accepting new clients, other than `exclude`.
+    pub fn least_loaded(&self, exclude: &[String]) -> Option<Arc<RouteNode>> {
+        routing::least_loaded(&self.table.load(), self, exclude, &mut rand::random::<u32>)
+    }
+
+    /// Whether a new SignalR connection from `ip` is within the per-IP rate;
+    /// a refusal is counted.
+    pub fn admit_new_connection(&self, ip: Option<std::net::IpAddr>) -> bool {
+        let ok = ip.is_none_or(|ip| self.admission.allow_new(ip));
+        if !ok {
+            self.metrics.refused.with_label_values(&["rate_limit"]).inc();
+        }
+        ok
+    }
+
+    /// After a failed connect to `failed`: the next node to try, if any. A
+    /// token route never moves (the connection lives on that node); any other
+    /// tries up to `MAX_RETRIES` more nodes, least loaded first, as a new
+    /// client. Marks the failed node unreachable until it passes a check, and
+    /// counts the retry and the new route.
+    pub fn reroute(&self, failed: &RouteNode, kind: RouteKind, tried: &mut Vec<String>) -> Option<Arc<RouteNode>> {
+        if failed.stats.mark_unreachable() {
+            tracing::warn!(node = %failed.record.node_id, "connect failed; node marked down until it passes a check");
+        }
+        tried.push(failed.record.node_id.clone());
+        if kind == RouteKind::Token || tried.len() > MAX_RETRIES {
+            return None;
+        }
+        let next = self.least_loaded(tried)?;
+        self.metrics.retries.inc();
+        self.count_route(&next, RouteKind::New);
+        Some(next)
+    }
+
     /// Records that `node` was chosen for a request by `kind`.
-    pub fn count_route(&self, node: &RouteNode, kind: crate::routing::RouteKind) {
-        use crate::routing::RouteKind;
+    pub fn count_route(&self, node: &RouteNode, kind: RouteKind) {
         let s = &node.stats;
         let counter = match kind {
             RouteKind::Token => &s.routed_token,
@@ -159,5 +134,17 @@ impl Cluster {
 
     pub fn redis_up(&self) -> bool {
         self.redis.is_up()
+    }
+}
+
+impl Readiness for Cluster {
+    /// Alive: passing active checks and not refusing connections.
+    fn ready(&self, node: &RouteNode) -> bool {
+        self.backends.ready(&node.backend) && !node.stats.unreachable.load(Ordering::Acquire)
+    }
+
+    /// May receive new clients: alive and not draining.
+    fn accepts_new(&self, node: &RouteNode) -> bool {
+        node.record.status == NodeStatus::Healthy && self.ready(node)
     }
 }

@@ -4,14 +4,14 @@
 //! are built from it.
 
 use clap::Parser;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 pub use switchboard_common::config::LogFormat;
 use switchboard_common::config::{load_file, require_positive, ConfigError};
 use switchboard_common::overlay;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BalancerConfig {
     pub listen: SocketAddr,
@@ -62,7 +62,7 @@ impl Default for BalancerConfig {
             keepalive_timeout_secs: 60,
             max_request_head_bytes: 32 * 1024,
             cookie_name: "switchboard_affinity".into(),
-            cookie_secret: "switchboard".into(),
+            cookie_secret: String::new(),
             rate_limit_per_ip: 0,
             max_connections: 100_000,
             fd_reserve: 256,
@@ -136,8 +136,8 @@ pub struct Cli {
     /// Affinity cookie name [default: switchboard_affinity]
     #[arg(long, env = "SWITCHBOARD_COOKIE_NAME")]
     pub cookie_name: Option<String>,
-    /// Secret mixed into affinity cookie values so they do not reveal node ids [default: switchboard]
-    #[arg(long, env = "SWITCHBOARD_COOKIE_SECRET")]
+    /// Secret key of the affinity cookie's HMAC, at least 16 characters; give every balancer replica the same one. Empty: a random one per process (cookies then work with this process only) [default: empty]
+    #[arg(long, env = "SWITCHBOARD_COOKIE_SECRET", hide_env_values = true)]
     pub cookie_secret: Option<String>,
     /// New SignalR connections per second per client IP; 0 = off [default: 0]
     #[arg(long, env = "SWITCHBOARD_RATE_LIMIT_PER_IP")]
@@ -241,6 +241,12 @@ impl BalancerConfig {
                 reason: "must be at least 1024".into(),
             });
         }
+        if !self.cookie_secret.is_empty() && self.cookie_secret.len() < 16 {
+            return Err(ConfigError::Invalid {
+                name: "cookie_secret",
+                reason: "must be at least 16 characters (or empty for a random one)".into(),
+            });
+        }
         if self.listen == self.admin_listen {
             return Err(ConfigError::Invalid { name: "admin_listen", reason: "must differ from listen".into() });
         }
@@ -253,6 +259,16 @@ impl BalancerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn help_the_shipped_file_and_the_defaults_agree() {
+        let text = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/balancer.toml"));
+        let shipped: BalancerConfig = toml::from_str(text).unwrap();
+        let help = Cli::command().render_help().to_string();
+        let problems = switchboard_common::config::defaults_disagree(&BalancerConfig::default(), text, &shipped, &help);
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
 
     fn parse(args: &[&str]) -> Result<BalancerConfig, ConfigError> {
         let mut all = vec!["switchboard-balancer"];
@@ -276,6 +292,8 @@ mod tests {
         assert!(parse(&["--listen", "127.0.0.1:1", "--admin-listen", "127.0.0.1:1"]).is_err());
         assert!(parse(&["--redis", "nope://x"]).is_err());
         assert!(parse(&["--max-request-head-bytes", "100"]).is_err());
+        assert!(parse(&["--cookie-secret", "switchboard"]).is_err(), "a short, guessable secret");
+        assert!(parse(&["--cookie-secret", "0123456789abcdef"]).is_ok());
         assert!(parse(&["--request-head-timeout-secs", "0"]).is_err());
     }
 

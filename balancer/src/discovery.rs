@@ -11,8 +11,10 @@
 //! while it passes health checks, so a Redis restart does not empty the
 //! cluster before the nodes' next heartbeat.
 
-use crate::cluster::{Cluster, RouteNode, RoutingTable};
+use crate::cluster::Cluster;
 use crate::routing::affinity_cookie;
+use crate::routing::Readiness;
+use crate::table::{RouteNode, RoutingTable};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use futures_util::StreamExt;

@@ -196,7 +196,7 @@ impl FrontApp {
 impl ServerApp for FrontApp {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let mut l4 = into_l4(stream)?;
-        let Some(_permit) = self.cluster.protection.try_connect() else {
+        let Some(_permit) = self.cluster.admission.try_connect() else {
             self.refuse("max_connections");
             let brief = HeadLimits { time: REFUSAL_READ, bytes: self.cluster.cfg.max_request_head_bytes };
             let _ = read_head(&mut *l4, brief, None).await;

@@ -5,7 +5,8 @@
 //! from the registry instead. Passive marks (set by the proxy when a connect
 //! fails) take a node out at once and are cleared by its next passing check.
 
-use crate::cluster::{Cluster, RouteNode, RoutingTable};
+use crate::cluster::Cluster;
+use crate::table::{RouteNode, RoutingTable};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;

@@ -6,17 +6,18 @@
 //! `cluster` holds the shared state; `config` the settings.
 
 mod admin;
+mod admission;
 mod cluster;
 mod config;
 mod discovery;
 mod front;
 mod health;
 mod metrics;
-mod protection;
 mod proxy;
 mod public_surface;
 mod refusal;
 mod routing;
+mod table;
 mod tunnel;
 
 use arc_swap::ArcSwap;
@@ -42,7 +43,7 @@ pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muz
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let upgrade = cli.upgrade;
-    let cfg = match cli.resolve() {
+    let mut cfg = match cli.resolve() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("switchboard-balancer: {e}");
@@ -50,6 +51,11 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cfg.log_format);
+    if cfg.cookie_secret.is_empty() {
+        let key: [u8; 32] = rand::random();
+        cfg.cookie_secret = key.iter().map(|b| format!("{b:02x}")).collect();
+        tracing::info!("no cookie_secret set: affinity cookies use a random key and work with this process only");
+    }
 
     let conf = ServerConf {
         threads: cfg.threads,
@@ -63,21 +69,21 @@ fn main() -> ExitCode {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let table = Arc::new(ArcSwap::from_pointee(cluster::RoutingTable::default()));
+    let table = Arc::new(ArcSwap::from_pointee(table::RoutingTable::default()));
     let metrics = metrics::Metrics::new();
     let mut backends =
         pingora_load_balancing::Backends::new(Box::new(discovery::RegistryDiscovery::new(table.clone())));
     backends.set_health_check(health::NodeHealthCheck::new(&cfg, table.clone(), metrics.backend_healthy.clone()));
     let (listen, admin_listen) = (cfg.listen, cfg.admin_listen);
-    let open_files = protection::open_file_limit();
+    let open_files = admission::open_file_limit();
     let cap = open_files
-        .map_or(cfg.max_connections, |l| cfg.max_connections.min(protection::descriptor_cap(l, cfg.fd_reserve)));
+        .map_or(cfg.max_connections, |l| cfg.max_connections.min(admission::descriptor_cap(l, cfg.fd_reserve)));
     tracing::info!(open_file_limit = ?open_files, connection_cap = cap, fd_reserve = cfg.fd_reserve, "client connections capped");
     if cfg.admin_token.is_empty() && !admin_listen.ip().is_loopback() {
         tracing::info!(%admin_listen, "no admin_token: the admin port serves /dashboard, /api and /metrics to loopback clients only");
     }
-    let protection = protection::Protection::new(cfg.rate_limit_per_ip, cap);
-    let cluster = Arc::new(cluster::Cluster::new(cfg, table, backends, metrics, protection));
+    let admission = admission::Admission::new(cfg.rate_limit_per_ip, cap);
+    let cluster = Arc::new(cluster::Cluster::new(cfg, table, backends, metrics, admission));
 
     let watcher = match discovery::RegistryWatcher::new(cluster.clone()) {
         Ok(w) => w,

@@ -1,24 +1,31 @@
-//! The public proxy: Pingora `ProxyHttp` hooks around `routing::decide`.
+//! The public proxy: Pingora `ProxyHttp` hooks around `Cluster::route`, for
+//! every request that is not a WebSocket upgrade (`front` and `tunnel` own
+//! those), with the policy in `admission` and `Cluster::reroute` that the
+//! tunnel shares.
 //!
 //! ```text
-//! request_filter      public paths only; per-IP rate → decide route
+//! request_filter      public paths only; per-IP rate → route
 //!                     (token → cookie → least loaded) → 404 / 503 / 429 early
 //! upstream_peer       the chosen node; connect timeout, idle-bounded reads
 //! fail_to_connect     mark the node passively down; retry a non-token
 //!                     request on the next least-loaded node
 //! upstream_request_filter  X-Forwarded-* headers
-//! response_filter     Set-Cookie for new assignments; count upgrades
+//! response_filter     Set-Cookie for new assignments; latency
 //! logging             status metrics; the ctx drop releases counters
 //! ```
 //!
-//! Upgraded WebSockets, SSE streams and long polls pass through Pingora's
-//! streaming body path unbuffered; their idle limit is `idle_timeout_secs`
-//! on both sides instead of Pingora's 60 s downstream default.
+//! Server-Sent Events streams and long polls pass through Pingora's streaming
+//! body path unbuffered; their idle limit is `idle_timeout_secs` on both
+//! sides instead of Pingora's 60 s default. (A request asking for some other
+//! upgrade than WebSocket would pass the same way; none of the nodes' routes
+//! accepts one.)
 
-use crate::cluster::{Cluster, RouteNode};
+use crate::admission;
+use crate::cluster::Cluster;
 use crate::public_surface;
 use crate::refusal::{self, Refusal};
-use crate::routing::{self, cookie_value, set_cookie_header, RouteDecision, RouteKind};
+use crate::routing::{cookie_value, set_cookie_header, RouteDecision, RouteKind};
+use crate::table::RouteNode;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -30,9 +37,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const POOLED_IDLE: Duration = Duration::from_secs(15);
-
-/// Requests retried on other nodes after connect failures, at most.
-const MAX_RETRIES: usize = 3;
 
 pub struct SwitchboardProxy {
     cluster: Arc<Cluster>,
@@ -113,11 +117,8 @@ impl ProxyHttp for SwitchboardProxy {
         let starts_connection = req.uri.path().ends_with("/negotiate") || (is_upgrade && id.is_none());
         if starts_connection {
             let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-            if let Some(ip) = ip {
-                if !cluster.protection.allow_new(ip) {
-                    cluster.metrics.refused.with_label_values(&["rate_limit"]).inc();
-                    return respond(session, &refusal::RATE_LIMITED).await;
-                }
+            if !cluster.admit_new_connection(ip) {
+                return respond(session, &refusal::RATE_LIMITED).await;
             }
         }
         let cookie = session
@@ -129,8 +130,7 @@ impl ProxyHttp for SwitchboardProxy {
             .find_map(|h| cookie_value(h, &cluster.cfg.cookie_name))
             .map(str::to_string);
 
-        let table = cluster.table.load();
-        match routing::decide(cluster, &table, id.as_deref(), cookie.as_deref()) {
+        match cluster.route(id.as_deref(), cookie.as_deref()) {
             RouteDecision::Node { node, kind } => {
                 self.cluster.count_route(&node, kind);
                 ctx.set_cookie = kind == RouteKind::New;
@@ -169,23 +169,15 @@ impl ProxyHttp for SwitchboardProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let cluster = &self.cluster;
         let Some(node) = ctx.node.take() else { return e };
-        if node.stats.mark_unreachable() {
-            tracing::warn!(node = %node.record.node_id, error = %e, "connect failed; node marked down until it passes a check");
-        }
+        tracing::debug!(node = %node.record.node_id, error = %e, "connect failed");
         ctx.in_flight = None;
-        ctx.tried.push(node.record.node_id.clone());
-        if ctx.kind != Some(RouteKind::Token) && ctx.tried.len() <= MAX_RETRIES {
-            let table = cluster.table.load();
-            if let Some(next) = routing::least_loaded(cluster, &table, &ctx.tried) {
-                cluster.count_route(&next, RouteKind::New);
-                cluster.metrics.retries.inc();
-                ctx.node = Some(next);
-                ctx.kind = Some(RouteKind::New);
-                ctx.set_cookie = true;
-                e.set_retry(true);
-            }
+        let kind = ctx.kind.unwrap_or(RouteKind::New);
+        if let Some(next) = self.cluster.reroute(&node, kind, &mut ctx.tried) {
+            ctx.node = Some(next);
+            ctx.kind = Some(RouteKind::New);
+            ctx.set_cookie = true;
+            e.set_retry(true);
         }
         e
     }
@@ -196,12 +188,11 @@ impl ProxyHttp for SwitchboardProxy {
         upstream: &mut RequestHeader,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(ip) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string()) {
-            upstream.insert_header("X-Forwarded-For", ip)?;
-        }
-        upstream.insert_header("X-Forwarded-Proto", "http")?;
-        if let Some(host) = session.req_header().headers.get("host").cloned() {
-            upstream.insert_header("X-Forwarded-Host", host)?;
+        let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let host = session.req_header().headers.get("host").and_then(|h| h.to_str().ok());
+        // `insert_header` replaces whatever the client sent under these names.
+        for (name, value) in admission::forwarded(peer, host) {
+            upstream.insert_header(name, value)?;
         }
         Ok(())
     }
@@ -214,9 +205,6 @@ impl ProxyHttp for SwitchboardProxy {
     ) -> Result<()> {
         if let Some(start) = ctx.upstream_start.take() {
             self.cluster.metrics.upstream_latency.observe(start.elapsed().as_secs_f64());
-        }
-        if resp.status.as_u16() == 101 {
-            self.cluster.metrics.upgrades.inc();
         }
         if ctx.set_cookie {
             if let Some(node) = &ctx.node {
@@ -234,15 +222,7 @@ impl ProxyHttp for SwitchboardProxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, _ctx: &mut RequestCtx) {
         let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            500..=599 => "5xx",
-            _ => "none",
-        };
-        self.cluster.metrics.requests.with_label_values(&[class]).inc();
+        self.cluster.metrics.requests.with_label_values(&[admission::status_class(status)]).inc();
     }
 }
 

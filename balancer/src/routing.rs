@@ -3,21 +3,26 @@
 //! included — or gets a fast 404 when that node is gone; (2) a valid affinity
 //! cookie naming a live, non-draining node; (3) otherwise the least-loaded
 //! node that accepts new clients, ties broken at random, with a new cookie.
-//! Pure decisions over a table snapshot; no I/O.
+//!
+//! Pure decisions over a table snapshot: whether a node is ready or accepts
+//! new clients is asked of a `Readiness` (the cluster's health state, or a
+//! test's), ties are broken by numbers the caller draws, and nothing is
+//! counted here (`Cluster::route` counts).
 
-use crate::cluster::{Cluster, RouteNode, RoutingTable};
+use crate::table::{RouteNode, RoutingTable};
 use std::sync::Arc;
 use switchboard_common::token;
 
-/// The affinity cookie value for a node: a keyed FNV-1a hash, opaque (never an
-/// address) and the same on every balancer replica that shares the secret.
+/// The affinity cookie value for a node: HMAC-SHA256 of its id under the
+/// cookie secret, the first 128 bits in hex. Opaque (never an address),
+/// unforgeable without the secret (a client cannot pick its node), and the
+/// same on every balancer replica that shares the secret.
 pub fn affinity_cookie(secret: &str, node_id: &str) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in secret.bytes().chain([0u8]).chain(node_id.bytes()) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("{h:016x}")
+    use hmac::{Hmac, Mac};
+    // HMAC takes keys of any length, so this cannot fail.
+    let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) else { return String::new() };
+    mac.update(node_id.as_bytes());
+    mac.finalize().into_bytes()[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Longest cookie value considered; anything longer is tampering.
@@ -63,49 +68,55 @@ pub enum RouteDecision {
     NoNodeAvailable,
 }
 
-/// Decides for a request with query `?id=` (if any) and affinity cookie (if
-/// any). Refusals are counted here; routed requests are counted by the caller,
-/// which may still retry elsewhere (`Cluster::count_route`).
-pub fn decide(cluster: &Cluster, table: &RoutingTable, id: Option<&str>, cookie: Option<&str>) -> RouteDecision {
-    let decision = choose(cluster, table, id, cookie);
-    let refused = match decision {
-        RouteDecision::Node { .. } => None,
-        RouteDecision::UnknownConnection => Some("unknown_connection"),
-        RouteDecision::NoNodeAvailable => Some("no_node"),
-    };
-    if let Some(kind) = refused {
-        cluster.metrics.routing_decisions.with_label_values(&[kind]).inc();
-    }
-    decision
+/// What routing needs to know of a node's health.
+pub trait Readiness {
+    /// Alive: may carry its existing connections (draining included).
+    fn ready(&self, node: &RouteNode) -> bool;
+    /// May receive new clients: ready and not draining.
+    fn accepts_new(&self, node: &RouteNode) -> bool;
 }
 
-fn choose(cluster: &Cluster, table: &RoutingTable, id: Option<&str>, cookie: Option<&str>) -> RouteDecision {
+/// Decides for a request with query `?id=` (if any) and affinity cookie (if
+/// any); `tie` draws the numbers that break ties between equally loaded nodes
+/// (the lowest wins).
+pub fn decide(
+    table: &RoutingTable,
+    health: &impl Readiness,
+    id: Option<&str>,
+    cookie: Option<&str>,
+    tie: &mut impl FnMut() -> u32,
+) -> RouteDecision {
     if let Some(id) = id {
         return match token::owner_of(id).and_then(|owner| table.by_id(&owner)) {
-            Some(node) if cluster.ready(node) => RouteDecision::Node { node: node.clone(), kind: RouteKind::Token },
+            Some(node) if health.ready(node) => RouteDecision::Node { node: node.clone(), kind: RouteKind::Token },
             _ => RouteDecision::UnknownConnection,
         };
     }
     if let Some(node) = cookie.and_then(|c| table.by_cookie(c)) {
-        if cluster.accepts_new(node) {
+        if health.accepts_new(node) {
             return RouteDecision::Node { node: node.clone(), kind: RouteKind::Cookie };
         }
     }
-    match least_loaded(cluster, table, &[]) {
+    match least_loaded(table, health, &[], tie) {
         Some(node) => RouteDecision::Node { node, kind: RouteKind::New },
         None => RouteDecision::NoNodeAvailable,
     }
 }
 
 /// The node accepting new clients with the lowest load, skipping `exclude`.
-pub fn least_loaded(cluster: &Cluster, table: &RoutingTable, exclude: &[String]) -> Option<Arc<RouteNode>> {
+pub fn least_loaded(
+    table: &RoutingTable,
+    health: &impl Readiness,
+    exclude: &[String],
+    tie: &mut impl FnMut() -> u32,
+) -> Option<Arc<RouteNode>> {
     let mut best: Option<(&Arc<RouteNode>, u64, u32)> = None;
     for node in &table.nodes {
-        if exclude.contains(&node.record.node_id) || !cluster.accepts_new(node) {
+        if exclude.contains(&node.record.node_id) || !health.accepts_new(node) {
             continue;
         }
         let load = node.load();
-        let tie: u32 = rand::random();
+        let tie = tie();
         if best.is_none_or(|(_, l, t)| load < l || (load == l && tie < t)) {
             best = Some((node, load, tie));
         }
@@ -116,6 +127,136 @@ pub fn least_loaded(cluster: &Cluster, table: &RoutingTable, exclude: &[String])
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::table::NodeStats;
+    use pingora_load_balancing::Backend;
+    use std::collections::HashSet;
+    use std::sync::atomic::Ordering;
+    use switchboard_common::registry::{NodeRecord, NodeStatus};
+
+    /// Health as a test states it: ready nodes, and which of them are draining.
+    #[derive(Default)]
+    struct Health {
+        down: HashSet<&'static str>,
+        draining: HashSet<&'static str>,
+    }
+
+    impl Readiness for Health {
+        fn ready(&self, n: &RouteNode) -> bool {
+            !self.down.contains(n.record.node_id.as_str())
+        }
+        fn accepts_new(&self, n: &RouteNode) -> bool {
+            self.ready(n) && !self.draining.contains(n.record.node_id.as_str())
+        }
+    }
+
+    /// Nodes with these ids and registry connection counts, in this order.
+    fn table(nodes: &[(&str, u64)]) -> RoutingTable {
+        let nodes = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, (id, connections))| {
+                let addr: std::net::SocketAddr = format!("127.0.0.1:{}", 5000 + i).parse().unwrap();
+                let record = NodeRecord {
+                    node_id: id.to_string(),
+                    name: id.to_string(),
+                    description: String::new(),
+                    url: format!("http://{addr}"),
+                    status: NodeStatus::Healthy,
+                    connections: *connections,
+                    last_seen: chrono::Utc::now(),
+                    started_at: chrono::Utc::now(),
+                    version: "0".into(),
+                };
+                Arc::new(RouteNode {
+                    record,
+                    backend: Backend::new(&addr.to_string()).unwrap(),
+                    addr,
+                    cookie: affinity_cookie("s", id),
+                    stats: Arc::new(NodeStats::default()),
+                    missing_since: None,
+                })
+            })
+            .collect();
+        RoutingTable::new(nodes)
+    }
+
+    /// Tie-breaking numbers drawn in order: 0, 1, 2, … (the first candidate wins ties).
+    fn in_order() -> impl FnMut() -> u32 {
+        let mut n = 0;
+        move || {
+            n += 1;
+            n
+        }
+    }
+
+    fn chosen(d: RouteDecision) -> Option<(String, RouteKind)> {
+        match d {
+            RouteDecision::Node { node, kind } => Some((node.record.node_id.clone(), kind)),
+            _ => None,
+        }
+    }
+
+    fn token_for(node: &str) -> String {
+        switchboard_common::token::ConnectionToken::issue(node).token
+    }
+
+    #[test]
+    fn a_token_goes_to_its_node_even_draining_and_is_refused_when_the_node_is_gone() {
+        let t = table(&[("a", 0), ("b", 9)]);
+        let mut h = Health::default();
+        h.draining.insert("b");
+        let d = decide(&t, &h, Some(&token_for("b")), None, &mut in_order());
+        assert_eq!(chosen(d), Some(("b".into(), RouteKind::Token)));
+        h.down.insert("b");
+        assert!(matches!(
+            decide(&t, &h, Some(&token_for("b")), None, &mut in_order()),
+            RouteDecision::UnknownConnection
+        ));
+        let d = decide(&t, &h, Some(&token_for("zz")), None, &mut in_order());
+        assert!(matches!(d, RouteDecision::UnknownConnection), "a node never known");
+        assert!(matches!(decide(&t, &h, Some("garbage"), None, &mut in_order()), RouteDecision::UnknownConnection));
+    }
+
+    #[test]
+    fn a_cookie_wins_over_load_unless_its_node_drains_or_is_down() {
+        let t = table(&[("a", 0), ("b", 9)]);
+        let mut h = Health::default();
+        let cookie = affinity_cookie("s", "b");
+        assert_eq!(chosen(decide(&t, &h, None, Some(&cookie), &mut in_order())), Some(("b".into(), RouteKind::Cookie)));
+        h.draining.insert("b");
+        assert_eq!(chosen(decide(&t, &h, None, Some(&cookie), &mut in_order())), Some(("a".into(), RouteKind::New)));
+        let forged = decide(&t, &Health::default(), None, Some("0000000000000000"), &mut in_order());
+        assert_eq!(chosen(forged), Some(("a".into(), RouteKind::New)), "an unknown cookie is a new client");
+    }
+
+    #[test]
+    fn new_clients_go_to_the_least_loaded_node_that_accepts_them() {
+        let t = table(&[("a", 5), ("b", 2), ("c", 7)]);
+        let mut h = Health::default();
+        assert_eq!(chosen(decide(&t, &h, None, None, &mut in_order())), Some(("b".into(), RouteKind::New)));
+        // Connections opened through this balancer count as load too, before
+        // the node's registry record catches up.
+        t.by_id("b").unwrap().stats.assigned_since_record.store(4, Ordering::Relaxed);
+        assert_eq!(chosen(decide(&t, &h, None, None, &mut in_order())), Some(("a".into(), RouteKind::New)));
+        h.draining.insert("a");
+        h.down.insert("b");
+        assert_eq!(chosen(decide(&t, &h, None, None, &mut in_order())), Some(("c".into(), RouteKind::New)));
+        h.down.insert("c");
+        assert!(matches!(decide(&t, &h, None, None, &mut in_order()), RouteDecision::NoNodeAvailable));
+        let excluded = least_loaded(&t, &Health::default(), &["b".to_string()], &mut in_order());
+        assert_eq!(excluded.map(|n| n.record.node_id.clone()), Some("a".into()));
+    }
+
+    #[test]
+    fn ties_are_broken_by_the_lowest_draw() {
+        let t = table(&[("a", 3), ("b", 3), ("c", 3)]);
+        let h = Health::default();
+        for (draws, want) in [([5, 1, 9], "b"), ([2, 8, 3], "a"), ([7, 7, 1], "c")] {
+            let mut it = draws.into_iter();
+            let d = decide(&t, &h, None, None, &mut || it.next().unwrap());
+            assert_eq!(chosen(d).map(|(n, _)| n), Some(want.to_string()), "{draws:?}");
+        }
+    }
 
     #[test]
     fn cookies_are_opaque_stable_and_keyed() {
@@ -123,7 +264,9 @@ mod tests {
         assert_eq!(a, affinity_cookie("s", "node-1"));
         assert_ne!(a, affinity_cookie("s", "node-2"));
         assert_ne!(a, affinity_cookie("other", "node-1"));
-        assert!(!a.contains("node") && a.len() == 16);
+        assert!(!a.contains("node") && a.len() == 32);
+        // RFC 4231 test case 2 (key "Jefe"), first 128 bits.
+        assert_eq!(affinity_cookie("Jefe", "what do ya want for nothing?"), "5bdcc146bf60754e6a042426089575c7");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! WebSocket tunnels owned by the balancer. `front` hands over a connection
 //! whose first request is a WebSocket upgrade; this module routes it like any
-//! request (token → cookie → least loaded, with the same protection and
+//! request (token → cookie → least loaded, with the same admission and
 //! metrics), connects to the node, forwards the head, relays the node's
 //! answer (adding the affinity cookie for new clients) and, after a 101,
 //! relays bytes both ways until either side closes or the tunnel has been
@@ -14,11 +14,13 @@
 //! is allocated only while data moves, so an idle tunnel holds two sockets and
 //! one small task.
 
-use crate::cluster::{Cluster, RouteNode};
+use crate::admission::{self, FORWARDED_HEADERS};
+use crate::cluster::Cluster;
 use crate::proxy::{query_id, InFlight};
 use crate::public_surface;
 use crate::refusal::{self, Refusal};
-use crate::routing::{self, cookie_value, set_cookie_header, RouteDecision, RouteKind};
+use crate::routing::{cookie_value, set_cookie_header, RouteDecision, RouteKind};
+use crate::table::RouteNode;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -30,7 +32,6 @@ use tokio::time::Instant;
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 const MAX_ERROR_BODY: usize = 64 * 1024;
 const RELAY_CHUNK: usize = 16 * 1024;
-const MAX_RETRIES: usize = 3;
 
 /// The parts of an upgrade request head that routing needs.
 #[derive(Debug, PartialEq)]
@@ -40,6 +41,7 @@ pub struct UpgradeRequest {
     pub path: String,
     pub id: Option<String>,
     pub cookie: Option<String>,
+    pub host: Option<String>,
 }
 
 fn header_has_token(value: &[u8], token: &str) -> bool {
@@ -76,8 +78,15 @@ impl UpgradeRequest {
             .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
             .filter_map(|h| std::str::from_utf8(h.value).ok())
             .collect();
+        let host = req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("host"))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::to_string);
         Some(UpgradeRequest {
             head_len,
+            host,
             path: path.to_string(),
             id: query_id(query).map(str::to_string),
             cookie: (!cookies.is_empty()).then(|| cookies.join("; ")),
@@ -108,6 +117,21 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
 
 async fn respond(client: &TcpStream, refusal: &Refusal) {
     let _ = write_all(client, refusal.to_http().as_bytes()).await;
+}
+
+/// `head` without the client's own `X-Forwarded-*` lines (the balancer sets
+/// them; a client must not be able to forge its address to the node).
+fn without_forwarded(head: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len());
+    for line in head.split_inclusive(|b| *b == b'\n') {
+        let name = line.split(|b| *b == b':').next().unwrap_or_default();
+        let forged = line.contains(&b':')
+            && FORWARDED_HEADERS.iter().any(|f| name.trim_ascii().eq_ignore_ascii_case(f.as_bytes()));
+        if !forged {
+            out.extend_from_slice(line);
+        }
+    }
+    out
 }
 
 /// Inserts header lines before the blank line that ends `head`.
@@ -149,15 +173,15 @@ async fn read_response_head(upstream: &TcpStream) -> Option<(Vec<u8>, usize, u16
     }
 }
 
-/// Chooses a node and connects to it, retrying other nodes for non-token routes.
+/// Chooses a node and connects to it, retrying other nodes as
+/// `Cluster::reroute` allows.
 async fn connect(
     cluster: &Cluster,
     req: &UpgradeRequest,
     client: &TcpStream,
 ) -> Result<(Arc<RouteNode>, RouteKind, TcpStream), ()> {
-    let table = cluster.table.load();
     let cookie = req.cookie.as_deref().and_then(|h| cookie_value(h, &cluster.cfg.cookie_name));
-    let (mut node, mut kind) = match routing::decide(cluster, &table, req.id.as_deref(), cookie) {
+    let (mut node, mut kind) = match cluster.route(req.id.as_deref(), cookie) {
         RouteDecision::Node { node, kind } => (node, kind),
         RouteDecision::UnknownConnection => {
             respond(client, &refusal::UNKNOWN_CONNECTION).await;
@@ -168,33 +192,20 @@ async fn connect(
             return Err(());
         }
     };
+    cluster.count_route(&node, kind);
     let timeout = Duration::from_millis(cluster.cfg.connect_timeout_ms);
     let mut tried: Vec<String> = Vec::new();
     loop {
-        cluster.count_route(&node, kind);
         match tokio::time::timeout(timeout, TcpStream::connect(node.addr)).await {
             Ok(Ok(upstream)) => {
                 let _ = upstream.set_nodelay(true);
                 return Ok((node, kind, upstream));
             }
-            Ok(Err(e)) => {
-                tracing::warn!(node = %node.record.node_id, error = %e, "websocket connect failed; node marked down until it passes a check")
-            }
-            Err(_) => {
-                tracing::warn!(node = %node.record.node_id, "websocket connect timed out; node marked down until it passes a check")
-            }
+            Ok(Err(e)) => tracing::debug!(node = %node.record.node_id, error = %e, "websocket connect failed"),
+            Err(_) => tracing::debug!(node = %node.record.node_id, "websocket connect timed out"),
         }
-        node.stats.mark_unreachable();
-        tried.push(node.record.node_id.clone());
-        let next = (kind != RouteKind::Token && tried.len() <= MAX_RETRIES)
-            .then(|| routing::least_loaded(cluster, &table, &tried))
-            .flatten();
-        match next {
-            Some(n) => {
-                cluster.metrics.retries.inc();
-                node = n;
-                kind = RouteKind::New;
-            }
+        match cluster.reroute(&node, kind, &mut tried) {
+            Some(next) => (node, kind) = (next, RouteKind::New),
             None if kind == RouteKind::Token => {
                 respond(client, &refusal::UNKNOWN_CONNECTION).await;
                 return Err(());
@@ -204,16 +215,6 @@ async fn connect(
                 return Err(());
             }
         }
-    }
-}
-
-fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
     }
 }
 
@@ -246,22 +247,19 @@ async fn handshake(cluster: &Arc<Cluster>, client: TcpStream, req: UpgradeReques
     if !public_surface::serves(&req.path) {
         return refuse(&client, &refusal::NOT_PUBLIC).await;
     }
-    if req.id.is_none() {
-        let ip = client.peer_addr().ok().map(|a| a.ip());
-        if ip.is_some_and(|ip| !cluster.protection.allow_new(ip)) {
-            cluster.metrics.refused.with_label_values(&["rate_limit"]).inc();
-            return refuse(&client, &refusal::RATE_LIMITED).await;
-        }
+    let peer = client.peer_addr().ok().map(|a| a.ip());
+    if req.id.is_none() && !cluster.admit_new_connection(peer) {
+        return refuse(&client, &refusal::RATE_LIMITED).await;
     }
     let (node, kind, upstream) = connect(cluster, &req, &client).await.ok()?;
     let in_flight = InFlight::new(cluster, node.clone());
     let started = std::time::Instant::now();
 
-    let forwarded = match client.peer_addr() {
-        Ok(peer) => format!("X-Forwarded-For: {}\r\nX-Forwarded-Proto: http\r\n", peer.ip()),
-        Err(_) => "X-Forwarded-Proto: http\r\n".to_string(),
-    };
-    let head = with_headers(&buf[..req.head_len], &forwarded);
+    let forwarded: String = admission::forwarded(peer, req.host.as_deref())
+        .into_iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let head = with_headers(&without_forwarded(&buf[..req.head_len]), &forwarded);
     if write_all(&upstream, &head).await.is_err() || write_all(&upstream, &buf[req.head_len..]).await.is_err() {
         return refuse(&client, &refusal::NODE_UNREACHABLE).await;
     }
@@ -272,7 +270,7 @@ async fn handshake(cluster: &Arc<Cluster>, client: TcpStream, req: UpgradeReques
         return refuse(&client, &refusal::NODE_UNREACHABLE).await;
     };
     cluster.metrics.upstream_latency.observe(started.elapsed().as_secs_f64());
-    cluster.metrics.requests.with_label_values(&[status_class(status)]).inc();
+    cluster.metrics.requests.with_label_values(&[admission::status_class(status)]).inc();
     let head = if kind == RouteKind::New {
         let cookie = set_cookie_header(&cluster.cfg.cookie_name, &node.cookie);
         with_headers(&resp[..head_len], &format!("Set-Cookie: {cookie}\r\n"))
@@ -437,6 +435,12 @@ mod tests {
         assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n").is_none());
         assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n").is_none());
         assert!(UpgradeRequest::parse(b"\x00\x01garbage\r\n\r\n").is_none());
+    }
+
+    #[test]
+    fn a_clients_forwarded_headers_are_dropped() {
+        let head = b"GET /chathub HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 6.6.6.6\r\nx-forwarded-proto : https\r\nX-Forwarded-Forx: keep\r\n\r\n";
+        assert_eq!(without_forwarded(head), b"GET /chathub HTTP/1.1\r\nHost: h\r\nX-Forwarded-Forx: keep\r\n\r\n");
     }
 
     #[test]
