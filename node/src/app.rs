@@ -7,7 +7,7 @@
 
 use crate::backplane::Backplane;
 use crate::config::NodeConfig;
-use crate::connection::{ChatDelivery, Connection, ConnectionOptions, ConnectionTable};
+use crate::connection::{ChatDelivery, Connection, ConnectionOptions, ConnectionTable, Limits};
 use crate::groups::LocalGroups;
 use crate::history::ChatMessage;
 use crate::metrics::Metrics;
@@ -65,18 +65,12 @@ impl App {
 
     pub fn new_connection(&self, connection_id: String, key: String, options: ConnectionOptions) -> Arc<Connection> {
         let cfg = &self.cfg;
-        let mut conn =
-            Connection::new(connection_id, key, cfg.max_message_bytes, cfg.max_buffered_frames, cfg.max_buffered_bytes);
-        conn.stateful_requested = options.stateful_reconnect;
-        conn.message_ids = options.message_ids;
-        if options.message_ids {
-            // A client that tracks message ids may resume: hold live chat
-            // messages until it calls Resume (or GetHistory), or briefly, so
-            // a replay comes before anything newer and the client's last id
-            // is always its newest (see `release_held`).
-            conn.begin_resume();
-        }
-        let conn = Arc::new(conn);
+        let limits = Limits {
+            max_message: cfg.max_message_bytes,
+            max_frames: cfg.max_buffered_frames,
+            max_bytes: cfg.max_buffered_bytes,
+        };
+        let conn = Arc::new(Connection::new(connection_id, key, limits, options));
         self.connections.insert(conn.clone());
         conn
     }
@@ -133,7 +127,7 @@ impl App {
             }
         };
         match &message.group {
-            None => self.connections.for_each_handshaken(offer),
+            None => self.connections.handshaken().iter().for_each(offer),
             Some(g) => {
                 for key in self.groups.members(g) {
                     if let Some(c) = self.connections.get(&key) {
@@ -177,7 +171,7 @@ impl App {
 
     /// Forgets a connection: table, groups, metrics. Safe to call repeatedly.
     pub fn disconnect(&self, conn: &Connection) {
-        if conn.removed.swap(true, Ordering::AcqRel) {
+        if !conn.mark_removed() {
             return;
         }
         conn.outbox.close(None);

@@ -2,7 +2,8 @@
 //! public id and the `?id=` key it is registered under, the outbox, the
 //! inbound record reader, which transport claimed it, the hub protocol its
 //! handshake chose, its stateful-reconnect state when it asked for that, and
-//! the clocks the keep-alive sweeper reads. `ConnectionTable` maps `?id=` values to
+//! the clocks the keep-alive sweeper reads, all behind methods that keep its
+//! invariants. `ConnectionTable` maps `?id=` values to
 //! connections. Everything here is sized for tens of thousands of idle
 //! connections: atomics instead of per-connection timers, no buffers until data
 //! flows.
@@ -62,14 +63,29 @@ pub enum AttachError {
 
 /// Long-polling bookkeeping: a newer poll supersedes the older one.
 #[derive(Default)]
-pub struct LongPoll {
-    pub started: AtomicBool,
-    pub generation: AtomicU64,
-    pub superseded: Notify,
-    pub active: AtomicU32,
-    pub last_poll_ms: AtomicU64,
+struct LongPoll {
+    started: AtomicBool,
+    generation: AtomicU64,
+    superseded: Notify,
+    active: AtomicU32,
+    last_poll_ms: AtomicU64,
 }
 
+/// Size limits of one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest incoming hub message.
+    pub max_message: usize,
+    /// Frames and bytes the outbox holds for a client.
+    pub max_frames: usize,
+    pub max_bytes: usize,
+}
+
+/// One connection. Its state changes only through the methods below, each
+/// of which keeps an invariant: a transport attaches once (long polling
+/// repeatedly), the handshake completes once, a connection is forgotten
+/// once, a newer poll supersedes an older one, live chat messages wait while
+/// a replay runs and never repeat one.
 pub struct Connection {
     pub connection_id: String,
     /// The `?id=` value: the token (negotiate v1) or the connection id (v0).
@@ -77,43 +93,52 @@ pub struct Connection {
     pub outbox: Outbox,
     /// Held while a batch of client bytes is processed, which also serialises
     /// concurrent long-polling sends, as the official server's write lock does.
-    pub reader: tokio::sync::Mutex<RecordReader>,
-    pub handshaken: AtomicBool,
+    reader: tokio::sync::Mutex<RecordReader>,
+    handshaken: AtomicBool,
     protocol: AtomicU8,
-    /// The client asked for stateful reconnect at negotiate (and the node allows it).
-    pub stateful_requested: bool,
-    /// The client opted in with `?messageIds=true`: chat events carry the id.
-    pub message_ids: bool,
+    options: ConnectionOptions,
     /// Live chat messages held while `Resume` replays, and how far it replayed.
     live_gate: Mutex<LiveGate>,
-    /// A `Resume` is replaying now (the sweeper must not release the hold).
-    pub resuming: AtomicBool,
     /// Id of the first chat message delivered live: live delivery is in id
     /// order, so `Resume` need replay only what is older than it.
     first_live_id: OnceLock<String>,
     stateful: OnceLock<Box<Stateful>>,
-    pub created_ms: u64,
-    pub last_sent_ms: AtomicU64,
-    pub last_received_ms: AtomicU64,
-    pub long_poll: LongPoll,
-    pub removed: AtomicBool,
+    created_ms: u64,
+    last_sent_ms: AtomicU64,
+    last_received_ms: AtomicU64,
+    long_poll: LongPoll,
+    removed: AtomicBool,
     transport: AtomicU8,
 }
 
+/// Marks a long poll as running for its lifetime, however it ends.
+pub struct PollGuard<'a>(&'a Connection);
+
+impl Drop for PollGuard<'_> {
+    fn drop(&mut self) {
+        let lp = &self.0.long_poll;
+        lp.last_poll_ms.store(now_ms(), Ordering::Release);
+        lp.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Connection {
-    pub fn new(connection_id: String, key: String, max_message: usize, max_frames: usize, max_bytes: usize) -> Self {
+    /// A connection as negotiated. A client that tracks message ids may
+    /// resume, so its live chat messages are held from the start until it
+    /// calls `Resume` (or reads history, or a moment passes): the replay
+    /// then comes before anything newer and its last id is always its newest.
+    pub fn new(connection_id: String, key: String, limits: Limits, options: ConnectionOptions) -> Self {
         let now = now_ms();
+        let held = options.message_ids.then(Vec::new);
         Connection {
             connection_id,
             key,
-            outbox: Outbox::new(max_frames, max_bytes),
-            reader: tokio::sync::Mutex::new(RecordReader::new(max_message)),
+            outbox: Outbox::new(limits.max_frames, limits.max_bytes),
+            reader: tokio::sync::Mutex::new(RecordReader::new(limits.max_message)),
             handshaken: AtomicBool::new(false),
             protocol: AtomicU8::new(HubProtocol::Json as u8),
-            stateful_requested: false,
-            message_ids: false,
-            live_gate: Mutex::new(LiveGate::default()),
-            resuming: AtomicBool::new(false),
+            options,
+            live_gate: Mutex::new(LiveGate { held, ..LiveGate::default() }),
             first_live_id: OnceLock::new(),
             stateful: OnceLock::new(),
             created_ms: now,
@@ -123,6 +148,78 @@ impl Connection {
             removed: AtomicBool::new(false),
             transport: AtomicU8::new(0),
         }
+    }
+
+    /// The client asked for stateful reconnect at negotiate (and the node allows it).
+    pub fn wants_stateful(&self) -> bool {
+        self.options.stateful_reconnect
+    }
+
+    /// The client opted in with `?messageIds=true`: chat events carry the id.
+    pub fn message_ids(&self) -> bool {
+        self.options.message_ids
+    }
+
+    /// The record reader, locked while one batch of client bytes is processed.
+    pub async fn reader(&self) -> tokio::sync::MutexGuard<'_, RecordReader> {
+        self.reader.lock().await
+    }
+
+    /// Records a completed handshake; true the first time.
+    pub fn complete_handshake(&self) -> bool {
+        !self.handshaken.swap(true, Ordering::AcqRel)
+    }
+
+    /// Marks the connection forgotten; true only the first time, so its
+    /// cleanup runs once.
+    pub fn mark_removed(&self) -> bool {
+        !self.removed.swap(true, Ordering::AcqRel)
+    }
+
+    pub fn age_ms(&self, now: u64) -> u64 {
+        now.saturating_sub(self.created_ms)
+    }
+
+    pub fn silent_for_ms(&self, now: u64) -> u64 {
+        now.saturating_sub(self.last_received_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn unsent_for_ms(&self, now: u64) -> u64 {
+        now.saturating_sub(self.last_sent_ms.load(Ordering::Relaxed))
+    }
+
+    /// Starts a long poll; true when it is the connection's first (which
+    /// answers at once). The guard counts it as running until dropped.
+    pub fn start_poll(&self) -> (PollGuard<'_>, bool) {
+        self.long_poll.active.fetch_add(1, Ordering::AcqRel);
+        let first = !self.long_poll.started.swap(true, Ordering::AcqRel);
+        (PollGuard(self), first)
+    }
+
+    /// Supersedes every poll waiting now; returns the new poll generation.
+    pub fn supersede_polls(&self) -> u64 {
+        let generation = self.long_poll.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.long_poll.superseded.notify_waiters();
+        generation
+    }
+
+    /// Resolves once a poll newer than `generation` has started.
+    pub async fn superseded(&self, generation: u64) {
+        loop {
+            let notified = self.long_poll.superseded.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.long_poll.generation.load(Ordering::Acquire) != generation {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// No poll is running and none has for `limit_ms`.
+    pub fn unpolled_for(&self, now: u64, limit_ms: u64) -> bool {
+        self.long_poll.active.load(Ordering::Acquire) == 0
+            && now.saturating_sub(self.long_poll.last_poll_ms.load(Ordering::Acquire)) >= limit_ms
     }
 
     pub fn transport(&self) -> Option<Transport> {
@@ -185,13 +282,22 @@ impl Connection {
         self.first_live_id.get().map(String::as_str)
     }
 
-    /// Starts holding live chat messages (a `Resume` began).
+    /// Starts holding live chat messages: a `Resume` began.
     pub fn begin_resume(&self) {
-        self.gate().held.get_or_insert_with(Vec::new);
+        let mut gate = self.gate();
+        gate.held.get_or_insert_with(Vec::new);
+        gate.replaying = true;
     }
 
     pub fn is_holding(&self) -> bool {
         self.gate().held.is_some()
+    }
+
+    /// Holding for a client that has neither resumed nor read history
+    /// within `grace_ms` of connecting (and is not replaying now).
+    pub fn hold_outlived(&self, now: u64, grace_ms: u64) -> bool {
+        let gate = self.gate();
+        gate.held.is_some() && !gate.replaying && self.age_ms(now) >= grace_ms
     }
 
     /// Stops holding and returns what arrived meanwhile, in arrival order.
@@ -199,6 +305,7 @@ impl Connection {
     /// to it that arrive from now on are repeats and are dropped.
     pub fn end_resume(&self, replayed_through: Option<&str>) -> Vec<Arc<ChatDelivery>> {
         let mut gate = self.gate();
+        gate.replaying = false;
         if let Some(id) = replayed_through {
             let newer = gate.replayed_through.as_deref().is_none_or(|t| crate::history::cmp_ids(id, t).is_gt());
             if newer {
@@ -239,6 +346,8 @@ impl Connection {
 struct LiveGate {
     /// `Some` while a replay runs (or the client has yet to resume).
     held: Option<Vec<Arc<ChatDelivery>>>,
+    /// A `Resume` is replaying now (the sweeper must not release the hold).
+    replaying: bool,
     /// The newest id a replay sent.
     replayed_through: Option<String>,
 }
@@ -265,7 +374,7 @@ impl ChatDelivery {
     }
 
     pub fn for_connection(&self, c: &Connection) -> &Outgoing {
-        if c.message_ids {
+        if c.message_ids() {
             self.with_id.get_or_init(|| Outgoing::new(self.message.event(true)))
         } else {
             &self.plain
@@ -308,13 +417,11 @@ impl ConnectionTable {
         self.read().values().cloned().collect()
     }
 
-    /// Calls `f` for each connection that has completed its handshake.
-    pub fn for_each_handshaken(&self, mut f: impl FnMut(&Arc<Connection>)) {
-        for c in self.read().values() {
-            if c.is_handshaken() {
-                f(c);
-            }
-        }
+    /// The connections that have completed their handshake, copied out:
+    /// a broadcast then sends without holding the table's lock, so new
+    /// connections never wait for it.
+    pub fn handshaken(&self) -> Vec<Arc<Connection>> {
+        self.read().values().filter(|c| c.is_handshaken()).cloned().collect()
     }
 }
 
@@ -322,8 +429,10 @@ impl ConnectionTable {
 mod tests {
     use super::*;
 
+    const LIMITS: Limits = Limits { max_message: 100, max_frames: 10, max_bytes: 1000 };
+
     fn conn() -> Connection {
-        Connection::new("c".into(), "k".into(), 100, 10, 1000)
+        Connection::new("c".into(), "k".into(), LIMITS, ConnectionOptions::default())
     }
 
     #[test]
@@ -354,6 +463,39 @@ mod tests {
             node_id: "n".into(),
             timestamp: String::new(),
         }))
+    }
+
+    #[test]
+    fn a_message_id_client_has_its_live_messages_held_until_it_resumes_or_the_grace_passes() {
+        let opts = ConnectionOptions { message_ids: true, ..ConnectionOptions::default() };
+        let c = Connection::new("c".into(), "k".into(), LIMITS, opts);
+        assert!(c.gate_live(&delivery("1-0")).is_none(), "held from the start");
+        let now = now_ms();
+        assert!(!c.hold_outlived(now, 60_000));
+        assert!(c.hold_outlived(now + 60_000, 60_000));
+        c.begin_resume();
+        assert!(!c.hold_outlived(now + 60_000, 60_000), "never released under a running replay");
+        assert_eq!(c.end_resume(None).len(), 1);
+        assert!(!c.is_holding());
+        assert!(conn().gate_live(&delivery("1-0")).is_some(), "other clients get them at once");
+    }
+
+    #[test]
+    fn polls_supersede_each_other_and_are_counted() {
+        let c = conn();
+        let (first, is_first) = c.start_poll();
+        assert!(is_first);
+        let g = c.supersede_polls();
+        assert!(!c.unpolled_for(now_ms() + 1_000_000, 10), "a poll is running");
+        drop(first);
+        assert!(c.unpolled_for(now_ms() + 1_000_000, 10));
+        let (_second, is_first) = c.start_poll();
+        assert!(!is_first);
+        c.supersede_polls();
+        // Resolves at once: a newer generation exists.
+        futures_util::FutureExt::now_or_never(c.superseded(g)).expect("superseded");
+        assert!(c.mark_removed() && !c.mark_removed(), "removed once");
+        assert!(c.complete_handshake() && !c.complete_handshake());
     }
 
     #[test]

@@ -17,7 +17,6 @@ use crate::protocol::{handshake_response, parse_handshake, transfer_format_error
 use crate::stateful::{Receive, Stateful};
 use bytes::Bytes;
 use serde_json::Value;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Whether `on_data` processed everything it was given.
@@ -37,7 +36,7 @@ pub enum Flow {
 /// pipelined requests can make the node hold.
 pub async fn on_data(app: &Arc<App>, conn: &Arc<Connection>, data: &[u8]) -> Flow {
     conn.touch_received();
-    let mut reader = conn.reader.lock().await;
+    let mut reader = conn.reader().await;
     reader.feed(data);
     let mut first = true;
     loop {
@@ -110,14 +109,14 @@ fn handshake(app: &App, conn: &Connection, record: &[u8]) -> bool {
             conn.set_protocol(req.protocol);
             // As in the official server: only a client that negotiated it and
             // speaks version 2 gets stateful reconnect, and only on WebSockets.
-            if conn.stateful_requested && req.version >= 2 && conn.transport() == Some(Transport::WebSockets) {
+            if conn.wants_stateful() && req.version >= 2 && conn.transport() == Some(Transport::WebSockets) {
                 conn.enable_stateful(Stateful::new(
                     app.cfg.stateful_buffer_bytes,
                     app.metrics.stateful_buffer_bytes.clone(),
                 ));
             }
             let _ = conn.send(Bytes::from(handshake_response(None)), false, true);
-            conn.handshaken.store(true, Ordering::Release);
+            conn.complete_handshake();
             tracing::debug!(connection = %conn.connection_id, protocol = req.protocol.name(), version = req.version, stateful = conn.stateful().is_some(), "handshake");
             true
         }
@@ -225,7 +224,6 @@ fn chat_message(app: &App, conn: &Connection, group: Option<String>, user: Strin
 /// delivery is in id order, so everything from its first live id on) is not
 /// replayed. So there is no gap and no repeat between the two.
 async fn resume(app: &Arc<App>, conn: &Arc<Connection>, last: &str) -> Result<usize, String> {
-    conn.resuming.store(true, Ordering::Release);
     conn.begin_resume();
     let replay = async {
         let mut c = app.redis.conn().await?;
@@ -268,7 +266,6 @@ async fn resume(app: &Arc<App>, conn: &Arc<Connection>, last: &str) -> Result<us
         Err(e) => Err(format!("HubException: message history is unavailable ({e}).")),
     };
     app.release_held(conn, outcome.is_ok().then_some(newest.as_str()));
-    conn.resuming.store(false, Ordering::Release);
     outcome
 }
 
@@ -345,7 +342,7 @@ async fn invoke(
             }
             page.reverse();
             // A client that reads history instead of resuming gets live messages now.
-            if conn.message_ids && conn.is_holding() {
+            if conn.message_ids() && conn.is_holding() {
                 app.release_held(conn, None);
             }
             Ok(Some(Value::Array(page)))

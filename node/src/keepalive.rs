@@ -10,7 +10,6 @@
 use crate::app::App;
 use crate::connection::{now_ms, Transport};
 use crate::protocol::{HubMessage, Outgoing};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,33 +47,26 @@ pub async fn sweep_forever(app: Arc<App>) {
             }
             // A message-id client that neither resumed nor read history
             // within a moment gets its live messages.
-            if conn.message_ids
-                && now.saturating_sub(conn.created_ms) >= RESUME_GRACE_MS
-                && !conn.resuming.load(Ordering::Acquire)
-                && conn.is_holding()
-            {
+            if conn.hold_outlived(now, RESUME_GRACE_MS) {
                 app.release_held(&conn, None);
             }
-            if conn.transport() == Some(Transport::LongPolling)
-                && conn.long_poll.active.load(Ordering::Acquire) == 0
-                && now.saturating_sub(conn.long_poll.last_poll_ms.load(Ordering::Acquire)) >= poll_idle
-            {
+            if conn.transport() == Some(Transport::LongPolling) && conn.unpolled_for(now, poll_idle) {
                 tracing::debug!(connection = %conn.connection_id, "long-polling client stopped polling");
                 app.disconnect(&conn);
             } else if !conn.is_handshaken() {
-                if now.saturating_sub(conn.created_ms) >= handshake_timeout {
+                if conn.age_ms(now) >= handshake_timeout {
                     tracing::info!(connection = %conn.connection_id, "no handshake in time; closing");
                     app.metrics.protocol_errors.with_label_values(&["handshake_timeout"]).inc();
                     app.close(&conn, None, false);
                 }
-            } else if now.saturating_sub(conn.last_received_ms.load(Ordering::Relaxed)) >= client_timeout {
+            } else if conn.silent_for_ms(now) >= client_timeout {
                 tracing::info!(connection = %conn.connection_id, "client timed out");
                 app.close(
                     &conn,
                     Some("Server timeout elapsed without receiving a message from the client.".into()),
                     false,
                 );
-            } else if now.saturating_sub(conn.last_sent_ms.load(Ordering::Relaxed)) >= keepalive {
+            } else if conn.unsent_for_ms(now) >= keepalive {
                 app.send_to(&conn, &ping);
             }
         }

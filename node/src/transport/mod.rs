@@ -24,7 +24,6 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use switchboard_common::token::{ConnectionToken, MAX_TOKEN_LEN};
 
@@ -226,7 +225,6 @@ pub async fn delete(State(app): State<Arc<App>>, Query(params): Params) -> Resul
         return Err(TransportError::NotLongPolling);
     }
     app.disconnect(&conn);
-    conn.long_poll.generation.fetch_add(1, Ordering::AcqRel);
-    conn.long_poll.superseded.notify_waiters();
+    conn.supersede_polls();
     Ok(StatusCode::ACCEPTED)
 }
