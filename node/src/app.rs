@@ -5,7 +5,7 @@
 //! asked for, or traffic it did not), delivering a chat message to the local
 //! connections that should see it, and forgetting a connection exactly once.
 
-use crate::backplane::Backplane;
+use crate::backplane::{Backplane, BackplaneMetrics, Deliver};
 use crate::config::NodeConfig;
 use crate::connection::{ChatDelivery, Connection, ConnectionOptions, ConnectionTable, Limits};
 use crate::groups::LocalGroups;
@@ -26,19 +26,33 @@ pub struct App {
     pub started_at: DateTime<Utc>,
     pub connections: ConnectionTable,
     pub groups: LocalGroups,
-    pub redis: RedisLink,
+    pub redis: Arc<RedisLink>,
     pub backplane: Backplane,
     pub metrics: Metrics,
     draining: AtomicBool,
 }
 
 impl App {
+    /// The node's state with the Redis backplane.
     pub fn new(cfg: NodeConfig) -> Result<Arc<Self>, redis::RedisError> {
+        Self::with_backplane(cfg, |cfg, link, metrics| {
+            let b = crate::backplane::redis::RedisBackplane::new(link, metrics, &cfg.key_prefix, cfg.history_len);
+            Backplane::Redis(Arc::new(b))
+        })
+    }
+
+    /// The node's state with the backplane `make` builds (tests use the
+    /// in-memory one). The Redis link is made either way; it connects only
+    /// when first used.
+    pub fn with_backplane(
+        cfg: NodeConfig,
+        make: impl FnOnce(&NodeConfig, Arc<RedisLink>, BackplaneMetrics) -> Backplane,
+    ) -> Result<Arc<Self>, redis::RedisError> {
         let metrics = Metrics::new();
         let client = redis::Client::open(cfg.redis.as_str())?;
         let node_id = cfg.node_id();
-        let redis = RedisLink::new(client, metrics.redis_up.clone());
-        let backplane = Backplane::new(&cfg.key_prefix);
+        let redis = Arc::new(RedisLink::new(client, metrics.redis_up.clone()));
+        let backplane = make(&cfg, redis.clone(), metrics.backplane());
         Ok(Arc::new(App {
             url: cfg.advertise_url(),
             name: cfg.name.clone().unwrap_or_else(|| format!("Node {node_id}")),
@@ -183,5 +197,15 @@ impl App {
             self.metrics.connections.with_label_values(&[t.label()]).dec();
         }
         tracing::debug!(connection = %conn.connection_id, "disconnected");
+    }
+}
+
+impl Deliver for App {
+    fn deliver(&self, message: &ChatMessage) {
+        self.deliver_chat(message);
+    }
+
+    fn local_groups(&self) -> Vec<String> {
+        self.groups.groups()
     }
 }

@@ -225,19 +225,7 @@ fn chat_message(app: &App, conn: &Connection, group: Option<String>, user: Strin
 /// replayed. So there is no gap and no repeat between the two.
 async fn resume(app: &Arc<App>, conn: &Arc<Connection>, last: &str) -> Result<usize, String> {
     conn.begin_resume();
-    let replay = async {
-        let mut c = app.redis.conn().await?;
-        let key = app.backplane.history_key();
-        if let Err(e) = history::check_resume(&mut c, key, last).await? {
-            return Ok(Err(e));
-        }
-        // One more than the bound, to tell "exactly the bound" from "more".
-        let bound = app.cfg.history_len;
-        let messages = history::after(&mut c, key, last, bound + 1).await?;
-        Ok(if messages.len() > bound { Err(history::ResumeError::TooMany(bound)) } else { Ok(messages) })
-    };
-    let result: redis::RedisResult<Result<Vec<ChatMessage>, history::ResumeError>> = replay.await;
-    app.redis.observe(&result);
+    let result = app.backplane.replay_after(last, app.cfg.history_len).await;
     let mut newest = last.to_string();
     let mut replayed = 0;
     let outcome = match result {
@@ -281,7 +269,7 @@ async fn invoke(
     match method {
         "SendMessage" => {
             let [user, message] = strings(args)?;
-            app.backplane.send(app, chat_message(app, conn, None, user, message));
+            app.backplane.send(chat_message(app, conn, None, user, message));
             Ok(None)
         }
         "GetNodeInfo" => {
@@ -308,7 +296,7 @@ async fn invoke(
         "SendMessageToGroup" => {
             let [group, user, message] = strings(args)?;
             groups::validate_name(&group).map_err(|e| format!("HubException: {e}"))?;
-            app.backplane.send(app, chat_message(app, conn, Some(group), user, message));
+            app.backplane.send(chat_message(app, conn, Some(group), user, message));
             Ok(None)
         }
         "GetHistory" => {
@@ -317,12 +305,11 @@ async fn invoke(
                 .as_u64()
                 .ok_or("InvalidDataException: Error binding arguments. 'count' must be a non-negative integer.")?;
             let count = count.min(app.cfg.history_len as u64) as usize;
-            let result = match app.redis.conn().await {
-                Ok(mut c) => history::recent(&mut c, app.backplane.history_key(), count).await,
-                Err(e) => Err(e),
-            };
-            app.redis.observe(&result);
-            let entries = result.map_err(|e| format!("HubException: message history is unavailable ({e})."))?;
+            let entries = app
+                .backplane
+                .recent(count)
+                .await
+                .map_err(|e| format!("HubException: message history is unavailable ({e})."))?;
             // Each with its `id` (and `group` for group messages); the uid is
             // internal. The newest entries that fit in half the connection's
             // byte budget: a page, so one call cannot make the node hold more.
@@ -356,5 +343,132 @@ async fn invoke(
             resume(app, conn, &last).await.map(|n| Some(Value::from(n)))
         }
         _ => Err("HubException: Method does not exist.".into()),
+    }
+}
+
+/// Hub and delivery over the in-memory backplane: two nodes sharing one
+/// `MemoryBus`, clients fed bytes as a transport would feed them, and what
+/// each connection's outbox holds read back. No Redis, no sockets.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::memory::{MemoryBackplane, MemoryBus};
+    use crate::backplane::{Backplane, Deliver};
+    use crate::connection::{ConnectionOptions, Transport};
+    use crate::outbox::Batch;
+    use futures_util::FutureExt;
+    use serde_json::json;
+
+    fn node(bus: &Arc<MemoryBus>, id: &str) -> Arc<App> {
+        let cfg = crate::config::NodeConfig { node_id: Some(id.into()), ..Default::default() };
+        let app = App::with_backplane(cfg, |_, _, _| Backplane::Memory(MemoryBackplane::attach(bus))).unwrap();
+        let sink: Arc<dyn Deliver> = app.clone();
+        app.backplane.start(Arc::downgrade(&sink));
+        app
+    }
+
+    /// A client on `app` over WebSockets with the JSON protocol, handshaken.
+    async fn client(app: &Arc<App>, name: &str, message_ids: bool) -> Arc<Connection> {
+        let options = ConnectionOptions { message_ids, ..Default::default() };
+        let conn = app.new_connection(name.into(), format!("key-{name}"), options);
+        conn.attach(Transport::WebSockets).unwrap();
+        on_data(app, &conn, b"{\"protocol\":\"json\",\"version\":1}\x1e").await;
+        assert_eq!(take(&conn), [json!({})], "handshake answer");
+        conn
+    }
+
+    async fn invoke(app: &Arc<App>, conn: &Arc<Connection>, id: &str, target: &str, args: Value) {
+        let msg = json!({"type": 1, "invocationId": id, "target": target, "arguments": args});
+        on_data(app, conn, format!("{msg}\x1e").as_bytes()).await;
+    }
+
+    /// Every record queued for `conn` so far.
+    fn take(conn: &Connection) -> Vec<Value> {
+        let mut out = Vec::new();
+        while let Some(Batch::Frames(frames)) = conn.outbox.next_batch(0).now_or_never() {
+            for f in frames {
+                for r in f.bytes.split(|b| *b == 0x1e).filter(|r| !r.is_empty()) {
+                    out.push(serde_json::from_slice(r).unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    fn events<'a>(records: &'a [Value], target: &str) -> Vec<&'a Value> {
+        records.iter().filter(|r| r["type"] == 1 && r["target"] == target).collect()
+    }
+
+    #[tokio::test]
+    async fn a_message_reaches_every_client_on_every_node_once_and_the_sender_gets_its_completion() {
+        let bus = MemoryBus::new(100);
+        let (a, b) = (node(&bus, "a"), node(&bus, "b"));
+        let (ca, cb) = (client(&a, "ca", false).await, client(&b, "cb", false).await);
+        invoke(&a, &ca, "1", "SendMessage", json!(["ann", "hello"])).await;
+        let (got_a, got_b) = (take(&ca), take(&cb));
+        for got in [&got_a, &got_b] {
+            let received = events(got, "ReceiveMessage");
+            assert_eq!(received.len(), 1, "{got:?}");
+            assert_eq!(received[0]["arguments"], json!(["ann", "hello", "ca", "a"]), "no id unless asked for");
+        }
+        assert!(got_a.iter().any(|r| r["type"] == 3 && r["invocationId"] == "1"), "{got_a:?}");
+    }
+
+    #[tokio::test]
+    async fn group_messages_reach_members_only_across_nodes() {
+        let bus = MemoryBus::new(100);
+        let (a, b) = (node(&bus, "a"), node(&bus, "b"));
+        let (member, outsider, sender) =
+            (client(&a, "m", false).await, client(&a, "o", false).await, client(&b, "s", false).await);
+        invoke(&a, &member, "1", "JoinGroup", json!(["ops"])).await;
+        invoke(&b, &sender, "2", "SendMessageToGroup", json!(["ops", "sam", "deploying"])).await;
+        let got = take(&member);
+        assert_eq!(events(&got, "ReceiveGroupMessage")[0]["arguments"], json!(["ops", "sam", "deploying", "s", "b"]));
+        assert!(events(&take(&outsider), "ReceiveGroupMessage").is_empty());
+    }
+
+    #[tokio::test]
+    async fn resume_replays_exactly_what_was_missed_then_live_messages_follow_once() {
+        let bus = MemoryBus::new(100);
+        let (a, b) = (node(&bus, "a"), node(&bus, "b"));
+        let sender = client(&a, "s", false).await;
+        let first = client(&b, "first", true).await;
+        invoke(&b, &first, "r0", "Resume", json!(["0-0"])).await;
+        for i in 0..3 {
+            invoke(&a, &sender, &i.to_string(), "SendMessage", json!(["s", format!("m{i}")])).await;
+        }
+        let seen = take(&first);
+        let ids: Vec<&Value> = events(&seen, "ReceiveMessage").iter().map(|r| &r["arguments"][4]).collect();
+        assert_eq!(ids.len(), 3, "{seen:?}");
+        // Its node goes away after the first message; it comes back elsewhere.
+        let back = client(&a, "back", true).await;
+        invoke(&a, &back, "r1", "Resume", json!([ids[0]])).await;
+        invoke(&a, &sender, "3", "SendMessage", json!(["s", "m3"])).await;
+        let got = take(&back);
+        let texts: Vec<&Value> = events(&got, "ReceiveMessage").iter().map(|r| &r["arguments"][1]).collect();
+        assert_eq!(texts, [&json!("m1"), &json!("m2"), &json!("m3")], "{got:?}");
+        let done = got.iter().find(|r| r["type"] == 3 && r["invocationId"] == "r1").unwrap();
+        assert_eq!(done["result"], 2, "how many were replayed");
+        // An id newer than anything stored is refused clearly.
+        invoke(&a, &back, "r2", "Resume", json!(["9-9"])).await;
+        let refused = take(&back);
+        assert!(refused[0]["error"].as_str().unwrap().contains("newer than any stored message"), "{refused:?}");
+    }
+
+    #[tokio::test]
+    async fn history_is_oldest_first_with_ids_and_trimmed_to_its_length() {
+        let bus = MemoryBus::new(2);
+        let a = node(&bus, "a");
+        let c = client(&a, "c", false).await;
+        for i in 0..3 {
+            invoke(&a, &c, &i.to_string(), "SendMessage", json!(["c", format!("m{i}")])).await;
+        }
+        take(&c);
+        invoke(&a, &c, "h", "GetHistory", json!([10])).await;
+        let got = take(&c);
+        let page = got[0]["result"].as_array().unwrap();
+        let texts: Vec<&Value> = page.iter().map(|m| &m["message"]).collect();
+        assert_eq!(texts, [&json!("m1"), &json!("m2")]);
+        assert!(page.iter().all(|m| m["id"].is_string() && m.get("uid").is_none()), "{page:?}");
     }
 }

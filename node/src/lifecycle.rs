@@ -7,14 +7,15 @@
 //! `down`; then let the HTTP server finish.
 
 use crate::app::App;
-use crate::backplane::Backplane;
+use crate::backplane::Deliver;
 use crate::{keepalive, registry};
 use std::sync::Arc;
 use std::time::Duration;
 use switchboard_common::registry::RegistryEventKind;
 
 pub fn start_background_tasks(app: &Arc<App>) -> tokio::task::JoinHandle<()> {
-    Backplane::spawn(app);
+    let sink: Arc<dyn Deliver> = app.clone();
+    app.backplane.start(Arc::downgrade(&sink));
     tokio::spawn(keepalive::sweep_forever(app.clone()));
     tokio::spawn(registry::heartbeat(app.clone()))
 }

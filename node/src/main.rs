@@ -4,7 +4,8 @@
 //!
 //! Layers: `protocol` (pure SignalR framing and messages) → `transport`
 //! (WebSockets, Server-Sent Events, long polling) → `hub` (what messages mean)
-//! → `backplane` (between nodes, in `history` order). `stateful` is SignalR
+//! → `backplane` (between nodes, in `history` order; the hub reaches it
+//! only through its seam, and it hands arrivals back through `Deliver`). `stateful` is SignalR
 //! 8's stateful reconnect for one connection. `registry` keeps the node
 //! discoverable, `lifecycle` starts and drains it.
 

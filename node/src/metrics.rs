@@ -116,6 +116,17 @@ impl Metrics {
         }
     }
 
+    /// Handles for the backplane's own counters.
+    pub fn backplane(&self) -> crate::backplane::BackplaneMetrics {
+        crate::backplane::BackplaneMetrics {
+            published: self.backplane_published.clone(),
+            publish_failures: self.backplane_publish_failures.clone(),
+            dropped: self.backplane_dropped.clone(),
+            received: self.backplane_received.clone(),
+            invalid: self.backplane_invalid.clone(),
+        }
+    }
+
     pub fn render(&self) -> String {
         switchboard_common::metrics::render(&self.registry)
     }

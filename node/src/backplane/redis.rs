@@ -1,5 +1,5 @@
 //! The Redis backplane that fans chat messages out to every node, in the
-//! order history stores them.
+//! order history stores them, and keeps that history.
 //!
 //! Channels: `{prefix}:bp:all` for broadcasts and `{prefix}:bp:group:{name}`
 //! per group (a node subscribes only while it has local members). Sending a
@@ -21,9 +21,9 @@
 //! everything stored after the last id it delivered, so a Redis outage or a
 //! lost subscription costs no remote client a message.
 
-use crate::app::App;
-use crate::history::{self, cmp_ids, ChatMessage};
-use crate::redis_link::CONNECT_TIMEOUT;
+use super::{BackplaneMetrics, Deliver, HistoryError, Sink};
+use crate::history::{self, cmp_ids, ChatMessage, ResumeError};
+use crate::redis_link::{RedisLink, CONNECT_TIMEOUT};
 use futures_util::StreamExt;
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,7 +54,11 @@ struct EarlyDeliveries {
     uids: HashSet<String>,
 }
 
-pub struct Backplane {
+pub struct RedisBackplane {
+    link: Arc<RedisLink>,
+    metrics: BackplaneMetrics,
+    sink: Sink,
+    history_len: usize,
     prefix: String,
     all_channel: String,
     group_prefix: String,
@@ -73,11 +77,15 @@ fn backoff(current: Duration) -> Duration {
     (current * 2).min(MAX_BACKOFF)
 }
 
-impl Backplane {
-    pub fn new(prefix: &str) -> Self {
+impl RedisBackplane {
+    pub fn new(link: Arc<RedisLink>, metrics: BackplaneMetrics, prefix: &str, history_len: usize) -> Self {
         let (queue, queue_rx) = mpsc::channel(QUEUE_CAPACITY);
         let (subs, subs_rx) = mpsc::unbounded_channel();
-        Backplane {
+        RedisBackplane {
+            link,
+            metrics,
+            sink: Sink::default(),
+            history_len,
             prefix: prefix.to_string(),
             all_channel: format!("{prefix}:bp:all"),
             group_prefix: format!("{prefix}:bp:group:"),
@@ -92,17 +100,13 @@ impl Backplane {
         }
     }
 
-    pub fn history_key(&self) -> &str {
-        &self.history_key
-    }
-
     fn group_channel(&self, group: &str) -> String {
         format!("{}{group}", self.group_prefix)
     }
 
     /// Queues a chat message for storing and delivery on every node,
     /// this one included.
-    pub fn send(&self, app: &App, message: ChatMessage) {
+    pub fn send(&self, message: ChatMessage) {
         let channel = match &message.group {
             Some(g) => self.group_channel(g),
             None => self.all_channel.clone(),
@@ -110,12 +114,12 @@ impl Backplane {
         self.pending.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = self.queue.try_send(Publication { channel, message }) {
             self.pending.fetch_sub(1, Ordering::AcqRel);
-            app.metrics.backplane_dropped.inc();
+            self.metrics.dropped.inc();
             tracing::error!("backplane publish queue is full; message delivered to this node only");
             let message = match e {
                 mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p.message,
             };
-            app.deliver_chat(&message);
+            self.sink.deliver(&message);
         }
     }
 
@@ -139,15 +143,46 @@ impl Backplane {
         true
     }
 
-    /// Starts the publisher and subscriber tasks.
-    pub fn spawn(app: &Arc<App>) {
-        let bp = &app.backplane;
-        let queue_rx = bp.queue_rx.lock().ok().and_then(|mut g| g.take());
-        let subs_rx = bp.subs_rx.lock().ok().and_then(|mut g| g.take());
+    /// Starts the publisher and subscriber tasks, which hand what arrives to `sink`.
+    pub fn start(self: &Arc<Self>, sink: std::sync::Weak<dyn Deliver>) {
+        self.sink.set(sink);
+        let queue_rx = self.queue_rx.lock().ok().and_then(|mut g| g.take());
+        let subs_rx = self.subs_rx.lock().ok().and_then(|mut g| g.take());
         if let (Some(q), Some(s)) = (queue_rx, subs_rx) {
-            tokio::spawn(publisher(app.clone(), q));
-            tokio::spawn(subscriber(app.clone(), s));
+            tokio::spawn(publisher(self.clone(), q));
+            tokio::spawn(subscriber(self.clone(), s));
         }
+    }
+
+    /// The newest `count` stored messages, oldest first.
+    pub async fn recent(&self, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
+        let result = match self.link.conn().await {
+            Ok(mut c) => history::recent(&mut c, &self.history_key, count).await,
+            Err(e) => Err(e),
+        };
+        self.link.observe(&result);
+        result.map_err(|e| HistoryError(e.to_string()))
+    }
+
+    /// Every stored message after `last`, when a replay from there is
+    /// possible and holds at most `bound` messages.
+    pub async fn replay_after(
+        &self,
+        last: &str,
+        bound: usize,
+    ) -> Result<Result<Vec<ChatMessage>, ResumeError>, HistoryError> {
+        let replay = async {
+            let mut c = self.link.conn().await?;
+            if let Err(e) = history::check_resume(&mut c, &self.history_key, last).await? {
+                return Ok(Err(e));
+            }
+            // One more than the bound, to tell "exactly the bound" from "more".
+            let messages = history::after(&mut c, &self.history_key, last, bound + 1).await?;
+            Ok(if messages.len() > bound { Err(ResumeError::TooMany(bound)) } else { Ok(messages) })
+        };
+        let result: redis::RedisResult<Result<Vec<ChatMessage>, ResumeError>> = replay.await;
+        self.link.observe(&result);
+        result.map_err(|e| HistoryError(e.to_string()))
     }
 
     fn early(&self) -> std::sync::MutexGuard<'_, EarlyDeliveries> {
@@ -155,7 +190,7 @@ impl Backplane {
     }
 
     /// Delivers to this node's clients now, before the message is stored.
-    fn deliver_early(&self, app: &App, message: &ChatMessage) {
+    fn deliver_early(&self, message: &ChatMessage) {
         {
             let mut early = self.early();
             if !early.uids.insert(message.uid.clone()) {
@@ -168,12 +203,12 @@ impl Backplane {
                 }
             }
         }
-        app.deliver_chat(message);
+        self.sink.deliver(message);
     }
 
     /// Delivers a stored message once: not at or below the last id passed,
     /// and not to this node's clients again if they had it early.
-    fn deliver_stored(&self, app: &App, message: &ChatMessage) {
+    fn deliver_stored(&self, message: &ChatMessage) {
         let Some(id) = message.id.as_deref() else { return };
         {
             let mut last = self.last_id.lock().unwrap_or_else(|p| p.into_inner());
@@ -185,27 +220,27 @@ impl Backplane {
         if self.early().uids.remove(&message.uid) {
             return;
         }
-        app.metrics.backplane_received.inc();
-        app.deliver_chat(message);
+        self.metrics.received.inc();
+        self.sink.deliver(message);
     }
 
     /// A payload received from Redis.
-    fn receive(&self, app: &App, channel: &str, payload: &[u8]) {
+    fn receive(&self, channel: &str, payload: &[u8]) {
         if channel != self.all_channel && !channel.starts_with(&self.group_prefix) {
             return;
         }
         match history::parse_published(payload) {
-            Some(m) if (channel == self.all_channel) == m.group.is_none() => self.deliver_stored(app, &m),
+            Some(m) if (channel == self.all_channel) == m.group.is_none() => self.deliver_stored(&m),
             _ => {
-                app.metrics.backplane_invalid.inc();
+                self.metrics.invalid.inc();
                 tracing::warn!(%channel, "ignoring malformed backplane payload");
             }
         }
     }
 
     /// After (re)subscribing: everything stored after the last id passed.
-    async fn catch_up(&self, app: &App) -> redis::RedisResult<usize> {
-        let mut conn = app.redis.conn().await?;
+    async fn catch_up(&self) -> redis::RedisResult<usize> {
+        let mut conn = self.link.conn().await?;
         let last = self.last_id.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(last) = last else {
             // First subscription: start from the newest stored message.
@@ -216,10 +251,10 @@ impl Backplane {
             }
             return Ok(0);
         };
-        let missed = history::after(&mut conn, &self.history_key, &last, app.cfg.history_len).await?;
+        let missed = history::after(&mut conn, &self.history_key, &last, self.history_len).await?;
         let n = missed.len();
         for m in &missed {
-            self.deliver_stored(app, m);
+            self.deliver_stored(m);
         }
         Ok(n)
     }
@@ -229,8 +264,7 @@ fn retryable(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
 }
 
-async fn publisher(app: Arc<App>, mut rx: mpsc::Receiver<Publication>) {
-    let bp = &app.backplane;
+async fn publisher(bp: Arc<RedisBackplane>, mut rx: mpsc::Receiver<Publication>) {
     let mut batch: Vec<Publication> = Vec::with_capacity(BATCH);
     let mut delay = Duration::from_millis(100);
     // The script's SHA1 once loaded; loaded again after Redis forgot it.
@@ -239,7 +273,7 @@ async fn publisher(app: Arc<App>, mut rx: mpsc::Receiver<Publication>) {
         if batch.is_empty() && rx.recv_many(&mut batch, BATCH).await == 0 {
             return;
         }
-        let result: redis::RedisResult<Vec<String>> = match app.redis.conn().await {
+        let result: redis::RedisResult<Vec<String>> = match bp.link.conn().await {
             Ok(mut c) => {
                 let loaded = match sha.clone() {
                     Some(s) => Ok(s),
@@ -254,7 +288,7 @@ async fn publisher(app: Arc<App>, mut rx: mpsc::Receiver<Publication>) {
                                 &mut pipe,
                                 &s,
                                 &bp.prefix,
-                                app.cfg.history_len,
+                                bp.history_len,
                                 &p.channel,
                                 &p.message,
                             );
@@ -266,7 +300,7 @@ async fn publisher(app: Arc<App>, mut rx: mpsc::Receiver<Publication>) {
             }
             Err(e) => Err(e),
         };
-        app.redis.observe(&result);
+        bp.link.observe(&result);
         if let Err(e) = &result {
             if e.code() == Some("NOSCRIPT") {
                 // Redis restarted and lost its script cache: load it and
@@ -277,17 +311,17 @@ async fn publisher(app: Arc<App>, mut rx: mpsc::Receiver<Publication>) {
         }
         match result {
             Ok(_) => {
-                app.metrics.backplane_published.inc_by(batch.len() as u64);
+                bp.metrics.published.inc_by(batch.len() as u64);
                 delay = Duration::from_millis(100);
             }
             Err(e) if retryable(&e) => {
-                app.metrics.backplane_publish_failures.inc();
+                bp.metrics.publish_failures.inc();
                 tracing::debug!(error = %e, queued = batch.len(), "store and publish failed; retrying");
                 // The sender's own clients should not wait for Redis: what is
                 // queued now, and what is sent until the next attempt, reaches
                 // them at once (without an id) and is stored later.
                 for p in &batch {
-                    bp.deliver_early(&app, &p.message);
+                    bp.deliver_early(&p.message);
                 }
                 let retry_at = tokio::time::Instant::now() + delay;
                 loop {
@@ -299,7 +333,7 @@ async fn publisher(app: Arc<App>, mut rx: mpsc::Receiver<Publication>) {
                                 break;
                             }
                             for p in &more {
-                                bp.deliver_early(&app, &p.message);
+                                bp.deliver_early(&p.message);
                             }
                             batch.extend(more);
                         }
@@ -309,10 +343,10 @@ async fn publisher(app: Arc<App>, mut rx: mpsc::Receiver<Publication>) {
                 continue;
             }
             Err(e) => {
-                app.metrics.backplane_dropped.inc_by(batch.len() as u64);
+                bp.metrics.dropped.inc_by(batch.len() as u64);
                 tracing::error!(error = %e, "redis refused a publish batch; delivered to this node only");
                 for p in &batch {
-                    bp.deliver_early(&app, &p.message);
+                    bp.deliver_early(&p.message);
                 }
             }
         }
@@ -321,22 +355,21 @@ async fn publisher(app: Arc<App>, mut rx: mpsc::Receiver<Publication>) {
     }
 }
 
-async fn subscriber(app: Arc<App>, mut cmds: mpsc::UnboundedReceiver<SubCommand>) {
-    let bp = &app.backplane;
+async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<SubCommand>) {
     let mut delay = Duration::from_millis(100);
     loop {
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT, app.redis.client.get_async_pubsub()).await;
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, bp.link.client.get_async_pubsub()).await;
         if let Ok(Ok(pubsub)) = connected {
             let (mut sink, mut stream) = pubsub.split();
             let mut channels = vec![bp.all_channel.clone()];
-            channels.extend(app.groups.groups().iter().map(|g| bp.group_channel(g)));
+            channels.extend(bp.sink.local_groups().iter().map(|g| bp.group_channel(g)));
             match sink.subscribe(&channels).await {
                 Ok(()) => {
-                    app.redis.set_up(true, None);
+                    bp.link.set_up(true, None);
                     tracing::info!(channels = channels.len(), "backplane subscribed");
                     delay = Duration::from_millis(100);
                     // Subscribed first, then read history: nothing falls between.
-                    match bp.catch_up(&app).await {
+                    match bp.catch_up().await {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(messages = n, "caught up from history after resubscribing"),
                         Err(e) => tracing::warn!(error = %e, "could not catch up from history"),
@@ -344,7 +377,7 @@ async fn subscriber(app: Arc<App>, mut cmds: mpsc::UnboundedReceiver<SubCommand>
                     loop {
                         tokio::select! {
                             msg = stream.next() => match msg {
-                                Some(m) => bp.receive(&app, m.get_channel_name(), m.get_payload_bytes()),
+                                Some(m) => bp.receive(m.get_channel_name(), m.get_payload_bytes()),
                                 None => break,
                             },
                             cmd = cmds.recv() => {
@@ -359,15 +392,15 @@ async fn subscriber(app: Arc<App>, mut cmds: mpsc::UnboundedReceiver<SubCommand>
                             }
                         }
                     }
-                    app.redis.set_up(false, None);
+                    bp.link.set_up(false, None);
                     tracing::warn!("backplane subscription lost; reconnecting");
                 }
-                Err(e) => app.redis.set_up(false, Some(&e)),
+                Err(e) => bp.link.set_up(false, Some(&e)),
             }
         } else if let Ok(Err(e)) = connected {
-            app.redis.set_up(false, Some(&e));
+            bp.link.set_up(false, Some(&e));
         } else {
-            app.redis.set_up(false, None);
+            bp.link.set_up(false, None);
         }
         tokio::time::sleep(delay).await;
         delay = backoff(delay);

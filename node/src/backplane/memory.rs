@@ -1,0 +1,103 @@
+//! A backplane inside one process, modelled on centrifuge's memory broker:
+//! backplanes attached to the same `MemoryBus` are the nodes of a cluster.
+//! Sending stores the message in the bus's capped history under the next id
+//! and hands it, in id order, to every attached node (the sender included),
+//! at once and under the bus's lock, so every node sees one order. Group
+//! messages go to every node; a node's delivery picks the members.
+
+use super::{Deliver, Sink};
+use crate::history::{cmp_ids, parse_id, ChatMessage, ResumeError};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, Weak};
+
+/// What the attached backplanes share.
+pub struct MemoryBus {
+    state: Mutex<BusState>,
+}
+
+struct BusState {
+    next: u64,
+    /// Messages ever added (to tell a trimmed history from a short one).
+    added: u64,
+    history: VecDeque<ChatMessage>,
+    cap: usize,
+    nodes: Vec<Weak<MemoryBackplane>>,
+}
+
+impl MemoryBus {
+    /// A bus keeping the newest `history_len` messages.
+    pub fn new(history_len: usize) -> Arc<Self> {
+        let state =
+            BusState { next: 1, added: 0, history: VecDeque::new(), cap: history_len.max(1), nodes: Vec::new() };
+        Arc::new(MemoryBus { state: Mutex::new(state) })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, BusState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub struct MemoryBackplane {
+    bus: Arc<MemoryBus>,
+    sink: Sink,
+}
+
+impl MemoryBackplane {
+    /// A node's backplane on `bus`.
+    pub fn attach(bus: &Arc<MemoryBus>) -> Arc<Self> {
+        let b = Arc::new(MemoryBackplane { bus: bus.clone(), sink: Sink::default() });
+        bus.state().nodes.push(Arc::downgrade(&b));
+        b
+    }
+
+    pub fn start(&self, sink: Weak<dyn Deliver>) {
+        self.sink.set(sink);
+    }
+
+    pub fn send(&self, mut message: ChatMessage) {
+        let mut state = self.bus.state();
+        message.id = Some(format!("1-{}", state.next));
+        state.next += 1;
+        state.added += 1;
+        state.history.push_back(message.clone());
+        while state.history.len() > state.cap {
+            state.history.pop_front();
+        }
+        state.nodes.retain(|n| n.strong_count() > 0);
+        for node in state.nodes.iter().filter_map(Weak::upgrade) {
+            node.sink.deliver(&message);
+        }
+    }
+
+    pub fn recent(&self, count: usize) -> Vec<ChatMessage> {
+        let state = self.bus.state();
+        state.history.iter().skip(state.history.len().saturating_sub(count)).cloned().collect()
+    }
+
+    /// As `history::check_resume` and `history::after` decide it for Redis.
+    pub fn replay_after(&self, last: &str, bound: usize) -> Result<Vec<ChatMessage>, ResumeError> {
+        if parse_id(last).is_none() {
+            return Err(ResumeError::Malformed);
+        }
+        let state = self.bus.state();
+        let newest = state.history.back().and_then(|m| m.id.clone()).unwrap_or_else(|| "0-0".into());
+        if cmp_ids(last, &newest).is_gt() {
+            return Err(ResumeError::Future);
+        }
+        let trimmed = state.added > state.history.len() as u64;
+        let oldest = state.history.front().and_then(|m| m.id.as_deref());
+        if trimmed && oldest.is_some_and(|o| cmp_ids(last, o).is_lt()) {
+            return Err(ResumeError::Gone);
+        }
+        let after: Vec<ChatMessage> = state
+            .history
+            .iter()
+            .filter(|m| m.id.as_deref().is_some_and(|id| cmp_ids(id, last).is_gt()))
+            .cloned()
+            .collect();
+        if after.len() > bound {
+            return Err(ResumeError::TooMany(bound));
+        }
+        Ok(after)
+    }
+}

@@ -1,0 +1,145 @@
+//! The seam between this node's hub and the other nodes. A backplane takes
+//! chat messages to store and fan out (`send`), follows the groups this node
+//! has members in, keeps the history that `GetHistory` and `Resume` read, and
+//! hands every message that arrives, in id order and once, to a `Deliver`
+//! (the node's delivery to its local connections). It knows nothing else of
+//! the node and keeps its own metric handles.
+//!
+//! Two implementations: `redis` (Redis Streams and publish/subscribe; what
+//! the node runs) and, for unit tests, `memory` (one process; several
+//! backplanes attached to one `MemoryBus` behave as a cluster), so hub and
+//! delivery logic are tested without Redis. An enum rather than a trait object keeps the async
+//! methods plain.
+
+#[cfg(test)]
+pub mod memory;
+pub mod redis;
+
+use crate::history::{ChatMessage, ResumeError};
+use prometheus::IntCounter;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+/// Where a backplane hands what arrives.
+pub trait Deliver: Send + Sync {
+    /// Delivers a chat message to the local connections that should see it.
+    fn deliver(&self, message: &ChatMessage);
+    /// The groups with local members (subscribed again after a reconnect).
+    fn local_groups(&self) -> Vec<String>;
+}
+
+/// The handler, set when the backplane starts; a weak reference, since the
+/// node's state owns the backplane.
+#[derive(Default)]
+pub struct Sink(OnceLock<Weak<dyn Deliver>>);
+
+impl Sink {
+    fn set(&self, sink: Weak<dyn Deliver>) {
+        let _ = self.0.set(sink);
+    }
+
+    fn deliver(&self, message: &ChatMessage) {
+        if let Some(s) = self.0.get().and_then(Weak::upgrade) {
+            s.deliver(message);
+        }
+    }
+
+    fn local_groups(&self) -> Vec<String> {
+        self.0.get().and_then(Weak::upgrade).map(|s| s.local_groups()).unwrap_or_default()
+    }
+}
+
+/// The backplane's own metric handles.
+#[derive(Clone)]
+pub struct BackplaneMetrics {
+    pub published: IntCounter,
+    pub publish_failures: IntCounter,
+    pub dropped: IntCounter,
+    pub received: IntCounter,
+    pub invalid: IntCounter,
+}
+
+/// History could not be read (Redis unreachable, say); the text says why.
+#[derive(Debug)]
+pub struct HistoryError(pub String);
+
+impl std::fmt::Display for HistoryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub enum Backplane {
+    Redis(Arc<redis::RedisBackplane>),
+    #[cfg(test)]
+    Memory(Arc<memory::MemoryBackplane>),
+}
+
+impl Backplane {
+    /// Starts moving messages; what arrives goes to `sink`.
+    pub fn start(&self, sink: Weak<dyn Deliver>) {
+        match self {
+            Backplane::Redis(b) => b.start(sink),
+            #[cfg(test)]
+            Backplane::Memory(b) => b.start(sink),
+        }
+    }
+
+    /// Queues a chat message for storing and delivery on every node, this one included.
+    pub fn send(&self, message: ChatMessage) {
+        match self {
+            Backplane::Redis(b) => b.send(message),
+            #[cfg(test)]
+            Backplane::Memory(b) => b.send(message),
+        }
+    }
+
+    /// Follows `group` (this node has a member in it now).
+    pub fn subscribe_group(&self, group: &str) {
+        match self {
+            Backplane::Redis(b) => b.subscribe_group(group),
+            #[cfg(test)]
+            Backplane::Memory(_) => {} // every node gets every message
+        }
+    }
+
+    pub fn unsubscribe_group(&self, group: &str) {
+        match self {
+            Backplane::Redis(b) => b.unsubscribe_group(group),
+            #[cfg(test)]
+            Backplane::Memory(_) => {}
+        }
+    }
+
+    /// Waits until every accepted message is stored, or `limit` passes.
+    pub async fn flush(&self, limit: Duration) -> bool {
+        match self {
+            Backplane::Redis(b) => b.flush(limit).await,
+            #[cfg(test)]
+            Backplane::Memory(_) => true,
+        }
+    }
+
+    /// The newest `count` stored messages, oldest first.
+    pub async fn recent(&self, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
+        match self {
+            Backplane::Redis(b) => b.recent(count).await,
+            #[cfg(test)]
+            Backplane::Memory(b) => Ok(b.recent(count)),
+        }
+    }
+
+    /// Every stored message after `last`, when a replay from there is
+    /// possible and holds at most `bound` messages.
+    pub async fn replay_after(
+        &self,
+        last: &str,
+        bound: usize,
+    ) -> Result<Result<Vec<ChatMessage>, ResumeError>, HistoryError> {
+        match self {
+            Backplane::Redis(b) => b.replay_after(last, bound).await,
+            #[cfg(test)]
+            Backplane::Memory(b) => Ok(b.replay_after(last, bound)),
+        }
+    }
+}
