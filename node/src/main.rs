@@ -5,9 +5,10 @@
 //! Layers: `protocol` (pure SignalR framing and messages) → `transport`
 //! (WebSockets, Server-Sent Events, long polling) → `hub` (what messages mean)
 //! → `backplane` (between nodes, in `history` order; the hub reaches it
-//! only through its seam, and it hands arrivals back through `Deliver`). `stateful` is SignalR
-//! 8's stateful reconnect for one connection. `registry` keeps the node
-//! discoverable, `lifecycle` starts and drains it.
+//! only through its seam, and it hands arrivals back through `Deliver`).
+//! `stateful` is SignalR 8's stateful reconnect for one connection.
+//! `registry` keeps the node discoverable, `lifecycle` starts and drains it,
+//! `server` accepts HTTP connections with limits on request heads.
 
 mod app;
 mod backplane;
