@@ -15,6 +15,7 @@
 //! pause. Every wait is bounded.
 
 use crate::contenders::{free_port, switchboard_on, wait_ok, Proc};
+use crate::signalr;
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -104,26 +105,11 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<t
 
 /// Negotiates through `base`, opens the WebSocket and shakes hands.
 async fn open(http: &reqwest::Client, base: &str, message_ids: bool) -> Result<Ws> {
-    let q = if message_ids { "negotiateVersion=1&messageIds=true" } else { "negotiateVersion=1" };
-    let body: Value =
-        http.post(format!("{base}/chathub/negotiate?{q}")).send().await?.error_for_status()?.json().await?;
-    let token = body["connectionToken"].as_str().ok_or_else(|| anyhow!("negotiate: {body}"))?;
-    let url = format!("{}/chathub?id={token}", base.replacen("http://", "ws://", 1));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
-    ws.send(Message::Text(format!("{{\"protocol\":\"json\",\"version\":1}}{RS}").into())).await?;
-    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
-        Ok(Some(Ok(m))) if m.to_text().is_ok_and(|t| t.starts_with("{}")) => Ok(ws),
-        other => bail!("handshake answered {other:?}"),
-    }
+    Ok(signalr::connect_opts(http, base, false, message_ids).await?.ws)
 }
 
 fn records(m: &Message) -> Vec<Value> {
-    m.to_text()
-        .unwrap_or_default()
-        .split(RS)
-        .filter(|r| !r.is_empty())
-        .filter_map(|r| serde_json::from_str(r).ok())
-        .collect()
+    signalr::records(m.to_text().unwrap_or_default())
 }
 
 /// A client through the balancer that reconnects forever (until `stop`),

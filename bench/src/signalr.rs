@@ -32,14 +32,25 @@ pub fn cookie_header<'a>(set_cookies: impl Iterator<Item = &'a str>) -> Option<S
 }
 
 pub async fn connect(http: &reqwest::Client, base: &str) -> Result<HubSocket> {
-    connect_with(http, base, false).await
+    connect_opts(http, base, false, false).await
 }
 
 /// `connect`, optionally asking for stateful reconnect (negotiate flag and
 /// handshake version 2), which makes the node keep per-connection sequence
 /// state.
 pub async fn connect_with(http: &reqwest::Client, base: &str, stateful: bool) -> Result<HubSocket> {
-    let query = if stateful { "negotiateVersion=1&useStatefulReconnect=true" } else { "negotiateVersion=1" };
+    connect_opts(http, base, stateful, false).await
+}
+
+/// `connect_with`, optionally opting in to message ids (`?messageIds=true`).
+pub async fn connect_opts(http: &reqwest::Client, base: &str, stateful: bool, message_ids: bool) -> Result<HubSocket> {
+    let mut query = String::from("negotiateVersion=1");
+    if stateful {
+        query.push_str("&useStatefulReconnect=true");
+    }
+    if message_ids {
+        query.push_str("&messageIds=true");
+    }
     let resp = http.post(format!("{base}/chathub/negotiate?{query}")).send().await?;
     let status = resp.status();
     let cookies = cookie_header(resp.headers().get_all(SET_COOKIE).iter().filter_map(|v| v.to_str().ok()));
@@ -104,6 +115,11 @@ pub async fn longpoll_echo(http: &reqwest::Client, base: &str, negotiate_version
     bail!("no Echo completion after 6 polls")
 }
 
+/// The hub messages in a text frame (unparsable records are skipped).
+pub fn records(text: &str) -> Vec<Value> {
+    text.split(RS).filter(|r| !r.is_empty()).filter_map(|r| serde_json::from_str(r).ok()).collect()
+}
+
 impl HubSocket {
     pub async fn send_record(&mut self, v: &Value) -> Result<()> {
         self.ws.send(Message::Text(format!("{v}{RS}").into())).await?;
@@ -135,14 +151,7 @@ impl HubSocket {
     pub async fn read_frame(&mut self) -> Result<Vec<Value>> {
         loop {
             match self.ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    return Ok(t
-                        .as_str()
-                        .split(RS)
-                        .filter(|r| !r.is_empty())
-                        .filter_map(|r| serde_json::from_str(r).ok())
-                        .collect())
-                }
+                Some(Ok(Message::Text(t))) => return Ok(records(t.as_str())),
                 Some(Ok(Message::Close(_))) | None => bail!("connection closed"),
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => return Err(e.into()),

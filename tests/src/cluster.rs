@@ -1,7 +1,9 @@
 //! Starting the project's programs for a test: `TestNode` runs a
 //! `switchboard-node` on a free loopback port against the test's Redis, with
 //! short registry timings (0.3 s heartbeat, 1.5 s TTL, 1 s drain) so a test
-//! can watch a node appear, drain and expire within seconds.
+//! can watch a node appear, drain and expire within seconds. `InProcessNode`
+//! runs the same node inside the test (`switchboard_node::run` on port 0),
+//! for tests that need no process of its own to signal or kill.
 
 use crate::process::{free_port, Process};
 use crate::{eventually, wait_for_status, RedisServer};
@@ -14,6 +16,76 @@ pub struct TestNode {
     pub process: Process,
 }
 
+/// The flags every test node gets, then `extra`.
+fn node_args(listen: &str, redis_url: &str, id: &str, base: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--listen",
+        listen,
+        "--redis",
+        redis_url,
+        "--node-id",
+        id,
+        "--advertise-url",
+        base,
+        "--heartbeat-secs",
+        "0.3",
+        "--ttl-secs",
+        "1.5",
+        "--drain-secs",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// A node running inside the test's own runtime; stopped (drained) when
+/// dropped or by `stop`.
+pub struct InProcessNode {
+    pub id: String,
+    pub base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), String>>>,
+}
+
+impl InProcessNode {
+    pub async fn start(redis: &RedisServer, id: &str, extra: &[&str]) -> Self {
+        use clap::Parser;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a free port");
+        let addr = listener.local_addr().expect("local address");
+        let base = format!("http://{addr}");
+        let mut args = vec!["switchboard-node".to_string()];
+        args.extend(node_args(&addr.to_string(), &redis.url(), id, &base, extra));
+        let cfg = switchboard_node::config::Cli::parse_from(args).resolve().expect("node settings");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(switchboard_node::run(listener, cfg, async move {
+            let _ = stopped.await;
+        }));
+        wait_for_status(&format!("{base}/health"), 200, Duration::from_secs(15), &format!("node {id}")).await;
+        InProcessNode { id: id.to_string(), base, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Drains the node as SIGTERM would and waits until it has stopped.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+        }
+    }
+}
+
+impl Drop for InProcessNode {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
 impl TestNode {
     pub async fn start(redis: &RedisServer, id: &str, extra: &[&str]) -> Self {
         Self::start_with_redis_url(&redis.url(), id, extra).await
@@ -22,26 +94,7 @@ impl TestNode {
     pub async fn start_with_redis_url(redis_url: &str, id: &str, extra: &[&str]) -> Self {
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
-        let mut args: Vec<String> = [
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--redis",
-            redis_url,
-            "--node-id",
-            id,
-            "--advertise-url",
-            &base,
-            "--heartbeat-secs",
-            "0.3",
-            "--ttl-secs",
-            "1.5",
-            "--drain-secs",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let args = node_args(&format!("127.0.0.1:{port}"), redis_url, id, &base, extra);
         let process = Process::spawn("switchboard-node", &format!("node-{id}"), &args);
         wait_for_status(
             &format!("{base}/health"),

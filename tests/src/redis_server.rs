@@ -63,6 +63,34 @@ impl RedisServer {
             .await
             .expect("test redis reachable")
     }
+
+    /// Waits until `n` clients (nodes) subscribe to `channel`: an observable
+    /// condition instead of a sleep after `JoinGroup`.
+    pub async fn wait_subscribers(&self, channel: &str, n: i64) {
+        let c = self.connection().await;
+        crate::eventually(crate::WAIT, &format!("{n} subscribers of {channel}"), || {
+            let mut c = c.clone();
+            async move {
+                let v: Vec<(String, i64)> =
+                    redis::cmd("PUBSUB").arg("NUMSUB").arg(channel).query_async(&mut c).await.ok()?;
+                (v.first().map(|(_, k)| *k) == Some(n)).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Waits until the chat history (`switchboard:history`) holds `n` messages.
+    pub async fn wait_history_len(&self, n: usize) {
+        let c = self.connection().await;
+        crate::eventually(crate::WAIT, &format!("{n} messages in history"), || {
+            let mut c = c.clone();
+            async move {
+                let len: usize = redis::cmd("XLEN").arg("switchboard:history").query_async(&mut c).await.ok()?;
+                (len == n).then_some(())
+            }
+        })
+        .await;
+    }
 }
 
 impl Drop for RedisServer {

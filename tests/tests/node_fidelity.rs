@@ -12,13 +12,13 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use switchboard_tests::client::{negotiate, record, ws_url, WireDecoder};
 use switchboard_tests::{
-    get_text, ConnectOptions, HubClient, Protocol, RedisServer, TestNode, TransportKind, ALL_TRANSPORTS, WAIT,
+    get_text, ConnectOptions, HubClient, InProcessNode, Protocol, RedisServer, TransportKind, ALL_TRANSPORTS, WAIT,
 };
 use tokio_tungstenite::tungstenite::Message;
 
-async fn one_node(extra: &[&str]) -> (RedisServer, TestNode, reqwest::Client) {
+async fn one_node(extra: &[&str]) -> (RedisServer, InProcessNode, reqwest::Client) {
     let redis = RedisServer::start();
-    let node = TestNode::start(&redis, "solo", extra).await;
+    let node = InProcessNode::start(&redis, "solo", extra).await;
     (redis, node, reqwest::Client::new())
 }
 
@@ -32,7 +32,7 @@ fn opts(protocol: Protocol, negotiate_version: Option<u32>, handshake_version: u
     ConnectOptions { negotiate_version, protocol, handshake_version, message_ids: false }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_handshake_version_up_to_two_works_on_every_transport() {
     let (_r, node, http) = one_node(&[]).await;
     for kind in ALL_TRANSPORTS {
@@ -47,7 +47,7 @@ async fn every_handshake_version_up_to_two_works_on_every_transport() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_polling_send_before_the_first_poll_is_accepted() {
     let (_r, node, http) = one_node(&[]).await;
     let body = negotiate(&http, &node.base, Some(1)).await.unwrap();
@@ -70,7 +70,7 @@ async fn a_long_polling_send_before_the_first_poll_is_accepted() {
     assert_eq!(got[1]["result"], "early", "{got:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sends_on_one_connection_are_taken_in_turn() {
     let (r, node, http) = one_node(&[]).await;
     let mut c = HubClient::connect(&http, &node.base, TransportKind::LongPolling).await.unwrap();
@@ -95,7 +95,7 @@ async fn concurrent_sends_on_one_connection_are_taken_in_turn() {
     assert_eq!(c.expect(WAIT, |v| v["type"] == 3).await.unwrap()["invocationId"], "e");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messagepack_works_on_websockets_and_long_polling() {
     let (_r, node, http) = one_node(&["--max-message-bytes", "65536"]).await;
     let big = "é".repeat(10_000); // 20 KB of UTF-8
@@ -116,7 +116,7 @@ async fn messagepack_works_on_websockets_and_long_polling() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messagepack_is_refused_on_server_sent_events_as_the_official_server_does() {
     let (_r, node, http) = one_node(&[]).await;
     let err = HubClient::connect_opts(
@@ -131,11 +131,11 @@ async fn messagepack_is_refused_on_server_sent_events_as_the_official_server_doe
     assert!(err.contains("does not support 'Binary' transfer format"), "{err}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_and_messagepack_clients_on_different_nodes_hear_each_other() {
     let redis = RedisServer::start();
-    let a = TestNode::start(&redis, "node-a", &[]).await;
-    let b = TestNode::start(&redis, "node-b", &[]).await;
+    let a = InProcessNode::start(&redis, "node-a", &[]).await;
+    let b = InProcessNode::start(&redis, "node-b", &[]).await;
     let http = reqwest::Client::new();
     let mut clients = Vec::new();
     for (node, protocol, kind) in [
@@ -197,7 +197,7 @@ async fn close_error(ws: &mut Ws) -> String {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messagepack_closes_the_connection_with_an_error() {
     let (_r, node, _http) = one_node(&["--max-message-bytes", "1024"]).await;
     let cases: Vec<(&str, Vec<u8>)> = vec![
@@ -331,7 +331,7 @@ fn texts(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("m{i}")).collect()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stateful_connection_resumes_on_a_new_socket_and_loses_nothing() {
     let (_r, node, http) = one_node(&["--reconnect-window-secs", "3"]).await;
     let mut sender = HubClient::connect(&http, &node.base, TransportKind::WebSockets).await.unwrap();
@@ -374,7 +374,7 @@ async fn a_stateful_connection_resumes_on_a_new_socket_and_loses_nothing() {
     assert_eq!(c.messages(2).await, texts(8..10));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_the_client_resends_are_dropped() {
     let (_r, node, http) = one_node(&[]).await;
     let mut c = StatefulClient::connect(&http, &node.base).await;
@@ -407,7 +407,7 @@ async fn duplicates_the_client_resends_are_dropped() {
     assert!(c.next_within(Duration::from_millis(300)).await.is_none_or(|v| v["type"] != 3));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_sequence_numbers_and_late_resumes_are_refused() {
     let (_r, node, http) = one_node(&["--reconnect-window-secs", "0.5"]).await;
     // A Sequence beyond what the node received: Close with an error.
@@ -437,7 +437,7 @@ async fn bad_sequence_numbers_and_late_resumes_are_refused() {
     assert!(matches!(second, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 409));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stateful_client_that_never_acknowledges_is_bounded() {
     let (_r, node, http) = one_node(&["--stateful-buffer-bytes", "2000", "--max-buffered-frames", "40"]).await;
     let mut sender = HubClient::connect(&http, &node.base, TransportKind::WebSockets).await.unwrap();
@@ -462,7 +462,7 @@ async fn a_stateful_client_that_never_acknowledges_is_bounded() {
     assert!(metrics.contains("switchboard_node_stateful_buffer_bytes 0"), "buffer released: {metrics}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negotiate_and_invocation_details_match_the_official_server() {
     let (_r, node, http) = one_node(&[]).await;
     // Only POST negotiates.
@@ -509,7 +509,7 @@ async fn negotiate_and_invocation_details_match_the_official_server() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_handshakes_and_abandoned_long_polls_are_dropped() {
     let (_r, node, http) = one_node(&["--handshake-timeout-secs", "0.5", "--long-poll-idle-secs", "0.5"]).await;
     // A WebSocket that never sends its handshake is closed.
@@ -532,7 +532,7 @@ async fn silent_handshakes_and_abandoned_long_polls_are_dropped() {
     assert_eq!(http.post(&url).body("x").send().await.unwrap().status(), 404);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_invocations_all_get_their_completions() {
     let (_r, node, http) = one_node(&[]).await;
     for (kind, n) in [(TransportKind::WebSockets, 1800), (TransportKind::LongPolling, 1500)] {

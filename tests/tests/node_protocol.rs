@@ -1,22 +1,22 @@
 //! A single node speaks the SignalR protocol as the spec and the official
 //! server do: negotiate v0 and v1, the three transports with their status
 //! codes, and a clear answer to every kind of bad input without disturbing
-//! other connections.
+//! other connections. The node runs in-process (`InProcessNode`).
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::time::Duration;
 use switchboard_tests::client::{negotiate, record, ws_url};
-use switchboard_tests::{get_text, HubClient, RedisServer, TestNode, TransportKind, ALL_TRANSPORTS, WAIT};
+use switchboard_tests::{get_text, HubClient, InProcessNode, RedisServer, TransportKind, ALL_TRANSPORTS, WAIT};
 use tokio_tungstenite::tungstenite::Message;
 
-async fn one_node() -> (RedisServer, TestNode, reqwest::Client) {
+async fn one_node() -> (RedisServer, InProcessNode, reqwest::Client) {
     let redis = RedisServer::start();
-    let node = TestNode::start(&redis, "solo", &["--max-message-bytes", "1024"]).await;
+    let node = InProcessNode::start(&redis, "solo", &["--max-message-bytes", "1024"]).await;
     (redis, node, reqwest::Client::new())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negotiate_v1_returns_a_token_and_v0_does_not() {
     let (_r, node, http) = one_node().await;
     let v1 = negotiate(&http, &node.base, Some(1)).await.unwrap();
@@ -37,7 +37,7 @@ async fn negotiate_v1_returns_a_token_and_v0_does_not() {
     assert!(bad.json::<Value>().await.unwrap()["error"].is_string());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_transport_works_with_negotiate_v0_and_v1() {
     let (_r, node, http) = one_node().await;
     for kind in ALL_TRANSPORTS {
@@ -56,14 +56,14 @@ async fn every_transport_works_with_negotiate_v0_and_v1() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skip_negotiation_websocket_works() {
     let (_r, node, http) = one_node().await;
     let mut c = HubClient::connect_skip_negotiation(&http, &node.base).await.unwrap();
     assert_eq!(c.invoke("Echo", vec![json!("x")]).await, Ok(json!("x")));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_messages_in_one_frame_and_methods_ignore_case() {
     let (_r, node, http) = one_node().await;
     for kind in ALL_TRANSPORTS {
@@ -79,7 +79,7 @@ async fn several_messages_in_one_frame_and_methods_ignore_case() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_methods_and_bad_arguments_get_completion_errors_and_the_connection_stays() {
     let (_r, node, http) = one_node().await;
     for kind in ALL_TRANSPORTS {
@@ -110,7 +110,7 @@ async fn assert_closed_with_error(c: &mut HubClient, what: &str) {
     assert!(c.wait_ended(WAIT).await, "{what}: transport did not end");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_json_unparsable_messages_and_oversized_messages_close_with_an_error() {
     let (_r, node, http) = one_node().await;
     let bystander_kind = TransportKind::WebSockets;
@@ -131,7 +131,7 @@ async fn invalid_json_unparsable_messages_and_oversized_messages_close_with_an_e
     assert_eq!(bystander.invoke("Echo", vec![json!(1)]).await, Ok(json!(1)));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_handshakes_are_answered_with_an_error_and_closed() {
     let (_r, node, _http) = one_node().await;
     for hs in [
@@ -150,7 +150,7 @@ async fn bad_handshakes_are_answered_with_an_error_and_closed() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transport_requests_get_the_spec_status_codes() {
     let (_r, node, http) = one_node().await;
     let url = |q: &str| format!("{}/chathub{q}", node.base);
@@ -184,7 +184,7 @@ async fn transport_requests_get_the_spec_status_codes() {
     assert_eq!(http.get(url(&format!("?id={}", sse.id))).send().await.unwrap().status(), 400);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_polling_follows_the_spec() {
     let (_r, node, http) = one_node().await;
     let body = negotiate(&http, &node.base, Some(1)).await.unwrap();
@@ -226,10 +226,11 @@ async fn long_polling_follows_the_spec() {
     assert!(after == 404 || after == 204, "{after}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_pings_idle_clients_and_drops_silent_ones() {
     let redis = RedisServer::start();
-    let node = TestNode::start(&redis, "pinger", &["--keepalive-secs", "0.3", "--client-timeout-secs", "1.5"]).await;
+    let node =
+        InProcessNode::start(&redis, "pinger", &["--keepalive-secs", "0.3", "--client-timeout-secs", "1.5"]).await;
     let http = reqwest::Client::new();
     let mut c = HubClient::connect(&http, &node.base, TransportKind::WebSockets).await.unwrap();
     assert!(c.expect(WAIT, |v| v["type"] == 6).await.is_some(), "no keep-alive ping");
@@ -238,7 +239,7 @@ async fn the_node_pings_idle_clients_and_drops_silent_ones() {
     assert!(close["error"].as_str().unwrap().contains("timeout"), "{close}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics_answer() {
     let (_r, node, http) = one_node().await;
     let h: Value = http.get(format!("{}/health", node.base)).send().await.unwrap().json().await.unwrap();
@@ -251,7 +252,7 @@ async fn health_and_metrics_answer() {
     assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_client_is_served_with_its_assets_and_a_strict_content_policy() {
     let (_r, node, http) = one_node().await;
     let page = http.get(format!("{}/", node.base)).send().await.unwrap();

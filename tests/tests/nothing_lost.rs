@@ -54,12 +54,12 @@ async fn say(c: &mut HubClient, text: &str) {
 
 #[tokio::test]
 async fn message_ids_are_opt_in_ordered_and_match_history() {
-    let (_redis, a, b, http) = two_nodes().await;
+    let (redis, a, b, http) = two_nodes().await;
     let mut plain = connect(&http, &a, false).await;
     let mut ided = connect(&http, &b, true).await;
     ided.invoke("JoinGroup", vec![json!("g")]).await.unwrap();
     plain.invoke("JoinGroup", vec![json!("g")]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.wait_subscribers("switchboard:bp:group:g", 2).await;
     say(&mut plain, "one").await;
     plain.invoke("SendMessageToGroup", vec![json!("g"), json!("u"), json!("two")]).await.unwrap();
     say(&mut plain, "three").await;
@@ -88,11 +88,11 @@ async fn message_ids_are_opt_in_ordered_and_match_history() {
 
 #[tokio::test]
 async fn resume_replays_exactly_what_a_connection_missed() {
-    let (_redis, a, b, http) = two_nodes().await;
+    let (redis, a, b, http) = two_nodes().await;
     let mut sender = connect(&http, &a, false).await;
     let mut first = connect(&http, &b, true).await;
     first.invoke("JoinGroup", vec![json!("mine")]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.wait_subscribers("switchboard:bp:group:mine", 1).await;
     say(&mut sender, "seen").await;
     let seen = collect_until(&mut first, "seen").await;
     let last_id = seen.last().unwrap().1.clone().unwrap();
@@ -101,7 +101,7 @@ async fn resume_replays_exactly_what_a_connection_missed() {
     sender.invoke("SendMessageToGroup", vec![json!("mine"), json!("u"), json!("missed group")]).await.unwrap();
     sender.invoke("SendMessageToGroup", vec![json!("other"), json!("u"), json!("not mine")]).await.unwrap();
     say(&mut sender, "missed 2").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.wait_history_len(5).await;
 
     // …and the client comes back on another node: rejoin, then resume.
     let mut again = connect(&http, &a, true).await;
