@@ -107,8 +107,125 @@ impl TestNode {
     }
 }
 
-/// A `switchboard-balancer` on free loopback ports with fast discovery and
-/// health checks (0.5 s registry re-read, 0.2 s checks, 2 s missing grace).
+/// The flags every test balancer gets (fast discovery and health checks:
+/// 0.5 s registry re-read, 0.2 s checks, 2 s missing grace), then `extra`.
+fn balancer_args(redis: &RedisServer, port: u16, admin_port: u16, extra: &[&str]) -> Vec<String> {
+    let dir = std::env::temp_dir();
+    let mut args: Vec<String> = [
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--admin-listen",
+        &format!("127.0.0.1:{admin_port}"),
+        "--redis",
+        &redis.url(),
+        "--health-interval-ms",
+        "200",
+        "--health-timeout-ms",
+        "300",
+        "--discovery-interval-ms",
+        "500",
+        "--missing-grace-ms",
+        "2000",
+        "--grace-period-secs",
+        "0",
+        "--shutdown-timeout-secs",
+        "2",
+        "--pid-file",
+        &dir.join(format!("sb-balancer-{port}.pid")).to_string_lossy(),
+        "--upgrade-sock",
+        &dir.join(format!("sb-balancer-{port}.sock")).to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// A balancer running inside the test process (`switchboard_balancer::run`
+/// on a thread of its own, as Pingora runs its own runtimes); told to stop
+/// when dropped.
+pub struct InProcessBalancer {
+    pub base: String,
+    pub admin: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl InProcessBalancer {
+    pub async fn start(redis: &RedisServer, extra: &[&str]) -> Self {
+        use clap::Parser;
+        let (port, admin_port) = (free_port(), free_port());
+        let mut args = vec!["switchboard-balancer".to_string()];
+        args.extend(balancer_args(redis, port, admin_port, extra));
+        let cfg = switchboard_balancer::config::Cli::parse_from(args).resolve().expect("balancer settings");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let when: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(async move {
+            let _ = stopped.await;
+        });
+        std::thread::spawn(move || switchboard_balancer::run(cfg, false, switchboard_balancer::Shutdown::When(when)));
+        let admin = format!("http://127.0.0.1:{admin_port}");
+        wait_for_status(&format!("{admin}/health"), 200, Duration::from_secs(15), "balancer admin to answer").await;
+        InProcessBalancer { base: format!("http://127.0.0.1:{port}"), admin, stop: Some(stop) }
+    }
+}
+
+impl InProcessBalancer {
+    pub async fn backends(&self) -> serde_json::Value {
+        backends_at(&self.admin, None).await
+    }
+
+    /// Waits until the nodes accepting new clients are exactly `ids`.
+    pub async fn wait_accepting(&self, ids: &[&str]) {
+        wait_accepting_at(ids, || self.backends()).await
+    }
+}
+
+/// `/api/backends` of the admin port at `admin`, parsed.
+async fn backends_at(admin: &str, token: Option<&str>) -> serde_json::Value {
+    let mut req = reqwest::Client::new().get(format!("{admin}/api/backends"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    match req.send().await {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
+/// Waits until the nodes `backends` says accept new clients are exactly `ids`.
+async fn wait_accepting_at<F, Fut>(ids: &[&str], backends: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = serde_json::Value>,
+{
+    let mut want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    eventually(Duration::from_secs(15), &format!("balancer to route new clients to {want:?}"), || {
+        let (want, v) = (want.clone(), backends());
+        async move {
+            let v = v.await;
+            let mut got: Vec<String> = v["nodes"]
+                .as_array()?
+                .iter()
+                .filter(|n| n["acceptsNewClients"] == true)
+                .filter_map(|n| n["nodeId"].as_str().map(String::from))
+                .collect();
+            got.sort();
+            (got == want).then_some(())
+        }
+    })
+    .await;
+}
+
+impl Drop for InProcessBalancer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// A `switchboard-balancer` process on free loopback ports (see `balancer_args`).
 pub struct TestBalancer {
     pub base: String,
     pub admin: String,
@@ -125,35 +242,7 @@ impl TestBalancer {
     /// an operator's lower open-file limit would.
     pub async fn start_limited(redis: &RedisServer, extra: &[&str], open_files: Option<u64>) -> Self {
         let (port, admin_port) = (free_port(), free_port());
-        let dir = std::env::temp_dir();
-        let mut args: Vec<String> = [
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin_port}"),
-            "--redis",
-            &redis.url(),
-            "--health-interval-ms",
-            "200",
-            "--health-timeout-ms",
-            "300",
-            "--discovery-interval-ms",
-            "500",
-            "--missing-grace-ms",
-            "2000",
-            "--grace-period-secs",
-            "0",
-            "--shutdown-timeout-secs",
-            "2",
-            "--pid-file",
-            &dir.join(format!("sb-balancer-{port}.pid")).to_string_lossy(),
-            "--upgrade-sock",
-            &dir.join(format!("sb-balancer-{port}.sock")).to_string_lossy(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let args = balancer_args(redis, port, admin_port, extra);
         let process = match open_files {
             None => Process::spawn("switchboard-balancer", "balancer", &args),
             Some(n) => {
@@ -186,34 +275,12 @@ impl TestBalancer {
 
     /// `/api/backends`, parsed (with the `--admin-token` it was started with, if any).
     pub async fn backends(&self) -> serde_json::Value {
-        let mut req = reqwest::Client::new().get(format!("{}/api/backends", self.admin));
-        if let Some(i) = self.args.iter().position(|a| a == "--admin-token") {
-            req = req.bearer_auth(self.args.get(i + 1).cloned().unwrap_or_default());
-        }
-        match req.send().await {
-            Ok(r) => r.json().await.unwrap_or_default(),
-            Err(_) => serde_json::Value::Null,
-        }
+        let token = self.args.iter().position(|a| a == "--admin-token").and_then(|i| self.args.get(i + 1));
+        backends_at(&self.admin, token.map(String::as_str)).await
     }
 
     /// Waits until the nodes accepting new clients are exactly `ids`.
     pub async fn wait_accepting(&self, ids: &[&str]) {
-        let mut want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
-        want.sort();
-        eventually(Duration::from_secs(15), &format!("balancer to route new clients to {want:?}"), || {
-            let want = want.clone();
-            async move {
-                let v = self.backends().await;
-                let mut got: Vec<String> = v["nodes"]
-                    .as_array()?
-                    .iter()
-                    .filter(|n| n["acceptsNewClients"] == true)
-                    .filter_map(|n| n["nodeId"].as_str().map(String::from))
-                    .collect();
-                got.sort();
-                (got == want).then_some(())
-            }
-        })
-        .await;
+        wait_accepting_at(ids, || self.backends()).await
     }
 }

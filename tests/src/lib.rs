@@ -14,7 +14,7 @@ pub mod process;
 pub mod redis_server;
 
 pub use client::{ConnectOptions, HubClient, Protocol, TransportKind, ALL_TRANSPORTS, WAIT};
-pub use cluster::{InProcessNode, TestBalancer, TestNode};
+pub use cluster::{InProcessBalancer, InProcessNode, TestBalancer, TestNode};
 pub use process::{free_port, Process};
 pub use redis_server::RedisServer;
 

@@ -10,7 +10,7 @@ use redis::AsyncCommands;
 use std::time::Duration;
 use switchboard_common::registry::{node_key, NodeRecord, NodeStatus};
 use switchboard_common::token::ConnectionToken;
-use switchboard_tests::{RedisServer, TestBalancer};
+use switchboard_tests::{InProcessBalancer, RedisServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -116,7 +116,7 @@ async fn the_tunnel_loses_no_byte_with_both_directions_busy_and_a_slow_reader() 
     let mut r = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = r.hset_multiple(node_key("switchboard", "relay"), &record.to_fields()).await.unwrap();
     let _: () = r.expire(node_key("switchboard", "relay"), 120).await.unwrap();
-    let lb = TestBalancer::start(&redis, &[]).await;
+    let lb = InProcessBalancer::start(&redis, &[]).await;
     lb.wait_accepting(&["relay"]).await;
 
     let token = ConnectionToken::issue("relay").token;
