@@ -286,23 +286,7 @@ mod tests {
 
     #[test]
     fn every_type_round_trips() {
-        let all = vec![
-            HubMessage::event("ReceiveMessage", vec![json!("u"), json!({"nested": [1, -2, 2.5, null, true]})]),
-            HubMessage::Invocation { invocation_id: Some("3".into()), target: "Echo".into(), arguments: vec![] },
-            HubMessage::StreamItem { invocation_id: "1".into(), item: json!(5) },
-            HubMessage::Completion { invocation_id: "1".into(), result: Some(json!([1])), error: None },
-            HubMessage::Completion { invocation_id: "1".into(), result: Some(Json::Null), error: None },
-            HubMessage::Completion { invocation_id: "1".into(), result: None, error: Some("bad".into()) },
-            HubMessage::Completion { invocation_id: "1".into(), result: None, error: None },
-            HubMessage::StreamInvocation { invocation_id: "2".into(), target: "S".into(), arguments: vec![] },
-            HubMessage::CancelInvocation { invocation_id: "2".into() },
-            HubMessage::Ping,
-            HubMessage::Close { error: Some("e".into()), allow_reconnect: true },
-            HubMessage::Close { error: None, allow_reconnect: false },
-            HubMessage::Ack { sequence_id: 3 },
-            HubMessage::Sequence { sequence_id: 1 << 40 },
-        ];
-        for m in all {
+        for m in super::super::messages::every_kind() {
             assert_eq!(parse_message(&unframe(&to_frame(&m))).unwrap(), m, "{m:?}");
         }
     }
