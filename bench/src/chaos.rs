@@ -360,6 +360,7 @@ fn tally(sent: &[(String, String)], logs: &[(bool, Arc<Mutex<Log>>)]) -> Value {
     phases.extend(EVENTS);
     let mut rows = Vec::new();
     let mut failures = Vec::new();
+    let mut details = Vec::new();
     for kind in ["resuming", "plain"] {
         for phase in &phases {
             let want: Vec<&str> = sent.iter().filter(|(p, _)| p == phase).map(|(_, t)| t.as_str()).collect();
@@ -377,7 +378,15 @@ fn tally(sent: &[(String, String)], logs: &[(bool, Arc<Mutex<Log>>)]) -> Value {
                         *counts.entry(t.as_str()).or_default() += 1;
                     }
                 }
-                lost += want.iter().filter(|w| !counts.contains_key(*w)).count();
+                let missing: Vec<&str> = want.iter().filter(|w| !counts.contains_key(*w)).copied().collect();
+                if !missing.is_empty() && kind == "resuming" {
+                    // What a failure needs to be understood: which messages,
+                    // and what this client received around them.
+                    let around: Vec<&str> =
+                        l.received.iter().map(String::as_str).filter(|t| phase_of.get(*t) == Some(phase)).collect();
+                    details.push(format!("client {clients} missed {missing:?}; received in this phase: {around:?}"));
+                }
+                lost += missing.len();
                 dup += counts.values().filter(|n| **n > 1).map(|n| n - 1).sum::<usize>();
                 worst = worst.max(l.worst_reconnect.get(*phase).copied().unwrap_or_default());
             }
@@ -394,6 +403,10 @@ fn tally(sent: &[(String, String)], logs: &[(bool, Arc<Mutex<Log>>)]) -> Value {
     let resume_errors: Vec<String> =
         logs.iter().flat_map(|(_, l)| l.lock().map(|l| l.resume_errors.clone()).unwrap_or_default()).collect();
     let sent_texts: Vec<Value> = sent.iter().map(|(p, t)| json!([p, t])).collect();
+    if !failures.is_empty() {
+        failures.extend(details);
+        failures.extend(resume_errors.iter().map(|e| format!("resume error: {e}")));
+    }
     json!({ "sent": sent.len(), "rows": rows, "resume_errors": resume_errors, "failures": failures, "sent_texts": sent_texts })
 }
 

@@ -1,10 +1,12 @@
 //! Whether one program can reach Redis, and what it says about it. Both
 //! programs keep serving while Redis is away, so the state is only logged
 //! and exported: once when it goes down (the first failure after start
-//! included) and once when it comes back. A failure that is not the
-//! network's (a refused password, a missing ACL permission, a server error)
-//! will not heal by waiting, so it is logged as an error with its reason,
-//! once per distinct reason, even while the state does not change.
+//! included) and once when it comes back. Redis refusing the program (a
+//! wrong password, a missing ACL permission, a server that does not speak
+//! Redis) will not heal by waiting, so it is logged as an error with its
+//! reason, once per distinct reason, even while the state does not change.
+//! Passing server answers (a script cache emptied by a restart, a dataset
+//! still loading) are neither: they count as down until the next success.
 
 use redis::RedisError;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -26,6 +28,21 @@ pub struct RedisState {
 /// Redis refusing this program.
 pub fn is_network_failure(e: &RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+/// Redis (or whatever listens there) refuses this program: authentication,
+/// permissions, or a connection that fails for a reason other than the
+/// network. Waiting will not help; the settings must change.
+pub fn is_refusal(e: &RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    matches!(
+        e.kind(),
+        ErrorKind::AuthenticationFailed
+            | ErrorKind::InvalidClientConfig
+            | ErrorKind::Parse
+            | ErrorKind::RESP3NotSupported
+            | ErrorKind::Server(ServerErrorKind::NoPerm)
+    ) || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
 }
 
 impl RedisState {

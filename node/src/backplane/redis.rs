@@ -238,19 +238,25 @@ impl RedisBackplane {
         }
     }
 
+    /// Before the first subscription: where this node's delivery starts, the
+    /// newest stored id. Read before subscribing (not after), so a message
+    /// published in between is caught up from history rather than taken for
+    /// one already passed when its publication arrives.
+    async fn start_point(&self) -> redis::RedisResult<()> {
+        if self.last_id.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            return Ok(());
+        }
+        let mut conn = self.link.conn().await?;
+        let newest = history::last_id(&mut conn, &self.history_key).await?;
+        self.last_id.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(newest);
+        Ok(())
+    }
+
     /// After (re)subscribing: everything stored after the last id passed.
     async fn catch_up(&self) -> redis::RedisResult<usize> {
         let mut conn = self.link.conn().await?;
         let last = self.last_id.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let Some(last) = last else {
-            // First subscription: start from the newest stored message.
-            let newest = history::last_id(&mut conn, &self.history_key).await?;
-            let mut guard = self.last_id.lock().unwrap_or_else(|p| p.into_inner());
-            if guard.is_none() {
-                *guard = Some(newest);
-            }
-            return Ok(0);
-        };
+        let Some(last) = last else { return Ok(0) };
         let missed = history::after(&mut conn, &self.history_key, &last, self.history_len).await?;
         let n = missed.len();
         for m in &missed {
@@ -358,6 +364,12 @@ async fn publisher(bp: Arc<RedisBackplane>, mut rx: mpsc::Receiver<Publication>)
 async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<SubCommand>) {
     let mut delay = Duration::from_millis(100);
     loop {
+        if let Err(e) = bp.start_point().await {
+            bp.link.set_up(false, Some(&e));
+            tokio::time::sleep(delay).await;
+            delay = backoff(delay);
+            continue;
+        }
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, bp.link.client.get_async_pubsub()).await;
         if let Ok(Ok(pubsub)) = connected {
             let (mut sink, mut stream) = pubsub.split();
