@@ -75,13 +75,20 @@ DOCKERFILE
   rm -rf "$work/rust-ctx"
 fi
 
-if ! have redis:7-bookworm; then
+# Like the official image: a /data working directory owned by redis, where
+# the append-only file lives (compose mounts a named volume there). An older
+# local build without it is rebuilt.
+if ! have redis:7-bookworm \
+   || [ "$(docker image inspect -f '{{.Config.WorkingDir}}' redis:7-bookworm 2>/dev/null)" != /data ]; then
   echo "build-base-images: redis:7-bookworm…"
   docker build -q -t redis:7-bookworm - >/dev/null <<'DOCKERFILE'
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends redis-server \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* \
+ && mkdir -p /data && chown redis:redis /data
+VOLUME /data
+WORKDIR /data
 EXPOSE 6379
 USER redis
 CMD ["redis-server", "--protected-mode", "no"]

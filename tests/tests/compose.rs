@@ -1,4 +1,5 @@
 //! The Docker Compose cluster as users run it: `up --build --scale node=3`,
+//! history kept across `restart redis`,
 //! rescale to 7 and to 2 without touching the balancer, `docker kill` a node,
 //! and `down -v` leaves nothing behind. Runs against the machine's Docker
 //! engine; it skips, loudly, only where no engine answers. Base images come
@@ -148,7 +149,7 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
     assert_eq!(nodes["available_nodes"].as_array().map(Vec::len), Some(3));
 
     // Two clients on different nodes exchange a message.
-    let (a, node_a) = connect(&base).await;
+    let (mut a, node_a) = connect(&base).await;
     let (mut b, mut node_b) = connect(&base).await;
     while node_b == node_a {
         (b, node_b) = connect(&base).await;
@@ -162,6 +163,24 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
         }
     }
     assert!(crossed, "a message from {node_a} never reached {node_b}");
+
+    // History is durable: after `docker compose restart redis` (an
+    // append-only file on a named volume), GetHistory still has the message.
+    project.ok(&["restart", "redis"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let kept = loop {
+        if let Ok(h) = a.invoke("GetHistory", vec![json!(100)]).await {
+            let has = |m: &Value| m["message"].as_str().is_some_and(|t| t.starts_with("hello "));
+            if h.as_array().is_some_and(|ms| ms.iter().any(has)) {
+                break true;
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(kept, "the history did not survive a Redis restart");
     let balancer = project.container_ids("balancer").pop().expect("balancer container");
     let balancer_started = inspect(&balancer, "{{.State.StartedAt}}");
 
