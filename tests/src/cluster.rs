@@ -63,7 +63,18 @@ impl InProcessNode {
         let task = tokio::spawn(switchboard_node::run(listener, cfg, async move {
             let _ = stopped.await;
         }));
-        wait_for_status(&format!("{base}/health"), 200, Duration::from_secs(15), &format!("node {id}")).await;
+        // Started means answering and connected to Redis (a process takes
+        // long enough to start that this held by itself; in-process it must
+        // be waited for).
+        let health = format!("{base}/health");
+        eventually(Duration::from_secs(15), &format!("node {id} to answer with Redis up"), || {
+            let health = health.clone();
+            async move {
+                let v: serde_json::Value = reqwest::get(&health).await.ok()?.json().await.ok()?;
+                (v["redis"] == "up").then_some(())
+            }
+        })
+        .await;
         InProcessNode { id: id.to_string(), base, stop: Some(stop), task: Some(task) }
     }
 
