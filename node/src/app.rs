@@ -158,11 +158,7 @@ impl App {
     /// full outbox; the hold's short window bounds them.
     pub fn release_held(&self, conn: &Connection, after: Option<&str>) {
         for d in conn.end_resume(after) {
-            let newer = match (d.message.id.as_deref(), after) {
-                (Some(id), Some(after)) => crate::history::cmp_ids(id, after).is_gt(),
-                _ => true,
-            };
-            if newer {
+            if !conn.already_replayed(&d) {
                 conn.note_live(d.message.id.as_deref());
                 self.reply_to(conn, d.for_connection(conn));
             }

@@ -264,11 +264,12 @@ impl Connection {
             held.push(d.clone());
             return None;
         }
-        let id = d.message.id.as_deref().and_then(crate::history::parse_id);
-        match (id, gate.replayed_through.as_deref().and_then(crate::history::parse_id)) {
-            (Some(id), Some(through)) if id <= through => None,
-            _ => Some(d),
-        }
+        (!gate.replayed(d)).then_some(d)
+    }
+
+    /// Whether a replay of this connection already sent `d`.
+    pub fn already_replayed(&self, d: &ChatDelivery) -> bool {
+        self.gate().replayed(d)
     }
 
     /// Records that a chat message with `id` was delivered live.
@@ -306,11 +307,8 @@ impl Connection {
     pub fn end_resume(&self, replayed_through: Option<&str>) -> Vec<Arc<ChatDelivery>> {
         let mut gate = self.gate();
         gate.replaying = false;
-        if let Some(id) = replayed_through {
-            let newer = gate.replayed_through.as_deref().is_none_or(|t| crate::history::cmp_ids(id, t).is_gt());
-            if newer {
-                gate.replayed_through = Some(id.to_string());
-            }
+        if let Some(id) = replayed_through.and_then(crate::history::parse_id) {
+            gate.replayed_through = gate.replayed_through.max(Some(id));
         }
         gate.held.take().unwrap_or_default()
     }
@@ -349,7 +347,13 @@ struct LiveGate {
     /// A `Resume` is replaying now (the sweeper must not release the hold).
     replaying: bool,
     /// The newest id a replay sent.
-    replayed_through: Option<String>,
+    replayed_through: Option<(u64, u64)>,
+}
+
+impl LiveGate {
+    fn replayed(&self, d: &ChatDelivery) -> bool {
+        matches!((d.id, self.replayed_through), (Some(id), Some(through)) if id <= through)
+    }
 }
 
 /// What a client chose when it connected.
@@ -363,6 +367,8 @@ pub struct ConnectionOptions {
 /// the id and, for connections that asked for ids, with it; each encoded at
 /// most once per protocol.
 pub struct ChatDelivery {
+    /// The message id, parsed once for every connection's gate.
+    id: Option<(u64, u64)>,
     pub message: ChatMessage,
     plain: Outgoing,
     with_id: OnceLock<Outgoing>,
@@ -370,7 +376,8 @@ pub struct ChatDelivery {
 
 impl ChatDelivery {
     pub fn new(message: ChatMessage) -> Self {
-        ChatDelivery { plain: Outgoing::new(message.event(false)), with_id: OnceLock::new(), message }
+        let id = message.id.as_deref().and_then(crate::history::parse_id);
+        ChatDelivery { id, plain: Outgoing::new(message.event(false)), with_id: OnceLock::new(), message }
     }
 
     pub fn for_connection(&self, c: &Connection) -> &Outgoing {
