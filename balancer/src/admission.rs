@@ -40,7 +40,7 @@ impl Drop for ConnectionPermit<'_> {
 /// The open-file limit after raising the soft limit to the hard one (as
 /// nginx's `worker_rlimit_nofile` or Go's runtime do), or `None` when it
 /// cannot be read.
-pub fn open_file_limit() -> Option<u64> {
+pub fn raise_open_file_limit() -> Option<u64> {
     rlimit::increase_nofile_limit(u64::MAX).ok()
 }
 

@@ -62,19 +62,17 @@ impl Cluster {
         map.retain(|id, s| keep.contains(id) || s.open.load(Ordering::Relaxed) > 0);
     }
 
-    /// Routes a request by the live table (see `routing::decide`), counting
-    /// refusals; a chosen node is counted by the caller once it is used
-    /// (`count_route`), since a failed connect may send the request elsewhere.
+    /// Routes a request by the live table (see `routing::decide`) and counts
+    /// the decision; a retry elsewhere is counted by `reroute`.
     pub fn route(&self, id: Option<&str>, cookie: Option<&str>) -> RouteDecision {
         let table = self.table.load();
         let decision = routing::decide(&table, self, id, cookie, &mut rand::random::<u32>);
-        let refused = match decision {
-            RouteDecision::Node { .. } => None,
-            RouteDecision::UnknownConnection => Some("unknown_connection"),
-            RouteDecision::NoNodeAvailable => Some("no_node"),
-        };
-        if let Some(kind) = refused {
-            self.metrics.routing_decisions.with_label_values(&[kind]).inc();
+        match &decision {
+            RouteDecision::Node { node, kind } => self.count_route(node, *kind),
+            RouteDecision::UnknownConnection => {
+                self.metrics.routing_decisions.with_label_values(&["unknown_connection"]).inc()
+            }
+            RouteDecision::NoNodeAvailable => self.metrics.routing_decisions.with_label_values(&["no_node"]).inc(),
         }
         decision
     }
@@ -114,7 +112,7 @@ impl Cluster {
     }
 
     /// Records that `node` was chosen for a request by `kind`.
-    pub fn count_route(&self, node: &RouteNode, kind: RouteKind) {
+    fn count_route(&self, node: &RouteNode, kind: RouteKind) {
         let s = &node.stats;
         let counter = match kind {
             RouteKind::Token => &s.routed_token,

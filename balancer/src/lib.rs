@@ -86,7 +86,7 @@ pub fn run(mut cfg: BalancerConfig, upgrade: bool, shutdown: Shutdown) -> Result
         pingora_load_balancing::Backends::new(Box::new(discovery::RegistryDiscovery::new(table.clone())));
     backends.set_health_check(health::NodeHealthCheck::new(&cfg, table.clone(), metrics.backend_healthy.clone()));
     let (listen, admin_listen) = (cfg.listen, cfg.admin_listen);
-    let open_files = admission::open_file_limit();
+    let open_files = admission::raise_open_file_limit();
     let cap = open_files
         .map_or(cfg.max_connections, |l| cfg.max_connections.min(admission::descriptor_cap(l, cfg.fd_reserve)));
     tracing::info!(open_file_limit = ?open_files, connection_cap = cap, fd_reserve = cfg.fd_reserve, "client connections capped");

@@ -132,7 +132,6 @@ impl ProxyHttp for SwitchboardProxy {
 
         match cluster.route(id.as_deref(), cookie.as_deref()) {
             RouteDecision::Node { node, kind } => {
-                self.cluster.count_route(&node, kind);
                 ctx.set_cookie = kind == RouteKind::New;
                 ctx.kind = Some(kind);
                 ctx.node = Some(node);

@@ -192,7 +192,6 @@ async fn connect(
             return Err(());
         }
     };
-    cluster.count_route(&node, kind);
     let timeout = Duration::from_millis(cluster.cfg.connect_timeout_ms);
     let mut tried: Vec<String> = Vec::new();
     loop {
