@@ -53,13 +53,14 @@ pub fn descriptor_cap(limit: u64, reserve: u64) -> usize {
 /// are removed first, so a node can trust them.
 pub const FORWARDED_HEADERS: [&str; 3] = ["X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host"];
 
-/// The values of `FORWARDED_HEADERS` for a client at `peer` that sent `host`.
-pub fn forwarded(peer: Option<IpAddr>, host: Option<&str>) -> Vec<(&'static str, String)> {
+/// The values of `FORWARDED_HEADERS` for a client at `peer` that sent `host`,
+/// over TLS or not.
+pub fn forwarded(peer: Option<IpAddr>, host: Option<&str>, tls: bool) -> Vec<(&'static str, String)> {
     let mut h = Vec::with_capacity(3);
     if let Some(ip) = peer {
         h.push((FORWARDED_HEADERS[0], ip.to_canonical().to_string()));
     }
-    h.push((FORWARDED_HEADERS[1], "http".to_string()));
+    h.push((FORWARDED_HEADERS[1], if tls { "https" } else { "http" }.to_string()));
     if let Some(host) = host {
         h.push((FORWARDED_HEADERS[2], host.to_string()));
     }
@@ -147,7 +148,7 @@ mod tests {
 
     #[test]
     fn forwarded_headers_name_the_peer_and_the_status_classes_agree() {
-        let h = forwarded(Some("::ffff:10.1.2.3".parse().unwrap()), Some("chat.example"));
+        let h = forwarded(Some("::ffff:10.1.2.3".parse().unwrap()), Some("chat.example"), false);
         assert_eq!(
             h,
             [
@@ -156,6 +157,7 @@ mod tests {
                 ("X-Forwarded-Host", "chat.example".to_string())
             ]
         );
+        assert_eq!(forwarded(None, None, true), [("X-Forwarded-Proto", "https".to_string())]);
         assert_eq!([101, 204, 302, 404, 503, 0].map(status_class), ["1xx", "2xx", "3xx", "4xx", "5xx", "none"]);
     }
 }

@@ -15,6 +15,10 @@ use switchboard_common::overlay;
 #[serde(default, deny_unknown_fields)]
 pub struct BalancerConfig {
     pub listen: SocketAddr,
+    pub tls_listen: String,
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub tls_redirect: bool,
     pub admin_listen: SocketAddr,
     pub redis: String,
     pub key_prefix: String,
@@ -47,6 +51,10 @@ impl Default for BalancerConfig {
     fn default() -> Self {
         BalancerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8888)),
+            tls_listen: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_redirect: false,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             redis: "redis://127.0.0.1:6379".into(),
             key_prefix: switchboard_common::registry::DEFAULT_PREFIX.into(),
@@ -91,6 +99,18 @@ pub struct Cli {
     /// Public address [default: 0.0.0.0:8888]
     #[arg(long, env = "SWITCHBOARD_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// HTTPS address serving what the public address serves (wss, SSE and long polling too), e.g. 0.0.0.0:8443; empty = no HTTPS [default: empty]
+    #[arg(long, env = "SWITCHBOARD_TLS_LISTEN")]
+    pub tls_listen: Option<String>,
+    /// PEM file with the certificate chain, leaf first; reloaded when it changes or on SIGHUP [default: empty]
+    #[arg(long, env = "SWITCHBOARD_TLS_CERT")]
+    pub tls_cert: Option<String>,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1) [default: empty]
+    #[arg(long, env = "SWITCHBOARD_TLS_KEY")]
+    pub tls_key: Option<String>,
+    /// Redirect plain-HTTP requests (except /health) to the HTTPS port with 308 [default: false]
+    #[arg(long, env = "SWITCHBOARD_TLS_REDIRECT")]
+    pub tls_redirect: Option<bool>,
     /// Admin address: /dashboard, /api/backends, /metrics [default: 127.0.0.1:8080]
     #[arg(long, env = "SWITCHBOARD_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
@@ -182,6 +202,10 @@ impl Cli {
             cfg,
             cli,
             listen,
+            tls_listen,
+            tls_cert,
+            tls_key,
+            tls_redirect,
             admin_listen,
             redis,
             key_prefix,
@@ -215,6 +239,22 @@ impl Cli {
 }
 
 impl BalancerConfig {
+    /// The HTTPS address, if HTTPS is on.
+    pub fn tls_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.tls_listen.is_empty() {
+            return Ok(None);
+        }
+        self.tls_listen
+            .parse()
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid { name: "tls_listen", reason: format!("{e}") })
+    }
+
+    /// The port plain-HTTP clients are redirected to.
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_addr().ok().flatten().map(|a| a.port())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         for (name, v) in [
             ("discovery_interval_ms", self.discovery_interval_ms),
@@ -246,6 +286,22 @@ impl BalancerConfig {
                 name: "cookie_secret",
                 reason: "must be at least 16 characters (or empty for a random one)".into(),
             });
+        }
+        if let Some(tls) = self.tls_addr()? {
+            if tls == self.listen || tls == self.admin_listen {
+                return Err(ConfigError::Invalid {
+                    name: "tls_listen",
+                    reason: "must differ from listen and admin_listen".into(),
+                });
+            }
+            if self.tls_cert.is_empty() || self.tls_key.is_empty() {
+                return Err(ConfigError::Invalid {
+                    name: "tls_cert",
+                    reason: "tls_listen needs tls_cert and tls_key".into(),
+                });
+            }
+        } else if self.tls_redirect {
+            return Err(ConfigError::Invalid { name: "tls_redirect", reason: "needs tls_listen".into() });
         }
         if self.listen == self.admin_listen {
             return Err(ConfigError::Invalid { name: "admin_listen", reason: "must differ from listen".into() });
@@ -295,6 +351,12 @@ mod tests {
         assert!(parse(&["--cookie-secret", "switchboard"]).is_err(), "a short, guessable secret");
         assert!(parse(&["--cookie-secret", "0123456789abcdef"]).is_ok());
         assert!(parse(&["--request-head-timeout-secs", "0"]).is_err());
+        assert!(parse(&["--tls-listen", "127.0.0.1:8443"]).is_err(), "HTTPS without a certificate");
+        assert!(parse(&["--tls-listen", "nope", "--tls-cert", "c", "--tls-key", "k"]).is_err());
+        assert!(parse(&["--tls-redirect", "true"]).is_err(), "a redirect to no HTTPS port");
+        let tls =
+            parse(&["--tls-listen", "127.0.0.1:8443", "--tls-cert", "c", "--tls-key", "k", "--tls-redirect", "true"]);
+        assert_eq!(tls.unwrap().tls_port(), Some(8443));
     }
 
     #[test]

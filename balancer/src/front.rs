@@ -4,6 +4,9 @@
 //! itself, the first and every later one on a kept-alive connection, within
 //! `request_head_timeout_secs` and `max_request_head_bytes` (408 and 431
 //! past them) and after at most `keepalive_timeout_secs` of idleness. A
+//! On the HTTPS listener a TLS handshake (`tls`) comes first and the same
+//! serving runs on the decrypted stream; on the plain one, with `tls_redirect`,
+//! requests other than `/health` are redirected to HTTPS instead. A
 //! WebSocket upgrade is routed and tunnelled by `tunnel` (the balancer owns
 //! the socket once the node answers 101); any other request is pushed back
 //! into the stream (`rewind`) and handed to the Pingora HTTP proxy for that
@@ -20,6 +23,7 @@
 use crate::cluster::Cluster;
 use crate::proxy::SwitchboardProxy;
 use crate::refusal::{self, Refusal};
+use crate::tls::TlsConn;
 use crate::tunnel;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
@@ -30,8 +34,9 @@ use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
 /// How long a connection over the cap may take to send its head before it
 /// is answered 503 anyway (reading it first lets the client see the answer
@@ -45,6 +50,8 @@ const LINGER_READS: usize = 256;
 pub struct FrontApp {
     pub cluster: Arc<Cluster>,
     pub proxy: Arc<HttpProxy<SwitchboardProxy>>,
+    /// Set on the HTTPS listener: every connection starts with a TLS handshake.
+    pub tls: Option<TlsAcceptor>,
 }
 
 /// Limits on one request head.
@@ -118,7 +125,7 @@ pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(
 /// discarded for a moment first (a "lingering close", as nginx does):
 /// closing with unread bytes makes the kernel send a reset, which can
 /// destroy the answer before the client reads it.
-async fn answer(stream: &mut L4Stream, refusal: &Refusal) {
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, refusal: &Refusal) {
     let write = async {
         stream.write_all(refusal.to_http().as_bytes()).await?;
         stream.flush().await?;
@@ -138,14 +145,71 @@ async fn answer(stream: &mut L4Stream, refusal: &Refusal) {
     let _ = tokio::time::timeout(LINGER, linger).await;
 }
 
-fn into_l4(stream: Stream) -> Option<Box<L4Stream>> {
-    match stream.into_any().downcast::<L4Stream>() {
+fn downcast<C: 'static>(stream: Stream) -> Option<Box<C>> {
+    match stream.into_any().downcast::<C>() {
         Ok(s) => Some(s),
         Err(_) => {
             tracing::error!("unexpected stream type on the public listener");
             None
         }
     }
+}
+
+/// A client connection the front serves: plain TCP or decrypted TLS.
+trait ClientConn: pingora::protocols::IO + Sized + 'static {
+    const TLS: bool;
+    /// Makes `data` the next bytes read.
+    fn rewind(&mut self, data: &[u8]);
+    /// Hands the connection to the WebSocket tunnel.
+    fn tunnel(
+        self: Box<Self>,
+        cluster: Arc<Cluster>,
+        req: tunnel::UpgradeRequest,
+        head: Vec<u8>,
+    ) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl ClientConn for L4Stream {
+    const TLS: bool = false;
+    fn rewind(&mut self, data: &[u8]) {
+        L4Stream::rewind(self, data);
+    }
+    async fn tunnel(self: Box<Self>, cluster: Arc<Cluster>, req: tunnel::UpgradeRequest, head: Vec<u8>) {
+        tunnel::serve(cluster, self, req, head).await
+    }
+}
+
+impl ClientConn for TlsConn {
+    const TLS: bool = true;
+    fn rewind(&mut self, data: &[u8]) {
+        TlsConn::rewind(self, data);
+    }
+    async fn tunnel(self: Box<Self>, cluster: Arc<Cluster>, req: tunnel::UpgradeRequest, head: Vec<u8>) {
+        tunnel::serve_tls(cluster, *self, req, head).await
+    }
+}
+
+/// Where a plain request should go instead when HTTPS is enforced: the same
+/// host and path on the TLS port. `/health` and heads without a Host stay.
+fn https_location(head: &[u8], tls_port: u16) -> Option<String> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(head).ok()?;
+    let target = req.path?;
+    if target.split('?').next() == Some("/health") || !target.starts_with('/') {
+        return None;
+    }
+    let host = req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("host"))?;
+    let host = std::str::from_utf8(host.value).ok()?.trim();
+    // Drop the port (a bracketed IPv6 literal keeps its brackets).
+    let name = match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    };
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b)) {
+        return None;
+    }
+    Some(if tls_port == 443 { format!("https://{name}{target}") } else { format!("https://{name}:{tls_port}{target}") })
 }
 
 impl FrontApp {
@@ -155,39 +219,63 @@ impl FrontApp {
 
     /// Serves requests on one connection until it closes, fails a limit or
     /// becomes a tunnel.
-    async fn serve(&self, mut l4: Box<L4Stream>, shutdown: &ShutdownWatch) {
+    async fn serve<C: ClientConn>(&self, mut conn: Box<C>, shutdown: &ShutdownWatch) {
         let cfg = &self.cluster.cfg;
         let limits =
             HeadLimits { time: Duration::from_secs(cfg.request_head_timeout_secs), bytes: cfg.max_request_head_bytes };
         let keepalive = Duration::from_secs(cfg.keepalive_timeout_secs);
+        let redirect_to = if C::TLS || !cfg.tls_redirect { None } else { cfg.tls_port() };
         let mut idle = None;
         loop {
-            let head = match read_head(&mut *l4, limits, idle).await {
+            let head = match read_head(&mut *conn, limits, idle).await {
                 Head::Complete(head) => head,
                 Head::Closed => return,
                 Head::TimedOut => {
                     self.refuse("head_timeout");
-                    return answer(&mut l4, &refusal::HEAD_TIMEOUT).await;
+                    return answer(&mut *conn, &refusal::HEAD_TIMEOUT).await;
                 }
                 Head::TooLarge => {
                     self.refuse("head_too_large");
-                    return answer(&mut l4, &refusal::HEAD_TOO_LARGE).await;
+                    return answer(&mut *conn, &refusal::HEAD_TOO_LARGE).await;
                 }
             };
-            if let Some(request) = tunnel::UpgradeRequest::parse(&head) {
-                return tunnel::serve(self.cluster.clone(), l4, request, head).await;
+            if let Some(location) = redirect_to.and_then(|port| https_location(&head, port)) {
+                let moved = refusal::redirect(&location);
+                let _ = conn.write_all(moved.as_bytes()).await;
+                let _ = conn.flush().await;
+                return;
             }
-            l4.rewind(&head);
-            let mut session = ServerSession::new_http1(l4);
+            if let Some(request) = tunnel::UpgradeRequest::parse(&head) {
+                return conn.tunnel(self.cluster.clone(), request, head).await;
+            }
+            conn.rewind(&head);
+            let mut session = ServerSession::new_http1(conn);
             // Pingora reads this one request (its head is already buffered)
             // and says whether the connection may carry another.
             let reusable = !*shutdown.borrow();
             session.set_keepalive(reusable.then_some(cfg.keepalive_timeout_secs));
             let Some(reused) = self.proxy.process_new_http(session, shutdown).await else { return };
             let (stream, _) = reused.consume();
-            let Some(next) = into_l4(stream) else { return };
-            l4 = next;
+            let Some(next) = downcast::<C>(stream) else { return };
+            conn = next;
             idle = Some(keepalive);
+        }
+    }
+
+    /// The TLS handshake, within the time a request head is allowed.
+    async fn accept_tls(&self, acceptor: &TlsAcceptor, l4: Box<L4Stream>) -> Option<Box<TlsConn>> {
+        let within = Duration::from_secs(self.cluster.cfg.request_head_timeout_secs);
+        match tokio::time::timeout(within, acceptor.accept(l4)).await {
+            Ok(Ok(tls)) => Some(Box::new(TlsConn::new(tls))),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                self.refuse("tls_handshake");
+                None
+            }
+            Err(_) => {
+                self.refuse("tls_handshake");
+                None
+            }
         }
     }
 }
@@ -195,15 +283,25 @@ impl FrontApp {
 #[async_trait]
 impl ServerApp for FrontApp {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let mut l4 = into_l4(stream)?;
+        let mut l4 = downcast::<L4Stream>(stream)?;
         let Some(_permit) = self.cluster.admission.try_connect() else {
             self.refuse("max_connections");
-            let brief = HeadLimits { time: REFUSAL_READ, bytes: self.cluster.cfg.max_request_head_bytes };
-            let _ = read_head(&mut *l4, brief, None).await;
-            answer(&mut l4, &refusal::TOO_MANY_CONNECTIONS).await;
+            // Over TLS there is no way to answer before a handshake; close.
+            if self.tls.is_none() {
+                let brief = HeadLimits { time: REFUSAL_READ, bytes: self.cluster.cfg.max_request_head_bytes };
+                let _ = read_head(&mut *l4, brief, None).await;
+                answer(&mut *l4, &refusal::TOO_MANY_CONNECTIONS).await;
+            }
             return None;
         };
-        self.serve(l4, shutdown).await;
+        match &self.tls {
+            None => self.serve(l4, shutdown).await,
+            Some(acceptor) => {
+                if let Some(conn) = self.accept_tls(acceptor, l4).await {
+                    self.serve(conn, shutdown).await;
+                }
+            }
+        }
         None
     }
 

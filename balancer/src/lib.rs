@@ -20,6 +20,7 @@ mod public_surface;
 mod refusal;
 mod routing;
 mod table;
+mod tls;
 mod tunnel;
 
 use arc_swap::ArcSwap;
@@ -76,6 +77,14 @@ pub fn run(mut cfg: BalancerConfig, upgrade: bool, shutdown: Shutdown) -> Result
         upgrade_sock: cfg.upgrade_sock.clone(),
         ..ServerConf::default()
     };
+    // A certificate that does not load stops the balancer before it listens.
+    let tls = match cfg.tls_addr().map_err(|e| e.to_string())? {
+        Some(addr) => {
+            let store = tls::CertStore::open(cfg.tls_cert.as_ref(), cfg.tls_key.as_ref())?;
+            Some((addr, store.server_config()?, store))
+        }
+        None => None,
+    };
     let opt = Opt { upgrade, ..Opt::default() };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
@@ -99,9 +108,18 @@ pub fn run(mut cfg: BalancerConfig, upgrade: bool, shutdown: Shutdown) -> Result
     let watcher = discovery::RegistryWatcher::new(cluster.clone()).map_err(|e| format!("invalid redis URL: {e}"))?;
     let http_proxy =
         Arc::new(pingora::proxy::http_proxy(&server.configuration, proxy::SwitchboardProxy::new(cluster.clone())));
-    let front_app = front::FrontApp { cluster: cluster.clone(), proxy: http_proxy };
+    let front_app = front::FrontApp { cluster: cluster.clone(), proxy: http_proxy.clone(), tls: None };
     let mut proxy = Service::new("switchboard proxy".to_string(), front_app);
     proxy.add_tcp(&listen.to_string());
+    if let Some((addr, config, store)) = tls {
+        let acceptor = Some(tokio_rustls::TlsAcceptor::from(config));
+        let front_tls = front::FrontApp { cluster: cluster.clone(), proxy: http_proxy, tls: acceptor };
+        let mut https = Service::new("switchboard https".to_string(), front_tls);
+        https.add_tcp(&addr.to_string());
+        server.add_service(https);
+        server.add_service(background_service("certificate reload", tls::Reloader(store)));
+        tracing::info!(%addr, "HTTPS listener");
+    }
     let mut admin = Service::new("switchboard admin".to_string(), admin::AdminApp { cluster: cluster.clone() });
     admin.add_tcp(&admin_listen.to_string());
 

@@ -190,7 +190,8 @@ impl ProxyHttp for SwitchboardProxy {
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let host = session.req_header().headers.get("host").and_then(|h| h.to_str().ok());
         // `insert_header` replaces whatever the client sent under these names.
-        for (name, value) in admission::forwarded(peer, host) {
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        for (name, value) in admission::forwarded(peer, host, tls) {
             upstream.insert_header(name, value)?;
         }
         Ok(())

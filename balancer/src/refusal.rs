@@ -83,3 +83,13 @@ impl Refusal {
         )
     }
 }
+
+/// The answer to a plain-HTTP request when HTTPS is enforced (`tls_redirect`):
+/// 308 keeps the method and body, so a POST is repeated over HTTPS.
+pub fn redirect(location: &str) -> String {
+    let body = "Use HTTPS.\n";
+    format!(
+        "HTTP/1.1 308 Permanent Redirect\r\nLocation: {location}\r\nContent-Type: {TEXT}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}

@@ -12,7 +12,9 @@
 //! holds no data) is ever raced against the end of the tunnel. When one
 //! direction ends, the other finishes what it is writing and stops. A buffer
 //! is allocated only while data moves, so an idle tunnel holds two sockets and
-//! one small task.
+//! one small task. Over TLS the client side is read through rustls, which has
+//! no readiness to wait on: that direction keeps one small buffer (and
+//! rustls its own state) for the tunnel's life.
 
 use crate::admission::{self, FORWARDED_HEADERS};
 use crate::cluster::Cluster;
@@ -21,17 +23,22 @@ use crate::public_surface;
 use crate::refusal::{self, Refusal};
 use crate::routing::{cookie_value, set_cookie_header, RouteDecision, RouteKind};
 use crate::table::RouteNode;
+use crate::tls::TlsConn;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 const MAX_ERROR_BODY: usize = 64 * 1024;
 const RELAY_CHUNK: usize = 16 * 1024;
+/// The decrypted read buffer of a TLS tunnel, held for its whole life.
+const TLS_READ_CHUNK: usize = 4 * 1024;
 
 /// The parts of an upgrade request head that routing needs.
 #[derive(Debug, PartialEq)]
@@ -115,8 +122,27 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn respond(client: &TcpStream, refusal: &Refusal) {
-    let _ = write_all(client, refusal.to_http().as_bytes()).await;
+/// The client side of a tunnel while it is set up: plain TCP or TLS.
+pub trait Downstream: Send {
+    /// Writes all of `data` to the client.
+    fn send(&mut self, data: &[u8]) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+impl Downstream for TcpStream {
+    async fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+        write_all(self, data).await
+    }
+}
+
+impl Downstream for TlsStream<Box<L4Stream>> {
+    async fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.write_all(data).await?;
+        self.flush().await
+    }
+}
+
+async fn respond<C: Downstream>(client: &mut C, refusal: &Refusal) {
+    let _ = client.send(refusal.to_http().as_bytes()).await;
 }
 
 /// `head` without the client's own `X-Forwarded-*` lines (the balancer sets
@@ -175,10 +201,10 @@ async fn read_response_head(upstream: &TcpStream) -> Option<(Vec<u8>, usize, u16
 
 /// Chooses a node and connects to it, retrying other nodes as
 /// `Cluster::reroute` allows.
-async fn connect(
+async fn connect<C: Downstream>(
     cluster: &Cluster,
     req: &UpgradeRequest,
-    client: &TcpStream,
+    client: &mut C,
 ) -> Result<(Arc<RouteNode>, RouteKind, TcpStream), ()> {
     let cookie = req.cookie.as_deref().and_then(|h| cookie_value(h, &cluster.cfg.cookie_name));
     let (mut node, mut kind) = match cluster.route(req.id.as_deref(), cookie) {
@@ -218,8 +244,8 @@ async fn connect(
 }
 
 /// An established tunnel: both sockets and the counters held while it lives.
-struct Tunnel {
-    client: TcpStream,
+struct Tunnel<C> {
+    client: C,
     upstream: TcpStream,
     _in_flight: InFlight,
 }
@@ -228,45 +254,67 @@ struct Tunnel {
 pub async fn serve(cluster: Arc<Cluster>, downstream: Box<L4Stream>, req: UpgradeRequest, buf: Vec<u8>) {
     let Some(client) = take_socket(&downstream) else { return };
     drop(downstream);
+    let _ = client.set_nodelay(true);
+    let peer = client.peer_addr().ok().map(|a| a.ip());
     // The handshake's state (head buffers, routing, connect) is boxed so that
     // it is freed when it ends instead of sizing this task's future for the
     // tunnel's whole life; an idle tunnel keeps its sockets and little else.
-    if let Some(t) = Box::pin(handshake(&cluster, client, req, buf)).await {
+    if let Some(t) = Box::pin(handshake(&cluster, client, peer, false, req, buf)).await {
         relay(&t.client, &t.upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
     }
 }
 
-async fn refuse(client: &TcpStream, refusal: &Refusal) -> Option<Tunnel> {
+/// The same for a WebSocket over TLS (`wss://`); `buf` holds the decrypted
+/// head and whatever the client sent after it.
+pub async fn serve_tls(cluster: Arc<Cluster>, conn: TlsConn, req: UpgradeRequest, buf: Vec<u8>) {
+    let peer = conn.peer_ip();
+    let (client, rewound) = conn.into_parts();
+    // The front reads a head only from an empty rewind buffer; anything
+    // still rewound belongs after the head (never the case today).
+    let mut buf = buf;
+    buf.extend_from_slice(&rewound);
+    if let Some(t) = Box::pin(handshake(&cluster, client, peer, true, req, buf)).await {
+        let Tunnel { client, upstream, _in_flight } = t;
+        relay_tls(client, upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
+    }
+}
+
+async fn refuse<C: Downstream, T>(client: &mut C, refusal: &Refusal) -> Option<T> {
     respond(client, refusal).await;
     None
 }
 
-async fn handshake(cluster: &Arc<Cluster>, client: TcpStream, req: UpgradeRequest, buf: Vec<u8>) -> Option<Tunnel> {
-    let _ = client.set_nodelay(true);
+async fn handshake<C: Downstream>(
+    cluster: &Arc<Cluster>,
+    mut client: C,
+    peer: Option<std::net::IpAddr>,
+    tls: bool,
+    req: UpgradeRequest,
+    buf: Vec<u8>,
+) -> Option<Tunnel<C>> {
     if !public_surface::serves(&req.path) {
-        return refuse(&client, &refusal::NOT_PUBLIC).await;
+        return refuse(&mut client, &refusal::NOT_PUBLIC).await;
     }
-    let peer = client.peer_addr().ok().map(|a| a.ip());
     if req.id.is_none() && !cluster.admit_new_connection(peer) {
-        return refuse(&client, &refusal::RATE_LIMITED).await;
+        return refuse(&mut client, &refusal::RATE_LIMITED).await;
     }
-    let (node, kind, upstream) = connect(cluster, &req, &client).await.ok()?;
+    let (node, kind, upstream) = connect(cluster, &req, &mut client).await.ok()?;
     let in_flight = InFlight::new(cluster, node.clone());
     let started = std::time::Instant::now();
 
-    let forwarded: String = admission::forwarded(peer, req.host.as_deref())
+    let forwarded: String = admission::forwarded(peer, req.host.as_deref(), tls)
         .into_iter()
         .map(|(name, value)| format!("{name}: {value}\r\n"))
         .collect();
     let head = with_headers(&without_forwarded(&buf[..req.head_len]), &forwarded);
     if write_all(&upstream, &head).await.is_err() || write_all(&upstream, &buf[req.head_len..]).await.is_err() {
-        return refuse(&client, &refusal::NODE_UNREACHABLE).await;
+        return refuse(&mut client, &refusal::NODE_UNREACHABLE).await;
     }
     let idle = Duration::from_secs(cluster.cfg.idle_timeout_secs);
     let answer = tokio::time::timeout(idle, read_response_head(&upstream)).await;
     let Ok(Some((resp, head_len, status, length))) = answer else {
         cluster.metrics.requests.with_label_values(&["5xx"]).inc();
-        return refuse(&client, &refusal::NODE_UNREACHABLE).await;
+        return refuse(&mut client, &refusal::NODE_UNREACHABLE).await;
     };
     cluster.metrics.upstream_latency.observe(started.elapsed().as_secs_f64());
     cluster.metrics.requests.with_label_values(&[admission::status_class(status)]).inc();
@@ -276,7 +324,7 @@ async fn handshake(cluster: &Arc<Cluster>, client: TcpStream, req: UpgradeReques
     } else {
         resp[..head_len].to_vec()
     };
-    if write_all(&client, &head).await.is_err() || write_all(&client, &resp[head_len..]).await.is_err() {
+    if client.send(&head).await.is_err() || client.send(&resp[head_len..]).await.is_err() {
         return None;
     }
     if status == 101 {
@@ -286,36 +334,22 @@ async fn handshake(cluster: &Arc<Cluster>, client: TcpStream, req: UpgradeReques
     // A refusal (404, 409, 503…): pass its body on, then close.
     let mut remaining = length.unwrap_or(0).min(MAX_ERROR_BODY).saturating_sub(resp.len() - head_len);
     while remaining > 0 {
-        match tokio::time::timeout(idle, pump(&upstream, &client)).await {
-            Ok(Pump::Moved(n)) => remaining = remaining.saturating_sub(n),
-            Ok(Pump::Wait) => {}
+        let moved = async {
+            upstream.readable().await.ok()?;
+            let mut chunk = Vec::with_capacity(RELAY_CHUNK.min(remaining));
+            match upstream.try_read_buf(&mut chunk) {
+                Ok(0) => None,
+                Ok(n) => client.send(&chunk).await.ok().map(|()| n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => Some(0),
+                Err(_) => None,
+            }
+        };
+        match tokio::time::timeout(idle, moved).await {
+            Ok(Some(n)) => remaining = remaining.saturating_sub(n),
             _ => break,
         }
     }
     None
-}
-
-enum Pump {
-    Moved(usize),
-    Wait,
-    Closed,
-}
-
-/// Moves what is readable now from `from` to `to`.
-async fn pump(from: &TcpStream, to: &TcpStream) -> Pump {
-    if from.readable().await.is_err() {
-        return Pump::Closed;
-    }
-    let mut buf = Vec::with_capacity(RELAY_CHUNK);
-    match from.try_read_buf(&mut buf) {
-        Ok(0) => Pump::Closed,
-        Ok(n) => match write_all(to, &buf).await {
-            Ok(()) => Pump::Moved(n),
-            Err(_) => Pump::Closed,
-        },
-        Err(e) if e.kind() == ErrorKind::WouldBlock => Pump::Wait,
-        Err(_) => Pump::Closed,
-    }
 }
 
 /// The end of a tunnel, seen by both directions and the idle watchdog.
@@ -384,30 +418,113 @@ async fn one_way(
     stop.set();
 }
 
+/// Ends the tunnel once neither direction has moved a byte for `idle`.
+async fn watchdog(stop: &Stop, epoch: Instant, last: &std::sync::atomic::AtomicU64, idle: Duration) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let idle_ms = idle.as_millis() as u64;
+    loop {
+        let deadline = epoch + Duration::from_millis(last.load(Relaxed).saturating_add(idle_ms));
+        tokio::select! {
+            () = stop.wait() => return,
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+        if millis_since(epoch).saturating_sub(last.load(Relaxed)) >= idle_ms {
+            tracing::debug!("closing idle websocket tunnel");
+            stop.set();
+            return;
+        }
+    }
+}
+
 async fn relay(client: &TcpStream, upstream: &TcpStream, idle: Duration) {
-    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     let stop = Stop::default();
     let epoch = Instant::now();
-    let last = AtomicU64::new(0);
-    let watchdog = async {
-        let idle_ms = idle.as_millis() as u64;
-        loop {
-            let deadline = epoch + Duration::from_millis(last.load(Relaxed).saturating_add(idle_ms));
-            tokio::select! {
-                () = stop.wait() => return,
-                () = tokio::time::sleep_until(deadline) => {}
-            }
-            if millis_since(epoch).saturating_sub(last.load(Relaxed)) >= idle_ms {
-                tracing::debug!("closing idle websocket tunnel");
-                stop.set();
-                return;
-            }
-        }
-    };
+    let last = std::sync::atomic::AtomicU64::new(0);
     tokio::join!(
         one_way(client, upstream, &stop, epoch, &last, idle),
         one_way(upstream, client, &stop, epoch, &last, idle),
-        watchdog
+        watchdog(&stop, epoch, &last, idle)
+    );
+}
+
+/// Decrypted client bytes → node. The read buffer lives as long as the
+/// tunnel (a TLS stream has no readiness to wait on without reading); the
+/// read is the only thing raced against the end of the tunnel, and a read
+/// that was cancelled has taken nothing.
+async fn client_to_node<R: AsyncRead + Unpin>(
+    mut from: R,
+    to: &TcpStream,
+    stop: &Stop,
+    epoch: Instant,
+    last: &std::sync::atomic::AtomicU64,
+    idle: Duration,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut buf = vec![0u8; TLS_READ_CHUNK];
+    loop {
+        let n = tokio::select! {
+            biased;
+            () = stop.wait() => return,
+            read = from.read(&mut buf) => match read { Ok(n) if n > 0 => n, _ => break },
+        };
+        last.store(millis_since(epoch), Relaxed);
+        match tokio::time::timeout(idle, write_all(to, &buf[..n])).await {
+            Ok(Ok(())) => last.store(millis_since(epoch), Relaxed),
+            _ => break,
+        }
+    }
+    stop.set();
+}
+
+/// Node → client over TLS: waits for the node's socket to be readable
+/// (holding no buffer), then writes what it read through TLS in full.
+async fn node_to_client<W: AsyncWrite + Unpin>(
+    from: &TcpStream,
+    mut to: W,
+    stop: &Stop,
+    epoch: Instant,
+    last: &std::sync::atomic::AtomicU64,
+    idle: Duration,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.wait() => break,
+            ready = from.readable() => if ready.is_err() { break },
+        }
+        let mut buf = Vec::with_capacity(RELAY_CHUNK);
+        match from.try_read_buf(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {
+                last.store(millis_since(epoch), Relaxed);
+                let write = async {
+                    to.write_all(&buf).await?;
+                    to.flush().await
+                };
+                match tokio::time::timeout(idle, write).await {
+                    Ok(Ok(())) => last.store(millis_since(epoch), Relaxed),
+                    _ => break,
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+    }
+    stop.set();
+    // A TLS close_notify, so the client reads a clean end of stream.
+    let _ = tokio::time::timeout(Duration::from_secs(1), to.shutdown()).await;
+}
+
+async fn relay_tls(client: TlsStream<Box<L4Stream>>, upstream: TcpStream, idle: Duration) {
+    let stop = Stop::default();
+    let epoch = Instant::now();
+    let last = std::sync::atomic::AtomicU64::new(0);
+    let (reader, writer) = tokio::io::split(client);
+    tokio::join!(
+        client_to_node(reader, &upstream, &stop, epoch, &last, idle),
+        node_to_client(&upstream, writer, &stop, epoch, &last, idle),
+        watchdog(&stop, epoch, &last, idle)
     );
 }
 

@@ -29,12 +29,13 @@ pub struct App {
     pub redis: Arc<RedisLink>,
     pub backplane: Backplane,
     pub metrics: Metrics,
+    pub auth: crate::auth::Auth,
     draining: AtomicBool,
 }
 
 impl App {
     /// The node's state with the Redis backplane.
-    pub fn new(cfg: NodeConfig) -> Result<Arc<Self>, redis::RedisError> {
+    pub fn new(cfg: NodeConfig) -> Result<Arc<Self>, String> {
         Self::with_backplane(cfg, |cfg, link, metrics| {
             let b = crate::backplane::redis::RedisBackplane::new(link, metrics, &cfg.key_prefix, cfg.history_len);
             Backplane::Redis(Arc::new(b))
@@ -47,9 +48,10 @@ impl App {
     pub fn with_backplane(
         cfg: NodeConfig,
         make: impl FnOnce(&NodeConfig, Arc<RedisLink>, BackplaneMetrics) -> Backplane,
-    ) -> Result<Arc<Self>, redis::RedisError> {
+    ) -> Result<Arc<Self>, String> {
         let metrics = Metrics::new();
-        let client = redis::Client::open(cfg.redis.as_str())?;
+        let client = redis::Client::open(cfg.redis.as_str()).map_err(|e| format!("invalid redis URL: {e}"))?;
+        let auth = crate::auth::Auth::from_config(&cfg)?;
         let node_id = cfg.node_id();
         let redis = Arc::new(RedisLink::new(client, metrics.redis_up.clone()));
         let backplane = make(&cfg, redis.clone(), metrics.backplane());
@@ -63,6 +65,7 @@ impl App {
             redis,
             backplane,
             metrics,
+            auth,
             draining: AtomicBool::new(false),
             cfg,
         }))

@@ -40,7 +40,28 @@ pub struct NodeConfig {
     pub stateful_reconnect: bool,
     pub stateful_buffer_bytes: usize,
     pub reconnect_window_secs: f64,
+    pub auth: AuthMode,
+    pub auth_secret: String,
+    pub auth_secret_file: String,
+    pub auth_public_key_file: String,
+    pub auth_issuer: String,
+    pub auth_audience: String,
+    pub auth_clock_skew_secs: u64,
+    pub auth_dev_sign_in: bool,
+    pub allowed_origins: Vec<String>,
     pub log_format: LogFormat,
+}
+
+/// Whether clients must sign in with a JWT bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Tokens are not looked at; `user` is whatever the client says.
+    Off,
+    /// Anonymous clients are served; a token, if sent, must be valid.
+    Optional,
+    /// Negotiate and every transport request need a valid token (401 without).
+    Required,
 }
 
 impl Default for NodeConfig {
@@ -71,6 +92,15 @@ impl Default for NodeConfig {
             stateful_reconnect: true,
             stateful_buffer_bytes: 100_000,
             reconnect_window_secs: 15.0,
+            auth: AuthMode::Off,
+            auth_secret: String::new(),
+            auth_secret_file: String::new(),
+            auth_public_key_file: String::new(),
+            auth_issuer: String::new(),
+            auth_audience: String::new(),
+            auth_clock_skew_secs: 30,
+            auth_dev_sign_in: false,
+            allowed_origins: Vec::new(),
             log_format: LogFormat::Text,
         }
     }
@@ -165,9 +195,52 @@ pub struct Cli {
     /// How long a stateful connection whose socket dropped waits for the client to resume, in seconds [default: 15]
     #[arg(long, env = "SWITCHBOARD_RECONNECT_WINDOW_SECS")]
     pub reconnect_window_secs: Option<f64>,
+    /// Sign-in with JWT bearer tokens: off, optional (a token, if sent, must be valid) or required [default: off]
+    #[arg(long, env = "SWITCHBOARD_AUTH")]
+    pub auth: Option<AuthMode>,
+    /// HS256 secret tokens are signed with (at least 32 bytes) [default: empty]
+    #[arg(long, env = "SWITCHBOARD_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: Option<String>,
+    /// File holding the HS256 secret, instead of auth_secret [default: empty]
+    #[arg(long, env = "SWITCHBOARD_AUTH_SECRET_FILE")]
+    pub auth_secret_file: Option<String>,
+    /// PEM public key (RSA for RS256, EC P-256 for ES256) tokens are checked with, instead of a secret [default: empty]
+    #[arg(long, env = "SWITCHBOARD_AUTH_PUBLIC_KEY_FILE")]
+    pub auth_public_key_file: Option<String>,
+    /// Required `iss` of tokens; empty = not checked [default: empty]
+    #[arg(long, env = "SWITCHBOARD_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+    /// Required `aud` of tokens; empty = not checked [default: empty]
+    #[arg(long, env = "SWITCHBOARD_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+    /// Seconds of clock difference allowed when checking `exp` and `nbf` [default: 30]
+    #[arg(long, env = "SWITCHBOARD_AUTH_CLOCK_SKEW_SECS")]
+    pub auth_clock_skew_secs: Option<u64>,
+    /// Development only: POST /auth/dev-token?user=NAME hands anyone a token for any name, and the chat page offers it [default: false]
+    #[arg(long, env = "SWITCHBOARD_AUTH_DEV_SIGN_IN")]
+    pub auth_dev_sign_in: Option<bool>,
+    /// Other origins (scheme://host[:port]) whose pages may use the hub, comma-separated; "*" = any. Same origin is always allowed [default: none]
+    #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
     /// Log format [default: text]
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What the program does instead of serving.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print a token signed with the configured auth_secret (for demos and tests)
+    Token {
+        /// The user name the token carries (`name` and `sub`)
+        #[arg(long)]
+        user: String,
+        /// How long it is valid: 90s, 15m, 1h, 2d
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
 }
 
 impl Cli {
@@ -199,6 +272,15 @@ impl Cli {
             stateful_reconnect,
             stateful_buffer_bytes,
             reconnect_window_secs,
+            auth,
+            auth_secret,
+            auth_secret_file,
+            auth_public_key_file,
+            auth_issuer,
+            auth_audience,
+            auth_clock_skew_secs,
+            auth_dev_sign_in,
+            allowed_origins,
             log_format
         );
         if cli.node_id.is_some() {
@@ -274,7 +356,49 @@ impl NodeConfig {
         }
         redis::Client::open(self.redis.as_str())
             .map_err(|e| ConfigError::Invalid { name: "redis", reason: e.to_string() })?;
+        if !self.auth_secret.is_empty() && !self.auth_secret_file.is_empty() {
+            return Err(ConfigError::Invalid {
+                name: "auth_secret",
+                reason: "set auth_secret or auth_secret_file, not both".into(),
+            });
+        }
+        if self.auth_dev_sign_in && self.auth == AuthMode::Off {
+            return Err(ConfigError::Invalid {
+                name: "auth_dev_sign_in",
+                reason: "needs auth = optional or required".into(),
+            });
+        }
+        for origin in &self.allowed_origins {
+            if origin != "*" && crate::cors::normalise(origin).is_none() {
+                return Err(ConfigError::Invalid {
+                    name: "allowed_origins",
+                    reason: format!("{origin:?} is not an origin like https://chat.example.com[:port] or *"),
+                });
+            }
+        }
+        // Reading the keys is the final check (a missing file, a short secret, a bad PEM).
+        crate::auth::Auth::from_config(self).map_err(|reason| ConfigError::Invalid { name: "auth", reason })?;
         Ok(())
+    }
+
+    /// The HS256 secret, from `auth_secret` or `auth_secret_file`, if any.
+    pub fn auth_secret(&self) -> Result<Option<Vec<u8>>, String> {
+        let secret = if !self.auth_secret_file.is_empty() {
+            let text = std::fs::read_to_string(&self.auth_secret_file)
+                .map_err(|e| format!("auth_secret_file {}: {e}", self.auth_secret_file))?;
+            text.trim_end_matches(['\r', '\n']).as_bytes().to_vec()
+        } else {
+            self.auth_secret.as_bytes().to_vec()
+        };
+        if secret.is_empty() {
+            return Ok(None);
+        }
+        if secret.len() < 32 {
+            return Err(
+                "the auth secret must be at least 32 bytes (HS256 keys shorter than the hash are guessable)".into()
+            );
+        }
+        Ok(Some(secret))
     }
 
     pub fn duration(&self, v: f64) -> Duration {
@@ -330,6 +454,14 @@ mod tests {
         assert!(parse(&["--drain-secs=-1"]).is_err());
         assert!(parse(&["--redis", "ftp://nope"]).is_err());
         assert!(parse(&["--node-id", "a*b"]).is_err());
+        assert!(parse(&["--auth", "required"]).is_err(), "auth without a key");
+        assert!(parse(&["--auth", "required", "--auth-secret", "short"]).is_err());
+        let secret = "0123456789abcdef0123456789abcdef";
+        assert!(parse(&["--auth", "required", "--auth-secret", secret]).is_ok());
+        assert!(parse(&["--auth-public-key-file", "/nonexistent.pem", "--auth", "optional"]).is_err());
+        assert!(parse(&["--auth-dev-sign-in", "true"]).is_err(), "dev sign-in with auth off");
+        assert!(parse(&["--allowed-origins", "https://a.example,http://b.example:8080"]).is_ok());
+        assert!(parse(&["--allowed-origins", "not an origin"]).is_err());
     }
 
     #[test]

@@ -109,6 +109,10 @@ pub struct Connection {
     long_poll: LongPoll,
     removed: AtomicBool,
     transport: AtomicU8,
+    /// The signed-in user (from the token at negotiate), and when the newest
+    /// token shown for this connection expires (Unix seconds; 0 = never).
+    user: OnceLock<Box<str>>,
+    auth_expires: AtomicU64,
 }
 
 /// Marks a long poll as running for its lifetime, however it ends.
@@ -147,7 +151,45 @@ impl Connection {
             long_poll: LongPoll::default(),
             removed: AtomicBool::new(false),
             transport: AtomicU8::new(0),
+            user: OnceLock::new(),
+            auth_expires: AtomicU64::new(0),
         }
+    }
+
+    /// Marks the connection as `identity`'s, once, when it is created.
+    pub fn sign_in(&self, identity: &crate::auth::Identity) {
+        let _ = self.user.set(identity.name.clone().into_boxed_str());
+        self.auth_expires.store(identity.expires.unwrap_or(0), Ordering::Release);
+    }
+
+    /// The signed-in user's name, if the connection was opened with a token.
+    pub fn user(&self) -> Option<&str> {
+        self.user.get().map(|u| &**u)
+    }
+
+    /// Whether a later request's identity may use this connection: a
+    /// signed-in connection only with a token for the same user, whose
+    /// expiry then extends the connection's (long polling refreshes tokens).
+    pub fn admits(&self, identity: Option<&crate::auth::Identity>) -> Result<(), crate::auth::AuthError> {
+        use crate::auth::AuthError;
+        match (self.user(), identity) {
+            (None, _) => Ok(()),
+            (Some(_), None) => Err(AuthError::Missing),
+            (Some(user), Some(who)) if who.name != user => Err(AuthError::OtherUser),
+            (Some(_), Some(who)) => {
+                if let Some(exp) = who.expires {
+                    self.auth_expires.fetch_max(exp, Ordering::AcqRel);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the sign-in has run out at `now_secs`; true once only.
+    pub fn take_auth_expiry(&self, now_secs: u64) -> bool {
+        self.auth_expires
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |exp| (exp != 0 && now_secs >= exp).then_some(0))
+            .is_ok()
     }
 
     /// The client asked for stateful reconnect at negotiate (and the node allows it).

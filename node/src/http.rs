@@ -5,6 +5,8 @@
 //! on from its public port), and `/`, the web client.
 
 use crate::app::App;
+use crate::config::AuthMode;
+use crate::cors;
 use crate::registry;
 use crate::transport;
 use axum::extract::{DefaultBodyLimit, State};
@@ -20,9 +22,16 @@ use switchboard_common::registry::rfc3339;
 const MAX_POST_BODY: usize = 1024 * 1024;
 
 pub fn router(app: Arc<App>) -> Router {
+    // Preflights are answered by the origin guard before reaching a handler.
+    let preflight = || async { StatusCode::NO_CONTENT };
+    let hub = Router::new()
+        .route("/chathub/negotiate", post(transport::negotiate).options(preflight))
+        .route("/chathub", get(transport::connect).post(transport::send).delete(transport::delete).options(preflight))
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), cors::guard));
     Router::new()
-        .route("/chathub/negotiate", post(transport::negotiate))
-        .route("/chathub", get(transport::connect).post(transport::send).delete(transport::delete))
+        .merge(hub)
+        .route("/auth/info", get(auth_info))
+        .route("/auth/dev-token", post(dev_token))
         .route("/health", get(health))
         .route("/nodes", get(nodes))
         .route("/metrics", get(metrics))
@@ -54,6 +63,38 @@ async fn health(State(app): State<Arc<App>>) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
     });
     (code, Json(body)).into_response()
+}
+
+/// What the chat page needs to know to offer sign-in.
+async fn auth_info(State(app): State<Arc<App>>) -> Response {
+    let mode = match app.auth.mode {
+        AuthMode::Off => "off",
+        AuthMode::Optional => "optional",
+        AuthMode::Required => "required",
+    };
+    Json(json!({ "mode": mode, "devSignIn": app.cfg.auth_dev_sign_in })).into_response()
+}
+
+/// `POST /auth/dev-token?user=NAME`: a one-hour token for any name, only
+/// with the explicit development setting `auth_dev_sign_in`.
+async fn dev_token(
+    State(app): State<Arc<App>>,
+    axum::extract::Query(params): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    if !app.cfg.auth_dev_sign_in {
+        return (StatusCode::NOT_FOUND, "Development sign-in is off.\n").into_response();
+    }
+    let user = params.get("user").map(|u| u.trim()).unwrap_or_default();
+    if user.is_empty() || user.chars().count() > crate::auth::MAX_NAME_CHARS || user.chars().any(char::is_control) {
+        return (StatusCode::BAD_REQUEST, "user must be 1-64 printable characters\n").into_response();
+    }
+    match app.auth.issue(user, 3600) {
+        Ok(token) => {
+            ([(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], token)
+                .into_response()
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
 }
 
 async fn nodes(State(app): State<Arc<App>>) -> Response {

@@ -202,8 +202,11 @@ fn strings<const N: usize>(args: Vec<Value>) -> Result<[String; N], String> {
     Ok(out)
 }
 
-/// A new chat message from `conn`, with its uid chosen before any attempt to store it.
+/// A new chat message from `conn`, with its uid chosen before any attempt to
+/// store it. A signed-in connection speaks as its token's user, whatever
+/// `user` the client passed.
 fn chat_message(app: &App, conn: &Connection, group: Option<String>, user: String, message: String) -> ChatMessage {
+    let user = conn.user().map_or(user, str::to_string);
     ChatMessage {
         id: None,
         uid: format!("{:032x}", rand::random::<u128>()),

@@ -5,7 +5,7 @@
 //! polled for the long-poll idle time, acknowledges what stateful-reconnect
 //! clients sent (so about once a second, like the official server), and drops
 //! stateful connections whose client did not come back within the reconnect
-//! window.
+//! window, and closes connections whose sign-in token has expired.
 
 use crate::app::App;
 use crate::connection::{now_ms, Transport};
@@ -31,7 +31,17 @@ pub async fn sweep_forever(app: Arc<App>) {
     loop {
         tick.tick().await;
         let now = now_ms();
+        // Token expiry is wall-clock time, unlike the monotonic `now`.
+        let unix_secs = jsonwebtoken::get_current_timestamp();
         for conn in app.connections.all() {
+            if conn.take_auth_expiry(unix_secs) {
+                // As the official server with CloseOnAuthenticationExpiration;
+                // a client may reconnect with a fresh token.
+                tracing::info!(connection = %conn.connection_id, "sign-in token expired; closing");
+                app.metrics.auth_expired.inc();
+                app.close(&conn, Some("The connection's authentication token expired.".into()), true);
+                continue;
+            }
             if let Some(st) = conn.stateful() {
                 if let Some(since) = st.disconnected_since() {
                     if now.saturating_sub(since) >= reconnect_window {

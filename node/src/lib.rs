@@ -11,9 +11,11 @@
 //! `server` accepts HTTP connections with limits on request heads.
 
 mod app;
+pub mod auth;
 mod backplane;
 pub mod config;
 mod connection;
+mod cors;
 mod groups;
 mod history;
 mod http;
@@ -41,7 +43,7 @@ use tokio::net::TcpListener;
 /// signals; tests start nodes in-process on port 0 and pass their own.
 pub async fn run(listener: TcpListener, cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), String> {
     let listen = listener.local_addr().map_err(|e| e.to_string())?;
-    let app = app::App::new(cfg).map_err(|e| format!("invalid redis URL: {e}"))?;
+    let app = app::App::new(cfg)?;
     tracing::info!(node = %app.node_id, %listen, url = %app.url, "switchboard-node started");
     let heartbeat = lifecycle::start_background_tasks(&app);
 

@@ -12,6 +12,9 @@ pub struct Metrics {
     pub messages_sent: IntCounter,
     pub invocations: IntCounterVec,
     pub protocol_errors: IntCounterVec,
+    pub auth_refused: IntCounterVec,
+    pub auth_expired: IntCounter,
+    pub origin_refused: IntCounter,
     pub slow_client_disconnects: IntCounter,
     pub backplane_published: IntCounter,
     pub backplane_publish_failures: IntCounter,
@@ -59,6 +62,22 @@ impl Metrics {
                 "switchboard_node_protocol_errors_total",
                 "Connections closed or requests refused for a protocol error, by kind",
                 &["kind"],
+            ),
+            auth_refused: counter_vec(
+                &r,
+                "switchboard_node_auth_refused_total",
+                "Requests refused for their bearer token: missing, invalid, other_user",
+                &["reason"],
+            ),
+            auth_expired: counter(
+                &r,
+                "switchboard_node_auth_expired_total",
+                "Connections closed because their sign-in token expired",
+            ),
+            origin_refused: counter(
+                &r,
+                "switchboard_node_origin_refused_total",
+                "Hub requests refused for a cross-origin Origin not in allowed_origins",
             ),
             slow_client_disconnects: counter(
                 &r,

@@ -58,7 +58,13 @@ impl Browser {
     /// A new browser session (own profile, own cookies) with a window of the
     /// given size in CSS pixels.
     pub async fn session(&self, width: u32, height: u32) -> Client {
-        let args = [
+        self.session_with(width, height, &[]).await
+    }
+
+    /// A session with extra Chromium flags (for example
+    /// `--ignore-certificate-errors` for a test certificate).
+    pub async fn session_with(&self, width: u32, height: u32, extra: &[&str]) -> Client {
+        let mut args = vec![
             "--headless=new".to_string(),
             // The tests run as root in a container: Chromium's sandbox needs
             // user namespaces we may not have, and /dev/shm may be tiny.
@@ -74,6 +80,7 @@ impl Browser {
             "--hide-scrollbars".to_string(),
             format!("--window-size={width},{height}"),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         let caps = json!({
             "browserName": "chrome",
             "goog:chromeOptions": { "binary": self.chromium, "args": args },

@@ -12,6 +12,7 @@ pub mod msgpack;
 pub mod official;
 pub mod process;
 pub mod redis_server;
+pub mod tls;
 
 pub use client::{ConnectOptions, HubClient, Protocol, TransportKind, ALL_TRANSPORTS, WAIT};
 pub use cluster::{InProcessBalancer, InProcessNode, TestBalancer, TestNode};

@@ -25,16 +25,17 @@ pub const HARNESS: &str = r#"
 window.__sb = { clients: {} };
 window.__sbStart = async (name, o) => {
   const b = new signalR.HubConnectionBuilder()
-    .withUrl(o.url, { transport: signalR.HttpTransportType[o.transport], skipNegotiation: !!o.skip })
+    .withUrl(o.url, Object.assign({ transport: signalR.HttpTransportType[o.transport], skipNegotiation: !!o.skip },
+      o.token ? { accessTokenFactory: () => o.token } : {}))
     .configureLogging(signalR.LogLevel.Warning);
   if (o.msgpack) b.withHubProtocol(new signalR.protocols.msgpack.MessagePackHubProtocol());
   if (o.stateful) b.withStatefulReconnect();
   // With o.resume: message ids, automatic reconnect, and Resume(lastId) after it.
   if (o.resume) b.withAutomaticReconnect([0, 250, 500, 1000, 2000, 2000, 2000, 2000, 2000, 2000]);
   const c = b.build();
-  const rec = { state: 'starting', got: [], node: null, reconnecting: 0, closed: 0, errors: [], lastId: null, resumed: 0 };
+  const rec = { state: 'starting', got: [], users: [], node: null, reconnecting: 0, closed: 0, errors: [], lastId: null, resumed: 0 };
   window.__sb.clients[name] = { c, rec };
-  c.on('ReceiveMessage', (user, message, cid, node, id) => { rec.got.push(message); if (id) rec.lastId = id; });
+  c.on('ReceiveMessage', (user, message, cid, node, id) => { rec.got.push(message); rec.users.push(user); if (id) rec.lastId = id; });
   if (o.resume) c.onreconnected(async () => {
     if (!rec.lastId) return;
     try { rec.resumed += await c.invoke('Resume', rec.lastId); } catch (e) { rec.errors.push('resume: ' + e); }
@@ -59,7 +60,7 @@ window.__sbEcho = async (name) => {
     rec.echo = (r1 === big ? 'ok' : 'big differs') + '/' + (JSON.stringify(r2) === JSON.stringify(nested) ? 'ok' : JSON.stringify(r2));
   } catch (e) { rec.echo = 'error: ' + e; }
 };
-window.__sbSend = (name, text) => window.__sb.clients[name].c.invoke('SendMessage', name, text)
+window.__sbSend = (name, text, as) => window.__sb.clients[name].c.invoke('SendMessage', as || name, text)
   .catch((e) => window.__sb.clients[name].rec.errors.push('send: ' + e));
 window.__sbRec = (name) => { const r = window.__sb.clients[name].rec; return Object.assign({}, r, { connectionIdNow: window.__sb.clients[name].c.connectionId }); };
 return typeof signalR.HubConnectionBuilder + '/' + typeof signalR.protocols.msgpack.MessagePackHubProtocol;
@@ -68,7 +69,12 @@ return typeof signalR.HubConnectionBuilder + '/' + typeof signalR.protocols.msgp
 /// Opens `origin`'s `/health` (a page of that origin without a CSP) and loads
 /// the official client and the harness into it.
 pub async fn official_client_page(browser: &Browser, origin: &str) -> fantoccini::Client {
-    let client = browser.session(800, 600).await;
+    official_client_page_in(browser.session(800, 600).await, origin).await
+}
+
+/// The same in a session the caller opened (for example one that accepts
+/// the test certificate authority's certificates).
+pub async fn official_client_page_in(client: fantoccini::Client, origin: &str) -> fantoccini::Client {
     client.goto(&format!("{origin}/health")).await.unwrap_or_else(|e| panic!("open {origin}/health: {e}"));
     // Each is a UMD bundle: run as a function body it defines window.signalR.
     eval(&client, &format!("{}\nreturn 1;", vendor("signalr.js"))).await;

@@ -14,6 +14,7 @@ pub mod sse;
 pub mod websocket;
 
 use crate::app::App;
+use crate::auth::{AuthError, Identity};
 use crate::connection::{AttachError, Connection, ConnectionOptions, Transport};
 use crate::hub;
 use crate::protocol::{negotiate, HubMessage};
@@ -62,6 +63,65 @@ impl IntoResponse for TransportError {
     }
 }
 
+impl IntoResponse for AuthError {
+    fn into_response(self) -> Response {
+        let (status, challenge) = match &self {
+            AuthError::Missing => (StatusCode::UNAUTHORIZED, "Bearer".to_string()),
+            AuthError::Invalid(_) => (StatusCode::UNAUTHORIZED, "Bearer error=\"invalid_token\"".to_string()),
+            AuthError::OtherUser => (StatusCode::FORBIDDEN, "Bearer error=\"insufficient_scope\"".to_string()),
+        };
+        let headers =
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8".to_string()), (header::WWW_AUTHENTICATE, challenge)];
+        (status, headers, format!("{self}\n")).into_response()
+    }
+}
+
+/// Any refusal of a `/chathub` request: the transport's or the sign-in's.
+#[derive(Debug)]
+pub enum Refused {
+    Transport(TransportError),
+    Auth(AuthError),
+}
+
+impl From<TransportError> for Refused {
+    fn from(e: TransportError) -> Self {
+        Refused::Transport(e)
+    }
+}
+
+impl From<AuthError> for Refused {
+    fn from(e: AuthError) -> Self {
+        Refused::Auth(e)
+    }
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::Transport(e) => e.into_response(),
+            Refused::Auth(e) => e.into_response(),
+        }
+    }
+}
+
+/// Who sent a request, by its bearer token (see `auth`).
+fn identify(app: &App, headers: &HeaderMap, params: &HashMap<String, String>) -> Result<Option<Identity>, AuthError> {
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let result = app.auth.authenticate(authorization, params);
+    if let Err(e) = &result {
+        app.metrics.auth_refused.with_label_values(&[e.label()]).inc();
+    }
+    result
+}
+
+/// Looks up `?id=` for a request that must also be from the connection's user.
+fn lookup_as(app: &App, headers: &HeaderMap, params: &HashMap<String, String>) -> Result<Arc<Connection>, Refused> {
+    let who = identify(app, headers, params)?;
+    let conn = lookup(app, params)?;
+    conn.admits(who.as_ref()).inspect_err(|e| app.metrics.auth_refused.with_label_values(&[e.label()]).inc())?;
+    Ok(conn)
+}
+
 /// A query parameter by name, ignoring case as ASP.NET Core's query does.
 fn param<'a>(params: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
     params
@@ -99,10 +159,14 @@ fn attach(app: &App, conn: &Connection, t: Transport) -> Result<(), TransportErr
 }
 
 /// `POST /chathub/negotiate[?negotiateVersion=N]`; the body is ignored.
-pub async fn negotiate(State(app): State<Arc<App>>, Query(params): Params) -> Response {
+pub async fn negotiate(State(app): State<Arc<App>>, Query(params): Params, headers: HeaderMap) -> Response {
     if app.is_draining() {
         return TransportError::Draining.into_response();
     }
+    let who = match identify(&app, &headers, &params) {
+        Ok(who) => who,
+        Err(e) => return e.into_response(),
+    };
     let version = match negotiate::requested_version(param(&params, "negotiateVersion")) {
         Ok(v) => v,
         Err(e) => return json(negotiate::error_body(&e)),
@@ -112,7 +176,10 @@ pub async fn negotiate(State(app): State<Arc<App>>, Query(params): Params) -> Re
     let token = ConnectionToken::issue(&app.node_id);
     let key = if version >= 1 { token.token.clone() } else { token.connection_id.clone() };
     let options = ConnectionOptions { stateful_reconnect: stateful, message_ids: wants_message_ids(&params) };
-    app.new_connection(token.connection_id.clone(), key, options);
+    let conn = app.new_connection(token.connection_id.clone(), key, options);
+    if let Some(who) = &who {
+        conn.sign_in(who);
+    }
     json(negotiate::negotiate_body(version, &token, stateful))
 }
 
@@ -140,15 +207,17 @@ pub async fn connect(
             Ok(u) => u,
             Err(rejection) => return rejection.into_response(),
         };
-        return match open_websocket(&app, &params) {
+        return match open_websocket(&app, &params, &headers) {
             Ok((conn, generation)) => websocket::upgrade(app, conn, upgrade, generation),
             Err(e) => e.into_response(),
         };
     }
-    let result = lookup(&app, &params).and_then(|conn| {
-        let t = if wants_event_stream(&headers) { Transport::ServerSentEvents } else { Transport::LongPolling };
-        attach(&app, &conn, t).map(|()| (conn, t))
-    });
+    let conn = match lookup_as(&app, &headers, &params) {
+        Ok(conn) => conn,
+        Err(refused) => return refused.into_response(),
+    };
+    let t = if wants_event_stream(&headers) { Transport::ServerSentEvents } else { Transport::LongPolling };
+    let result = attach(&app, &conn, t).map(|()| (conn, t));
     match result {
         Ok((conn, Transport::ServerSentEvents)) => sse::stream(app, conn),
         Ok((conn, _)) => long_polling::poll(app, conn).await,
@@ -158,17 +227,26 @@ pub async fn connect(
 
 /// The connection a WebSocket request serves, and the outbox generation the
 /// socket drains: 0 for a new connection, a fresh one for a resume.
-fn open_websocket(app: &App, params: &HashMap<String, String>) -> Result<(Arc<Connection>, u64), TransportError> {
+fn open_websocket(
+    app: &App,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<(Arc<Connection>, u64), Refused> {
     let conn = if params.contains_key("id") {
-        lookup(app, params)?
+        lookup_as(app, headers, params)?
     } else {
         // skipNegotiation: the connection starts with the socket.
         if app.is_draining() {
-            return Err(TransportError::Draining);
+            return Err(TransportError::Draining.into());
         }
+        let who = identify(app, headers, params)?;
         let token = ConnectionToken::issue(&app.node_id);
         let options = ConnectionOptions { stateful_reconnect: false, message_ids: wants_message_ids(params) };
-        app.new_connection(token.connection_id, token.token, options)
+        let conn = app.new_connection(token.connection_id, token.token, options);
+        if let Some(who) = &who {
+            conn.sign_in(who);
+        }
+        conn
     };
     if conn.transport() == Some(Transport::WebSockets) && !conn.outbox.is_closed() {
         if let Some(st) = conn.stateful() {
@@ -193,17 +271,18 @@ fn open_websocket(app: &App, params: &HashMap<String, String>) -> Result<(Arc<Co
 pub async fn send(
     State(app): State<Arc<App>>,
     Query(params): Params,
+    headers: HeaderMap,
     body: Bytes,
-) -> Result<StatusCode, TransportError> {
-    let conn = lookup(&app, &params)?;
+) -> Result<StatusCode, Refused> {
+    let conn = lookup_as(&app, &headers, &params)?;
     if conn.transport() == Some(Transport::WebSockets) {
-        return Err(TransportError::PostToWebSocket);
+        return Err(TransportError::PostToWebSocket.into());
     }
     // Backpressure, as the official server's pipe gives: a send waits until
     // the replies to earlier ones have been polled.
     conn.outbox.wait_room().await;
     if conn.outbox.is_closed() {
-        return Err(TransportError::UnknownId);
+        return Err(TransportError::UnknownId.into());
     }
     // The send answers once all of its records are processed; while the
     // client's replies fill the outbox, the rest waits for its polls.
@@ -219,10 +298,14 @@ pub async fn send(
 }
 
 /// `DELETE /chathub?id=…`: ends a long-polling connection.
-pub async fn delete(State(app): State<Arc<App>>, Query(params): Params) -> Result<StatusCode, TransportError> {
-    let conn = lookup(&app, &params)?;
+pub async fn delete(
+    State(app): State<Arc<App>>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> Result<StatusCode, Refused> {
+    let conn = lookup_as(&app, &headers, &params)?;
     if conn.transport() != Some(Transport::LongPolling) {
-        return Err(TransportError::NotLongPolling);
+        return Err(TransportError::NotLongPolling.into());
     }
     app.disconnect(&conn);
     conn.supersede_polls();
