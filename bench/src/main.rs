@@ -14,6 +14,7 @@ mod signalr;
 mod stats;
 mod store_cost;
 mod suite;
+mod tls;
 mod svg;
 
 use clap::{Parser, Subcommand};
@@ -114,6 +115,17 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         duration_secs: f64,
     },
+    /// New connections per second, each one `GET /health` and closed: over
+    /// TLS (a full handshake each, no resumption) for https:// URLs, plain TCP for http://
+    Handshakes {
+        /// Repeat to measure several URLs in one run
+        #[arg(long = "url")]
+        urls: Vec<String>,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10.0)]
+        duration_secs: f64,
+    },
     /// Keep-alive `GET /health` requests per second and latency
     Http {
         #[arg(long)]
@@ -199,6 +211,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Throughput { url, connections, duration_secs } => {
             scenarios::echo_throughput(&url, connections, secs(duration_secs)).await?
+        }
+        Command::Handshakes { urls, concurrency, duration_secs } => {
+            let mut each = Vec::new();
+            for url in &urls {
+                each.push(scenarios::new_connections(url, concurrency, secs(duration_secs)).await?);
+            }
+            serde_json::Value::Array(each)
         }
         Command::Http { url, concurrency, duration_secs } => {
             setup::http_rate(&url, concurrency, secs(duration_secs)).await?

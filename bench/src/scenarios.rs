@@ -297,3 +297,60 @@ pub async fn discovery(balancer: &str, admin: &str, redis: &str, node_bin: &str,
         "kill_to_out_of_rotation_ms": to_removed, "median_kill_to_out_of_rotation_ms": median(&mut to_removed.clone()),
     }))
 }
+
+/// New connections per second for `duration`: each connects (with a full
+/// TLS handshake for an `https://` URL), asks `GET /health`, reads the whole
+/// answer and closes.
+pub async fn new_connections(url: &str, concurrency: usize, duration: Duration) -> Result<Value> {
+    let deadline = Instant::now() + duration;
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let tls = url.starts_with("https://");
+    let health = format!("{}/health", url.trim_end_matches('/'));
+    let host_port = crate::tls::authority(url)?.to_string();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (ok, failed, health, host_port) = (ok.clone(), failed.clone(), health.clone(), host_port.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let result = if tls {
+                        crate::tls::request(&health, "GET").await.map(|(status, ..)| status)
+                    } else {
+                        plain_get(&host_port).await
+                    };
+                    match result {
+                        Ok(200) => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let done = ok.load(Ordering::Relaxed);
+    Ok(json!({
+        "url": url,
+        "tls": tls,
+        "concurrency": concurrency,
+        "connections": done,
+        "failed": failed.load(Ordering::Relaxed),
+        "per_second": (done as f64 / secs).round(),
+    }))
+}
+
+/// `GET /health` on a new plain TCP connection, `Connection: close`.
+async fn plain_get(host_port: &str) -> Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(host_port).await?;
+    let _ = s.set_nodelay(true);
+    let head = format!("GET /health HTTP/1.1\r\nHost: {host_port}\r\nConnection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw);
+    text.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow::anyhow!("no status line"))
+}

@@ -51,17 +51,30 @@ pub async fn connect_opts(http: &reqwest::Client, base: &str, stateful: bool, me
     if message_ids {
         query.push_str("&messageIds=true");
     }
-    let resp = http.post(format!("{base}/chathub/negotiate?{query}")).send().await?;
-    let status = resp.status();
-    let cookies = cookie_header(resp.headers().get_all(SET_COOKIE).iter().filter_map(|v| v.to_str().ok()));
-    let body: Value = resp.json().await.with_context(|| format!("negotiate answered {status}"))?;
+    let negotiate = format!("{base}/chathub/negotiate?{query}");
+    let (status, cookies, body) = if base.starts_with("https://") {
+        let (status, set, body) = crate::tls::request(&negotiate, "POST").await?;
+        (status, cookie_header(set.iter().map(String::as_str)), body)
+    } else {
+        let resp = http.post(&negotiate).send().await?;
+        let status = resp.status().as_u16();
+        let cookies = cookie_header(resp.headers().get_all(SET_COOKIE).iter().filter_map(|v| v.to_str().ok()));
+        (status, cookies, resp.text().await?)
+    };
+    let body: Value = serde_json::from_str(&body).with_context(|| format!("negotiate answered {status}: {body}"))?;
     let token = body["connectionToken"].as_str().ok_or_else(|| anyhow!("negotiate: {body}"))?;
-    let url = format!("{}/chathub?id={token}", base.replacen("http://", "ws://", 1));
+    let ws_base = base.replacen("https://", "wss://", 1).replacen("http://", "ws://", 1);
+    let url = format!("{ws_base}/chathub?id={token}");
     let mut request = url.into_client_request()?;
     if let Some(c) = cookies {
         request.headers_mut().insert(COOKIE, c.parse()?);
     }
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
+    let mut ws = if base.starts_with("https://") {
+        let tls = crate::tls::connect(crate::tls::authority(base)?).await?;
+        tokio_tungstenite::client_async(request, MaybeTlsStream::Rustls(tls)).await?.0
+    } else {
+        tokio_tungstenite::connect_async(request).await?.0
+    };
     let version = if stateful { 2 } else { 1 };
     ws.send(Message::Text(format!("{{\"protocol\":\"json\",\"version\":{version}}}{RS}").into())).await?;
     match ws.next().await {

@@ -330,6 +330,40 @@ mod tests {
         assert!(matches!(strict.verify(&loose), Err(AuthError::Invalid(_))));
     }
 
+    fn with_public_key(file: &str) -> Auth {
+        let path = format!("{}/testdata/{file}", env!("CARGO_MANIFEST_DIR"));
+        Auth::from_config(&NodeConfig { auth: AuthMode::Required, auth_public_key_file: path, ..NodeConfig::default() })
+            .unwrap()
+    }
+
+    fn signed(alg: Algorithm, key: &EncodingKey) -> String {
+        let claims =
+            Claims { name: Some("eve".into()), sub: None, exp: Some(u64::MAX / 2), iat: None, iss: None, aud: None };
+        jsonwebtoken::encode(&Header::new(alg), &claims, key).unwrap()
+    }
+
+    #[test]
+    fn public_keys_check_rs256_and_es256_and_refuse_algorithm_confusion() {
+        let pem = |f: &str| std::fs::read(format!("{}/testdata/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let rsa = with_public_key("rs256-public.pem");
+        let es = with_public_key("es256-public.pem");
+        let rs_token = signed(Algorithm::RS256, &EncodingKey::from_rsa_pem(&pem("rs256-private.pem")).unwrap());
+        let es_token = signed(Algorithm::ES256, &EncodingKey::from_ec_pem(&pem("es256-private.pem")).unwrap());
+        assert_eq!(rsa.verify(&rs_token).unwrap().name, "eve");
+        assert_eq!(es.verify(&es_token).unwrap().name, "eve");
+        assert!(rsa.verify(&es_token).is_err() && es.verify(&rs_token).is_err());
+        // The public key used as an HS256 secret (the classic confusion attack).
+        let confused = signed(Algorithm::HS256, &EncodingKey::from_secret(&pem("rs256-public.pem")));
+        assert!(matches!(rsa.verify(&confused), Err(AuthError::Invalid(why)) if why.contains("algorithm")));
+        // Garbage as a key file is refused at start.
+        let bad = NodeConfig {
+            auth: AuthMode::Required,
+            auth_public_key_file: format!("{}/testdata/README.md", env!("CARGO_MANIFEST_DIR")),
+            ..NodeConfig::default()
+        };
+        assert!(Auth::from_config(&bad).is_err());
+    }
+
     #[test]
     fn durations_parse() {
         assert_eq!(parse_ttl("1h"), Ok(3600));

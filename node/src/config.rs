@@ -283,6 +283,8 @@ impl Cli {
             allowed_origins,
             log_format
         );
+        // An empty environment variable or "a,,b" lists nothing in between.
+        cfg.allowed_origins.retain(|o| !o.trim().is_empty());
         if cli.node_id.is_some() {
             cfg.node_id = cli.node_id;
         }
@@ -462,6 +464,7 @@ mod tests {
         assert!(parse(&["--auth-dev-sign-in", "true"]).is_err(), "dev sign-in with auth off");
         assert!(parse(&["--allowed-origins", "https://a.example,http://b.example:8080"]).is_ok());
         assert!(parse(&["--allowed-origins", "not an origin"]).is_err());
+        assert!(parse(&["--allowed-origins", ""]).unwrap().allowed_origins.is_empty(), "an empty variable lists none");
     }
 
     #[test]

@@ -29,6 +29,12 @@
     nodes: $("nodes"),
     nodeCount: $("node-count"),
     nodesUpdated: $("nodes-updated"),
+    signin: $("signin"),
+    signinForm: $("signin-form"),
+    token: $("token"),
+    devSignin: $("dev-signin"),
+    signout: $("signout"),
+    signinState: $("signin-state"),
   };
 
   const joinedGroups = new Set();
@@ -140,6 +146,10 @@
       ui.transport.textContent = detail.transport;
       // Node name arrives with NodeInfo; until then say what we know.
       setStatus("connected", "Connected");
+    } else if (state === "unauthorized") {
+      setStatus("offline", "Not signed in");
+      ui.signin.hidden = false;
+      ui.signinState.textContent = detail.message + " — sign in to continue.";
     } else if (state === "reconnecting" || state === "offline") {
       if (lostAt === null) {
         lostAt = Date.now();
@@ -324,8 +334,84 @@
     ui.nodesUpdated.textContent = "updated " + timeLabel(new Date()) + " (from " + String(data.current_node) + ")";
   }
 
+  // ---- sign-in ------------------------------------------------------------
+  // With the node's `auth` on, the page sends a JWT with every request; the
+  // name in it is the one others see. The token lives in sessionStorage (this
+  // tab only) and is never shown.
+  const TOKEN_KEY = "switchboard.token";
+
+  /** The user name a token carries (`name`, else `sub`), read without checking it. */
+  function tokenName(token) {
+    try {
+      const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      const claims = JSON.parse(decodeURIComponent(escape(atob(part))));
+      return String(claims.name || claims.sub || "");
+    } catch (e) {
+      return "";
+    }
+  }
+
+  async function useToken(token) {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    hub.accessToken = token || null;
+    const name = token ? tokenName(token) : "";
+    ui.name.disabled = !!name;
+    if (name) ui.name.value = name;
+    ui.signout.hidden = !token;
+    ui.signinState.textContent = token ? "Signed in as " + (name || "?") : "Not signed in";
+    ui.token.value = "";
+    await hub.stop();
+    hub.start();
+  }
+
+  ui.signinForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const token = ui.token.value.trim();
+    if (token) useToken(token);
+  });
+  ui.signout.addEventListener("click", () => useToken(null));
+  ui.devSignin.addEventListener("click", async () => {
+    const user = ui.name.value.trim();
+    if (!user) return;
+    try {
+      const resp = await fetch("auth/dev-token?user=" + encodeURIComponent(user), { method: "POST", credentials: "same-origin" });
+      const text = (await resp.text()).trim();
+      if (!resp.ok) throw new Error(text || "HTTP " + resp.status);
+      useToken(text);
+    } catch (err) {
+      ui.signinState.textContent = "Could not sign in: " + err.message;
+    }
+  });
+
+  async function authInfo() {
+    try {
+      const resp = await fetch("auth/info", { cache: "no-store", credentials: "same-origin" });
+      return resp.ok ? await resp.json() : { mode: "off" };
+    } catch (e) {
+      return { mode: "off" };
+    }
+  }
+
   ui.retry.addEventListener("click", () => hub.retryNow());
   setInterval(refreshNodes, NODES_REFRESH_MS);
   refreshNodes();
-  hub.start();
+  authInfo().then((auth) => {
+    if (auth.mode !== "off") {
+      ui.signin.hidden = false;
+      ui.devSignin.hidden = !auth.devSignIn;
+      const saved = sessionStorage.getItem(TOKEN_KEY);
+      if (saved) {
+        hub.accessToken = saved;
+        const name = tokenName(saved);
+        ui.name.disabled = !!name;
+        if (name) ui.name.value = name;
+        ui.signout.hidden = false;
+        ui.signinState.textContent = "Signed in as " + (name || "?");
+      } else {
+        ui.signinState.textContent = auth.mode === "required" ? "Sign in to chat." : "Optional: sign in to chat under your own name.";
+      }
+    }
+    hub.start();
+  });
 })();

@@ -40,16 +40,24 @@ function parseRecords(text) {
   return parts;
 }
 
+/** The Authorization header for a sign-in token, if there is one. */
+function bearer(accessToken) {
+  return accessToken ? { Authorization: "Bearer " + accessToken } : {};
+}
+
 function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 /** WebSocket transport: one socket, text frames. */
 class WebSocketTransport {
-  constructor(url, token) {
+  constructor(url, token, accessToken) {
     const u = new URL(url);
     u.protocol = u.protocol === "https:" ? "wss:" : "ws:";
     u.searchParams.set("id", token);
+    // Browsers cannot set headers on a WebSocket: the sign-in token rides in
+    // the query, as Microsoft's client does.
+    if (accessToken) u.searchParams.set("access_token", accessToken);
     this.url = u.toString();
     this.name = "WebSockets";
     this.onreceive = () => {};
@@ -86,10 +94,11 @@ class WebSocketTransport {
 
 /** Long polling transport: GET polls receive, POSTs send, DELETE ends it. */
 class LongPollingTransport {
-  constructor(url, token) {
+  constructor(url, token, accessToken) {
     const u = new URL(url);
     u.searchParams.set("id", token);
     this.url = u.toString();
+    this.headers = bearer(accessToken);
     this.name = "LongPolling";
     this.onreceive = () => {};
     this.onclose = () => {};
@@ -101,7 +110,12 @@ class LongPollingTransport {
   async poll() {
     const u = new URL(this.url);
     u.searchParams.set("_", String(Date.now()));
-    const resp = await fetch(u, { cache: "no-store", credentials: "same-origin", signal: this.abort.signal });
+    const resp = await fetch(u, {
+      cache: "no-store",
+      credentials: "same-origin",
+      headers: this.headers,
+      signal: this.abort.signal,
+    });
     if (resp.status === 204) return null; // the server ended the connection
     if (!resp.ok) throw new Error("poll failed with HTTP " + resp.status);
     return await resp.text();
@@ -135,7 +149,7 @@ class LongPollingTransport {
   send(text) {
     // The server allows one POST at a time per connection, so sends queue.
     const next = this.sendQueue.then(async () => {
-      const resp = await fetch(this.url, { method: "POST", body: text, credentials: "same-origin" });
+      const resp = await fetch(this.url, { method: "POST", body: text, credentials: "same-origin", headers: this.headers });
       if (!resp.ok) throw new Error("send failed with HTTP " + resp.status);
     });
     this.sendQueue = next.catch(() => {});
@@ -146,7 +160,9 @@ class LongPollingTransport {
     if (!this.running) return;
     this.running = false;
     this.abort.abort();
-    fetch(this.url, { method: "DELETE", credentials: "same-origin", keepalive: true }).catch(() => {});
+    fetch(this.url, { method: "DELETE", credentials: "same-origin", headers: this.headers, keepalive: true }).catch(
+      () => {},
+    );
   }
 }
 
@@ -156,7 +172,8 @@ class LongPollingTransport {
  *
  * States: "connecting", "connected", "reconnecting", "offline" (the last one
  * after several failed attempts or while the browser reports no network; it
- * keeps retrying, more slowly).
+ * keeps retrying, more slowly), and "unauthorized" when the server refuses the
+ * sign-in token (401/403): it stops until started again with a new token.
  */
 class HubConnection {
   constructor(url, options = {}) {
@@ -167,6 +184,8 @@ class HubConnection {
     this.handshakeTimeoutMs = options.handshakeTimeoutMs || 15000;
     this.maxDelayMs = options.maxDelayMs || 30000;
     this.offlineAfter = options.offlineAfter || 5;
+    // A JWT sent with every request when set (see the node's `auth` setting).
+    this.accessToken = options.accessToken || null;
     this.handlers = new Map();
     this.pending = new Map();
     this.nextInvocationId = 1;
@@ -236,6 +255,12 @@ class HubConnection {
       } catch (e) {
         this.teardown(e);
         this.lastError = e;
+        if (e.status === 401 || e.status === 403) {
+          // Retrying with the same token cannot help: wait for a new one.
+          this.stopped = true;
+          this.setState("unauthorized", { message: e.message });
+          return;
+        }
       }
     }
   }
@@ -251,8 +276,18 @@ class HubConnection {
     u.pathname = u.pathname.replace(/\/?$/, "/negotiate");
     u.searchParams.set("negotiateVersion", "1");
     u.searchParams.set("useStatefulReconnect", "true");
-    const resp = await fetch(u, { method: "POST", cache: "no-store", credentials: "same-origin" });
-    if (!resp.ok) throw new Error("negotiate failed with HTTP " + resp.status);
+    const resp = await fetch(u, {
+      method: "POST",
+      cache: "no-store",
+      credentials: "same-origin",
+      headers: bearer(this.accessToken),
+    });
+    if (!resp.ok) {
+      const why = (await resp.text().catch(() => "")).trim();
+      const error = new Error("negotiate failed with HTTP " + resp.status + (why ? ": " + why : ""));
+      error.status = resp.status;
+      throw error;
+    }
     const body = await resp.json();
     if (body.error) throw new Error("negotiate refused: " + body.error);
     return body;
@@ -271,7 +306,9 @@ class HubConnection {
       if (!offered) continue;
       const token = negotiation.connectionToken || negotiation.connectionId;
       const transport =
-        name === "WebSockets" ? new WebSocketTransport(this.url, token) : new LongPollingTransport(this.url, token);
+        name === "WebSockets"
+          ? new WebSocketTransport(this.url, token, this.accessToken)
+          : new LongPollingTransport(this.url, token, this.accessToken);
       // Stateful reconnect only where the server offered it, and only on WebSockets.
       const stateful = negotiation.useStatefulReconnect === true && name === "WebSockets";
       try {
@@ -449,7 +486,7 @@ class HubConnection {
     clearInterval(this.timer);
     this.timer = null;
     old.onclose = () => {};
-    const transport = new WebSocketTransport(this.url, this.token);
+    const transport = new WebSocketTransport(this.url, this.token, this.accessToken);
     transport.onreceive = (text) => {
       this.lastReceived = Date.now();
       this.dispatch(text);

@@ -1,5 +1,7 @@
-//! The Docker Compose cluster as users run it: `up --build --scale node=3`,
-//! history kept across `restart redis`,
+//! The Docker Compose cluster as users run it: `up --build --scale node=3`
+//! (with the HTTPS override, docker-compose.https.yml, and a test
+//! certificate: negotiate and /nodes over TLS), history kept across
+//! `restart redis`,
 //! rescale to 7 and to 2 without touching the balancer, `docker kill` a node,
 //! and `down -v` leaves nothing behind. Runs against the machine's Docker
 //! engine; it skips, loudly, only where no engine answers. Base images come
@@ -11,6 +13,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
+use switchboard_tests::tls::TestCa;
 use switchboard_tests::{eventually, free_port, HubClient, TransportKind, WAIT};
 
 fn repo() -> PathBuf {
@@ -30,6 +33,9 @@ struct Compose {
     name: String,
     public: u16,
     admin: u16,
+    https: u16,
+    /// Where the test certificate is (docker-compose.https.yml mounts it).
+    tls_dir: PathBuf,
 }
 
 /// Owns the project: `down -v` when dropped, even when the test fails.
@@ -46,12 +52,14 @@ const ADMIN_TOKEN: &str = "compose-test-token";
 
 impl Compose {
     fn run(&self, args: &[&str]) -> Output {
-        let file = repo().join("docker-compose.yml");
+        let (file, https) = (repo().join("docker-compose.yml"), repo().join("docker-compose.https.yml"));
         Command::new(self.program[0])
             .args(&self.program[1..])
-            .args(["-p", &self.name, "-f", &file.to_string_lossy()])
+            .args(["-p", &self.name, "-f", &file.to_string_lossy(), "-f", &https.to_string_lossy()])
             .args(args)
             .env("SWITCHBOARD_PUBLIC_PORT", self.public.to_string())
+            .env("SWITCHBOARD_HTTPS_PORT", self.https.to_string())
+            .env("SWITCHBOARD_TLS_DIR", &self.tls_dir)
             .env("SWITCHBOARD_ADMIN_PORT", self.admin.to_string())
             .env("SWITCHBOARD_ADMIN_TOKEN", ADMIN_TOKEN)
             .output()
@@ -102,6 +110,7 @@ impl Compose {
 impl Drop for Project {
     fn drop(&mut self) {
         let _ = self.run(&["down", "-v", "--remove-orphans", "--timeout", "5"]);
+        let _ = std::fs::remove_dir_all(&self.tls_dir);
     }
 }
 
@@ -130,11 +139,18 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
         eprintln!("\n*** SKIPPED compose test: no Docker engine answers on this machine ***\n");
         return;
     };
+    // HTTPS too, with a certificate from a throwaway authority.
+    let tls_dir = std::env::temp_dir().join(format!("sbtest-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&tls_dir).expect("certificate dir");
+    let ca = TestCa::new();
+    ca.write_leaf(&tls_dir.join("cert.pem"), &tls_dir.join("key.pem"));
     let project = Project(Compose {
         program,
         name: format!("sbtest{}", std::process::id()),
         public: free_port(),
         admin: free_port(),
+        https: free_port(),
+        tls_dir: tls_dir.clone(),
     });
     let base = project.base();
 
@@ -147,6 +163,13 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
     })
     .await;
     assert_eq!(nodes["available_nodes"].as_array().map(Vec::len), Some(3));
+
+    // The same cluster over HTTPS (docker-compose.https.yml).
+    let tls = ca.client(&[&rustls::version::TLS13]);
+    let (status, text) = tls.request(project.https, "POST", "/chathub/negotiate?negotiateVersion=1", &[]).await;
+    assert_eq!(status, 200, "negotiate over HTTPS: {text}");
+    let (status, text) = tls.request(project.https, "GET", "/nodes", &[]).await;
+    assert!(status == 200 && text.contains("\"active_count\":3"), "/nodes over HTTPS: {text}");
 
     // Two clients on different nodes exchange a message.
     let (mut a, node_a) = connect(&base).await;

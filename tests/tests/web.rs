@@ -358,3 +358,56 @@ async fn a_cut_connection_resumes_without_losing_or_repeating_a_message() {
     let metrics = get_text(&format!("{}/metrics", nodes.iter().find(|n| n.id == node).unwrap().base)).await;
     assert!(metric_nonzero(&metrics, "switchboard_node_stateful_resumes_total"), "the node saw a resume");
 }
+
+/// With `auth = "required"` the page says it needs a sign-in instead of
+/// retrying; a pasted token signs it in (its name replaces the typed one and
+/// is what another person sees), and so does the development sign-in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_signs_in_with_a_pasted_token_or_the_development_sign_in() {
+    use clap::Parser;
+    const SECRET: &str = "web-sign-in-test-secret-0123456789abcdef";
+    let redis = RedisServer::start();
+    let auth = ["--auth", "required", "--auth-secret", SECRET, "--auth-dev-sign-in", "true"];
+    let _a = TestNode::start(&redis, "web-auth-a", &auth).await;
+    let balancer = TestBalancer::start(&redis, &[]).await;
+    balancer.wait_accepting(&["web-auth-a"]).await;
+    let Some(browser) = Browser::start().await else { return };
+
+    let cfg = switchboard_node::config::Cli::parse_from(["n", "--auth", "required", "--auth-secret", SECRET]);
+    let token = switchboard_node::auth::Auth::from_config(&cfg.resolve().expect("settings"))
+        .expect("auth")
+        .issue("Ana Token", 3600)
+        .expect("token");
+
+    let ana = browser.session(1000, 800).await;
+    ana.goto(&format!("{}/", balancer.base)).await.expect("open the page");
+    let js = "return document.getElementById('signin').hidden ? null : document.getElementById('status').textContent;";
+    eval_until(&ana, "the page to say it is not signed in", js, |v| (v == "Not signed in").then_some(())).await;
+    let said = eval(&ana, "return document.getElementById('signin-state').textContent;").await;
+    assert!(said.as_str().is_some_and(|s| s.contains("401")), "the page says why: {said}");
+    type_into(&ana, "#token", &token).await;
+    click(&ana, "#use-token").await;
+    connected_node(&ana, None).await;
+    let name = eval(&ana, "const n = document.getElementById('name'); return [n.value, n.disabled];").await;
+    assert_eq!(name, serde_json::json!(["Ana Token", true]));
+
+    // Another person signs in by name with the development sign-in.
+    let bo = browser.session(1000, 800).await;
+    bo.goto(&format!("{}/", balancer.base)).await.expect("open the page");
+    eval_until(
+        &bo,
+        "the development sign-in button",
+        "return document.getElementById('dev-signin').hidden ? null : 1;",
+        |v| (!v.is_null()).then_some(()),
+    )
+    .await;
+    set_name(&bo, "Bo").await;
+    click(&bo, "#dev-signin").await;
+    connected_node(&bo, None).await;
+
+    send_chat(&ana, "signed-in hello").await;
+    let seen = wait_message(&bo, "signed-in hello").await;
+    assert_eq!(seen["user"], "Ana Token");
+    send_chat(&bo, "from bo").await;
+    assert_eq!(wait_message(&ana, "from bo").await["user"], "Bo");
+}
