@@ -14,8 +14,8 @@ mod signalr;
 mod stats;
 mod store_cost;
 mod suite;
-mod tls;
 mod svg;
+mod tls;
 
 use clap::{Parser, Subcommand};
 use std::time::Duration;

@@ -102,7 +102,8 @@ pub async fn request(url: &str, method: &str) -> Result<(u16, Vec<String>, Strin
     }
     let text = String::from_utf8_lossy(&raw);
     let Some((head, body)) = text.split_once("\r\n\r\n") else { bail!("{url}: no complete response") };
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow!("{url}: bad status line"))?;
+    let status =
+        head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow!("{url}: bad status line"))?;
     let cookies = head
         .lines()
         .filter_map(|l| l.split_once(':'))
