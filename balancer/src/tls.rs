@@ -120,6 +120,12 @@ impl CertStore {
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // No TLS 1.3 session tickets: with them (stateful or stateless alike)
+        // an idle wss:// connection whose client had negotiated over TLS
+        // just before cost the balancer ~94 KB instead of ~18 KB (clients
+        // arriving one at a time; docs/benchmarks.md). Returning clients pay
+        // a full handshake instead, which this balancer does at ~2,900/s.
+        config.send_tls13_tickets = 0;
         Ok(Arc::new(config))
     }
 }

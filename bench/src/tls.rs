@@ -93,6 +93,8 @@ pub async fn request(url: &str, method: &str) -> Result<(u16, Vec<String>, Strin
     let length = if method == "POST" { "Content-Length: 0\r\n" } else { "" };
     let head = format!("{method} {path} HTTP/1.1\r\nHost: {host_port}\r\nConnection: close\r\n{length}\r\n");
     tls.write_all(head.as_bytes()).await?;
+    // tokio-rustls may keep written bytes in rustls until flushed.
+    tls.flush().await?;
     let mut raw = Vec::new();
     // A server that closes without close_notify still delivered everything.
     if let Err(e) = tls.read_to_end(&mut raw).await {

@@ -94,6 +94,8 @@ impl TlsClient {
         }
         head.push_str(if method == "POST" { "Content-Length: 0\r\n\r\n" } else { "\r\n" });
         tls.write_all(head.as_bytes()).await.expect("send request");
+        // tokio-rustls may keep written bytes in rustls until flushed.
+        tls.flush().await.expect("flush request");
         let mut out = Vec::new();
         // A peer that closes without close_notify is fine here.
         let _ = tokio::time::timeout(Duration::from_secs(15), tls.read_to_end(&mut out)).await;
