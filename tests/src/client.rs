@@ -230,6 +230,22 @@ impl HubClient {
         Ok(client)
     }
 
+    /// Negotiates through `negotiate_base` and opens the transport through
+    /// `transport_base` (two balancer replicas, say), then handshakes.
+    pub async fn connect_split(
+        http: &reqwest::Client,
+        negotiate_base: &str,
+        transport_base: &str,
+        kind: TransportKind,
+    ) -> Result<Self, String> {
+        let body = negotiate_query(http, negotiate_base, Some(1), false).await?;
+        let connection_id = body["connectionId"].as_str().ok_or("no connectionId")?.to_string();
+        let token = body["connectionToken"].as_str().ok_or("no connectionToken")?.to_string();
+        let mut client = Self::open(http, transport_base, kind, Protocol::Json, connection_id, Some(token)).await?;
+        client.handshake(1).await?;
+        Ok(client)
+    }
+
     /// WebSocket without negotiation (`skipNegotiation: true`).
     pub async fn connect_skip_negotiation(http: &reqwest::Client, base: &str) -> Result<Self, String> {
         let mut client = Self::open(http, base, TransportKind::WebSockets, Protocol::Json, String::new(), None).await?;
