@@ -114,7 +114,7 @@ pub struct Cli {
     /// Admin address: /dashboard, /api/backends, /metrics [default: 127.0.0.1:8080]
     #[arg(long, env = "SWITCHBOARD_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
-    /// Redis URL of the node registry [default: redis://127.0.0.1:6379]
+    /// Redis URL of the node registry, or redis+sentinel://[:password@]host:26379[,host:26379…]/service[/db] [default: redis://127.0.0.1:6379]
     #[arg(long, env = "SWITCHBOARD_REDIS")]
     pub redis: Option<String>,
     /// Prefix of registry keys and channels [default: switchboard]
@@ -306,7 +306,7 @@ impl BalancerConfig {
         if self.listen == self.admin_listen {
             return Err(ConfigError::Invalid { name: "admin_listen", reason: "must differ from listen".into() });
         }
-        redis::Client::open(self.redis.as_str())
+        switchboard_common::redis_target::RedisTarget::open(self.redis.as_str())
             .map_err(|e| ConfigError::Invalid { name: "redis", reason: e.to_string() })?;
         Ok(())
     }

@@ -27,6 +27,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switchboard_common::redis_target::RedisTarget;
 use switchboard_common::registry::{registry_channel, NodeRecord, RegistryEvent, RegistryEventKind};
 
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -69,13 +70,22 @@ async fn resolve(url: &str) -> Option<SocketAddr> {
 
 pub struct RegistryWatcher {
     cluster: Arc<Cluster>,
-    client: redis::Client,
+    target: RedisTarget,
+}
+
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
 }
 
 impl RegistryWatcher {
     pub fn new(cluster: Arc<Cluster>) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(cluster.cfg.redis.as_str())?;
-        Ok(RegistryWatcher { cluster, client })
+        let target = RedisTarget::open(cluster.cfg.redis.as_str())?;
+        Ok(RegistryWatcher { cluster, target })
+    }
+
+    /// A client for the current server (with Sentinel, the current master).
+    async fn client(&self) -> redis::RedisResult<redis::Client> {
+        tokio::time::timeout(REDIS_TIMEOUT * 2, self.target.client()).await.map_err(|_| timed_out())?
     }
 
     async fn read_registry(&self, conn: &mut Option<ConnectionManager>) -> redis::RedisResult<Vec<NodeRecord>> {
@@ -84,7 +94,7 @@ impl RegistryWatcher {
                 .set_connection_timeout(Some(REDIS_TIMEOUT))
                 .set_response_timeout(Some(REDIS_TIMEOUT))
                 .set_number_of_retries(1);
-            *conn = Some(self.client.get_connection_manager_with_config(config).await?);
+            *conn = Some(self.client().await?.get_connection_manager_with_config(config).await?);
         }
         let Some(c) = conn.as_mut() else { return Ok(Vec::new()) };
         switchboard_common::registry::read_all(c, &self.cluster.cfg.key_prefix).await
@@ -96,6 +106,10 @@ impl RegistryWatcher {
         let records = match self.read_registry(conn).await {
             Ok(r) => r,
             Err(e) => {
+                if self.target.follows_failover() {
+                    // The master may have moved: ask the sentinels next time.
+                    *conn = None;
+                }
                 cluster.set_redis_up(false, Some(&e));
                 cluster.metrics.discovery_events.with_label_values(&["refresh_failed"]).inc();
                 tracing::debug!(error = %e, "registry read failed");
@@ -173,9 +187,9 @@ impl RegistryWatcher {
     }
 
     async fn subscribe(&self) -> redis::RedisResult<redis::aio::PubSubStream> {
-        let mut pubsub = tokio::time::timeout(REDIS_TIMEOUT, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+        let client = self.client().await?;
+        let mut pubsub =
+            tokio::time::timeout(REDIS_TIMEOUT, client.get_async_pubsub()).await.map_err(|_| timed_out())??;
         pubsub.subscribe(registry_channel(&self.cluster.cfg.key_prefix)).await?;
         Ok(pubsub.into_on_message())
     }

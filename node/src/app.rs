@@ -50,10 +50,11 @@ impl App {
         make: impl FnOnce(&NodeConfig, Arc<RedisLink>, BackplaneMetrics) -> Backplane,
     ) -> Result<Arc<Self>, String> {
         let metrics = Metrics::new();
-        let client = redis::Client::open(cfg.redis.as_str()).map_err(|e| format!("invalid redis URL: {e}"))?;
+        let target = switchboard_common::redis_target::RedisTarget::open(cfg.redis.as_str())
+            .map_err(|e| format!("invalid redis URL: {e}"))?;
         let auth = crate::auth::Auth::from_config(&cfg)?;
         let node_id = cfg.node_id();
-        let redis = Arc::new(RedisLink::new(client, metrics.redis_up.clone()));
+        let redis = Arc::new(RedisLink::new(target, metrics.redis_up.clone()));
         let backplane = make(&cfg, redis.clone(), metrics.backplane());
         Ok(Arc::new(App {
             url: cfg.advertise_url(),

@@ -121,7 +121,7 @@ pub struct Cli {
     /// Address to listen on [default: 0.0.0.0:5000]
     #[arg(long, env = "SWITCHBOARD_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Redis URL [default: redis://127.0.0.1:6379]
+    /// Redis URL, or redis+sentinel://[:password@]host:26379[,host:26379…]/service[/db] to follow a Sentinel-managed master [default: redis://127.0.0.1:6379]
     #[arg(long, env = "SWITCHBOARD_REDIS")]
     pub redis: Option<String>,
     /// Node id in the registry and in tokens [default: host name]
@@ -356,7 +356,7 @@ impl NodeConfig {
                 });
             }
         }
-        redis::Client::open(self.redis.as_str())
+        switchboard_common::redis_target::RedisTarget::open(self.redis.as_str())
             .map_err(|e| ConfigError::Invalid { name: "redis", reason: e.to_string() })?;
         if !self.auth_secret.is_empty() && !self.auth_secret_file.is_empty() {
             return Err(ConfigError::Invalid {

@@ -1,7 +1,8 @@
 //! The node's command connection to Redis. The first connection is made
 //! lazily and retried on every use, so a node starts and serves its local
 //! clients even while Redis is down; after that, redis-rs's
-//! `ConnectionManager` reconnects by itself. Short connect and response
+//! `ConnectionManager` reconnects by itself (with Sentinel, after an error the
+//! next use asks the sentinels for the master again, see `RedisTarget`). Short connect and response
 //! timeouts keep a dead Redis from hanging a hub call. The up/down state
 //! (`RedisState`: changes logged, refusals logged with their reason) is
 //! exported in `/health` and metrics.
@@ -9,32 +10,47 @@
 use prometheus::IntGauge;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, RedisResult};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use switchboard_common::redis_state::RedisState;
+use switchboard_common::redis_target::RedisTarget;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct RedisLink {
-    pub client: Client,
+    target: RedisTarget,
     manager: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// With Sentinel: an error was seen, so the master may have moved and
+    /// the next connection asks the sentinels again.
+    stale: AtomicBool,
     state: RedisState,
     gauge: IntGauge,
 }
 
 impl RedisLink {
-    pub fn new(client: Client, gauge: IntGauge) -> Self {
+    pub fn new(target: RedisTarget, gauge: IntGauge) -> Self {
         RedisLink {
-            client,
+            target,
             manager: tokio::sync::Mutex::new(None),
+            stale: AtomicBool::new(false),
             state: RedisState::new("serving local clients only"),
             gauge,
         }
     }
 
+    /// A client for the current server (with Sentinel, the current master).
+    pub async fn client(&self) -> RedisResult<Client> {
+        let asked = tokio::time::timeout(CONNECT_TIMEOUT * 2, self.target.client()).await;
+        asked.map_err(|_| redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))?
+    }
+
     /// A command connection; fails fast while Redis is unreachable.
     pub async fn conn(&self) -> RedisResult<ConnectionManager> {
         let mut guard = self.manager.lock().await;
+        if self.stale.swap(false, Ordering::AcqRel) {
+            *guard = None;
+        }
         if let Some(m) = guard.as_ref() {
             return Ok(m.clone());
         }
@@ -43,7 +59,10 @@ impl RedisLink {
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let m = self.client.get_connection_manager_with_config(config).await;
+        let m = match self.client().await {
+            Ok(client) => client.get_connection_manager_with_config(config).await,
+            Err(e) => Err(e),
+        };
         self.observe(&m);
         let m = m?;
         *guard = Some(m.clone());
@@ -56,6 +75,9 @@ impl RedisLink {
     }
 
     pub fn set_up(&self, up: bool, err: Option<&redis::RedisError>) {
+        if !up && self.target.follows_failover() {
+            self.stale.store(true, Ordering::Release);
+        }
         self.gauge.set(self.state.record(up, err) as i64);
     }
 

@@ -52,12 +52,16 @@ pub struct InProcessNode {
 
 impl InProcessNode {
     pub async fn start(redis: &RedisServer, id: &str, extra: &[&str]) -> Self {
+        Self::start_with_redis_url(&redis.url(), id, extra).await
+    }
+
+    pub async fn start_with_redis_url(redis_url: &str, id: &str, extra: &[&str]) -> Self {
         use clap::Parser;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a free port");
         let addr = listener.local_addr().expect("local address");
         let base = format!("http://{addr}");
         let mut args = vec!["switchboard-node".to_string()];
-        args.extend(node_args(&addr.to_string(), &redis.url(), id, &base, extra));
+        args.extend(node_args(&addr.to_string(), redis_url, id, &base, extra));
         let cfg = switchboard_node::config::Cli::parse_from(args).resolve().expect("node settings");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(switchboard_node::run(listener, cfg, async move {

@@ -9,11 +9,38 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// What comes before `--port` (a Sentinel's config file) and after it.
+    before: Vec<String>,
+    after: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
-        let mut s = RedisServer { port: free_port(), child: None };
+        Self::start_with(&[])
+    }
+
+    /// A server with extra arguments, for example `--replicaof 127.0.0.1 PORT`.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let after = extra.iter().map(|s| s.to_string()).collect();
+        let mut s = RedisServer { port: free_port(), child: None, before: Vec::new(), after };
+        s.spawn();
+        s
+    }
+
+    /// A Redis Sentinel watching the master on `master_port` as `service`,
+    /// alone (quorum 1) and quick to decide (down after 1 s).
+    pub fn start_sentinel(master_port: u16, service: &str) -> Self {
+        let port = free_port();
+        let conf = std::env::temp_dir().join(format!("sb-sentinel-{port}.conf"));
+        let text = format!(
+            "sentinel monitor {service} 127.0.0.1 {master_port} 1\n\
+             sentinel down-after-milliseconds {service} 1000\n\
+             sentinel failover-timeout {service} 3000\n\
+             sentinel parallel-syncs {service} 1\n"
+        );
+        std::fs::write(&conf, text).expect("sentinel config");
+        let before = vec![conf.to_string_lossy().into_owned(), "--sentinel".to_string()];
+        let mut s = RedisServer { port, child: None, before, after: Vec::new() };
         s.spawn();
         s
     }
@@ -23,8 +50,14 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
+        let mut args = self.before.clone();
+        args.extend(["--port", &self.port.to_string(), "--bind", "127.0.0.1"].map(String::from));
+        if self.before.is_empty() {
+            args.extend(["--save", "", "--appendonly", "no"].map(String::from));
+        }
+        args.extend(self.after.iter().cloned());
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -96,5 +129,8 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(conf) = self.before.first() {
+            let _ = std::fs::remove_file(conf);
+        }
     }
 }

@@ -266,8 +266,17 @@ impl RedisBackplane {
     }
 }
 
+/// Whether a failed store-and-publish may succeed later: the network, a
+/// Redis still loading, and a Sentinel failover in progress (no master known
+/// yet, or a demoted master answering READONLY). Anything else (a refusal
+/// such as a wrong password) would fail forever.
 fn retryable(e: &redis::RedisError) -> bool {
-    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING" | "TRYAGAIN"))
+        || matches!(e.kind(), redis::ErrorKind::MasterNameNotFoundBySentinel | redis::ErrorKind::EmptySentinelList)
 }
 
 async fn publisher(bp: Arc<RedisBackplane>, mut rx: mpsc::Receiver<Publication>) {
@@ -370,7 +379,8 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
             delay = backoff(delay);
             continue;
         }
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT, bp.link.client.get_async_pubsub()).await;
+        let connected =
+            tokio::time::timeout(CONNECT_TIMEOUT, async { bp.link.client().await?.get_async_pubsub().await }).await;
         if let Ok(Ok(pubsub)) = connected {
             let (mut sink, mut stream) = pubsub.split();
             let mut channels = vec![bp.all_channel.clone()];
