@@ -28,8 +28,9 @@ if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
   scripts/build-base-images.sh
 fi
 
-# Third-party SignalR clients from PyPI, pinned, in their own environment
-# (tests/tests/python_clients.rs runs them against the cluster).
+# From PyPI, pinned, in their own environment: third-party SignalR clients
+# (tests/tests/python_clients.rs runs them against the cluster) and
+# kubernetes-validate with the Kubernetes schemas (tests/tests/deploy_manifests.rs).
 venv=target/py-clients
 if ! cmp -s tests/python/requirements.txt "$venv/requirements.txt" 2>/dev/null; then
   rm -rf "$venv"

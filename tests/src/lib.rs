@@ -20,7 +20,29 @@ pub use process::{free_port, Process};
 pub use redis_server::RedisServer;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// The interpreter of the virtual environment scripts/test.sh fills from
+/// tests/python/requirements.txt (PyPI SignalR clients, kubernetes-validate);
+/// `None` (with a note) only when SWITCHBOARD_SKIP_PYTHON_CLIENTS is set.
+pub fn py_env_python() -> Option<PathBuf> {
+    let path = std::env::var_os("SWITCHBOARD_PY_CLIENTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py-clients/bin/python")));
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var_os("SWITCHBOARD_SKIP_PYTHON_CLIENTS").is_some() {
+        eprintln!("SKIPPING: no {} and SWITCHBOARD_SKIP_PYTHON_CLIENTS is set", path.display());
+        return None;
+    }
+    panic!(
+        "{} is missing: scripts/test.sh creates it (python3 -m venv target/py-clients; \
+         pip install -r tests/python/requirements.txt), or set SWITCHBOARD_SKIP_PYTHON_CLIENTS=1",
+        path.display()
+    );
+}
 
 /// Polls `check` every 50 ms until it yields `Some`, or panics after `limit`
 /// with `what` in the message. Waiting is bounded; nothing here asserts speed.

@@ -9,26 +9,7 @@
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::Command;
-use switchboard_tests::{RedisServer, TestBalancer, TestNode};
-
-/// The interpreter of the virtual environment with the clients.
-fn python() -> Option<PathBuf> {
-    let path = std::env::var_os("SWITCHBOARD_PY_CLIENTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py-clients/bin/python")));
-    if path.exists() {
-        return Some(path);
-    }
-    if std::env::var_os("SWITCHBOARD_SKIP_PYTHON_CLIENTS").is_some() {
-        eprintln!("SKIPPING: no {} and SWITCHBOARD_SKIP_PYTHON_CLIENTS is set", path.display());
-        return None;
-    }
-    panic!(
-        "{} is missing: scripts/test.sh creates it (python3 -m venv target/py-clients; \
-         pip install -r tests/python/requirements.txt), or set SWITCHBOARD_SKIP_PYTHON_CLIENTS=1",
-        path.display()
-    );
-}
+use switchboard_tests::{py_env_python as python, RedisServer, TestBalancer, TestNode};
 
 fn run_cases(python: &PathBuf, url: &str, label: &str) -> Vec<Value> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/third_party_clients.py");
