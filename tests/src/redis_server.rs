@@ -12,6 +12,8 @@ pub struct RedisServer {
     /// What comes before `--port` (a Sentinel's config file) and after it.
     before: Vec<String>,
     after: Vec<String>,
+    /// The server's `requirepass`, if any (in `url()` too).
+    password: Option<String>,
 }
 
 impl RedisServer {
@@ -21,32 +23,48 @@ impl RedisServer {
 
     /// A server with extra arguments, for example `--replicaof 127.0.0.1 PORT`.
     pub fn start_with(extra: &[&str]) -> Self {
-        let after = extra.iter().map(|s| s.to_string()).collect();
-        let mut s = RedisServer { port: free_port(), child: None, before: Vec::new(), after };
+        Self::start_with_password(extra, None)
+    }
+
+    /// A server that requires `password` (`requirepass`; `masterauth` too,
+    /// for a replica or a promoted one).
+    pub fn start_with_password(extra: &[&str], password: Option<&str>) -> Self {
+        let mut after: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if let Some(pw) = password {
+            after.extend(["--requirepass", pw, "--masterauth", pw].map(String::from));
+        }
+        let password = password.map(String::from);
+        let mut s = RedisServer { port: free_port(), child: None, before: Vec::new(), after, password };
         s.spawn();
         s
     }
 
     /// A Redis Sentinel watching the master on `master_port` as `service`,
     /// alone (quorum 1) and quick to decide (down after 1 s).
-    pub fn start_sentinel(master_port: u16, service: &str) -> Self {
+    pub fn start_sentinel(master_port: u16, service: &str, auth_pass: Option<&str>) -> Self {
         let port = free_port();
         let conf = std::env::temp_dir().join(format!("sb-sentinel-{port}.conf"));
-        let text = format!(
+        let mut text = format!(
             "sentinel monitor {service} 127.0.0.1 {master_port} 1\n\
              sentinel down-after-milliseconds {service} 1000\n\
              sentinel failover-timeout {service} 3000\n\
              sentinel parallel-syncs {service} 1\n"
         );
+        if let Some(pw) = auth_pass {
+            text.push_str(&format!("sentinel auth-pass {service} {pw}\n"));
+        }
         std::fs::write(&conf, text).expect("sentinel config");
         let before = vec![conf.to_string_lossy().into_owned(), "--sentinel".to_string()];
-        let mut s = RedisServer { port, child: None, before, after: Vec::new() };
+        let mut s = RedisServer { port, child: None, before, after: Vec::new(), password: None };
         s.spawn();
         s
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     fn spawn(&mut self) {

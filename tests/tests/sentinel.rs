@@ -3,11 +3,14 @@
 //! master is killed while clients are connected; after the sentinel promotes
 //! the replica, chat crosses nodes again, history is written and read on the
 //! new master, and a node started after the failover is discovered — while
-//! the clients connected before it never lost their connection.
+//! the clients connected before it never lost their connection. Again with
+//! password-protected servers, checking that the password shows nowhere.
 
 use serde_json::json;
 use std::time::Duration;
-use switchboard_tests::{eventually, HubClient, InProcessBalancer, InProcessNode, RedisServer, TransportKind};
+use switchboard_tests::{
+    eventually, get_text, HubClient, InProcessBalancer, InProcessNode, RedisServer, TestNode, TransportKind,
+};
 
 const SERVICE: &str = "sbmaster";
 
@@ -34,10 +37,21 @@ async fn hears(client: &mut HubClient, text: &str, limit: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_and_the_balancer_follow_a_sentinel_failover() {
-    let mut master = RedisServer::start();
+    failover(None).await;
+}
+
+/// The same with password-protected Redis servers: the password in the
+/// Sentinel URL reaches the master, and appears in no log or page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_in_the_sentinel_url_works_and_is_never_shown() {
+    failover(Some("s3cret-sentinel-pass")).await;
+}
+
+async fn failover(password: Option<&str>) {
+    let mut master = RedisServer::start_with_password(&[], password);
     let replica_of = master.port.to_string();
-    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &replica_of]);
-    let sentinel = RedisServer::start_sentinel(master.port, SERVICE);
+    let replica = RedisServer::start_with_password(&["--replicaof", "127.0.0.1", &replica_of], password);
+    let sentinel = RedisServer::start_sentinel(master.port, SERVICE, password);
     eventually(Duration::from_secs(20), "the sentinel to know the replica", || async {
         (replicas_known(&sentinel).await == 1).then_some(())
     })
@@ -51,7 +65,8 @@ async fn nodes_and_the_balancer_follow_a_sentinel_failover() {
         }
     })
     .await;
-    let url = format!("redis+sentinel://127.0.0.1:{}/{SERVICE}", sentinel.port);
+    let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+    let url = format!("redis+sentinel://{auth}127.0.0.1:{}/{SERVICE}", sentinel.port);
 
     let _a = InProcessNode::start_with_redis_url(&url, "sent-a", &[]).await;
     let _b = InProcessNode::start_with_redis_url(&url, "sent-b", &[]).await;
@@ -107,8 +122,18 @@ async fn nodes_and_the_balancer_follow_a_sentinel_failover() {
     }
 
     // The registry moved too: a node started now is discovered.
-    let _c = InProcessNode::start_with_redis_url(&url, "sent-c", &[]).await;
+    // (A process, so that its log can be read.)
+    let c = TestNode::start_with_redis_url(&url, "sent-c", &[]).await;
     balancer.wait_accepting(&["sent-a", "sent-b", "sent-c"]).await;
+    if let Some(pw) = password {
+        for page in [format!("{}/api/backends", balancer.admin), format!("{}/metrics", balancer.admin)] {
+            assert!(!get_text(&page).await.contains(pw), "{page} shows the password");
+        }
+        for page in ["metrics", "nodes", "health"] {
+            assert!(!get_text(&format!("{}/{page}", c.base)).await.contains(pw), "/{page} shows the password");
+        }
+        assert!(!c.process.log_text().contains(pw), "the node's log shows the password");
+    }
 
     // The clients connected before the failover never lost their connection.
     assert_eq!(one.invoke("Echo", vec![json!("still here")]).await, Ok(json!("still here")));
