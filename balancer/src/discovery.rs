@@ -85,7 +85,7 @@ impl RegistryWatcher {
 
     /// A client for the current server (with Sentinel, the current master).
     async fn client(&self) -> redis::RedisResult<redis::Client> {
-        tokio::time::timeout(REDIS_TIMEOUT * 2, self.target.client()).await.map_err(|_| timed_out())?
+        self.target.client(REDIS_TIMEOUT * 2).await
     }
 
     async fn read_registry(&self, conn: &mut Option<ConnectionManager>) -> redis::RedisResult<Vec<NodeRecord>> {

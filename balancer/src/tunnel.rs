@@ -29,7 +29,7 @@ use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
@@ -134,7 +134,22 @@ impl Downstream for TcpStream {
     }
 }
 
+/// A socket both directions of a plain tunnel share.
+impl Downstream for &TcpStream {
+    async fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+        write_all(self, data).await
+    }
+}
+
 impl Downstream for TlsStream<Box<L4Stream>> {
+    async fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.write_all(data).await?;
+        self.flush().await
+    }
+}
+
+/// The writing half of a TLS tunnel's client side.
+impl Downstream for WriteHalf<TlsStream<Box<L4Stream>>> {
     async fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
         self.write_all(data).await?;
         self.flush().await
@@ -386,9 +401,9 @@ fn millis_since(epoch: Instant) -> u64 {
 /// Copies `from` → `to` until either side closes or the tunnel stops. Never
 /// abandons bytes it has read: the write is not raced against anything (a
 /// write that makes no progress for `idle` ends the tunnel).
-async fn one_way(
+async fn one_way<W: Downstream>(
     from: &TcpStream,
-    to: &TcpStream,
+    to: &mut W,
     stop: &Stop,
     epoch: Instant,
     last: &std::sync::atomic::AtomicU64,
@@ -406,7 +421,7 @@ async fn one_way(
             Ok(0) => break,
             Ok(_) => {
                 last.store(millis_since(epoch), Relaxed);
-                match tokio::time::timeout(idle, write_all(to, &buf)).await {
+                match tokio::time::timeout(idle, to.send(&buf)).await {
                     Ok(Ok(())) => last.store(millis_since(epoch), Relaxed),
                     _ => break,
                 }
@@ -440,9 +455,10 @@ async fn relay(client: &TcpStream, upstream: &TcpStream, idle: Duration) {
     let stop = Stop::default();
     let epoch = Instant::now();
     let last = std::sync::atomic::AtomicU64::new(0);
+    let (mut to_client, mut to_upstream) = (client, upstream);
     tokio::join!(
-        one_way(client, upstream, &stop, epoch, &last, idle),
-        one_way(upstream, client, &stop, epoch, &last, idle),
+        one_way(client, &mut to_upstream, &stop, epoch, &last, idle),
+        one_way(upstream, &mut to_client, &stop, epoch, &last, idle),
         watchdog(&stop, epoch, &last, idle)
     );
 }
@@ -476,56 +492,18 @@ async fn client_to_node<R: AsyncRead + Unpin>(
     stop.set();
 }
 
-/// Node → client over TLS: waits for the node's socket to be readable
-/// (holding no buffer), then writes what it read through TLS in full.
-async fn node_to_client<W: AsyncWrite + Unpin>(
-    from: &TcpStream,
-    mut to: W,
-    stop: &Stop,
-    epoch: Instant,
-    last: &std::sync::atomic::AtomicU64,
-    idle: Duration,
-) {
-    use std::sync::atomic::Ordering::Relaxed;
-    loop {
-        tokio::select! {
-            biased;
-            () = stop.wait() => break,
-            ready = from.readable() => if ready.is_err() { break },
-        }
-        let mut buf = Vec::with_capacity(RELAY_CHUNK);
-        match from.try_read_buf(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => {
-                last.store(millis_since(epoch), Relaxed);
-                let write = async {
-                    to.write_all(&buf).await?;
-                    to.flush().await
-                };
-                match tokio::time::timeout(idle, write).await {
-                    Ok(Ok(())) => last.store(millis_since(epoch), Relaxed),
-                    _ => break,
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(_) => break,
-        }
-    }
-    stop.set();
-    // A TLS close_notify, so the client reads a clean end of stream.
-    let _ = tokio::time::timeout(Duration::from_secs(1), to.shutdown()).await;
-}
-
 async fn relay_tls(client: TlsStream<Box<L4Stream>>, upstream: TcpStream, idle: Duration) {
     let stop = Stop::default();
     let epoch = Instant::now();
     let last = std::sync::atomic::AtomicU64::new(0);
-    let (reader, writer) = tokio::io::split(client);
+    let (reader, mut writer) = tokio::io::split(client);
     tokio::join!(
         client_to_node(reader, &upstream, &stop, epoch, &last, idle),
-        node_to_client(&upstream, writer, &stop, epoch, &last, idle),
+        one_way(&upstream, &mut writer, &stop, epoch, &last, idle),
         watchdog(&stop, epoch, &last, idle)
     );
+    // A TLS close_notify, so the client reads a clean end of stream.
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
 }
 
 #[cfg(test)]

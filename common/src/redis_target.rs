@@ -59,11 +59,14 @@ impl RedisTarget {
     }
 
     /// A client for the server to use now: the one server, or the master the
-    /// sentinels name at this moment.
-    pub async fn client(&self) -> RedisResult<Client> {
+    /// sentinels name at this moment (asking them takes at most `within`).
+    pub async fn client(&self, within: std::time::Duration) -> RedisResult<Client> {
         match self {
             RedisTarget::Direct(c) => Ok(c.clone()),
-            RedisTarget::Sentinel { sentinels, .. } => sentinels.lock().await.async_get_client().await,
+            RedisTarget::Sentinel { sentinels, .. } => {
+                let asked = tokio::time::timeout(within, async { sentinels.lock().await.async_get_client().await });
+                asked.await.map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))?
+            }
         }
     }
 

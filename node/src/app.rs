@@ -30,6 +30,7 @@ pub struct App {
     pub backplane: Backplane,
     pub metrics: Metrics,
     pub auth: crate::auth::Auth,
+    pub origins: crate::cors::AllowedOrigins,
     draining: AtomicBool,
 }
 
@@ -67,6 +68,7 @@ impl App {
             backplane,
             metrics,
             auth,
+            origins: crate::cors::AllowedOrigins::new(&cfg.allowed_origins),
             draining: AtomicBool::new(false),
             cfg,
         }))

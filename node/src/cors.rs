@@ -55,6 +55,26 @@ fn own_origin(headers: &HeaderMap) -> Option<String> {
     normalise(&format!("{scheme}://{host}"))
 }
 
+/// `allowed_origins`, normalised once at start.
+#[derive(Debug, Default)]
+pub struct AllowedOrigins {
+    any: bool,
+    listed: Vec<String>,
+}
+
+impl AllowedOrigins {
+    pub fn new(setting: &[String]) -> Self {
+        AllowedOrigins {
+            any: setting.iter().any(|o| o == "*"),
+            listed: setting.iter().filter_map(|o| normalise(o)).collect(),
+        }
+    }
+
+    fn allows(&self, normal: &str) -> bool {
+        self.any || self.listed.iter().any(|a| a == normal)
+    }
+}
+
 /// What to do with a request's `Origin`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -65,14 +85,13 @@ pub enum Verdict {
     Refused,
 }
 
-pub fn judge(allowed: &[String], headers: &HeaderMap) -> Verdict {
+pub fn judge(allowed: &AllowedOrigins, headers: &HeaderMap) -> Verdict {
     let Some(origin) = headers.get(header::ORIGIN) else { return Verdict::SameOrigin };
     let Some(normal) = origin.to_str().ok().and_then(normalise) else { return Verdict::Refused };
     if own_origin(headers).as_deref() == Some(normal.as_str()) {
         return Verdict::SameOrigin;
     }
-    let listed = allowed.iter().any(|a| a == "*" || normalise(a).as_deref() == Some(normal.as_str()));
-    if listed {
+    if allowed.allows(&normal) {
         Verdict::Allowed(origin.clone())
     } else {
         Verdict::Refused
@@ -87,7 +106,7 @@ fn allow(headers: &mut HeaderMap, origin: HeaderValue) {
 
 /// The middleware on `/chathub` and `/chathub/negotiate`.
 pub async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
-    let origin = match judge(&app.cfg.allowed_origins, request.headers()) {
+    let origin = match judge(&app.origins, request.headers()) {
         Verdict::Refused => {
             app.metrics.origin_refused.inc();
             let body = "This origin may not use the hub (see allowed_origins).\n";
@@ -143,7 +162,7 @@ mod tests {
 
     #[test]
     fn the_same_origin_and_listed_ones_are_served_others_refused() {
-        let list = vec!["https://app.example".to_string()];
+        let list = AllowedOrigins::new(&["HTTPS://App.Example:443".to_string()]);
         assert_eq!(judge(&list, &headers(&[("host", "chat.example")])), Verdict::SameOrigin);
         let same = headers(&[("host", "chat.example:8888"), ("origin", "http://chat.example:8888")]);
         assert_eq!(judge(&list, &same), Verdict::SameOrigin);
@@ -155,7 +174,7 @@ mod tests {
         assert!(matches!(judge(&list, &listed), Verdict::Allowed(_)));
         let other = headers(&[("host", "chat.example"), ("origin", "https://evil.example")]);
         assert_eq!(judge(&list, &other), Verdict::Refused);
-        assert_eq!(judge(&[], &headers(&[("host", "h"), ("origin", "null")])), Verdict::Refused);
-        assert!(matches!(judge(&["*".to_string()], &other), Verdict::Allowed(_)));
+        assert_eq!(judge(&AllowedOrigins::default(), &headers(&[("host", "h"), ("origin", "null")])), Verdict::Refused);
+        assert!(matches!(judge(&AllowedOrigins::new(&["*".to_string()]), &other), Verdict::Allowed(_)));
     }
 }

@@ -41,8 +41,7 @@ impl RedisLink {
 
     /// A client for the current server (with Sentinel, the current master).
     pub async fn client(&self) -> RedisResult<Client> {
-        let asked = tokio::time::timeout(CONNECT_TIMEOUT * 2, self.target.client()).await;
-        asked.map_err(|_| redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))?
+        self.target.client(CONNECT_TIMEOUT * 2).await
     }
 
     /// A command connection; fails fast while Redis is unreachable.

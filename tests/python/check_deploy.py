@@ -28,6 +28,12 @@ def seconds(text):
     return {"ms": n / 1000, "s": n, "m": n * 60, None: n}[m.group(2)]
 
 
+def node_grace_above_drain(path, node):
+    drain = float(node["environment"].get("SWITCHBOARD_DRAIN_SECS", 10))
+    grace = seconds(node.get("stop_grace_period", "10s"))
+    report(path, "node stop grace period above the drain", grace and grace > drain + 2, f"{grace}s vs {drain}s")
+
+
 def env_of(container):
     return {e["name"]: e.get("value") for e in container.get("env", [])}
 
@@ -64,9 +70,7 @@ def swarm():
     with open(path) as f:
         stack = yaml.safe_load(f)
     node = stack["services"]["node"]
-    drain = float(node["environment"].get("SWITCHBOARD_DRAIN_SECS", 10))
-    grace = seconds(node.get("stop_grace_period", "10s"))
-    report(path, "node stop grace period above the drain", grace and grace > drain + 2, f"{grace}s vs {drain}s")
+    node_grace_above_drain(path, node)
     update = node["deploy"].get("update_config", {})
     report(path, "rolling update one replica at a time", update.get("parallelism") == 1, update)
     report(path, "node names say which replica", "{{.Task.Slot}}" in node["environment"].get("SWITCHBOARD_NODE_ID", ""))
@@ -80,9 +84,7 @@ def compose():
     with open(path) as f:
         doc = yaml.safe_load(f)
     node = doc["services"]["node"]
-    drain = float(node["environment"].get("SWITCHBOARD_DRAIN_SECS", 10))
-    grace = seconds(node.get("stop_grace_period", "10s"))
-    report(path, "node stop grace period above the drain", grace and grace > drain + 2, f"{grace}s vs {drain}s")
+    node_grace_above_drain(path, node)
     report(path, "three nodes by default", node.get("scale") == 3, node.get("scale"))
 
 

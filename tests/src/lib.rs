@@ -23,6 +23,14 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Signs tokens the way nodes started with `--auth required --auth-secret
+/// SECRET` check them.
+pub fn token_signer(secret: &str) -> switchboard_node::auth::Auth {
+    use clap::Parser;
+    let cli = switchboard_node::config::Cli::parse_from(["n", "--auth", "required", "--auth-secret", secret]);
+    switchboard_node::auth::Auth::from_config(&cli.resolve().expect("auth settings")).expect("auth")
+}
+
 /// The interpreter of the virtual environment scripts/test.sh fills from
 /// tests/python/requirements.txt (PyPI SignalR clients, kubernetes-validate);
 /// `None` (with a note) only when SWITCHBOARD_SKIP_PYTHON_CLIENTS is set.

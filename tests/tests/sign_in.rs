@@ -15,19 +15,12 @@ use base64::Engine;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::Duration;
-use switchboard_node::auth::Auth;
 use switchboard_tests::browser::{eval, eval_until, Browser};
 use switchboard_tests::official::official_client_page;
-use switchboard_tests::{HubClient, InProcessBalancer, InProcessNode, RedisServer, TransportKind};
+use switchboard_tests::{token_signer, HubClient, InProcessBalancer, InProcessNode, RedisServer, TransportKind};
 
 const SECRET: &str = "sign-in-test-secret-0123456789abcdef";
 const TRANSPORTS: [&str; 3] = ["WebSockets", "ServerSentEvents", "LongPolling"];
-
-fn signer() -> Auth {
-    use clap::Parser;
-    let cli = switchboard_node::config::Cli::parse_from(["n", "--auth", "required", "--auth-secret", SECRET]);
-    Auth::from_config(&cli.resolve().expect("settings")).expect("auth")
-}
 
 /// Starts a client in the page and waits until it connected or failed.
 async fn start(page: &fantoccini::Client, name: &str, opts: Value) -> Value {
@@ -58,7 +51,7 @@ async fn tokens_decide_who_may_connect_and_who_a_message_is_from() {
     let _b = InProcessNode::start(&redis, "auth-b", &auth).await;
     let balancer = InProcessBalancer::start(&redis, &[]).await;
     balancer.wait_accepting(&["auth-a", "auth-b"]).await;
-    let signer = signer();
+    let signer = token_signer(SECRET);
     let base = &balancer.base;
 
     // Raw HTTP: what each kind of token gets at negotiate.

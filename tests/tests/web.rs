@@ -364,7 +364,6 @@ async fn a_cut_connection_resumes_without_losing_or_repeating_a_message() {
 /// is what another person sees), and so does the development sign-in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_signs_in_with_a_pasted_token_or_the_development_sign_in() {
-    use clap::Parser;
     const SECRET: &str = "web-sign-in-test-secret-0123456789abcdef";
     let redis = RedisServer::start();
     let auth = ["--auth", "required", "--auth-secret", SECRET, "--auth-dev-sign-in", "true"];
@@ -373,11 +372,7 @@ async fn the_page_signs_in_with_a_pasted_token_or_the_development_sign_in() {
     balancer.wait_accepting(&["web-auth-a"]).await;
     let Some(browser) = Browser::start().await else { return };
 
-    let cfg = switchboard_node::config::Cli::parse_from(["n", "--auth", "required", "--auth-secret", SECRET]);
-    let token = switchboard_node::auth::Auth::from_config(&cfg.resolve().expect("settings"))
-        .expect("auth")
-        .issue("Ana Token", 3600)
-        .expect("token");
+    let token = switchboard_tests::token_signer(SECRET).issue("Ana Token", 3600).expect("token");
 
     let ana = browser.session(1000, 800).await;
     ana.goto(&format!("{}/", balancer.base)).await.expect("open the page");
