@@ -40,6 +40,7 @@ pub struct BalancerConfig {
     pub fd_reserve: u64,
     pub admin_token: String,
     pub threads: usize,
+    pub work_stealing: bool,
     pub grace_period_secs: u64,
     pub shutdown_timeout_secs: u64,
     pub pid_file: String,
@@ -76,6 +77,7 @@ impl Default for BalancerConfig {
             fd_reserve: 256,
             admin_token: String::new(),
             threads: 2,
+            work_stealing: false,
             grace_period_secs: 5,
             shutdown_timeout_secs: 10,
             pid_file: "/tmp/switchboard-balancer.pid".into(),
@@ -174,6 +176,9 @@ pub struct Cli {
     /// Proxy worker threads [default: 2]
     #[arg(long, env = "SWITCHBOARD_THREADS")]
     pub threads: Option<usize>,
+    /// Let proxy threads steal each other's connections (one work-stealing runtime) instead of one single-threaded runtime per thread, each owning its connections from accept to close [default: false]
+    #[arg(long, env = "SWITCHBOARD_WORK_STEALING")]
+    pub work_stealing: Option<bool>,
     /// On SIGTERM, keep accepting this many seconds (lets a replacement take over) [default: 5]
     #[arg(long, env = "SWITCHBOARD_GRACE_PERIOD_SECS")]
     pub grace_period_secs: Option<u64>,
@@ -227,6 +232,7 @@ impl Cli {
             fd_reserve,
             admin_token,
             threads,
+            work_stealing,
             grace_period_secs,
             shutdown_timeout_secs,
             pid_file,

@@ -26,12 +26,18 @@ use crate::refusal::{self, Refusal};
 use crate::tls::TlsConn;
 use crate::tunnel;
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora::listeners::ListenerConfig;
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
+use pingora::protocols::{GetSocketDigest, SocketDigest};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -52,6 +58,8 @@ pub struct FrontApp {
     pub proxy: Arc<HttpProxy<SwitchboardProxy>>,
     /// Set on the HTTPS listener: every connection starts with a TLS handshake.
     pub tls: Option<TlsAcceptor>,
+    /// Per-core runtimes: move each connection's socket to the thread serving it.
+    pub localize: bool,
 }
 
 /// Limits on one request head.
@@ -145,6 +153,29 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, refusal: &Ref
     let _ = tokio::time::timeout(LINGER, linger).await;
 }
 
+/// A public listening address. Accepted sockets get no read buffer: Pingora's
+/// default is 64 KiB per connection, held by every kept-alive client, and
+/// bytes it read ahead would be lost when a tunnel takes the socket over.
+/// Writes keep a one-packet buffer, so a small answer's head and body leave
+/// in one segment.
+pub fn listener(addr: &str) -> ListenerConfig {
+    ListenerConfig::tcp(addr).l4_buffer(L4BufferSettings::new(0, 1460))
+}
+
+/// The accepted socket registered with this thread's reactor. Pingora
+/// accepts on one thread and, with per-core runtimes, hands the connection
+/// to any of them; left where it was accepted, every readiness event of the
+/// connection would be delivered by the accepting thread and cross over.
+/// Writes go out unbuffered (with `TCP_NODELAY`) from here on.
+fn localize(l4: Box<L4Stream>) -> Box<L4Stream> {
+    let Some(tcp) = tunnel::take_socket(&l4) else { return l4 };
+    let mut local = L4Stream::from(tcp);
+    let fd = local.as_raw_fd();
+    local.set_socket_digest(SocketDigest::from_raw_fd(fd));
+    let _ = local.set_nodelay();
+    Box::new(local)
+}
+
 fn downcast<C: 'static>(stream: Stream) -> Option<Box<C>> {
     match stream.into_any().downcast::<C>() {
         Ok(s) => Some(s),
@@ -160,6 +191,8 @@ trait ClientConn: pingora::protocols::IO + Sized + 'static {
     const TLS: bool;
     /// Makes `data` the next bytes read.
     fn rewind(&mut self, data: &[u8]);
+    /// The connection with its socket registered on this thread (see `localize`).
+    fn localize(self: Box<Self>) -> Box<Self>;
     /// Hands the connection to the WebSocket tunnel.
     fn tunnel(
         self: Box<Self>,
@@ -174,6 +207,9 @@ impl ClientConn for L4Stream {
     fn rewind(&mut self, data: &[u8]) {
         L4Stream::rewind(self, data);
     }
+    fn localize(self: Box<Self>) -> Box<Self> {
+        localize(self)
+    }
     async fn tunnel(self: Box<Self>, cluster: Arc<Cluster>, req: tunnel::UpgradeRequest, head: Vec<u8>) {
         tunnel::serve(cluster, self, req, head).await
     }
@@ -183,6 +219,10 @@ impl ClientConn for TlsConn {
     const TLS: bool = true;
     fn rewind(&mut self, data: &[u8]) {
         TlsConn::rewind(self, data);
+    }
+    /// Localized before its handshake.
+    fn localize(self: Box<Self>) -> Box<Self> {
+        self
     }
     async fn tunnel(self: Box<Self>, cluster: Arc<Cluster>, req: tunnel::UpgradeRequest, head: Vec<u8>) {
         tunnel::serve_tls(cluster, *self, req, head).await
@@ -226,6 +266,7 @@ impl FrontApp {
         let keepalive = Duration::from_secs(cfg.keepalive_timeout_secs);
         let redirect_to = if C::TLS || !cfg.tls_redirect { None } else { cfg.tls_port() };
         let mut idle = None;
+        let mut local = !self.localize || std::env::var_os("SB_NO_LOCALIZE_HTTP").is_some();
         loop {
             let head = match read_head(&mut *conn, limits, idle).await {
                 Head::Complete(head) => head,
@@ -248,18 +289,33 @@ impl FrontApp {
             if let Some(request) = tunnel::UpgradeRequest::parse(&head) {
                 return conn.tunnel(self.cluster.clone(), request, head).await;
             }
+            if !local {
+                conn = conn.localize();
+                local = true;
+            }
             conn.rewind(&head);
-            let mut session = ServerSession::new_http1(conn);
-            // Pingora reads this one request (its head is already buffered)
-            // and says whether the connection may carry another.
-            let reusable = !*shutdown.borrow();
-            session.set_keepalive(reusable.then_some(cfg.keepalive_timeout_secs));
-            let Some(reused) = self.proxy.process_new_http(session, shutdown).await else { return };
+            let Some(reused) = self.proxy_one(conn, shutdown).await else { return };
             let (stream, _) = reused.consume();
             let Some(next) = downcast::<C>(stream) else { return };
             conn = next;
             idle = Some(keepalive);
         }
+    }
+
+    /// Hands one request, its head already rewound into `conn`, to the
+    /// Pingora proxy, which reads and proxies it and says whether the
+    /// connection may carry another. A plain function so that Pingora's
+    /// session (about 2 KB) lives only in the future it boxes, not in the
+    /// connection's own future for every tunnel's life.
+    fn proxy_one<'a, C: ClientConn>(
+        &'a self,
+        conn: Box<C>,
+        shutdown: &'a ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'a>> {
+        let mut session = ServerSession::new_http1(conn);
+        let reusable = !*shutdown.borrow();
+        session.set_keepalive(reusable.then_some(self.cluster.cfg.keepalive_timeout_secs));
+        self.proxy.process_new_http(session, shutdown)
     }
 
     /// The TLS handshake, within the time a request head is allowed.
@@ -296,10 +352,17 @@ impl ServerApp for FrontApp {
         };
         match &self.tls {
             None => self.serve(l4, shutdown).await,
+            // Boxed: the handshake's and the TLS serving's state would
+            // otherwise size every plain connection's future too, for its
+            // whole life.
             Some(acceptor) => {
-                if let Some(conn) = self.accept_tls(acceptor, l4).await {
-                    self.serve(conn, shutdown).await;
-                }
+                Box::pin(async {
+                    let l4 = if self.localize { localize(l4) } else { l4 };
+                    if let Some(conn) = self.accept_tls(acceptor, l4).await {
+                        self.serve(conn, shutdown).await;
+                    }
+                })
+                .await
             }
         }
         None

@@ -71,6 +71,7 @@ pub fn run(mut cfg: BalancerConfig, upgrade: bool, shutdown: Shutdown) -> Result
 
     let conf = ServerConf {
         threads: cfg.threads,
+        work_stealing: cfg.work_stealing,
         grace_period_seconds: Some(cfg.grace_period_secs),
         graceful_shutdown_timeout_seconds: Some(cfg.shutdown_timeout_secs),
         pid_file: cfg.pid_file.clone(),
@@ -108,14 +109,15 @@ pub fn run(mut cfg: BalancerConfig, upgrade: bool, shutdown: Shutdown) -> Result
     let watcher = discovery::RegistryWatcher::new(cluster.clone()).map_err(|e| format!("invalid redis URL: {e}"))?;
     let http_proxy =
         Arc::new(pingora::proxy::http_proxy(&server.configuration, proxy::SwitchboardProxy::new(cluster.clone())));
-    let front_app = front::FrontApp { cluster: cluster.clone(), proxy: http_proxy.clone(), tls: None };
+    let localize = !cluster.cfg.work_stealing;
+    let front_app = front::FrontApp { cluster: cluster.clone(), proxy: http_proxy.clone(), tls: None, localize };
     let mut proxy = Service::new("switchboard proxy".to_string(), front_app);
-    proxy.add_tcp(&listen.to_string());
+    proxy.add_listener(front::listener(&listen.to_string()));
     if let Some((addr, config, store)) = tls {
         let acceptor = Some(tokio_rustls::TlsAcceptor::from(config));
-        let front_tls = front::FrontApp { cluster: cluster.clone(), proxy: http_proxy, tls: acceptor };
+        let front_tls = front::FrontApp { cluster: cluster.clone(), proxy: http_proxy, tls: acceptor, localize };
         let mut https = Service::new("switchboard https".to_string(), front_tls);
-        https.add_tcp(&addr.to_string());
+        https.add_listener(front::listener(&addr.to_string()));
         server.add_service(https);
         server.add_service(background_service("certificate reload", tls::Reloader(store)));
         tracing::info!(%addr, "HTTPS listener");

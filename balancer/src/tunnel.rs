@@ -25,11 +25,14 @@ use crate::routing::{cookie_value, set_cookie_header, RouteDecision, RouteKind};
 use crate::table::RouteNode;
 use crate::tls::TlsConn;
 use pingora::protocols::l4::stream::Stream as L4Stream;
+use std::future::{poll_fn, Future};
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
@@ -102,7 +105,7 @@ impl UpgradeRequest {
 }
 
 /// Duplicates the accepted socket into a tokio `TcpStream` we own.
-fn take_socket(stream: &L4Stream) -> Option<TcpStream> {
+pub fn take_socket(stream: &L4Stream) -> Option<TcpStream> {
     // SAFETY: `stream` owns this descriptor and outlives the borrow; it is only duplicated.
     let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
     let std_stream = std::net::TcpStream::from(fd.try_clone_to_owned().ok()?);
@@ -110,12 +113,14 @@ fn take_socket(stream: &L4Stream) -> Option<TcpStream> {
     TcpStream::from_std(std_stream).ok()
 }
 
+/// Writes all of `data`, trying first and waiting for writability only when
+/// the socket is full. The wait is `poll_write_ready`, which keeps no waiter
+/// in the future: a tunnel's futures stay small while it lives.
 async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
     while !data.is_empty() {
-        to.writable().await?;
         match to.try_write(data) {
             Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => poll_fn(|cx| to.poll_write_ready(cx)).await?,
             Err(e) => return Err(e),
         }
     }
@@ -367,29 +372,27 @@ async fn handshake<C: Downstream>(
     None
 }
 
-/// The end of a tunnel, seen by both directions and the idle watchdog.
+/// The end of a tunnel, seen by both directions and the idle watchdog. All
+/// three run in one task (`tokio::join!`, which polls every unfinished
+/// branch each time the task wakes), so ending needs no list of waiters:
+/// whoever ends the tunnel sets the flag and wakes the task, and the others
+/// see the flag when they are polled next.
 #[derive(Default)]
-struct Stop {
-    stopped: std::sync::atomic::AtomicBool,
-    notify: tokio::sync::Notify,
-}
+struct Stop(std::sync::atomic::AtomicBool);
 
 impl Stop {
-    fn set(&self) {
-        self.stopped.store(true, std::sync::atomic::Ordering::Release);
-        self.notify.notify_waiters();
+    fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    async fn wait(&self) {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
-                return;
-            }
-            notified.await;
-        }
+    /// Ends the tunnel. Only to be awaited inside the tunnel's task.
+    async fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+        poll_fn(|cx| {
+            cx.waker().wake_by_ref();
+            Poll::Ready(())
+        })
+        .await
     }
 }
 
@@ -401,6 +404,11 @@ fn millis_since(epoch: Instant) -> u64 {
 /// Copies `from` → `to` until either side closes or the tunnel stops. Never
 /// abandons bytes it has read: the write is not raced against anything (a
 /// write that makes no progress for `idle` ends the tunnel).
+///
+/// While data flows it reads again straight after each write and keeps its
+/// buffer; only when a read finds nothing does it free the buffer and park
+/// on readiness (the one wait raced against the end of the tunnel). A busy
+/// direction so costs no wake-up per message, and an idle one holds nothing.
 async fn one_way<W: Downstream>(
     from: &TcpStream,
     to: &mut W,
@@ -410,13 +418,15 @@ async fn one_way<W: Downstream>(
     idle: Duration,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
+    let mut buf: Vec<u8> = Vec::new();
     loop {
-        tokio::select! {
-            biased;
-            () = stop.wait() => return,
-            ready = from.readable() => if ready.is_err() { break },
+        if stop.is_set() {
+            return;
         }
-        let mut buf = Vec::with_capacity(RELAY_CHUNK);
+        if buf.capacity() == 0 {
+            buf.reserve_exact(RELAY_CHUNK);
+        }
+        buf.clear();
         match from.try_read_buf(&mut buf) {
             Ok(0) => break,
             Ok(_) => {
@@ -425,12 +435,28 @@ async fn one_way<W: Downstream>(
                     Ok(Ok(())) => last.store(millis_since(epoch), Relaxed),
                     _ => break,
                 }
+                // Yields to the thread's other tasks once tokio's cooperative
+                // budget is spent, so a direction that never runs dry cannot
+                // starve them.
+                tokio::task::coop::consume_budget().await;
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                buf = Vec::new();
+                let ready = poll_fn(|cx| match stop.is_set() {
+                    true => Poll::Ready(None),
+                    false => from.poll_read_ready(cx).map(Some),
+                })
+                .await;
+                match ready {
+                    None => return,
+                    Some(Ok(())) => {}
+                    Some(Err(_)) => break,
+                }
+            }
             Err(_) => break,
         }
     }
-    stop.set();
+    stop.set().await;
 }
 
 /// Ends the tunnel once neither direction has moved a byte for `idle`.
@@ -439,13 +465,19 @@ async fn watchdog(stop: &Stop, epoch: Instant, last: &std::sync::atomic::AtomicU
     let idle_ms = idle.as_millis() as u64;
     loop {
         let deadline = epoch + Duration::from_millis(last.load(Relaxed).saturating_add(idle_ms));
-        tokio::select! {
-            () = stop.wait() => return,
-            () = tokio::time::sleep_until(deadline) => {}
+        let sleep = tokio::time::sleep_until(deadline);
+        tokio::pin!(sleep);
+        let stopped = poll_fn(|cx| match stop.is_set() {
+            true => Poll::Ready(true),
+            false => sleep.as_mut().poll(cx).map(|()| false),
+        })
+        .await;
+        if stopped {
+            return;
         }
         if millis_since(epoch).saturating_sub(last.load(Relaxed)) >= idle_ms {
             tracing::debug!("closing idle websocket tunnel");
-            stop.set();
+            stop.set().await;
             return;
         }
     }
@@ -478,10 +510,16 @@ async fn client_to_node<R: AsyncRead + Unpin>(
     use std::sync::atomic::Ordering::Relaxed;
     let mut buf = vec![0u8; TLS_READ_CHUNK];
     loop {
-        let n = tokio::select! {
-            biased;
-            () = stop.wait() => return,
-            read = from.read(&mut buf) => match read { Ok(n) if n > 0 => n, _ => break },
+        let mut read = ReadBuf::new(&mut buf);
+        let ended = poll_fn(|cx| match stop.is_set() {
+            true => Poll::Ready(None),
+            false => Pin::new(&mut from).poll_read(cx, &mut read).map(Some),
+        })
+        .await;
+        let n = match ended {
+            None => return,
+            Some(Ok(())) if !read.filled().is_empty() => read.filled().len(),
+            Some(_) => break,
         };
         last.store(millis_since(epoch), Relaxed);
         match tokio::time::timeout(idle, write_all(to, &buf[..n])).await {
@@ -489,7 +527,7 @@ async fn client_to_node<R: AsyncRead + Unpin>(
             _ => break,
         }
     }
-    stop.set();
+    stop.set().await;
 }
 
 async fn relay_tls(client: TlsStream<Box<L4Stream>>, upstream: TcpStream, idle: Duration) {

@@ -95,6 +95,17 @@ async fn fake_node(listener: TcpListener, report: tokio::sync::oneshot::Sender<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tunnel_loses_no_byte_with_both_directions_busy_and_a_slow_reader() {
+    relay_byte_for_byte(&[]).await;
+}
+
+/// The same with one work-stealing runtime instead of per-core runtimes
+/// (the default), whose tunnels are woken from any thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_loses_no_byte_on_a_work_stealing_runtime_too() {
+    relay_byte_for_byte(&["--work-stealing", "true"]).await;
+}
+
+async fn relay_byte_for_byte(balancer_args: &[&str]) {
     let redis = RedisServer::start();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let node_addr = listener.local_addr().unwrap();
@@ -116,7 +127,7 @@ async fn the_tunnel_loses_no_byte_with_both_directions_busy_and_a_slow_reader() 
     let mut r = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = r.hset_multiple(node_key("switchboard", "relay"), &record.to_fields()).await.unwrap();
     let _: () = r.expire(node_key("switchboard", "relay"), 120).await.unwrap();
-    let lb = InProcessBalancer::start(&redis, &[]).await;
+    let lb = InProcessBalancer::start(&redis, balancer_args).await;
     lb.wait_accepting(&["relay"]).await;
 
     let token = ConnectionToken::issue("relay").token;
