@@ -57,13 +57,40 @@ async fn write(socket: &mut WebSocket, conn: &Connection, frames: Vec<OutFrame>)
         }
     }
     let protocol = conn.protocol();
-    for f in frames {
-        let Some(msg) = message(protocol, f.bytes) else { continue };
+    for joined in join_frames(frames) {
+        let Some(msg) = message(protocol, joined) else { continue };
         if socket.feed(msg).await.is_err() {
             return false;
         }
     }
     socket.flush().await.is_ok()
+}
+
+/// The largest WebSocket message `join_frames` builds from several frames.
+const MAX_JOINED: usize = 64 * 1024;
+
+/// The frames of a batch as few WebSocket messages: SignalR lets one message
+/// carry several records (JSON records end with a record separator,
+/// MessagePack ones start with their length), so a connection that fell
+/// behind catches up with one write per batch instead of one per record. A
+/// lone frame is passed on without copying; joined messages stay under
+/// `MAX_JOINED` bytes unless a single frame is larger.
+fn join_frames(frames: Vec<OutFrame>) -> Vec<Bytes> {
+    if frames.len() == 1 {
+        return frames.into_iter().map(|f| f.bytes).collect();
+    }
+    let mut out = Vec::new();
+    let mut current = bytes::BytesMut::new();
+    for f in frames {
+        if !current.is_empty() && current.len() + f.bytes.len() > MAX_JOINED {
+            out.push(current.split().freeze());
+        }
+        current.extend_from_slice(&f.bytes);
+    }
+    if !current.is_empty() {
+        out.push(current.freeze());
+    }
+    out
 }
 
 async fn run(app: Arc<App>, conn: Arc<Connection>, mut socket: WebSocket, generation: u64) {
@@ -130,4 +157,30 @@ fn ended(app: &App, conn: &Connection, generation: u64, graceful: bool) {
         }
     }
     app.disconnect(conn);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(sizes: &[usize]) -> Vec<OutFrame> {
+        sizes.iter().enumerate().map(|(i, &n)| OutFrame::plain(Bytes::from(vec![b'a' + i as u8; n]))).collect()
+    }
+
+    #[test]
+    fn a_batch_becomes_as_few_messages_as_fit_and_keeps_every_byte_in_order() {
+        let batch = frames(&[10, 20, 30]);
+        let all: Vec<u8> = batch.iter().flat_map(|f| f.bytes.to_vec()).collect();
+        let joined = join_frames(batch);
+        assert_eq!(joined.len(), 1);
+        assert_eq!(joined[0].to_vec(), all);
+
+        let big = frames(&[MAX_JOINED - 5, 10, MAX_JOINED + 1, 3]);
+        let all: Vec<u8> = big.iter().flat_map(|f| f.bytes.to_vec()).collect();
+        let joined = join_frames(big);
+        let lens: Vec<usize> = joined.iter().map(|b| b.len()).collect();
+        assert_eq!(lens, vec![MAX_JOINED - 5, 10, MAX_JOINED + 1, 3]);
+        assert_eq!(joined.concat(), all);
+        assert!(join_frames(Vec::new()).is_empty());
+    }
 }
