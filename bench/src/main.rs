@@ -3,6 +3,7 @@
 //! writes the report; the other subcommands run one workload against URLs
 //! you give, printing a human line on stderr and JSON on stdout.
 
+mod ceiling;
 mod chaos;
 mod contenders;
 mod failover;
@@ -137,15 +138,68 @@ enum Command {
     },
     /// Broadcast fan-out across nodes: deliveries per second and latency
     Fanout {
-        /// Comma-separated base URLs (receivers are spread over them; the sender uses the first)
+        /// Comma-separated base URLs (receivers and senders are spread over them in turn)
         #[arg(long, value_delimiter = ',')]
         urls: Vec<String>,
         #[arg(long, default_value_t = 300)]
         receivers: usize,
+        #[arg(long, default_value_t = 1)]
+        senders: usize,
+        /// Messages per second from each sender
         #[arg(long, default_value_t = 50.0)]
         rate: f64,
         #[arg(long, default_value_t = 10.0)]
         duration_secs: f64,
+    },
+    /// Redis, three nodes and the balancer on loopback under growing broadcast
+    /// load (step k: k × receivers-per-step receivers, k senders) until delivery
+    /// p99 passes the limit or deliveries go missing; CPU of every process per step
+    FanoutCeiling {
+        /// Where switchboard-node and switchboard-balancer are (default: next to this program)
+        #[arg(long)]
+        bin_dir: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = 5.0)]
+        step_secs: f64,
+        #[arg(long, default_value_t = 12)]
+        max_steps: usize,
+        #[arg(long, default_value_t = 100)]
+        p99_limit_ms: u64,
+        #[arg(long, default_value_t = 200)]
+        receivers_per_step: usize,
+        /// Messages per second from each sender
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// Connect straight to the nodes instead of through the balancer
+        #[arg(long)]
+        direct: bool,
+    },
+    /// As many idle SignalR WebSockets as the open-file limit allows, on one
+    /// node or through one balancer, opened by several client processes from
+    /// 127.0.0.2, .3, …; resident memory per connection at each checkpoint
+    Connections {
+        #[arg(long)]
+        bin_dir: Option<std::path::PathBuf>,
+        /// Through a balancer (in front of two nodes) instead of on one node
+        #[arg(long)]
+        balancer: bool,
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+        checkpoints: Vec<usize>,
+        /// The last checkpoint: stops earlier if no more connections open
+        #[arg(long, default_value_t = 19000)]
+        max: usize,
+        /// Client processes (each from its own source address)
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        #[arg(long, default_value_t = 3.0)]
+        settle_secs: f64,
+    },
+    /// (Used by `connections`.) Holds idle connections from one source address as told on stdin
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        source: std::net::IpAddr,
     },
     /// Node start → first routed client, and kill -9 → out of rotation, through a balancer
     Discovery {
@@ -167,10 +221,7 @@ async fn main() -> anyhow::Result<()> {
     let secs = Duration::from_secs_f64;
     let result = match Cli::parse().command {
         Command::Suite { quick, bin_dir, traefik, out, command_line } => {
-            let bin_dir = match bin_dir {
-                Some(d) => d,
-                None => std::env::current_exe()?.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
-            };
+            let bin_dir = bin_dir_or_default(bin_dir)?;
             let command_line = command_line.unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
             let doc = suite::run(&suite::Options { quick, bin_dir, traefik, command_line }).await?;
             let dir = suite::results_dir(&out, &doc);
@@ -181,10 +232,7 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Chaos { quick, bin_dir, clients, rate, hold_secs } => {
-            let bin_dir = match bin_dir {
-                Some(d) => d,
-                None => std::env::current_exe()?.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
-            };
+            let bin_dir = bin_dir_or_default(bin_dir)?;
             let hold = secs(hold_secs);
             let result = chaos::run(&chaos::Options { quick, bin_dir, clients, rate, hold }).await?;
             eprintln!("{}", chaos::table(&result));
@@ -222,8 +270,36 @@ async fn main() -> anyhow::Result<()> {
         Command::Http { url, concurrency, duration_secs } => {
             setup::http_rate(&url, concurrency, secs(duration_secs)).await?
         }
-        Command::Fanout { urls, receivers, rate, duration_secs } => {
-            scenarios::fanout(&urls, receivers, rate, secs(duration_secs)).await?
+        Command::Fanout { urls, receivers, senders, rate, duration_secs } => {
+            scenarios::fanout(&urls, receivers, senders, rate, secs(duration_secs), &[]).await?
+        }
+        Command::FanoutCeiling { bin_dir, step_secs, max_steps, p99_limit_ms, receivers_per_step, rate, direct } => {
+            let o = ceiling::FanoutCeiling {
+                bin_dir: bin_dir_or_default(bin_dir)?,
+                step: secs(step_secs),
+                max_steps,
+                p99_limit: Duration::from_millis(p99_limit_ms),
+                via_balancer: !direct,
+                receivers_per_step,
+                rate_per_sender: rate,
+            };
+            ceiling::fanout_ceiling(&o).await?
+        }
+        Command::Connections { bin_dir, balancer, checkpoints, max, clients, settle_secs } => {
+            let o = ceiling::Connections {
+                bin_dir: bin_dir_or_default(bin_dir)?,
+                via_balancer: balancer,
+                checkpoints,
+                max,
+                clients,
+                settle: secs(settle_secs),
+                step_timeout: Duration::from_secs(300),
+            };
+            ceiling::connections(&o).await?
+        }
+        Command::Hold { url, source } => {
+            ceiling::hold(&url, source).await?;
+            return Ok(());
         }
         Command::Discovery { balancer, admin, redis, node_bin, runs } => {
             scenarios::discovery(&balancer, &admin, &redis, &node_bin, runs).await?
@@ -233,11 +309,20 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--bin-dir`, or the directory of this program (where cargo puts the
+/// node and the balancer too).
+fn bin_dir_or_default(bin_dir: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
+    match bin_dir {
+        Some(d) => Ok(d),
+        None => Ok(std::env::current_exe()?.parent().map(|p| p.to_path_buf()).unwrap_or_default()),
+    }
+}
+
 /// report.md, latency.svg and memory.svg next to results.json.
 fn write_report(dir: &std::path::Path, doc: &serde_json::Value) -> anyhow::Result<()> {
     std::fs::write(dir.join("report.md"), report::markdown(doc))?;
-    let (latency, memory) = report::plots(doc);
-    std::fs::write(dir.join("latency.svg"), latency)?;
-    std::fs::write(dir.join("memory.svg"), memory)?;
+    for (name, svg) in report::plots(doc) {
+        std::fs::write(dir.join(name), svg)?;
+    }
     Ok(())
 }

@@ -84,6 +84,11 @@ pub fn format_value(v: f64, unit: &str) -> String {
     format!("{}{out} {unit}", if rounded < 0 { "-" } else { "" })
 }
 
+/// A count with thousands separated and no unit.
+pub fn num(v: f64) -> String {
+    format_value(v, "").trim_end().to_string()
+}
+
 pub fn format_ratio(r: Option<f64>) -> String {
     match r {
         Some(r) if r >= 10.0 => format!("{r:.0}×"),
@@ -250,13 +255,113 @@ pub fn markdown(doc: &Value) -> String {
     let _ = writeln!(s, "![Echo latency percentiles](latency.svg)\n\n![Memory per idle WebSocket](memory.svg)\n");
     let _ = writeln!(s, "## Discovery and failover (Switchboard's registry against Traefik's file provider)\n");
     let _ = writeln!(s, "{}", failover_table(doc));
+    let ceiling = ceiling_section(doc);
+    if !ceiling.is_empty() {
+        let _ = writeln!(
+            s,
+            "{ceiling}\n![Fan-out ceiling](ceiling.svg)\n\n![Memory per connection at scale](connections.svg)\n"
+        );
+    }
     let _ = writeln!(s, "{}", details(doc));
     s
 }
 
-/// The two plots: Echo latency percentiles per contender (bars) and memory
-/// per idle WebSocket against the number of connections (lines).
-pub fn plots(doc: &Value) -> (String, String) {
+/// The cluster's ceiling: the fan-out steps up to the latency limit, and the
+/// idle connections held on one node and through one balancer.
+pub fn ceiling_section(doc: &Value) -> String {
+    let r = &doc["results"];
+    let mut s = String::new();
+    let fan = &r["fanout_ceiling"];
+    if let Some(steps) = fan["steps"].as_array() {
+        let _ = writeln!(
+            s,
+            "## Fan-out ceiling (3 nodes, through the balancer)\n\nStep k: k × {} receivers, k senders at {}/s each; \
+             stops after the first step whose delivery p99 passes {} ms or that lost over 1 % of its deliveries. \
+             CPU is in percent of one core over the sending window (this machine has {} cores in all).\n",
+            doc["settings"]["fanout_ceiling"]["receivers_per_step"],
+            fan["rate_per_sender"],
+            fan["p99_limit_ms"],
+            doc["machine"]["cpus"]
+        );
+        let names: Vec<String> = steps
+            .first()
+            .and_then(|st| st["cpu_percent_of_one_core"].as_object())
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        let _ = write!(s, "| receivers | senders | asked /s | delivered /s | lost | p50 | p99 |");
+        for n in &names {
+            let _ = write!(s, " CPU {n} |");
+        }
+        let _ = write!(s, "\n|{}\n", "---|".repeat(7 + names.len()));
+        for st in steps {
+            let asked = st["receivers"].as_f64().unwrap_or(0.0)
+                * st["senders"].as_f64().unwrap_or(0.0)
+                * st["rate_per_sender"].as_f64().unwrap_or(0.0);
+            let lost = st["expected_deliveries"].as_f64().unwrap_or(0.0) - st["delivered"].as_f64().unwrap_or(0.0);
+            let ms = |k: &str| st["latency"][k].as_f64().map_or("–".into(), |us| format!("{:.1} ms", us / 1000.0));
+            let _ = write!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                st["receivers"],
+                st["senders"],
+                num(asked),
+                num(st["deliveries_per_sec"].as_f64().unwrap_or(0.0)),
+                num(lost.max(0.0)),
+                ms("p50_us"),
+                ms("p99_us")
+            );
+            for n in &names {
+                let _ = write!(s, " {} % |", st["cpu_percent_of_one_core"][n]);
+            }
+            s.push('\n');
+        }
+        match (fan["last_within_limit"]["deliveries_per_sec"].as_f64(), fan["first_past_limit"].is_object()) {
+            (Some(d), true) => {
+                let _ =
+                    writeln!(s, "\n**Ceiling: {} deliveries/s** within the limit; the next step passed it.\n", num(d));
+            }
+            (Some(d), false) => {
+                let _ = writeln!(s, "\nEvery step stayed within the limit, up to {} deliveries/s.\n", num(d));
+            }
+            _ => {
+                let _ = writeln!(s, "\nThe first step already passed the limit.\n");
+            }
+        }
+    }
+    for (key, title) in
+        [("connections_node", "one node"), ("connections_balancer", "one balancer (two nodes behind it)")]
+    {
+        let Some(points) = r[key]["points"].as_array() else { continue };
+        let _ = writeln!(
+            s,
+            "## Idle connections at scale: {title}\n\n{} client processes from their own 127.0.0.x addresses; \
+             open-files limit {} per process.\n\n| open | resident memory | per connection |\n|---|---|---|",
+            r[key]["clients"], r[key]["open_files_limit"]
+        );
+        for p in points {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} |",
+                num(p["open"].as_f64().unwrap_or(0.0)),
+                format_value(p["rss_kib"].as_f64().unwrap_or(0.0) * 1024.0 / 1e6, "MB"),
+                format_value(p["bytes_per_connection"].as_f64().unwrap_or(0.0), "B")
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nAfter every client left: {} (started at {}).\n",
+            format_value(r[key]["rss_after_close_kib"].as_f64().unwrap_or(0.0) * 1024.0 / 1e6, "MB"),
+            format_value(r[key]["rss_base_kib"].as_f64().unwrap_or(0.0) * 1024.0 / 1e6, "MB")
+        );
+    }
+    s
+}
+
+/// The plots, by file name: Echo latency percentiles per contender (bars),
+/// memory per idle WebSocket against the number of connections (lines), and
+/// when the run measured them the fan-out ceiling (delivery p99 against
+/// deliveries per second) and memory per connection at scale.
+pub fn plots(doc: &Value) -> Vec<(&'static str, String)> {
     let percentiles = [("p50", "p50_us"), ("p90", "p90_us"), ("p99", "p99_us"), ("p99.9", "p999_us")];
     let groups: Vec<&str> = percentiles.iter().map(|p| p.0).collect();
     let bars: Vec<(&str, Vec<Option<f64>>)> = CONTENDERS
@@ -287,7 +392,37 @@ pub fn plots(doc: &Value) -> (String, String) {
         "bytes per connection",
         &lines,
     );
-    (latency, memory)
+    let mut out = vec![("latency.svg", latency), ("memory.svg", memory)];
+    let r = &doc["results"];
+    if let Some(steps) = r["fanout_ceiling"]["steps"].as_array() {
+        let point = |st: &Value| Some((st["deliveries_per_sec"].as_f64()?, st["latency"]["p99_us"].as_f64()? / 1000.0));
+        let line = vec![("delivery p99", steps.iter().filter_map(point).collect())];
+        let chart = crate::svg::line_chart(
+            "Fan-out through the balancer to 3 nodes: delivery p99 as load grows",
+            "deliveries per second",
+            "p99 (ms)",
+            &line,
+        );
+        out.push(("ceiling.svg", chart));
+    }
+    let scale: Vec<(&str, Vec<(f64, f64)>)> = [("node", "connections_node"), ("balancer", "connections_balancer")]
+        .iter()
+        .filter_map(|(name, key)| {
+            let points = r[*key]["points"].as_array()?;
+            let p = |p: &Value| Some((p["open"].as_f64()?, p["bytes_per_connection"].as_f64()?));
+            Some((*name, points.iter().filter_map(p).collect()))
+        })
+        .collect();
+    if !scale.is_empty() {
+        let chart = crate::svg::line_chart(
+            "Resident memory per idle connection at scale",
+            "open connections",
+            "bytes per connection",
+            &scale,
+        );
+        out.push(("connections.svg", chart));
+    }
+    out
 }
 
 /// A short human summary of one workload result, for the progress output.

@@ -50,6 +50,43 @@ pub fn tree_rss_kib(pid: u32) -> Option<u64> {
     (!sizes.is_empty()).then(|| sizes.iter().sum())
 }
 
+/// CPU time (user + system) in clock ticks from the text of `/proc/<pid>/stat`.
+pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    parse_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// The CPU a set of named processes spend over a stretch of wall-clock time.
+pub struct CpuWindow {
+    started: std::time::Instant,
+    before: Vec<(String, u32, Option<u64>)>,
+}
+
+impl CpuWindow {
+    pub fn start(watch: &[(String, u32)]) -> Self {
+        let before = watch.iter().map(|(name, pid)| (name.clone(), *pid, cpu_ticks(*pid))).collect();
+        CpuWindow { started: std::time::Instant::now(), before }
+    }
+
+    /// Each process's CPU over the window, in percent of one core.
+    pub fn finish(self) -> serde_json::Map<String, serde_json::Value> {
+        // SAFETY: sysconf only reads a configuration value.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        self.before
+            .into_iter()
+            .filter_map(|(name, pid, before)| {
+                let used = cpu_ticks(pid)?.checked_sub(before?)? as f64 / hz;
+                Some((name, serde_json::json!((used / secs * 1000.0).round() / 10.0)))
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +111,12 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         assert!(tree.contains(&child.id()), "{tree:?}");
+    }
+
+    #[test]
+    fn cpu_time_is_user_plus_system_ticks() {
+        let stat = "1234 (a (b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 100 0 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(300));
+        assert_eq!(parse_cpu_ticks("garbage"), None);
     }
 }

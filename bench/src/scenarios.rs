@@ -71,7 +71,7 @@ pub async fn idle(url: &str, count: usize, pids: &[u32], settle: Duration, state
     )
 }
 
-async fn keep_alive(mut sock: HubSocket, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn keep_alive(mut sock: HubSocket, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
@@ -155,22 +155,36 @@ pub async fn echo_throughput(url: &str, connections: usize, duration: Duration) 
     )
 }
 
-/// One sender broadcasts `SendMessage` at `rate` for `duration` to
-/// `receivers` clients spread over `urls`; reports deliveries per second and
-/// delivery latency (send → receive, same clock).
-pub async fn fanout(urls: &[String], receivers: usize, rate: f64, duration: Duration) -> Result<Value> {
-    if urls.is_empty() {
-        bail!("fanout needs at least one URL");
+/// `senders` clients each broadcast `SendMessage` at `rate` for `duration`
+/// to `receivers` clients; both are spread over `urls` in turn. Reports
+/// deliveries per second and delivery latency (send → receive, same clock),
+/// and the CPU each process in `watch` spent while the senders were sending.
+pub async fn fanout(
+    urls: &[String],
+    receivers: usize,
+    senders: usize,
+    rate: f64,
+    duration: Duration,
+    watch: &[(String, u32)],
+) -> Result<Value> {
+    if urls.is_empty() || senders == 0 {
+        bail!("fanout needs at least one URL and one sender");
     }
     let http = reqwest::Client::new();
     let epoch = Instant::now();
     let hist = Arc::new(Mutex::new(histogram()));
     let delivered = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = Vec::new();
     let mut per_node = std::collections::BTreeMap::<String, u64>::new();
-    for i in 0..receivers {
-        let mut sock = signalr::connect(&http, &urls[i % urls.len()]).await?;
+    let mut opened = stream::iter(0..receivers)
+        .map(|i| {
+            let (http, url) = (http.clone(), urls[i % urls.len()].clone());
+            async move { signalr::connect(&http, &url).await }
+        })
+        .buffer_unordered(32);
+    let mut tasks = Vec::new();
+    while let Some(sock) = opened.next().await {
+        let mut sock = sock?;
         *per_node.entry(sock.node.clone().unwrap_or_else(|| "?".into())).or_default() += 1;
         let (hist, delivered, mut stop) = (hist.clone(), delivered.clone(), stop_rx.clone());
         tasks.push(tokio::spawn(async move {
@@ -178,16 +192,12 @@ pub async fn fanout(urls: &[String], receivers: usize, rate: f64, duration: Dura
             loop {
                 tokio::select! {
                     _ = stop.changed() => break,
-                    frame = sock.read_frame() => {
-                        let Ok(frame) = frame else { break };
-                        for m in frame {
-                            if m["target"] == "ReceiveMessage" {
-                                if let Some(sent) = m["arguments"][1].as_str().and_then(|t| t.strip_prefix("t:")).and_then(|t| t.parse::<u64>().ok()) {
-                                    let now = epoch.elapsed().as_micros() as u64;
-                                    record(&mut local, Duration::from_micros(now.saturating_sub(sent)));
-                                    delivered.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
+                    text = sock.read_text() => {
+                        let Ok(text) = text else { break };
+                        let now = epoch.elapsed().as_micros() as u64;
+                        for sent in sent_stamps(&text) {
+                            record(&mut local, Duration::from_micros(now.saturating_sub(sent)));
+                            delivered.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
@@ -197,18 +207,40 @@ pub async fn fanout(urls: &[String], receivers: usize, rate: f64, duration: Dura
             }
         }));
     }
-    let mut sender = signalr::connect(&http, &urls[0]).await?;
+    drop(opened);
+    let mut senders_socks = Vec::new();
+    for i in 0..senders {
+        senders_socks.push(signalr::connect(&http, &urls[i % urls.len()]).await?);
+    }
     // Let every node's backplane subscription settle before measuring.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
+    let cpu = crate::rss::CpuWindow::start(watch);
     let end = Instant::now() + duration;
+    let sending: Vec<_> = senders_socks
+        .into_iter()
+        .map(|mut sender| {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut sent = 0u64;
+                while Instant::now() < end {
+                    tick.tick().await;
+                    let text = format!("t:{}", epoch.elapsed().as_micros());
+                    let msg = json!({"type": 1, "target": "SendMessage", "arguments": ["bench", text]});
+                    if sender.send_record(&msg).await.is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                sent
+            })
+        })
+        .collect();
     let mut sent = 0u64;
-    while Instant::now() < end {
-        tick.tick().await;
-        let text = format!("t:{}", epoch.elapsed().as_micros());
-        sender.send_record(&json!({"type": 1, "target": "SendMessage", "arguments": ["bench", text]})).await?;
-        sent += 1;
+    for s in sending {
+        sent += s.await.unwrap_or(0);
     }
+    let cpu = cpu.finish();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _ = stop_tx.send(true);
     for t in tasks {
@@ -217,9 +249,24 @@ pub async fn fanout(urls: &[String], receivers: usize, rate: f64, duration: Dura
     let n = delivered.load(Ordering::Relaxed);
     let summary = hist.lock().map(|h| summarize(&h)).ok();
     Ok(json!({
-        "urls": urls, "receivers": receivers, "receivers_per_node": per_node, "sent": sent, "expected_deliveries": sent * receivers as u64,
+        "urls": urls, "receivers": receivers, "senders": senders, "rate_per_sender": rate,
+        "receivers_per_node": per_node, "sent": sent, "expected_deliveries": sent * receivers as u64,
         "delivered": n, "deliveries_per_sec": (n as f64 / duration.as_secs_f64()).round(), "latency": summary,
+        "cpu_percent_of_one_core": cpu,
     }))
+}
+
+/// The send times (`t:<µs>`) carried by the `ReceiveMessage` records of a
+/// text frame, found without parsing each record as JSON: at hundreds of
+/// thousands of deliveries a second the load generator's own parsing would
+/// otherwise be what is measured.
+fn sent_stamps(text: &str) -> impl Iterator<Item = u64> + '_ {
+    text.split(signalr::RS).filter(|r| r.contains("\"ReceiveMessage\"")).filter_map(|r| {
+        let at = r.find("\"t:")? + 3;
+        let digits: &str = &r[at..];
+        let len = digits.bytes().take_while(u8::is_ascii_digit).count();
+        digits[..len].parse().ok()
+    })
 }
 
 /// How fast the balancer notices nodes: start a node, then count the time
@@ -353,4 +400,18 @@ async fn plain_get(host_port: &str) -> Result<u16> {
     s.read_to_end(&mut raw).await?;
     let text = String::from_utf8_lossy(&raw);
     text.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow::anyhow!("no status line"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_times_are_read_from_receive_message_records_only() {
+        let rs = signalr::RS;
+        let text = format!(
+            "{{\"type\":1,\"target\":\"ReceiveMessage\",\"arguments\":[\"bench\",\"t:123\"]}}{rs}{{\"type\":6}}{rs}{{\"type\":1,\"target\":\"ReceiveMessage\",\"arguments\":[\"bench\",\"t:45\",{{}}]}}{rs}{{\"type\":1,\"target\":\"Other\",\"arguments\":[\"t:9\"]}}{rs}{{\"type\":1,\"target\":\"ReceiveMessage\",\"arguments\":[\"bench\",\"hello\"]}}{rs}"
+        );
+        assert_eq!(sent_stamps(&text).collect::<Vec<_>>(), vec![123, 45]);
+    }
 }

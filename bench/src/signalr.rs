@@ -9,9 +9,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use switchboard_common::token::owner_of;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::header::{COOKIE, SET_COOKIE};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -44,6 +45,20 @@ pub async fn connect_with(http: &reqwest::Client, base: &str, stateful: bool) ->
 
 /// `connect_with`, optionally opting in to message ids (`?messageIds=true`).
 pub async fn connect_opts(http: &reqwest::Client, base: &str, stateful: bool, message_ids: bool) -> Result<HubSocket> {
+    connect_from(http, base, stateful, message_ids, None).await
+}
+
+/// `connect_opts`, with the WebSocket opened from the local address `source`
+/// when given (the HTTP client should be bound to it too). Many source
+/// addresses (127.0.0.x) let one machine open more connections to one port
+/// than a single address has ephemeral ports.
+pub async fn connect_from(
+    http: &reqwest::Client,
+    base: &str,
+    stateful: bool,
+    message_ids: bool,
+    source: Option<std::net::IpAddr>,
+) -> Result<HubSocket> {
     let mut query = String::from("negotiateVersion=1");
     if stateful {
         query.push_str("&useStatefulReconnect=true");
@@ -72,6 +87,16 @@ pub async fn connect_opts(http: &reqwest::Client, base: &str, stateful: bool, me
     let mut ws = if base.starts_with("https://") {
         let tls = crate::tls::connect(crate::tls::authority(base)?).await?;
         tokio_tungstenite::client_async(request, MaybeTlsStream::Rustls(tls)).await?.0
+    } else if let Some(source) = source {
+        let authority = request.uri().authority().ok_or_else(|| anyhow!("no host in {base}"))?.as_str();
+        let addr = tokio::net::lookup_host(authority).await?.next().ok_or_else(|| anyhow!("{authority} not found"))?;
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.bind(std::net::SocketAddr::new(source, 0))?;
+        let stream = socket.connect(addr).await?;
+        stream.set_nodelay(true)?;
+        // A small read buffer: thousands of idle sockets are held at once.
+        let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+        tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(stream), Some(config)).await?.0
     } else {
         tokio_tungstenite::connect_async(request).await?.0
     };
@@ -162,9 +187,14 @@ impl HubSocket {
 
     /// The hub messages of the next text frame.
     pub async fn read_frame(&mut self) -> Result<Vec<Value>> {
+        Ok(records(self.read_text().await?.as_str()))
+    }
+
+    /// The next text frame, unparsed.
+    pub async fn read_text(&mut self) -> Result<tokio_tungstenite::tungstenite::Utf8Bytes> {
         loop {
             match self.ws.next().await {
-                Some(Ok(Message::Text(t))) => return Ok(records(t.as_str())),
+                Some(Ok(Message::Text(t))) => return Ok(t),
                 Some(Ok(Message::Close(_))) | None => bail!("connection closed"),
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => return Err(e.into()),

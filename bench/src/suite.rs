@@ -6,7 +6,7 @@
 
 use crate::contenders::{self, Running};
 use crate::failover::{self, Membership};
-use crate::{scenarios, setup};
+use crate::{ceiling, scenarios, setup};
 use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
@@ -19,6 +19,10 @@ pub struct Options {
     pub command_line: String,
 }
 
+const FANOUT_RECEIVERS_PER_STEP: usize = 200;
+const FANOUT_RATE_PER_SENDER: f64 = 20.0;
+const FANOUT_MAX_STEPS: usize = 12;
+
 /// How much of each workload to run.
 struct Plan {
     latency: Duration,
@@ -29,6 +33,11 @@ struct Plan {
     idle_counts: Vec<usize>,
     sticky_sessions: usize,
     failover_runs: usize,
+    ceiling_step: Duration,
+    /// Idle connections held on one node and through one balancer (the last
+    /// checkpoint is the most asked for).
+    node_checkpoints: Vec<usize>,
+    balancer_checkpoints: Vec<usize>,
 }
 
 impl Plan {
@@ -44,6 +53,9 @@ impl Plan {
                 idle_counts: vec![1000, 3000],
                 sticky_sessions: 30,
                 failover_runs: 1,
+                ceiling_step: s(2),
+                node_checkpoints: vec![1000, 5000],
+                balancer_checkpoints: vec![1000, 5000],
             }
         } else {
             Plan {
@@ -55,6 +67,11 @@ impl Plan {
                 idle_counts: vec![1000, 5000, 9000],
                 sticky_sessions: 90,
                 failover_runs: 5,
+                ceiling_step: s(5),
+                // As many as the open-file limit (20,000 here) allows: one
+                // descriptor per client on a node, two through a balancer.
+                node_checkpoints: vec![1000, 5000, 10000, 19000],
+                balancer_checkpoints: vec![1000, 5000, 9500],
             }
         }
     }
@@ -68,7 +85,7 @@ struct Contender {
 
 /// Lets this process (and the proxies it starts) hold as many sockets as the
 /// hard limit allows; idle tests open thousands.
-fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain getrlimit/setrlimit on a local struct.
     unsafe {
@@ -142,28 +159,28 @@ pub async fn run(opts: &Options) -> Result<Value> {
 
     let mut results = Map::new();
     let r = &mut results;
-    eprintln!("1/8 Echo latency at a fixed rate");
+    eprintln!("1/10 Echo latency at a fixed rate");
     each(r, "echo_latency", &contenders, async |c| scenarios::echo_latency(&c.url, 10, 2000.0, plan.latency, 64).await)
         .await;
-    eprintln!("2/8 saturated Echo throughput");
+    eprintln!("2/10 saturated Echo throughput");
     each(r, "echo_throughput", &contenders, async |c| scenarios::echo_throughput(&c.url, 32, plan.throughput).await)
         .await;
-    eprintln!("4/8 connection setup rate");
+    eprintln!("4/10 connection setup rate");
     each(r, "connect_rate", &contenders, async |c| setup::connect_rate(&c.url, 8, plan.short).await).await;
-    eprintln!("5/8 plain HTTP GET /health");
+    eprintln!("5/10 plain HTTP GET /health");
     each(r, "http_health", &contenders, async |c| setup::http_rate(&c.url, 16, plan.short).await).await;
-    eprintln!("6/8 broadcast fan-out over three nodes");
+    eprintln!("6/10 broadcast fan-out over three nodes");
     each(r, "fanout", &contenders, async |c| {
         let urls = if c.name == "direct" { node_urls.clone() } else { vec![c.url.clone()] };
-        scenarios::fanout(&urls, plan.fanout_receivers, 50.0, plan.fanout).await
+        scenarios::fanout(&urls, plan.fanout_receivers, 1, 50.0, plan.fanout, &[]).await
     })
     .await;
-    eprintln!("8/8 sticky sessions: cookie-less long-polling clients");
+    eprintln!("8/10 sticky sessions: cookie-less long-polling clients");
     each(r, "sticky_longpolling", &contenders, async |c| {
         setup::sticky_longpolling(&c.url, plan.sticky_sessions, 8).await
     })
     .await;
-    eprintln!("3/8 idle connections: resident memory per open WebSocket (a fresh process each time)");
+    eprintln!("3/10 idle connections: resident memory per open WebSocket (a fresh process each time)");
     for &count in &plan.idle_counts {
         each(r, &format!("idle_{count}"), &contenders, async |c| {
             let fresh = fresh_instance(c.name, opts, &work, &redis, &node_urls).await?;
@@ -171,7 +188,7 @@ pub async fn run(opts: &Options) -> Result<Value> {
         })
         .await;
     }
-    eprintln!("7/8 discovery and failover: Switchboard (Redis registry) and Traefik (file provider)");
+    eprintln!("7/10 discovery and failover: Switchboard (Redis registry) and Traefik (file provider)");
     let observe = Duration::from_millis(4 * contenders::CHECK_INTERVAL_MS);
     let sb = failover::Setup {
         proxy_url: &switchboard.url,
@@ -189,6 +206,37 @@ pub async fn run(opts: &Options) -> Result<Value> {
         redis: &redis,
     };
     put(r, "failover", "traefik", failover::failover(&tf, plan.failover_runs, observe).await);
+    // The ceilings run on clusters of their own, with the contenders stopped.
+    drop((switchboard, traefik, nginx, haproxy, nodes));
+
+    eprintln!("9/10 fan-out ceiling: three nodes behind the balancer, load raised until delivery p99 passes 100 ms");
+    let fan = ceiling::FanoutCeiling {
+        bin_dir: opts.bin_dir.clone(),
+        step: plan.ceiling_step,
+        max_steps: FANOUT_MAX_STEPS,
+        p99_limit: Duration::from_millis(100),
+        via_balancer: true,
+        receivers_per_step: FANOUT_RECEIVERS_PER_STEP,
+        rate_per_sender: FANOUT_RATE_PER_SENDER,
+    };
+    r.insert("fanout_ceiling".into(), report_line("switchboard", ceiling::fanout_ceiling(&fan).await));
+    eprintln!("10/10 idle connections at scale: one node, then one balancer");
+    for (key, via_balancer, checkpoints) in [
+        ("connections_node", false, &plan.node_checkpoints),
+        ("connections_balancer", true, &plan.balancer_checkpoints),
+    ] {
+        let (max, below) = checkpoints.split_last().map_or((0, &[][..]), |(m, b)| (*m, b));
+        let o = ceiling::Connections {
+            bin_dir: opts.bin_dir.clone(),
+            via_balancer,
+            checkpoints: below.to_vec(),
+            max,
+            clients: 4,
+            settle: Duration::from_secs(2),
+            step_timeout: Duration::from_secs(240),
+        };
+        r.insert(key.into(), report_line(key, ceiling::connections(&o).await));
+    }
 
     let versions = json!({
         "switchboard": env!("CARGO_PKG_VERSION"),
@@ -216,6 +264,9 @@ pub async fn run(opts: &Options) -> Result<Value> {
             "sticky_longpolling": { "sessions": plan.sticky_sessions, "concurrency": 8 },
             "idle_counts": plan.idle_counts,
             "failover": { "runs": plan.failover_runs, "observe_ms": observe.as_millis() as u64 },
+            "fanout_ceiling": { "step_secs": plan.ceiling_step.as_secs(), "receivers_per_step": FANOUT_RECEIVERS_PER_STEP,
+                                "rate_per_sender": FANOUT_RATE_PER_SENDER, "max_steps": FANOUT_MAX_STEPS, "p99_limit_ms": 100 },
+            "connections": { "node_checkpoints": plan.node_checkpoints, "balancer_checkpoints": plan.balancer_checkpoints, "client_processes": 4 },
         },
         "results": Value::Object(results),
     });
