@@ -93,6 +93,13 @@ fn join_frames(frames: Vec<OutFrame>) -> Vec<Bytes> {
     out
 }
 
+/// The hub's handling of received bytes, boxed: its future is several KB,
+/// and inline it would size every socket's task for its whole life, idle or
+/// not; boxed it exists only while a message is being handled.
+async fn on_data(app: &Arc<App>, conn: &Arc<Connection>, data: &[u8]) -> Flow {
+    Box::pin(hub::on_data(app, conn, data)).await
+}
+
 async fn run(app: Arc<App>, conn: Arc<Connection>, mut socket: WebSocket, generation: u64) {
     // Records already read but not processed while the outbox was full.
     let mut paused = false;
@@ -110,11 +117,11 @@ async fn run(app: Arc<App>, conn: Arc<Connection>, mut socket: WebSocket, genera
         let may_resume = paused && (room || !may_write);
         tokio::select! {
             () = std::future::ready(()), if may_resume => {
-                paused = hub::on_data(&app, &conn, &[]).await == Flow::Paused;
+                paused = on_data(&app, &conn, &[]).await == Flow::Paused;
             }
             incoming = socket.recv(), if may_read => match incoming {
-                Some(Ok(Message::Text(t))) => paused = hub::on_data(&app, &conn, t.as_bytes()).await == Flow::Paused,
-                Some(Ok(Message::Binary(b))) => paused = hub::on_data(&app, &conn, &b).await == Flow::Paused,
+                Some(Ok(Message::Text(t))) => paused = on_data(&app, &conn, t.as_bytes()).await == Flow::Paused,
+                Some(Ok(Message::Binary(b))) => paused = on_data(&app, &conn, &b).await == Flow::Paused,
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => conn.touch_received(),
                 Some(Ok(Message::Close(_))) => break true,
                 None => break false,
