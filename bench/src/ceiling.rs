@@ -93,7 +93,7 @@ pub struct FanoutCeiling {
 
 /// Step `k` has `k × receivers_per_step` receivers and `k` senders, so the
 /// deliveries asked for grow with k². Stops after the first step whose p99
-/// passes the limit or that lost more than 1 % of its deliveries.
+/// passes the limit or that missed more than 1 % of its deliveries.
 pub async fn fanout_ceiling(o: &FanoutCeiling) -> Result<Value> {
     let cluster = Cluster::start(&o.bin_dir, 3).await?;
     let urls: Vec<String> = if o.via_balancer {

@@ -29,6 +29,8 @@ pub fn metrics(doc: &Value) -> Vec<Metric> {
         metric("Echo round trip p90", "echo_latency", "/latency/p90_us", "µs", false),
         metric("Echo round trip p99", "echo_latency", "/latency/p99_us", "µs", false),
         metric("Echo round trip p99.9", "echo_latency", "/latency/p999_us", "µs", false),
+        metric("Sequential Echo p50 (one WebSocket)", "echo_sequential", "/latency/p50_us", "µs", false),
+        metric("Sequential Echo p99 (one WebSocket)", "echo_sequential", "/latency/p99_us", "µs", false),
         metric("Echo throughput (saturated)", "echo_throughput", "/messages_per_sec", "msg/s", true),
         metric("Connection setup rate", "connect_rate", "/connections_per_sec", "conn/s", true),
         metric("Connection setup p50", "connect_rate", "/setup_latency/p50_us", "µs", false),
@@ -276,7 +278,8 @@ pub fn ceiling_section(doc: &Value) -> String {
         let _ = writeln!(
             s,
             "## Fan-out ceiling (3 nodes, through the balancer)\n\nStep k: k × {} receivers, k senders at {}/s each; \
-             stops after the first step whose delivery p99 passes {} ms or that lost over 1 % of its deliveries. \
+             stops after the first step whose delivery p99 passes {} ms or that missed over 1 % of its deliveries \
+             (not received within 1 s of the last send). \
              CPU is in percent of one core over the sending window (this machine has {} cores in all).\n",
             doc["settings"]["fanout_ceiling"]["receivers_per_step"],
             fan["rate_per_sender"],
@@ -288,7 +291,7 @@ pub fn ceiling_section(doc: &Value) -> String {
             .and_then(|st| st["cpu_percent_of_one_core"].as_object())
             .map(|o| o.keys().cloned().collect())
             .unwrap_or_default();
-        let _ = write!(s, "| receivers | senders | asked /s | delivered /s | lost | p50 | p99 |");
+        let _ = write!(s, "| receivers | senders | asked /s | delivered /s | missed | p50 | p99 |");
         for n in &names {
             let _ = write!(s, " CPU {n} |");
         }

@@ -124,6 +124,38 @@ pub async fn echo_latency(
     Ok(json!({ "url": url, "connections": connections, "rate": rate, "latency": summarize(&all) }))
 }
 
+/// Sequential `Echo` round trips (64 bytes) over one WebSocket per target,
+/// the targets taken in turn for `rounds` rounds of `per_round` each, so a
+/// machine that gets busier or quieter during the run affects them alike.
+/// Returns one result per target, in the order given.
+pub async fn echo_sequential(targets: &[String], rounds: usize, per_round: usize) -> Result<Vec<Value>> {
+    let http = reqwest::Client::new();
+    let mut socks = Vec::new();
+    for url in targets {
+        let mut sock = signalr::connect(&http, url).await?;
+        for _ in 0..20 {
+            sock.invoke("Echo", json!(["x".repeat(64)])).await?;
+        }
+        socks.push(sock);
+    }
+    let mut hists: Vec<_> = targets.iter().map(|_| histogram()).collect();
+    let payload = json!(["x".repeat(64)]);
+    for _ in 0..rounds {
+        for (sock, h) in socks.iter_mut().zip(hists.iter_mut()) {
+            for _ in 0..per_round {
+                let t = Instant::now();
+                sock.invoke("Echo", payload.clone()).await?;
+                record(h, t.elapsed());
+            }
+        }
+    }
+    Ok(targets
+        .iter()
+        .zip(hists)
+        .map(|(url, h)| json!({ "url": url, "rounds": rounds, "per_round": per_round, "latency": summarize(&h) }))
+        .collect())
+}
+
 /// Closed-loop `Echo` throughput: every connection sends its next request as
 /// soon as the previous completes.
 pub async fn echo_throughput(url: &str, connections: usize, duration: Duration) -> Result<Value> {
@@ -232,19 +264,29 @@ pub async fn fanout(
                     }
                     sent += 1;
                 }
-                sent
+                // Kept open until counting ends: a socket dropped with unread
+                // bytes is reset, and a reset can discard the last message
+                // before the node has read it.
+                (sent, sender)
             })
         })
         .collect();
     let mut sent = 0u64;
+    let mut open_senders = Vec::new();
     for s in sending {
-        sent += s.await.unwrap_or(0);
+        if let Ok((n, sender)) = s.await {
+            sent += n;
+            open_senders.push(sender);
+        }
     }
     let cpu = cpu.finish();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
+    }
+    for mut sender in open_senders {
+        let _ = sender.ws.close(None).await;
     }
     let n = delivered.load(Ordering::Relaxed);
     let summary = hist.lock().map(|h| summarize(&h)).ok();

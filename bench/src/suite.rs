@@ -34,6 +34,8 @@ struct Plan {
     sticky_sessions: usize,
     failover_runs: usize,
     ceiling_step: Duration,
+    /// Rounds of 300 sequential Echoes per contender.
+    sequential_rounds: usize,
     /// Idle connections held on one node and through one balancer (the last
     /// checkpoint is the most asked for).
     node_checkpoints: Vec<usize>,
@@ -54,6 +56,7 @@ impl Plan {
                 sticky_sessions: 30,
                 failover_runs: 1,
                 ceiling_step: s(2),
+                sequential_rounds: 4,
                 node_checkpoints: vec![1000, 5000],
                 balancer_checkpoints: vec![1000, 5000],
             }
@@ -68,6 +71,7 @@ impl Plan {
                 sticky_sessions: 90,
                 failover_runs: 5,
                 ceiling_step: s(5),
+                sequential_rounds: 10,
                 // As many as the open-file limit (20,000 here) allows: one
                 // descriptor per client on a node, two through a balancer.
                 node_checkpoints: vec![1000, 5000, 10000, 19000],
@@ -162,6 +166,20 @@ pub async fn run(opts: &Options) -> Result<Value> {
     eprintln!("1/10 Echo latency at a fixed rate");
     each(r, "echo_latency", &contenders, async |c| scenarios::echo_latency(&c.url, 10, 2000.0, plan.latency, 64).await)
         .await;
+    eprintln!("   sequential Echo over one WebSocket each, contenders in turn");
+    let urls: Vec<String> = contenders.iter().map(|c| c.url.clone()).collect();
+    match scenarios::echo_sequential(&urls, plan.sequential_rounds, 300).await {
+        Ok(each) => {
+            for (c, v) in contenders.iter().zip(each) {
+                put(r, "echo_sequential", c.name, Ok(v));
+            }
+        }
+        Err(e) => {
+            for c in &contenders {
+                put(r, "echo_sequential", c.name, Err(anyhow::anyhow!("{e:#}")));
+            }
+        }
+    }
     eprintln!("2/10 saturated Echo throughput");
     each(r, "echo_throughput", &contenders, async |c| scenarios::echo_throughput(&c.url, 32, plan.throughput).await)
         .await;
@@ -257,6 +275,7 @@ pub async fn run(opts: &Options) -> Result<Value> {
             "health_check_timeout_ms": contenders::CHECK_TIMEOUT_MS,
             "proxy_threads": "2 for every proxy (nginx worker_processes 2, HAProxy nbthread 2, Traefik GOMAXPROCS = 2 cores, Switchboard default)",
             "echo_latency": { "connections": 10, "rate_per_sec": 2000, "payload_bytes": 64, "secs": plan.latency.as_secs() },
+            "echo_sequential": { "payload_bytes": 64, "rounds": plan.sequential_rounds, "per_round": 300 },
             "echo_throughput": { "connections": 32, "secs": plan.throughput.as_secs() },
             "connect_rate": { "concurrency": 8, "secs": plan.short.as_secs() },
             "http_health": { "concurrency": 16, "secs": plan.short.as_secs() },
