@@ -58,7 +58,7 @@ pub struct FrontApp {
     pub proxy: Arc<HttpProxy<SwitchboardProxy>>,
     /// Set on the HTTPS listener: every connection starts with a TLS handshake.
     pub tls: Option<TlsAcceptor>,
-    /// Per-core runtimes: move each connection's socket to the thread serving it.
+    /// Per-core runtimes: move each TLS connection's socket to the thread serving it.
     pub localize: bool,
 }
 
@@ -165,7 +165,11 @@ pub fn listener(addr: &str) -> ListenerConfig {
 /// The accepted socket registered with this thread's reactor. Pingora
 /// accepts on one thread and, with per-core runtimes, hands the connection
 /// to any of them; left where it was accepted, every readiness event of the
-/// connection would be delivered by the accepting thread and cross over.
+/// connection is delivered by the accepting thread and crosses over. Done
+/// for TLS connections before their handshake (plain tunnels take their
+/// socket over in `tunnel` anyway). Plain HTTP requests stay on Pingora's
+/// stream: moved, they lose its write buffer, and measured slower (answers
+/// then leave as two segments, head and body).
 /// Writes go out unbuffered (with `TCP_NODELAY`) from here on.
 fn localize(l4: Box<L4Stream>) -> Box<L4Stream> {
     let Some(tcp) = tunnel::take_socket(&l4) else { return l4 };
@@ -191,8 +195,6 @@ trait ClientConn: pingora::protocols::IO + Sized + 'static {
     const TLS: bool;
     /// Makes `data` the next bytes read.
     fn rewind(&mut self, data: &[u8]);
-    /// The connection with its socket registered on this thread (see `localize`).
-    fn localize(self: Box<Self>) -> Box<Self>;
     /// Hands the connection to the WebSocket tunnel.
     fn tunnel(
         self: Box<Self>,
@@ -207,9 +209,6 @@ impl ClientConn for L4Stream {
     fn rewind(&mut self, data: &[u8]) {
         L4Stream::rewind(self, data);
     }
-    fn localize(self: Box<Self>) -> Box<Self> {
-        localize(self)
-    }
     async fn tunnel(self: Box<Self>, cluster: Arc<Cluster>, req: tunnel::UpgradeRequest, head: Vec<u8>) {
         tunnel::serve(cluster, self, req, head).await
     }
@@ -219,10 +218,6 @@ impl ClientConn for TlsConn {
     const TLS: bool = true;
     fn rewind(&mut self, data: &[u8]) {
         TlsConn::rewind(self, data);
-    }
-    /// Localized before its handshake.
-    fn localize(self: Box<Self>) -> Box<Self> {
-        self
     }
     async fn tunnel(self: Box<Self>, cluster: Arc<Cluster>, req: tunnel::UpgradeRequest, head: Vec<u8>) {
         tunnel::serve_tls(cluster, *self, req, head).await
@@ -266,7 +261,6 @@ impl FrontApp {
         let keepalive = Duration::from_secs(cfg.keepalive_timeout_secs);
         let redirect_to = if C::TLS || !cfg.tls_redirect { None } else { cfg.tls_port() };
         let mut idle = None;
-        let mut local = !self.localize || std::env::var_os("SB_NO_LOCALIZE_HTTP").is_some();
         loop {
             let head = match read_head(&mut *conn, limits, idle).await {
                 Head::Complete(head) => head,
@@ -288,10 +282,6 @@ impl FrontApp {
             }
             if let Some(request) = tunnel::UpgradeRequest::parse(&head) {
                 return conn.tunnel(self.cluster.clone(), request, head).await;
-            }
-            if !local {
-                conn = conn.localize();
-                local = true;
             }
             conn.rewind(&head);
             let Some(reused) = self.proxy_one(conn, shutdown).await else { return };
