@@ -57,8 +57,8 @@ impl Plan {
                 failover_runs: 1,
                 ceiling_step: s(2),
                 sequential_rounds: 4,
-                node_checkpoints: vec![1000, 5000],
-                balancer_checkpoints: vec![1000, 5000],
+                node_checkpoints: vec![1000, 3000],
+                balancer_checkpoints: vec![1000, 3000],
             }
         } else {
             Plan {
