@@ -206,6 +206,7 @@ pub async fn connections(o: &Connections) -> Result<Value> {
         (cluster.nodes[0].url.clone(), cluster.nodes[0].process.pid())
     };
     let base_kib = rss_kib(pid).ok_or_else(|| anyhow!("no process {pid}"))?;
+    let base_slab = slab_kib();
     let clients = o.clients.clamp(1, 200);
     let mut holders = Vec::new();
     for i in 0..clients {
@@ -229,9 +230,18 @@ pub async fn connections(o: &Connections) -> Result<Value> {
         tokio::time::sleep(o.settle).await;
         let kib = rss_kib(pid).ok_or_else(|| anyhow!("the measured process {pid} exited"))?;
         let per_conn = (kib as f64 - base_kib as f64) * 1024.0 / open.max(1) as f64;
-        eprintln!("  {open} open (asked {target}): RSS {kib} KiB, {per_conn:.0} B per connection");
+        // The kernel's slab memory, machine-wide: both ends of every
+        // connection live on this machine, so this is an upper bound on
+        // what one end costs the kernel.
+        let slab =
+            slab_kib().zip(base_slab).map(|(now, base)| (now as f64 - base as f64) * 1024.0 / open.max(1) as f64);
+        let slab_text = slab.map_or("?".to_string(), |b| format!("{b:.0}"));
+        eprintln!(
+            "  {open} open (asked {target}): RSS {kib} KiB, {per_conn:.0} B per connection; \
+             kernel slab {slab_text} B per connection (machine-wide)"
+        );
         points.push(json!({ "asked": target, "open": open, "rss_kib": kib, "bytes_per_connection": per_conn.round(),
-            "elapsed_secs": started.elapsed().as_secs() }));
+            "kernel_slab_bytes_per_connection": slab.map(f64::round), "elapsed_secs": started.elapsed().as_secs() }));
         if open < target * 99 / 100 {
             reached_max = false;
             break;
@@ -254,6 +264,13 @@ pub async fn connections(o: &Connections) -> Result<Value> {
         "rss_after_close_kib": after,
         "open_files_limit": contenders::fd_limit(),
     }))
+}
+
+/// `Slab:` of `/proc/meminfo`, in KiB: the kernel's object caches, where
+/// sockets, their files and epoll entries live.
+fn slab_kib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo.lines().find_map(|l| l.strip_prefix("Slab:"))?.split_whitespace().next()?.parse().ok()
 }
 
 /// The child side of `connections`: reads `hold N` and `quit` lines on
