@@ -14,7 +14,7 @@
 //! anything, or any client lost or repeated a message to a Redis outage or
 //! pause. Every wait is bounded.
 
-use crate::contenders::{free_port, switchboard_on, wait_ok, Proc};
+use crate::contenders::{free_port, switchboard_on, two_free_ports, wait_ok, Proc};
 use crate::signalr;
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
@@ -268,7 +268,7 @@ pub async fn run(opts: &Options) -> Result<Value> {
     for id in ids {
         wait_ok(&format!("http://127.0.0.1:{}/health", ports[id]), Duration::from_secs(15)).await?;
     }
-    let (lb_port, admin_port) = (free_port()?, free_port()?);
+    let (lb_port, admin_port) = two_free_ports()?;
     let mut balancer = spawn_balancer(bin, &dir, &redis_url, lb_port, admin_port)?;
     let lb = format!("http://127.0.0.1:{lb_port}");
     wait_ok(&format!("http://127.0.0.1:{admin_port}/health"), Duration::from_secs(15)).await?;

@@ -93,6 +93,14 @@ pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Two different free ports. Each listener is held until both are chosen:
+/// two separate `free_port` calls can return the same port.
+pub fn two_free_ports() -> Result<(u16, u16)> {
+    let a = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let b = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+}
+
 /// Polls `GET url` until it answers 200, for at most `limit`.
 pub async fn wait_ok(url: &str, limit: Duration) -> Result<()> {
     let http = reqwest::Client::new();
@@ -148,7 +156,7 @@ pub struct Running {
 }
 
 pub fn switchboard(bin_dir: &Path, dir: &Path, redis: &str) -> Result<Running> {
-    let (port, admin) = (free_port()?, free_port()?);
+    let (port, admin) = two_free_ports()?;
     let process = switchboard_on(bin_dir, dir, redis, port, admin, CHECK_INTERVAL_MS, CHECK_TIMEOUT_MS)?;
     Ok(Running { url: format!("http://127.0.0.1:{port}"), process })
 }

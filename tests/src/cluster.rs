@@ -5,7 +5,7 @@
 //! runs the same node inside the test (`switchboard_node::run` on port 0),
 //! for tests that need no process of its own to signal or kill.
 
-use crate::process::{free_port, Process};
+use crate::process::{free_port, free_ports, Process};
 use crate::{eventually, wait_for_status, RedisServer};
 use std::time::Duration;
 
@@ -169,7 +169,7 @@ pub struct InProcessBalancer {
 impl InProcessBalancer {
     pub async fn start(redis: &RedisServer, extra: &[&str]) -> Self {
         use clap::Parser;
-        let (port, admin_port) = (free_port(), free_port());
+        let [port, admin_port] = free_ports();
         let mut args = vec!["switchboard-balancer".to_string()];
         args.extend(balancer_args(redis, port, admin_port, extra));
         let cfg = switchboard_balancer::config::Cli::parse_from(args).resolve().expect("balancer settings");
@@ -256,7 +256,7 @@ impl TestBalancer {
     /// Starts it under `prlimit --nofile=N:N` when `open_files` is given, as
     /// an operator's lower open-file limit would.
     pub async fn start_limited(redis: &RedisServer, extra: &[&str], open_files: Option<u64>) -> Self {
-        let (port, admin_port) = (free_port(), free_port());
+        let [port, admin_port] = free_ports();
         let args = balancer_args(redis, port, admin_port, extra);
         let process = match open_files {
             None => Process::spawn("switchboard-balancer", "balancer", &args),

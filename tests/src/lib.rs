@@ -16,7 +16,7 @@ pub mod tls;
 
 pub use client::{ConnectOptions, HubClient, Protocol, TransportKind, ALL_TRANSPORTS, WAIT};
 pub use cluster::{InProcessBalancer, InProcessNode, TestBalancer, TestNode};
-pub use process::{free_port, Process};
+pub use process::{free_port, free_ports, Process};
 pub use redis_server::RedisServer;
 
 use std::future::Future;

@@ -13,6 +13,14 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
 }
 
+/// `N` different free ports: each listener is held until all are chosen,
+/// since separate `free_port` calls can return the same port.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> =
+        (0..N).map(|_| TcpListener::bind("127.0.0.1:0").expect("a free loopback port")).collect();
+    std::array::from_fn(|i| listeners[i].local_addr().map(|a| a.port()).expect("a bound port"))
+}
+
 /// `target/<profile>`, found from the running test executable.
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

@@ -22,7 +22,7 @@ use std::time::Duration;
 use switchboard_tests::browser::{eval, eval_until, Browser};
 use switchboard_tests::official::official_client_page_in;
 use switchboard_tests::tls::{peer_leaf, TestCa};
-use switchboard_tests::{eventually, free_port, InProcessNode, Process, RedisServer, TestBalancer};
+use switchboard_tests::{eventually, free_port, free_ports, InProcessNode, Process, RedisServer, TestBalancer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -244,7 +244,7 @@ async fn a_missing_or_garbage_certificate_stops_the_balancer_at_start() {
     std::fs::write(&garbage, "this is not PEM\n").expect("write");
     let missing = dir.join("missing.pem");
     for (cert, key, says) in [(&missing, &garbage, "missing.pem"), (&garbage, &garbage, "garbage.pem")] {
-        let (port, admin, tls) = (free_port(), free_port(), free_port());
+        let [port, admin, tls] = free_ports();
         let args: Vec<String> = [
             "--listen".to_string(),
             format!("127.0.0.1:{port}"),
