@@ -38,18 +38,7 @@ impl Cluster {
         std::fs::create_dir_all(&work)?;
         let (redis, url) = contenders::redis(&work)?;
         let redis_pid = redis.pid();
-        let addr = url.trim_start_matches("redis://").to_string();
-        let mut up = false;
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-                up = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        if !up {
-            bail!("redis-server did not start on {addr}");
-        }
+        crate::suite::wait_redis(&url).await?;
         let mut running = Vec::new();
         for i in 1..=nodes {
             let node = contenders::node(bin_dir, &work, &url, &format!("node-{i}"))?;

@@ -115,7 +115,7 @@ fn machine() -> Value {
     })
 }
 
-async fn wait_redis(url: &str) -> Result<()> {
+pub(crate) async fn wait_redis(url: &str) -> Result<()> {
     let addr = url.trim_start_matches("redis://").to_string();
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(&addr).await.is_ok() {
