@@ -4,7 +4,7 @@
 
 use clap::Parser;
 use std::process::ExitCode;
-use switchboard_balancer::config::Cli;
+use switchboard_balancer::config::{BalancerConfig, Cli};
 use switchboard_balancer::Shutdown;
 use switchboard_common::config::init_logging;
 
@@ -17,10 +17,33 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000\0";
 
+/// `--check-config`: the settings and the TLS files they name, without
+/// starting anything; prints them with secrets masked.
+fn check_config(resolved: Result<BalancerConfig, String>) -> ExitCode {
+    let report = resolved.and_then(|cfg| {
+        switchboard_balancer::check_files(&cfg)?;
+        cfg.masked()
+    });
+    match report {
+        Ok(text) => {
+            println!("# switchboard-balancer: the settings are valid (defaults < file < environment < flags)\n{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchboard-balancer: configuration error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let upgrade = cli.upgrade;
-    let cfg = match cli.resolve() {
+    let (upgrade, check) = (cli.upgrade, cli.check_config);
+    let checked = cli.resolve().map_err(|e| e.to_string());
+    if check {
+        return check_config(checked);
+    }
+    let cfg = match checked {
         Ok(c) => c,
         Err(e) => {
             eprintln!("switchboard-balancer: {e}");

@@ -65,6 +65,47 @@ pub fn require_positive(name: &'static str, value: u64) -> Result<(), ConfigErro
     Ok(())
 }
 
+/// A URL with the password of its user part replaced by `****`
+/// (`redis://:secret@host` → `redis://:****@host`); anything else unchanged.
+pub fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_string() };
+    let user = &rest[..at];
+    let masked = match user.split_once(':') {
+        Some((name, pass)) if !pass.is_empty() => format!("{name}:****"),
+        Some(_) => user.to_string(),
+        // `redis://secret@host`: a lone user part is taken as the password by some clients.
+        None if !user.is_empty() => "****".to_string(),
+        None => String::new(),
+    };
+    format!("{scheme}://{masked}{}", &rest[at..])
+}
+
+/// The settings a program would run with, as TOML, for `--check-config`:
+/// every key in `secrets` that is set reads `"<set, masked>"`, and passwords
+/// in every key in `urls` are masked, so the output can be pasted into an
+/// issue or a chat.
+pub fn masked_toml<T: Serialize>(settings: &T, secrets: &[&str], urls: &[&str]) -> Result<String, String> {
+    let mut table = match toml::Value::try_from(settings).map_err(|e| e.to_string())? {
+        toml::Value::Table(t) => t,
+        _ => return Err("settings are not a table".into()),
+    };
+    for key in secrets {
+        if let Some(toml::Value::String(s)) = table.get_mut(*key) {
+            if !s.is_empty() {
+                *s = "<set, masked>".into();
+            }
+        }
+    }
+    for key in urls {
+        if let Some(toml::Value::String(s)) = table.get_mut(*key) {
+            *s = mask_url_password(s);
+        }
+    }
+    toml::to_string(&table).map_err(|e| e.to_string())
+}
+
 /// Checks that the three places a setting is written agree with the
 /// settings struct's `Default`: the shipped TOML file names every setting
 /// and gives its default (`shipped` is that file parsed into the struct), and
@@ -142,6 +183,41 @@ mod tests {
         std::fs::write(&file, "port = 7\n").unwrap();
         assert_eq!(load_file::<Sample>(Some(&file)).unwrap().port, 7);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn passwords_in_urls_are_masked() {
+        assert_eq!(mask_url_password("redis://:s3cret@db:6379/0"), "redis://:****@db:6379/0");
+        assert_eq!(mask_url_password("redis://app:s3cret@db"), "redis://app:****@db");
+        assert_eq!(mask_url_password("redis://s3cret@db"), "redis://****@db");
+        assert_eq!(
+            mask_url_password("redis+sentinel://:pw@a:26379,b:26379/mymaster"),
+            "redis+sentinel://:****@a:26379,b:26379/mymaster"
+        );
+        assert_eq!(
+            mask_url_password("redis://db:6379/@x"),
+            "redis://db:6379/@x",
+            "an @ in the path is not a user part"
+        );
+        assert_eq!(mask_url_password("not a url"), "not a url");
+    }
+
+    #[test]
+    fn secrets_are_masked_and_empty_ones_left_empty() {
+        #[derive(Serialize)]
+        struct S {
+            token: String,
+            empty: String,
+            redis: String,
+            port: u16,
+        }
+        let s = S { token: "t0ps3cret".into(), empty: String::new(), redis: "redis://:pw@h".into(), port: 1 };
+        let out = masked_toml(&s, &["token", "empty"], &["redis"]).unwrap();
+        assert!(!out.contains("t0ps3cret") && !out.contains("pw@"), "{out}");
+        assert!(
+            out.contains("token = \"<set, masked>\"") && out.contains("empty = \"\"") && out.contains("port = 1"),
+            "{out}"
+        );
     }
 
     #[test]

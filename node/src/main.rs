@@ -37,6 +37,19 @@ pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muz
 async fn main() -> ExitCode {
     let mut cli = Cli::parse();
     let command = cli.command.take();
+    if cli.check_config {
+        // `resolve` validates everything, key files included.
+        return match cli.resolve().map_err(|e| e.to_string()).and_then(|c| c.masked()) {
+            Ok(text) => {
+                println!("# switchboard-node: the settings are valid (defaults < file < environment < flags)\n{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("switchboard-node: configuration error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let cfg = match cli.resolve() {
         Ok(c) => c,
         Err(e) => {
