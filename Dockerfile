@@ -32,11 +32,12 @@ RUN cargo build --release --locked -p switchboard-node -p switchboard-balancer \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends curl ca-certificates \
+ && apt-get install -y --no-install-recommends curl ca-certificates bind9-host \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home switchboard
 COPY --from=builder /usr/local/bin/switchboard-node /usr/local/bin/switchboard-balancer /usr/local/bin/
 COPY config/node.toml config/balancer.toml /etc/switchboard/
+COPY deploy/docker/node-start.sh /usr/local/bin/switchboard-node-start
 USER switchboard
 EXPOSE 5000 8888 8080
 # The node's health; the compose file gives the balancer its own check.

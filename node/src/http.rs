@@ -103,13 +103,17 @@ async fn nodes(State(app): State<Arc<App>>) -> Response {
             let available: Vec<_> = records
                 .iter()
                 .map(|r| {
+                    // This node's own count is read live; the others' are at
+                    // most about a second old (see `registry::heartbeat`).
+                    let connections =
+                        if r.node_id == app.node_id { app.connections.len() as u64 } else { r.connections };
                     json!({
                         "id": r.node_id,
                         "name": r.name,
                         "description": r.description,
                         "lastSeen": rfc3339(r.last_seen),
                         "status": r.status.as_str(),
-                        "connections": r.connections,
+                        "connections": connections,
                     })
                 })
                 .collect();

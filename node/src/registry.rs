@@ -43,13 +43,28 @@ pub async fn beat(app: &App, announce: Option<RegistryEventKind>) -> RedisResult
     result
 }
 
-/// Heartbeats until the task is aborted; announces after every (re)registration.
+/// How often the connection count is looked at between heartbeats: a
+/// changed count is written at once instead of at the next heartbeat, so
+/// `/nodes` and the balancer's dashboard are at most about a second behind.
+const COUNT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Heartbeats until the task is aborted; announces after every
+/// (re)registration. Between heartbeats, rewrites the record when the
+/// connection count changed (one pipelined write, at most once a second).
 pub async fn heartbeat(app: Arc<App>) {
     let mut registered = false;
-    let mut tick = tokio::time::interval(app.cfg.duration(app.cfg.heartbeat_secs));
+    let every = app.cfg.duration(app.cfg.heartbeat_secs);
+    let mut tick = tokio::time::interval(every.min(COUNT_CHECK));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_beat: Option<tokio::time::Instant> = None;
+    let mut written_count = usize::MAX;
     loop {
         tick.tick().await;
+        let count = app.connections.len();
+        let due = last_beat.is_none_or(|t| t.elapsed() + every.min(COUNT_CHECK) / 2 >= every);
+        if !due && registered && count == written_count {
+            continue;
+        }
         let announce = (!registered).then_some(if app.is_draining() {
             RegistryEventKind::Draining
         } else {
@@ -61,6 +76,8 @@ pub async fn heartbeat(app: Arc<App>) {
                     tracing::info!(node = %app.node_id, url = %app.url, "registered in the node registry");
                 }
                 registered = true;
+                written_count = count;
+                last_beat = Some(tokio::time::Instant::now());
             }
             Err(e) => {
                 if registered {

@@ -163,6 +163,23 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
     })
     .await;
     assert_eq!(nodes["available_nodes"].as_array().map(Vec::len), Some(3));
+    // Each replica is named after its container (project-node-N with Compose
+    // v2, project_node_N with v1), from Docker's reverse DNS.
+    let mut names: Vec<String> = nodes["available_nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["name"].as_str().map(String::from))
+        .collect();
+    names.sort();
+    let readable = |n: &String| {
+        ["-node-", "_node_"].iter().any(|sep| {
+            n.strip_prefix(&project.name)
+                .and_then(|rest| rest.strip_prefix(sep))
+                .is_some_and(|num| num.parse::<u32>().is_ok())
+        })
+    };
+    assert!(names.len() == 3 && names.iter().all(readable), "node names should be container names: {names:?}");
 
     // The same cluster over HTTPS (docker-compose.https.yml).
     let tls = ca.client(&[&rustls::version::TLS13]);
