@@ -6,6 +6,7 @@
 //! definition of "this node can take traffic"; `Cluster::route` applies the
 //! pure `routing` decision to the live table and counts it.
 
+use crate::access_log::AccessLog;
 use crate::admission::Admission;
 use crate::config::BalancerConfig;
 use crate::metrics::Metrics;
@@ -27,6 +28,8 @@ pub struct Cluster {
     pub backends: pingora_load_balancing::Backends,
     pub metrics: Metrics,
     pub admission: Admission,
+    /// The access log, when it is on.
+    pub access_log: Option<AccessLog>,
     stats: Mutex<HashMap<String, Arc<NodeStats>>>,
     redis: RedisState,
 }
@@ -45,6 +48,7 @@ impl Cluster {
             table,
             backends,
             metrics,
+            access_log: None,
             stats: Mutex::new(HashMap::new()),
             redis: RedisState::new("routing to the nodes already known"),
         }

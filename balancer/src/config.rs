@@ -3,6 +3,7 @@
 //! command-line flags. One validated `BalancerConfig` comes out; the services
 //! are built from it.
 
+pub use crate::access_log::AccessLogFormat;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -46,6 +47,8 @@ pub struct BalancerConfig {
     pub pid_file: String,
     pub upgrade_sock: String,
     pub log_format: LogFormat,
+    pub access_log: String,
+    pub access_log_format: AccessLogFormat,
 }
 
 impl Default for BalancerConfig {
@@ -83,6 +86,8 @@ impl Default for BalancerConfig {
             pid_file: "/tmp/switchboard-balancer.pid".into(),
             upgrade_sock: "/tmp/switchboard-balancer-upgrade.sock".into(),
             log_format: LogFormat::Text,
+            access_log: String::new(),
+            access_log_format: AccessLogFormat::Json,
         }
     }
 }
@@ -194,9 +199,18 @@ pub struct Cli {
     /// Take over the listening sockets of a running balancer (send it SIGQUIT after starting this one)
     #[arg(long, env = "SWITCHBOARD_UPGRADE")]
     pub upgrade: bool,
+    /// Validate the merged settings (file, environment, flags) and the TLS files, print them with secrets masked, and exit: 0 when valid, 2 otherwise
+    #[arg(long)]
+    pub check_config: bool,
     /// Log format [default: text]
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Access log, one line per request when it ends: "stdout", a file path (appended to), or empty for none; connection ids, access tokens and cookies are never written [default: empty]
+    #[arg(long, env = "SWITCHBOARD_ACCESS_LOG")]
+    pub access_log: Option<String>,
+    /// Access log lines: json, or common (nginx's format plus node, route, duration and bytes) [default: json]
+    #[arg(long, env = "SWITCHBOARD_ACCESS_LOG_FORMAT")]
+    pub access_log_format: Option<AccessLogFormat>,
 }
 
 impl Cli {
@@ -237,7 +251,9 @@ impl Cli {
             shutdown_timeout_secs,
             pid_file,
             upgrade_sock,
-            log_format
+            log_format,
+            access_log,
+            access_log_format
         );
         cfg.validate()?;
         Ok(cfg)
@@ -245,6 +261,12 @@ impl Cli {
 }
 
 impl BalancerConfig {
+    /// The settings as TOML with `cookie_secret`, `admin_token` and the Redis
+    /// password masked (`--check-config`).
+    pub fn masked(&self) -> Result<String, String> {
+        switchboard_common::config::masked_toml(self, &["cookie_secret", "admin_token"], &["redis"])
+    }
+
     /// The HTTPS address, if HTTPS is on.
     pub fn tls_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         if self.tls_listen.is_empty() {

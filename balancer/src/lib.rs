@@ -7,6 +7,7 @@
 //! whole program; the binary adds the command line and the process's signals,
 //! and tests run it in-process with their own shutdown signal.
 
+mod access_log;
 mod admin;
 mod admission;
 mod cluster;
@@ -59,6 +60,16 @@ pub enum Shutdown {
     When(Stop),
 }
 
+/// Checks what the settings name on disk: the certificate and key load (the
+/// balancer would refuse to start otherwise).
+pub fn check_files(cfg: &BalancerConfig) -> Result<(), String> {
+    if cfg.tls_addr().map_err(|e| e.to_string())?.is_some() {
+        let store = tls::CertStore::open(cfg.tls_cert.as_ref(), cfg.tls_key.as_ref())?;
+        store.server_config()?;
+    }
+    Ok(())
+}
+
 /// Runs the balancer until it is told to stop; blocks the calling thread
 /// (Pingora runs its own runtimes). `upgrade` takes the listening sockets
 /// of a running balancer (Pingora's graceful upgrade).
@@ -104,7 +115,11 @@ pub fn run(mut cfg: BalancerConfig, upgrade: bool, shutdown: Shutdown) -> Result
         tracing::info!(%admin_listen, "no admin_token: the admin port serves /dashboard, /api and /metrics to loopback clients only");
     }
     let admission = admission::Admission::new(cfg.rate_limit_per_ip, cap);
-    let cluster = Arc::new(cluster::Cluster::new(cfg, table, backends, metrics, admission));
+    let access_log =
+        access_log::AccessLog::open(&cfg.access_log, cfg.access_log_format, metrics.access_log_dropped.clone())?;
+    let mut cluster = cluster::Cluster::new(cfg, table, backends, metrics, admission);
+    cluster.access_log = access_log;
+    let cluster = Arc::new(cluster);
 
     let watcher = discovery::RegistryWatcher::new(cluster.clone()).map_err(|e| format!("invalid redis URL: {e}"))?;
     let http_proxy =

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub upstream_latency: Histogram,
     pub redis_up: IntGauge,
     pub nodes: IntGauge,
+    pub access_log_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -73,6 +74,11 @@ impl Metrics {
             ),
             redis_up: gauge(&r, "switchboard_balancer_redis_up", "1 while the registry is reachable"),
             nodes: gauge(&r, "switchboard_balancer_nodes", "Nodes in the routing table"),
+            access_log_dropped: counter(
+                &r,
+                "switchboard_balancer_access_log_dropped_total",
+                "Access log lines dropped because the writer fell behind",
+            ),
             registry: r,
         }
     }

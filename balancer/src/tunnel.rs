@@ -16,6 +16,7 @@
 //! no readiness to wait on: that direction keeps one small buffer (and
 //! rustls its own state) for the tunnel's life.
 
+use crate::access_log::Entry;
 use crate::admission::{self, FORWARDED_HEADERS};
 use crate::cluster::Cluster;
 use crate::proxy::{query_id, InFlight};
@@ -52,6 +53,9 @@ pub struct UpgradeRequest {
     pub id: Option<String>,
     pub cookie: Option<String>,
     pub host: Option<String>,
+    /// Path and query as sent (for the access log, which redacts it).
+    pub target: String,
+    pub user_agent: Option<String>,
 }
 
 fn header_has_token(value: &[u8], token: &str) -> bool {
@@ -88,15 +92,18 @@ impl UpgradeRequest {
             .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
             .filter_map(|h| std::str::from_utf8(h.value).ok())
             .collect();
-        let host = req
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("host"))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-            .map(str::to_string);
+        let header = |name: &str| {
+            req.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .and_then(|h| std::str::from_utf8(h.value).ok())
+                .map(str::to_string)
+        };
         Some(UpgradeRequest {
             head_len,
-            host,
+            host: header("host"),
+            user_agent: header("user-agent"),
+            target: target.to_string(),
             path: path.to_string(),
             id: query_id(query).map(str::to_string),
             cookie: (!cookies.is_empty()).then(|| cookies.join("; ")),
@@ -221,22 +228,15 @@ async fn read_response_head(upstream: &TcpStream) -> Option<(Vec<u8>, usize, u16
 
 /// Chooses a node and connects to it, retrying other nodes as
 /// `Cluster::reroute` allows.
-async fn connect<C: Downstream>(
+async fn connect(
     cluster: &Cluster,
     req: &UpgradeRequest,
-    client: &mut C,
-) -> Result<(Arc<RouteNode>, RouteKind, TcpStream), ()> {
+) -> Result<(Arc<RouteNode>, RouteKind, TcpStream), &'static Refusal> {
     let cookie = req.cookie.as_deref().and_then(|h| cookie_value(h, &cluster.cfg.cookie_name));
     let (mut node, mut kind) = match cluster.route(req.id.as_deref(), cookie) {
         RouteDecision::Node { node, kind } => (node, kind),
-        RouteDecision::UnknownConnection => {
-            respond(client, &refusal::UNKNOWN_CONNECTION).await;
-            return Err(());
-        }
-        RouteDecision::NoNodeAvailable => {
-            respond(client, &refusal::NO_NODE).await;
-            return Err(());
-        }
+        RouteDecision::UnknownConnection => return Err(&refusal::UNKNOWN_CONNECTION),
+        RouteDecision::NoNodeAvailable => return Err(&refusal::NO_NODE),
     };
     let timeout = Duration::from_millis(cluster.cfg.connect_timeout_ms);
     let mut tried: Vec<String> = Vec::new();
@@ -251,14 +251,8 @@ async fn connect<C: Downstream>(
         }
         match cluster.reroute(&node, kind, &mut tried) {
             Some(next) => (node, kind) = (next, RouteKind::New),
-            None if kind == RouteKind::Token => {
-                respond(client, &refusal::UNKNOWN_CONNECTION).await;
-                return Err(());
-            }
-            None => {
-                respond(client, &refusal::NODE_UNREACHABLE).await;
-                return Err(());
-            }
+            None if kind == RouteKind::Token => return Err(&refusal::UNKNOWN_CONNECTION),
+            None => return Err(&refusal::NODE_UNREACHABLE),
         }
     }
 }
@@ -267,7 +261,63 @@ async fn connect<C: Downstream>(
 struct Tunnel<C> {
     client: C,
     upstream: TcpStream,
-    _in_flight: InFlight,
+    kind: RouteKind,
+    in_flight: InFlight,
+}
+
+/// How an upgrade that did not become a tunnel ended: the status the client
+/// got (0 when it got none), and the node when one answered.
+struct Ended {
+    status: u16,
+    node: Option<(Arc<RouteNode>, RouteKind)>,
+}
+
+/// What the access log needs of a tunnel, kept (boxed) only while the log is on.
+struct TunnelLog {
+    start: std::time::Instant,
+    wall: std::time::SystemTime,
+    peer: Option<std::net::IpAddr>,
+    target: String,
+    user_agent: Option<String>,
+    tls: bool,
+}
+
+impl TunnelLog {
+    fn new(cluster: &Cluster, req: &UpgradeRequest, peer: Option<std::net::IpAddr>, tls: bool) -> Option<Box<Self>> {
+        cluster.access_log.as_ref()?;
+        Some(Box::new(TunnelLog {
+            start: std::time::Instant::now(),
+            wall: std::time::SystemTime::now(),
+            peer,
+            target: req.target.clone(),
+            user_agent: req.user_agent.clone(),
+            tls,
+        }))
+    }
+
+    /// Writes the line: `bytes` is (from the client, to the client) after the head.
+    fn finish(&self, cluster: &Cluster, status: u16, node: Option<(&RouteNode, RouteKind)>, bytes: (u64, u64)) {
+        let Some(log) = &cluster.access_log else { return };
+        log.record(&Entry {
+            start: self.wall,
+            client: self.peer,
+            method: "GET",
+            target: &self.target,
+            status,
+            node: node.map(|(n, _)| n.record.node_id.as_str()),
+            route: node.map_or("-", |(_, k)| k.label()),
+            kind: "websocket",
+            duration: self.start.elapsed(),
+            bytes_in: bytes.0,
+            bytes_out: bytes.1,
+            tls: self.tls,
+            user_agent: self.user_agent.as_deref(),
+        });
+    }
+
+    fn finish_ended(&self, cluster: &Cluster, ended: &Ended) {
+        self.finish(cluster, ended.status, ended.node.as_ref().map(|(n, k)| (&**n, *k)), (0, 0));
+    }
 }
 
 /// Routes, handshakes and relays one WebSocket connection.
@@ -276,11 +326,22 @@ pub async fn serve(cluster: Arc<Cluster>, downstream: Box<L4Stream>, req: Upgrad
     drop(downstream);
     let _ = client.set_nodelay(true);
     let peer = client.peer_addr().ok().map(|a| a.ip());
+    let log = TunnelLog::new(&cluster, &req, peer, false);
     // The handshake's state (head buffers, routing, connect) is boxed so that
     // it is freed when it ends instead of sizing this task's future for the
     // tunnel's whole life; an idle tunnel keeps its sockets and little else.
-    if let Some(t) = Box::pin(handshake(&cluster, client, peer, false, req, buf)).await {
-        relay(&t.client, &t.upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
+    match Box::pin(handshake(&cluster, client, peer, false, req, buf)).await {
+        Ok(t) => {
+            let bytes = relay(&t.client, &t.upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
+            if let Some(log) = log {
+                log.finish(&cluster, 101, Some((t.in_flight.node(), t.kind)), bytes);
+            }
+        }
+        Err(ended) => {
+            if let Some(log) = log {
+                log.finish_ended(&cluster, &ended);
+            }
+        }
     }
 }
 
@@ -289,19 +350,30 @@ pub async fn serve(cluster: Arc<Cluster>, downstream: Box<L4Stream>, req: Upgrad
 pub async fn serve_tls(cluster: Arc<Cluster>, conn: TlsConn, req: UpgradeRequest, buf: Vec<u8>) {
     let peer = conn.peer_ip();
     let (client, rewound) = conn.into_parts();
+    let log = TunnelLog::new(&cluster, &req, peer, true);
     // The front reads a head only from an empty rewind buffer; anything
     // still rewound belongs after the head (never the case today).
     let mut buf = buf;
     buf.extend_from_slice(&rewound);
-    if let Some(t) = Box::pin(handshake(&cluster, client, peer, true, req, buf)).await {
-        let Tunnel { client, upstream, _in_flight } = t;
-        relay_tls(client, upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
+    match Box::pin(handshake(&cluster, client, peer, true, req, buf)).await {
+        Ok(t) => {
+            let Tunnel { client, upstream, kind, in_flight } = t;
+            let bytes = relay_tls(client, upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
+            if let Some(log) = log {
+                log.finish(&cluster, 101, Some((in_flight.node(), kind)), bytes);
+            }
+        }
+        Err(ended) => {
+            if let Some(log) = log {
+                log.finish_ended(&cluster, &ended);
+            }
+        }
     }
 }
 
-async fn refuse<C: Downstream, T>(client: &mut C, refusal: &Refusal) -> Option<T> {
+async fn refuse<C: Downstream, T>(client: &mut C, refusal: &Refusal) -> Result<T, Ended> {
     respond(client, refusal).await;
-    None
+    Err(Ended { status: refusal.status, node: None })
 }
 
 async fn handshake<C: Downstream>(
@@ -311,14 +383,17 @@ async fn handshake<C: Downstream>(
     tls: bool,
     req: UpgradeRequest,
     buf: Vec<u8>,
-) -> Option<Tunnel<C>> {
+) -> Result<Tunnel<C>, Ended> {
     if !public_surface::serves(&req.path) {
         return refuse(&mut client, &refusal::NOT_PUBLIC).await;
     }
     if req.id.is_none() && !cluster.admit_new_connection(peer) {
         return refuse(&mut client, &refusal::RATE_LIMITED).await;
     }
-    let (node, kind, upstream) = connect(cluster, &req, &mut client).await.ok()?;
+    let (node, kind, upstream) = match connect(cluster, &req).await {
+        Ok(chosen) => chosen,
+        Err(refusal) => return refuse(&mut client, refusal).await,
+    };
     let in_flight = InFlight::new(cluster, node.clone());
     let started = std::time::Instant::now();
 
@@ -344,12 +419,13 @@ async fn handshake<C: Downstream>(
     } else {
         resp[..head_len].to_vec()
     };
+    let ended = Ended { status, node: Some((node, kind)) };
     if client.send(&head).await.is_err() || client.send(&resp[head_len..]).await.is_err() {
-        return None;
+        return Err(ended);
     }
     if status == 101 {
         cluster.metrics.upgrades.inc();
-        return Some(Tunnel { client, upstream, _in_flight: in_flight });
+        return Ok(Tunnel { client, upstream, kind, in_flight });
     }
     // A refusal (404, 409, 503…): pass its body on, then close.
     let mut remaining = length.unwrap_or(0).min(MAX_ERROR_BODY).saturating_sub(resp.len() - head_len);
@@ -369,7 +445,7 @@ async fn handshake<C: Downstream>(
             _ => break,
         }
     }
-    None
+    Err(ended)
 }
 
 /// The end of a tunnel, seen by both directions and the idle watchdog. All
@@ -416,12 +492,13 @@ async fn one_way<W: Downstream>(
     epoch: Instant,
     last: &std::sync::atomic::AtomicU64,
     idle: Duration,
-) {
+) -> u64 {
     use std::sync::atomic::Ordering::Relaxed;
     let mut buf: Vec<u8> = Vec::new();
+    let mut moved = 0u64;
     loop {
         if stop.is_set() {
-            return;
+            return moved;
         }
         if buf.capacity() == 0 {
             buf.reserve_exact(RELAY_CHUNK);
@@ -435,6 +512,7 @@ async fn one_way<W: Downstream>(
                     Ok(Ok(())) => last.store(millis_since(epoch), Relaxed),
                     _ => break,
                 }
+                moved += buf.len() as u64;
                 // Yields to the thread's other tasks once tokio's cooperative
                 // budget is spent, so a direction that never runs dry cannot
                 // starve them.
@@ -448,7 +526,7 @@ async fn one_way<W: Downstream>(
                 })
                 .await;
                 match ready {
-                    None => return,
+                    None => return moved,
                     Some(Ok(())) => {}
                     Some(Err(_)) => break,
                 }
@@ -457,6 +535,7 @@ async fn one_way<W: Downstream>(
         }
     }
     stop.set().await;
+    moved
 }
 
 /// Ends the tunnel once neither direction has moved a byte for `idle`.
@@ -483,16 +562,18 @@ async fn watchdog(stop: &Stop, epoch: Instant, last: &std::sync::atomic::AtomicU
     }
 }
 
-async fn relay(client: &TcpStream, upstream: &TcpStream, idle: Duration) {
+/// Relays both ways; returns the bytes moved (from the client, to the client).
+async fn relay(client: &TcpStream, upstream: &TcpStream, idle: Duration) -> (u64, u64) {
     let stop = Stop::default();
     let epoch = Instant::now();
     let last = std::sync::atomic::AtomicU64::new(0);
     let (mut to_client, mut to_upstream) = (client, upstream);
-    tokio::join!(
+    let (up, down, ()) = tokio::join!(
         one_way(client, &mut to_upstream, &stop, epoch, &last, idle),
         one_way(upstream, &mut to_client, &stop, epoch, &last, idle),
         watchdog(&stop, epoch, &last, idle)
     );
+    (up, down)
 }
 
 /// Decrypted client bytes → node. The read buffer lives as long as the
@@ -506,9 +587,10 @@ async fn client_to_node<R: AsyncRead + Unpin>(
     epoch: Instant,
     last: &std::sync::atomic::AtomicU64,
     idle: Duration,
-) {
+) -> u64 {
     use std::sync::atomic::Ordering::Relaxed;
     let mut buf = vec![0u8; TLS_READ_CHUNK];
+    let mut moved = 0u64;
     loop {
         let mut read = ReadBuf::new(&mut buf);
         let ended = poll_fn(|cx| match stop.is_set() {
@@ -517,7 +599,7 @@ async fn client_to_node<R: AsyncRead + Unpin>(
         })
         .await;
         let n = match ended {
-            None => return,
+            None => return moved,
             Some(Ok(())) if !read.filled().is_empty() => read.filled().len(),
             Some(_) => break,
         };
@@ -526,22 +608,25 @@ async fn client_to_node<R: AsyncRead + Unpin>(
             Ok(Ok(())) => last.store(millis_since(epoch), Relaxed),
             _ => break,
         }
+        moved += n as u64;
     }
     stop.set().await;
+    moved
 }
 
-async fn relay_tls(client: TlsStream<Box<L4Stream>>, upstream: TcpStream, idle: Duration) {
+async fn relay_tls(client: TlsStream<Box<L4Stream>>, upstream: TcpStream, idle: Duration) -> (u64, u64) {
     let stop = Stop::default();
     let epoch = Instant::now();
     let last = std::sync::atomic::AtomicU64::new(0);
     let (reader, mut writer) = tokio::io::split(client);
-    tokio::join!(
+    let (up, down, ()) = tokio::join!(
         client_to_node(reader, &upstream, &stop, epoch, &last, idle),
         one_way(&upstream, &mut writer, &stop, epoch, &last, idle),
         watchdog(&stop, epoch, &last, idle)
     );
     // A TLS close_notify, so the client reads a clean end of stream.
     let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
+    (up, down)
 }
 
 #[cfg(test)]

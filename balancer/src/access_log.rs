@@ -1,0 +1,276 @@
+//! The access log: one line per client request, off by default
+//! (`access_log = "stdout"` or a file path), as JSON lines or in the common
+//! log format nginx and Traefik write (with the node, route kind, duration
+//! and bytes appended). A request is logged when it ends, so a WebSocket, an
+//! event stream or a long poll appears once, with how long it lasted and the
+//! bytes moved each way.
+//!
+//! What identifies a client's connection or session never reaches the log:
+//! the values of the `id` and `access_token` query parameters are replaced by
+//! `REDACTED`, and no header is logged but the user agent (cookies and
+//! `Authorization` never). Lines go to a writer thread through a bounded
+//! queue, so a slow disk never holds up a request; lines that do not fit are
+//! counted (`switchboard_balancer_access_log_dropped_total`) and dropped.
+
+use prometheus::IntCounter;
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::io::Write;
+use std::net::IpAddr;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::time::{Duration, SystemTime};
+
+/// Lines waiting for the writer, at most.
+const QUEUE: usize = 16 * 1024;
+
+/// Query parameters whose values are secrets or connection credentials.
+const REDACTED_PARAMS: [&str; 2] = ["id", "access_token"];
+
+/// How each line is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    Json,
+    /// `client - - [time] "request" status bytes "-" "agent"` and key=value fields.
+    Common,
+}
+
+/// One finished request.
+#[derive(Debug, Clone)]
+pub struct Entry<'a> {
+    /// When the request began.
+    pub start: SystemTime,
+    pub client: Option<IpAddr>,
+    pub method: &'a str,
+    /// Path and query as the client sent them (redacted when written).
+    pub target: &'a str,
+    pub status: u16,
+    /// The node's id, when one was chosen.
+    pub node: Option<&'a str>,
+    /// `token`, `cookie` or `new`; `-` when no node was chosen.
+    pub route: &'a str,
+    /// `websocket`, `sse`, `long_poll`, `send`, `close`, `negotiate` or `http`.
+    pub kind: &'a str,
+    pub duration: Duration,
+    /// Bytes from the client (request bodies; both-way traffic of a WebSocket).
+    pub bytes_in: u64,
+    /// Bytes to the client (response bodies; for a WebSocket, after the 101).
+    pub bytes_out: u64,
+    pub tls: bool,
+    pub user_agent: Option<&'a str>,
+}
+
+/// What kind of SignalR request this is, from its method, target and
+/// `Accept` header (a WebSocket upgrade is told apart before this).
+pub fn kind_of(method: &str, target: &str, accept: Option<&str>) -> &'static str {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let has_id = query.split('&').any(|p| p.starts_with("id="));
+    if path.ends_with("/negotiate") {
+        "negotiate"
+    } else if has_id && method == "GET" && accept.is_some_and(|a| a.contains("text/event-stream")) {
+        "sse"
+    } else if has_id && method == "GET" {
+        "long_poll"
+    } else if has_id && method == "POST" {
+        "send"
+    } else if has_id && method == "DELETE" {
+        "close"
+    } else {
+        "http"
+    }
+}
+
+/// The target with the values of `id` and `access_token` replaced.
+pub fn redact(target: &str) -> Cow<'_, str> {
+    let Some((path, query)) = target.split_once('?') else { return Cow::Borrowed(target) };
+    let secret = |pair: &str| {
+        let name = pair.split('=').next().unwrap_or(pair);
+        REDACTED_PARAMS.iter().any(|p| name.eq_ignore_ascii_case(p))
+    };
+    if !query.split('&').any(secret) {
+        return Cow::Borrowed(target);
+    }
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if secret(pair) => format!("{name}=REDACTED"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    Cow::Owned(format!("{path}?{}", parts.join("&")))
+}
+
+/// Keeps a logged string on one line and printable.
+fn clean(s: &str) -> Cow<'_, str> {
+    if s.chars().all(|c| !c.is_control() && c != '"') {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(s.chars().map(|c| if c.is_control() || c == '"' { '?' } else { c }).collect())
+}
+
+impl Entry<'_> {
+    /// The line for `format`, without its newline.
+    pub fn format(&self, format: AccessLogFormat) -> String {
+        let target = redact(self.target);
+        let time = chrono::DateTime::<chrono::Utc>::from(self.start);
+        let client = self.client.map_or_else(|| "-".to_string(), |ip| ip.to_canonical().to_string());
+        let millis = self.duration.as_secs_f64() * 1000.0;
+        match format {
+            AccessLogFormat::Json => serde_json::json!({
+                "time": time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "client": client,
+                "method": self.method,
+                "target": target,
+                "status": self.status,
+                "node": self.node,
+                "route": self.route,
+                "kind": self.kind,
+                "durationMs": (millis * 1000.0).round() / 1000.0,
+                "bytesIn": self.bytes_in,
+                "bytesOut": self.bytes_out,
+                "tls": self.tls,
+                "userAgent": self.user_agent,
+            })
+            .to_string(),
+            AccessLogFormat::Common => format!(
+                "{client} - - [{}] \"{} {} HTTP/1.1\" {} {} \"-\" \"{}\" node={} route={} kind={} duration_ms={:.3} bytes_in={} tls={}",
+                time.format("%d/%b/%Y:%H:%M:%S %z"),
+                clean(self.method),
+                clean(&target),
+                self.status,
+                self.bytes_out,
+                clean(self.user_agent.unwrap_or("-")),
+                self.node.map_or(Cow::Borrowed("-"), clean),
+                self.route,
+                self.kind,
+                millis,
+                self.bytes_in,
+                self.tls,
+            ),
+        }
+    }
+}
+
+/// The open log: a queue to the writer thread.
+pub struct AccessLog {
+    format: AccessLogFormat,
+    queue: SyncSender<String>,
+    dropped: IntCounter,
+}
+
+impl AccessLog {
+    /// Opens `target` (`"stdout"` or a file, appended to) and starts the
+    /// writer; `None` when the log is off (`""`).
+    pub fn open(target: &str, format: AccessLogFormat, dropped: IntCounter) -> Result<Option<Self>, String> {
+        let out: Box<dyn Write + Send> = match target {
+            "" => return Ok(None),
+            "stdout" | "-" => Box::new(std::io::stdout()),
+            path => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| format!("cannot open access_log {path}: {e}"))?,
+            ),
+        };
+        let (queue, lines) = sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(lines, out))
+            .map_err(|e| format!("cannot start the access log writer: {e}"))?;
+        Ok(Some(AccessLog { format, queue, dropped }))
+    }
+
+    pub fn record(&self, entry: &Entry) {
+        match self.queue.try_send(entry.format(self.format)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+}
+
+/// Writes lines as they come, buffered, flushing whenever the queue runs dry
+/// (so a quiet log is never more than one line behind).
+fn write_lines(lines: Receiver<String>, out: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    while let Ok(first) = lines.recv() {
+        let mut line = Some(first);
+        while let Some(l) = line {
+            if out.write_all(l.as_bytes()).and_then(|()| out.write_all(b"\n")).is_err() {
+                tracing::warn!("access log write failed; lines are lost until it works again");
+            }
+            line = lines.try_recv().ok();
+        }
+        let _ = out.flush();
+    }
+    let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(target: &str) -> Entry<'_> {
+        Entry {
+            start: SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000),
+            client: Some("::ffff:10.1.2.3".parse().unwrap()),
+            method: "GET",
+            target,
+            status: 101,
+            node: Some("n1"),
+            route: "token",
+            kind: "websocket",
+            duration: Duration::from_millis(61_250),
+            bytes_in: 120,
+            bytes_out: 4096,
+            tls: false,
+            user_agent: Some("Mozilla/5.0 \"x\""),
+        }
+    }
+
+    #[test]
+    fn connection_ids_and_access_tokens_are_redacted() {
+        assert_eq!(
+            redact("/chathub?id=abc.def&access_token=eyJ&x=1"),
+            "/chathub?id=REDACTED&access_token=REDACTED&x=1"
+        );
+        assert_eq!(redact("/chathub?ID=abc"), "/chathub?ID=REDACTED");
+        assert_eq!(redact("/chathub?idx=1&id"), "/chathub?idx=1&id");
+        assert!(matches!(redact("/nodes?x=1"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn both_formats_carry_every_field_on_one_line() {
+        let e = entry("/chathub?id=s3cret");
+        let json: serde_json::Value = serde_json::from_str(&e.format(AccessLogFormat::Json)).unwrap();
+        assert_eq!(json["target"], "/chathub?id=REDACTED");
+        assert_eq!(
+            (json["status"].as_u64(), json["node"].as_str(), json["route"].as_str()),
+            (Some(101), Some("n1"), Some("token"))
+        );
+        assert_eq!((json["bytesIn"].as_u64(), json["bytesOut"].as_u64()), (Some(120), Some(4096)));
+        assert_eq!(json["durationMs"].as_f64(), Some(61_250.0));
+        assert_eq!(json["client"], "10.1.2.3");
+        let common = e.format(AccessLogFormat::Common);
+        assert!(common.starts_with("10.1.2.3 - - ["), "{common}");
+        assert!(
+            common.contains("\"GET /chathub?id=REDACTED HTTP/1.1\" 101 4096 \"-\" \"Mozilla/5.0 ?x?\""),
+            "{common}"
+        );
+        assert!(
+            common.ends_with("node=n1 route=token kind=websocket duration_ms=61250.000 bytes_in=120 tls=false"),
+            "{common}"
+        );
+        assert!(!common.contains("s3cret") && !common.contains('\n'));
+    }
+
+    #[test]
+    fn request_kinds_are_told_apart() {
+        assert_eq!(kind_of("POST", "/chathub/negotiate?negotiateVersion=1", None), "negotiate");
+        assert_eq!(kind_of("GET", "/chathub?id=x", Some("text/event-stream")), "sse");
+        assert_eq!(kind_of("GET", "/chathub?id=x&_=1", Some("*/*")), "long_poll");
+        assert_eq!(kind_of("POST", "/chathub?id=x", None), "send");
+        assert_eq!(kind_of("GET", "/", None), "http");
+    }
+}
