@@ -12,6 +12,7 @@ use crate::groups::LocalGroups;
 use crate::history::ChatMessage;
 use crate::metrics::Metrics;
 use crate::outbox::{OutFrame, PushError};
+use crate::presence::{Presence, PresenceTasks};
 use crate::protocol::{HubMessage, Outgoing};
 use crate::redis_link::RedisLink;
 use chrono::{DateTime, Utc};
@@ -31,6 +32,10 @@ pub struct App {
     pub metrics: Metrics,
     pub auth: crate::auth::Auth,
     pub origins: crate::cors::AllowedOrigins,
+    /// Who is online across the cluster (see `presence`).
+    pub presence: Presence,
+    /// The receiving ends of presence's queues, until `lifecycle` starts its tasks.
+    pub presence_tasks: std::sync::Mutex<Option<PresenceTasks>>,
     draining: AtomicBool,
 }
 
@@ -57,7 +62,10 @@ impl App {
         let node_id = cfg.node_id();
         let redis = Arc::new(RedisLink::new(target, metrics.redis_up.clone()));
         let backplane = make(&cfg, redis.clone(), metrics.backplane());
+        let (presence, presence_tasks) = Presence::new(node_id.clone());
         Ok(Arc::new(App {
+            presence,
+            presence_tasks: std::sync::Mutex::new(Some(presence_tasks)),
             url: cfg.advertise_url(),
             name: cfg.name.clone().unwrap_or_else(|| format!("Node {node_id}")),
             node_id,
@@ -191,6 +199,9 @@ impl App {
             return;
         }
         conn.outbox.close(None);
+        if let Some(user) = conn.presence_slot().lock().unwrap_or_else(|p| p.into_inner()).take() {
+            self.presence.remove(&user);
+        }
         self.connections.remove(&conn.key);
         for group in self.groups.leave_all(&conn.key) {
             self.backplane.unsubscribe_group(&group);
@@ -202,6 +213,24 @@ impl App {
     }
 }
 
+impl App {
+    /// Makes `conn` online as `user` (instead of any name it had); nothing
+    /// once it is gone. The slot's lock is held across the check, so a
+    /// connection that `disconnect` removes at the same moment is never left
+    /// online.
+    pub fn go_online_as(&self, conn: &Connection, user: &str) {
+        let mut slot = conn.presence_slot().lock().unwrap_or_else(|p| p.into_inner());
+        if conn.is_removed() || slot.as_deref() == Some(user) {
+            return;
+        }
+        if let Some(old) = slot.take() {
+            self.presence.remove(&old);
+        }
+        self.presence.add(user);
+        *slot = Some(user.into());
+    }
+}
+
 impl Deliver for App {
     fn deliver(&self, message: &ChatMessage) {
         self.deliver_chat(message);
@@ -209,5 +238,17 @@ impl Deliver for App {
 
     fn local_groups(&self) -> Vec<String> {
         self.groups.groups()
+    }
+
+    fn presence(&self, payload: &[u8]) {
+        match serde_json::from_slice::<crate::presence::Published>(payload) {
+            Ok(p) if crate::presence::validate_user(&p.user).is_ok() => {
+                self.presence.apply_remote(&p.node, &p.user, p.online)
+            }
+            _ => {
+                self.metrics.backplane().invalid.inc();
+                tracing::warn!("ignoring a malformed presence change");
+            }
+        }
     }
 }

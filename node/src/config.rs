@@ -225,6 +225,9 @@ pub struct Cli {
     /// Log format [default: text]
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Validate the merged settings (file, environment, flags) and the key files they name, print them with secrets masked, and exit: 0 when valid, 2 otherwise
+    #[arg(long)]
+    pub check_config: bool,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -384,6 +387,12 @@ impl NodeConfig {
     }
 
     /// The HS256 secret, from `auth_secret` or `auth_secret_file`, if any.
+    /// The settings as TOML with `auth_secret` and the Redis password
+    /// masked (`--check-config`).
+    pub fn masked(&self) -> Result<String, String> {
+        switchboard_common::config::masked_toml(self, &["auth_secret"], &["redis"])
+    }
+
     pub fn auth_secret(&self) -> Result<Option<Vec<u8>>, String> {
         let secret = if !self.auth_secret_file.is_empty() {
             let text = std::fs::read_to_string(&self.auth_secret_file)

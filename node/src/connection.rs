@@ -113,6 +113,8 @@ pub struct Connection {
     /// token shown for this connection expires (Unix seconds; 0 = never).
     user: OnceLock<Box<str>>,
     auth_expires: AtomicU64,
+    /// The name this connection is online as (see `App::go_online_as`).
+    presence: Mutex<Option<Box<str>>>,
 }
 
 /// Marks a long poll as running for its lifetime, however it ends.
@@ -153,6 +155,7 @@ impl Connection {
             transport: AtomicU8::new(0),
             user: OnceLock::new(),
             auth_expires: AtomicU64::new(0),
+            presence: Mutex::new(None),
         }
     }
 
@@ -210,6 +213,15 @@ impl Connection {
     /// Records a completed handshake; true the first time.
     pub fn complete_handshake(&self) -> bool {
         !self.handshaken.swap(true, Ordering::AcqRel)
+    }
+
+    /// The name this connection is online as, if any.
+    pub fn presence_slot(&self) -> &Mutex<Option<Box<str>>> {
+        &self.presence
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
 
     /// Marks the connection forgotten; true only the first time, so its

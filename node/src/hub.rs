@@ -1,7 +1,8 @@
 //! The chat hub: what each hub message means. Transports hand raw bytes to
 //! `on_data`; it splits records, answers the handshake, parses messages and
 //! runs invocations (`SendMessage`, `GetNodeInfo`, `JoinGroup`, `LeaveGroup`,
-//! `SendMessageToGroup`, `GetHistory`, `Echo`, `Resume`). Chat messages are
+//! `SendMessageToGroup`, `GetHistory`, `Echo`, `Resume`, and `SetUser` and
+//! `GetOnlineUsers` for presence). Chat messages are
 //! not delivered here: they are stored and published (`backplane`), and every
 //! node, this one too, delivers them in id order as they come back. Method names match
 //! case-insensitively, as in ASP.NET Core. An unknown method or bad arguments
@@ -13,6 +14,7 @@ use crate::connection::{ChatDelivery, Connection, Transport};
 use crate::groups;
 use crate::history::{self, ChatMessage};
 use crate::outbox::OutFrame;
+use crate::presence;
 use crate::protocol::{handshake_response, parse_handshake, transfer_format_error, HubMessage, ProtocolError};
 use crate::stateful::{Receive, Stateful};
 use bytes::Bytes;
@@ -117,6 +119,10 @@ fn handshake(app: &App, conn: &Connection, record: &[u8]) -> bool {
             }
             let _ = conn.send(Bytes::from(handshake_response(None)), false, true);
             conn.complete_handshake();
+            // A signed-in connection is online as its token's user from now on.
+            if let Some(user) = conn.user() {
+                app.go_online_as(conn, user);
+            }
             tracing::debug!(connection = %conn.connection_id, protocol = req.protocol.name(), version = req.version, stateful = conn.stateful().is_some(), "handshake");
             true
         }
@@ -179,8 +185,18 @@ async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
 
 /// Bounded label set for metrics, whatever target a client sends.
 fn method_label(target: &str) -> &'static str {
-    const KNOWN: [&str; 8] =
-        ["SendMessage", "GetNodeInfo", "JoinGroup", "LeaveGroup", "SendMessageToGroup", "GetHistory", "Echo", "Resume"];
+    const KNOWN: [&str; 10] = [
+        "SendMessage",
+        "GetNodeInfo",
+        "JoinGroup",
+        "LeaveGroup",
+        "SendMessageToGroup",
+        "GetHistory",
+        "Echo",
+        "Resume",
+        "SetUser",
+        "GetOnlineUsers",
+    ];
     KNOWN.iter().find(|k| k.eq_ignore_ascii_case(target)).copied().unwrap_or("unknown")
 }
 
@@ -344,6 +360,25 @@ async fn invoke(
         "Resume" => {
             let [last] = strings(args)?;
             resume(app, conn, &last).await.map(|n| Some(Value::from(n)))
+        }
+        "SetUser" => {
+            let [user] = strings(args)?;
+            let name = presence::validate_user(&user).map_err(|e| format!("HubException: {e}."))?;
+            match conn.user() {
+                Some(signed_in) if signed_in != name => {
+                    Err(format!("HubException: signed in as '{signed_in}': the name comes from the sign-in token."))
+                }
+                Some(_) => Ok(None),
+                None => {
+                    app.go_online_as(conn, name);
+                    Ok(None)
+                }
+            }
+        }
+        "GetOnlineUsers" => {
+            arity::<0>(args)?;
+            let users = app.presence.watch(Arc::downgrade(conn));
+            Ok(Some(Value::Array(users.into_iter().map(Value::String).collect())))
         }
         _ => Err("HubException: Method does not exist.".into()),
     }

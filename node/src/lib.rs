@@ -24,6 +24,7 @@ mod keepalive;
 mod lifecycle;
 mod metrics;
 mod outbox;
+mod presence;
 mod protocol;
 mod redis_link;
 mod registry;

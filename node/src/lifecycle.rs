@@ -8,7 +8,7 @@
 
 use crate::app::App;
 use crate::backplane::Deliver;
-use crate::{keepalive, registry};
+use crate::{keepalive, presence, registry};
 use std::sync::Arc;
 use std::time::Duration;
 use switchboard_common::registry::RegistryEventKind;
@@ -17,6 +17,11 @@ pub fn start_background_tasks(app: &Arc<App>) -> tokio::task::JoinHandle<()> {
     let sink: Arc<dyn Deliver> = app.clone();
     app.backplane.start(Arc::downgrade(&sink));
     tokio::spawn(keepalive::sweep_forever(app.clone()));
+    let tasks = app.presence_tasks.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(tasks) = tasks {
+        tokio::spawn(presence::write_forever(app.clone(), tasks.writes));
+        tokio::spawn(presence::notify_forever(Arc::downgrade(app), tasks.events));
+    }
     tokio::spawn(registry::heartbeat(app.clone()))
 }
 
@@ -59,6 +64,11 @@ pub async fn drain(app: &Arc<App>, heartbeat: tokio::task::JoinHandle<()>) {
     let settle = tokio::time::Instant::now() + Duration::from_secs(2);
     while app.connections.len() > 0 && tokio::time::Instant::now() < settle {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every closed connection took its user offline here; Redis hears it
+    // before the node goes (other nodes see them leave now, not at the TTL).
+    if tokio::time::timeout(Duration::from_secs(2), app.presence.flush()).await.is_err() {
+        tracing::warn!("presence not written before exit; this node's users expire with its TTL");
     }
     if !app.backplane.flush(Duration::from_secs(5)).await {
         tracing::error!("backplane queue not flushed before exit; some messages did not reach other nodes");

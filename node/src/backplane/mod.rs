@@ -26,6 +26,8 @@ pub trait Deliver: Send + Sync {
     fn deliver(&self, message: &ChatMessage);
     /// The groups with local members (subscribed again after a reconnect).
     fn local_groups(&self) -> Vec<String>;
+    /// A presence change another node published (see `presence`).
+    fn presence(&self, payload: &[u8]);
 }
 
 /// The handler, set when the backplane starts; a weak reference, since the
@@ -46,6 +48,12 @@ impl Sink {
 
     fn local_groups(&self) -> Vec<String> {
         self.0.get().and_then(Weak::upgrade).map(|s| s.local_groups()).unwrap_or_default()
+    }
+
+    fn presence(&self, payload: &[u8]) {
+        if let Some(s) = self.0.get().and_then(Weak::upgrade) {
+            s.presence(payload);
+        }
     }
 }
 

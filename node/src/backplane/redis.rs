@@ -61,6 +61,8 @@ pub struct RedisBackplane {
     history_len: usize,
     prefix: String,
     all_channel: String,
+    /// Presence changes (`presence`): delivered to the sink as they come.
+    presence_channel: String,
     group_prefix: String,
     history_key: String,
     queue: mpsc::Sender<Publication>,
@@ -88,6 +90,7 @@ impl RedisBackplane {
             history_len,
             prefix: prefix.to_string(),
             all_channel: format!("{prefix}:bp:all"),
+            presence_channel: crate::presence::channel(prefix),
             group_prefix: format!("{prefix}:bp:group:"),
             history_key: history::stream_key(prefix),
             queue,
@@ -226,6 +229,9 @@ impl RedisBackplane {
 
     /// A payload received from Redis.
     fn receive(&self, channel: &str, payload: &[u8]) {
+        if channel == self.presence_channel {
+            return self.sink.presence(payload);
+        }
         if channel != self.all_channel && !channel.starts_with(&self.group_prefix) {
             return;
         }
@@ -383,7 +389,7 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
             tokio::time::timeout(CONNECT_TIMEOUT, async { bp.link.client().await?.get_async_pubsub().await }).await;
         if let Ok(Ok(pubsub)) = connected {
             let (mut sink, mut stream) = pubsub.split();
-            let mut channels = vec![bp.all_channel.clone()];
+            let mut channels = vec![bp.all_channel.clone(), bp.presence_channel.clone()];
             channels.extend(bp.sink.local_groups().iter().map(|g| bp.group_channel(g)));
             match sink.subscribe(&channels).await {
                 Ok(()) => {
