@@ -1,6 +1,8 @@
 // The chat page: connects to the hub through whatever served the page (the
 // balancer, normally), shows every message with its sender, time and the node
-// that carried it, manages groups, and lists the cluster's nodes from /nodes.
+// that carried it, manages groups, lists who is online across the cluster
+// (SetUser / GetOnlineUsers, then UserJoined / UserLeft events) and lists the
+// cluster's nodes from /nodes.
 //
 // Everything a user or the server supplies is inserted with textContent or as
 // attribute values, never parsed as HTML: chat text is data, never markup.
@@ -27,6 +29,8 @@
     groupName: $("group-name"),
     groups: $("groups"),
     nodes: $("nodes"),
+    online: $("online"),
+    onlineCount: $("online-count"),
     nodeCount: $("node-count"),
     nodesUpdated: $("nodes-updated"),
     signin: $("signin"),
@@ -139,6 +143,41 @@
     highlightCurrentNode();
   });
 
+  // ---- who is online ------------------------------------------------------
+  // The hub's view, kept current by its events after GetOnlineUsers.
+  const online = new Set();
+  function renderOnline() {
+    ui.online.replaceChildren();
+    const mine = ui.name.value.trim();
+    for (const user of [...online].sort((a, b) => a.localeCompare(b))) {
+      const li = el("li", user === mine ? "me" : "", user);
+      li.dataset.user = user;
+      ui.online.appendChild(li);
+    }
+    ui.onlineCount.textContent = String(online.size);
+  }
+  hub.on("UserJoined", (user) => {
+    online.add(String(user));
+    renderOnline();
+  });
+  hub.on("UserLeft", (user) => {
+    online.delete(String(user));
+    renderOnline();
+  });
+  /** Says who this page is (unless a sign-in token does) and reads who is online. */
+  async function goOnline() {
+    try {
+      const name = ui.name.value.trim();
+      if (!ui.name.disabled && name) await hub.invoke("SetUser", name);
+      const users = await hub.invoke("GetOnlineUsers");
+      online.clear();
+      for (const u of Array.isArray(users) ? users : []) online.add(String(u));
+      renderOnline();
+    } catch (e) {
+      system("Who is online is unavailable: " + e.message);
+    }
+  }
+
   let lostAt = null;
   hub.onstatechange = (state, detail) => {
     if (state === "connecting") setStatus("connecting", "Connecting…");
@@ -169,6 +208,7 @@
     try {
       await hub.send("GetNodeInfo");
       for (const group of joinedGroups) await hub.invoke("JoinGroup", group);
+      await goOnline();
       if (reconnected) {
         const secs = ((Date.now() - (lostAt || Date.now())) / 1000).toFixed(1);
         system("Reconnected over " + hub.transportName + " after " + secs + " s");
@@ -235,7 +275,12 @@
 
   // ---- composing ----------------------------------------------------------
   ui.name.value = localStorage.getItem("switchboard.name") || "guest-" + Math.random().toString(36).slice(2, 6);
-  ui.name.addEventListener("change", () => localStorage.setItem("switchboard.name", ui.name.value.trim()));
+  ui.name.addEventListener("change", () => {
+    localStorage.setItem("switchboard.name", ui.name.value.trim());
+    // Others see the new name at once (this connection goes by it now).
+    if (hub.state === "connected" && !ui.name.disabled) goOnline();
+    else renderOnline();
+  });
 
   ui.composer.addEventListener("submit", async (e) => {
     e.preventDefault();

@@ -92,6 +92,18 @@ async fn assert_nothing_injected(client: &Client, who: &str) {
     assert_eq!(v["xss"], Value::Null, "{who}: chat text ran as script");
 }
 
+/// Who the page lists as online.
+const ONLINE_JS: &str = "return [...document.querySelectorAll('#online li')].map(li => li.dataset.user);";
+
+/// Waits until the page lists exactly `users` as online.
+async fn wait_online(client: &Client, users: &[&str]) {
+    eval_until(client, &format!("the page to list {users:?} online"), ONLINE_JS, |v| {
+        let listed: Vec<&str> = v.as_array()?.iter().filter_map(Value::as_str).collect();
+        (listed == users).then_some(())
+    })
+    .await;
+}
+
 async fn join_group(client: &Client, group: &str) {
     type_into(client, "#group-name", group).await;
     click(client, "#join").await;
@@ -130,6 +142,19 @@ async fn two_people_on_different_nodes_chat_in_groups_with_history_and_markup_st
     let seen_by_alice = wait_message(&alice, "hi alice").await;
     assert_eq!(seen_by_alice["user"], "bob");
     assert_eq!(seen_by_alice["node"], bob_node.as_str());
+
+    // Who is online: each sees both (the first, random names are gone).
+    wait_online(&alice, &["alice", "bob"]).await;
+    wait_online(&bob, &["alice", "bob"]).await;
+    // Alice opens a second tab, then closes it: she is still online.
+    let (alice_tab2, _) = open_chat(&browser, &lb.base, 800, 600).await;
+    set_name(&alice_tab2, "alice").await;
+    click(&alice_tab2, "#message").await; // leaving the name field announces it
+    wait_online(&alice_tab2, &["alice", "bob"]).await;
+    let _ = alice_tab2.close().await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    wait_online(&bob, &["alice", "bob"]).await;
+    screenshot(&bob, "chat-online").await;
 
     // Markup is shown as typed and runs nowhere (not even for the sender).
     send_chat(&alice, XSS_IMG).await;
@@ -405,4 +430,9 @@ async fn the_page_signs_in_with_a_pasted_token_or_the_development_sign_in() {
     assert_eq!(seen["user"], "Ana Token");
     send_chat(&bo, "from bo").await;
     assert_eq!(wait_message(&ana, "from bo").await["user"], "Bo");
+
+    // Signed in, each is online under the token's name (not a typed one).
+    for page in [&ana, &bo] {
+        wait_online(page, &["Ana Token", "Bo"]).await;
+    }
 }
