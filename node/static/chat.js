@@ -371,7 +371,7 @@
       li.appendChild(el("span", n.status === "draining" ? "state draining" : "state", " · " + String(n.status)));
       const lastSeen = new Date(n.lastSeen);
       const detail =
-        String(n.id) + " · " + (n.connections ?? "?") + " connections · seen " + (isNaN(lastSeen) ? "?" : timeLabel(lastSeen));
+        String(n.id) + " · " + (n.connections === 1 ? "1 connection" : (n.connections ?? "?") + " connections") + " · seen " + (isNaN(lastSeen) ? "?" : timeLabel(lastSeen));
       li.appendChild(el("span", "detail", detail));
       ui.nodes.appendChild(li);
     }
