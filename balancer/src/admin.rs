@@ -1,8 +1,11 @@
 //! The admin port (default 8080, the seed's Traefik dashboard port):
 //! `/api/backends` (JSON: every node with url, status, health, open
-//! connections, last seen and routing counts), `/dashboard` (a page that
-//! refreshes itself from that API), `/metrics` (Prometheus text) and
-//! `/health` (the balancer's own liveness).
+//! connections, last seen and routing counts), `/api/history` (the last
+//! minutes, one sample a second, and the changes seen: `history`),
+//! `/dashboard` (a page that draws its charts from those two, with its
+//! script and style as files of their own), `/metrics` (Prometheus text)
+//! and `/health` (the balancer's own liveness). Every answer carries a
+//! strict Content-Security-Policy: the page runs only its own script.
 //!
 //! Everything but `/health` shows the cluster's inner workings, so it is
 //! served only to loopback clients, or, with `admin_token` set, to clients
@@ -26,12 +29,20 @@ pub struct AdminApp {
     pub cluster: Arc<Cluster>,
 }
 
+/// Only the page's own script, style and API calls; no inline code, no
+/// framing, nothing from elsewhere.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; \
+                   base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     Response::builder()
         .status(status)
         .header("Content-Type", content_type)
         .header("Content-Length", body.len())
         .header("Cache-Control", "no-store")
+        .header("Content-Security-Policy", CSP)
+        .header("X-Content-Type-Options", "nosniff")
+        .header("Referrer-Policy", "no-referrer")
         .body(body)
         .unwrap_or_else(|_| Response::new(Vec::new()))
 }
@@ -136,6 +147,19 @@ impl ServeHttp for AdminApp {
         match path.as_str() {
             "/api/backends" => {
                 reply(StatusCode::OK, "application/json", backends_json(&self.cluster).to_string().into_bytes())
+            }
+            "/api/history" => {
+                let query = session.req_header().uri.query();
+                let since = query.and_then(|q| q.split('&').find_map(|p| p.strip_prefix("since=")?.parse().ok()));
+                reply(StatusCode::OK, "application/json", self.cluster.history.json(since).to_string().into_bytes())
+            }
+            "/dashboard.js" => reply(
+                StatusCode::OK,
+                "text/javascript; charset=utf-8",
+                include_bytes!("../static/dashboard.js").to_vec(),
+            ),
+            "/dashboard.css" => {
+                reply(StatusCode::OK, "text/css; charset=utf-8", include_bytes!("../static/dashboard.css").to_vec())
             }
             "/metrics" => {
                 reply(StatusCode::OK, "text/plain; version=0.0.4", self.cluster.metrics.render().into_bytes())

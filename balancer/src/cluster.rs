@@ -9,6 +9,7 @@
 use crate::access_log::AccessLog;
 use crate::admission::Admission;
 use crate::config::BalancerConfig;
+use crate::history::History;
 use crate::metrics::Metrics;
 use crate::routing::{self, Readiness, RouteDecision, RouteKind};
 use crate::table::{NodeStats, RouteNode, RoutingTable};
@@ -30,6 +31,8 @@ pub struct Cluster {
     pub admission: Admission,
     /// The access log, when it is on.
     pub access_log: Option<AccessLog>,
+    /// The dashboard's last minutes (see `history`).
+    pub history: History,
     stats: Mutex<HashMap<String, Arc<NodeStats>>>,
     redis: RedisState,
 }
@@ -49,6 +52,7 @@ impl Cluster {
             backends,
             metrics,
             access_log: None,
+            history: History::default(),
             stats: Mutex::new(HashMap::new()),
             redis: RedisState::new("routing to the nodes already known"),
         }

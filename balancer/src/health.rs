@@ -13,7 +13,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck};
 use pingora_load_balancing::Backend;
-use prometheus::IntGaugeVec;
+use prometheus::{IntCounterVec, IntGaugeVec};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ pub struct NodeHealthCheck {
     timeout: Duration,
     table: Arc<ArcSwap<RoutingTable>>,
     healthy_gauge: IntGaugeVec,
+    failures: IntCounterVec,
 }
 
 impl NodeHealthCheck {
@@ -30,6 +31,7 @@ impl NodeHealthCheck {
         cfg: &crate::config::BalancerConfig,
         table: Arc<ArcSwap<RoutingTable>>,
         healthy_gauge: IntGaugeVec,
+        failures: IntCounterVec,
     ) -> Box<Self> {
         let mut inner = HttpHealthCheck::new("switchboard-health", false);
         if let Ok(mut req) = pingora::http::RequestHeader::build("GET", b"/health", None) {
@@ -50,7 +52,7 @@ impl NodeHealthCheck {
                 "unexpected /health status",
             )),
         }));
-        Box::new(NodeHealthCheck { inner, timeout, table, healthy_gauge })
+        Box::new(NodeHealthCheck { inner, timeout, table, healthy_gauge, failures })
     }
 
     fn node(&self, target: &Backend) -> Option<Arc<RouteNode>> {
@@ -79,6 +81,8 @@ impl HealthCheck for NodeHealthCheck {
                 tracing::info!(node = %id, "node answers health checks again");
             }
             self.healthy_gauge.with_label_values(&[&id]).set(1);
+        } else {
+            self.failures.with_label_values(&[&self.node_id(target)]).inc();
         }
         result
     }

@@ -15,6 +15,7 @@ pub mod config;
 mod discovery;
 mod front;
 mod health;
+mod history;
 mod metrics;
 mod proxy;
 mod public_surface;
@@ -105,7 +106,12 @@ pub fn run(mut cfg: BalancerConfig, upgrade: bool, shutdown: Shutdown) -> Result
     let metrics = metrics::Metrics::new();
     let mut backends =
         pingora_load_balancing::Backends::new(Box::new(discovery::RegistryDiscovery::new(table.clone())));
-    backends.set_health_check(health::NodeHealthCheck::new(&cfg, table.clone(), metrics.backend_healthy.clone()));
+    backends.set_health_check(health::NodeHealthCheck::new(
+        &cfg,
+        table.clone(),
+        metrics.backend_healthy.clone(),
+        metrics.health_failures.clone(),
+    ));
     let (listen, admin_listen) = (cfg.listen, cfg.admin_listen);
     let open_files = admission::raise_open_file_limit();
     let cap = open_files
@@ -143,6 +149,7 @@ pub fn run(mut cfg: BalancerConfig, upgrade: bool, shutdown: Shutdown) -> Result
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(background_service("registry watcher", watcher));
+    server.add_service(background_service("dashboard history", history::Sampler { cluster: cluster.clone() }));
     server.add_service(background_service("health checks", health::HealthChecker { cluster }));
     tracing::info!(%listen, %admin_listen, "switchboard-balancer starting");
     let run_args = match shutdown {

@@ -17,6 +17,7 @@ pub struct Metrics {
     pub redis_up: IntGauge,
     pub nodes: IntGauge,
     pub access_log_dropped: IntCounter,
+    pub health_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -78,6 +79,12 @@ impl Metrics {
                 &r,
                 "switchboard_balancer_access_log_dropped_total",
                 "Access log lines dropped because the writer fell behind",
+            ),
+            health_failures: counter_vec(
+                &r,
+                "switchboard_balancer_health_check_failures_total",
+                "Active health checks that failed, per backend",
+                &["backend"],
             ),
             registry: r,
         }

@@ -92,6 +92,17 @@ async fn assert_nothing_injected(client: &Client, who: &str) {
     assert_eq!(v["xss"], Value::Null, "{who}: chat text ran as script");
 }
 
+/// Waits until the dashboard lists `what` for `node` in its recent changes
+/// and marks it on the connections chart.
+async fn wait_change(dashboard: &Client, node: &str, what: &str) {
+    let js = format!(
+        "return document.querySelector('#events li[data-node=\"{node}\"][data-what=\"{what}\"]') !== null \
+         && document.querySelector('#chart-connections line.marker[data-node=\"{node}\"][data-what=\"{what}\"]') !== null;"
+    );
+    eval_until(dashboard, &format!("the dashboard to log and mark {node} {what}"), &js, |v| (v == true).then_some(()))
+        .await;
+}
+
 /// Who the page lists as online.
 const ONLINE_JS: &str = "return [...document.querySelectorAll('#online li')].map(li => li.dataset.user);";
 
@@ -273,7 +284,20 @@ async fn a_killed_node_sends_its_page_elsewhere_and_the_dashboard_shows_drain_an
     })
     .await;
 
-    let dashboard = browser.session(1280, 720).await;
+    // The page runs only its own script, under a strict policy.
+    let page = reqwest::get(format!("{}/dashboard", lb.admin)).await.expect("the dashboard page");
+    let csp = page.headers().get("content-security-policy").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    assert!(csp.contains("script-src 'self'") && csp.contains("default-src 'none'"), "{csp}");
+    let html = page.text().await.unwrap_or_default();
+    assert!(!html.contains("<script>") && !html.contains("style="), "no inline script or style");
+
+    // Connections through the balancer, so the chart has shapes to show.
+    let mut held = Vec::new();
+    for _ in 0..9 {
+        held.push(HubClient::connect(&http, &lb.base, TransportKind::WebSockets).await.expect("a held client"));
+    }
+
+    let dashboard = browser.session(1280, 1300).await;
     dashboard.goto(&format!("{}/dashboard", lb.admin)).await.expect("open the dashboard");
     let rows_js = "return Object.fromEntries([...document.querySelectorAll('#nodes tr')].map(r => [r.dataset.node, r.dataset.status]));";
     eval_until(&dashboard, "the dashboard to list three healthy nodes", rows_js, |v| {
@@ -293,12 +317,20 @@ async fn a_killed_node_sends_its_page_elsewhere_and_the_dashboard_shows_drain_an
     send_chat(&alice, "before the failure").await;
     wait_message(&bob, "before the failure").await;
 
-    // Draining shows on the dashboard.
+    // A node joins: the chart grows a band for it, the log numbers the join.
+    let late = TestNode::start(&redis, "node-d", &[]).await;
+    wait_change(&dashboard, "node-d", "joined").await;
+    for _ in 0..3 {
+        held.push(HubClient::connect(&http, &lb.base, TransportKind::WebSockets).await.expect("a held client"));
+    }
+
+    // Draining shows on the dashboard: in the table, the log and the charts.
     nodes[2].process.terminate();
     eval_until(&dashboard, "the dashboard to show node-c draining", rows_js, |v| {
         (v["node-c"] == "draining").then_some(())
     })
     .await;
+    wait_change(&dashboard, "node-c", "draining").await;
     screenshot(&dashboard, "dashboard").await;
 
     // Kill bob's node outright.
@@ -313,7 +345,7 @@ async fn a_killed_node_sends_its_page_elsewhere_and_the_dashboard_shows_drain_an
     wait_message(&bob, "while bob reconnects").await;
     let missed = messages(&bob).await.iter().filter(|m| m["text"] == "while bob reconnects").count();
     assert_eq!(missed, 1, "the message sent during the failover is shown exactly once");
-    assert_eq!(now_on, alice_node, "bob should reconnect to the remaining accepting node");
+    assert!(now_on != bob_node && now_on != "node-c", "bob should reconnect to a node still accepting: {now_on}");
     let lines = system_lines(&bob).await;
     assert!(
         lines.iter().any(|l| l.contains(&format!("Connection to {bob_node} lost"))),
@@ -322,17 +354,49 @@ async fn a_killed_node_sends_its_page_elsewhere_and_the_dashboard_shows_drain_an
     assert!(lines.iter().any(|l| l.contains("Reconnected")), "the page did not say it reconnected: {lines:?}");
     send_chat(&bob, "back on another node").await;
     let msg = wait_message(&alice, "back on another node").await;
-    assert_eq!(msg["node"], alice_node.as_str());
+    assert_eq!(msg["node"], now_on.as_str(), "carried by bob's new node");
     assert_eq!(msg["user"], "bob");
     screenshot(&bob, "chat-after-failover").await;
 
-    // The dashboard drops the killed node.
+    // The dashboard drops the killed node; its band fell to nothing when its
+    // connections broke, and the log says it failed and left.
     eval_until(&dashboard, "the dashboard to drop the killed node", rows_js, |v| {
         v.as_object()?.get(&bob_node).is_none().then_some(())
     })
     .await;
+    wait_change(&dashboard, &bob_node, "down").await;
+    wait_change(&dashboard, &bob_node, "left").await;
+    let band = format!(
+        "const p = document.querySelector('#chart-connections path[data-key=\"{bob_node}\"]'); return p ? [Number(p.dataset.peak), Number(p.dataset.last)] : null;"
+    );
+    eval_until(&dashboard, "the killed node's band to rise and then fall to zero", &band, |v| {
+        let (peak, last) = (v[0].as_f64()?, v[1].as_f64()?);
+        (peak >= 1.0 && last == 0.0).then_some(())
+    })
+    .await;
+    // Requests and upgrades were drawn, and every chart marks the changes.
+    let drawn = eval(
+        &dashboard,
+        "return ['requests','upgrades'].map(k => Number(document.querySelector('#chart-requests path[data-key=\"' + k + '\"]').dataset.peak));",
+    )
+    .await;
+    assert!(drawn[0].as_f64() > Some(0.0) && drawn[1].as_f64() > Some(0.0), "requests and upgrades: {drawn}");
+    let markers = eval(&dashboard, "return document.querySelectorAll('#chart-health line.marker').length;").await;
+    assert!(markers.as_u64() >= Some(4), "changes marked on the health chart too: {markers}");
     screenshot(&dashboard, "dashboard-after-kill").await;
 
+    // A dashboard opened now is not empty: the balancer kept the last minutes.
+    let fresh = browser.session(1280, 1000).await;
+    fresh.goto(&format!("{}/dashboard", lb.admin)).await.expect("open a second dashboard");
+    wait_change(&fresh, &bob_node, "left").await;
+    eval_until(&fresh, "the fresh dashboard to draw the killed node's band", &band, |v| {
+        (v[0].as_f64()? >= 1.0).then_some(())
+    })
+    .await;
+    let _ = fresh.close().await;
+
+    drop(held);
+    drop(late);
     drop(pinned);
     for c in [alice, bob, dashboard] {
         let _ = c.close().await;
