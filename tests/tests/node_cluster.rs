@@ -302,3 +302,43 @@ async fn sigterm_drains_closes_clients_with_allow_reconnect_and_loses_no_message
         "{h}"
     );
 }
+
+/// A node's connection count in the registry follows its clients within
+/// about a second, not at the next 15 s heartbeat: `/nodes` on another node
+/// and the balancer's `/api/backends` show it.
+#[tokio::test]
+async fn connection_counts_are_fresh_between_heartbeats() {
+    let redis = RedisServer::start();
+    let slow_heartbeat = ["--heartbeat-secs", "15", "--ttl-secs", "45"];
+    let a = TestNode::start(&redis, "count-a", &slow_heartbeat).await;
+    let b = TestNode::start(&redis, "count-b", &slow_heartbeat).await;
+    let lb = switchboard_tests::TestBalancer::start(&redis, &[]).await;
+    lb.wait_accepting(&["count-a", "count-b"]).await;
+    let http = reqwest::Client::new();
+    let count_on_b = |want: u64| {
+        let (http, url) = (http.clone(), format!("{}/nodes", b.base));
+        async move {
+            let v = get_json(&http, &url).await?;
+            let a = v["available_nodes"].as_array()?.iter().find(|n| n["id"] == "count-a")?.clone();
+            (a["connections"].as_u64() == Some(want)).then_some(())
+        }
+    };
+    let started = std::time::Instant::now();
+    let clients = [
+        HubClient::connect(&http, &a.base, TransportKind::WebSockets).await.unwrap(),
+        HubClient::connect(&http, &a.base, TransportKind::WebSockets).await.unwrap(),
+    ];
+    eventually(Duration::from_secs(4), "count-b's /nodes to show count-a's 2 connections", || count_on_b(2)).await;
+    eventually(Duration::from_secs(6), "the balancer to show count-a's 2 connections", || async {
+        let v = lb.backends().await;
+        v["nodes"].as_array()?.iter().any(|n| n["nodeId"] == "count-a" && n["nodeConnections"] == 2).then_some(())
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(10), "well before the next heartbeat");
+    // A node's own entry is its live count.
+    let own = get_json(&http, &format!("{}/nodes", a.base)).await.unwrap();
+    let me = own["available_nodes"].as_array().unwrap().iter().find(|n| n["id"] == "count-a").unwrap().clone();
+    assert_eq!(me["connections"], 2);
+    drop(clients);
+    eventually(Duration::from_secs(6), "the count to fall back to 0", || count_on_b(0)).await;
+}
