@@ -193,6 +193,8 @@ fn downcast<C: 'static>(stream: Stream) -> Option<Box<C>> {
 /// A client connection the front serves: plain TCP or decrypted TLS.
 trait ClientConn: pingora::protocols::IO + Sized + 'static {
     const TLS: bool;
+    /// The client's address, for the access log.
+    fn peer_ip(&self) -> Option<std::net::IpAddr>;
     /// Makes `data` the next bytes read.
     fn rewind(&mut self, data: &[u8]);
     /// Hands the connection to the WebSocket tunnel.
@@ -206,6 +208,9 @@ trait ClientConn: pingora::protocols::IO + Sized + 'static {
 
 impl ClientConn for L4Stream {
     const TLS: bool = false;
+    fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        l4_peer_ip(self)
+    }
     fn rewind(&mut self, data: &[u8]) {
         L4Stream::rewind(self, data);
     }
@@ -216,12 +221,52 @@ impl ClientConn for L4Stream {
 
 impl ClientConn for TlsConn {
     const TLS: bool = true;
+    fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        TlsConn::peer_ip(self)
+    }
     fn rewind(&mut self, data: &[u8]) {
         TlsConn::rewind(self, data);
     }
     async fn tunnel(self: Box<Self>, cluster: Arc<Cluster>, req: tunnel::UpgradeRequest, head: Vec<u8>) {
         tunnel::serve_tls(cluster, *self, req, head).await
     }
+}
+
+fn l4_peer_ip(l4: &L4Stream) -> Option<std::net::IpAddr> {
+    l4.get_socket_digest()?.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
+}
+
+/// Logs an answer the front gave itself (a refusal or a redirect), with the
+/// request line when a head was read.
+fn log_answer(
+    cluster: &Cluster,
+    peer: Option<std::net::IpAddr>,
+    tls: bool,
+    head: Option<&[u8]>,
+    status: u16,
+    started: std::time::Instant,
+) {
+    let Some(log) = &cluster.access_log else { return };
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let parsed = head.is_some_and(|h| req.parse(h).is_ok());
+    let (method, target) = if parsed { (req.method.unwrap_or("-"), req.path.unwrap_or("-")) } else { ("-", "-") };
+    let user_agent = req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("user-agent"));
+    log.record(&crate::access_log::Entry {
+        start: std::time::SystemTime::now() - started.elapsed(),
+        client: peer,
+        method,
+        target,
+        status,
+        node: None,
+        route: "-",
+        kind: "http",
+        duration: started.elapsed(),
+        bytes_in: 0,
+        bytes_out: 0,
+        tls,
+        user_agent: user_agent.and_then(|h| std::str::from_utf8(h.value).ok()),
+    });
 }
 
 /// Where a plain request should go instead when HTTPS is enforced: the same
@@ -262,22 +307,23 @@ impl FrontApp {
         let redirect_to = if C::TLS || !cfg.tls_redirect { None } else { cfg.tls_port() };
         let mut idle = None;
         loop {
-            let head = match read_head(&mut *conn, limits, idle).await {
-                Head::Complete(head) => head,
+            let started = std::time::Instant::now();
+            let (refused, head) = match read_head(&mut *conn, limits, idle).await {
+                Head::Complete(head) => (None, head),
                 Head::Closed => return,
-                Head::TimedOut => {
-                    self.refuse("head_timeout");
-                    return answer(&mut *conn, &refusal::HEAD_TIMEOUT).await;
-                }
-                Head::TooLarge => {
-                    self.refuse("head_too_large");
-                    return answer(&mut *conn, &refusal::HEAD_TOO_LARGE).await;
-                }
+                Head::TimedOut => (Some(("head_timeout", &refusal::HEAD_TIMEOUT)), Vec::new()),
+                Head::TooLarge => (Some(("head_too_large", &refusal::HEAD_TOO_LARGE)), Vec::new()),
             };
+            if let Some((reason, refusal)) = refused {
+                self.refuse(reason);
+                log_answer(&self.cluster, conn.peer_ip(), C::TLS, None, refusal.status, started);
+                return answer(&mut *conn, refusal).await;
+            }
             if let Some(location) = redirect_to.and_then(|port| https_location(&head, port)) {
                 let moved = refusal::redirect(&location);
                 let _ = conn.write_all(moved.as_bytes()).await;
                 let _ = conn.flush().await;
+                log_answer(&self.cluster, conn.peer_ip(), C::TLS, Some(&head), 308, started);
                 return;
             }
             if let Some(request) = tunnel::UpgradeRequest::parse(&head) {
@@ -332,10 +378,16 @@ impl ServerApp for FrontApp {
         let mut l4 = downcast::<L4Stream>(stream)?;
         let Some(_permit) = self.cluster.admission.try_connect() else {
             self.refuse("max_connections");
+            let started = std::time::Instant::now();
             // Over TLS there is no way to answer before a handshake; close.
             if self.tls.is_none() {
                 let brief = HeadLimits { time: REFUSAL_READ, bytes: self.cluster.cfg.max_request_head_bytes };
-                let _ = read_head(&mut *l4, brief, None).await;
+                let head = match read_head(&mut *l4, brief, None).await {
+                    Head::Complete(h) => Some(h),
+                    _ => None,
+                };
+                let status = refusal::TOO_MANY_CONNECTIONS.status;
+                log_answer(&self.cluster, l4_peer_ip(&l4), false, head.as_deref(), status, started);
                 answer(&mut *l4, &refusal::TOO_MANY_CONNECTIONS).await;
             }
             return None;

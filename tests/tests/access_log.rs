@@ -48,6 +48,19 @@ async fn every_kind_of_request_is_logged_once_when_it_ends_and_no_secret_is() {
     let negotiate = http.post(format!("{}/chathub/negotiate?negotiateVersion=1&access_token={ACCESS_TOKEN}", lb.base));
     assert_eq!(negotiate.send().await.unwrap().status(), 200);
 
+    // A head larger than the balancer reads: answered 431 by the front itself.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = lb.base.trim_start_matches("http://").to_string();
+        let mut raw = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+        let head =
+            format!("GET /?access_token={ACCESS_TOKEN} HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(40_000));
+        let _ = raw.write_all(head.as_bytes()).await;
+        let mut answer = vec![0u8; 64];
+        let n = tokio::time::timeout(WAIT, raw.read(&mut answer)).await.expect("an answer").unwrap_or(0);
+        assert!(answer[..n].starts_with(b"HTTP/1.1 431"), "{}", String::from_utf8_lossy(&answer[..n]));
+    }
+
     // One client on each transport, each doing a round trip.
     let mut ids = Vec::new();
     for kind in [TransportKind::WebSockets, TransportKind::ServerSentEvents, TransportKind::LongPolling] {
@@ -102,6 +115,9 @@ async fn every_kind_of_request_is_logged_once_when_it_ends_and_no_secret_is() {
         (refused["status"].as_u64(), refused["node"].is_null(), refused["route"].as_str()),
         (Some(404), true, Some("-"))
     );
+    let too_large: Vec<&&Value> = http_lines.iter().filter(|l| l["status"] == 431).collect();
+    assert_eq!(too_large.len(), 1, "{http_lines:?}");
+    assert_eq!((too_large[0]["method"].as_str(), too_large[0]["route"].as_str()), (Some("-"), Some("-")));
     assert!(all.iter().all(|l| l["client"] == "127.0.0.1" && l["tls"] == false), "{all:?}");
 
     // Nothing is logged twice: let everything settle and count again.
