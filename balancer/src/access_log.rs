@@ -109,6 +109,25 @@ fn clean(s: &str) -> Cow<'_, str> {
     Cow::Owned(s.chars().map(|c| if c.is_control() || c == '"' { '?' } else { c }).collect())
 }
 
+/// A JSON line, serialised straight from borrowed fields (no map is built).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonLine<'a> {
+    time: String,
+    client: String,
+    method: &'a str,
+    target: &'a str,
+    status: u16,
+    node: Option<&'a str>,
+    route: &'a str,
+    kind: &'a str,
+    duration_ms: f64,
+    bytes_in: u64,
+    bytes_out: u64,
+    tls: bool,
+    user_agent: Option<&'a str>,
+}
+
 impl Entry<'_> {
     /// The line for `format`, without its newline.
     pub fn format(&self, format: AccessLogFormat) -> String {
@@ -117,22 +136,24 @@ impl Entry<'_> {
         let client = self.client.map_or_else(|| "-".to_string(), |ip| ip.to_canonical().to_string());
         let millis = self.duration.as_secs_f64() * 1000.0;
         match format {
-            AccessLogFormat::Json => serde_json::json!({
-                "time": time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                "client": client,
-                "method": self.method,
-                "target": target,
-                "status": self.status,
-                "node": self.node,
-                "route": self.route,
-                "kind": self.kind,
-                "durationMs": (millis * 1000.0).round() / 1000.0,
-                "bytesIn": self.bytes_in,
-                "bytesOut": self.bytes_out,
-                "tls": self.tls,
-                "userAgent": self.user_agent,
-            })
-            .to_string(),
+            AccessLogFormat::Json => {
+                let line = JsonLine {
+                    time: time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+                    client,
+                    method: self.method,
+                    target: &target,
+                    status: self.status,
+                    node: self.node,
+                    route: self.route,
+                    kind: self.kind,
+                    duration_ms: (millis * 1000.0).round() / 1000.0,
+                    bytes_in: self.bytes_in,
+                    bytes_out: self.bytes_out,
+                    tls: self.tls,
+                    user_agent: self.user_agent,
+                };
+                serde_json::to_string(&line).unwrap_or_default()
+            }
             AccessLogFormat::Common => format!(
                 "{client} - - [{}] \"{} {} HTTP/1.1\" {} {} \"-\" \"{}\" node={} route={} kind={} duration_ms={:.3} bytes_in={} tls={}",
                 time.format("%d/%b/%Y:%H:%M:%S %z"),
@@ -190,21 +211,40 @@ impl AccessLog {
     }
 }
 
-/// Writes lines as they come, buffered, flushing whenever the queue runs dry
-/// (so a quiet log is never more than one line behind).
+/// How often the writer collects what was queued. It polls rather than
+/// blocking on the queue: a blocked receiver must be woken by every line
+/// (a system call on the request's thread), a polling one never is.
+const COLLECT_EVERY: Duration = Duration::from_millis(50);
+
+/// Writes what is queued, buffered, every `COLLECT_EVERY`, flushing each
+/// time (a line is at most that late); ends when the log is dropped.
 fn write_lines(lines: Receiver<String>, out: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(first) = lines.recv() {
-        let mut line = Some(first);
-        while let Some(l) = line {
-            if out.write_all(l.as_bytes()).and_then(|()| out.write_all(b"\n")).is_err() {
-                tracing::warn!("access log write failed; lines are lost until it works again");
+    let mut failing = false;
+    loop {
+        let mut wrote = false;
+        loop {
+            match lines.try_recv() {
+                Ok(l) => {
+                    let ok = out.write_all(l.as_bytes()).and_then(|()| out.write_all(b"\n")).is_ok();
+                    if !ok && !failing {
+                        tracing::warn!("access log write failed; lines are lost until it works again");
+                    }
+                    failing = !ok;
+                    wrote = true;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    let _ = out.flush();
+                    return;
+                }
             }
-            line = lines.try_recv().ok();
         }
-        let _ = out.flush();
+        if wrote {
+            let _ = out.flush();
+        }
+        std::thread::sleep(COLLECT_EVERY);
     }
-    let _ = out.flush();
 }
 
 #[cfg(test)]

@@ -19,8 +19,11 @@ pub fn start_background_tasks(app: &Arc<App>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(keepalive::sweep_forever(app.clone()));
     let tasks = app.presence_tasks.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(tasks) = tasks {
-        tokio::spawn(presence::write_forever(app.clone(), tasks.writes));
-        tokio::spawn(presence::notify_forever(Arc::downgrade(app), tasks.events));
+        let running = [
+            tokio::spawn(presence::write_forever(app.clone(), tasks.writes)),
+            tokio::spawn(presence::notify_forever(Arc::downgrade(app), tasks.events)),
+        ];
+        app.presence_running.lock().unwrap_or_else(|p| p.into_inner()).extend(running);
     }
     tokio::spawn(registry::heartbeat(app.clone()))
 }
@@ -69,6 +72,10 @@ pub async fn drain(app: &Arc<App>, heartbeat: tokio::task::JoinHandle<()>) {
     // before the node goes (other nodes see them leave now, not at the TTL).
     if tokio::time::timeout(Duration::from_secs(2), app.presence.flush()).await.is_err() {
         tracing::warn!("presence not written before exit; this node's users expire with its TTL");
+    }
+    // No more refreshes: a stopped node must not keep anyone online.
+    for task in app.presence_running.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        task.abort();
     }
     if !app.backplane.flush(Duration::from_secs(5)).await {
         tracing::error!("backplane queue not flushed before exit; some messages did not reach other nodes");
