@@ -23,6 +23,10 @@ use std::time::{Duration, SystemTime};
 /// Lines waiting for the writer, at most.
 const QUEUE: usize = 16 * 1024;
 
+/// The status logged for a request whose client left before any answer was
+/// written (an abandoned long poll, say), as nginx logs it.
+pub const CLIENT_LEFT: u16 = 499;
+
 /// Query parameters whose values are secrets or connection credentials.
 const REDACTED_PARAMS: [&str; 2] = ["id", "access_token"];
 

@@ -243,7 +243,8 @@ impl ProxyHttp for SwitchboardProxy {
                 client: session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
                 method,
                 target,
-                status,
+                // No answer was written: the client left first (nginx's 499).
+                status: if status == 0 { access_log::CLIENT_LEFT } else { status },
                 node: ctx.node.as_ref().map(|n| n.record.node_id.as_str()),
                 route: ctx.kind.map_or("-", RouteKind::label),
                 kind: access_log::kind_of(method, target, header("accept")),

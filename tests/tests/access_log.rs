@@ -71,10 +71,18 @@ async fn every_kind_of_request_is_logged_once_when_it_ends_and_no_secret_is() {
     }
 
     // The WebSocket is logged when its tunnel ends, the event stream when the
-    // node's next keep-alive finds it gone.
-    let all = eventually(WAIT, "the WebSocket and event stream lines", || async {
+    // node's next keep-alive finds it gone, each poll when it is answered;
+    // the writer collects lines every 50 ms.
+    let all = eventually(WAIT, "every request's line", || async {
         let all = lines(&path);
-        (of_kind(&all, "websocket").len() == 1 && of_kind(&all, "sse").len() == 1).then_some(all)
+        let polled: u64 = of_kind(&all, "long_poll").iter().filter_map(|p| p["bytesOut"].as_u64()).sum();
+        let done = of_kind(&all, "websocket").len() == 1
+            && of_kind(&all, "sse").len() == 1
+            && polled > 1000
+            && of_kind(&all, "send").len() >= 4
+            && of_kind(&all, "negotiate").len() == 4
+            && all.iter().any(|l| l["status"] == 431);
+        done.then_some(all)
     })
     .await;
     let text = std::fs::read_to_string(&path).unwrap();
@@ -97,7 +105,10 @@ async fn every_kind_of_request_is_logged_once_when_it_ends_and_no_secret_is() {
     assert_eq!((sse["status"].as_u64(), sse["node"].as_str()), (Some(200), Some("log-a")));
     assert!(sse["bytesOut"].as_u64().unwrap() > 1000, "the Echo's answer went down the stream: {sse}");
     let polls = of_kind(&all, "long_poll");
-    assert!(!polls.is_empty() && polls.iter().all(|p| p["status"] == 200 || p["status"] == 204), "{polls:?}");
+    // A poll still open when its client dropped is logged as 499 (nginx's
+    // "client closed request").
+    let answered = |p: &&Value| [200, 204, 499].iter().any(|s| p["status"] == *s);
+    assert!(!polls.is_empty() && polls.iter().all(answered), "{polls:?}");
     assert!(polls.iter().map(|p| p["bytesOut"].as_u64().unwrap()).sum::<u64>() > 1000, "{polls:?}");
     // Sends: the handshakes and Echo of the SSE and long-polling clients.
     let sends = of_kind(&all, "send");
