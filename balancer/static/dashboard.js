@@ -298,7 +298,11 @@
     }
   }
 
-  async function getJson(url) {
+  async function getJson(path) {
+    // From the origin, not relative: a page opened as http://user:token@host/…
+    // has credentials in its URL, and fetch refuses URLs that carry them (the
+    // browser sends the Basic auth it already has on its own).
+    const url = window.location.origin + path;
     const resp = await fetch(url, { cache: "no-store" });
     if (!resp.ok) throw new Error("HTTP " + resp.status + " from " + url);
     return resp.json();
