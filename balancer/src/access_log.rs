@@ -43,8 +43,6 @@ pub enum AccessLogFormat {
 /// One finished request.
 #[derive(Debug, Clone)]
 pub struct Entry<'a> {
-    /// When the request began.
-    pub start: SystemTime,
     pub client: Option<IpAddr>,
     pub method: &'a str,
     /// Path and query as the client sent them (redacted when written).
@@ -56,6 +54,7 @@ pub struct Entry<'a> {
     pub route: &'a str,
     /// `websocket`, `sse`, `long_poll`, `send`, `close`, `negotiate` or `http`.
     pub kind: &'a str,
+    /// How long it lasted; the line's time is when it began (now − this).
     pub duration: Duration,
     /// Bytes from the client (request bodies; both-way traffic of a WebSocket).
     pub bytes_in: u64,
@@ -136,7 +135,7 @@ impl Entry<'_> {
     /// The line for `format`, without its newline.
     pub fn format(&self, format: AccessLogFormat) -> String {
         let target = redact(self.target);
-        let time = chrono::DateTime::<chrono::Utc>::from(self.start);
+        let time = chrono::DateTime::<chrono::Utc>::from(SystemTime::now() - self.duration);
         let client = self.client.map_or_else(|| "-".to_string(), |ip| ip.to_canonical().to_string());
         let millis = self.duration.as_secs_f64() * 1000.0;
         match format {
@@ -257,7 +256,6 @@ mod tests {
 
     fn entry(target: &str) -> Entry<'_> {
         Entry {
-            start: SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000),
             client: Some("::ffff:10.1.2.3".parse().unwrap()),
             method: "GET",
             target,

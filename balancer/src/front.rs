@@ -232,7 +232,8 @@ impl ClientConn for TlsConn {
     }
 }
 
-fn l4_peer_ip(l4: &L4Stream) -> Option<std::net::IpAddr> {
+/// The client's address of an accepted socket.
+pub fn l4_peer_ip(l4: &L4Stream) -> Option<std::net::IpAddr> {
     l4.get_socket_digest()?.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
 }
 
@@ -253,7 +254,6 @@ fn log_answer(
     let (method, target) = if parsed { (req.method.unwrap_or("-"), req.path.unwrap_or("-")) } else { ("-", "-") };
     let user_agent = req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("user-agent"));
     log.record(&crate::access_log::Entry {
-        start: std::time::SystemTime::now() - started.elapsed(),
         client: peer,
         method,
         target,

@@ -24,16 +24,7 @@ fn check_config(resolved: Result<BalancerConfig, String>) -> ExitCode {
         switchboard_balancer::check_files(&cfg)?;
         cfg.masked()
     });
-    match report {
-        Ok(text) => {
-            println!("# switchboard-balancer: the settings are valid (defaults < file < environment < flags)\n{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("switchboard-balancer: configuration error: {e}");
-            ExitCode::from(2)
-        }
-    }
+    switchboard_common::config::finish_check("switchboard-balancer", report)
 }
 
 fn main() -> ExitCode {

@@ -63,7 +63,7 @@ impl InFlight {
         InFlight { node, gauge }
     }
 
-    pub fn node(&self) -> &RouteNode {
+    pub fn node(&self) -> &Arc<RouteNode> {
         &self.node
     }
 }
@@ -84,7 +84,7 @@ pub struct RequestCtx {
     in_flight: Option<InFlight>,
     upstream_start: Option<Instant>,
     /// When the request began, for the access log.
-    started: Option<(Instant, std::time::SystemTime)>,
+    started: Option<Instant>,
 }
 
 /// The `id` query parameter, if present.
@@ -116,7 +116,7 @@ impl ProxyHttp for SwitchboardProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let cluster = &self.cluster;
         if cluster.access_log.is_some() {
-            ctx.started = Some((Instant::now(), std::time::SystemTime::now()));
+            ctx.started = Some(Instant::now());
         }
         let req = session.req_header();
         if !public_surface::serves(req.uri.path()) {
@@ -233,13 +233,12 @@ impl ProxyHttp for SwitchboardProxy {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
         self.cluster.metrics.requests.with_label_values(&[admission::status_class(status)]).inc();
-        if let (Some(log), Some((start, wall))) = (&self.cluster.access_log, ctx.started) {
+        if let (Some(log), Some(started)) = (&self.cluster.access_log, ctx.started) {
             let req = session.req_header();
             let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
             let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
             let method = req.method.as_str();
             log.record(&Entry {
-                start: wall,
                 client: session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
                 method,
                 target,
@@ -248,7 +247,7 @@ impl ProxyHttp for SwitchboardProxy {
                 node: ctx.node.as_ref().map(|n| n.record.node_id.as_str()),
                 route: ctx.kind.map_or("-", RouteKind::label),
                 kind: access_log::kind_of(method, target, header("accept")),
-                duration: start.elapsed(),
+                duration: started.elapsed(),
                 bytes_in: session.body_bytes_read() as u64,
                 bytes_out: session.body_bytes_sent() as u64,
                 tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),

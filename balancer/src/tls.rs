@@ -200,8 +200,7 @@ impl TlsConn {
 
     /// The client's address.
     pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
-        let digest = self.tcp().get_socket_digest()?;
-        digest.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
+        crate::front::l4_peer_ip(self.tcp())
     }
 }
 

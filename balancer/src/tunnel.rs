@@ -265,17 +265,25 @@ struct Tunnel<C> {
     in_flight: InFlight,
 }
 
-/// How an upgrade that did not become a tunnel ended: the status the client
-/// got (0 when it got none), and the node when one answered.
+/// How an upgrade ended, for the access log: the status the client got, the
+/// node and how it was chosen (when one answered), and the bytes relayed
+/// after the head (from the client, to the client).
 struct Ended {
     status: u16,
     node: Option<(Arc<RouteNode>, RouteKind)>,
+    bytes: (u64, u64),
+}
+
+impl Ended {
+    /// A tunnel that ran and closed after relaying `bytes`.
+    fn relayed(in_flight: &InFlight, kind: RouteKind, bytes: (u64, u64)) -> Self {
+        Ended { status: 101, node: Some((in_flight.node().clone(), kind)), bytes }
+    }
 }
 
 /// What the access log needs of a tunnel, kept (boxed) only while the log is on.
 struct TunnelLog {
-    start: std::time::Instant,
-    wall: std::time::SystemTime,
+    started: std::time::Instant,
     peer: Option<std::net::IpAddr>,
     target: String,
     user_agent: Option<String>,
@@ -286,8 +294,7 @@ impl TunnelLog {
     fn new(cluster: &Cluster, req: &UpgradeRequest, peer: Option<std::net::IpAddr>, tls: bool) -> Option<Box<Self>> {
         cluster.access_log.as_ref()?;
         Some(Box::new(TunnelLog {
-            start: std::time::Instant::now(),
-            wall: std::time::SystemTime::now(),
+            started: std::time::Instant::now(),
             peer,
             target: req.target.clone(),
             user_agent: req.user_agent.clone(),
@@ -295,28 +302,23 @@ impl TunnelLog {
         }))
     }
 
-    /// Writes the line: `bytes` is (from the client, to the client) after the head.
-    fn finish(&self, cluster: &Cluster, status: u16, node: Option<(&RouteNode, RouteKind)>, bytes: (u64, u64)) {
+    fn finish(&self, cluster: &Cluster, ended: &Ended) {
         let Some(log) = &cluster.access_log else { return };
+        let node = ended.node.as_ref();
         log.record(&Entry {
-            start: self.wall,
             client: self.peer,
             method: "GET",
             target: &self.target,
-            status,
+            status: ended.status,
             node: node.map(|(n, _)| n.record.node_id.as_str()),
             route: node.map_or("-", |(_, k)| k.label()),
             kind: "websocket",
-            duration: self.start.elapsed(),
-            bytes_in: bytes.0,
-            bytes_out: bytes.1,
+            duration: self.started.elapsed(),
+            bytes_in: ended.bytes.0,
+            bytes_out: ended.bytes.1,
             tls: self.tls,
             user_agent: self.user_agent.as_deref(),
         });
-    }
-
-    fn finish_ended(&self, cluster: &Cluster, ended: &Ended) {
-        self.finish(cluster, ended.status, ended.node.as_ref().map(|(n, k)| (&**n, *k)), (0, 0));
     }
 }
 
@@ -330,18 +332,15 @@ pub async fn serve(cluster: Arc<Cluster>, downstream: Box<L4Stream>, req: Upgrad
     // The handshake's state (head buffers, routing, connect) is boxed so that
     // it is freed when it ends instead of sizing this task's future for the
     // tunnel's whole life; an idle tunnel keeps its sockets and little else.
-    match Box::pin(handshake(&cluster, client, peer, false, req, buf)).await {
+    let ended = match Box::pin(handshake(&cluster, client, peer, false, req, buf)).await {
         Ok(t) => {
             let bytes = relay(&t.client, &t.upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
-            if let Some(log) = log {
-                log.finish(&cluster, 101, Some((t.in_flight.node(), t.kind)), bytes);
-            }
+            Ended::relayed(&t.in_flight, t.kind, bytes)
         }
-        Err(ended) => {
-            if let Some(log) = log {
-                log.finish_ended(&cluster, &ended);
-            }
-        }
+        Err(ended) => ended,
+    };
+    if let Some(log) = log {
+        log.finish(&cluster, &ended);
     }
 }
 
@@ -355,25 +354,21 @@ pub async fn serve_tls(cluster: Arc<Cluster>, conn: TlsConn, req: UpgradeRequest
     // still rewound belongs after the head (never the case today).
     let mut buf = buf;
     buf.extend_from_slice(&rewound);
-    match Box::pin(handshake(&cluster, client, peer, true, req, buf)).await {
-        Ok(t) => {
-            let Tunnel { client, upstream, kind, in_flight } = t;
+    let ended = match Box::pin(handshake(&cluster, client, peer, true, req, buf)).await {
+        Ok(Tunnel { client, upstream, kind, in_flight }) => {
             let bytes = relay_tls(client, upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
-            if let Some(log) = log {
-                log.finish(&cluster, 101, Some((in_flight.node(), kind)), bytes);
-            }
+            Ended::relayed(&in_flight, kind, bytes)
         }
-        Err(ended) => {
-            if let Some(log) = log {
-                log.finish_ended(&cluster, &ended);
-            }
-        }
+        Err(ended) => ended,
+    };
+    if let Some(log) = log {
+        log.finish(&cluster, &ended);
     }
 }
 
 async fn refuse<C: Downstream, T>(client: &mut C, refusal: &Refusal) -> Result<T, Ended> {
     respond(client, refusal).await;
-    Err(Ended { status: refusal.status, node: None })
+    Err(Ended { status: refusal.status, node: None, bytes: (0, 0) })
 }
 
 async fn handshake<C: Downstream>(
@@ -419,7 +414,7 @@ async fn handshake<C: Downstream>(
     } else {
         resp[..head_len].to_vec()
     };
-    let ended = Ended { status, node: Some((node, kind)) };
+    let ended = Ended { status, node: Some((node, kind)), bytes: (0, 0) };
     if client.send(&head).await.is_err() || client.send(&resp[head_len..]).await.is_err() {
         return Err(ended);
     }

@@ -175,6 +175,11 @@
     }
   }
 
+  /** A series of one per-second field of the samples. */
+  function field(key, label, color) {
+    return { key, label, color, values: samples.map((s) => s[key]) };
+  }
+
   function renderCharts() {
     // Nodes in the order they first appear, so colours and stacking stay put.
     const nodes = new Map();
@@ -190,15 +195,8 @@
     }));
     draw(document.getElementById("chart-connections"), open, true, true);
 
-    draw(
-      document.getElementById("chart-requests"),
-      [
-        { key: "requests", label: "requests", color: "#0969da", values: samples.map((s) => s.requests) },
-        { key: "upgrades", label: "WebSocket upgrades", color: "#1a7f37", values: samples.map((s) => s.upgrades) },
-      ],
-      false,
-      false,
-    );
+    const requests = [field("requests", "requests", "#0969da"), field("upgrades", "WebSocket upgrades", "#1a7f37")];
+    draw(document.getElementById("chart-requests"), requests, false, false);
 
     const reasons = new Set();
     for (const s of samples) for (const r of Object.keys(s.refused || {})) reasons.add(r);
@@ -214,15 +212,11 @@
       false,
     );
 
-    draw(
-      document.getElementById("chart-health"),
-      [
-        { key: "healthFailures", label: "failed health checks", color: "#cf222e", values: samples.map((s) => s.healthFailures) },
-        { key: "retries", label: "retried on another node", color: "#9a6700", values: samples.map((s) => s.retries) },
-      ],
-      false,
-      false,
-    );
+    const health = [
+      field("healthFailures", "failed health checks", "#cf222e"),
+      field("retries", "retried on another node", "#9a6700"),
+    ];
+    draw(document.getElementById("chart-health"), health, false, false);
   }
 
   function renderChanges() {

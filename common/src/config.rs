@@ -106,6 +106,21 @@ pub fn masked_toml<T: Serialize>(settings: &T, secrets: &[&str], urls: &[&str]) 
     toml::to_string(&table).map_err(|e| e.to_string())
 }
 
+/// Ends a `--check-config` run of `program`: the masked settings on stdout
+/// and exit 0, or the error on stderr and exit 2.
+pub fn finish_check(program: &str, report: Result<String, String>) -> std::process::ExitCode {
+    match report {
+        Ok(text) => {
+            println!("# {program}: the settings are valid (defaults < file < environment < flags)\n{text}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{program}: configuration error: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 /// Checks that the three places a setting is written agree with the
 /// settings struct's `Default`: the shipped TOML file names every setting
 /// and gives its default (`shipped` is that file parsed into the struct), and

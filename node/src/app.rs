@@ -36,8 +36,6 @@ pub struct App {
     pub presence: Presence,
     /// The receiving ends of presence's queues, until `lifecycle` starts its tasks.
     pub presence_tasks: std::sync::Mutex<Option<PresenceTasks>>,
-    /// Presence's writer and notifier, stopped once the node has drained.
-    pub presence_running: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     draining: AtomicBool,
 }
 
@@ -68,7 +66,6 @@ impl App {
         Ok(Arc::new(App {
             presence,
             presence_tasks: std::sync::Mutex::new(Some(presence_tasks)),
-            presence_running: std::sync::Mutex::new(Vec::new()),
             url: cfg.advertise_url(),
             name: cfg.name.clone().unwrap_or_else(|| format!("Node {node_id}")),
             node_id,

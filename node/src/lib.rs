@@ -46,7 +46,7 @@ pub async fn run(listener: TcpListener, cfg: NodeConfig, shutdown: impl Future<O
     let listen = listener.local_addr().map_err(|e| e.to_string())?;
     let app = app::App::new(cfg)?;
     tracing::info!(node = %app.node_id, %listen, url = %app.url, "switchboard-node started");
-    let heartbeat = lifecycle::start_background_tasks(&app);
+    let background = lifecycle::start_background_tasks(&app);
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let limits = server::Limits {
@@ -59,7 +59,7 @@ pub async fn run(listener: TcpListener, cfg: NodeConfig, shutdown: impl Future<O
     let server = tokio::spawn(server::serve(listener, http::router(app.clone()), limits, stop, Duration::from_secs(5)));
 
     shutdown.await;
-    lifecycle::drain(&app, heartbeat).await;
+    lifecycle::drain(&app, background).await;
     let _ = stop_tx.send(());
     if tokio::time::timeout(Duration::from_secs(6), server).await.is_err() {
         tracing::warn!("HTTP server did not finish in time; exiting anyway");

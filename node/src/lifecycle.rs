@@ -13,19 +13,25 @@ use std::sync::Arc;
 use std::time::Duration;
 use switchboard_common::registry::RegistryEventKind;
 
-pub fn start_background_tasks(app: &Arc<App>) -> tokio::task::JoinHandle<()> {
+/// The tasks `drain` stops: the heartbeat first (the node announces its
+/// drain itself), presence once its last changes are written.
+pub struct Background {
+    heartbeat: tokio::task::JoinHandle<()>,
+    presence: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub fn start_background_tasks(app: &Arc<App>) -> Background {
     let sink: Arc<dyn Deliver> = app.clone();
     app.backplane.start(Arc::downgrade(&sink));
     tokio::spawn(keepalive::sweep_forever(app.clone()));
     let tasks = app.presence_tasks.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(tasks) = tasks {
-        let running = [
+    let presence = tasks.map_or_else(Vec::new, |tasks| {
+        vec![
             tokio::spawn(presence::write_forever(app.clone(), tasks.writes)),
             tokio::spawn(presence::notify_forever(Arc::downgrade(app), tasks.events)),
-        ];
-        app.presence_running.lock().unwrap_or_else(|p| p.into_inner()).extend(running);
-    }
-    tokio::spawn(registry::heartbeat(app.clone()))
+        ]
+    });
+    Background { heartbeat: tokio::spawn(registry::heartbeat(app.clone())), presence }
 }
 
 pub async fn shutdown_signal() {
@@ -49,10 +55,10 @@ pub async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-pub async fn drain(app: &Arc<App>, heartbeat: tokio::task::JoinHandle<()>) {
+pub async fn drain(app: &Arc<App>, background: Background) {
     tracing::info!(connections = app.connections.len(), drain_secs = app.cfg.drain_secs, "draining");
     app.start_draining();
-    heartbeat.abort();
+    background.heartbeat.abort();
     if let Err(e) = registry::beat(app, Some(RegistryEventKind::Draining)).await {
         tracing::warn!(error = %e, "could not announce draining");
     }
@@ -74,7 +80,7 @@ pub async fn drain(app: &Arc<App>, heartbeat: tokio::task::JoinHandle<()>) {
         tracing::warn!("presence not written before exit; this node's users expire with its TTL");
     }
     // No more refreshes: a stopped node must not keep anyone online.
-    for task in app.presence_running.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+    for task in background.presence {
         task.abort();
     }
     if !app.backplane.flush(Duration::from_secs(5)).await {

@@ -39,16 +39,8 @@ async fn main() -> ExitCode {
     let command = cli.command.take();
     if cli.check_config {
         // `resolve` validates everything, key files included.
-        return match cli.resolve().map_err(|e| e.to_string()).and_then(|c| c.masked()) {
-            Ok(text) => {
-                println!("# switchboard-node: the settings are valid (defaults < file < environment < flags)\n{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("switchboard-node: configuration error: {e}");
-                ExitCode::from(2)
-            }
-        };
+        let report = cli.resolve().map_err(|e| e.to_string()).and_then(|c| c.masked());
+        return switchboard_common::config::finish_check("switchboard-node", report);
     }
     let cfg = match cli.resolve() {
         Ok(c) => c,

@@ -243,10 +243,9 @@ impl Presence {
         let mut st = self.state();
         let seq = st.seq;
         st.watchers.retain(|(w, _)| w.strong_count() > 0);
-        if !st.watchers.iter().any(|(w, _)| w.ptr_eq(&conn)) {
-            st.watchers.push((conn, seq));
-        } else if let Some(entry) = st.watchers.iter_mut().find(|(w, _)| w.ptr_eq(&conn)) {
-            entry.1 = seq;
+        match st.watchers.iter_mut().find(|(w, _)| w.ptr_eq(&conn)) {
+            Some(entry) => entry.1 = seq,
+            None => st.watchers.push((conn, seq)),
         }
         st.users().into_iter().collect()
     }

@@ -54,14 +54,15 @@ const COUNT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 pub async fn heartbeat(app: Arc<App>) {
     let mut registered = false;
     let every = app.cfg.duration(app.cfg.heartbeat_secs);
-    let mut tick = tokio::time::interval(every.min(COUNT_CHECK));
+    let check = every.min(COUNT_CHECK);
+    let mut tick = tokio::time::interval(check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_beat: Option<tokio::time::Instant> = None;
     let mut written_count = usize::MAX;
     loop {
         tick.tick().await;
         let count = app.connections.len();
-        let due = last_beat.is_none_or(|t| t.elapsed() + every.min(COUNT_CHECK) / 2 >= every);
+        let due = last_beat.is_none_or(|t| t.elapsed() + check / 2 >= every);
         if !due && registered && count == written_count {
             continue;
         }
