@@ -16,6 +16,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// Forget addresses idle this many checks apart (governor's keyed state grows
 /// with every address until `retain_recent` runs).
@@ -25,13 +26,15 @@ pub struct Admission {
     per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
     checks: AtomicUsize,
     cap: usize,
-    open: AtomicUsize,
+    open: Arc<AtomicUsize>,
 }
 
 /// One open client connection, counted until dropped.
-pub struct ConnectionPermit<'a>(&'a AtomicUsize);
+/// Owned, so that a WebSocket tunnel's own task can hold it after the
+/// connection's first task has ended.
+pub struct ConnectionPermit(Arc<AtomicUsize>);
 
-impl Drop for ConnectionPermit<'_> {
+impl Drop for ConnectionPermit {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -82,12 +85,12 @@ pub fn status_class(status: u16) -> &'static str {
 impl Admission {
     pub fn new(per_ip_per_sec: u32, cap: usize) -> Self {
         let per_ip = NonZeroU32::new(per_ip_per_sec).map(|n| RateLimiter::keyed(Quota::per_second(n)));
-        Admission { per_ip, checks: AtomicUsize::new(0), cap, open: AtomicUsize::new(0) }
+        Admission { per_ip, checks: AtomicUsize::new(0), cap, open: Arc::new(AtomicUsize::new(0)) }
     }
 
     /// Counts a newly accepted client connection; `None` when the cap is reached.
-    pub fn try_connect(&self) -> Option<ConnectionPermit<'_>> {
-        let permit = ConnectionPermit(&self.open);
+    pub fn try_connect(&self) -> Option<ConnectionPermit> {
+        let permit = ConnectionPermit(self.open.clone());
         (self.open.fetch_add(1, Ordering::AcqRel) < self.cap).then_some(permit)
     }
 

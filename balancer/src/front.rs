@@ -20,6 +20,7 @@
 //! drops a tunnel when the node's 101 is parsed before the request's empty
 //! body is (seen here on pooled upstream connections).
 
+use crate::admission::ConnectionPermit;
 use crate::cluster::Cluster;
 use crate::proxy::SwitchboardProxy;
 use crate::refusal::{self, Refusal};
@@ -197,12 +198,14 @@ trait ClientConn: pingora::protocols::IO + Sized + 'static {
     fn peer_ip(&self) -> Option<std::net::IpAddr>;
     /// Makes `data` the next bytes read.
     fn rewind(&mut self, data: &[u8]);
-    /// Hands the connection to the WebSocket tunnel.
+    /// Hands the connection to the WebSocket tunnel, which holds `permit`
+    /// for as long as it lives.
     fn tunnel(
         self: Box<Self>,
         cluster: Arc<Cluster>,
         req: tunnel::UpgradeRequest,
         head: Vec<u8>,
+        permit: ConnectionPermit,
     ) -> impl std::future::Future<Output = ()> + Send;
 }
 
@@ -214,8 +217,14 @@ impl ClientConn for L4Stream {
     fn rewind(&mut self, data: &[u8]) {
         L4Stream::rewind(self, data);
     }
-    async fn tunnel(self: Box<Self>, cluster: Arc<Cluster>, req: tunnel::UpgradeRequest, head: Vec<u8>) {
-        tunnel::serve(cluster, self, req, head).await
+    async fn tunnel(
+        self: Box<Self>,
+        cluster: Arc<Cluster>,
+        req: tunnel::UpgradeRequest,
+        head: Vec<u8>,
+        permit: ConnectionPermit,
+    ) {
+        tunnel::serve(cluster, self, req, head, permit).await
     }
 }
 
@@ -227,8 +236,14 @@ impl ClientConn for TlsConn {
     fn rewind(&mut self, data: &[u8]) {
         TlsConn::rewind(self, data);
     }
-    async fn tunnel(self: Box<Self>, cluster: Arc<Cluster>, req: tunnel::UpgradeRequest, head: Vec<u8>) {
-        tunnel::serve_tls(cluster, *self, req, head).await
+    async fn tunnel(
+        self: Box<Self>,
+        cluster: Arc<Cluster>,
+        req: tunnel::UpgradeRequest,
+        head: Vec<u8>,
+        permit: ConnectionPermit,
+    ) {
+        tunnel::serve_tls(cluster, *self, req, head, permit).await
     }
 }
 
@@ -298,8 +313,9 @@ impl FrontApp {
     }
 
     /// Serves requests on one connection until it closes, fails a limit or
-    /// becomes a tunnel.
-    async fn serve<C: ClientConn>(&self, mut conn: Box<C>, shutdown: &ShutdownWatch) {
+    /// becomes a tunnel (which then runs in a task of its own, holding
+    /// `permit`).
+    async fn serve<C: ClientConn>(&self, mut conn: Box<C>, shutdown: &ShutdownWatch, permit: ConnectionPermit) {
         let cfg = &self.cluster.cfg;
         let limits =
             HeadLimits { time: Duration::from_secs(cfg.request_head_timeout_secs), bytes: cfg.max_request_head_bytes };
@@ -327,7 +343,7 @@ impl FrontApp {
                 return;
             }
             if let Some(request) = tunnel::UpgradeRequest::parse(&head) {
-                return conn.tunnel(self.cluster.clone(), request, head).await;
+                return conn.tunnel(self.cluster.clone(), request, head, permit).await;
             }
             conn.rewind(&head);
             let Some(reused) = self.proxy_one(conn, shutdown).await else { return };
@@ -376,7 +392,7 @@ impl FrontApp {
 impl ServerApp for FrontApp {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let mut l4 = downcast::<L4Stream>(stream)?;
-        let Some(_permit) = self.cluster.admission.try_connect() else {
+        let Some(permit) = self.cluster.admission.try_connect() else {
             self.refuse("max_connections");
             let started = std::time::Instant::now();
             // Over TLS there is no way to answer before a handshake; close.
@@ -393,7 +409,7 @@ impl ServerApp for FrontApp {
             return None;
         };
         match &self.tls {
-            None => self.serve(l4, shutdown).await,
+            None => self.serve(l4, shutdown, permit).await,
             // Boxed: the handshake's and the TLS serving's state would
             // otherwise size every plain connection's future too, for its
             // whole life.
@@ -401,7 +417,7 @@ impl ServerApp for FrontApp {
                 Box::pin(async {
                     let l4 = if self.localize { localize(l4) } else { l4 };
                     if let Some(conn) = self.accept_tls(acceptor, l4).await {
-                        self.serve(conn, shutdown).await;
+                        self.serve(conn, shutdown, permit).await;
                     }
                 })
                 .await

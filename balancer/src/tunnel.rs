@@ -17,7 +17,7 @@
 //! rustls its own state) for the tunnel's life.
 
 use crate::access_log::Entry;
-use crate::admission::{self, FORWARDED_HEADERS};
+use crate::admission::{self, ConnectionPermit, FORWARDED_HEADERS};
 use crate::cluster::Cluster;
 use crate::proxy::{query_id, InFlight};
 use crate::public_surface;
@@ -274,11 +274,12 @@ struct Ended {
     bytes: (u64, u64),
 }
 
-impl Ended {
-    /// A tunnel that ran and closed after relaying `bytes`.
-    fn relayed(in_flight: &InFlight, kind: RouteKind, bytes: (u64, u64)) -> Self {
-        Ended { status: 101, node: Some((in_flight.node().clone(), kind)), bytes }
-    }
+/// Logs a tunnel that ran and closed after relaying `bytes`, and releases
+/// its counters.
+fn relayed(cluster: &Cluster, log: Option<Box<TunnelLog>>, in_flight: InFlight, kind: RouteKind, bytes: (u64, u64)) {
+    let ended = Ended { status: 101, node: Some((in_flight.node().clone(), kind)), bytes };
+    drop(in_flight);
+    TunnelLog::finish(log, cluster, &ended);
 }
 
 /// What the access log needs of a tunnel, kept (boxed) only while the log is on.
@@ -302,51 +303,68 @@ impl TunnelLog {
         }))
     }
 
-    fn finish(&self, cluster: &Cluster, ended: &Ended) {
-        let Some(log) = &cluster.access_log else { return };
+    /// Writes the tunnel's line, when the log is on.
+    fn finish(this: Option<Box<Self>>, cluster: &Cluster, ended: &Ended) {
+        let (Some(this), Some(log)) = (this, &cluster.access_log) else { return };
         let node = ended.node.as_ref();
         log.record(&Entry {
-            client: self.peer,
+            client: this.peer,
             method: "GET",
-            target: &self.target,
+            target: &this.target,
             status: ended.status,
             node: node.map(|(n, _)| n.record.node_id.as_str()),
             route: node.map_or("-", |(_, k)| k.label()),
             kind: "websocket",
-            duration: self.started.elapsed(),
+            duration: this.started.elapsed(),
             bytes_in: ended.bytes.0,
             bytes_out: ended.bytes.1,
-            tls: self.tls,
-            user_agent: self.user_agent.as_deref(),
+            tls: this.tls,
+            user_agent: this.user_agent.as_deref(),
         });
     }
 }
 
-/// Routes, handshakes and relays one WebSocket connection.
-pub async fn serve(cluster: Arc<Cluster>, downstream: Box<L4Stream>, req: UpgradeRequest, buf: Vec<u8>) {
+/// Routes and handshakes one WebSocket connection, then relays it in a task
+/// of its own: the connection's first task (Pingora's, with the front's and
+/// the handshake's state) ends there, and an idle tunnel keeps only its two
+/// sockets, its counters and the relay's small state. `permit` is held until
+/// the tunnel closes.
+pub async fn serve(
+    cluster: Arc<Cluster>,
+    downstream: Box<L4Stream>,
+    req: UpgradeRequest,
+    buf: Vec<u8>,
+    permit: ConnectionPermit,
+) {
     let Some(client) = take_socket(&downstream) else { return };
     drop(downstream);
     let _ = client.set_nodelay(true);
     let peer = client.peer_addr().ok().map(|a| a.ip());
     let log = TunnelLog::new(&cluster, &req, peer, false);
-    // The handshake's state (head buffers, routing, connect) is boxed so that
-    // it is freed when it ends instead of sizing this task's future for the
-    // tunnel's whole life; an idle tunnel keeps its sockets and little else.
-    let ended = match Box::pin(handshake(&cluster, client, peer, false, req, buf)).await {
+    // Boxed, so that the handshake's state does not size the front's future
+    // (every kept-alive connection's) too.
+    match Box::pin(handshake(&cluster, client, peer, false, req, buf)).await {
         Ok(t) => {
-            let bytes = relay(&t.client, &t.upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
-            Ended::relayed(&t.in_flight, t.kind, bytes)
+            tokio::spawn(async move {
+                let bytes = relay(&t.client, &t.upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
+                drop((t.client, t.upstream));
+                relayed(&cluster, log, t.in_flight, t.kind, bytes);
+                drop(permit);
+            });
         }
-        Err(ended) => ended,
-    };
-    if let Some(log) = log {
-        log.finish(&cluster, &ended);
+        Err(ended) => TunnelLog::finish(log, &cluster, &ended),
     }
 }
 
 /// The same for a WebSocket over TLS (`wss://`); `buf` holds the decrypted
 /// head and whatever the client sent after it.
-pub async fn serve_tls(cluster: Arc<Cluster>, conn: TlsConn, req: UpgradeRequest, buf: Vec<u8>) {
+pub async fn serve_tls(
+    cluster: Arc<Cluster>,
+    conn: TlsConn,
+    req: UpgradeRequest,
+    buf: Vec<u8>,
+    permit: ConnectionPermit,
+) {
     let peer = conn.peer_ip();
     let (client, rewound) = conn.into_parts();
     let log = TunnelLog::new(&cluster, &req, peer, true);
@@ -354,15 +372,16 @@ pub async fn serve_tls(cluster: Arc<Cluster>, conn: TlsConn, req: UpgradeRequest
     // still rewound belongs after the head (never the case today).
     let mut buf = buf;
     buf.extend_from_slice(&rewound);
-    let ended = match Box::pin(handshake(&cluster, client, peer, true, req, buf)).await {
+    match Box::pin(handshake(&cluster, client, peer, true, req, buf)).await {
         Ok(Tunnel { client, upstream, kind, in_flight }) => {
-            let bytes = relay_tls(client, upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
-            Ended::relayed(&in_flight, kind, bytes)
+            tokio::spawn(async move {
+                let idle = Duration::from_secs(cluster.cfg.idle_timeout_secs);
+                let bytes = relay_tls(client, upstream, idle).await;
+                relayed(&cluster, log, in_flight, kind, bytes);
+                drop(permit);
+            });
         }
-        Err(ended) => ended,
-    };
-    if let Some(log) = log {
-        log.finish(&cluster, &ended);
+        Err(ended) => TunnelLog::finish(log, &cluster, &ended),
     }
 }
 
@@ -443,56 +462,107 @@ async fn handshake<C: Downstream>(
     Err(ended)
 }
 
-/// The end of a tunnel, seen by both directions and the idle watchdog. All
-/// three run in one task (`tokio::join!`, which polls every unfinished
+/// The shared state of one tunnel's relay: both directions and the idle
+/// watchdog run in one task (`tokio::join!`, which polls every unfinished
 /// branch each time the task wakes), so ending needs no list of waiters:
-/// whoever ends the tunnel sets the flag and wakes the task, and the others
-/// see the flag when they are polled next.
-#[derive(Default)]
-struct Stop(std::sync::atomic::AtomicBool);
+/// whoever ends the tunnel sets `state` and wakes the task, and the others
+/// see it when they are polled next.
+///
+/// Two ways to end: `ENDED` (a side closed or failed) stops reads that are
+/// waiting, but a write in progress still finishes; `EXPIRED` (the watchdog
+/// found the tunnel idle, or a write stuck) stops writes too. So no write
+/// carries a timer of its own, and an idle tunnel holds one timer in all.
+struct Relay {
+    state: std::sync::atomic::AtomicU8,
+    epoch: Instant,
+    idle: Duration,
+    /// When a byte last moved either way (ms since `epoch`).
+    last: std::sync::atomic::AtomicU64,
+    /// Per direction: when its write in progress began (ms since `epoch`, plus
+    /// one), or 0 when it is not writing.
+    writing: [std::sync::atomic::AtomicU64; 2],
+}
 
-impl Stop {
-    fn is_set(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Acquire)
+const RUNNING: u8 = 0;
+const ENDED: u8 = 1;
+const EXPIRED: u8 = 2;
+
+impl Relay {
+    fn new(idle: Duration) -> Self {
+        Relay { state: RUNNING.into(), epoch: Instant::now(), idle, last: 0.into(), writing: [0.into(), 0.into()] }
     }
 
-    /// Ends the tunnel. Only to be awaited inside the tunnel's task.
-    async fn set(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::Release);
+    fn ended(&self) -> bool {
+        self.state.load(std::sync::atomic::Ordering::Acquire) != RUNNING
+    }
+
+    fn expired(&self) -> bool {
+        self.state.load(std::sync::atomic::Ordering::Acquire) == EXPIRED
+    }
+
+    /// Ends the tunnel (`ENDED` or `EXPIRED`; expiry is never undone). Only
+    /// to be awaited inside the tunnel's task.
+    async fn end(&self, how: u8) {
+        self.state.fetch_max(how, std::sync::atomic::Ordering::AcqRel);
         poll_fn(|cx| {
             cx.waker().wake_by_ref();
             Poll::Ready(())
         })
         .await
     }
+
+    /// Milliseconds since the relay began.
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn moved(&self) {
+        self.last.store(self.now(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs `write` for direction `dir`, marked as in progress for the
+    /// watchdog; `false` when it failed or the tunnel expired first (bytes
+    /// not yet written are then dropped with the tunnel).
+    async fn write<F: Future<Output = std::io::Result<()>>>(&self, dir: usize, write: F) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.moved();
+        self.writing[dir].store(self.now() + 1, Relaxed);
+        let mut write = std::pin::pin!(write);
+        let done = poll_fn(|cx| match self.expired() {
+            true => Poll::Ready(false),
+            false => write.as_mut().poll(cx).map(|r| r.is_ok()),
+        })
+        .await;
+        self.writing[dir].store(0, Relaxed);
+        self.moved();
+        done
+    }
+
+    /// Milliseconds (since `epoch`) at which the tunnel expires unless
+    /// something moves: `idle` after the last byte moved, or after the
+    /// oldest write in progress began.
+    fn expiry(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let idle = self.idle.as_millis() as u64;
+        let oldest = self.writing.iter().map(|w| w.load(Relaxed)).filter(|&w| w > 0).map(|w| w - 1).min();
+        let since = oldest.map_or(self.last.load(Relaxed), |w| w.min(self.last.load(Relaxed)));
+        since.saturating_add(idle)
+    }
 }
 
-/// Milliseconds since `epoch`, for the shared idle clock.
-fn millis_since(epoch: Instant) -> u64 {
-    epoch.elapsed().as_millis() as u64
-}
-
-/// Copies `from` → `to` until either side closes or the tunnel stops. Never
-/// abandons bytes it has read: the write is not raced against anything (a
-/// write that makes no progress for `idle` ends the tunnel).
+/// Copies `from` → `to` (direction `dir`) until either side closes or the
+/// tunnel ends. Never abandons bytes it has read: the write is raced only
+/// against expiry (a write that makes no progress for `idle` ends the tunnel).
 ///
 /// While data flows it reads again straight after each write and keeps its
 /// buffer; only when a read finds nothing does it free the buffer and park
 /// on readiness (the one wait raced against the end of the tunnel). A busy
 /// direction so costs no wake-up per message, and an idle one holds nothing.
-async fn one_way<W: Downstream>(
-    from: &TcpStream,
-    to: &mut W,
-    stop: &Stop,
-    epoch: Instant,
-    last: &std::sync::atomic::AtomicU64,
-    idle: Duration,
-) -> u64 {
-    use std::sync::atomic::Ordering::Relaxed;
+async fn one_way<W: Downstream>(from: &TcpStream, to: &mut W, relay: &Relay, dir: usize) -> u64 {
     let mut buf: Vec<u8> = Vec::new();
     let mut moved = 0u64;
     loop {
-        if stop.is_set() {
+        if relay.ended() {
             return moved;
         }
         if buf.capacity() == 0 {
@@ -502,10 +572,8 @@ async fn one_way<W: Downstream>(
         match from.try_read_buf(&mut buf) {
             Ok(0) => break,
             Ok(_) => {
-                last.store(millis_since(epoch), Relaxed);
-                match tokio::time::timeout(idle, to.send(&buf)).await {
-                    Ok(Ok(())) => last.store(millis_since(epoch), Relaxed),
-                    _ => break,
+                if !relay.write(dir, to.send(&buf)).await {
+                    break;
                 }
                 moved += buf.len() as u64;
                 // Yields to the thread's other tasks once tokio's cooperative
@@ -515,7 +583,7 @@ async fn one_way<W: Downstream>(
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 buf = Vec::new();
-                let ready = poll_fn(|cx| match stop.is_set() {
+                let ready = poll_fn(|cx| match relay.ended() {
                     true => Poll::Ready(None),
                     false => from.poll_read_ready(cx).map(Some),
                 })
@@ -529,29 +597,31 @@ async fn one_way<W: Downstream>(
             Err(_) => break,
         }
     }
-    stop.set().await;
+    relay.end(ENDED).await;
     moved
 }
 
-/// Ends the tunnel once neither direction has moved a byte for `idle`.
-async fn watchdog(stop: &Stop, epoch: Instant, last: &std::sync::atomic::AtomicU64, idle: Duration) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let idle_ms = idle.as_millis() as u64;
+/// Expires the tunnel once nothing has moved either way for `idle`, or a
+/// write has been in progress that long.
+async fn watchdog(relay: &Relay) {
     loop {
-        let deadline = epoch + Duration::from_millis(last.load(Relaxed).saturating_add(idle_ms));
+        let deadline = relay.epoch + Duration::from_millis(relay.expiry());
         let sleep = tokio::time::sleep_until(deadline);
         tokio::pin!(sleep);
-        let stopped = poll_fn(|cx| match stop.is_set() {
+        let ended = poll_fn(|cx| match relay.ended() {
             true => Poll::Ready(true),
             false => sleep.as_mut().poll(cx).map(|()| false),
         })
         .await;
-        if stopped {
+        if ended {
             return;
         }
-        if millis_since(epoch).saturating_sub(last.load(Relaxed)) >= idle_ms {
-            tracing::debug!("closing idle websocket tunnel");
-            stop.set().await;
+        // Writes that began after the sleep was set only move the expiry
+        // later (each began with a byte moving), so looking again now is
+        // never too late.
+        if relay.now() >= relay.expiry() {
+            tracing::debug!("closing idle or stuck websocket tunnel");
+            relay.end(EXPIRED).await;
             return;
         }
     }
@@ -559,14 +629,12 @@ async fn watchdog(stop: &Stop, epoch: Instant, last: &std::sync::atomic::AtomicU
 
 /// Relays both ways; returns the bytes moved (from the client, to the client).
 async fn relay(client: &TcpStream, upstream: &TcpStream, idle: Duration) -> (u64, u64) {
-    let stop = Stop::default();
-    let epoch = Instant::now();
-    let last = std::sync::atomic::AtomicU64::new(0);
+    let relay = Relay::new(idle);
     let (mut to_client, mut to_upstream) = (client, upstream);
     let (up, down, ()) = tokio::join!(
-        one_way(client, &mut to_upstream, &stop, epoch, &last, idle),
-        one_way(upstream, &mut to_client, &stop, epoch, &last, idle),
-        watchdog(&stop, epoch, &last, idle)
+        one_way(client, &mut to_upstream, &relay, 0),
+        one_way(upstream, &mut to_client, &relay, 1),
+        watchdog(&relay)
     );
     (up, down)
 }
@@ -575,20 +643,12 @@ async fn relay(client: &TcpStream, upstream: &TcpStream, idle: Duration) -> (u64
 /// tunnel (a TLS stream has no readiness to wait on without reading); the
 /// read is the only thing raced against the end of the tunnel, and a read
 /// that was cancelled has taken nothing.
-async fn client_to_node<R: AsyncRead + Unpin>(
-    mut from: R,
-    to: &TcpStream,
-    stop: &Stop,
-    epoch: Instant,
-    last: &std::sync::atomic::AtomicU64,
-    idle: Duration,
-) -> u64 {
-    use std::sync::atomic::Ordering::Relaxed;
+async fn client_to_node<R: AsyncRead + Unpin>(mut from: R, to: &TcpStream, relay: &Relay) -> u64 {
     let mut buf = vec![0u8; TLS_READ_CHUNK];
     let mut moved = 0u64;
     loop {
         let mut read = ReadBuf::new(&mut buf);
-        let ended = poll_fn(|cx| match stop.is_set() {
+        let ended = poll_fn(|cx| match relay.ended() {
             true => Poll::Ready(None),
             false => Pin::new(&mut from).poll_read(cx, &mut read).map(Some),
         })
@@ -598,26 +658,22 @@ async fn client_to_node<R: AsyncRead + Unpin>(
             Some(Ok(())) if !read.filled().is_empty() => read.filled().len(),
             Some(_) => break,
         };
-        last.store(millis_since(epoch), Relaxed);
-        match tokio::time::timeout(idle, write_all(to, &buf[..n])).await {
-            Ok(Ok(())) => last.store(millis_since(epoch), Relaxed),
-            _ => break,
+        if !relay.write(0, write_all(to, &buf[..n])).await {
+            break;
         }
         moved += n as u64;
     }
-    stop.set().await;
+    relay.end(ENDED).await;
     moved
 }
 
 async fn relay_tls(client: TlsStream<Box<L4Stream>>, upstream: TcpStream, idle: Duration) -> (u64, u64) {
-    let stop = Stop::default();
-    let epoch = Instant::now();
-    let last = std::sync::atomic::AtomicU64::new(0);
+    let relay = Relay::new(idle);
     let (reader, mut writer) = tokio::io::split(client);
     let (up, down, ()) = tokio::join!(
-        client_to_node(reader, &upstream, &stop, epoch, &last, idle),
-        one_way(&upstream, &mut writer, &stop, epoch, &last, idle),
-        watchdog(&stop, epoch, &last, idle)
+        client_to_node(reader, &upstream, &relay),
+        one_way(&upstream, &mut writer, &relay, 1),
+        watchdog(&relay)
     );
     // A TLS close_notify, so the client reads a clean end of stream.
     let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;

@@ -136,6 +136,26 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         duration_secs: f64,
     },
+    /// SignalR connections set up per second (negotiate, WebSocket, handshake,
+    /// close), as the suite's connection setup rate
+    Setups {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10.0)]
+        duration_secs: f64,
+    },
+    /// Sequential Echo over one WebSocket per URL, the URLs taken in turn
+    Sequential {
+        /// Repeat to measure several URLs in one run
+        #[arg(long = "url")]
+        urls: Vec<String>,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value_t = 300)]
+        per_round: usize,
+    },
     /// Broadcast fan-out across nodes: deliveries per second and latency
     Fanout {
         /// Comma-separated base URLs (receivers and senders are spread over them in turn)
@@ -269,6 +289,12 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Http { url, concurrency, duration_secs } => {
             setup::http_rate(&url, concurrency, secs(duration_secs)).await?
+        }
+        Command::Setups { url, concurrency, duration_secs } => {
+            setup::connect_rate(&url, concurrency, secs(duration_secs)).await?
+        }
+        Command::Sequential { urls, rounds, per_round } => {
+            serde_json::Value::Array(scenarios::echo_sequential(&urls, rounds, per_round).await?)
         }
         Command::Fanout { urls, receivers, senders, rate, duration_secs } => {
             scenarios::fanout(&urls, receivers, senders, rate, secs(duration_secs), &[]).await?

@@ -10,7 +10,7 @@ use redis::AsyncCommands;
 use std::time::Duration;
 use switchboard_common::registry::{node_key, NodeRecord, NodeStatus};
 use switchboard_common::token::ConnectionToken;
-use switchboard_tests::{InProcessBalancer, RedisServer};
+use switchboard_tests::{InProcessBalancer, RedisServer, TestBalancer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -40,9 +40,14 @@ fn first_mismatch(data: &[u8], offset: usize, salt: u8) -> Option<usize> {
     data.iter().enumerate().find(|(i, &b)| b != pattern(offset + i, salt)).map(|(i, _)| offset + i)
 }
 
-/// Serves `/health` and one upgraded connection: sends DOWN_BYTES of the
-/// pattern and reports how many client bytes arrived and whether they matched.
-async fn fake_node(listener: TcpListener, report: tokio::sync::oneshot::Sender<(usize, Option<usize>)>) {
+/// Serves `/health` and one upgraded connection: sends `down_bytes` of the
+/// pattern and reports how many client bytes arrived and whether they
+/// matched, once the balancer has closed the connection.
+async fn fake_node(
+    listener: TcpListener,
+    down_bytes: usize,
+    report: tokio::sync::oneshot::Sender<(usize, Option<usize>)>,
+) {
     let mut report = Some(report);
     loop {
         let Ok((mut s, _)) = listener.accept().await else { return };
@@ -64,11 +69,20 @@ async fn fake_node(listener: TcpListener, report: tokio::sync::oneshot::Sender<(
         tokio::spawn(async move {
             let (mut rd, mut wr) = s.into_split();
             let writer = tokio::spawn(async move {
-                let data: Vec<u8> = (0..DOWN_BYTES).map(|i| pattern(i, 0)).collect();
-                for chunk in data.chunks(64 * 1024) {
-                    if wr.write_all(chunk).await.is_err() {
+                let chunk: Vec<u8> = (0..64 * 1024).map(|i| pattern(i, 0)).collect();
+                let data: Vec<u8> = (0..DOWN_BYTES.min(down_bytes)).map(|i| pattern(i, 0)).collect();
+                for part in data.chunks(64 * 1024) {
+                    if wr.write_all(part).await.is_err() {
                         return;
                     }
+                }
+                // Past the pattern, filler for as long as it is taken.
+                let mut sent = data.len();
+                while sent < down_bytes {
+                    if wr.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    sent += chunk.len();
                 }
                 // Keep the socket open until the client has read it all.
                 tokio::time::sleep(LIMIT).await;
@@ -105,12 +119,46 @@ async fn the_tunnel_loses_no_byte_on_a_work_stealing_runtime_too() {
     relay_byte_for_byte(&["--work-stealing", "true"]).await;
 }
 
-async fn relay_byte_for_byte(balancer_args: &[&str]) {
+/// A client that keeps sending but never reads: the node → client direction
+/// stops moving while the other stays busy. The balancer must end the tunnel
+/// once that write has been stuck for the idle limit (the busy direction
+/// alone must not keep it open), and so close the node's side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_whose_client_never_reads_ends_after_the_idle_limit_while_it_keeps_sending() {
+    let (redis, report_rx) = stand_in(1 << 30).await;
+    // A balancer process: after an in-process balancer has stopped, this
+    // test binary could not start another one.
+    let lb = TestBalancer::start(&redis, &["--idle-timeout-secs", "1"]).await;
+    lb.wait_accepting(&["relay"]).await;
+    let (_rd, mut wr) = upgrade(&lb.base).await.into_split();
+    let sender = tokio::spawn(async move {
+        let mut sent = 0usize;
+        // Bounded: 100 bytes every 2 ms for at most a minute.
+        for _ in 0..30_000 {
+            let chunk: Vec<u8> = (sent..sent + 100).map(|i| pattern(i, 0x5a)).collect();
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        sent
+    });
+    let (arrived, bad) =
+        tokio::time::timeout(LIMIT, report_rx).await.expect("the balancer closed the stuck tunnel").unwrap();
+    assert_eq!(bad, None, "client → node bytes corrupted");
+    assert!(arrived > 0, "the client's bytes reached the node while the tunnel lived");
+    let sent = tokio::time::timeout(LIMIT, sender).await.expect("the client's writes failed once closed").unwrap();
+    assert!(sent >= arrived);
+}
+
+/// Redis and the stand-in node (sending `down_bytes`) registered in it.
+async fn stand_in(down_bytes: usize) -> (RedisServer, tokio::sync::oneshot::Receiver<(usize, Option<usize>)>) {
     let redis = RedisServer::start();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let node_addr = listener.local_addr().unwrap();
     let (report_tx, report_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(fake_node(listener, report_tx));
+    tokio::spawn(fake_node(listener, down_bytes, report_tx));
     let now = chrono::Utc::now();
     let record = NodeRecord {
         node_id: "relay".into(),
@@ -127,11 +175,13 @@ async fn relay_byte_for_byte(balancer_args: &[&str]) {
     let mut r = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = r.hset_multiple(node_key("switchboard", "relay"), &record.to_fields()).await.unwrap();
     let _: () = r.expire(node_key("switchboard", "relay"), 120).await.unwrap();
-    let lb = InProcessBalancer::start(&redis, balancer_args).await;
-    lb.wait_accepting(&["relay"]).await;
+    (redis, report_rx)
+}
 
+/// A WebSocket through the balancer at `base` to the stand-in node, past its 101.
+async fn upgrade(base: &str) -> TcpStream {
     let token = ConnectionToken::issue("relay").token;
-    let addr = lb.base.trim_start_matches("http://").to_string();
+    let addr = base.trim_start_matches("http://").to_string();
     let mut s = TcpStream::connect(&addr).await.unwrap();
     let req = format!(
         "GET /chathub?id={token} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -140,7 +190,14 @@ async fn relay_byte_for_byte(balancer_args: &[&str]) {
     s.write_all(req.as_bytes()).await.unwrap();
     let head = read_head(&mut s).await;
     assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    let (mut rd, mut wr) = s.into_split();
+    s
+}
+
+async fn relay_byte_for_byte(balancer_args: &[&str]) {
+    let (redis, report_rx) = stand_in(DOWN_BYTES).await;
+    let lb = InProcessBalancer::start(&redis, balancer_args).await;
+    lb.wait_accepting(&["relay"]).await;
+    let (mut rd, mut wr) = upgrade(&lb.base).await.into_split();
 
     // The client sends 100 bytes every 2 ms for as long as it reads…
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
