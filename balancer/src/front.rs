@@ -22,6 +22,7 @@
 
 use crate::admission::ConnectionPermit;
 use crate::cluster::Cluster;
+use crate::local_conn::{localized, LocalConn};
 use crate::proxy::SwitchboardProxy;
 use crate::refusal::{self, Refusal};
 use crate::tls::TlsConn;
@@ -32,12 +33,11 @@ use pingora::listeners::ListenerConfig;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::GetSocketDigest;
 use pingora::protocols::Stream;
-use pingora::protocols::{GetSocketDigest, SocketDigest};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use std::future::Future;
-use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -163,24 +163,6 @@ pub fn listener(addr: &str) -> ListenerConfig {
     ListenerConfig::tcp(addr).l4_buffer(L4BufferSettings::new(0, 1460))
 }
 
-/// The accepted socket registered with this thread's reactor. Pingora
-/// accepts on one thread and, with per-core runtimes, hands the connection
-/// to any of them; left where it was accepted, every readiness event of the
-/// connection is delivered by the accepting thread and crosses over. Done
-/// for TLS connections before their handshake (plain tunnels take their
-/// socket over in `tunnel` anyway). Plain HTTP requests stay on Pingora's
-/// stream: moved, they lose its write buffer, and measured slower (answers
-/// then leave as two segments, head and body).
-/// Writes go out unbuffered (with `TCP_NODELAY`) from here on.
-fn localize(l4: Box<L4Stream>) -> Box<L4Stream> {
-    let Some(tcp) = tunnel::take_socket(&l4) else { return l4 };
-    let mut local = L4Stream::from(tcp);
-    let fd = local.as_raw_fd();
-    local.set_socket_digest(SocketDigest::from_raw_fd(fd));
-    let _ = local.set_nodelay();
-    Box::new(local)
-}
-
 fn downcast<C: 'static>(stream: Stream) -> Option<Box<C>> {
     match stream.into_any().downcast::<C>() {
         Ok(s) => Some(s),
@@ -212,7 +194,7 @@ trait ClientConn: pingora::protocols::IO + Sized + 'static {
 impl ClientConn for L4Stream {
     const TLS: bool = false;
     fn peer_ip(&self) -> Option<std::net::IpAddr> {
-        l4_peer_ip(self)
+        peer_ip_of(self)
     }
     fn rewind(&mut self, data: &[u8]) {
         L4Stream::rewind(self, data);
@@ -224,7 +206,34 @@ impl ClientConn for L4Stream {
         head: Vec<u8>,
         permit: ConnectionPermit,
     ) {
-        tunnel::serve(cluster, self, req, head, permit).await
+        let Some(client) = tunnel::take_socket(&self) else { return };
+        drop(self);
+        tunnel::serve(cluster, client, req, head, permit).await
+    }
+}
+
+/// A plain connection moved to the thread serving it (per-core runtimes).
+impl ClientConn for LocalConn {
+    const TLS: bool = false;
+    fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        peer_ip_of(self)
+    }
+    fn rewind(&mut self, data: &[u8]) {
+        LocalConn::rewind(self, data);
+    }
+    async fn tunnel(
+        self: Box<Self>,
+        cluster: Arc<Cluster>,
+        req: tunnel::UpgradeRequest,
+        head: Vec<u8>,
+        permit: ConnectionPermit,
+    ) {
+        // The front reads a head only from an empty rewind buffer; anything
+        // still rewound belongs after the head (never the case today).
+        let (client, rewound) = self.into_parts();
+        let mut head = head;
+        head.extend_from_slice(&rewound);
+        tunnel::serve(cluster, client, req, head, permit).await
     }
 }
 
@@ -247,9 +256,9 @@ impl ClientConn for TlsConn {
     }
 }
 
-/// The client's address of an accepted socket.
-pub fn l4_peer_ip(l4: &L4Stream) -> Option<std::net::IpAddr> {
-    l4.get_socket_digest()?.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
+/// The client's address of a connection, from its socket digest.
+pub fn peer_ip_of(s: &impl GetSocketDigest) -> Option<std::net::IpAddr> {
+    s.get_socket_digest()?.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
 }
 
 /// Logs an answer the front gave itself (a refusal or a redirect), with the
@@ -403,19 +412,25 @@ impl ServerApp for FrontApp {
                     _ => None,
                 };
                 let status = refusal::TOO_MANY_CONNECTIONS.status;
-                log_answer(&self.cluster, l4_peer_ip(&l4), false, head.as_deref(), status, started);
+                log_answer(&self.cluster, peer_ip_of(&*l4), false, head.as_deref(), status, started);
                 answer(&mut *l4, &refusal::TOO_MANY_CONNECTIONS).await;
             }
             return None;
         };
         match &self.tls {
-            None => self.serve(l4, shutdown, permit).await,
+            None => match self.localize.then(|| LocalConn::new(&l4)).flatten() {
+                Some(local) => {
+                    drop(l4);
+                    self.serve(local, shutdown, permit).await
+                }
+                None => self.serve(l4, shutdown, permit).await,
+            },
             // Boxed: the handshake's and the TLS serving's state would
             // otherwise size every plain connection's future too, for its
             // whole life.
             Some(acceptor) => {
                 Box::pin(async {
-                    let l4 = if self.localize { localize(l4) } else { l4 };
+                    let l4 = if self.localize { localized(l4) } else { l4 };
                     if let Some(conn) = self.accept_tls(acceptor, l4).await {
                         self.serve(conn, shutdown, permit).await;
                     }

@@ -16,6 +16,7 @@ mod discovery;
 mod front;
 mod health;
 mod history;
+mod local_conn;
 mod metrics;
 mod proxy;
 mod public_surface;

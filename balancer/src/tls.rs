@@ -200,19 +200,13 @@ impl TlsConn {
 
     /// The client's address.
     pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
-        crate::front::l4_peer_ip(self.tcp())
+        crate::front::peer_ip_of(self.tcp())
     }
 }
 
 impl AsyncRead for TlsConn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        if !self.rewound.is_empty() {
-            let n = self.rewound.len().min(buf.remaining());
-            buf.put_slice(&self.rewound[..n]);
-            self.rewound.drain(..n);
-            if self.rewound.is_empty() {
-                self.rewound = Vec::new();
-            }
+        if crate::local_conn::read_rewound(&mut self.rewound, buf) {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.tls).poll_read(cx, buf)

@@ -331,13 +331,11 @@ impl TunnelLog {
 /// the tunnel closes.
 pub async fn serve(
     cluster: Arc<Cluster>,
-    downstream: Box<L4Stream>,
+    client: TcpStream,
     req: UpgradeRequest,
     buf: Vec<u8>,
     permit: ConnectionPermit,
 ) {
-    let Some(client) = take_socket(&downstream) else { return };
-    drop(downstream);
     let _ = client.set_nodelay(true);
     let peer = client.peer_addr().ok().map(|a| a.ip());
     let log = TunnelLog::new(&cluster, &req, peer, false);
