@@ -127,7 +127,8 @@ async fn the_tunnel_loses_no_byte_on_a_work_stealing_runtime_too() {
 async fn a_tunnel_whose_client_never_reads_ends_after_the_idle_limit_while_it_keeps_sending() {
     let (redis, report_rx) = stand_in(1 << 30).await;
     // A balancer process: after an in-process balancer has stopped, this
-    // test binary could not start another one.
+    // test binary could not start another one (Pingora's per-thread runtime
+    // registry can hand out a runtime that has shut down, cloudflare/pingora#981).
     let lb = TestBalancer::start(&redis, &["--idle-timeout-secs", "1"]).await;
     lb.wait_accepting(&["relay"]).await;
     let (_rd, mut wr) = upgrade(&lb.base).await.into_split();
