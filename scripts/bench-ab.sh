@@ -14,32 +14,13 @@ cd "$(dirname "$0")/.."
 declare -A dirs=([A]="$1" [B]="$2")
 rounds=${3:-2}
 secs=${4:-6}
-bin=target/release
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/lib/loopback-node.sh
 # One value out of a subcommand's JSON: a dotted path such as latency.p50_us.
 field() { python3 -c 'import json,sys
 v = json.load(sys.stdin)
 for k in sys.argv[1].split("."):
     v = v[int(k)] if isinstance(v, list) else v[k]
 print(v)' "$1"; }
-
-redis_port=$(free_port)
-redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.log" 2>&1 &
-pids+=($!)
-node_port=$(free_port)
-node="http://127.0.0.1:$node_port"
-"$bin/switchboard-node" --listen "127.0.0.1:$node_port" --redis "redis://127.0.0.1:$redis_port" \
-  --node-id bench-node --advertise-url "$node" >"$work/node.log" 2>&1 &
-pids+=($!)
 
 # Starts balancer $1 (A or B) as instance $2; sets $url and $pid.
 start() {

@@ -12,25 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-2}
 secs=${2:-8}
-bin=target/release
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-redis_port=$(free_port)
-redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.log" 2>&1 &
-pids+=($!)
-node_port=$(free_port)
-"$bin/switchboard-node" --listen "127.0.0.1:$node_port" --redis "redis://127.0.0.1:$redis_port" \
-  --node-id bench-node --advertise-url "http://127.0.0.1:$node_port" >"$work/node.log" 2>&1 &
-pids+=($!)
+. scripts/lib/loopback-node.sh
 
 declare -A base
 for mode in off json common; do

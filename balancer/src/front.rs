@@ -177,82 +177,52 @@ fn downcast<C: 'static>(stream: Stream) -> Option<Box<C>> {
 trait ClientConn: pingora::protocols::IO + Sized + 'static {
     const TLS: bool;
     /// The client's address, for the access log.
-    fn peer_ip(&self) -> Option<std::net::IpAddr>;
+    fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        peer_ip_of(self)
+    }
     /// Makes `data` the next bytes read.
     fn rewind(&mut self, data: &[u8]);
-    /// Hands the connection to the WebSocket tunnel, which holds `permit`
-    /// for as long as it lives.
-    fn tunnel(
-        self: Box<Self>,
-        cluster: Arc<Cluster>,
-        req: tunnel::UpgradeRequest,
-        head: Vec<u8>,
-        permit: ConnectionPermit,
-    ) -> impl std::future::Future<Output = ()> + Send;
+    /// The connection as the WebSocket tunnel takes it over; `None` when its
+    /// socket could not be duplicated (out of descriptors).
+    fn into_client(self: Box<Self>) -> Option<tunnel::Client>;
 }
 
 impl ClientConn for L4Stream {
     const TLS: bool = false;
-    fn peer_ip(&self) -> Option<std::net::IpAddr> {
-        peer_ip_of(self)
-    }
     fn rewind(&mut self, data: &[u8]) {
         L4Stream::rewind(self, data);
     }
-    async fn tunnel(
-        self: Box<Self>,
-        cluster: Arc<Cluster>,
-        req: tunnel::UpgradeRequest,
-        head: Vec<u8>,
-        permit: ConnectionPermit,
-    ) {
-        let Some(client) = tunnel::take_socket(&self) else { return };
-        drop(self);
-        tunnel::serve(cluster, client, req, head, permit).await
+    fn into_client(self: Box<Self>) -> Option<tunnel::Client> {
+        let socket = tunnel::take_socket(&self)?;
+        let _ = socket.set_nodelay(true);
+        // Pingora's stream is read only through its own rewind buffer, which
+        // the front leaves empty.
+        Some(tunnel::Client { peer: self.peer_ip(), socket: tunnel::Socket::Plain(socket), rewound: Vec::new() })
     }
 }
 
 /// A plain connection moved to the thread serving it (per-core runtimes).
 impl ClientConn for LocalConn {
     const TLS: bool = false;
-    fn peer_ip(&self) -> Option<std::net::IpAddr> {
-        peer_ip_of(self)
-    }
     fn rewind(&mut self, data: &[u8]) {
         LocalConn::rewind(self, data);
     }
-    async fn tunnel(
-        self: Box<Self>,
-        cluster: Arc<Cluster>,
-        req: tunnel::UpgradeRequest,
-        head: Vec<u8>,
-        permit: ConnectionPermit,
-    ) {
-        // The front reads a head only from an empty rewind buffer; anything
-        // still rewound belongs after the head (never the case today).
-        let (client, rewound) = self.into_parts();
-        let mut head = head;
-        head.extend_from_slice(&rewound);
-        tunnel::serve(cluster, client, req, head, permit).await
+    fn into_client(self: Box<Self>) -> Option<tunnel::Client> {
+        let peer = self.peer_ip();
+        let (socket, rewound) = self.into_parts();
+        Some(tunnel::Client { peer, socket: tunnel::Socket::Plain(socket), rewound })
     }
 }
 
 impl ClientConn for TlsConn {
     const TLS: bool = true;
-    fn peer_ip(&self) -> Option<std::net::IpAddr> {
-        TlsConn::peer_ip(self)
-    }
     fn rewind(&mut self, data: &[u8]) {
         TlsConn::rewind(self, data);
     }
-    async fn tunnel(
-        self: Box<Self>,
-        cluster: Arc<Cluster>,
-        req: tunnel::UpgradeRequest,
-        head: Vec<u8>,
-        permit: ConnectionPermit,
-    ) {
-        tunnel::serve_tls(cluster, *self, req, head, permit).await
+    fn into_client(self: Box<Self>) -> Option<tunnel::Client> {
+        let peer = self.peer_ip();
+        let (socket, rewound) = self.into_parts();
+        Some(tunnel::Client { peer, socket: tunnel::Socket::Tls(Box::new(socket)), rewound })
     }
 }
 
@@ -352,7 +322,10 @@ impl FrontApp {
                 return;
             }
             if let Some(request) = tunnel::UpgradeRequest::parse(&head) {
-                return conn.tunnel(self.cluster.clone(), request, head, permit).await;
+                if let Some(client) = conn.into_client() {
+                    tunnel::serve(self.cluster.clone(), client, request, head, permit).await;
+                }
+                return;
             }
             conn.rewind(&head);
             let Some(reused) = self.proxy_one(conn, shutdown).await else { return };

@@ -39,6 +39,11 @@ pub fn localized(l4: Box<L4Stream>) -> Box<L4Stream> {
     Box::new(local)
 }
 
+/// Puts `data` in front of the bytes already pushed back in `rewound`.
+pub fn rewind_before(rewound: &mut Vec<u8>, data: &[u8]) {
+    rewound.splice(0..0, data.iter().copied());
+}
+
 /// Serves a read from `rewound` (bytes pushed back in front of a stream) if
 /// it holds any; false when the stream itself must be read.
 pub fn read_rewound(rewound: &mut Vec<u8>, buf: &mut ReadBuf<'_>) -> bool {
@@ -80,9 +85,7 @@ impl LocalConn {
 
     /// Makes `data` the next bytes read, before anything still to come.
     pub fn rewind(&mut self, data: &[u8]) {
-        let mut joined = data.to_vec();
-        joined.extend_from_slice(&self.rewound);
-        self.rewound = joined;
+        rewind_before(&mut self.rewound, data);
     }
 
     /// The socket, for a tunnel, and any bytes still rewound (the write

@@ -185,9 +185,7 @@ impl TlsConn {
 
     /// Makes `data` the next bytes read, before anything still to come.
     pub fn rewind(&mut self, data: &[u8]) {
-        let mut joined = data.to_vec();
-        joined.extend_from_slice(&self.rewound);
-        self.rewound = joined;
+        crate::local_conn::rewind_before(&mut self.rewound, data);
     }
 
     pub fn into_parts(self) -> (TlsStream<Box<L4Stream>>, Vec<u8>) {
@@ -196,11 +194,6 @@ impl TlsConn {
 
     pub fn tcp(&self) -> &L4Stream {
         self.tls.get_ref().0
-    }
-
-    /// The client's address.
-    pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
-        crate::front::peer_ip_of(self.tcp())
     }
 }
 

@@ -27,7 +27,6 @@ use crate::public_surface;
 use crate::refusal::{self, Refusal};
 use crate::routing::{cookie_value, set_cookie_header, RouteDecision, RouteKind};
 use crate::table::RouteNode;
-use crate::tls::TlsConn;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use std::future::{poll_fn, Future};
 use std::io::ErrorKind;
@@ -327,63 +326,65 @@ impl TunnelLog {
     }
 }
 
+/// A connection the tunnel takes over: its socket, the client's address, and
+/// bytes the front read past the request head but left rewound (none today:
+/// the front reads a head only from an empty rewind buffer).
+pub struct Client {
+    pub socket: Socket,
+    pub peer: Option<std::net::IpAddr>,
+    pub rewound: Vec<u8>,
+}
+
+pub enum Socket {
+    Plain(TcpStream),
+    /// `wss://`: the tunnel reads and writes the decrypted stream.
+    Tls(Box<TlsStream<Box<L4Stream>>>),
+}
+
 /// Routes and handshakes one WebSocket connection, then relays it in a task
 /// of its own: the connection's first task (Pingora's, with the front's and
 /// the handshake's state) ends there, and an idle tunnel keeps only its two
 /// sockets, its counters and the relay's small state. `permit` is held until
-/// the tunnel closes.
-pub async fn serve(
-    cluster: Arc<Cluster>,
-    client: TcpStream,
-    req: UpgradeRequest,
-    buf: Vec<u8>,
-    permit: ConnectionPermit,
-) {
-    let _ = client.set_nodelay(true);
-    let peer = client.peer_addr().ok().map(|a| a.ip());
-    let log = TunnelLog::new(&cluster, &req, peer, false);
-    // Boxed, so that the handshake's state does not size the front's future
-    // (every kept-alive connection's) too.
-    match Box::pin(handshake(&cluster, client, peer, false, req, buf)).await {
-        Ok(t) => {
-            tokio::spawn(async move {
-                let bytes = relay(&t.client, &t.upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
-                drop((t.client, t.upstream));
-                relayed(&cluster, log, t.in_flight, t.kind, bytes);
-                drop(permit);
-            });
-        }
-        Err(ended) => TunnelLog::finish(log, &cluster, &ended),
-    }
-}
-
-/// The same for a WebSocket over TLS (`wss://`); `buf` holds the decrypted
-/// head and whatever the client sent after it.
-pub async fn serve_tls(
-    cluster: Arc<Cluster>,
-    conn: TlsConn,
-    req: UpgradeRequest,
-    buf: Vec<u8>,
-    permit: ConnectionPermit,
-) {
-    let peer = conn.peer_ip();
-    let (client, rewound) = conn.into_parts();
-    let log = TunnelLog::new(&cluster, &req, peer, true);
-    // The front reads a head only from an empty rewind buffer; anything
-    // still rewound belongs after the head (never the case today).
+/// the tunnel closes. `buf` holds the head and whatever followed it.
+pub async fn serve(cluster: Arc<Cluster>, client: Client, req: UpgradeRequest, buf: Vec<u8>, permit: ConnectionPermit) {
+    let Client { socket, peer, rewound } = client;
     let mut buf = buf;
     buf.extend_from_slice(&rewound);
-    match Box::pin(handshake(&cluster, client, peer, true, req, buf)).await {
-        Ok(Tunnel { client, upstream, kind, in_flight }) => {
-            tokio::spawn(async move {
-                let idle = Duration::from_secs(cluster.cfg.idle_timeout_secs);
-                let bytes = relay_tls(client, upstream, idle).await;
-                relayed(&cluster, log, in_flight, kind, bytes);
-                drop(permit);
-            });
+    let idle = Duration::from_secs(cluster.cfg.idle_timeout_secs);
+    // The handshakes are boxed, so that their state does not size the
+    // front's future (every kept-alive connection's) too.
+    let ended = match socket {
+        Socket::Plain(socket) => {
+            let log = TunnelLog::new(&cluster, &req, peer, false);
+            match Box::pin(handshake(&cluster, socket, peer, false, req, buf)).await {
+                Ok(Tunnel { client, upstream, kind, in_flight }) => {
+                    tokio::spawn(async move {
+                        let bytes = relay(&client, &upstream, idle).await;
+                        drop((client, upstream));
+                        relayed(&cluster, log, in_flight, kind, bytes);
+                        drop(permit);
+                    });
+                    return;
+                }
+                Err(ended) => (log, ended),
+            }
         }
-        Err(ended) => TunnelLog::finish(log, &cluster, &ended),
-    }
+        Socket::Tls(socket) => {
+            let log = TunnelLog::new(&cluster, &req, peer, true);
+            match Box::pin(handshake(&cluster, *socket, peer, true, req, buf)).await {
+                Ok(Tunnel { client, upstream, kind, in_flight }) => {
+                    tokio::spawn(async move {
+                        let bytes = relay_tls(client, upstream, idle).await;
+                        relayed(&cluster, log, in_flight, kind, bytes);
+                        drop(permit);
+                    });
+                    return;
+                }
+                Err(ended) => (log, ended),
+            }
+        }
+    };
+    TunnelLog::finish(ended.0, &cluster, &ended.1);
 }
 
 async fn refuse<C: Downstream, T>(client: &mut C, refusal: &Refusal) -> Result<T, Ended> {
@@ -526,8 +527,9 @@ impl Relay {
     /// not yet written are then dropped with the tunnel).
     async fn write<F: Future<Output = std::io::Result<()>>>(&self, dir: usize, write: F) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
-        self.moved();
-        self.writing[dir].store(self.now() + 1, Relaxed);
+        let began = self.now();
+        self.last.store(began, Relaxed);
+        self.writing[dir].store(began + 1, Relaxed);
         let mut write = std::pin::pin!(write);
         let done = poll_fn(|cx| match self.expired() {
             true => Poll::Ready(false),
