@@ -122,19 +122,35 @@ impl App {
     }
 
     fn queue(&self, conn: &Connection, out: &Outgoing, reply: bool) {
+        if !self.push(conn, out, reply) {
+            self.too_slow(conn);
+        }
+    }
+
+    /// `send_to` for a caller holding a lock that `close` may need: false
+    /// when `conn`'s outbox is full, and the caller then calls `too_slow`.
+    pub fn try_send_to(&self, conn: &Connection, out: &Outgoing) -> bool {
+        self.push(conn, out, false)
+    }
+
+    fn push(&self, conn: &Connection, out: &Outgoing, reply: bool) -> bool {
         match conn.send(out.bytes(conn.protocol()), out.is_sequenced(), reply) {
             Ok(()) => self.metrics.messages_sent.inc(),
             Err(PushError::Closed) => {}
-            Err(PushError::Full) => {
-                tracing::warn!(connection = %conn.connection_id, "client cannot keep up; disconnecting");
-                self.metrics.slow_client_disconnects.inc();
-                self.close(
-                    conn,
-                    Some("Connection closed with an error: the client is too slow to receive messages.".into()),
-                    false,
-                );
-            }
+            Err(PushError::Full) => return false,
         }
+        true
+    }
+
+    /// Disconnects a client that cannot keep up with what it is sent.
+    pub fn too_slow(&self, conn: &Connection) {
+        tracing::warn!(connection = %conn.connection_id, "client cannot keep up; disconnecting");
+        self.metrics.slow_client_disconnects.inc();
+        self.close(
+            conn,
+            Some("Connection closed with an error: the client is too slow to receive messages.".into()),
+            false,
+        );
     }
 
     /// Queues one message for one connection.

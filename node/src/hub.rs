@@ -139,7 +139,7 @@ async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
     match msg {
         HubMessage::Invocation { invocation_id, target, arguments } => {
             let method = method_label(&target);
-            let outcome = invoke(app, conn, method, arguments).await;
+            let outcome = invoke(app, conn, method, invocation_id.as_deref(), arguments).await;
             let label = if outcome.is_ok() { "ok" } else { "error" };
             app.metrics.invocations.with_label_values(&[method, label]).inc();
             if let Err(e) = &outcome {
@@ -147,7 +147,9 @@ async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
             }
             if let Some(id) = invocation_id {
                 let (result, error) = match outcome {
-                    Ok(r) => (r, None),
+                    Ok(Answer::Queued) => return,
+                    Ok(Answer::Empty) => (None, None),
+                    Ok(Answer::With(v)) => (Some(v), None),
                     Err(e) => (None, Some(format!("Failed to invoke '{target}' due to an error on the server. {e}"))),
                 };
                 app.reply(conn, HubMessage::Completion { invocation_id: id, result, error });
@@ -276,25 +278,36 @@ async fn resume(app: &Arc<App>, conn: &Arc<Connection>, last: &str) -> Result<us
     outcome
 }
 
+/// How an invocation is answered, when the client gave it an id.
+enum Answer {
+    /// A Completion without a result.
+    Empty,
+    /// A Completion with this result.
+    With(Value),
+    /// The method queued its Completion itself.
+    Queued,
+}
+
 /// Runs `method`, the canonical name from `method_label` ("unknown" when none matched).
 async fn invoke(
     app: &Arc<App>,
     conn: &Arc<Connection>,
     method: &'static str,
+    invocation_id: Option<&str>,
     args: Vec<Value>,
-) -> Result<Option<Value>, String> {
+) -> Result<Answer, String> {
     let me = || Value::String(conn.connection_id.clone());
     let node = || Value::String(app.node_id.clone());
     match method {
         "SendMessage" => {
             let [user, message] = strings(args)?;
             app.backplane.send(chat_message(app, conn, None, user, message));
-            Ok(None)
+            Ok(Answer::Empty)
         }
         "GetNodeInfo" => {
             arity::<0>(args)?;
             app.reply(conn, HubMessage::event("NodeInfo", vec![node(), me()]));
-            Ok(None)
+            Ok(Answer::Empty)
         }
         "JoinGroup" => {
             let [group] = strings(args)?;
@@ -303,20 +316,20 @@ async fn invoke(
             if app.groups.join(&group, &conn.key, cap).map_err(|e| format!("HubException: {e}."))? {
                 app.backplane.subscribe_group(&group);
             }
-            Ok(None)
+            Ok(Answer::Empty)
         }
         "LeaveGroup" => {
             let [group] = strings(args)?;
             if app.groups.leave(&group, &conn.key) {
                 app.backplane.unsubscribe_group(&group);
             }
-            Ok(None)
+            Ok(Answer::Empty)
         }
         "SendMessageToGroup" => {
             let [group, user, message] = strings(args)?;
             groups::validate_name(&group).map_err(|e| format!("HubException: {e}"))?;
             app.backplane.send(chat_message(app, conn, Some(group), user, message));
-            Ok(None)
+            Ok(Answer::Empty)
         }
         "GetHistory" => {
             let [count] = arity::<1>(args)?;
@@ -351,15 +364,15 @@ async fn invoke(
             if conn.message_ids() && conn.is_holding() {
                 app.release_held(conn, None);
             }
-            Ok(Some(Value::Array(page)))
+            Ok(Answer::With(Value::Array(page)))
         }
         "Echo" => {
             let [payload] = arity::<1>(args)?;
-            Ok(Some(payload))
+            Ok(Answer::With(payload))
         }
         "Resume" => {
             let [last] = strings(args)?;
-            resume(app, conn, &last).await.map(|n| Some(Value::from(n)))
+            resume(app, conn, &last).await.map(|n| Answer::With(Value::from(n)))
         }
         "SetUser" => {
             let [user] = strings(args)?;
@@ -368,17 +381,27 @@ async fn invoke(
                 Some(signed_in) if signed_in != name => {
                     Err(format!("HubException: signed in as '{signed_in}': the name comes from the sign-in token."))
                 }
-                Some(_) => Ok(None),
+                Some(_) => Ok(Answer::Empty),
                 None => {
                     app.go_online_as(conn, name);
-                    Ok(None)
+                    Ok(Answer::Empty)
                 }
             }
         }
         "GetOnlineUsers" => {
             arity::<0>(args)?;
-            let users = app.presence.watch(Arc::downgrade(conn));
-            Ok(Some(Value::Array(users.into_iter().map(Value::String).collect())))
+            // Answered under the lock presence events are queued under, so
+            // each change is either in the answer or queued after it.
+            app.presence.watch(Arc::downgrade(conn), |users| {
+                if let Some(id) = invocation_id {
+                    let users = Value::Array(users.into_iter().map(Value::String).collect());
+                    app.reply(
+                        conn,
+                        HubMessage::Completion { invocation_id: id.to_string(), result: Some(users), error: None },
+                    );
+                }
+            });
+            Ok(Answer::Queued)
         }
         _ => Err("HubException: Method does not exist.".into()),
     }

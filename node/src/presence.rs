@@ -238,8 +238,11 @@ impl Presence {
         }
     }
 
-    /// Who is online now, and makes `conn` a watcher from here on.
-    pub fn watch(&self, conn: Weak<Connection>) -> Vec<String> {
+    /// Who is online now, handed to `answer`, and makes `conn` a watcher
+    /// from here on. `answer` runs under the lock `notify` queues events
+    /// under, so a change is either in what it is given or queued after
+    /// whatever it queues; it must not call back into presence.
+    pub fn watch<R>(&self, conn: Weak<Connection>, answer: impl FnOnce(Vec<String>) -> R) -> R {
         let mut st = self.state();
         let seq = st.seq;
         st.watchers.retain(|(w, _)| w.strong_count() > 0);
@@ -247,14 +250,17 @@ impl Presence {
             Some(entry) => entry.1 = seq,
             None => st.watchers.push((conn, seq)),
         }
-        st.users().into_iter().collect()
+        answer(st.users().into_iter().collect())
     }
 
-    /// The live watchers that should get event number `seq`.
-    pub fn watchers_for(&self, seq: u64) -> Vec<std::sync::Arc<Connection>> {
+    /// Hands event number `seq` to `send` for each live watcher that should
+    /// get it (one whose snapshot is older), under the lock `watch` answers
+    /// under; returns the watchers `send` refused.
+    pub fn notify(&self, seq: u64, mut send: impl FnMut(&Connection) -> bool) -> Vec<std::sync::Arc<Connection>> {
         let mut st = self.state();
         st.watchers.retain(|(w, _)| w.strong_count() > 0);
-        st.watchers.iter().filter(|(_, since)| *since < seq).filter_map(|(w, _)| w.upgrade()).collect()
+        let due = st.watchers.iter().filter(|(_, since)| *since < seq).filter_map(|(w, _)| w.upgrade());
+        due.filter(|conn| !send(conn)).collect()
     }
 
     /// This node's users, for a refresh.
@@ -378,8 +384,10 @@ pub async fn notify_forever(app: std::sync::Weak<crate::app::App>, mut events: m
         let Some(app) = app.upgrade() else { return };
         let (target, user) = event.target_and_user();
         let out = Outgoing::new(HubMessage::event(target, vec![serde_json::Value::String(user.to_string())]));
-        for conn in app.presence.watchers_for(seq) {
-            app.send_to(&conn, &out);
+        // Queued under the presence lock, and a too-slow watcher closed
+        // after it, since closing a connection updates presence.
+        for conn in app.presence.notify(seq, |conn| app.try_send_to(conn, &out)) {
+            app.too_slow(&conn);
         }
     }
 }
@@ -428,7 +436,11 @@ mod tests {
         p.apply_remote("c", "dan", true);
         p.resync(since, &[("b".into(), "bob".into()), ("a".into(), "ghost-of-mine".into())]);
         assert_eq!(drain(&mut t.events), [joined("dan"), left("cat")]);
-        assert_eq!(p.watch(Weak::new()), ["bob", "dan"], "this node's own entries come from its connections");
+        assert_eq!(
+            p.watch(Weak::new(), |users| users),
+            ["bob", "dan"],
+            "this node's own entries come from its connections"
+        );
         // A removal published after a read began is not undone by that read.
         let since = p.resync_start();
         p.apply_remote("b", "bob", false);
@@ -447,14 +459,23 @@ mod tests {
             crate::connection::Limits { max_message: 1024, max_frames: 8, max_bytes: 4096 },
             Default::default(),
         ));
-        assert_eq!(p.watch(std::sync::Arc::downgrade(&conn)), ["ann"]);
+        let watch = || p.watch(std::sync::Arc::downgrade(&conn), |users| users);
+        let sent = |seq| p.notify(seq, |_| false).len();
+        assert_eq!(watch(), ["ann"]);
         let (seq, _) = t.events.try_recv().unwrap();
-        assert!(p.watchers_for(seq).is_empty(), "ann's join is in the snapshot already");
+        assert_eq!(sent(seq), 0, "ann's join is in the snapshot already");
         p.add("bob");
         let (seq, e) = t.events.try_recv().unwrap();
-        assert_eq!((e, p.watchers_for(seq).len()), (joined("bob"), 1));
+        assert_eq!((e, sent(seq)), (joined("bob"), 1));
+        // Asked again before bob's leaving is handed out: the answer has it.
+        p.remove("bob");
+        let (seq, e) = t.events.try_recv().unwrap();
+        assert_eq!((e, watch()), (left("bob"), vec!["ann".to_string()]));
+        assert_eq!(sent(seq), 0, "bob's leaving is in the newer snapshot");
+        p.add("cy");
+        let (seq, _) = t.events.try_recv().unwrap();
         drop(conn);
-        assert!(p.watchers_for(seq + 1).is_empty(), "a closed connection is forgotten");
+        assert_eq!(sent(seq), 0, "a closed connection is forgotten");
     }
 
     #[test]

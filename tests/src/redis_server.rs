@@ -71,7 +71,12 @@ impl RedisServer {
         let mut args = self.before.clone();
         args.extend(["--port", &self.port.to_string(), "--bind", "127.0.0.1"].map(String::from));
         if self.before.is_empty() {
-            args.extend(["--save", "", "--appendonly", "no"].map(String::from));
+            // A replica still writes the master's snapshot to disk: into a
+            // directory of its own, not the test's working directory.
+            let dir = data_dir(self.port);
+            let _ = std::fs::create_dir_all(&dir);
+            args.extend(["--save", "", "--appendonly", "no", "--dir"].map(String::from));
+            args.push(dir.to_string_lossy().into_owned());
         }
         args.extend(self.after.iter().cloned());
         let child = Command::new("redis-server")
@@ -144,11 +149,17 @@ impl RedisServer {
     }
 }
 
+/// Where the server on `port` may write (a replica's copy of the master's snapshot).
+fn data_dir(port: u16) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("sb-redis-{port}"))
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
-        if let Some(conf) = self.before.first() {
-            let _ = std::fs::remove_file(conf);
+        match self.before.first() {
+            Some(conf) => drop(std::fs::remove_file(conf)),
+            None => drop(std::fs::remove_dir_all(data_dir(self.port))),
         }
     }
 }
