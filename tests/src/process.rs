@@ -42,22 +42,35 @@ pub struct Process {
     pub name: String,
     pub log: PathBuf,
     child: Option<Child>,
+    /// Whether the child leads a process group of its own, killed whole.
+    group: bool,
 }
 
 impl Process {
     /// Starts one of the workspace's binaries from `target/<profile>`.
     pub fn spawn(binary_name: &str, label: &str, args: &[String]) -> Self {
-        Self::spawn_program(&binary(binary_name), label, args)
+        Self::start(&binary(binary_name), label, args, false)
     }
 
     /// Starts any program (a system one such as chromedriver) with its output
-    /// in `target/<profile>/test-logs/<label>-….log`.
+    /// in `target/<profile>/test-logs/<label>-….log`, in a process group of
+    /// its own: killing it kills what it started too (chromedriver's
+    /// browsers, which would otherwise outlive the test and its CPU).
     pub fn spawn_program(program: &std::path::Path, label: &str, args: &[String]) -> Self {
+        Self::start(program, label, args, true)
+    }
+
+    fn start(program: &std::path::Path, label: &str, args: &[String], group: bool) -> Self {
+        use std::os::unix::process::CommandExt;
         let logs = target_dir().join("test-logs");
         let _ = std::fs::create_dir_all(&logs);
         let log = logs.join(format!("{label}-{}.log", free_port()));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(program)
+        let mut command = Command::new(program);
+        if group {
+            command.process_group(0);
+        }
+        let child = command
             .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
@@ -65,7 +78,7 @@ impl Process {
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
-        Process { name: label.to_string(), log, child: Some(child) }
+        Process { name: label.to_string(), log, child: Some(child), group }
     }
 
     pub fn pid(&self) -> i32 {
@@ -86,9 +99,15 @@ impl Process {
         self.signal(libc::SIGTERM);
     }
 
-    /// SIGKILL and reap.
+    /// SIGKILL (the whole group, for a program that leads one) and reap.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if self.group {
+                // SAFETY: kill(2) on the process group our child leads.
+                unsafe {
+                    libc::kill(-(c.id() as i32), libc::SIGKILL);
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
