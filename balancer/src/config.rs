@@ -181,7 +181,7 @@ pub struct Cli {
     /// Proxy worker threads [default: 2]
     #[arg(long, env = "SWITCHBOARD_THREADS")]
     pub threads: Option<usize>,
-    /// Let proxy threads steal each other's connections (one work-stealing runtime) instead of one single-threaded runtime per thread, each owning its connections from accept to close [default: false]
+    /// Let proxy threads steal each other's connections (one work-stealing runtime) instead of one single-threaded proxy per thread, each with its own listening socket (SO_REUSEPORT) and node pool, owning its connections from accept to close [default: false]
     #[arg(long, env = "SWITCHBOARD_WORK_STEALING")]
     pub work_stealing: Option<bool>,
     /// On SIGTERM, keep accepting this many seconds (lets a replacement take over) [default: 5]

@@ -22,14 +22,13 @@
 
 use crate::admission::ConnectionPermit;
 use crate::cluster::Cluster;
-use crate::local_conn::{localized, LocalConn};
 use crate::proxy::SwitchboardProxy;
 use crate::refusal::{self, Refusal};
 use crate::tls::TlsConn;
 use crate::tunnel;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
-use pingora::listeners::ListenerConfig;
+use pingora::listeners::{ListenerConfig, TcpSocketOptions};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::protocols::l4::stream::Stream as L4Stream;
@@ -38,6 +37,7 @@ use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,8 +59,6 @@ pub struct FrontApp {
     pub proxy: Arc<HttpProxy<SwitchboardProxy>>,
     /// Set on the HTTPS listener: every connection starts with a TLS handshake.
     pub tls: Option<TlsAcceptor>,
-    /// Per-core runtimes: move each TLS connection's socket to the thread serving it.
-    pub localize: bool,
 }
 
 /// Limits on one request head.
@@ -159,8 +157,28 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, refusal: &Ref
 /// bytes it read ahead would be lost when a tunnel takes the socket over.
 /// Writes keep a one-packet buffer, so a small answer's head and body leave
 /// in one segment.
-pub fn listener(addr: &str) -> ListenerConfig {
-    ListenerConfig::tcp(addr).l4_buffer(L4BufferSettings::new(0, 1460))
+///
+/// `shared`: the index of one of several sockets bound to this address with
+/// `SO_REUSEPORT`. Pingora keys its table of listening descriptors (those a
+/// graceful upgrade hands over) by the address as written, and gives every
+/// service with the same key one descriptor, closed once by each. So socket
+/// `i` is written with `i + 1` leading zeros on its port (`:08888`), which
+/// parses to the same port: a key of its own, never the plain address a
+/// listener without `SO_REUSEPORT` would have.
+pub fn listener(addr: SocketAddr, shared: Option<usize>) -> ListenerConfig {
+    let config = ListenerConfig::tcp;
+    let listener = match shared {
+        None => config(addr.to_string()),
+        Some(i) => {
+            // Every SocketAddr is written `host:port`.
+            let written = addr.to_string();
+            let host = written.rsplit_once(':').map_or(written.as_str(), |(host, _)| host);
+            let mut options = TcpSocketOptions::default();
+            options.so_reuseport = Some(true);
+            config(format!("{host}:{}{}", "0".repeat(i + 1), addr.port())).tcp_socket_options(options)
+        }
+    };
+    listener.l4_buffer(L4BufferSettings::new(0, 1460))
 }
 
 fn downcast<C: 'static>(stream: Stream) -> Option<Box<C>> {
@@ -193,24 +211,11 @@ impl ClientConn for L4Stream {
         L4Stream::rewind(self, data);
     }
     fn into_client(self: Box<Self>) -> Option<tunnel::Client> {
+        // Pingora set TCP_NODELAY on the socket when it accepted it.
         let socket = tunnel::take_socket(&self)?;
-        let _ = socket.set_nodelay(true);
         // Pingora's stream is read only through its own rewind buffer, which
         // the front leaves empty.
         Some(tunnel::Client { peer: self.peer_ip(), socket: tunnel::Socket::Plain(socket), rewound: Vec::new() })
-    }
-}
-
-/// A plain connection moved to the thread serving it (per-core runtimes).
-impl ClientConn for LocalConn {
-    const TLS: bool = false;
-    fn rewind(&mut self, data: &[u8]) {
-        LocalConn::rewind(self, data);
-    }
-    fn into_client(self: Box<Self>) -> Option<tunnel::Client> {
-        let peer = self.peer_ip();
-        let (socket, rewound) = self.into_parts();
-        Some(tunnel::Client { peer, socket: tunnel::Socket::Plain(socket), rewound })
     }
 }
 
@@ -391,19 +396,12 @@ impl ServerApp for FrontApp {
             return None;
         };
         match &self.tls {
-            None => match self.localize.then(|| LocalConn::new(&l4)).flatten() {
-                Some(local) => {
-                    drop(l4);
-                    self.serve(local, shutdown, permit).await
-                }
-                None => self.serve(l4, shutdown, permit).await,
-            },
+            None => self.serve(l4, shutdown, permit).await,
             // Boxed: the handshake's and the TLS serving's state would
             // otherwise size every plain connection's future too, for its
             // whole life.
             Some(acceptor) => {
                 Box::pin(async {
-                    let l4 = if self.localize { localized(l4) } else { l4 };
                     if let Some(conn) = self.accept_tls(acceptor, l4).await {
                         self.serve(conn, shutdown, permit).await;
                     }

@@ -16,7 +16,6 @@ mod discovery;
 mod front;
 mod health;
 mod history;
-mod local_conn;
 mod metrics;
 mod proxy;
 mod public_surface;
@@ -129,25 +128,38 @@ pub fn run(mut cfg: BalancerConfig, upgrade: bool, shutdown: Shutdown) -> Result
     let cluster = Arc::new(cluster);
 
     let watcher = discovery::RegistryWatcher::new(cluster.clone()).map_err(|e| format!("invalid redis URL: {e}"))?;
-    let http_proxy =
-        Arc::new(pingora::proxy::http_proxy(&server.configuration, proxy::SwitchboardProxy::new(cluster.clone())));
-    let localize = !cluster.cfg.work_stealing;
-    let front_app = front::FrontApp { cluster: cluster.clone(), proxy: http_proxy.clone(), tls: None, localize };
-    let mut proxy = Service::new("switchboard proxy".to_string(), front_app);
-    proxy.add_listener(front::listener(&listen.to_string()));
-    if let Some((addr, config, store)) = tls {
-        let acceptor = Some(tokio_rustls::TlsAcceptor::from(config));
-        let front_tls = front::FrontApp { cluster: cluster.clone(), proxy: http_proxy, tls: acceptor, localize };
-        let mut https = Service::new("switchboard https".to_string(), front_tls);
-        https.add_listener(front::listener(&addr.to_string()));
-        server.add_service(https);
+    // Per-core (the default): one single-threaded service per thread, each
+    // with its own listening socket (`SO_REUSEPORT`, the kernel spreads
+    // connections), its own Pingora proxy and so its own node pool, so a
+    // connection and everything it wakes stay on one thread. Work-stealing:
+    // one service on one multi-threaded runtime.
+    let per_core = !cluster.cfg.work_stealing;
+    let services = if per_core { cluster.cfg.threads.max(1) } else { 1 };
+    let tls = tls.map(|(addr, config, store)| {
         server.add_service(background_service("certificate reload", tls::Reloader(store)));
         tracing::info!(%addr, "HTTPS listener");
+        (addr, tokio_rustls::TlsAcceptor::from(config))
+    });
+    for i in 0..services {
+        let http_proxy =
+            Arc::new(pingora::proxy::http_proxy(&server.configuration, proxy::SwitchboardProxy::new(cluster.clone())));
+        let front = |name: &str, addr: std::net::SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>| {
+            let app = front::FrontApp { cluster: cluster.clone(), proxy: http_proxy.clone(), tls };
+            let mut service = Service::new(format!("switchboard {name} {i}"), app);
+            service.add_listener(front::listener(addr, per_core.then_some(i)));
+            if per_core {
+                service.threads = Some(1);
+            }
+            service
+        };
+        server.add_service(front("proxy", listen, None));
+        if let Some((addr, acceptor)) = &tls {
+            server.add_service(front("https", *addr, Some(acceptor.clone())));
+        }
     }
     let mut admin = Service::new("switchboard admin".to_string(), admin::AdminApp { cluster: cluster.clone() });
     admin.add_tcp(&admin_listen.to_string());
 
-    server.add_service(proxy);
     server.add_service(admin);
     server.add_service(background_service("registry watcher", watcher));
     server.add_service(background_service("dashboard history", history::Sampler { cluster: cluster.clone() }));

@@ -39,21 +39,6 @@ use std::time::{Duration, Instant};
 
 const POOLED_IDLE: Duration = Duration::from_secs(15);
 
-/// This thread's own key into Pingora's upstream connection pool. With
-/// per-core runtimes a pooled connection is registered with the reactor of
-/// the thread that opened it; reused by another thread, each of its readiness
-/// events would cross threads (an eventfd write and a context switch per
-/// wake-up, the largest cost of a short request measured here). The pool
-/// keys connections by the peer's hash, which includes `group_key`, so one
-/// key per thread gives each thread a pool of its own.
-fn thread_pool_key() -> u64 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    thread_local! {
-        static KEY: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    KEY.with(|k| *k)
-}
-
 pub struct SwitchboardProxy {
     cluster: Arc<Cluster>,
 }
@@ -181,9 +166,6 @@ impl ProxyHttp for SwitchboardProxy {
         // Pooled connections idle for less than the nodes' head timeout
         // (30 s by default), so a node never closes one as it is reused.
         peer.options.idle_timeout = Some(POOLED_IDLE);
-        if !cfg.work_stealing {
-            peer.group_key = thread_pool_key();
-        }
         ctx.in_flight = Some(InFlight::new(&self.cluster, node));
         ctx.upstream_start = Some(Instant::now());
         Ok(Box::new(peer))

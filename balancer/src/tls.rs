@@ -185,7 +185,7 @@ impl TlsConn {
 
     /// Makes `data` the next bytes read, before anything still to come.
     pub fn rewind(&mut self, data: &[u8]) {
-        crate::local_conn::rewind_before(&mut self.rewound, data);
+        self.rewound.splice(0..0, data.iter().copied());
     }
 
     pub fn into_parts(self) -> (TlsStream<Box<L4Stream>>, Vec<u8>) {
@@ -199,7 +199,13 @@ impl TlsConn {
 
 impl AsyncRead for TlsConn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        if crate::local_conn::read_rewound(&mut self.rewound, buf) {
+        if !self.rewound.is_empty() {
+            let n = self.rewound.len().min(buf.remaining());
+            buf.put_slice(&self.rewound[..n]);
+            self.rewound.drain(..n);
+            if self.rewound.is_empty() {
+                self.rewound = Vec::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.tls).poll_read(cx, buf)

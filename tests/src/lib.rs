@@ -103,6 +103,17 @@ pub fn cut_connections_to(port: u16) {
     assert!(out.status.success(), "ss -K failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// How many TCP sockets on this machine listen on `port` (`ss -ltn`): one
+/// per process or thread that bound it with `SO_REUSEPORT`.
+pub fn listening_sockets(port: u16) -> usize {
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", "sport", "=", &format!(":{port}")])
+        .output()
+        .expect("ss (iproute2) is installed by scripts/test.sh");
+    assert!(out.status.success(), "ss -ltn failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count()
+}
+
 /// GET `url` and parse JSON; `None` on any failure.
 pub async fn get_json(http: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
     let resp = http.get(url).send().await.ok()?;

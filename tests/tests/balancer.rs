@@ -13,8 +13,8 @@ use switchboard_common::registry::{node_key, NodeRecord, NodeStatus};
 use switchboard_common::token::ConnectionToken;
 use switchboard_tests::client::{record, ws_url};
 use switchboard_tests::{
-    eventually, get_json, get_text, metric_nonzero, wait_for_status, HubClient, RedisServer, TestBalancer, TestNode,
-    TransportKind, ALL_TRANSPORTS, WAIT,
+    eventually, get_json, get_text, listening_sockets, metric_nonzero, wait_for_status, HubClient, RedisServer,
+    TestBalancer, TestNode, TransportKind, ALL_TRANSPORTS, WAIT,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -414,4 +414,39 @@ async fn requests_to_a_node_that_just_died_are_retried_on_another_before_any_hea
     }
     let m = get_text(&format!("{}/metrics", c.balancer.admin)).await;
     assert!(metric_nonzero(&m, "switchboard_balancer_retries_total"), "{m}");
+}
+
+/// Per-core (the default): each proxy thread listens on the public port with
+/// a socket of its own, the kernel spreads connections over them, and a
+/// graceful upgrade hands every one of them to the new process; with
+/// `--work-stealing true` there is one socket.
+#[tokio::test]
+async fn each_proxy_thread_has_its_own_listening_socket_and_an_upgrade_hands_them_all_over() {
+    let redis = RedisServer::start();
+    let _node = TestNode::start(&redis, "a", &[]).await;
+    let mut lb = TestBalancer::start(&redis, &["--threads", "3"]).await;
+    let port_of = |base: &str| base.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).expect("a port");
+    let port = port_of(&lb.base);
+    assert_eq!(listening_sockets(port), 3);
+    lb.wait_accepting(&["a"]).await;
+    let http = reqwest::Client::new();
+    let echo = |mut c: HubClient, text: &'static str| async move {
+        assert_eq!(c.invoke("Echo", vec![json!(text)]).await, Ok(json!(text)));
+        c
+    };
+    echo(HubClient::connect(&http, &lb.base, TransportKind::WebSockets).await.expect("client"), "before").await;
+
+    let mut old = lb.upgrade().await;
+    // The new process answers on every socket, each connection a new one.
+    let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+    for _ in 0..30 {
+        assert_eq!(fresh.get(format!("{}/health", lb.base)).send().await.map(|r| r.status().as_u16()).ok(), Some(200));
+    }
+    let after = HubClient::connect(&http, &lb.base, TransportKind::WebSockets).await.expect("client after");
+    echo(after, "after").await;
+    assert!(old.wait_exit(Duration::from_secs(15)).is_some(), "the old process exits");
+    assert_eq!(listening_sockets(port), 3, "the new process holds every socket, none doubled or lost");
+
+    let stealing = TestBalancer::start(&redis, &["--threads", "3", "--work-stealing", "true"]).await;
+    assert_eq!(listening_sockets(port_of(&stealing.base)), 1);
 }
