@@ -166,19 +166,18 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, refusal: &Ref
 /// parses to the same port: a key of its own, never the plain address a
 /// listener without `SO_REUSEPORT` would have.
 pub fn listener(addr: SocketAddr, shared: Option<usize>) -> ListenerConfig {
-    let config = ListenerConfig::tcp;
-    let listener = match shared {
-        None => config(addr.to_string()),
+    let config = match shared {
+        None => ListenerConfig::tcp(addr.to_string()),
         Some(i) => {
             // Every SocketAddr is written `host:port`.
             let written = addr.to_string();
             let host = written.rsplit_once(':').map_or(written.as_str(), |(host, _)| host);
             let mut options = TcpSocketOptions::default();
             options.so_reuseport = Some(true);
-            config(format!("{host}:{}{}", "0".repeat(i + 1), addr.port())).tcp_socket_options(options)
+            ListenerConfig::tcp(format!("{host}:{}{}", "0".repeat(i + 1), addr.port())).tcp_socket_options(options)
         }
     };
-    listener.l4_buffer(L4BufferSettings::new(0, 1460))
+    config.l4_buffer(L4BufferSettings::new(0, 1460))
 }
 
 fn downcast<C: 'static>(stream: Stream) -> Option<Box<C>> {

@@ -350,41 +350,56 @@ pub async fn serve(cluster: Arc<Cluster>, client: Client, req: UpgradeRequest, b
     let Client { socket, peer, rewound } = client;
     let mut buf = buf;
     buf.extend_from_slice(&rewound);
-    let idle = Duration::from_secs(cluster.cfg.idle_timeout_secs);
-    // The handshakes are boxed, so that their state does not size the
-    // front's future (every kept-alive connection's) too.
-    let ended = match socket {
-        Socket::Plain(socket) => {
-            let log = TunnelLog::new(&cluster, &req, peer, false);
-            match Box::pin(handshake(&cluster, socket, peer, false, req, buf)).await {
-                Ok(Tunnel { client, upstream, kind, in_flight }) => {
-                    tokio::spawn(async move {
-                        let bytes = relay(&client, &upstream, idle).await;
-                        drop((client, upstream));
-                        relayed(&cluster, log, in_flight, kind, bytes);
-                        drop(permit);
-                    });
-                    return;
-                }
-                Err(ended) => (log, ended),
-            }
+    match socket {
+        Socket::Plain(socket) => start(cluster, socket, peer, req, buf, permit).await,
+        Socket::Tls(socket) => start(cluster, *socket, peer, req, buf, permit).await,
+    }
+}
+
+/// A client socket a tunnel relays: plain or TLS.
+trait ClientSide: Downstream + Sized + 'static {
+    const TLS: bool;
+    /// Relays both ways, then closes both sides; returns the bytes moved
+    /// (from the client, to the client).
+    fn relay(self, upstream: TcpStream, idle: Duration) -> impl Future<Output = (u64, u64)> + Send;
+}
+
+impl ClientSide for TcpStream {
+    const TLS: bool = false;
+    fn relay(self, upstream: TcpStream, idle: Duration) -> impl Future<Output = (u64, u64)> + Send {
+        relay(self, upstream, idle)
+    }
+}
+
+impl ClientSide for TlsStream<Box<L4Stream>> {
+    const TLS: bool = true;
+    fn relay(self, upstream: TcpStream, idle: Duration) -> impl Future<Output = (u64, u64)> + Send {
+        relay_tls(self, upstream, idle)
+    }
+}
+
+/// `serve` for one kind of client socket.
+async fn start<C: ClientSide>(
+    cluster: Arc<Cluster>,
+    client: C,
+    peer: Option<std::net::IpAddr>,
+    req: UpgradeRequest,
+    buf: Vec<u8>,
+    permit: ConnectionPermit,
+) {
+    let log = TunnelLog::new(&cluster, &req, peer, C::TLS);
+    // Boxed, so that the handshake's state does not size the front's future
+    // (every kept-alive connection's) too.
+    match Box::pin(handshake(&cluster, client, peer, req, buf)).await {
+        Ok(Tunnel { client, upstream, kind, in_flight }) => {
+            tokio::spawn(async move {
+                let bytes = client.relay(upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
+                relayed(&cluster, log, in_flight, kind, bytes);
+                drop(permit);
+            });
         }
-        Socket::Tls(socket) => {
-            let log = TunnelLog::new(&cluster, &req, peer, true);
-            match Box::pin(handshake(&cluster, *socket, peer, true, req, buf)).await {
-                Ok(Tunnel { client, upstream, kind, in_flight }) => {
-                    tokio::spawn(async move {
-                        let bytes = relay_tls(client, upstream, idle).await;
-                        relayed(&cluster, log, in_flight, kind, bytes);
-                        drop(permit);
-                    });
-                    return;
-                }
-                Err(ended) => (log, ended),
-            }
-        }
-    };
-    TunnelLog::finish(ended.0, &cluster, &ended.1);
+        Err(ended) => TunnelLog::finish(log, &cluster, &ended),
+    }
 }
 
 async fn refuse<C: Downstream, T>(client: &mut C, refusal: &Refusal) -> Result<T, Ended> {
@@ -392,11 +407,10 @@ async fn refuse<C: Downstream, T>(client: &mut C, refusal: &Refusal) -> Result<T
     Err(Ended { status: refusal.status, node: None, bytes: (0, 0) })
 }
 
-async fn handshake<C: Downstream>(
+async fn handshake<C: ClientSide>(
     cluster: &Arc<Cluster>,
     mut client: C,
     peer: Option<std::net::IpAddr>,
-    tls: bool,
     req: UpgradeRequest,
     buf: Vec<u8>,
 ) -> Result<Tunnel<C>, Ended> {
@@ -413,7 +427,7 @@ async fn handshake<C: Downstream>(
     let in_flight = InFlight::new(cluster, node.clone());
     let started = std::time::Instant::now();
 
-    let forwarded: String = admission::forwarded(peer, req.host.as_deref(), tls)
+    let forwarded: String = admission::forwarded(peer, req.host.as_deref(), C::TLS)
         .into_iter()
         .map(|(name, value)| format!("{name}: {value}\r\n"))
         .collect();
@@ -630,13 +644,12 @@ async fn watchdog(relay: &Relay) {
     }
 }
 
-/// Relays both ways; returns the bytes moved (from the client, to the client).
-async fn relay(client: &TcpStream, upstream: &TcpStream, idle: Duration) -> (u64, u64) {
+async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) -> (u64, u64) {
     let relay = Relay::new(idle);
-    let (mut to_client, mut to_upstream) = (client, upstream);
+    let (mut to_client, mut to_upstream) = (&client, &upstream);
     let (up, down, ()) = tokio::join!(
-        one_way(client, &mut to_upstream, &relay, 0),
-        one_way(upstream, &mut to_client, &relay, 1),
+        one_way(&client, &mut to_upstream, &relay, 0),
+        one_way(&upstream, &mut to_client, &relay, 1),
         watchdog(&relay)
     );
     (up, down)

@@ -391,7 +391,9 @@ async fn invoke(
         "GetOnlineUsers" => {
             arity::<0>(args)?;
             // Answered under the lock presence events are queued under, so
-            // each change is either in the answer or queued after it.
+            // each change is either in the answer or queued after it. A
+            // reply is never refused for a full outbox, so queuing it never
+            // closes the connection (which would take that lock again).
             app.presence.watch(Arc::downgrade(conn), |users| {
                 if let Some(id) = invocation_id {
                     let users = Value::Array(users.into_iter().map(Value::String).collect());

@@ -96,22 +96,21 @@ pub fn metric_nonzero(exposition: &str, name: &str) -> bool {
 /// (`ss -K`, iproute2), as a network cut would: the client side of each gets
 /// an abort, the server side a reset.
 pub fn cut_connections_to(port: u16) {
-    let out = std::process::Command::new("ss")
-        .args(["-K", "dst", "127.0.0.1", "dport", "=", &format!(":{port}")])
-        .output()
-        .expect("ss (iproute2) is installed by scripts/test.sh");
-    assert!(out.status.success(), "ss -K failed: {}", String::from_utf8_lossy(&out.stderr));
+    ss(&["-K", "dst", "127.0.0.1", "dport", "=", &format!(":{port}")]);
 }
 
 /// How many TCP sockets on this machine listen on `port` (`ss -ltn`): one
 /// per process or thread that bound it with `SO_REUSEPORT`.
 pub fn listening_sockets(port: u16) -> usize {
-    let out = std::process::Command::new("ss")
-        .args(["-ltnH", "sport", "=", &format!(":{port}")])
-        .output()
-        .expect("ss (iproute2) is installed by scripts/test.sh");
-    assert!(out.status.success(), "ss -ltn failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count()
+    ss(&["-ltnH", "sport", "=", &format!(":{port}")]).lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+/// Runs `ss` (iproute2) and returns what it printed.
+fn ss(args: &[&str]) -> String {
+    let out =
+        std::process::Command::new("ss").args(args).output().expect("ss (iproute2) is installed by scripts/test.sh");
+    assert!(out.status.success(), "ss {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// GET `url` and parse JSON; `None` on any failure.
