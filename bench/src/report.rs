@@ -40,6 +40,19 @@ pub fn metrics(doc: &Value) -> Vec<Metric> {
         metric("Fan-out delivery p99", "fanout", "/latency/p99_us", "µs", false),
         metric("Cookie-less long-polling sessions that worked", "sticky_longpolling", "/success_share", "share", true),
     ];
+    // CPU per operation, in runs that measured it: the proxy's processes (for
+    // direct, the node's), user and system time together, then the user part.
+    for (what, workload) in [
+        ("echoed message (saturated)", "echo_throughput"),
+        ("connection setup", "connect_rate"),
+        ("GET /health", "http_health"),
+    ] {
+        let measured = doc["results"][workload].as_object().is_some_and(|r| r.values().any(|v| v.get("cpu").is_some()));
+        if measured {
+            m.push(metric(&format!("CPU per {what}"), workload, "/cpu/us_per_op", "µs", false));
+            m.push(metric(&format!("CPU per {what}, user part"), workload, "/cpu/user_us_per_op", "µs", false));
+        }
+    }
     for count in idle_counts(doc) {
         m.push(metric(
             &format!("Memory per idle WebSocket at {count}"),
@@ -250,7 +263,10 @@ pub fn markdown(doc: &Value) -> String {
         "\nThree Switchboard nodes behind every proxy; **direct** means clients connect to a node with no proxy. \
          Every client speaks SignalR JSON over WebSocket and, like a browser, carries cookies from negotiate to the \
          upgrade. Idle memory is measured on a freshly started instance of each contender (for direct, a fresh \
-         node), so pools grown by earlier workloads do not hide it. Settings of each workload are in \
+         node), so pools grown by earlier workloads do not hide it. CPU per operation is the user and system time \
+         of the proxy's processes (for direct, of the node) over the workload, divided by the operations done; the \
+         kernel's share of a socket operation is much the same for every proxy, so the user part is the proxy's own \
+         cost. Settings of each workload are in \
          `results.json` (`settings`).\n"
     );
     let _ = writeln!(s, "## Headline\n\n{}", headline_table(doc));
@@ -454,6 +470,9 @@ pub fn one_line(v: &Value) -> String {
     if let Some(b) = v["processes"][0]["bytes_per_connection"].as_f64() {
         parts.push(format!("{b:.0} B/conn"));
     }
+    if let (Some(all), Some(user)) = (v["cpu"]["us_per_op"].as_f64(), v["cpu"]["user_us_per_op"].as_f64()) {
+        parts.push(format!("cpu={all}µs/op (user {user})"));
+    }
     parts.join(" ")
 }
 
@@ -506,6 +525,22 @@ mod tests {
         assert!(f.contains("| 9.0 ms | 90.0 ms | 0.10× |"), "{f}");
         assert!(f.contains("0 of 500 | 30 of 400"), "{f}");
         assert!(markdown(&doc()).contains("echo_latency / nginx: boom"));
+    }
+
+    #[test]
+    fn cpu_rows_appear_only_in_runs_that_measured_cpu() {
+        let mut d = doc();
+        assert!(!metrics(&d).iter().any(|m| m.label.starts_with("CPU")));
+        d["results"]["http_health"] = json!({
+            "haproxy": { "requests": 100, "cpu": { "us_per_op": 30.0, "user_us_per_op": 10.0 } },
+            "switchboard": { "requests": 100, "cpu": { "us_per_op": 60.0, "user_us_per_op": 36.0 } },
+        });
+        let t = headline_table(&d);
+        let row = t.lines().find(|l| l.starts_with("| CPU per GET /health, user part")).expect("user row");
+        assert!(row.contains("36 µs"), "{row}");
+        assert!(row.contains("10 µs"), "{row}");
+        assert!(!t.contains("CPU per connection setup"), "{t}");
+        assert!(one_line(&d["results"]["http_health"]["switchboard"]).contains("cpu=60µs/op (user 36)"));
     }
 
     #[test]

@@ -50,10 +50,30 @@ pub fn tree_rss_kib(pid: u32) -> Option<u64> {
     (!sizes.is_empty()).then(|| sizes.iter().sum())
 }
 
+/// CPU time in user and in system mode, in clock ticks, from the text of
+/// `/proc/<pid>/stat` (the process's threads included).
+pub fn parse_user_system_ticks(stat: &str) -> Option<(u64, u64)> {
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some((fields.get(11)?.parse::<u64>().ok()?, fields.get(12)?.parse::<u64>().ok()?))
+}
+
 /// CPU time (user + system) in clock ticks from the text of `/proc/<pid>/stat`.
 pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    parse_user_system_ticks(stat).map(|(user, system)| user + system)
+}
+
+/// User and system CPU, in clock ticks, of `pid` and every process below it.
+pub fn tree_user_system_ticks(pid: u32) -> (u64, u64) {
+    process_tree(pid)
+        .iter()
+        .filter_map(|p| parse_user_system_ticks(&std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?))
+        .fold((0, 0), |(u, s), (du, ds)| (u + du, s + ds))
+}
+
+/// Clock ticks per second.
+pub fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
@@ -74,8 +94,7 @@ impl CpuWindow {
 
     /// Each process's CPU over the window, in percent of one core.
     pub fn finish(self) -> serde_json::Map<String, serde_json::Value> {
-        // SAFETY: sysconf only reads a configuration value.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let hz = ticks_per_sec();
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
         self.before
             .into_iter()
@@ -114,9 +133,26 @@ mod tests {
     }
 
     #[test]
+    fn a_process_trees_cpu_includes_its_descendants() {
+        // The busy loop is a grandchild, under a `timeout` that ends it even
+        // if this test dies first.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "timeout 2 sh -c 'while :; do :; done'; :"])
+            .spawn()
+            .expect("sh");
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let (user, system) = tree_user_system_ticks(child.id());
+        let own = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).ok();
+        let (own_user, own_system) = own.as_deref().and_then(parse_user_system_ticks).unwrap_or((0, 0));
+        let _ = child.wait();
+        assert!(user + system > own_user + own_system, "tree {user}+{system}, child alone {own_user}+{own_system}");
+    }
+
+    #[test]
     fn cpu_time_is_user_plus_system_ticks() {
         let stat = "1234 (a (b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 100 0 0";
         assert_eq!(parse_cpu_ticks(stat), Some(300));
+        assert_eq!(parse_user_system_ticks(stat), Some((250, 50)));
         assert_eq!(parse_cpu_ticks("garbage"), None);
     }
 }

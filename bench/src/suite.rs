@@ -6,7 +6,7 @@
 
 use crate::contenders::{self, Running};
 use crate::failover::{self, Membership};
-use crate::{ceiling, scenarios, setup};
+use crate::{ceiling, rss, scenarios, setup};
 use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
@@ -81,10 +81,32 @@ impl Plan {
     }
 }
 
-/// One contender: its name and where clients connect ("direct" is node-1).
+/// One contender: its name, where clients connect ("direct" is node-1), and
+/// the process whose CPU (its own and its descendants') each operation costs.
 struct Contender {
     name: &'static str,
     url: String,
+    pid: u32,
+}
+
+/// Runs `workload` and adds to its result the CPU the contender's processes
+/// spent per operation (the count at `ops` in the result, such as
+/// `/requests`), split into user and system time. On a shared machine whose
+/// speed drifts, this explains a throughput ratio better than the rate does:
+/// the kernel's share is much the same for every proxy, the user share is
+/// the proxy's own code.
+async fn with_cpu(pid: u32, ops: &str, workload: impl std::future::Future<Output = Result<Value>>) -> Result<Value> {
+    let before = rss::tree_user_system_ticks(pid);
+    let mut result = workload.await?;
+    let after = rss::tree_user_system_ticks(pid);
+    if let Some(n) = result.pointer(ops).and_then(Value::as_f64).filter(|&n| n > 0.0) {
+        let per_op = |ticks: u64| (ticks as f64 / rss::ticks_per_sec() * 1e6 / n * 10.0).round() / 10.0;
+        let (user, system) = (after.0.saturating_sub(before.0), after.1.saturating_sub(before.1));
+        result["cpu"] = json!({
+            "user_us_per_op": per_op(user), "system_us_per_op": per_op(system), "us_per_op": per_op(user + system),
+        });
+    }
+    Ok(result)
 }
 
 /// Lets this process (and the proxies it starts) hold as many sockets as the
@@ -158,8 +180,8 @@ pub async fn run(opts: &Options) -> Result<Value> {
     // Let health checks see every node before measuring.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let mut contenders = vec![Contender { name: "direct", url: node_urls[0].clone() }];
-    contenders.extend(proxies.iter().map(|(name, p)| Contender { name, url: p.url.clone() }));
+    let mut contenders = vec![Contender { name: "direct", url: node_urls[0].clone(), pid: nodes[0].process.pid() }];
+    contenders.extend(proxies.iter().map(|(name, p)| Contender { name, url: p.url.clone(), pid: p.process.pid() }));
 
     let mut results = Map::new();
     let r = &mut results;
@@ -181,12 +203,20 @@ pub async fn run(opts: &Options) -> Result<Value> {
         }
     }
     eprintln!("2/10 saturated Echo throughput");
-    each(r, "echo_throughput", &contenders, async |c| scenarios::echo_throughput(&c.url, 32, plan.throughput).await)
-        .await;
+    each(r, "echo_throughput", &contenders, async |c| {
+        with_cpu(c.pid, "/messages", scenarios::echo_throughput(&c.url, 32, plan.throughput)).await
+    })
+    .await;
     eprintln!("4/10 connection setup rate");
-    each(r, "connect_rate", &contenders, async |c| setup::connect_rate(&c.url, 8, plan.short).await).await;
+    each(r, "connect_rate", &contenders, async |c| {
+        with_cpu(c.pid, "/connections", setup::connect_rate(&c.url, 8, plan.short)).await
+    })
+    .await;
     eprintln!("5/10 plain HTTP GET /health");
-    each(r, "http_health", &contenders, async |c| setup::http_rate(&c.url, 16, plan.short).await).await;
+    each(r, "http_health", &contenders, async |c| {
+        with_cpu(c.pid, "/requests", setup::http_rate(&c.url, 16, plan.short)).await
+    })
+    .await;
     eprintln!("6/10 broadcast fan-out over three nodes");
     each(r, "fanout", &contenders, async |c| {
         let urls = if c.name == "direct" { node_urls.clone() } else { vec![c.url.clone()] };
