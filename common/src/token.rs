@@ -1,13 +1,15 @@
 //! Connection ids and tokens that name their owning node.
 //!
 //! A node issues both at negotiate time as `<owner>.<random>`, where `<owner>`
-//! is the node id in unpadded base64url. SignalR clients echo one of them back
-//! as `?id=` on every transport request (the token with negotiate v1, the
-//! connection id with v0), so the balancer can read the owner from the request
-//! alone: no per-connection table, correct across balancer restarts and
-//! replicas. The random part of the token is 192 bits and is the secret; the
-//! connection id's random part is shorter because it is public anyway.
-//! Forging an owner only sends a request to a node that answers 404.
+//! is the node id in unpadded base64url. SignalR clients echo the token back
+//! as `?id=` on every transport request (a negotiate-v1 client gets it as
+//! `connectionToken`; a v0 client, which sends its `connectionId`, is given
+//! the token in that field), so the balancer can read the owner from the
+//! request alone: no per-connection table, correct across balancer restarts
+//! and replicas. The random part of the token is 192 bits and is the secret.
+//! The connection id is public (other clients see it) and never opens a
+//! transport, so its random part is shorter. Forging an owner only sends a
+//! request to a node that answers 404.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -20,7 +22,8 @@ pub const MAX_TOKEN_LEN: usize = 512;
 pub struct ConnectionToken {
     /// Public id, used for addressing and shown to other clients.
     pub connection_id: String,
-    /// Secret used as `?id=` by negotiate-v1 clients.
+    /// Secret used as `?id=` by every client (the `connectionId` a
+    /// negotiate-v0 client is given).
     pub token: String,
 }
 

@@ -36,6 +36,8 @@ pub struct App {
     pub presence: Presence,
     /// The receiving ends of presence's queues, until `lifecycle` starts its tasks.
     pub presence_tasks: std::sync::Mutex<Option<PresenceTasks>>,
+    /// Permits for history reads (`replay`): bounds their Redis and memory cost.
+    pub history_reads: tokio::sync::Semaphore,
     draining: AtomicBool,
 }
 
@@ -77,6 +79,7 @@ impl App {
             metrics,
             auth,
             origins: crate::cors::AllowedOrigins::new(&cfg.allowed_origins),
+            history_reads: tokio::sync::Semaphore::new(crate::replay::MAX_HISTORY_READS),
             draining: AtomicBool::new(false),
             cfg,
         }))

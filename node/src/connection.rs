@@ -8,7 +8,7 @@
 //! connections: atomics instead of per-connection timers, no buffers until data
 //! flows.
 
-use crate::history::ChatMessage;
+use crate::history::{ChatMessage, Replay};
 use crate::outbox::{OutFrame, Outbox, PushError};
 use crate::protocol::{HubProtocol, Outgoing, RecordReader};
 use crate::stateful::Stateful;
@@ -87,8 +87,10 @@ pub struct Limits {
 /// once, a newer poll supersedes an older one, live chat messages wait while
 /// a replay runs and never repeat one.
 pub struct Connection {
+    /// The public id: shown to other clients, never a key to a transport.
     pub connection_id: String,
-    /// The `?id=` value: the token (negotiate v1) or the connection id (v0).
+    /// The `?id=` value: the secret token (told to a negotiate-v0 client as
+    /// its `connectionId`). Never shown to anyone but this connection's client.
     pub key: String,
     pub outbox: Outbox,
     /// Held while a batch of client bytes is processed, which also serialises
@@ -99,6 +101,8 @@ pub struct Connection {
     options: ConnectionOptions,
     /// Live chat messages held while `Resume` replays, and how far it replayed.
     live_gate: Mutex<LiveGate>,
+    /// A `Resume` replay paused for a full outbox (see `replay`).
+    replay: Mutex<Option<Box<Replay>>>,
     /// Id of the first chat message delivered live: live delivery is in id
     /// order, so `Resume` need replay only what is older than it.
     first_live_id: OnceLock<String>,
@@ -145,6 +149,7 @@ impl Connection {
             protocol: AtomicU8::new(HubProtocol::Json as u8),
             options,
             live_gate: Mutex::new(LiveGate { held, ..LiveGate::default() }),
+            replay: Mutex::new(None),
             first_live_id: OnceLock::new(),
             stateful: OnceLock::new(),
             created_ms: now,
@@ -342,6 +347,15 @@ impl Connection {
         let mut gate = self.gate();
         gate.held.get_or_insert_with(Vec::new);
         gate.replaying = true;
+    }
+
+    /// Keeps a paused replay until the outbox has room again.
+    pub fn set_replay(&self, replay: Replay) {
+        *self.replay.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(replay));
+    }
+
+    pub fn take_replay(&self) -> Option<Replay> {
+        self.replay.lock().unwrap_or_else(|p| p.into_inner()).take().map(|b| *b)
     }
 
     pub fn is_holding(&self) -> bool {

@@ -5,9 +5,10 @@
 //! order on the backplane is the order in history, and it is idempotent: the
 //! message's own random `uid`, chosen before the first attempt, marks it as
 //! stored, so a publish retried after a timeout neither stores nor delivers
-//! it twice. Reading returns the newest `count` entries oldest first, or the
-//! entries after an id (for catching up and for `Resume`). Entries read back
-//! are untrusted: a malformed one is skipped and logged, not returned
+//! it twice. Reading walks history in pages, newest first (`GetHistory`) or
+//! oldest first after an id (catching up, `Resume`), so a reader holds one
+//! page at a time, never the whole capped stream. Entries read back are
+//! untrusted: a malformed one is skipped and logged, not returned
 //! half-filled.
 
 use redis::aio::ConnectionManager;
@@ -16,6 +17,7 @@ use redis::{AsyncCommands, RedisResult};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::cmp::Ordering;
+use std::collections::{HashSet, VecDeque};
 
 /// One chat message as stored, published and replayed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,25 +164,32 @@ fn collect(reply: StreamRangeReply) -> Vec<ChatMessage> {
         .collect()
 }
 
-/// The newest `count` messages, oldest first.
-pub async fn recent(conn: &mut ConnectionManager, key: &str, count: usize) -> RedisResult<Vec<ChatMessage>> {
+/// Up to `count` messages older than `before` (exclusive; the newest when
+/// `None`), newest first: one page of a read that walks history backwards.
+pub async fn older(
+    conn: &mut ConnectionManager,
+    key: &str,
+    before: Option<&str>,
+    count: usize,
+) -> RedisResult<Vec<ChatMessage>> {
     if count == 0 {
         return Ok(Vec::new());
     }
-    let reply: StreamRangeReply = conn.xrevrange_count(key, "+", "-", count).await?;
-    let mut out = collect(reply);
-    out.reverse();
-    Ok(out)
+    let end = before.map_or_else(|| "+".to_string(), |id| format!("({id}"));
+    let reply: StreamRangeReply = conn.xrevrange_count(key, end, "-", count).await?;
+    Ok(collect(reply))
 }
 
-/// Up to `count` messages after `after` (exclusive), oldest first.
+/// Up to `count` messages after `after` (exclusive) up to `through`
+/// (inclusive; `+` for the newest), oldest first.
 pub async fn after(
     conn: &mut ConnectionManager,
     key: &str,
     after: &str,
+    through: &str,
     count: usize,
 ) -> RedisResult<Vec<ChatMessage>> {
-    let reply: StreamRangeReply = conn.xrange_count(key, format!("({after}"), "+", count).await?;
+    let reply: StreamRangeReply = conn.xrange_count(key, format!("({after}"), through, count).await?;
     Ok(collect(reply))
 }
 
@@ -190,13 +199,33 @@ pub async fn last_id(conn: &mut ConnectionManager, key: &str) -> RedisResult<Str
     Ok(reply.ids.first().map_or_else(|| "0-0".to_string(), |e| e.id.clone()))
 }
 
+/// A `Resume` in progress (`replay` runs it): where it is, where it ends,
+/// and what it has sent. Kept on its connection between pauses.
+pub struct Replay {
+    pub invocation_id: Option<String>,
+    /// The last id read; the next page starts after it.
+    pub after: String,
+    /// The newest id stored when the replay began: anything newer arrives
+    /// live (held until the replay ends).
+    pub through: String,
+    /// Live delivery began here before the replay: it and all after it were delivered.
+    pub live_from: Option<String>,
+    pub groups: HashSet<String>,
+    pub page: VecDeque<ChatMessage>,
+    pub done_reading: bool,
+    /// The newest id the replay passed (sent, or not this connection's).
+    pub newest: Option<String>,
+    pub replayed: usize,
+    pub seen_bytes: usize,
+    pub seen_entries: usize,
+}
+
 /// Why `Resume` cannot replay from an id.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ResumeError {
     Malformed,
     Future,
     Gone,
-    TooMany(usize),
 }
 
 impl std::fmt::Display for ResumeError {
@@ -205,18 +234,22 @@ impl std::fmt::Display for ResumeError {
             ResumeError::Malformed => f.write_str("the message id is malformed (expected <milliseconds>-<sequence>)"),
             ResumeError::Future => f.write_str("the message id is newer than any stored message"),
             ResumeError::Gone => f.write_str("messages after that id have left the capped history; some are missing"),
-            ResumeError::TooMany(n) => write!(f, "more than {n} messages were missed, more than one replay sends"),
         }
     }
 }
 
-/// Checks that replaying after `from` is possible: a well-formed id, not
+/// Checks that replaying after `from` is possible, and answers the newest
+/// stored id, where the replay ends: a well-formed id, not
 /// newer than the newest entry, and no entry after it trimmed away. Redis
 /// trims only the oldest entries, so there is a gap when `from` is older
 /// than the oldest entry left and some entries were trimmed (`entries-added`
 /// above `length`). (A client whose last id is exactly the newest trimmed
 /// entry is told so too, though it missed nothing; it is a rare edge.)
-pub async fn check_resume(conn: &mut ConnectionManager, key: &str, from: &str) -> RedisResult<Result<(), ResumeError>> {
+pub async fn check_resume(
+    conn: &mut ConnectionManager,
+    key: &str,
+    from: &str,
+) -> RedisResult<Result<String, ResumeError>> {
     if parse_id(from).is_none() {
         return Ok(Err(ResumeError::Malformed));
     }
@@ -225,9 +258,9 @@ pub async fn check_resume(conn: &mut ConnectionManager, key: &str, from: &str) -
         return Ok(Err(ResumeError::Future));
     }
     let first: StreamRangeReply = conn.xrange_count(key, "-", "+", 1).await?;
-    let Some(first) = first.ids.first().map(|e| e.id.clone()) else { return Ok(Ok(())) };
+    let Some(first) = first.ids.first().map(|e| e.id.clone()) else { return Ok(Ok(newest)) };
     if cmp_ids(from, &first) != Ordering::Less {
-        return Ok(Ok(()));
+        return Ok(Ok(newest));
     }
     let info: redis::Value = redis::cmd("XINFO").arg("STREAM").arg(key).query_async(conn).await?;
     let number = |name: &str| info_field(&info, name).and_then(|v| v.parse::<u64>().ok());
@@ -235,7 +268,7 @@ pub async fn check_resume(conn: &mut ConnectionManager, key: &str, from: &str) -
         (Some(added), Some(len)) => added > len,
         _ => true, // Redis before 7: assume the worst
     };
-    Ok(if trimmed { Err(ResumeError::Gone) } else { Ok(()) })
+    Ok(if trimmed { Err(ResumeError::Gone) } else { Ok(newest) })
 }
 
 /// A field of an XINFO reply (a flat array or a RESP3 map) as text.

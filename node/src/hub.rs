@@ -10,12 +10,13 @@
 //! are not the protocol close the connection with an error.
 
 use crate::app::App;
-use crate::connection::{ChatDelivery, Connection, Transport};
+use crate::connection::{Connection, Transport};
 use crate::groups;
-use crate::history::{self, ChatMessage};
+use crate::history::ChatMessage;
 use crate::outbox::OutFrame;
 use crate::presence;
 use crate::protocol::{handshake_response, parse_handshake, transfer_format_error, HubMessage, ProtocolError};
+use crate::replay;
 use crate::stateful::{Receive, Stateful};
 use bytes::Bytes;
 use serde_json::Value;
@@ -44,6 +45,10 @@ pub async fn on_data(app: &Arc<App>, conn: &Arc<Connection>, data: &[u8]) -> Flo
     loop {
         if conn.outbox.is_closed() {
             return Flow::Done;
+        }
+        // A `Resume` replaying goes on before anything the client sent after it.
+        if replay::continue_replay(app, conn).await == Flow::Paused {
+            return Flow::Paused;
         }
         if !first && !conn.outbox.has_room() {
             return Flow::Paused;
@@ -237,47 +242,6 @@ fn chat_message(app: &App, conn: &Connection, group: Option<String>, user: Strin
     }
 }
 
-/// `Resume(lastMessageId)`: replays, as ordinary events in id order, every
-/// stored message after `last` this connection would have received (all
-/// broadcasts; group messages of the groups it is in now). Live messages are
-/// held while the replay runs and then delivered if newer than the replay;
-/// and what this connection already got live before it called `Resume` (live
-/// delivery is in id order, so everything from its first live id on) is not
-/// replayed. So there is no gap and no repeat between the two.
-async fn resume(app: &Arc<App>, conn: &Arc<Connection>, last: &str) -> Result<usize, String> {
-    conn.begin_resume();
-    let result = app.backplane.replay_after(last, app.cfg.history_len).await;
-    let mut newest = last.to_string();
-    let mut replayed = 0;
-    let outcome = match result {
-        Ok(Ok(messages)) => {
-            let mine = app.groups.of_connection(&conn.key);
-            let live_from = conn.first_live_id().map(String::from);
-            for m in messages {
-                let Some(id) = m.id.clone() else { continue };
-                if live_from.as_deref().is_some_and(|f| history::cmp_ids(&id, f).is_ge()) {
-                    break; // delivered live already, as is everything after it
-                }
-                newest = id;
-                if m.group.as_ref().is_none_or(|g| mine.contains(g)) {
-                    // A reply to the client's own request: never refused for a
-                    // full outbox (reading pauses instead), so none is lost.
-                    let d = ChatDelivery::new(m);
-                    app.reply_to(conn, d.for_connection(conn));
-                    replayed += 1;
-                }
-            }
-            Ok(replayed)
-        }
-        Ok(Err(e)) => {
-            Err(format!("HubException: cannot resume after '{}': {e}.", last.chars().take(64).collect::<String>()))
-        }
-        Err(e) => Err(format!("HubException: message history is unavailable ({e}).")),
-    };
-    app.release_held(conn, outcome.is_ok().then_some(newest.as_str()));
-    outcome
-}
-
 /// How an invocation is answered, when the client gave it an id.
 enum Answer {
     /// A Completion without a result.
@@ -337,29 +301,9 @@ async fn invoke(
                 .as_u64()
                 .ok_or("InvalidDataException: Error binding arguments. 'count' must be a non-negative integer.")?;
             let count = count.min(app.cfg.history_len as u64) as usize;
-            let entries = app
-                .backplane
-                .recent(count)
-                .await
-                .map_err(|e| format!("HubException: message history is unavailable ({e})."))?;
-            // Each with its `id` (and `group` for group messages); the uid is
-            // internal. The newest entries that fit in half the connection's
-            // byte budget: a page, so one call cannot make the node hold more.
-            let budget = app.cfg.max_buffered_bytes / 2;
-            let mut used = 0;
-            let mut page = Vec::new();
-            for m in entries.into_iter().rev() {
-                let Ok(mut v) = serde_json::to_value(m) else { continue };
-                if let Some(o) = v.as_object_mut() {
-                    o.remove("uid");
-                }
-                used += v.to_string().len() + 1;
-                if used > budget {
-                    break;
-                }
-                page.push(v);
-            }
-            page.reverse();
+            // The newest entries that fit in half the connection's byte
+            // budget: a page, so one call cannot make the node hold more.
+            let page = replay::history_page(app, count, app.cfg.max_buffered_bytes / 2).await?;
             // A client that reads history instead of resuming gets live messages now.
             if conn.message_ids() && conn.is_holding() {
                 app.release_held(conn, None);
@@ -371,8 +315,11 @@ async fn invoke(
             Ok(Answer::With(payload))
         }
         "Resume" => {
+            // Replays, as ordinary events in id order, every stored message
+            // after `last` this connection would have received; the hub's
+            // loop runs it and queues its Completion (see `replay`).
             let [last] = strings(args)?;
-            resume(app, conn, &last).await.map(|n| Answer::With(Value::from(n)))
+            replay::start_resume(app, conn, invocation_id, &last).await.map(|()| Answer::Queued)
         }
         "SetUser" => {
             let [user] = strings(args)?;

@@ -6,7 +6,8 @@
 //! (WebSockets, Server-Sent Events, long polling) → `hub` (what messages mean)
 //! → `backplane` (between nodes, in `history` order; the hub reaches it
 //! only through its seam, and it hands arrivals back through `Deliver`).
-//! `stateful` is SignalR 8's stateful reconnect for one connection.
+//! `stateful` is SignalR 8's stateful reconnect for one connection;
+//! `replay` answers `Resume` and `GetHistory` from history in pages.
 //! `registry` keeps the node discoverable, `lifecycle` starts and drains it,
 //! `server` accepts HTTP connections with limits on request heads.
 
@@ -28,6 +29,7 @@ mod presence;
 mod protocol;
 mod redis_link;
 mod registry;
+mod replay;
 mod server;
 mod stateful;
 mod transport;

@@ -69,13 +69,15 @@ impl MemoryBackplane {
         }
     }
 
-    pub fn recent(&self, count: usize) -> Vec<ChatMessage> {
+    pub fn older(&self, before: Option<&str>, count: usize) -> Vec<ChatMessage> {
         let state = self.bus.state();
-        state.history.iter().skip(state.history.len().saturating_sub(count)).cloned().collect()
+        let before_ok =
+            |m: &ChatMessage| before.is_none_or(|b| m.id.as_deref().is_some_and(|id| cmp_ids(id, b).is_lt()));
+        state.history.iter().rev().filter(|m| before_ok(m)).take(count).cloned().collect()
     }
 
-    /// As `history::check_resume` and `history::after` decide it for Redis.
-    pub fn replay_after(&self, last: &str, bound: usize) -> Result<Vec<ChatMessage>, ResumeError> {
+    /// As `history::check_resume` decides it for Redis.
+    pub fn resume_point(&self, last: &str) -> Result<String, ResumeError> {
         if parse_id(last).is_none() {
             return Err(ResumeError::Malformed);
         }
@@ -89,15 +91,12 @@ impl MemoryBackplane {
         if trimmed && oldest.is_some_and(|o| cmp_ids(last, o).is_lt()) {
             return Err(ResumeError::Gone);
         }
-        let after: Vec<ChatMessage> = state
-            .history
-            .iter()
-            .filter(|m| m.id.as_deref().is_some_and(|id| cmp_ids(id, last).is_gt()))
-            .cloned()
-            .collect();
-        if after.len() > bound {
-            return Err(ResumeError::TooMany(bound));
-        }
-        Ok(after)
+        Ok(newest)
+    }
+
+    pub fn range(&self, after: &str, through: &str, count: usize) -> Vec<ChatMessage> {
+        let state = self.bus.state();
+        let within = |id: &str| cmp_ids(id, after).is_gt() && cmp_ids(id, through).is_le();
+        state.history.iter().filter(|m| m.id.as_deref().is_some_and(within)).take(count).cloned().collect()
     }
 }

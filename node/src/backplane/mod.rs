@@ -128,26 +128,34 @@ impl Backplane {
         }
     }
 
-    /// The newest `count` stored messages, oldest first.
-    pub async fn recent(&self, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
+    /// Up to `count` stored messages older than `before` (the newest when
+    /// `None`), newest first: one page of a backwards walk.
+    pub async fn older(&self, before: Option<&str>, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
         match self {
-            Backplane::Redis(b) => b.recent(count).await,
+            Backplane::Redis(b) => b.older(before, count).await,
             #[cfg(test)]
-            Backplane::Memory(b) => Ok(b.recent(count)),
+            Backplane::Memory(b) => Ok(b.older(before, count)),
         }
     }
 
-    /// Every stored message after `last`, when a replay from there is
-    /// possible and holds at most `bound` messages.
-    pub async fn replay_after(
-        &self,
-        last: &str,
-        bound: usize,
-    ) -> Result<Result<Vec<ChatMessage>, ResumeError>, HistoryError> {
+    /// Whether a replay after `last` is possible (a well-formed id, not in
+    /// the future, nothing after it trimmed away); if so, the newest stored
+    /// id, where the replay ends.
+    pub async fn resume_point(&self, last: &str) -> Result<Result<String, ResumeError>, HistoryError> {
         match self {
-            Backplane::Redis(b) => b.replay_after(last, bound).await,
+            Backplane::Redis(b) => b.resume_point(last).await,
             #[cfg(test)]
-            Backplane::Memory(b) => Ok(b.replay_after(last, bound)),
+            Backplane::Memory(b) => Ok(b.resume_point(last)),
+        }
+    }
+
+    /// Up to `count` stored messages after `after` (exclusive) through
+    /// `through` (inclusive), oldest first: one page of a replay.
+    pub async fn range(&self, after: &str, through: &str, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
+        match self {
+            Backplane::Redis(b) => b.range(after, through, count).await,
+            #[cfg(test)]
+            Backplane::Memory(b) => Ok(b.range(after, through, count)),
         }
     }
 }

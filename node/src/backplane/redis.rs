@@ -157,33 +157,34 @@ impl RedisBackplane {
         }
     }
 
-    /// The newest `count` stored messages, oldest first.
-    pub async fn recent(&self, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
+    /// Up to `count` stored messages older than `before` (the newest when
+    /// `None`), newest first.
+    pub async fn older(&self, before: Option<&str>, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
         let result = match self.link.conn().await {
-            Ok(mut c) => history::recent(&mut c, &self.history_key, count).await,
+            Ok(mut c) => history::older(&mut c, &self.history_key, before, count).await,
             Err(e) => Err(e),
         };
         self.link.observe(&result);
         result.map_err(|e| HistoryError(e.to_string()))
     }
 
-    /// Every stored message after `last`, when a replay from there is
-    /// possible and holds at most `bound` messages.
-    pub async fn replay_after(
-        &self,
-        last: &str,
-        bound: usize,
-    ) -> Result<Result<Vec<ChatMessage>, ResumeError>, HistoryError> {
-        let replay = async {
-            let mut c = self.link.conn().await?;
-            if let Err(e) = history::check_resume(&mut c, &self.history_key, last).await? {
-                return Ok(Err(e));
-            }
-            // One more than the bound, to tell "exactly the bound" from "more".
-            let messages = history::after(&mut c, &self.history_key, last, bound + 1).await?;
-            Ok(if messages.len() > bound { Err(ResumeError::TooMany(bound)) } else { Ok(messages) })
+    /// Whether a replay after `last` is possible; if so, the newest stored
+    /// id, where it ends.
+    pub async fn resume_point(&self, last: &str) -> Result<Result<String, ResumeError>, HistoryError> {
+        let result = match self.link.conn().await {
+            Ok(mut c) => history::check_resume(&mut c, &self.history_key, last).await,
+            Err(e) => Err(e),
         };
-        let result: redis::RedisResult<Result<Vec<ChatMessage>, ResumeError>> = replay.await;
+        self.link.observe(&result);
+        result.map_err(|e| HistoryError(e.to_string()))
+    }
+
+    /// Up to `count` stored messages after `after` through `through`, oldest first.
+    pub async fn range(&self, after: &str, through: &str, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
+        let result = match self.link.conn().await {
+            Ok(mut c) => history::after(&mut c, &self.history_key, after, through, count).await,
+            Err(e) => Err(e),
+        };
         self.link.observe(&result);
         result.map_err(|e| HistoryError(e.to_string()))
     }
@@ -263,7 +264,7 @@ impl RedisBackplane {
         let mut conn = self.link.conn().await?;
         let last = self.last_id.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(last) = last else { return Ok(0) };
-        let missed = history::after(&mut conn, &self.history_key, &last, self.history_len).await?;
+        let missed = history::after(&mut conn, &self.history_key, &last, "+", self.history_len).await?;
         let n = missed.len();
         for m in &missed {
             self.deliver_stored(m);

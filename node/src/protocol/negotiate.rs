@@ -1,9 +1,13 @@
 //! The negotiate answer. Version 1 carries a secret `connectionToken` the
-//! client then sends as `?id=`; version 0 (what a client that sends no
-//! `negotiateVersion` gets) has no token, and the client uses `connectionId`.
-//! A client asking for a newer version than 1 gets version 1. A client that
-//! asked for stateful reconnect (and a node that allows it) sees
-//! `"useStatefulReconnect":true`. Never includes
+//! client then sends as `?id=`, beside the public `connectionId`; version 0
+//! (what a client that sends no `negotiateVersion` gets) has no token, and
+//! the client sends its `connectionId` as `?id=`. So a v0 answer's
+//! `connectionId` is the secret token too: the id the hub shows other
+//! clients (in events, presence and `GetNodeInfo`) is always the public id,
+//! which never opens a transport. A client asking for a newer version than 1
+//! gets version 1. Stateful reconnect is offered from version 1 on, as
+//! ASP.NET Core does: a client that asked for it (on a node that allows it)
+//! sees `"useStatefulReconnect":true`. Never includes
 //! `ProtocolVersion`, which clients take for classic ASP.NET SignalR.
 
 use serde::Serialize;
@@ -37,14 +41,14 @@ pub fn requested_version(value: Option<&str>) -> Result<u32, String> {
 pub fn negotiate_body(version: u32, token: &ConnectionToken, stateful_reconnect: bool) -> String {
     let body = NegotiateResponse {
         negotiate_version: version,
-        connection_id: &token.connection_id,
+        connection_id: if version >= 1 { &token.connection_id } else { &token.token },
         connection_token: (version >= 1).then_some(token.token.as_str()),
         available_transports: serde_json::json!([
             {"transport": "WebSockets", "transferFormats": ["Text", "Binary"]},
             {"transport": "ServerSentEvents", "transferFormats": ["Text"]},
             {"transport": "LongPolling", "transferFormats": ["Text", "Binary"]},
         ]),
-        use_stateful_reconnect: stateful_reconnect,
+        use_stateful_reconnect: stateful_reconnect && version >= 1,
     };
     serde_json::to_string(&body).unwrap_or_default()
 }
@@ -63,11 +67,13 @@ mod tests {
     }
 
     #[test]
-    fn version_zero_has_no_token() {
+    fn version_zero_has_no_token_and_its_connection_id_is_the_secret_not_the_public_id() {
         let t = ConnectionToken::issue("n");
-        let v = parse(&negotiate_body(0, &t, false));
+        let v = parse(&negotiate_body(0, &t, true));
         assert_eq!(v["negotiateVersion"], 0);
-        assert_eq!(v["connectionId"], t.connection_id.as_str());
+        assert_eq!(v["connectionId"], t.token.as_str(), "the v0 client's ?id= must be the secret");
+        assert_ne!(v["connectionId"], t.connection_id.as_str(), "never the id other clients see");
+        assert!(v.get("useStatefulReconnect").is_none(), "stateful reconnect needs negotiate v1");
         assert!(v.get("connectionToken").is_none());
         assert!(v.get("ProtocolVersion").is_none());
         assert_eq!(v["availableTransports"].as_array().unwrap().len(), 3);
@@ -79,6 +85,7 @@ mod tests {
         let v = parse(&negotiate_body(1, &t, false));
         assert_eq!(v["negotiateVersion"], 1);
         assert_eq!(v["connectionToken"], t.token.as_str());
+        assert_eq!(v["connectionId"], t.connection_id.as_str());
         assert!(v.get("useStatefulReconnect").is_none());
         let v = parse(&negotiate_body(1, &t, true));
         assert_eq!(v["useStatefulReconnect"], true);

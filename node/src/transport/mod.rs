@@ -171,12 +171,15 @@ pub async fn negotiate(State(app): State<Arc<App>>, Query(params): Params, heade
         Ok(v) => v,
         Err(e) => return json(negotiate::error_body(&e)),
     };
+    // As ASP.NET Core: stateful reconnect only from negotiate v1 on.
     let stateful = app.cfg.stateful_reconnect
+        && version >= 1
         && param(&params, "useStatefulReconnect").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let token = ConnectionToken::issue(&app.node_id);
-    let key = if version >= 1 { token.token.clone() } else { token.connection_id.clone() };
+    // The `?id=` key is always the secret token (a v0 client is told it as
+    // its `connectionId`); the public id is only ever shown, never looked up.
     let options = ConnectionOptions { stateful_reconnect: stateful, message_ids: wants_message_ids(&params) };
-    let conn = app.new_connection(token.connection_id.clone(), key, options);
+    let conn = app.new_connection(token.connection_id.clone(), token.token.clone(), options);
     if let Some(who) = &who {
         conn.sign_in(who);
     }
