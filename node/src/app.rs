@@ -261,7 +261,7 @@ impl Deliver for App {
 
     fn presence(&self, payload: &[u8]) {
         match serde_json::from_slice::<crate::presence::Published>(payload) {
-            Ok(p) if crate::presence::validate_user(&p.user).is_ok() => {
+            Ok(p) if crate::user_name::validate_shown(&p.user).is_ok() => {
                 self.presence.apply_remote(&p.node, &p.user, p.online)
             }
             _ => {

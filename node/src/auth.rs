@@ -18,14 +18,12 @@ use std::collections::HashMap;
 /// Longest token accepted, in bytes (ASP.NET Core's default header limits
 /// allow more, but no sane identity token is this large).
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
-/// Longest user name taken from a token.
-pub const MAX_NAME_CHARS: usize = 64;
 
 /// Who a request is, as its token says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub name: String,
-    /// When the token expires, in Unix seconds.
+    /// When the token stops being accepted (its `exp` plus the clock skew), in Unix seconds.
     pub expires: Option<u64>,
 }
 
@@ -61,7 +59,22 @@ impl std::fmt::Display for AuthError {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// The claims a token read here may carry that the node uses itself.
+/// `aud` and `iss` are left to `jsonwebtoken` (which takes `aud` as a string
+/// or an array, RFC 7519 §4.1.3), and `exp` may have a fraction (a
+/// NumericDate need not be an integer).
+#[derive(Debug, Deserialize)]
+struct Presented {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    exp: Option<f64>,
+}
+
+/// The claims of a token this node signs.
+#[derive(Debug, Serialize)]
 struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     name: Option<String>,
@@ -81,6 +94,8 @@ struct Claims {
 pub struct Auth {
     pub mode: AuthMode,
     key: Option<(DecodingKey, Validation)>,
+    /// Seconds a token is still accepted after its `exp`.
+    clock_skew: u64,
     signer: Option<EncodingKey>,
     issuer: String,
     audience: String,
@@ -139,6 +154,7 @@ impl Auth {
         Ok(Auth {
             mode: cfg.auth,
             key: key.map(|k| (k, validation)),
+            clock_skew: cfg.auth_clock_skew_secs,
             signer,
             issuer: cfg.auth_issuer.clone(),
             audience: cfg.auth_audience.clone(),
@@ -152,7 +168,12 @@ impl Auth {
             return Err(invalid("it is larger than 8 KB"));
         }
         let Some((key, validation)) = &self.key else { return Err(invalid("this node has no key to check it")) };
-        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| {
+        // RFC 7515 §4.1.11: a token whose header names extensions it
+        // requires (`crit`) is refused by a reader that knows none of them.
+        if jsonwebtoken::decode_header(token).is_ok_and(|h| h.crit.is_some()) {
+            return Err(invalid("it requires header extensions this node does not understand (crit)"));
+        }
+        let data = jsonwebtoken::decode::<Presented>(token, key, validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind::*;
             AuthError::Invalid(
                 match e.kind() {
@@ -170,14 +191,14 @@ impl Auth {
         })?;
         let claims = data.claims;
         let name = claims.name.filter(|n| !n.trim().is_empty()).or(claims.sub).unwrap_or_default();
-        let name = name.trim();
-        if name.is_empty() {
+        if name.trim().is_empty() {
             return Err(invalid("it names no user (name or sub)"));
         }
-        if name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
-            return Err(invalid("its user name is too long or has control characters"));
-        }
-        Ok(Identity { name: name.to_string(), expires: claims.exp })
+        let name = crate::user_name::validate(&name).map_err(|e| AuthError::Invalid(format!("its user name: {e}")))?;
+        // Accepted until `exp` plus the clock skew, and so closed then: a
+        // connection closed earlier would reconnect with the same token.
+        let expires = claims.exp.map(|exp| (exp.max(0.0).round() as u64).saturating_add(self.clock_skew));
+        Ok(Identity { name: name.to_string(), expires })
     }
 
     /// Who a request is: its token checked, or `None` when it has none and
@@ -312,6 +333,42 @@ mod tests {
         })
         .unwrap();
         assert!(refused(&other.issue("ana", 60).unwrap()).contains("signature"));
+    }
+
+    fn sign(claims: serde_json::Value, header: Header) -> String {
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(b"a-test-secret-of-some-length-0123")).unwrap()
+    }
+
+    #[test]
+    fn standard_tokens_with_audience_arrays_and_fractional_expiry_are_accepted_and_crit_is_refused() {
+        let a = Auth::from_config(&NodeConfig {
+            auth: AuthMode::Required,
+            auth_secret: "a-test-secret-of-some-length-0123".into(),
+            auth_audience: "chat".into(),
+            auth_clock_skew_secs: 30,
+            ..NodeConfig::default()
+        })
+        .unwrap();
+        let exp = jsonwebtoken::get_current_timestamp() + 600;
+        let hs = || Header::new(Algorithm::HS256);
+        let arrays = sign(serde_json::json!({"sub": "ana", "aud": ["chat", "api"], "exp": exp as f64 + 0.5}), hs());
+        let who = a.verify(&arrays).expect("aud array and fractional exp");
+        assert_eq!(who.name, "ana");
+        assert_eq!(who.expires, Some(exp + 1 + 30), "exp rounded as jsonwebtoken does, plus the skew");
+        let wrong = sign(serde_json::json!({"sub": "ana", "aud": ["api", "web"], "exp": exp}), hs());
+        assert!(matches!(a.verify(&wrong), Err(AuthError::Invalid(w)) if w.contains("audience")));
+        let mut critical = hs();
+        critical.crit = Some(vec!["urn:example:extension".into()]);
+        let crit = sign(serde_json::json!({"sub": "ana", "aud": "chat", "exp": exp}), critical);
+        assert!(matches!(a.verify(&crit), Err(AuthError::Invalid(w)) if w.contains("crit")));
+        // Past exp but inside the skew: accepted, and expiring at exp + skew.
+        let now = jsonwebtoken::get_current_timestamp();
+        let late = sign(serde_json::json!({"sub": "ana", "aud": "chat", "exp": now - 10}), hs());
+        assert_eq!(a.verify(&late).unwrap().expires, Some(now - 10 + 30));
+        for bad in ["~ana", "ana\u{202E}", "a\u{200B}na"] {
+            let t = sign(serde_json::json!({"sub": bad, "aud": "chat", "exp": exp}), hs());
+            assert!(matches!(a.verify(&t), Err(AuthError::Invalid(_))), "{bad:?}");
+        }
     }
 
     #[test]

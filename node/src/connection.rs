@@ -119,7 +119,12 @@ pub struct Connection {
     auth_expires: AtomicU64,
     /// The name this connection is online as (see `App::go_online_as`).
     presence: Mutex<Option<Box<str>>>,
+    /// How often it may rename itself; made at its first rename.
+    renames: OnceLock<Box<governor::DefaultDirectRateLimiter>>,
 }
+
+/// Renames a connection may make at once, then one per second.
+const RENAME_BURST: u32 = 5;
 
 /// Marks a long poll as running for its lifetime, however it ends.
 pub struct PollGuard<'a>(&'a Connection);
@@ -161,6 +166,7 @@ impl Connection {
             user: OnceLock::new(),
             auth_expires: AtomicU64::new(0),
             presence: Mutex::new(None),
+            renames: OnceLock::new(),
         }
     }
 
@@ -218,6 +224,18 @@ impl Connection {
     /// Records a completed handshake; true the first time.
     pub fn complete_handshake(&self) -> bool {
         !self.handshaken.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether `SetUser` may rename this connection now: a burst of
+    /// `RENAME_BURST`, then one a second.
+    pub fn may_rename(&self) -> bool {
+        use governor::{Quota, RateLimiter};
+        use std::num::NonZeroU32;
+        let limiter = self.renames.get_or_init(|| {
+            let burst = NonZeroU32::new(RENAME_BURST).unwrap_or(NonZeroU32::MIN);
+            Box::new(RateLimiter::direct(Quota::per_second(NonZeroU32::MIN).allow_burst(burst)))
+        });
+        limiter.check().is_ok()
     }
 
     /// The name this connection is online as, if any.

@@ -84,10 +84,10 @@ async fn dev_token(
     if !app.cfg.auth_dev_sign_in {
         return (StatusCode::NOT_FOUND, "Development sign-in is off.\n").into_response();
     }
-    let user = params.get("user").map(|u| u.trim()).unwrap_or_default();
-    if user.is_empty() || user.chars().count() > crate::auth::MAX_NAME_CHARS || user.chars().any(char::is_control) {
-        return (StatusCode::BAD_REQUEST, "user must be 1-64 printable characters\n").into_response();
-    }
+    let user = match crate::user_name::validate(params.get("user").map(String::as_str).unwrap_or_default()) {
+        Ok(user) => user,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("user: {e}\n")).into_response(),
+    };
     match app.auth.issue(user, 3600) {
         Ok(token) => {
             ([(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], token)

@@ -10,14 +10,15 @@
 //! are not the protocol close the connection with an error.
 
 use crate::app::App;
+use crate::config::AuthMode;
 use crate::connection::{Connection, Transport};
 use crate::groups;
 use crate::history::ChatMessage;
 use crate::outbox::OutFrame;
-use crate::presence;
 use crate::protocol::{handshake_response, parse_handshake, transfer_format_error, HubMessage, ProtocolError};
 use crate::replay;
 use crate::stateful::{Receive, Stateful};
+use crate::user_name;
 use bytes::Bytes;
 use serde_json::Value;
 use std::sync::Arc;
@@ -227,10 +228,20 @@ fn strings<const N: usize>(args: Vec<Value>) -> Result<[String; N], String> {
 
 /// A new chat message from `conn`, with its uid chosen before any attempt to
 /// store it. A signed-in connection speaks as its token's user, whatever
-/// `user` the client passed.
-fn chat_message(app: &App, conn: &Connection, group: Option<String>, user: String, message: String) -> ChatMessage {
-    let user = conn.user().map_or(user, str::to_string);
-    ChatMessage {
+/// `user` the client passed; an anonymous one by the name it gives, checked
+/// and marked as anonymous where signed-in users may be about (`user_name`).
+fn chat_message(
+    app: &App,
+    conn: &Connection,
+    group: Option<String>,
+    user: String,
+    message: String,
+) -> Result<ChatMessage, String> {
+    let user = match conn.user() {
+        Some(signed_in) => signed_in.to_string(),
+        None => anonymous_name(app, &user)?,
+    };
+    Ok(ChatMessage {
         id: None,
         uid: format!("{:032x}", rand::random::<u128>()),
         group,
@@ -239,7 +250,13 @@ fn chat_message(app: &App, conn: &Connection, group: Option<String>, user: Strin
         connection_id: conn.connection_id.clone(),
         node_id: app.node_id.clone(),
         timestamp: switchboard_common::registry::rfc3339(chrono::Utc::now()),
-    }
+    })
+}
+
+/// The name an anonymous client goes by, as others are shown it.
+fn anonymous_name(app: &App, given: &str) -> Result<String, String> {
+    let name = user_name::validate(given).map_err(|e| format!("HubException: {e}."))?;
+    Ok(user_name::shown_anonymous(name, app.auth.mode != AuthMode::Off))
 }
 
 /// How an invocation is answered, when the client gave it an id.
@@ -265,7 +282,7 @@ async fn invoke(
     match method {
         "SendMessage" => {
             let [user, message] = strings(args)?;
-            app.backplane.send(chat_message(app, conn, None, user, message));
+            app.backplane.send(chat_message(app, conn, None, user, message)?);
             Ok(Answer::Empty)
         }
         "GetNodeInfo" => {
@@ -292,7 +309,7 @@ async fn invoke(
         "SendMessageToGroup" => {
             let [group, user, message] = strings(args)?;
             groups::validate_name(&group).map_err(|e| format!("HubException: {e}"))?;
-            app.backplane.send(chat_message(app, conn, Some(group), user, message));
+            app.backplane.send(chat_message(app, conn, Some(group), user, message)?);
             Ok(Answer::Empty)
         }
         "GetHistory" => {
@@ -323,14 +340,19 @@ async fn invoke(
         }
         "SetUser" => {
             let [user] = strings(args)?;
-            let name = presence::validate_user(&user).map_err(|e| format!("HubException: {e}."))?;
+            let name = user_name::validate(&user).map_err(|e| format!("HubException: {e}."))?;
             match conn.user() {
                 Some(signed_in) if signed_in != name => {
                     Err(format!("HubException: signed in as '{signed_in}': the name comes from the sign-in token."))
                 }
                 Some(_) => Ok(Answer::Empty),
                 None => {
-                    app.go_online_as(conn, name);
+                    // Each rename is two presence events for every watcher
+                    // in the cluster: a connection may rename only so often.
+                    if !conn.may_rename() {
+                        return Err("HubException: renaming too often; try again in a moment.".into());
+                    }
+                    app.go_online_as(conn, &anonymous_name(app, name)?);
                     Ok(Answer::Empty)
                 }
             }

@@ -33,6 +33,7 @@ mod replay;
 mod server;
 mod stateful;
 mod transport;
+mod user_name;
 
 pub use lifecycle::shutdown_signal;
 

@@ -25,9 +25,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, Weak};
 use tokio::sync::{mpsc, oneshot};
 
-/// Longest user name a connection may go by, in characters.
-pub const MAX_USER_CHARS: usize = 64;
-
 /// A change of the cluster's view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -53,15 +50,6 @@ pub enum Write {
     Refresh,
     /// Answer once everything before it is written (used when draining).
     Flush(oneshot::Sender<()>),
-}
-
-/// Checks a name given to `SetUser`.
-pub fn validate_user(name: &str) -> Result<&str, String> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > MAX_USER_CHARS || name.chars().any(char::is_control) {
-        return Err(format!("a user name is 1 to {MAX_USER_CHARS} characters, none of them control characters"));
-    }
-    Ok(name)
 }
 
 /// The sorted set of (node, user) members scored by expiry.
@@ -480,9 +468,6 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        assert_eq!(validate_user("  ann "), Ok("ann"));
-        assert!(validate_user("").is_err() && validate_user("a\nb").is_err());
-        assert!(validate_user(&"x".repeat(65)).is_err());
         assert_eq!(parse_member("n1\nann b"), Some(("n1", "ann b")));
         assert_eq!(parse_member("garbage"), None);
     }

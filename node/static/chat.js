@@ -96,6 +96,22 @@
     return connectionId + "\u0000" + user + "\u0000" + message;
   }
 
+  /**
+   * A user name as an element. While sign-in is optional the hub marks an
+   * anonymous name with a leading "~" (signed-in names never begin with it),
+   * so it is shown with a "guest" badge and a signed-in name without one.
+   */
+  function userLabel(tag, cls, user) {
+    const anonymous = user.length > 1 && user.startsWith("~");
+    const node = el(tag, cls, anonymous ? user.slice(1) : user);
+    if (anonymous) {
+      node.classList.add("guest");
+      node.title = "not signed in";
+      node.appendChild(el("span", "badge", "guest"));
+    }
+    return node;
+  }
+
   /** Renders one chat message. `kind` is "broadcast", "group" or "history". */
   function showMessage({ user, message, connectionId, nodeId, when, group, kind }) {
     const li = el("li", "message " + kind);
@@ -105,7 +121,7 @@
     li.dataset.connection = connectionId;
     if (group !== undefined) li.dataset.group = group;
     const meta = el("div", "meta");
-    meta.appendChild(el("span", "user", user));
+    meta.appendChild(userLabel("span", "user", String(user)));
     if (group !== undefined) meta.appendChild(el("span", "tag", "group " + group));
     const time = el("time", "when", timeLabel(when));
     time.dateTime = when.toISOString();
@@ -150,7 +166,7 @@
     ui.online.replaceChildren();
     const mine = ui.name.value.trim();
     for (const user of [...online].sort((a, b) => a.localeCompare(b))) {
-      const li = el("li", user === mine ? "me" : "", user);
+      const li = userLabel("li", user === mine || user === "~" + mine ? "me" : "", user);
       li.dataset.user = user;
       ui.online.appendChild(li);
     }

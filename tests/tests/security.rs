@@ -284,3 +284,86 @@ async fn history_reads_that_are_never_read_hold_the_byte_budget_and_read_redis_i
     assert_eq!(c.invoke("Echo", vec![json!(1)]).await, Ok(json!(1)), "the node still serves");
     drop(idle);
 }
+
+/// An HTTP client that sends `token` as a bearer token on every request.
+fn signed_in(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+    reqwest::Client::builder().default_headers(headers).build().unwrap()
+}
+
+/// The arguments of the next `ReceiveMessage` carrying `text`.
+async fn heard(c: &mut HubClient, text: &str) -> Vec<Value> {
+    let v = c.expect(WAIT, |v| v["target"] == "ReceiveMessage" && v["arguments"][1] == text).await;
+    v.unwrap_or_else(|| panic!("{text:?} never arrived"))["arguments"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_optional_sign_in_an_anonymous_client_cannot_pass_as_a_signed_in_user() {
+    const SECRET: &str = "a-secret-for-the-security-tests-0123456789";
+    let redis = RedisServer::start();
+    let node = TestNode::start(&redis, "solo", &["--auth", "optional", "--auth-secret", SECRET]).await;
+    let signer = switchboard_tests::token_signer(SECRET);
+    let plain = reqwest::Client::new();
+    let mut watcher = HubClient::connect(&plain, &node.base, TransportKind::WebSockets).await.unwrap();
+    assert_eq!(watcher.invoke("GetOnlineUsers", vec![]).await, Ok(json!([])));
+    let token = signer.issue("alice", 3600).unwrap();
+    let alice = HubClient::connect(&signed_in(&token), &node.base, TransportKind::LongPolling).await.unwrap();
+    assert_eq!(watcher.expect_event("UserJoined", WAIT).await, Some(vec![json!("alice")]));
+    let mut anon = HubClient::connect(&plain, &node.base, TransportKind::WebSockets).await.unwrap();
+
+    // The anonymous "alice" is online, and speaks, as "~alice".
+    assert_eq!(anon.invoke("SetUser", vec![json!("alice")]).await, Ok(Value::Null));
+    assert_eq!(watcher.expect_event("UserJoined", WAIT).await, Some(vec![json!("~alice")]));
+    anon.send("SendMessage", vec![json!("alice"), json!("from the anonymous one")]).await;
+    assert_eq!(heard(&mut watcher, "from the anonymous one").await[0], "~alice");
+    alice.send("SendMessage", vec![json!("anything"), json!("from the signed-in one")]).await;
+    assert_eq!(heard(&mut watcher, "from the signed-in one").await[0], "alice");
+    let mut online: Vec<String> =
+        serde_json::from_value(watcher.invoke("GetOnlineUsers", vec![]).await.unwrap()).unwrap();
+    online.sort();
+    assert_eq!(online, ["alice", "~alice"]);
+    // The mark cannot be typed, and a token cannot claim it either.
+    let refused = anon.invoke("SetUser", vec![json!("~alice")]).await.unwrap_err();
+    assert!(refused.contains("may not begin"), "{refused}");
+    let marked = signer.issue("~bob", 3600).unwrap();
+    let status = plain
+        .post(format!("{}/chathub/negotiate?negotiateVersion=1", node.base))
+        .bearer_auth(marked)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 401, "a token whose name carries the anonymous mark");
+
+    // When alice leaves, she is gone; the anonymous one stays.
+    let deleted = plain.delete(format!("{}/chathub?id={}", node.base, alice.id)).bearer_auth(&token).send().await;
+    assert_eq!(deleted.unwrap().status(), 202);
+    assert_eq!(watcher.expect_event("UserLeft", WAIT).await, Some(vec![json!("alice")]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_with_invisible_or_reordering_characters_are_refused_and_renames_are_rate_limited() {
+    let redis = RedisServer::start();
+    let node = TestNode::start(&redis, "solo", &[]).await;
+    let http = reqwest::Client::new();
+    let mut c = HubClient::connect(&http, &node.base, TransportKind::WebSockets).await.unwrap();
+    for bad in ["ali\u{202E}ecila", "a\u{200B}b", "line\u{2028}break", "\u{FEFF}bom", "~marked"] {
+        assert!(c.invoke("SetUser", vec![json!(bad)]).await.is_err(), "SetUser({bad:?})");
+        assert!(c.invoke("SendMessage", vec![json!(bad), json!("x")]).await.is_err(), "SendMessage({bad:?}, …)");
+    }
+    // A burst of renames: the first few pass, then one a second.
+    let mut watcher = HubClient::connect(&http, &node.base, TransportKind::WebSockets).await.unwrap();
+    assert_eq!(watcher.invoke("GetOnlineUsers", vec![]).await, Ok(json!([])));
+    let mut passed = 0;
+    for i in 0..50 {
+        if c.invoke("SetUser", vec![json!(format!("name{i}"))]).await.is_ok() {
+            passed += 1;
+        }
+    }
+    assert!((5..=8).contains(&passed), "{passed} of 50 renames in a burst passed");
+    let refused = c.invoke("SetUser", vec![json!("one more")]).await.unwrap_err();
+    assert!(refused.contains("renaming too often"), "{refused}");
+    let joined = watcher.drain_pending().len();
+    assert!(joined <= 2 * 8, "the watcher got {joined} presence events for 50 renames");
+}
