@@ -6,8 +6,9 @@
 //! bytes moved each way.
 //!
 //! What identifies a client's connection or session never reaches the log:
-//! the values of the `id` and `access_token` query parameters are replaced by
-//! `REDACTED`, and no header is logged but the user agent (cookies and
+//! the values of the `id` and `access_token` query parameters (however their
+//! names are encoded) and any value shaped like a JWT or a connection token
+//! are replaced by `REDACTED` (see `redact`), and no header is logged but the user agent (cookies and
 //! `Authorization` never). Lines go to a writer thread through a bounded
 //! queue, so a slow disk never holds up a request; lines that do not fit are
 //! counted (`switchboard_balancer_access_log_dropped_total`) and dropped.
@@ -84,24 +85,58 @@ pub fn kind_of(method: &str, target: &str, accept: Option<&str>) -> &'static str
     }
 }
 
-/// The target with the values of `id` and `access_token` replaced.
+/// The target with every credential in its query replaced: the values of
+/// `id` and `access_token` however their names are written (compared after
+/// percent-decoding, `%61ccess_token` included), and any value shaped like
+/// a JWT or a connection token whatever its name. Pairs are split at `&`
+/// and at `;` (which some parsers also take as a separator), so no parser
+/// can find a credential the log shows.
 pub fn redact(target: &str) -> Cow<'_, str> {
     let Some((path, query)) = target.split_once('?') else { return Cow::Borrowed(target) };
-    let secret = |pair: &str| {
-        let name = pair.split('=').next().unwrap_or(pair);
-        REDACTED_PARAMS.iter().any(|p| name.eq_ignore_ascii_case(p))
-    };
-    if !query.split('&').any(secret) {
+    let pairs = || query.split(['&', ';']);
+    if !pairs().any(is_credential) {
         return Cow::Borrowed(target);
     }
-    let parts: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if secret(pair) => format!("{name}=REDACTED"),
-            _ => pair.to_string(),
-        })
-        .collect();
-    Cow::Owned(format!("{path}?{}", parts.join("&")))
+    let mut out = String::with_capacity(target.len());
+    out.push_str(path);
+    out.push('?');
+    let mut rest = query;
+    for pair in pairs() {
+        match pair.split_once('=') {
+            Some((name, _)) if is_credential(pair) => {
+                out.push_str(name);
+                out.push_str("=REDACTED");
+            }
+            None if is_credential(pair) => out.push_str("REDACTED"),
+            _ => out.push_str(pair),
+        }
+        rest = &rest[pair.len()..];
+        if let Some(separator) = rest.chars().next() {
+            out.push(separator);
+            rest = &rest[1..];
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Whether one `name=value` pair of a query carries a credential.
+fn is_credential(pair: &str) -> bool {
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    match pair.split_once('=') {
+        Some((name, value)) => {
+            let name = decode(name);
+            REDACTED_PARAMS.iter().any(|p| name.trim().eq_ignore_ascii_case(p)) || looks_like_credential(&decode(value))
+        }
+        // A bare word has no value; it is a secret only if it looks like one.
+        None => looks_like_credential(&decode(pair)),
+    }
+}
+
+/// A JWT (three base64url parts, the header a JSON object) or a token or
+/// id a node issued (`<owner>.<random>`).
+fn looks_like_credential(value: &str) -> bool {
+    let jwt = value.starts_with("eyJ") && value.split('.').count() == 3;
+    jwt || switchboard_common::token::owner_of(value).is_some()
 }
 
 /// Keeps a logged string on one line and printable.
@@ -280,6 +315,26 @@ mod tests {
         assert_eq!(redact("/chathub?ID=abc"), "/chathub?ID=REDACTED");
         assert_eq!(redact("/chathub?idx=1&id"), "/chathub?idx=1&id");
         assert!(matches!(redact("/nodes?x=1"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn credentials_are_redacted_however_their_names_are_encoded_or_separated() {
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbmEifQ.c2ln";
+        let token = switchboard_common::token::ConnectionToken::issue("node-a").token;
+        for target in [
+            format!("/chathub?access%5Ftoken={jwt}"),
+            format!("/chathub?%61ccess_token={jwt}"),
+            format!("/chathub?%69d={token}"),
+            format!("/chathub?x=1;id={token}"),
+            format!("/chathub?x=1&whatever={jwt}"),
+            format!("/chathub?x=1&other={token}"),
+        ] {
+            let logged = redact(&target);
+            assert!(!logged.contains(jwt) && !logged.contains(&token), "{target} logged as {logged}");
+            assert!(logged.contains("REDACTED"), "{logged}");
+        }
+        assert_eq!(redact(&format!("/chathub?x=1;id={token}&y=2")), "/chathub?x=1;id=REDACTED&y=2");
+        assert!(matches!(redact("/chathub?negotiateVersion=1&name=a.b.c"), Cow::Borrowed(_)));
     }
 
     #[test]

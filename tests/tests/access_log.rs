@@ -45,6 +45,11 @@ async fn every_kind_of_request_is_logged_once_when_it_ends_and_no_secret_is() {
     assert_eq!(page.send().await.unwrap().status(), 200);
     let hidden = http.get(format!("{}/metrics?access_token={ACCESS_TOKEN}", lb.base)).header("Cookie", &cookie);
     assert_eq!(hidden.send().await.unwrap().status(), 404);
+    // The same secret under names spelled so that a literal match misses them.
+    for query in ["access%5Ftoken", "%61ccess_token", "%69d", "x=1;id"] {
+        let spelled = http.get(format!("{}/metrics?{query}={ACCESS_TOKEN}", lb.base)).send().await.unwrap();
+        assert_eq!(spelled.status(), 404, "{query}");
+    }
     let negotiate = http.post(format!("{}/chathub/negotiate?negotiateVersion=1&access_token={ACCESS_TOKEN}", lb.base));
     assert_eq!(negotiate.send().await.unwrap().status(), 200);
 
