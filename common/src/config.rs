@@ -18,10 +18,14 @@ pub enum LogFormat {
 }
 
 /// Installs the `tracing` subscriber; `RUST_LOG` filters (default `info`).
+/// Text logs are coloured only on a terminal: a file or a container's log
+/// gets no escape sequences at all. (Text a client chose is logged with
+/// Debug formatting, `?field`, which escapes it.)
 pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stdout().is_terminal());
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

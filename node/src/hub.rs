@@ -100,7 +100,9 @@ fn protocol_error(app: &App, conn: &Connection, e: &ProtocolError) {
         ProtocolError::Handshake(_) => "handshake",
     };
     app.metrics.protocol_errors.with_label_values(&[kind]).inc();
-    tracing::info!(connection = %conn.connection_id, error = %e, "closing connection after a protocol error");
+    // Client text (a protocol name, a bad target) may be in the error: logged
+    // escaped (Debug), so it can neither forge a line nor send terminal escapes.
+    tracing::info!(connection = %conn.connection_id, error = ?e.to_string(), "closing connection after a protocol error");
     app.close(conn, Some(format!("Connection closed with an error. {e}")), false);
 }
 
@@ -134,7 +136,7 @@ fn handshake(app: &App, conn: &Connection, record: &[u8]) -> bool {
         }
         Err(e) => {
             app.metrics.protocol_errors.with_label_values(&["handshake"]).inc();
-            tracing::info!(connection = %conn.connection_id, error = %e, "handshake refused");
+            tracing::info!(connection = %conn.connection_id, error = ?e.to_string(), "handshake refused");
             conn.outbox.close(Some(OutFrame::plain(Bytes::from(handshake_response(Some(&e.to_string()))))));
             false
         }
@@ -149,7 +151,7 @@ async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
             let label = if outcome.is_ok() { "ok" } else { "error" };
             app.metrics.invocations.with_label_values(&[method, label]).inc();
             if let Err(e) = &outcome {
-                tracing::debug!(connection = %conn.connection_id, %target, error = %e, "invocation failed");
+                tracing::debug!(connection = %conn.connection_id, ?target, error = ?e, "invocation failed");
             }
             if let Some(id) = invocation_id {
                 let (result, error) = match outcome {

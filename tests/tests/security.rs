@@ -367,3 +367,49 @@ async fn names_with_invisible_or_reordering_characters_are_refused_and_renames_a
     let joined = watcher.drain_pending().len();
     assert!(joined <= 2 * 8, "the watcher got {joined} presence events for 50 renames");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_a_client_chooses_reaches_the_nodes_log_escaped() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let redis = RedisServer::start();
+    let node = TestNode::start(&redis, "solo", &[]).await;
+    let forged = "\u{1b}[31mR\u{1b}[0m\n2026-12-02T00:00:00.000000Z  INFO switchboard_node: FORGED";
+    let http = reqwest::Client::new();
+    // A handshake whose protocol name is the forgery, and a message whose
+    // target is (after a good handshake): both are refused and logged.
+    for frames in [
+        vec![record(&json!({"protocol": forged, "version": 1}))],
+        vec![
+            record(&json!({"protocol": "json", "version": 1})),
+            record(&json!({"type": 1, "target": 7, "arguments": [forged]})),
+        ],
+        vec![
+            record(&json!({"protocol": "json", "version": 1})),
+            format!("{{\"type\":1,\"{forged}\":1}}\u{1e}").into_bytes(),
+        ],
+    ] {
+        let body: Value = http
+            .post(format!("{}/chathub/negotiate?negotiateVersion=1", node.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let url = ws_url(&format!("{}/chathub?id={}", node.base, body["connectionToken"].as_str().unwrap()));
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        for f in frames {
+            ws.send(Message::Text(String::from_utf8(f).unwrap().into())).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let log = switchboard_tests::eventually(WAIT, "the refusal in the log", || async {
+        let log = node.process.log_text();
+        log.contains("handshake refused").then_some(log)
+    })
+    .await;
+    assert!(!log.contains('\u{1b}'), "a terminal escape reached the log:\n{log}");
+    assert!(!log.lines().any(|l| l.starts_with("2026-12-02T00:00:00")), "a forged line:\n{log}");
+    assert!(log.contains("\\u{1b}[31mR"), "the text is logged, escaped:\n{log}");
+}

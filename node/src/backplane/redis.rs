@@ -240,7 +240,7 @@ impl RedisBackplane {
             Some(m) if (channel == self.all_channel) == m.group.is_none() => self.deliver_stored(&m),
             _ => {
                 self.metrics.invalid.inc();
-                tracing::warn!(%channel, "ignoring malformed backplane payload");
+                tracing::warn!(?channel, "ignoring malformed backplane payload");
             }
         }
     }

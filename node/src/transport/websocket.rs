@@ -126,7 +126,7 @@ async fn run(app: Arc<App>, conn: Arc<Connection>, mut socket: WebSocket, genera
                 Some(Ok(Message::Close(_))) => break true,
                 None => break false,
                 Some(Err(e)) => {
-                    tracing::debug!(connection = %conn.connection_id, error = %e, "websocket read failed");
+                    tracing::debug!(connection = %conn.connection_id, error = ?e.to_string(), "websocket read failed");
                     break false;
                 }
             },
