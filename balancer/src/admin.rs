@@ -8,25 +8,123 @@
 //! strict Content-Security-Policy: the page runs only its own script.
 //!
 //! Everything but `/health` shows the cluster's inner workings, so it is
-//! served only to loopback clients, or, with `admin_token` set, to clients
-//! that present it (`Authorization: Bearer …`, or Basic auth with the token
-//! as the password, which a browser asks for by itself on the dashboard).
+//! served only to loopback clients asking for `localhost` or the port's own
+//! address (a `Host` of any other name is a DNS-rebinding page in a local
+//! browser), or, with `admin_token` set, to clients that present it
+//! (`Authorization: Bearer …`, or Basic auth with the token as the password,
+//! which a browser asks for by itself on the dashboard). A wrong token is
+//! answered only after `WRONG_TOKEN_DELAY`, and past `WRONG_TOKENS_PER_SEC`
+//! wrong tokens (from anyone) with 429, so guessing is slow everywhere.
+//!
+//! `AdminFront` owns each admin connection as the public port's front does:
+//! at most `admin_max_connections` at once (503 past it, with descriptors of
+//! their own apart from the client connections'), each request head within
+//! the public port's time and size limits (408, 431), kept-alive connections
+//! closed after the keep-alive time; every request is then answered by
+//! `AdminPages` through Pingora's HTTP session.
 
+use crate::admission::Admission;
 use crate::cluster::Cluster;
+use crate::front::{self, Head, HeadLimits};
+use crate::refusal;
 use crate::routing::Readiness;
 use async_trait::async_trait;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::{Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
+use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
 use serde_json::json;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 use switchboard_common::registry::rfc3339;
 
 use base64::Engine;
 
-pub struct AdminApp {
+/// How long a request with a wrong admin token waits for its 401.
+const WRONG_TOKEN_DELAY: Duration = Duration::from_millis(250);
+/// Wrong admin tokens the balancer answers with 401 per second, from all
+/// clients together (twice that at once); past that, 429.
+const WRONG_TOKENS_PER_SEC: u32 = 10;
+
+/// The admin port's pages and API.
+pub struct AdminPages {
     pub cluster: Arc<Cluster>,
+    /// Wrong admin tokens answered so far (see `WRONG_TOKENS_PER_SEC`).
+    wrong_tokens: DefaultDirectRateLimiter,
+}
+
+impl AdminPages {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        let rate = NonZeroU32::new(WRONG_TOKENS_PER_SEC).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(2 * WRONG_TOKENS_PER_SEC).unwrap_or(NonZeroU32::MIN);
+        AdminPages { cluster, wrong_tokens: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)) }
+    }
+}
+
+/// The admin listener's front door (see the module's doc).
+pub struct AdminFront {
+    pages: Arc<AdminPages>,
+    connections: Admission,
+}
+
+impl AdminFront {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        let connections = Admission::new(0, cluster.cfg.admin_max_connections);
+        AdminFront { pages: Arc::new(AdminPages::new(cluster)), connections }
+    }
+
+    fn refuse(&self, reason: &str) {
+        self.pages.cluster.metrics.refused.with_label_values(&[reason]).inc();
+    }
+}
+
+#[async_trait]
+impl ServerApp for AdminFront {
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let mut conn = front::downcast::<L4Stream>(stream)?;
+        let cfg = &self.pages.cluster.cfg;
+        let limits =
+            HeadLimits { time: Duration::from_secs(cfg.request_head_timeout_secs), bytes: cfg.max_request_head_bytes };
+        let Some(_permit) = self.connections.try_connect() else {
+            self.refuse("admin_max_connections");
+            let brief = HeadLimits { time: front::REFUSAL_READ, ..limits };
+            let _ = front::read_head(&mut *conn, brief, None).await;
+            front::answer(&mut *conn, &refusal::TOO_MANY_CONNECTIONS).await;
+            return None;
+        };
+        let keepalive = Duration::from_secs(cfg.keepalive_timeout_secs);
+        let mut idle = None;
+        loop {
+            let head = match front::read_head(&mut *conn, limits, idle).await {
+                Head::Complete(head) => head,
+                Head::Closed => return None,
+                Head::TimedOut => {
+                    self.refuse("admin_head_timeout");
+                    front::answer(&mut *conn, &refusal::HEAD_TIMEOUT).await;
+                    return None;
+                }
+                Head::TooLarge => {
+                    self.refuse("admin_head_too_large");
+                    front::answer(&mut *conn, &refusal::HEAD_TOO_LARGE).await;
+                    return None;
+                }
+            };
+            conn.rewind(&head);
+            let mut session = ServerSession::new_http1(conn);
+            session.set_keepalive((!*shutdown.borrow()).then_some(cfg.keepalive_timeout_secs));
+            let reused = self.pages.process_new_http(session, shutdown).await?;
+            let (stream, _) = reused.consume();
+            conn = front::downcast::<L4Stream>(stream)?;
+            idle = Some(keepalive);
+        }
+    }
 }
 
 /// Only the page's own script, style and API calls; no inline code, no
@@ -112,36 +210,99 @@ fn presents_token(authorization: &str, token: &str) -> bool {
     false
 }
 
+/// Whether a `Host` names this machine's loopback or the admin port's own
+/// address (any port): what a page a local browser loaded from elsewhere
+/// can never send, however its name resolves.
+fn local_host(host: &str, bound: IpAddr) -> bool {
+    let host = host.trim();
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None if host.matches(':').count() == 1 => host.split(':').next().unwrap_or(host),
+        None => host,
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.to_canonical().is_loopback() || ip == bound)
+}
+
 /// Why a request for a protected path is refused, if it is.
-fn refusal(token: &str, loopback_peer: bool, authorization: Option<&str>) -> Option<Response<Vec<u8>>> {
+enum Refused {
+    /// Not from loopback, or for a name that is not this machine's (no token set).
+    NotLocal,
+    /// No token (the browser then asks for one).
+    TokenMissing,
+    /// A token that is not the admin token.
+    WrongToken,
+}
+
+fn refusal(
+    token: &str,
+    loopback_peer: bool,
+    host: Option<&str>,
+    bound: IpAddr,
+    authorization: Option<&str>,
+) -> Option<Refused> {
     if token.is_empty() {
-        return (!loopback_peer).then(|| {
-            let body = b"The admin port answers other hosts only when admin_token is set.\n".to_vec();
-            reply(StatusCode::FORBIDDEN, "text/plain; charset=utf-8", body)
-        });
+        let local = loopback_peer && host.is_none_or(|h| local_host(h, bound));
+        return (!local).then_some(Refused::NotLocal);
     }
-    if authorization.is_some_and(|a| presents_token(a, token)) {
-        return None;
+    match authorization {
+        Some(a) if presents_token(a, token) => None,
+        Some(_) => Some(Refused::WrongToken),
+        None => Some(Refused::TokenMissing),
     }
+}
+
+fn unauthorized() -> Response<Vec<u8>> {
     let mut resp =
         reply(StatusCode::UNAUTHORIZED, "text/plain; charset=utf-8", b"The admin token is required.\n".to_vec());
     if let Ok(v) = http::HeaderValue::from_str(r#"Basic realm="switchboard admin", charset="UTF-8""#) {
         resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
     }
-    Some(resp)
+    resp
+}
+
+impl AdminPages {
+    /// The answer to a refused request: a wrong token waits, and past the
+    /// rate of wrong tokens gets 429.
+    async fn refused(&self, why: Refused) -> Response<Vec<u8>> {
+        match why {
+            Refused::NotLocal => {
+                let body = b"Without admin_token the admin port answers only loopback clients asking for localhost or its own address.\n";
+                reply(StatusCode::FORBIDDEN, "text/plain; charset=utf-8", body.to_vec())
+            }
+            Refused::TokenMissing => unauthorized(),
+            Refused::WrongToken => {
+                self.cluster.metrics.refused.with_label_values(&["admin_wrong_token"]).inc();
+                tokio::time::sleep(WRONG_TOKEN_DELAY).await;
+                if self.wrong_tokens.check().is_ok() {
+                    return unauthorized();
+                }
+                let body = b"Too many wrong admin tokens; retry later.\n".to_vec();
+                let mut resp = reply(StatusCode::TOO_MANY_REQUESTS, "text/plain; charset=utf-8", body);
+                resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+                resp
+            }
+        }
+    }
 }
 
 #[async_trait]
-impl ServeHttp for AdminApp {
+impl ServeHttp for AdminPages {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         if path != "/health" {
             let loopback =
                 session.client_addr().and_then(|a| a.as_inet()).is_some_and(|a| a.ip().to_canonical().is_loopback());
-            let authorization = session.req_header().headers.get(http::header::AUTHORIZATION);
-            let authorization = authorization.and_then(|v| v.to_str().ok());
-            if let Some(refused) = refusal(&self.cluster.cfg.admin_token, loopback, authorization) {
-                return refused;
+            let header = |name| session.req_header().headers.get(name).and_then(|v| v.to_str().ok());
+            let why = refusal(
+                &self.cluster.cfg.admin_token,
+                loopback,
+                header(http::header::HOST),
+                self.cluster.cfg.admin_listen.ip(),
+                header(http::header::AUTHORIZATION),
+            );
+            if let Some(why) = why {
+                return self.refused(why).await;
             }
         }
         match path.as_str() {
@@ -187,22 +348,41 @@ mod tests {
         format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(user_pass))
     }
 
+    const BOUND: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    fn status(r: Option<Refused>) -> &'static str {
+        match r {
+            None => "served",
+            Some(Refused::NotLocal) => "not local",
+            Some(Refused::TokenMissing) => "token missing",
+            Some(Refused::WrongToken) => "wrong token",
+        }
+    }
+
     #[test]
-    fn without_a_token_only_loopback_is_served() {
-        assert!(refusal("", true, None).is_none());
-        assert_eq!(refusal("", false, None).map(|r| r.status()), Some(StatusCode::FORBIDDEN));
+    fn without_a_token_only_loopback_clients_asking_for_a_local_name_are_served() {
+        assert_eq!(status(refusal("", true, None, BOUND, None)), "served");
+        for host in ["localhost", "localhost:8080", "127.0.0.1:8080", "[::1]:8080", "LOCALHOST", "127.0.0.2"] {
+            assert_eq!(status(refusal("", true, Some(host), BOUND, None)), "served", "{host}");
+        }
+        for host in ["evil.example", "evil.example:8080", "localhost.evil.example", "10.0.0.1:8080", ""] {
+            assert_eq!(status(refusal("", true, Some(host), BOUND, None)), "not local", "{host}");
+        }
+        let bound = "10.1.2.3".parse().unwrap();
+        assert_eq!(status(refusal("", true, Some("10.1.2.3:8080"), bound, None)), "served");
+        assert_eq!(status(refusal("", false, Some("localhost"), BOUND, None)), "not local");
     }
 
     #[test]
     fn with_a_token_everyone_must_present_it() {
         let t = "s3cret";
         for ok in ["Bearer s3cret", "bearer  s3cret", &basic("admin:s3cret"), &basic(":s3cret")] {
-            assert!(refusal(t, false, Some(ok)).is_none(), "{ok}");
+            assert_eq!(status(refusal(t, false, Some("evil.example"), BOUND, Some(ok))), "served", "{ok}");
         }
         for bad in ["Bearer s3cre", "Bearer s3cret2", &basic("s3cret"), &basic("admin:x"), "Basic !!", "s3cret"] {
-            assert_eq!(refusal(t, true, Some(bad)).map(|r| r.status()), Some(StatusCode::UNAUTHORIZED), "{bad}");
+            assert_eq!(status(refusal(t, true, None, BOUND, Some(bad))), "wrong token", "{bad}");
         }
-        let asked = refusal(t, true, None).unwrap();
-        assert!(asked.headers()[http::header::WWW_AUTHENTICATE].to_str().unwrap().starts_with("Basic"));
+        assert_eq!(status(refusal(t, true, None, BOUND, None)), "token missing");
+        assert!(unauthorized().headers()[http::header::WWW_AUTHENTICATE].to_str().unwrap().starts_with("Basic"));
     }
 }

@@ -39,6 +39,7 @@ pub struct BalancerConfig {
     pub rate_limit_per_ip: u32,
     pub max_connections: usize,
     pub fd_reserve: u64,
+    pub admin_max_connections: usize,
     pub admin_token: String,
     pub threads: usize,
     pub work_stealing: bool,
@@ -78,6 +79,7 @@ impl Default for BalancerConfig {
             rate_limit_per_ip: 0,
             max_connections: 100_000,
             fd_reserve: 256,
+            admin_max_connections: 64,
             admin_token: String::new(),
             threads: 2,
             work_stealing: false,
@@ -175,6 +177,9 @@ pub struct Cli {
     /// Descriptors kept free for the admin port, health checks, Redis and upstream pools; the rest allow two per client connection [default: 256]
     #[arg(long, env = "SWITCHBOARD_FD_RESERVE")]
     pub fd_reserve: Option<u64>,
+    /// Open connections to the admin port, counted apart from client connections (whose descriptors never go to it); past it the admin port answers 503 [default: 64]
+    #[arg(long, env = "SWITCHBOARD_ADMIN_MAX_CONNECTIONS")]
+    pub admin_max_connections: Option<usize>,
     /// Token for the admin port's /dashboard, /api/* and /metrics (Bearer, or Basic auth with it as the password). Without one, only loopback clients are served [default: none]
     #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -244,6 +249,7 @@ impl Cli {
             rate_limit_per_ip,
             max_connections,
             fd_reserve,
+            admin_max_connections,
             admin_token,
             threads,
             work_stealing,
@@ -333,6 +339,9 @@ impl BalancerConfig {
         }
         if self.listen == self.admin_listen {
             return Err(ConfigError::Invalid { name: "admin_listen", reason: "must differ from listen".into() });
+        }
+        if self.admin_max_connections == 0 {
+            return Err(ConfigError::Invalid { name: "admin_max_connections", reason: "must be at least 1".into() });
         }
         switchboard_common::redis_target::RedisTarget::open(self.redis.as_str())
             .map_err(|e| ConfigError::Invalid { name: "redis", reason: e.to_string() })?;

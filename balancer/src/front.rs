@@ -48,7 +48,7 @@ use tokio_rustls::TlsAcceptor;
 /// How long a connection over the cap may take to send its head before it
 /// is answered 503 anyway (reading it first lets the client see the answer
 /// instead of a reset).
-const REFUSAL_READ: Duration = Duration::from_millis(500);
+pub const REFUSAL_READ: Duration = Duration::from_millis(500);
 
 /// How long, and for how many reads, a refused connection is drained.
 const LINGER: Duration = Duration::from_secs(1);
@@ -132,7 +132,7 @@ pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(
 /// discarded for a moment first (a "lingering close", as nginx does):
 /// closing with unread bytes makes the kernel send a reset, which can
 /// destroy the answer before the client reads it.
-async fn answer<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, refusal: &Refusal) {
+pub async fn answer<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, refusal: &Refusal) {
     let write = async {
         stream.write_all(refusal.to_http().as_bytes()).await?;
         stream.flush().await?;
@@ -180,11 +180,11 @@ pub fn listener(addr: SocketAddr, shared: Option<usize>) -> ListenerConfig {
     config.l4_buffer(L4BufferSettings::new(0, 1460))
 }
 
-fn downcast<C: 'static>(stream: Stream) -> Option<Box<C>> {
+pub fn downcast<C: 'static>(stream: Stream) -> Option<Box<C>> {
     match stream.into_any().downcast::<C>() {
         Ok(s) => Some(s),
         Err(_) => {
-            tracing::error!("unexpected stream type on the public listener");
+            tracing::error!("unexpected stream type on a listener");
             None
         }
     }

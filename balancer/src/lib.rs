@@ -114,8 +114,10 @@ pub fn run(mut cfg: BalancerConfig, upgrade: bool, shutdown: Shutdown) -> Result
     ));
     let (listen, admin_listen) = (cfg.listen, cfg.admin_listen);
     let open_files = admission::raise_open_file_limit();
-    let cap = open_files
-        .map_or(cfg.max_connections, |l| cfg.max_connections.min(admission::descriptor_cap(l, cfg.fd_reserve)));
+    // The admin port's connections have descriptors of their own, beside the reserve.
+    let reserve = cfg.fd_reserve.saturating_add(cfg.admin_max_connections as u64);
+    let cap =
+        open_files.map_or(cfg.max_connections, |l| cfg.max_connections.min(admission::descriptor_cap(l, reserve)));
     tracing::info!(open_file_limit = ?open_files, connection_cap = cap, fd_reserve = cfg.fd_reserve, "client connections capped");
     if cfg.admin_token.is_empty() && !admin_listen.ip().is_loopback() {
         tracing::info!(%admin_listen, "no admin_token: the admin port serves /dashboard, /api and /metrics to loopback clients only");
@@ -157,8 +159,8 @@ pub fn run(mut cfg: BalancerConfig, upgrade: bool, shutdown: Shutdown) -> Result
             server.add_service(front("https", *addr, Some(acceptor.clone())));
         }
     }
-    let mut admin = Service::new("switchboard admin".to_string(), admin::AdminApp { cluster: cluster.clone() });
-    admin.add_tcp(&admin_listen.to_string());
+    let mut admin = Service::new("switchboard admin".to_string(), admin::AdminFront::new(cluster.clone()));
+    admin.add_listener(front::listener(admin_listen, None));
 
     server.add_service(admin);
     server.add_service(background_service("registry watcher", watcher));

@@ -175,6 +175,76 @@ async fn the_admin_port_wants_its_token_once_one_is_set() {
     assert_eq!(http.get(format!("{}/health", balancer.admin)).send().await.unwrap().status(), 200);
 }
 
+#[tokio::test]
+async fn the_admin_port_limits_head_time_and_its_own_connections_apart_from_the_clients() {
+    // 200 descriptors: 90 reserved, 10 admin connections, so 50 clients.
+    let (_redis, _node, balancer) = cluster(&["--fd-reserve", "90", "--admin-max-connections", "10"], Some(200)).await;
+    // A head trickled a byte at a time is cut at the head limit, as on the public port.
+    let mut s = TcpStream::connect(addr(&balancer.admin)).await.unwrap();
+    let (took, answer) = trickle_until_closed(&mut s, b"GET /api/backends HTTP/1.1\r\n", Duration::from_secs(30))
+        .await
+        .expect("the admin port kept a trickled head open for 30 s");
+    eprintln!("admin: trickled head closed after {took:?}, answer {answer:?}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // Thirty connections that start a head and stop: ten are held (until
+    // the head limit answers them 408), the rest answered 503 at once; and
+    // meanwhile the public port still opens all of its 50 tunnels.
+    let mut admin = Vec::new();
+    for _ in 0..30 {
+        let mut s = TcpStream::connect(addr(&balancer.admin)).await.unwrap();
+        s.write_all(b"GET /api/backends HTTP/1.1\r\n").await.unwrap();
+        admin.push(s);
+    }
+    let mut tunnels = Vec::new();
+    for _ in 0..50 {
+        tunnels.push(open_tunnel(&balancer.base).await.expect("a client tunnel while the admin port is full"));
+    }
+    let answers = futures_util::future::join_all(admin.iter_mut().map(|s| async move {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+        String::from_utf8_lossy(&got).into_owned()
+    }))
+    .await;
+    let count = |status: &str| answers.iter().filter(|a| a.starts_with(status)).count();
+    // At most the cap held (a connection the test's harness or the trickle
+    // left a moment ago may still hold one), every other one refused.
+    let (held, refused) = (count("HTTP/1.1 408"), count("HTTP/1.1 503"));
+    assert!((5..=10).contains(&held) && held + refused == 30, "{held} held, {refused} refused: {answers:?}");
+    drop(tunnels);
+    wait_for_status(&format!("{}/api/backends", balancer.admin), 200, Duration::from_secs(15), "admin port again")
+        .await;
+}
+
+#[tokio::test]
+async fn wrong_admin_tokens_are_answered_slowly_and_then_refused_and_foreign_host_names_are_not_served() {
+    let (_redis, _node, guarded) = cluster(&["--admin-token", "the-admin-token-0123"], None).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/backends", guarded.admin);
+    // Forty guesses at once: some 401, the rest 429 (past the rate of wrong
+    // tokens), none served; the right token still is.
+    let guesses = (0..40).map(|i| {
+        let req = http.get(&url).bearer_auth(format!("guess-{i}"));
+        async move { req.send().await.unwrap().status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(guesses).await;
+    let too_many = statuses.iter().filter(|s| **s == 429).count();
+    assert!(statuses.iter().all(|s| *s == 401 || *s == 429), "{statuses:?}");
+    assert!(too_many >= 10, "{statuses:?}");
+    assert_eq!(http.get(&url).bearer_auth("the-admin-token-0123").send().await.unwrap().status(), 200);
+
+    // Without a token: a page of another name (DNS rebinding) gets nothing.
+    let (_redis, _node, open) = cluster(&[], None).await;
+    let port = open.admin.rsplit(':').next().unwrap().to_string();
+    let with_host = |host: String| {
+        let (http, url) = (http.clone(), format!("{}/api/backends", open.admin));
+        async move { http.get(url).header("Host", host).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(with_host(format!("evil.example:{port}")).await, 403);
+    assert_eq!(with_host(format!("localhost:{port}")).await, 200);
+    assert_eq!(with_host(format!("127.0.0.1:{port}")).await, 200);
+}
+
 /// Opens a WebSocket through the balancer and completes the SignalR handshake.
 async fn open_tunnel(base: &str) -> Result<impl Sized, u16> {
     match tokio_tungstenite::connect_async(format!("{}/chathub", ws_url(base))).await {
@@ -193,8 +263,8 @@ async fn open_tunnel(base: &str) -> Result<impl Sized, u16> {
 
 #[tokio::test]
 async fn at_the_descriptor_budget_clients_get_503_the_admin_port_answers_and_all_recovers() {
-    // 200 descriptors, 100 kept in reserve: 50 client connections.
-    let (_redis, _node, balancer) = cluster(&["--fd-reserve", "100"], Some(200)).await;
+    // 200 descriptors, 90 kept in reserve and 10 for the admin port: 50 client connections.
+    let (_redis, _node, balancer) = cluster(&["--fd-reserve", "90", "--admin-max-connections", "10"], Some(200)).await;
     let http = reqwest::Client::new();
     let totals = |v: Value| v["totals"].clone();
     assert_eq!(totals(balancer.backends().await)["connectionCap"], 50);
