@@ -32,6 +32,7 @@ pub struct NodeConfig {
     pub long_poll_secs: f64,
     pub long_poll_idle_secs: f64,
     pub drain_secs: f64,
+    pub drain_spread_secs: f64,
     pub max_message_bytes: usize,
     pub max_buffered_frames: usize,
     pub max_buffered_bytes: usize,
@@ -84,6 +85,7 @@ impl Default for NodeConfig {
             long_poll_secs: 90.0,
             long_poll_idle_secs: 15.0,
             drain_secs: 10.0,
+            drain_spread_secs: 5.0,
             max_message_bytes: 32 * 1024,
             max_buffered_frames: 1024,
             max_buffered_bytes: 1024 * 1024,
@@ -169,6 +171,9 @@ pub struct Cli {
     /// On SIGTERM, keep serving existing clients this many seconds before closing them [default: 10]
     #[arg(long, env = "SWITCHBOARD_DRAIN_SECS")]
     pub drain_secs: Option<f64>,
+    /// After drain_secs, the clients still connected are closed one by one over this many seconds, oldest first and evenly spaced, instead of all at once (0: all together) [default: 5]
+    #[arg(long, env = "SWITCHBOARD_DRAIN_SPREAD_SECS")]
+    pub drain_spread_secs: Option<f64>,
     /// Largest incoming hub message in bytes [default: 32768]
     #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
@@ -267,6 +272,7 @@ impl Cli {
             long_poll_secs,
             long_poll_idle_secs,
             drain_secs,
+            drain_spread_secs,
             max_message_bytes,
             max_buffered_frames,
             max_buffered_bytes,
@@ -324,6 +330,12 @@ impl NodeConfig {
             ("reconnect_window_secs", self.reconnect_window_secs),
         ] {
             secs(name, v)?;
+        }
+        if Duration::try_from_secs_f64(self.drain_spread_secs).is_err() {
+            return Err(ConfigError::Invalid {
+                name: "drain_spread_secs",
+                reason: format!("{} is not a number of seconds (0 or more)", self.drain_spread_secs),
+            });
         }
         require_positive("max_message_bytes", self.max_message_bytes as u64)?;
         if self.max_request_head_bytes < 1024 {

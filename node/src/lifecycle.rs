@@ -55,6 +55,25 @@ pub async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// Closes every remaining client with `allowReconnect`, oldest first, one
+/// after another over `spread`, so a drained node's clients reach the other
+/// nodes as a steady stream rather than a storm. Each wait is from the close
+/// before it, so a stalled moment never bunches the rest together.
+async fn close_spread(app: &App, spread: Duration) {
+    let mut remaining = app.connections.all();
+    remaining.sort_by_key(|c| std::cmp::Reverse(c.age_ms(crate::connection::now_ms())));
+    let gap = spread.checked_div(remaining.len() as u32).unwrap_or_default();
+    if !remaining.is_empty() {
+        tracing::info!(clients = remaining.len(), spread_secs = spread.as_secs_f64(), "closing the remaining clients");
+    }
+    for (i, conn) in remaining.iter().enumerate() {
+        if i > 0 && !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
+        app.close(conn, None, true);
+    }
+}
+
 pub async fn drain(app: &Arc<App>, background: Background) {
     tracing::info!(connections = app.connections.len(), drain_secs = app.cfg.drain_secs, "draining");
     app.start_draining();
@@ -62,13 +81,11 @@ pub async fn drain(app: &Arc<App>, background: Background) {
     if let Err(e) = registry::beat(app, Some(RegistryEventKind::Draining)).await {
         tracing::warn!(error = %e, "could not announce draining");
     }
-    let deadline = tokio::time::Instant::now() + app.cfg.duration(app.cfg.drain_secs);
-    while app.connections.len() > 0 && tokio::time::Instant::now() < deadline {
+    let closing = tokio::time::Instant::now() + app.cfg.duration(app.cfg.drain_secs);
+    while app.connections.len() > 0 && tokio::time::Instant::now() < closing {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for conn in app.connections.all() {
-        app.close(&conn, None, true);
-    }
+    close_spread(app, Duration::try_from_secs_f64(app.cfg.drain_spread_secs).unwrap_or_default()).await;
     // Give transports a moment to deliver the Close.
     let settle = tokio::time::Instant::now() + Duration::from_secs(2);
     while app.connections.len() > 0 && tokio::time::Instant::now() < settle {

@@ -30,6 +30,7 @@ def seconds(text):
 
 def node_grace_above_drain(path, node):
     drain = float(node["environment"].get("SWITCHBOARD_DRAIN_SECS", 10))
+    drain += float(node["environment"].get("SWITCHBOARD_DRAIN_SPREAD_SECS", 5))
     grace = seconds(node.get("stop_grace_period", "10s"))
     report(path, "node stop grace period above the drain", grace and grace > drain + 2, f"{grace}s vs {drain}s")
 
@@ -48,6 +49,7 @@ def kubernetes():
     spec = node["spec"]["template"]["spec"]
     c = spec["containers"][0]
     drain = float(env_of(c).get("SWITCHBOARD_DRAIN_SECS") or 10)
+    drain += float(env_of(c).get("SWITCHBOARD_DRAIN_SPREAD_SECS") or 5)
     grace = spec.get("terminationGracePeriodSeconds", 30)
     report(path, "node termination grace above the drain", grace > drain + 2, f"grace {grace}s, drain {drain}s")
     report(path, "node readiness on /health", c.get("readinessProbe", {}).get("httpGet", {}).get("path") == "/health")

@@ -341,3 +341,30 @@ async fn connection_counts_are_fresh_between_heartbeats() {
     drop(clients);
     eventually(Duration::from_secs(6), "the count to fall back to 0", || count_on_b(0)).await;
 }
+
+#[tokio::test]
+async fn a_drain_closes_its_remaining_clients_one_by_one_over_the_spread_window_oldest_first() {
+    let redis = RedisServer::start();
+    let node = TestNode::start(&redis, "leaving", &["--drain-secs", "1", "--drain-spread-secs", "2"]).await;
+    let http = reqwest::Client::new();
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(HubClient::connect(&http, &node.base, TransportKind::WebSockets).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    node.process.terminate();
+    // When each client got its Close (with allowReconnect), in connection order.
+    let closed: Vec<(tokio::time::Instant, Value)> =
+        futures_util::future::join_all(clients.iter_mut().map(|c| async move {
+            let close = c.expect_close(Duration::from_secs(20)).await.expect("a Close");
+            (tokio::time::Instant::now(), close)
+        }))
+        .await;
+    assert!(closed.iter().all(|(_, c)| c["allowReconnect"] == true), "{closed:?}");
+    let first = closed.iter().map(|(t, _)| *t).min().unwrap();
+    let last = closed.iter().map(|(t, _)| *t).max().unwrap();
+    // Twenty closes spread over 2 s are about 100 ms apart; however late
+    // each one runs, they are never closer (each waits from the one before).
+    assert!(last - first >= Duration::from_secs(1), "all closed within {:?}", last - first);
+    assert!(closed[0].0 < closed[19].0, "the oldest client is closed before the newest");
+}
