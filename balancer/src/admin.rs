@@ -160,6 +160,7 @@ pub fn backends_json(cluster: &Cluster) -> serde_json::Value {
                 "address": n.addr.to_string(),
                 "status": n.record.status.as_str(),
                 "healthy": cluster.ready(n),
+                "degraded": n.stats.is_degraded(),
                 "acceptsNewClients": cluster.accepts_new(n),
                 "inRegistry": n.missing_since.is_none(),
                 "openConnections": s.open.load(Ordering::Relaxed),

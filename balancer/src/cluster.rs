@@ -22,6 +22,11 @@ use switchboard_common::registry::NodeStatus;
 
 /// Other nodes a request is retried on after connect failures, at most.
 pub const MAX_RETRIES: usize = 3;
+/// Connect attempts a token route makes to its own node before the client
+/// gets a 502, and the wait before the second (doubled for each after it):
+/// a node that refuses connections for a moment loses none of its clients.
+pub const TOKEN_CONNECT_TRIES: usize = 3;
+const TOKEN_RETRY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub struct Cluster {
     pub cfg: BalancerConfig,
@@ -100,23 +105,39 @@ impl Cluster {
         ok
     }
 
-    /// After a failed connect to `failed`: the next node to try, if any. A
-    /// token route never moves (the connection lives on that node); any other
-    /// tries up to `MAX_RETRIES` more nodes, least loaded first, as a new
-    /// client. Marks the failed node unreachable until it passes a check, and
-    /// counts the retry and the new route.
-    pub fn reroute(&self, failed: &RouteNode, kind: RouteKind, tried: &mut Vec<String>) -> Option<Arc<RouteNode>> {
-        if failed.stats.mark_unreachable() {
-            tracing::warn!(node = %failed.record.node_id, "connect failed; node marked down until it passes a check");
+    /// After a failed connect to `failed`: the node to try next and how long
+    /// to wait first, if any. A token route stays with its node (the
+    /// connection lives there): it tries again after a short wait, up to
+    /// `TOKEN_CONNECT_TRIES` in all, while the node passes its health checks,
+    /// and then the client gets a 502, never a 404. Any other request tries
+    /// up to `MAX_RETRIES` more nodes at once, least loaded first, as a new
+    /// client. The failure is counted against the node: at `PASSIVE_FALL`
+    /// it gets no new clients until it passes a check.
+    pub fn reroute(
+        &self,
+        failed: &Arc<RouteNode>,
+        kind: RouteKind,
+        tried: &mut Vec<String>,
+    ) -> Option<(Arc<RouteNode>, std::time::Duration)> {
+        if failed.stats.note_connect_failure() {
+            tracing::warn!(node = %failed.record.node_id, "connects failed; no new clients for it until it passes a check");
         }
         tried.push(failed.record.node_id.clone());
-        if kind == RouteKind::Token || tried.len() > MAX_RETRIES {
+        if kind == RouteKind::Token {
+            let attempts = tried.len();
+            if attempts >= TOKEN_CONNECT_TRIES || !self.ready(failed) {
+                return None;
+            }
+            self.metrics.retries.inc();
+            return Some((failed.clone(), TOKEN_RETRY_WAIT * (1 << (attempts - 1))));
+        }
+        if tried.len() > MAX_RETRIES {
             return None;
         }
         let next = self.least_loaded(tried)?;
         self.metrics.retries.inc();
         self.count_route(&next, RouteKind::New);
-        Some(next)
+        Some((next, std::time::Duration::ZERO))
     }
 
     /// Records that `node` was chosen for a request by `kind`.
@@ -144,13 +165,19 @@ impl Cluster {
 }
 
 impl Readiness for Cluster {
-    /// Alive: passing active checks and not refusing connections.
+    /// Alive: passing active checks. A connect that failed does not make a
+    /// node's own connections unknown (see `reroute`).
     fn ready(&self, node: &RouteNode) -> bool {
-        self.backends.ready(&node.backend) && !node.stats.unreachable.load(Ordering::Acquire)
+        self.backends.ready(&node.backend)
     }
 
-    /// May receive new clients: alive and not draining.
+    /// May receive new clients: alive, not draining, and not refusing connects.
     fn accepts_new(&self, node: &RouteNode) -> bool {
-        node.record.status == NodeStatus::Healthy && self.ready(node)
+        node.record.status == NodeStatus::Healthy && self.ready(node) && !node.stats.passively_down()
+    }
+
+    /// Its last health check said it is cut off from Redis.
+    fn degraded(&self, node: &RouteNode) -> bool {
+        node.stats.is_degraded()
     }
 }

@@ -2,8 +2,12 @@
 //! `HttpHealthCheck` against `GET /health` with the configured timeout and
 //! rise/fall thresholds; a draining node answers 503 there but is alive (its
 //! own clients still need it), so 503 counts as passing and draining is taken
-//! from the registry instead. Passive marks (set by the proxy when a connect
-//! fails) take a node out at once and are cleared by its next passing check.
+//! from the registry instead. A node that answers 200 but says it is
+//! `degraded` (its `X-Switchboard-Status`: cut off from Redis, or its
+//! backplane subscription not proven live) passes too, and is marked so that
+//! new clients go to the other nodes while any is not degraded. Failed
+//! connects (`Cluster::reroute`) are forgotten at the node's next passing
+//! check.
 
 use crate::cluster::Cluster;
 use crate::table::{RouteNode, RoutingTable};
@@ -16,6 +20,10 @@ use pingora_load_balancing::Backend;
 use prometheus::{IntCounterVec, IntGaugeVec};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The validator's verdict for a node that answers but is degraded: a pass
+/// (`NodeHealthCheck::check` turns it into one) that marks the node.
+const DEGRADED: &str = "degraded";
 
 pub struct NodeHealthCheck {
     inner: HttpHealthCheck,
@@ -46,6 +54,9 @@ impl NodeHealthCheck {
         inner.consecutive_failure = cfg.health_fall;
         inner.reuse_connection = true;
         inner.validator = Some(Box::new(|resp: &pingora::http::ResponseHeader| match resp.status.as_u16() {
+            200 if resp.headers.get("x-switchboard-status").is_some_and(|v| v.as_bytes() == b"degraded") => {
+                Err(pingora::Error::explain(pingora::ErrorType::CustomCode(DEGRADED, 200), "node is degraded"))
+            }
             200 | 503 => Ok(()),
             code => Err(pingora::Error::explain(
                 pingora::ErrorType::CustomCode("health", code),
@@ -74,10 +85,23 @@ impl HealthCheck for NodeHealthCheck {
             Ok(r) => r,
             Err(_) => Err(pingora::Error::explain(pingora::ErrorType::ConnectTimedout, "health check timed out")),
         };
+        let degraded = matches!(&result, Err(e) if e.etype() == &pingora::ErrorType::CustomCode(DEGRADED, 200));
+        let result = if degraded { Ok(()) } else { result };
         if result.is_ok() {
             let node = self.node(target);
+            if let Some(n) = &node {
+                if n.stats.set_degraded(degraded) {
+                    let id = &n.record.node_id;
+                    match degraded {
+                        true => {
+                            tracing::warn!(node = %id, "node is degraded (cut off from Redis); new clients go elsewhere")
+                        }
+                        false => tracing::info!(node = %id, "node is no longer degraded"),
+                    }
+                }
+            }
             let id = node.as_ref().map(|n| n.record.node_id.clone()).unwrap_or_else(|| target.addr.to_string());
-            if node.is_some_and(|n| n.stats.clear_unreachable()) {
+            if node.is_some_and(|n| n.stats.clear_connect_failures()) {
                 tracing::info!(node = %id, "node answers health checks again");
             }
             self.healthy_gauge.with_label_values(&[&id]).set(1);

@@ -7,7 +7,8 @@
 //! request_filter      public paths only; per-IP rate → route
 //!                     (token → cookie → least loaded) → 404 / 503 / 429 early
 //! upstream_peer       the chosen node; connect timeout, idle-bounded reads
-//! fail_to_connect     mark the node passively down; retry a non-token
+//! fail_to_connect     count the failure against the node; retry a token
+//!                     route on its node after a short wait, any other
 //!                     request on the next least-loaded node
 //! upstream_request_filter  X-Forwarded-* headers
 //! response_filter     Set-Cookie for new assignments; latency
@@ -85,6 +86,8 @@ pub struct RequestCtx {
     upstream_start: Option<Instant>,
     /// When the request began, for the access log.
     started: Option<Instant>,
+    /// How long to wait before the next connect (a token route's retry).
+    retry_wait: Option<Duration>,
 }
 
 /// The `id` query parameter, if present.
@@ -157,6 +160,9 @@ impl ProxyHttp for SwitchboardProxy {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        if let Some(wait) = ctx.retry_wait.take() {
+            tokio::time::sleep(wait).await;
+        }
         let node =
             ctx.node.clone().ok_or_else(|| Error::explain(pingora::ErrorType::InternalError, "no route chosen"))?;
         let cfg = &self.cluster.cfg;
@@ -182,10 +188,13 @@ impl ProxyHttp for SwitchboardProxy {
         tracing::debug!(node = %node.record.node_id, error = %e, "connect failed");
         ctx.in_flight = None;
         let kind = ctx.kind.unwrap_or(RouteKind::New);
-        if let Some(next) = self.cluster.reroute(&node, kind, &mut ctx.tried) {
+        if let Some((next, wait)) = self.cluster.reroute(&node, kind, &mut ctx.tried) {
+            if kind != RouteKind::Token {
+                ctx.kind = Some(RouteKind::New);
+                ctx.set_cookie = true;
+            }
             ctx.node = Some(next);
-            ctx.kind = Some(RouteKind::New);
-            ctx.set_cookie = true;
+            ctx.retry_wait = (!wait.is_zero()).then_some(wait);
             e.set_retry(true);
         }
         e

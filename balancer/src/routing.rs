@@ -74,6 +74,11 @@ pub trait Readiness {
     fn ready(&self, node: &RouteNode) -> bool;
     /// May receive new clients: ready and not draining.
     fn accepts_new(&self, node: &RouteNode) -> bool;
+    /// Serving, but cut off from the rest of the cluster (Redis): new
+    /// clients go to it only when every node that accepts them is.
+    fn degraded(&self, _node: &RouteNode) -> bool {
+        false
+    }
 }
 
 /// Decides for a request with query `?id=` (if any) and affinity cookie (if
@@ -93,7 +98,7 @@ pub fn decide(
         };
     }
     if let Some(node) = cookie.and_then(|c| table.by_cookie(c)) {
-        if health.accepts_new(node) {
+        if health.accepts_new(node) && !health.degraded(node) {
             return RouteDecision::Node { node: node.clone(), kind: RouteKind::Cookie };
         }
     }
@@ -103,25 +108,27 @@ pub fn decide(
     }
 }
 
-/// The node accepting new clients with the lowest load, skipping `exclude`.
+/// The node accepting new clients with the lowest load, skipping `exclude`;
+/// a degraded node only when every other candidate is degraded too.
 pub fn least_loaded(
     table: &RoutingTable,
     health: &impl Readiness,
     exclude: &[String],
     tie: &mut impl FnMut() -> u32,
 ) -> Option<Arc<RouteNode>> {
-    let mut best: Option<(&Arc<RouteNode>, u64, u32)> = None;
+    // Ranked by (degraded, load, tie draw): the smallest wins.
+    type Rank = (bool, u64, u32);
+    let mut best: Option<(&Arc<RouteNode>, Rank)> = None;
     for node in &table.nodes {
         if exclude.contains(&node.record.node_id) || !health.accepts_new(node) {
             continue;
         }
-        let load = node.load();
-        let tie = tie();
-        if best.is_none_or(|(_, l, t)| load < l || (load == l && tie < t)) {
-            best = Some((node, load, tie));
+        let rank = (health.degraded(node), node.load(), tie());
+        if best.is_none_or(|(_, b)| rank < b) {
+            best = Some((node, rank));
         }
     }
-    best.map(|(n, _, _)| n.clone())
+    best.map(|(n, _)| n.clone())
 }
 
 #[cfg(test)]
@@ -133,11 +140,12 @@ mod tests {
     use std::sync::atomic::Ordering;
     use switchboard_common::registry::{NodeRecord, NodeStatus};
 
-    /// Health as a test states it: ready nodes, and which of them are draining.
+    /// Health as a test states it: ready nodes, and which of them are draining or degraded.
     #[derive(Default)]
     struct Health {
         down: HashSet<&'static str>,
         draining: HashSet<&'static str>,
+        degraded: HashSet<&'static str>,
     }
 
     impl Readiness for Health {
@@ -146,6 +154,9 @@ mod tests {
         }
         fn accepts_new(&self, n: &RouteNode) -> bool {
             self.ready(n) && !self.draining.contains(n.record.node_id.as_str())
+        }
+        fn degraded(&self, n: &RouteNode) -> bool {
+            self.degraded.contains(n.record.node_id.as_str())
         }
     }
 
@@ -245,6 +256,21 @@ mod tests {
         assert!(matches!(decide(&t, &h, None, None, &mut in_order()), RouteDecision::NoNodeAvailable));
         let excluded = least_loaded(&t, &Health::default(), &["b".to_string()], &mut in_order());
         assert_eq!(excluded.map(|n| n.record.node_id.clone()), Some("a".into()));
+    }
+
+    #[test]
+    fn degraded_nodes_get_new_clients_only_when_every_node_is_degraded_and_keep_their_own() {
+        let t = table(&[("a", 0), ("b", 9)]);
+        let mut h = Health::default();
+        h.degraded.insert("a");
+        assert_eq!(chosen(decide(&t, &h, None, None, &mut in_order())), Some(("b".into(), RouteKind::New)));
+        let cookie = affinity_cookie("s", "a");
+        assert_eq!(chosen(decide(&t, &h, None, Some(&cookie), &mut in_order())), Some(("b".into(), RouteKind::New)));
+        let token = switchboard_common::token::ConnectionToken::issue("a").token;
+        assert_eq!(chosen(decide(&t, &h, Some(&token), None, &mut in_order())), Some(("a".into(), RouteKind::Token)));
+        // Redis is down for everyone: everyone is degraded, and load decides again.
+        h.degraded.insert("b");
+        assert_eq!(chosen(decide(&t, &h, None, None, &mut in_order())), Some(("a".into(), RouteKind::New)));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use pingora_load_balancing::Backend;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use switchboard_common::registry::NodeRecord;
@@ -22,19 +22,43 @@ pub struct NodeStats {
     pub routed_new: AtomicU64,
     /// New clients sent here since the registry count was last refreshed.
     pub assigned_since_record: AtomicU64,
-    /// Set when a connection to the node failed; cleared by its next passing check.
-    pub unreachable: AtomicBool,
+    /// Connects to the node that failed since it last passed a health check.
+    pub connect_failures: AtomicU32,
+    /// Its last check said it is degraded (see `health`).
+    pub degraded: AtomicBool,
 }
 
+/// Failed connects (since the node's last passing check) after which it gets
+/// no new clients until it passes one again: one failure is a blip under a
+/// burst, not a verdict.
+pub const PASSIVE_FALL: u32 = 2;
+
 impl NodeStats {
-    /// Marks the node unreachable; true when it was not already.
-    pub fn mark_unreachable(&self) -> bool {
-        !self.unreachable.swap(true, Ordering::AcqRel)
+    /// Counts a failed connect; true when this one takes the node out of
+    /// rotation for new clients.
+    pub fn note_connect_failure(&self) -> bool {
+        self.connect_failures.fetch_add(1, Ordering::AcqRel) + 1 == PASSIVE_FALL
     }
 
-    /// Clears the mark; true when it was set.
-    pub fn clear_unreachable(&self) -> bool {
-        self.unreachable.swap(false, Ordering::AcqRel)
+    /// Whether failed connects keep new clients away from the node. Its own
+    /// connections still go to it while it passes its health checks.
+    pub fn passively_down(&self) -> bool {
+        self.connect_failures.load(Ordering::Acquire) >= PASSIVE_FALL
+    }
+
+    /// Records what the node's last check said; true when that changed.
+    pub fn set_degraded(&self, degraded: bool) -> bool {
+        self.degraded.swap(degraded, Ordering::AcqRel) != degraded
+    }
+
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Acquire)
+    }
+
+    /// Forgets failed connects after a passing check; true when they had
+    /// taken the node out of rotation.
+    pub fn clear_connect_failures(&self) -> bool {
+        self.connect_failures.swap(0, Ordering::AcqRel) >= PASSIVE_FALL
     }
 }
 

@@ -252,8 +252,15 @@ async fn connect(
             Err(_) => tracing::debug!(node = %node.record.node_id, "websocket connect timed out"),
         }
         match cluster.reroute(&node, kind, &mut tried) {
-            Some(next) => (node, kind) = (next, RouteKind::New),
-            None if kind == RouteKind::Token => return Err(&refusal::UNKNOWN_CONNECTION),
+            Some((next, wait)) => {
+                tokio::time::sleep(wait).await;
+                if kind != RouteKind::Token {
+                    kind = RouteKind::New;
+                }
+                node = next;
+            }
+            // A connection whose node cannot be reached now is not unknown:
+            // 502, which the client may retry, never 404.
             None => return Err(&refusal::NODE_UNREACHABLE),
         }
     }

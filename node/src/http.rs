@@ -41,11 +41,14 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// 200 while the node can serve, 503 while draining. A Redis outage shows as
-/// `degraded` but stays 200: one shared dependency failing must not make the
-/// balancer drop every node.
+/// 200 while the node can serve, 503 while draining. A Redis outage, or a
+/// backplane subscription not (yet) proven live, shows as `degraded` but
+/// stays 200: one shared dependency failing must not make the balancer drop
+/// every node. The status is also in the `X-Switchboard-Status` header, so
+/// the balancer's check reads it without the body and sends new clients to
+/// nodes that are not degraded while there are any.
 async fn health(State(app): State<Arc<App>>) -> Response {
-    let redis_up = app.redis.is_up();
+    let redis_up = app.redis.is_up() && app.backplane.is_live();
     let status = if app.is_draining() {
         "draining"
     } else if redis_up {
@@ -62,7 +65,7 @@ async fn health(State(app): State<Arc<App>>) -> Response {
         "startedAt": rfc3339(app.started_at),
         "version": env!("CARGO_PKG_VERSION"),
     });
-    (code, Json(body)).into_response()
+    (code, [("X-Switchboard-Status", status)], Json(body)).into_response()
 }
 
 /// What the chat page needs to know to offer sign-in.

@@ -1,6 +1,6 @@
 //! Starting the project's programs for a test: `TestNode` runs a
 //! `switchboard-node` on a free loopback port against the test's Redis, with
-//! short registry timings (0.3 s heartbeat, 1.5 s TTL, 1 s drain) so a test
+//! short registry timings (0.3 s heartbeat, 1.5 s TTL, 1 s drain, closes spread over 0.5 s) so a test
 //! can watch a node appear, drain and expire within seconds. `InProcessNode`
 //! runs the same node inside the test (`switchboard_node::run` on port 0),
 //! for tests that need no process of its own to signal or kill.
@@ -33,6 +33,8 @@ fn node_args(listen: &str, redis_url: &str, id: &str, base: &str, extra: &[&str]
         "1.5",
         "--drain-secs",
         "1",
+        "--drain-spread-secs",
+        "0.5",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -107,7 +109,11 @@ impl TestNode {
     }
 
     pub async fn start_with_redis_url(redis_url: &str, id: &str, extra: &[&str]) -> Self {
-        let port = free_port();
+        Self::start_on_port(redis_url, id, free_port(), extra).await
+    }
+
+    /// A node listening on `port` (a test that puts something in front of it).
+    pub async fn start_on_port(redis_url: &str, id: &str, port: u16, extra: &[&str]) -> Self {
         let base = format!("http://127.0.0.1:{port}");
         let args = node_args(&format!("127.0.0.1:{port}"), redis_url, id, &base, extra);
         let process = Process::spawn("switchboard-node", &format!("node-{id}"), &args);

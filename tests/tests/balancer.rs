@@ -1,8 +1,9 @@
 //! The balancer in front of real nodes: SignalR works through it over every
 //! transport, with and without cookies; new clients spread by load and reach
 //! nodes that join later; dead, draining and unreachable nodes are handled;
-//! a Redis outage does not stop routing; idle limits are settings; bad input
-//! gets clear answers.
+//! a Redis outage does not stop routing; a node that refuses connections for
+//! a moment keeps its clients; idle limits are settings; bad input gets clear
+//! answers.
 
 use futures_util::{SinkExt, StreamExt};
 use redis::AsyncCommands;
@@ -152,9 +153,17 @@ async fn a_killed_node_gets_no_new_clients_and_its_clients_renegotiate_elsewhere
         let mut n = HubClient::connect(&cookieless(), &base, TransportKind::WebSockets).await.unwrap();
         assert_eq!(node_of(&mut n).await, "b");
     }
-    // The dead node's token now gets a fast 404, which makes clients negotiate again.
-    let r = cookieless().get(format!("{base}/chathub?id={victim_id}")).send().await.unwrap();
-    assert_eq!(r.status(), 404);
+    // Once its health checks fail, the dead node's token gets a fast 404,
+    // which makes clients negotiate again; before that (its connects failing
+    // but its checks not yet), a 502 the client may retry, never a 404 for a
+    // node that may be alive.
+    let url = format!("{base}/chathub?id={victim_id}");
+    eventually(WAIT, "the dead node's token to get 404", || async {
+        let status = cookieless().get(&url).send().await.ok()?.status().as_u16();
+        assert!(status == 404 || status == 502, "{status}");
+        (status == 404).then_some(())
+    })
+    .await;
     assert!(victim.wait_ended(WAIT).await, "the victim's poll should end");
     let mut again = HubClient::connect(&cookieless(), &base, TransportKind::LongPolling).await.unwrap();
     assert_eq!(node_of(&mut again).await, "b");
@@ -449,4 +458,186 @@ async fn each_proxy_thread_has_its_own_listening_socket_and_an_upgrade_hands_the
 
     let stealing = TestBalancer::start(&redis, &["--threads", "3", "--work-stealing", "true"]).await;
     assert_eq!(listening_sockets(port_of(&stealing.base)), 1);
+}
+
+/// What a `gate` does with connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Open,
+    /// New connections are refused (its listening socket is closed); those
+    /// it relays carry on.
+    Refusing,
+    /// A partition: new connections are refused and the ones it relays carry
+    /// nothing either way (nothing is closed; bytes wait) until it opens.
+    Partitioned,
+}
+
+/// Copies `from` to `to`, holding bytes while the gate is partitioned.
+async fn relay_half(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut state: tokio::sync::watch::Receiver<Gate>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if state.wait_for(|s| *s != Gate::Partitioned).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if state.wait_for(|s| *s != Gate::Partitioned).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A TCP relay in front of `target` on a port of its own, doing what the
+/// sender last said (see `Gate`). Stopped when the sender is dropped.
+async fn gate(target: String) -> (u16, tokio::sync::watch::Sender<Gate>) {
+    use tokio::net::{TcpListener, TcpStream};
+    let port = switchboard_tests::free_port();
+    let (set, mut watch) = tokio::sync::watch::channel(Gate::Open);
+    let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind the gate");
+    tokio::spawn(async move {
+        let mut listener = Some(listener);
+        loop {
+            if *watch.borrow() != Gate::Open {
+                listener = None;
+                if watch.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let Some(l) = &listener else {
+                match TcpListener::bind(("127.0.0.1", port)).await {
+                    Ok(l) => listener = Some(l),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+                continue;
+            };
+            tokio::select! {
+                accepted = l.accept() => if let Ok((inbound, _)) = accepted {
+                    let (target, state) = (target.clone(), watch.clone());
+                    tokio::spawn(async move {
+                        if let Ok(out) = TcpStream::connect(&target).await {
+                            let ((in_r, in_w), (out_r, out_w)) = (inbound.into_split(), out.into_split());
+                            tokio::join!(relay_half(in_r, out_w, state.clone()), relay_half(out_r, in_w, state));
+                        }
+                    });
+                },
+                changed = watch.changed() => if changed.is_err() { return },
+            }
+        }
+    });
+    (port, set)
+}
+
+#[tokio::test]
+async fn a_node_cut_off_from_redis_takes_no_new_clients_and_its_clients_catch_up_after_the_heal() {
+    let redis = RedisServer::start();
+    let (redis_gate, partition) = gate(format!("127.0.0.1:{}", redis.port)).await;
+    let cut = TestNode::start_with_redis_url(&format!("redis://127.0.0.1:{redis_gate}"), "cut", &[]).await;
+    let _whole = TestNode::start(&redis, "whole", &[]).await;
+    let balancer = TestBalancer::start(&redis, &[]).await;
+    balancer.wait_accepting(&["cut", "whole"]).await;
+    let base = balancer.base.clone();
+    let mut listener = client_on(&base, TransportKind::WebSockets, "cut").await;
+    let speaker = client_on(&base, TransportKind::WebSockets, "whole").await;
+
+    partition.send(Gate::Partitioned).unwrap();
+    let degraded =
+        |v: &Value| v["nodes"].as_array().into_iter().flatten().any(|n| n["nodeId"] == "cut" && n["degraded"] == true);
+    eventually(Duration::from_secs(15), "the cut node to be seen as degraded", || async {
+        degraded(&balancer.backends().await).then_some(())
+    })
+    .await;
+    for _ in 0..8 {
+        let mut c = HubClient::connect(&cookieless(), &base, TransportKind::LongPolling).await.unwrap();
+        assert_eq!(node_of(&mut c).await, "whole", "a new client went to the node cut off from Redis");
+    }
+    let said: Vec<String> = (0..5).map(|i| format!("during the partition {i}")).collect();
+    for text in &said {
+        speaker.send("SendMessage", vec![json!("speaker"), json!(text)]).await;
+    }
+
+    partition.send(Gate::Open).unwrap();
+    speaker.send("SendMessage", vec![json!("speaker"), json!("after the heal")]).await;
+    let heard = listener
+        .expect(Duration::from_secs(20), |v| v["target"] == "ReceiveMessage" && v["arguments"][1] == "after the heal")
+        .await;
+    assert!(heard.is_some(), "the cut node's client never heard the cluster again");
+    let got: Vec<String> = listener
+        .drain_pending()
+        .into_iter()
+        .filter_map(|i| match i {
+            switchboard_tests::client::Incoming::Message(v) if v["target"] == "ReceiveMessage" => {
+                v["arguments"][1].as_str().map(String::from)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, said, "what was said during the partition, once each and in order");
+    eventually(Duration::from_secs(15), "the healed node to take new clients again", || async {
+        (!degraded(&balancer.backends().await)).then_some(())
+    })
+    .await;
+    drop(cut);
+}
+
+#[tokio::test]
+async fn a_node_that_refuses_connections_for_a_moment_keeps_its_long_polling_and_sse_clients() {
+    let redis = RedisServer::start();
+    // The balancer reaches the node through a gate the test closes.
+    let node_port = switchboard_tests::free_port();
+    let (gate_port, gate) = gate(format!("127.0.0.1:{node_port}")).await;
+    let node = TestNode::start_on_port(
+        &redis.url(),
+        "a",
+        node_port,
+        &["--advertise-url", &format!("http://127.0.0.1:{gate_port}")],
+    )
+    .await;
+    // Health checks at the default second, two failures to fall: a moment's
+    // refusal is shorter than that.
+    let balancer = TestBalancer::start(&redis, &["--health-interval-ms", "1000"]).await;
+    balancer.wait_accepting(&["a"]).await;
+    let base = balancer.base.clone();
+    let mut clients = Vec::new();
+    for kind in [TransportKind::LongPolling, TransportKind::ServerSentEvents] {
+        for _ in 0..6 {
+            clients.push(HubClient::connect(&cookieless(), &base, kind).await.unwrap());
+        }
+    }
+    let speaker = HubClient::connect(&cookieless(), &base, TransportKind::WebSockets).await.unwrap();
+
+    // The node refuses new connections for a moment: new clients fail to
+    // connect to it (more than once), and messages make every poll return
+    // and poll again meanwhile.
+    gate.send(Gate::Refusing).unwrap();
+    let failed = futures_util::future::join_all((0..3).map(|_| {
+        let base = base.clone();
+        async move { tokio_tungstenite::connect_async(format!("{}/chathub", ws_url(&base))).await.is_err() }
+    }));
+    let talk = async {
+        for i in 0..5 {
+            speaker.send("SendMessage", vec![json!("speaker"), json!(format!("during {i}"))]).await;
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+    };
+    let (failed, ()) = tokio::join!(failed, talk);
+    assert!(failed.iter().all(|f| *f), "new clients could not reach the closed node: {failed:?}");
+    gate.send(Gate::Open).unwrap();
+
+    // Every client is still there: it hears what was said after, and answers.
+    speaker.send("SendMessage", vec![json!("speaker"), json!("after")]).await;
+    for (i, c) in clients.iter_mut().enumerate() {
+        let heard = c.expect(WAIT, |v| v["target"] == "ReceiveMessage" && v["arguments"][1] == "after").await;
+        let kind = c.kind;
+        assert!(heard.is_some(), "client {i} ({kind:?}) lost its connection: {:?}", c.drain_pending());
+        assert_eq!(c.invoke("Echo", vec![json!(i)]).await, Ok(json!(i)), "client {i} ({:?})", c.kind);
+    }
+    drop(node);
 }

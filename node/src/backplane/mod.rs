@@ -93,6 +93,15 @@ impl Backplane {
         }
     }
 
+    /// Whether messages from other nodes reach this one now.
+    pub fn is_live(&self) -> bool {
+        match self {
+            Backplane::Redis(b) => b.is_live(),
+            #[cfg(test)]
+            Backplane::Memory(_) => true,
+        }
+    }
+
     /// Queues a chat message for storing and delivery on every node, this one included.
     pub fn send(&self, message: ChatMessage) {
         match self {

@@ -19,14 +19,20 @@
 //! The subscriber task reconnects with backoff, resubscribes to the broadcast
 //! channel and every current group, and then catches up from history on
 //! everything stored after the last id it delivered, so a Redis outage or a
-//! lost subscription costs no remote client a message.
+//! lost subscription costs no remote client a message. A subscription that
+//! goes silent without closing (a partition drops packets; TCP retries for
+//! minutes) is found by a PING every `SUBSCRIPTION_PING` that must be
+//! answered within `SUBSCRIPTION_DEADLINE`, and replaced the same way. The
+//! backplane is `live` only while a subscription is proven: the node's
+//! `/health` reports `degraded` otherwise, and the balancer then sends new
+//! clients to other nodes.
 
 use super::{BackplaneMetrics, Deliver, HistoryError, Sink};
 use crate::history::{self, cmp_ids, ChatMessage, ResumeError};
 use crate::redis_link::{RedisLink, CONNECT_TIMEOUT};
 use futures_util::StreamExt;
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -34,6 +40,10 @@ use tokio::sync::mpsc;
 const QUEUE_CAPACITY: usize = 10_000;
 const BATCH: usize = 256;
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How often a quiet subscription is asked to prove it is alive, and how
+/// long it has to answer.
+const SUBSCRIPTION_PING: Duration = Duration::from_secs(1);
+const SUBSCRIPTION_DEADLINE: Duration = Duration::from_secs(2);
 /// Uids of messages delivered locally before they could be stored.
 const MAX_EARLY_UIDS: usize = 100_000;
 
@@ -70,6 +80,8 @@ pub struct RedisBackplane {
     subs: mpsc::UnboundedSender<SubCommand>,
     subs_rx: Mutex<Option<mpsc::UnboundedReceiver<SubCommand>>>,
     pending: AtomicUsize,
+    /// Subscribed, caught up, and answering its PINGs.
+    live: AtomicBool,
     /// The newest id delivered from the backplane; later arrivals at or below it are repeats.
     last_id: Mutex<Option<String>>,
     early: Mutex<EarlyDeliveries>,
@@ -98,6 +110,7 @@ impl RedisBackplane {
             subs,
             subs_rx: Mutex::new(Some(subs_rx)),
             pending: AtomicUsize::new(0),
+            live: AtomicBool::new(false),
             last_id: Mutex::new(None),
             early: Mutex::new(EarlyDeliveries::default()),
         }
@@ -144,6 +157,12 @@ impl RedisBackplane {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         true
+    }
+
+    /// Whether messages from other nodes reach this one now: a subscription
+    /// is in place, caught up, and answered its last PING.
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
     }
 
     /// Starts the publisher and subscriber tasks, which hand what arrives to `sink`.
@@ -403,12 +422,22 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
                         Ok(n) => tracing::info!(messages = n, "caught up from history after resubscribing"),
                         Err(e) => tracing::warn!(error = %e, "could not catch up from history"),
                     }
+                    bp.live.store(true, Ordering::Release);
+                    let mut ping = tokio::time::interval(SUBSCRIPTION_PING);
+                    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     loop {
                         tokio::select! {
                             msg = stream.next() => match msg {
                                 Some(m) => bp.receive(m.get_channel_name(), m.get_payload_bytes()),
                                 None => break,
                             },
+                            _ = ping.tick() => {
+                                let answered = tokio::time::timeout(SUBSCRIPTION_DEADLINE, sink.ping::<redis::Value>()).await;
+                                if !matches!(answered, Ok(Ok(_))) {
+                                    tracing::warn!("backplane subscription stopped answering");
+                                    break;
+                                }
+                            }
                             cmd = cmds.recv() => {
                                 let r = match cmd {
                                     Some(SubCommand::Subscribe(g)) => sink.subscribe(bp.group_channel(&g)).await,
@@ -421,6 +450,7 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
                             }
                         }
                     }
+                    bp.live.store(false, Ordering::Release);
                     bp.link.set_up(false, None);
                     tracing::warn!("backplane subscription lost; reconnecting");
                 }
