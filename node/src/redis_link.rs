@@ -2,8 +2,10 @@
 //! lazily and retried on every use, so a node starts and serves its local
 //! clients even while Redis is down; after that, redis-rs's
 //! `ConnectionManager` reconnects by itself (with Sentinel, after an error the
-//! next use asks the sentinels for the master again, see `RedisTarget`). Short connect and response
-//! timeouts keep a dead Redis from hanging a hub call. The up/down state
+//! next use asks the sentinels for the master again, see `RedisTarget`), and
+//! after a timeout the next use connects anew (a silent connection is not
+//! one the manager would replace). Short connect and response timeouts keep
+//! a dead Redis from hanging a hub call. The up/down state
 //! (`RedisState`: changes logged, refusals logged with their reason) is
 //! exported in `/health` and metrics.
 
@@ -74,7 +76,12 @@ impl RedisLink {
     }
 
     pub fn set_up(&self, up: bool, err: Option<&redis::RedisError>) {
-        if !up && self.target.follows_failover() {
+        // A timeout may be a connection that went silent (a partition: TCP
+        // retries for minutes, and the manager would wait on it rather than
+        // reconnect), so the next use makes a new connection. With Sentinel,
+        // any error may mean the master moved.
+        let silent = err.is_some_and(|e| e.is_timeout());
+        if !up && (silent || self.target.follows_failover()) {
             self.stale.store(true, Ordering::Release);
         }
         self.gauge.set(self.state.record(up, err) as i64);

@@ -468,11 +468,14 @@ enum Gate {
     /// it relays carry on.
     Refusing,
     /// A partition: new connections are refused and the ones it relays carry
-    /// nothing either way (nothing is closed; bytes wait) until it opens.
+    /// nothing either way, then or ever after (nothing is closed: a dropped
+    /// connection that TCP keeps retrying in silence); connections made after
+    /// it opens again work.
     Partitioned,
 }
 
-/// Copies `from` to `to`, holding bytes while the gate is partitioned.
+/// Copies `from` to `to` until the gate is partitioned; from then on it
+/// holds the connection open and silent.
 async fn relay_half(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
@@ -481,17 +484,20 @@ async fn relay_half(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        if state.wait_for(|s| *s != Gate::Partitioned).await.is_err() {
-            return;
-        }
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = state.wait_for(|s| *s == Gate::Partitioned) => break,
         };
-        if state.wait_for(|s| *s != Gate::Partitioned).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
-            return;
+        if *state.borrow() == Gate::Partitioned || to.write_all(&buf[..n]).await.is_err() {
+            break;
         }
     }
+    // Silent until the test ends (the sender is dropped).
+    let _ = state.wait_for(|_| false).await;
+    drop((from, to));
 }
 
 /// A TCP relay in front of `target` on a port of its own, doing what the
@@ -548,12 +554,14 @@ async fn a_node_cut_off_from_redis_takes_no_new_clients_and_its_clients_catch_up
     let speaker = client_on(&base, TransportKind::WebSockets, "whole").await;
 
     partition.send(Gate::Partitioned).unwrap();
+    let cut_at = std::time::Instant::now();
     let degraded =
         |v: &Value| v["nodes"].as_array().into_iter().flatten().any(|n| n["nodeId"] == "cut" && n["degraded"] == true);
     eventually(Duration::from_secs(15), "the cut node to be seen as degraded", || async {
         degraded(&balancer.backends().await).then_some(())
     })
     .await;
+    eprintln!("the cut node was seen as degraded {:?} after the cut", cut_at.elapsed());
     for _ in 0..8 {
         let mut c = HubClient::connect(&cookieless(), &base, TransportKind::LongPolling).await.unwrap();
         assert_eq!(node_of(&mut c).await, "whole", "a new client went to the node cut off from Redis");
@@ -564,11 +572,13 @@ async fn a_node_cut_off_from_redis_takes_no_new_clients_and_its_clients_catch_up
     }
 
     partition.send(Gate::Open).unwrap();
+    let healed_at = std::time::Instant::now();
     speaker.send("SendMessage", vec![json!("speaker"), json!("after the heal")]).await;
     let heard = listener
         .expect(Duration::from_secs(20), |v| v["target"] == "ReceiveMessage" && v["arguments"][1] == "after the heal")
         .await;
-    assert!(heard.is_some(), "the cut node's client never heard the cluster again");
+    assert!(heard.is_some(), "the cut node's client never heard the cluster again:\n{}", cut.process.log_text());
+    eprintln!("the cut node's client heard the cluster again {:?} after the heal", healed_at.elapsed());
     let got: Vec<String> = listener
         .drain_pending()
         .into_iter()

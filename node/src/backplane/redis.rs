@@ -417,35 +417,51 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
                     tracing::info!(channels = channels.len(), "backplane subscribed");
                     delay = Duration::from_millis(100);
                     // Subscribed first, then read history: nothing falls between.
-                    match bp.catch_up().await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(messages = n, "caught up from history after resubscribing"),
-                        Err(e) => tracing::warn!(error = %e, "could not catch up from history"),
-                    }
-                    bp.live.store(true, Ordering::Release);
+                    // Live only once caught up: a subscription with a gap
+                    // behind it is dropped and made again.
+                    let caught_up = match bp.catch_up().await {
+                        Ok(0) => true,
+                        Ok(n) => {
+                            tracing::info!(messages = n, "caught up from history after resubscribing");
+                            true
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not catch up from history; subscribing again");
+                            false
+                        }
+                    };
+                    bp.live.store(caught_up, Ordering::Release);
                     let mut ping = tokio::time::interval(SUBSCRIPTION_PING);
                     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    loop {
-                        tokio::select! {
-                            msg = stream.next() => match msg {
-                                Some(m) => bp.receive(m.get_channel_name(), m.get_payload_bytes()),
-                                None => break,
-                            },
-                            _ = ping.tick() => {
-                                let answered = tokio::time::timeout(SUBSCRIPTION_DEADLINE, sink.ping::<redis::Value>()).await;
-                                if !matches!(answered, Ok(Ok(_))) {
-                                    tracing::warn!("backplane subscription stopped answering");
-                                    break;
+                    if caught_up {
+                        loop {
+                            tokio::select! {
+                                msg = stream.next() => match msg {
+                                    Some(m) => bp.receive(m.get_channel_name(), m.get_payload_bytes()),
+                                    None => break,
+                                },
+                                _ = ping.tick() => {
+                                    let answered = tokio::time::timeout(SUBSCRIPTION_DEADLINE, sink.ping::<redis::Value>()).await;
+                                    if !matches!(answered, Ok(Ok(_))) {
+                                        tracing::warn!("backplane subscription stopped answering");
+                                        break;
+                                    }
                                 }
-                            }
-                            cmd = cmds.recv() => {
-                                let r = match cmd {
-                                    Some(SubCommand::Subscribe(g)) => sink.subscribe(bp.group_channel(&g)).await,
-                                    Some(SubCommand::Unsubscribe(g)) => sink.unsubscribe(bp.group_channel(&g)).await,
-                                    None => return,
-                                };
-                                if r.is_err() {
-                                    break;
+                                cmd = cmds.recv() => {
+                                    let change = async {
+                                        match cmd {
+                                            Some(SubCommand::Subscribe(g)) => sink.subscribe(bp.group_channel(&g)).await.is_ok(),
+                                            Some(SubCommand::Unsubscribe(g)) => sink.unsubscribe(bp.group_channel(&g)).await.is_ok(),
+                                            None => false,
+                                        }
+                                    };
+                                    // Bounded like a PING: a silent connection must not hold the loop.
+                                    if !tokio::time::timeout(SUBSCRIPTION_DEADLINE, change).await.unwrap_or(false) {
+                                        if cmds.is_closed() {
+                                            return;
+                                        }
+                                        break;
+                                    }
                                 }
                             }
                         }
