@@ -36,8 +36,8 @@ pub struct App {
     pub presence: Presence,
     /// The receiving ends of presence's queues, until `lifecycle` starts its tasks.
     pub presence_tasks: std::sync::Mutex<Option<PresenceTasks>>,
-    /// Permits for history reads (`replay`): bounds their Redis and memory cost.
-    pub history_reads: tokio::sync::Semaphore,
+    /// History reads, bounded and shared (see `history_reads`).
+    pub history_reads: crate::history_reads::HistoryReads,
     draining: AtomicBool,
 }
 
@@ -65,6 +65,7 @@ impl App {
         let redis = Arc::new(RedisLink::new(target, metrics.redis_up.clone()));
         let backplane = make(&cfg, redis.clone(), metrics.backplane());
         let (presence, presence_tasks) = Presence::new(node_id.clone());
+        let history_reads = crate::history_reads::HistoryReads::new(metrics.history_reads_shared.clone());
         Ok(Arc::new(App {
             presence,
             presence_tasks: std::sync::Mutex::new(Some(presence_tasks)),
@@ -79,7 +80,7 @@ impl App {
             metrics,
             auth,
             origins: crate::cors::AllowedOrigins::new(&cfg.allowed_origins),
-            history_reads: tokio::sync::Semaphore::new(crate::replay::MAX_HISTORY_READS),
+            history_reads,
             draining: AtomicBool::new(false),
             cfg,
         }))

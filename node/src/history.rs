@@ -221,7 +221,7 @@ pub struct Replay {
 }
 
 /// Why `Resume` cannot replay from an id.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResumeError {
     Malformed,
     Future,

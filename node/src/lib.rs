@@ -7,7 +7,8 @@
 //! → `backplane` (between nodes, in `history` order; the hub reaches it
 //! only through its seam, and it hands arrivals back through `Deliver`).
 //! `stateful` is SignalR 8's stateful reconnect for one connection;
-//! `replay` answers `Resume` and `GetHistory` from history in pages.
+//! `replay` answers `Resume` and `GetHistory` from history in pages, read
+//! through `history_reads` (bounded, identical reads shared).
 //! `registry` keeps the node discoverable, `lifecycle` starts and drains it,
 //! `server` accepts HTTP connections with limits on request heads.
 
@@ -19,6 +20,7 @@ mod connection;
 mod cors;
 mod groups;
 mod history;
+mod history_reads;
 mod http;
 mod hub;
 mod keepalive;

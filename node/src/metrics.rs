@@ -23,6 +23,7 @@ pub struct Metrics {
     pub backplane_invalid: IntCounter,
     pub stateful_buffer_bytes: IntGauge,
     pub stateful_resumes: IntCounter,
+    pub history_reads_shared: IntCounter,
     pub stateful_resent: IntCounter,
     pub stateful_expired: IntCounter,
     pub redis_up: IntGauge,
@@ -113,6 +114,11 @@ impl Metrics {
                 &r,
                 "switchboard_node_stateful_buffer_bytes",
                 "Bytes kept for stateful-reconnect clients until they acknowledge them",
+            ),
+            history_reads_shared: counter(
+                &r,
+                "switchboard_node_history_reads_shared_total",
+                "History reads (Resume, GetHistory) answered by an identical read already in flight",
             ),
             stateful_resumes: counter(
                 &r,

@@ -1,10 +1,10 @@
 //! Answers that read history, held to the connection's byte budget:
 //! `Resume`'s replay and `GetHistory`'s page. Both read Redis in pages sized
 //! by the bytes they aim for (the average entry seen so far says how many
-//! entries that is), never the whole capped stream, and a node runs at most
-//! `MAX_HISTORY_READS` such reads at once. A replay is a cursor kept on the
-//! connection: it queues messages while the outbox has room and then
-//! pauses, like a client's pipelined requests do (`hub::Flow::Paused`), and
+//! entries that is), never the whole capped stream, through
+//! `history_reads` (at most four at once, identical ones shared). A replay
+//! is a cursor kept on the connection: it queues messages while the outbox
+//! has room and then pauses, like a client's pipelined requests do (`hub::Flow::Paused`), and
 //! the transport continues it once the client has read some. So a client
 //! that reads gets everything it missed, in order and once, however much
 //! that is; one that does not read holds one outbox and one page.
@@ -18,8 +18,6 @@ use serde_json::Value;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-/// History reads (pages of `Resume` and `GetHistory`) one node runs at once.
-pub const MAX_HISTORY_READS: usize = 4;
 /// Bytes one page of a replay aims at.
 const REPLAY_PAGE_BYTES: usize = 64 * 1024;
 /// Entries the first page of a read asks for, before sizes are known, and
@@ -46,11 +44,7 @@ fn size_of(m: &ChatMessage) -> usize {
 /// chat messages are held from now until it ends.
 pub async fn start_resume(app: &App, conn: &Connection, invocation_id: Option<&str>, last: &str) -> Result<(), String> {
     conn.begin_resume();
-    let point = {
-        let _permit = app.history_reads.acquire().await;
-        app.backplane.resume_point(last).await
-    };
-    let through = match point {
+    let through = match app.history_reads.resume_point(&app.backplane, last).await {
         Ok(Ok(through)) => through,
         Ok(Err(e)) => {
             app.release_held(conn, None);
@@ -128,20 +122,17 @@ pub async fn continue_replay(app: &Arc<App>, conn: &Arc<Connection>) -> Flow {
     }
 }
 
-/// Reads the replay's next page.
-async fn read_page(app: &App, replay: &mut Replay) -> Result<(), crate::backplane::HistoryError> {
+/// Reads the replay's next page (shared with identical reads in flight).
+async fn read_page(app: &App, replay: &mut Replay) -> Result<(), String> {
     let count = page_count(REPLAY_PAGE_BYTES, replay.seen_bytes, replay.seen_entries);
-    let page = {
-        let _permit = app.history_reads.acquire().await;
-        app.backplane.range(&replay.after, &replay.through, count).await?
-    };
+    let page = app.history_reads.range(&app.backplane, &replay.after, &replay.through, count).await?;
     replay.done_reading = page.len() < count;
     if let Some(last) = page.last().and_then(|m| m.id.clone()) {
         replay.after = last;
     }
     replay.seen_entries += page.len();
     replay.seen_bytes += page.iter().map(size_of).sum::<usize>();
-    replay.page = page.into();
+    replay.page = page.iter().cloned().collect();
     Ok(())
 }
 
@@ -162,21 +153,20 @@ fn finish(app: &App, conn: &Connection, replay: Replay, outcome: Result<(), Stri
 /// bytes (as the JSON the client gets), oldest first, each with its `id`
 /// (and `group`), read newest first in pages until the budget is met.
 pub async fn history_page(app: &App, count: usize, budget: usize) -> Result<Vec<Value>, String> {
-    let _permit = app.history_reads.acquire().await;
     let (mut used, mut seen_bytes, mut seen_entries) = (0, 0, 0);
     let mut before: Option<String> = None;
     let mut page = Vec::new();
     'reading: while page.len() < count {
         let want = page_count(budget.saturating_sub(used), seen_bytes, seen_entries).min(count - page.len());
         let entries = app
-            .backplane
-            .older(before.as_deref(), want)
+            .history_reads
+            .older(&app.backplane, before.as_deref(), want)
             .await
             .map_err(|e| format!("HubException: message history is unavailable ({e})."))?;
         let end = entries.len() < want;
         seen_entries += entries.len();
         seen_bytes += entries.iter().map(size_of).sum::<usize>();
-        for m in entries {
+        for m in entries.iter() {
             before = m.id.clone();
             let Ok(mut v) = serde_json::to_value(m) else { continue };
             if let Some(o) = v.as_object_mut() {

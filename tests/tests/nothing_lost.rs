@@ -280,3 +280,70 @@ async fn a_paused_redis_stores_and_delivers_each_message_once() {
         assert_eq!(stored.iter().filter(|s| **s == w.as_str()).count(), 1, "{w} stored once: {stored:?}");
     }
 }
+
+/// Calls of the history commands Redis has served since its stats were reset.
+async fn history_commands(redis: &RedisServer) -> u64 {
+    let mut c = redis.connection().await;
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut c).await.unwrap();
+    info.lines()
+        .filter(|l| ["cmdstat_xrange:", "cmdstat_xrevrange:", "cmdstat_xinfo|stream:"].iter().any(|p| l.starts_with(p)))
+        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_clients_resuming_from_one_id_shares_history_reads_and_each_gets_everything_once() {
+    let redis = RedisServer::start();
+    let node = TestNode::start(&redis, "solo", &[]).await;
+    let http = reqwest::Client::new();
+    let sender = connect(&http, &node, false).await;
+    for i in 0..40 {
+        sender.send("SendMessage", vec![json!("s"), json!(format!("m{i}"))]).await;
+    }
+    redis.wait_history_len(40).await;
+    let mut c = redis.connection().await;
+    let ids: Vec<String> = {
+        let entries: redis::Value =
+            redis::cmd("XRANGE").arg("switchboard:history").arg("-").arg("+").query_async(&mut c).await.unwrap();
+        let redis::Value::Array(entries) = entries else { panic!("XRANGE answered {entries:?}") };
+        entries
+            .iter()
+            .filter_map(|e| match e {
+                redis::Value::Array(parts) => match parts.first() {
+                    Some(redis::Value::BulkString(id)) => Some(String::from_utf8_lossy(id).into_owned()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(ids.len(), 40);
+    let mut clients = Vec::new();
+    for _ in 0..150 {
+        clients.push(connect(&http, &node, true).await);
+    }
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut c).await.unwrap();
+    // Every client resumes from the same id at once, as the clients of a
+    // dead node do on the node they reach.
+    let results =
+        futures_util::future::join_all(clients.iter_mut().map(|c| c.invoke("Resume", vec![json!(ids[0])]))).await;
+    assert!(results.iter().all(|r| r == &Ok(json!(39))), "{results:?}");
+    let reads = history_commands(&redis).await;
+    eprintln!("150 clients resumed from one id with {reads} history commands");
+    assert!(reads < 150, "{reads} history commands for 150 resumes: identical reads were not shared");
+    for (i, c) in clients.iter_mut().enumerate() {
+        let got: Vec<String> = c
+            .drain_pending()
+            .into_iter()
+            .filter_map(|m| match m {
+                switchboard_tests::client::Incoming::Message(v) if v["target"] == "ReceiveMessage" => {
+                    v["arguments"][4].as_str().map(String::from)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, ids[1..], "client {i} got every missed message once, in order");
+    }
+    let metrics = reqwest::get(format!("{}/metrics", node.base)).await.unwrap().text().await.unwrap();
+    assert!(switchboard_tests::metric_nonzero(&metrics, "switchboard_node_history_reads_shared_total"), "{metrics}");
+}

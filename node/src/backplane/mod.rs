@@ -77,6 +77,7 @@ impl std::fmt::Display for HistoryError {
     }
 }
 
+#[derive(Clone)]
 pub enum Backplane {
     Redis(Arc<redis::RedisBackplane>),
     #[cfg(test)]
