@@ -490,6 +490,18 @@ impl HubClient {
         }
     }
 
+    /// Argument `index` (a string) of every `target` event received so far
+    /// that no `expect` consumed, in order; everything else is dropped.
+    pub fn take_arguments(&mut self, target: &str, index: usize) -> Vec<String> {
+        self.drain_pending()
+            .into_iter()
+            .filter_map(|i| match i {
+                Incoming::Message(v) if v["target"] == target => v["arguments"][index].as_str().map(String::from),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Everything received so far that no `expect` consumed.
     pub fn drain_pending(&mut self) -> Vec<Incoming> {
         while let Ok(i) = self.inbox.try_recv() {

@@ -579,16 +579,7 @@ async fn a_node_cut_off_from_redis_takes_no_new_clients_and_its_clients_catch_up
         .await;
     assert!(heard.is_some(), "the cut node's client never heard the cluster again:\n{}", cut.process.log_text());
     eprintln!("the cut node's client heard the cluster again {:?} after the heal", healed_at.elapsed());
-    let got: Vec<String> = listener
-        .drain_pending()
-        .into_iter()
-        .filter_map(|i| match i {
-            switchboard_tests::client::Incoming::Message(v) if v["target"] == "ReceiveMessage" => {
-                v["arguments"][1].as_str().map(String::from)
-            }
-            _ => None,
-        })
-        .collect();
+    let got: Vec<String> = listener.take_arguments("ReceiveMessage", 1);
     assert_eq!(got, said, "what was said during the partition, once each and in order");
     eventually(Duration::from_secs(15), "the healed node to take new clients again", || async {
         (!degraded(&balancer.backends().await)).then_some(())

@@ -332,16 +332,7 @@ async fn a_storm_of_clients_resuming_from_one_id_shares_history_reads_and_each_g
     eprintln!("150 clients resumed from one id with {reads} history commands");
     assert!(reads < 150, "{reads} history commands for 150 resumes: identical reads were not shared");
     for (i, c) in clients.iter_mut().enumerate() {
-        let got: Vec<String> = c
-            .drain_pending()
-            .into_iter()
-            .filter_map(|m| match m {
-                switchboard_tests::client::Incoming::Message(v) if v["target"] == "ReceiveMessage" => {
-                    v["arguments"][4].as_str().map(String::from)
-                }
-                _ => None,
-            })
-            .collect();
+        let got: Vec<String> = c.take_arguments("ReceiveMessage", 4);
         assert_eq!(got, ids[1..], "client {i} got every missed message once, in order");
     }
     let metrics = reqwest::get(format!("{}/metrics", node.base)).await.unwrap().text().await.unwrap();

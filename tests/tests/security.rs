@@ -175,6 +175,15 @@ async fn never_reading(base: &str, invocations: &[Value]) -> Box<dyn std::any::A
     Box::new((sink, stream))
 }
 
+/// How much the node's peak resident memory grew over `before` once it has
+/// settled (see `settled_peak`), reported as `what`.
+async fn added_memory(pid: i32, before: u64, what: &str) -> u64 {
+    let peak = settled_peak(pid).await;
+    let added = peak.saturating_sub(before);
+    eprintln!("{what}: node RSS {} MB before, peak {} MB (+{} MB)", before / MB, peak / MB, added / MB);
+    added
+}
+
 /// Waits until the node's resident memory has not grown for two seconds
 /// (at most 30 s), then answers its peak.
 async fn settled_peak(pid: i32) -> u64 {
@@ -207,14 +216,7 @@ async fn resumes_that_are_never_read_hold_the_byte_budget_and_a_reading_client_g
     for _ in 0..30 {
         idle.push(never_reading(&node.base, std::slice::from_ref(&resume)).await);
     }
-    let peak = settled_peak(pid).await;
-    let added = peak.saturating_sub(before);
-    eprintln!(
-        "30 unread resumes over 1,000 x 30 KB: node RSS {} MB before, peak {} MB (+{} MB)",
-        before / MB,
-        peak / MB,
-        added / MB
-    );
+    let added = added_memory(pid, before, "30 unread resumes over 1,000 x 30 KB").await;
     assert!(added <= 64 * MB, "30 clients that never read added {} MB to the node", added / MB);
 
     // A client that reads gets every message after its id, in order, once.
@@ -222,16 +224,7 @@ async fn resumes_that_are_never_read_hold_the_byte_budget_and_a_reading_client_g
     let mut c =
         HubClient::connect_opts(&reqwest::Client::new(), &node.base, TransportKind::WebSockets, opts).await.unwrap();
     assert_eq!(c.invoke("Resume", vec![json!(oldest)]).await, Ok(json!(999)));
-    let got: Vec<String> = c
-        .drain_pending()
-        .into_iter()
-        .filter_map(|i| match i {
-            switchboard_tests::client::Incoming::Message(v) if v["target"] == "ReceiveMessage" => {
-                v["arguments"][4].as_str().map(String::from)
-            }
-            _ => None,
-        })
-        .collect();
+    let got: Vec<String> = c.take_arguments("ReceiveMessage", 4);
     assert_eq!(got, ids[1..], "every missed message, in order, once");
     drop(idle);
 }
@@ -272,14 +265,7 @@ async fn history_reads_that_are_never_read_hold_the_byte_budget_and_read_redis_i
     for _ in 0..30 {
         idle.push(never_reading(&node.base, &calls).await);
     }
-    let peak = settled_peak(pid).await;
-    let added = peak.saturating_sub(before);
-    eprintln!(
-        "30 unread clients x 3 GetHistory(1000): node RSS {} MB before, peak {} MB (+{} MB)",
-        before / MB,
-        peak / MB,
-        added / MB
-    );
+    let added = added_memory(pid, before, "30 unread clients x 3 GetHistory(1000)").await;
     assert!(added <= 64 * MB, "30 clients that never read added {} MB to the node", added / MB);
     assert_eq!(c.invoke("Echo", vec![json!(1)]).await, Ok(json!(1)), "the node still serves");
     drop(idle);
