@@ -500,3 +500,61 @@ async fn the_page_signs_in_with_a_pasted_token_or_the_development_sign_in() {
         wait_online(page, &["Ana Token", "Bo"]).await;
     }
 }
+
+/// With `auth = "optional"` a guest who types a signed-in person's name is
+/// shown apart from them: a "guest" badge on its messages and in the online
+/// list, while the signed-in person's name carries none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_optional_sign_in_the_page_shows_guests_apart_from_signed_in_people() {
+    const SECRET: &str = "web-guest-test-secret-0123456789abcdef";
+    let redis = RedisServer::start();
+    let _a = TestNode::start(&redis, "web-guest-a", &["--auth", "optional", "--auth-secret", SECRET]).await;
+    let balancer = TestBalancer::start(&redis, &[]).await;
+    balancer.wait_accepting(&["web-guest-a"]).await;
+    let Some(browser) = Browser::start().await else { return };
+    let token = switchboard_tests::token_signer(SECRET).issue("Ana", 3600).expect("token");
+
+    let ana = browser.session(1000, 800).await;
+    ana.goto(&format!("{}/", balancer.base)).await.expect("open the page");
+    connected_node(&ana, None).await;
+    type_into(&ana, "#token", &token).await;
+    click(&ana, "#use-token").await;
+    eval_until(&ana, "the page to take the token's name", "return document.getElementById('name').disabled;", |v| {
+        (v == true).then_some(())
+    })
+    .await;
+    connected_node(&ana, None).await;
+
+    let (guest, _) = open_chat(&browser, &format!("{}/", balancer.base), 1000, 800).await;
+    set_name(&guest, "Ana").await;
+    send_chat(&guest, "I am Ana, honestly").await;
+    send_chat(&ana, "the real Ana").await;
+
+    let shown = r#"return [...document.querySelectorAll('#messages li.message')].map(li => {
+        const u = li.querySelector('.user');
+        return { text: li.querySelector('.text').textContent, name: u.firstChild.textContent,
+                 guest: u.classList.contains('guest'), badge: u.querySelector('.badge')?.textContent ?? null };
+    });"#;
+    let seen = eval_until(&ana, "both messages on the signed-in page", shown, |v| {
+        let list = v.as_array()?;
+        (list.len() >= 2).then(|| list.clone())
+    })
+    .await;
+    let by_text = |t: &str| seen.iter().find(|m| m["text"] == t).cloned().unwrap_or_default();
+    assert_eq!(
+        by_text("I am Ana, honestly"),
+        serde_json::json!({"text": "I am Ana, honestly", "name": "Ana", "guest": true, "badge": "guest"})
+    );
+    assert_eq!(
+        by_text("the real Ana"),
+        serde_json::json!({"text": "the real Ana", "name": "Ana", "guest": false, "badge": null})
+    );
+    // Online: the two are two people.
+    eval_until(&ana, "both Anas online", ONLINE_JS, |v| {
+        let mut listed: Vec<&str> = v.as_array()?.iter().filter_map(Value::as_str).collect();
+        listed.sort();
+        (listed == ["Ana", "~Ana"]).then_some(())
+    })
+    .await;
+    screenshot(&ana, "chat-guest").await;
+}
