@@ -161,6 +161,7 @@ pub fn backends_json(cluster: &Cluster) -> serde_json::Value {
                 "status": n.record.status.as_str(),
                 "healthy": cluster.ready(n),
                 "degraded": n.stats.is_degraded(),
+                "admission": admission_json(cluster, n),
                 "acceptsNewClients": cluster.accepts_new(n),
                 "inRegistry": n.missing_since.is_none(),
                 "openConnections": s.open.load(Ordering::Relaxed),
@@ -189,6 +190,13 @@ pub fn backends_json(cluster: &Cluster) -> serde_json::Value {
         "registry": if cluster.redis_up() { "up" } else { "down" },
         "generatedAt": rfc3339(chrono::Utc::now()),
     })
+}
+
+/// A node's admission of new connections now: its rate (lower while it
+/// starts slowly), whether it is ramping up, and how many wait for a turn.
+fn admission_json(cluster: &Cluster, n: &crate::table::RouteNode) -> serde_json::Value {
+    let (rate, ramping, waiting) = n.stats.gate.state(&cluster.admission_policy(), crate::node_admission::now_ms());
+    json!({ "ratePerSec": rate.round(), "slowStart": ramping, "waiting": waiting })
 }
 
 /// Compares without stopping at the first difference.
@@ -324,6 +332,7 @@ impl ServeHttp for AdminPages {
                 reply(StatusCode::OK, "text/css; charset=utf-8", include_bytes!("../static/dashboard.css").to_vec())
             }
             "/metrics" => {
+                self.cluster.refresh_admission_gauges();
                 reply(StatusCode::OK, "text/plain; version=0.0.4", self.cluster.metrics.render().into_bytes())
             }
             "/dashboard" | "/dashboard/" => {

@@ -11,6 +11,7 @@ use crate::admission::Admission;
 use crate::config::BalancerConfig;
 use crate::history::History;
 use crate::metrics::Metrics;
+use crate::node_admission::{now_ms, Policy};
 use crate::routing::{self, Readiness, RouteDecision, RouteKind};
 use crate::table::{NodeStats, RouteNode, RoutingTable};
 use arc_swap::ArcSwap;
@@ -40,6 +41,9 @@ pub struct Cluster {
     pub history: History,
     stats: Mutex<HashMap<String, Arc<NodeStats>>>,
     redis: RedisState,
+    /// Discovery has loaded the registry once: nodes added from then on
+    /// are new to the cluster and start slowly.
+    pub table_loaded: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -60,6 +64,7 @@ impl Cluster {
             history: History::default(),
             stats: Mutex::new(HashMap::new()),
             redis: RedisState::new("routing to the nodes already known"),
+            table_loaded: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -93,6 +98,62 @@ impl Cluster {
     /// The least-loaded node accepting new clients, other than `exclude`.
     pub fn least_loaded(&self, exclude: &[String]) -> Option<Arc<RouteNode>> {
         routing::least_loaded(&self.table.load(), self, exclude, &mut rand::random::<u32>)
+    }
+
+    /// The per-node admission settings (see `node_admission`).
+    pub fn admission_policy(&self) -> Policy {
+        Policy {
+            rate: self.cfg.node_admission_rate,
+            slow_start_ms: self.cfg.slow_start_secs.saturating_mul(1000),
+            max_wait_ms: self.cfg.admission_wait_ms,
+        }
+    }
+
+    /// Admits a new SignalR connection routed to `node` (see
+    /// `node_admission`): at once when the node has a token; else on the
+    /// least-loaded other node that has one (as a new client); else after
+    /// waiting for the node's turn, if that comes within `admission_wait_ms`
+    /// and the queue is not full. `None`: answer 503 (counted).
+    pub async fn admit(&self, node: Arc<RouteNode>, kind: RouteKind) -> Option<(Arc<RouteNode>, RouteKind)> {
+        let policy = self.admission_policy();
+        if node.stats.gate.take(&policy, now_ms()).is_ok() {
+            return Some((node, kind));
+        }
+        let mut tried = vec![node.record.node_id.clone()];
+        while let Some(other) = self.least_loaded(&tried) {
+            if other.stats.gate.take(&policy, now_ms()).is_ok() {
+                self.metrics.admission_moved.inc();
+                self.count_route(&other, RouteKind::New);
+                return Some((other, RouteKind::New));
+            }
+            tried.push(other.record.node_id.clone());
+        }
+        let gate = &node.stats.gate;
+        let (rate, _, _) = gate.state(&policy, now_ms());
+        let refused = || {
+            self.metrics.refused.with_label_values(&["node_busy"]).inc();
+            None
+        };
+        let Some(_waiting) = gate.enqueue(policy.max_waiting(rate)) else { return refused() };
+        self.metrics.admission_waited.inc();
+        let deadline = now_ms() + policy.max_wait_ms;
+        loop {
+            match gate.take(&policy, now_ms()) {
+                Ok(()) => return Some((node.clone(), kind)),
+                Err(wait) if now_ms() + wait <= deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(wait.max(1))).await
+                }
+                Err(_) => return refused(),
+            }
+        }
+    }
+
+    /// Sets the per-node admission gauges from the gates (before `/metrics` renders).
+    pub fn refresh_admission_gauges(&self) {
+        for n in self.table.load().nodes.iter() {
+            let waiting = n.stats.gate.waiting.load(Ordering::Relaxed) as i64;
+            self.metrics.admission_waiting.with_label_values(&[&n.record.node_id]).set(waiting);
+        }
     }
 
     /// Whether a new SignalR connection from `ip` is within the per-IP rate;

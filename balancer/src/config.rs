@@ -39,6 +39,9 @@ pub struct BalancerConfig {
     pub rate_limit_per_ip: u32,
     pub max_connections: usize,
     pub fd_reserve: u64,
+    pub node_admission_rate: u32,
+    pub slow_start_secs: u64,
+    pub admission_wait_ms: u64,
     pub admin_max_connections: usize,
     pub admin_token: String,
     pub threads: usize,
@@ -79,6 +82,9 @@ impl Default for BalancerConfig {
             rate_limit_per_ip: 0,
             max_connections: 100_000,
             fd_reserve: 256,
+            node_admission_rate: 1000,
+            slow_start_secs: 10,
+            admission_wait_ms: 2000,
             admin_max_connections: 64,
             admin_token: String::new(),
             threads: 2,
@@ -177,6 +183,15 @@ pub struct Cli {
     /// Descriptors kept free for the admin port, health checks, Redis and upstream pools; the rest allow two per client connection [default: 256]
     #[arg(long, env = "SWITCHBOARD_FD_RESERVE")]
     pub fd_reserve: Option<u64>,
+    /// New SignalR connections (negotiates, WebSockets without an id) each node takes a second; one that finds its node's turn taken goes to another node, or waits up to admission_wait_ms, then gets 503; 0 = no limit [default: 1000]
+    #[arg(long, env = "SWITCHBOARD_NODE_ADMISSION_RATE")]
+    pub node_admission_rate: Option<u32>,
+    /// A node that joins or comes back ramps its admission rate up from a tenth over this many seconds; 0 = at once [default: 10]
+    #[arg(long, env = "SWITCHBOARD_SLOW_START_SECS")]
+    pub slow_start_secs: Option<u64>,
+    /// How long a new connection may wait for its node's admission turn [default: 2000]
+    #[arg(long, env = "SWITCHBOARD_ADMISSION_WAIT_MS")]
+    pub admission_wait_ms: Option<u64>,
     /// Open connections to the admin port, counted apart from client connections (whose descriptors never go to it); past it the admin port answers 503 [default: 64]
     #[arg(long, env = "SWITCHBOARD_ADMIN_MAX_CONNECTIONS")]
     pub admin_max_connections: Option<usize>,
@@ -249,6 +264,9 @@ impl Cli {
             rate_limit_per_ip,
             max_connections,
             fd_reserve,
+            node_admission_rate,
+            slow_start_secs,
+            admission_wait_ms,
             admin_max_connections,
             admin_token,
             threads,

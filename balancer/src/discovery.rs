@@ -145,6 +145,10 @@ impl RegistryWatcher {
                 stats.assigned_since_record.store(0, std::sync::atomic::Ordering::Relaxed);
             }
             if previous.is_none() {
+                // A node that joins a running cluster takes new clients slowly at first.
+                if cluster.table_loaded.load(std::sync::atomic::Ordering::Acquire) {
+                    stats.gate.restart_slowly(crate::node_admission::now_ms());
+                }
                 cluster.metrics.discovery_events.with_label_values(&["added"]).inc();
                 tracing::info!(node = %id, %addr, status = record.status.as_str(), "node added");
             } else if previous.is_some_and(|p| p.record.status != record.status) {
@@ -177,6 +181,7 @@ impl RegistryWatcher {
         let ids: HashSet<String> = nodes.iter().map(|n| n.record.node_id.clone()).collect();
         cluster.metrics.nodes.set(nodes.len() as i64);
         cluster.table.store(Arc::new(RoutingTable::new(nodes)));
+        cluster.table_loaded.store(true, std::sync::atomic::Ordering::Release);
         cluster.forget_stats_except(&ids);
         if let Err(e) = cluster.backends.update(|_| {}).await {
             tracing::warn!(error = %e, "backend update failed");

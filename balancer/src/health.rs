@@ -115,6 +115,10 @@ impl HealthCheck for NodeHealthCheck {
         let node = self.node_id(target);
         self.healthy_gauge.with_label_values(&[&node]).set(healthy as i64);
         if healthy {
+            // Back from failing its checks: it takes new clients slowly at first.
+            if let Some(n) = self.node(target) {
+                n.stats.gate.restart_slowly(crate::node_admission::now_ms());
+            }
             tracing::info!(%node, "node healthy");
         } else {
             tracing::warn!(%node, "node failed health checks; no longer routed to");

@@ -17,6 +17,7 @@ mod front;
 mod health;
 mod history;
 mod metrics;
+mod node_admission;
 mod proxy;
 mod public_surface;
 mod refusal;

@@ -9,6 +9,9 @@ pub struct Metrics {
     pub routing_decisions: IntCounterVec,
     pub upgrades: IntCounter,
     pub retries: IntCounter,
+    pub admission_moved: IntCounter,
+    pub admission_waited: IntCounter,
+    pub admission_waiting: IntGaugeVec,
     pub refused: IntCounterVec,
     pub open_connections: IntGaugeVec,
     pub backend_healthy: IntGaugeVec,
@@ -42,6 +45,22 @@ impl Metrics {
                 &r,
                 "switchboard_balancer_retries_total",
                 "Requests retried on another node after a connect failure",
+            ),
+            admission_moved: counter(
+                &r,
+                "switchboard_balancer_admission_moved_total",
+                "New connections sent to another node because theirs had no admission token",
+            ),
+            admission_waited: counter(
+                &r,
+                "switchboard_balancer_admission_waited_total",
+                "New connections that waited for their node's admission turn",
+            ),
+            admission_waiting: gauge_vec(
+                &r,
+                "switchboard_balancer_admission_waiting",
+                "New connections waiting for their node's admission turn now",
+                &["backend"],
             ),
             refused: counter_vec(
                 &r,

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! request_filter      public paths only; per-IP rate → route
-//!                     (token → cookie → least loaded) → 404 / 503 / 429 early
+//!                     (token → cookie → least loaded) → per-node admission
+//!                     of new connections → 404 / 503 / 429 early
 //! upstream_peer       the chosen node; connect timeout, idle-bounded reads
 //! fail_to_connect     count the failure against the node; retry a token
 //!                     route on its node after a short wait, any other
@@ -145,6 +146,14 @@ impl ProxyHttp for SwitchboardProxy {
 
         match cluster.route(id.as_deref(), cookie.as_deref()) {
             RouteDecision::Node { node, kind } => {
+                // A new SignalR connection waits for its node's admission
+                // turn (or goes to another node); an existing one never does.
+                let admitted = if starts_connection && kind != RouteKind::Token {
+                    cluster.admit(node, kind).await
+                } else {
+                    Some((node, kind))
+                };
+                let Some((node, kind)) = admitted else { return respond(session, &refusal::NODES_BUSY).await };
                 ctx.set_cookie = kind == RouteKind::New;
                 ctx.kind = Some(kind);
                 ctx.node = Some(node);

@@ -32,6 +32,15 @@ pub const TOO_MANY_CONNECTIONS: Refusal = Refusal {
     body: "Too many connections; retry shortly.\n",
 };
 
+/// Every node that could take a new connection is taking them as fast as
+/// its admission rate allows, and the wait for a turn ran out.
+pub const NODES_BUSY: Refusal = Refusal {
+    status: 503,
+    reason: "Service Unavailable",
+    content_type: TEXT,
+    body: "The chat nodes are taking new connections as fast as they can; retry shortly.\n",
+};
+
 pub const RATE_LIMITED: Refusal = Refusal {
     status: 429,
     reason: "Too Many Requests",

@@ -26,6 +26,8 @@ pub struct NodeStats {
     pub connect_failures: AtomicU32,
     /// Its last check said it is degraded (see `health`).
     pub degraded: AtomicBool,
+    /// Its admission of new connections (see `node_admission`).
+    pub gate: crate::node_admission::NodeGate,
 }
 
 /// Failed connects (since the node's last passing check) after which it gets

@@ -240,6 +240,11 @@ async fn connect(
         RouteDecision::UnknownConnection => return Err(&refusal::UNKNOWN_CONNECTION),
         RouteDecision::NoNodeAvailable => return Err(&refusal::NO_NODE),
     };
+    // A WebSocket without an id starts a connection: it waits for its node's
+    // admission turn (or goes to another node), as a negotiate does.
+    if req.id.is_none() {
+        (node, kind) = cluster.admit(node, kind).await.ok_or(&refusal::NODES_BUSY)?;
+    }
     let timeout = Duration::from_millis(cluster.cfg.connect_timeout_ms);
     let mut tried: Vec<String> = Vec::new();
     loop {

@@ -269,7 +269,7 @@
     body.replaceChildren();
     if (data.nodes.length === 0) {
       const row = el("tr", "empty");
-      cell(row, "no nodes registered: start some (docker compose up --scale node=3)").colSpan = 8;
+      cell(row, "no nodes registered: start some (docker compose up --scale node=3)").colSpan = 9;
       body.appendChild(row);
     }
     for (const n of data.nodes) {
@@ -279,10 +279,16 @@
       const status = cell(row, "");
       if (!n.healthy) pill(status, "down", "down");
       else if (n.status === "draining") pill(status, "draining", "draining");
+      else if (n.degraded) pill(status, "draining", "degraded");
       else pill(status, "healthy", "healthy");
       row.dataset.status = status.textContent;
       cell(row, n.healthy ? "passing" : "failing", "wide");
       cell(row, String(n.openConnections));
+      // New connections a second it admits now (lower while it starts
+      // slowly), and how many wait for their turn.
+      const a = n.admission || {};
+      const admission = cell(row, (a.ratePerSec === 0 ? "no limit" : a.ratePerSec + "/s") + (a.slowStart ? " (slow start)" : "") + (a.waiting ? " · " + a.waiting + " waiting" : ""), "wide");
+      admission.dataset.admission = JSON.stringify(a);
       cell(row, String(n.nodeConnections), "wide");
       cell(row, n.routed.token + " / " + n.routed.cookie + " / " + n.routed.new, "wide");
       cell(row, n.url, "wide");

@@ -642,3 +642,56 @@ async fn a_node_that_refuses_connections_for_a_moment_keeps_its_long_polling_and
     }
     drop(node);
 }
+
+#[tokio::test]
+async fn a_node_takes_new_connections_at_its_admission_rate_and_its_own_connections_never_wait() {
+    let c =
+        cluster(&["a"], &[], &["--node-admission-rate", "5", "--admission-wait-ms", "300", "--slow-start-secs", "0"])
+            .await;
+    let base = c.balancer.base.clone();
+    let mut own = HubClient::connect(&cookieless(), &base, TransportKind::LongPolling).await.unwrap();
+    // Forty clients negotiate at once with a node that takes five a second.
+    let burst = (0..40).map(|_| {
+        let url = format!("{base}/chathub/negotiate?negotiateVersion=1");
+        async move {
+            let r = cookieless().post(url).send().await.unwrap();
+            let retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap_or("").to_string());
+            (r.status().as_u16(), retry_after, r.text().await.unwrap_or_default())
+        }
+    });
+    let (answers, echoed) =
+        tokio::join!(futures_util::future::join_all(burst), own.invoke("Echo", vec![json!("mine")]));
+    assert_eq!(echoed, Ok(json!("mine")), "a connection the node owns is never held back");
+    let admitted = answers.iter().filter(|(s, _, _)| *s == 200).count();
+    let refused: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 503).collect();
+    assert_eq!(admitted + refused.len(), 40, "{answers:?}");
+    assert!((1..=12).contains(&admitted), "{admitted} admitted at 5/s within 0.3 s");
+    for (_, retry_after, body) in &refused {
+        assert_eq!(retry_after.as_deref(), Some("1"));
+        assert!(body.contains("as fast as they can"), "{body}");
+    }
+    let m = get_text(&format!("{}/metrics", c.balancer.admin)).await;
+    assert!(m.contains("switchboard_balancer_refused_total{reason=\"node_busy\"}"), "{m}");
+    assert!(metric_nonzero(&m, "switchboard_balancer_admission_waited_total"), "{m}");
+    // Later, at the node's pace, new clients are admitted again.
+    eventually(WAIT, "a new client to be admitted again", || async {
+        HubClient::connect(&cookieless(), &base, TransportKind::WebSockets).await.ok().map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_node_that_joins_a_running_cluster_starts_slowly() {
+    let mut c = cluster(&["a"], &[], &[]).await;
+    c.nodes.push(TestNode::start(&c.redis, "b", &[]).await);
+    c.balancer.wait_accepting(&["a", "b"]).await;
+    let backends = c.balancer.backends().await;
+    let admission = |id: &str| {
+        backends["nodes"].as_array().unwrap().iter().find(|n| n["nodeId"] == id).unwrap()["admission"].clone()
+    };
+    let (a, b) = (admission("a"), admission("b"));
+    assert_eq!(a["slowStart"], false, "{a}");
+    assert_eq!(a["ratePerSec"], 1000.0, "{a}");
+    assert_eq!(b["slowStart"], true, "{b}");
+    assert!(b["ratePerSec"].as_f64().unwrap() < 1000.0, "{b}");
+}
