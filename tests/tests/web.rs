@@ -273,14 +273,18 @@ async fn a_killed_node_sends_its_page_elsewhere_and_the_dashboard_shows_drain_an
     lb.wait_accepting(&["node-a", "node-b", "node-c"]).await;
     let Some(browser) = Browser::start().await else { return };
 
-    // A client straight on node-c keeps it busy, so the two people land on
-    // node-a and node-b, and it keeps node-c draining instead of exiting.
+    // Clients straight on node-c keep it busy (more than the eight held
+    // below can even out, whatever the tie breaks), so the two people land
+    // on node-a and node-b; and they keep node-c draining instead of exiting.
     let http = reqwest::Client::new();
     let c_base = nodes[2].base.clone();
-    let pinned = HubClient::connect(&http, &c_base, TransportKind::WebSockets).await.expect("client on node-c");
-    eventually(WAIT, "the balancer to see node-c's client", || async {
+    let mut pinned = Vec::new();
+    for _ in 0..12 {
+        pinned.push(HubClient::connect(&http, &c_base, TransportKind::WebSockets).await.expect("client on node-c"));
+    }
+    eventually(WAIT, "the balancer to see node-c's clients", || async {
         let v = lb.backends().await;
-        v["nodes"].as_array()?.iter().any(|n| n["nodeId"] == "node-c" && n["nodeConnections"] == 1).then_some(())
+        v["nodes"].as_array()?.iter().any(|n| n["nodeId"] == "node-c" && n["nodeConnections"] == 12).then_some(())
     })
     .await;
 
@@ -292,8 +296,10 @@ async fn a_killed_node_sends_its_page_elsewhere_and_the_dashboard_shows_drain_an
     assert!(!html.contains("<script>") && !html.contains("style="), "no inline script or style");
 
     // Connections through the balancer, so the chart has shapes to show.
+    // Eight, so node-a and node-b end level (four each) and the two people
+    // who come next take one each.
     let mut held = Vec::new();
-    for _ in 0..9 {
+    for _ in 0..8 {
         held.push(HubClient::connect(&http, &lb.base, TransportKind::WebSockets).await.expect("a held client"));
     }
 
