@@ -36,14 +36,15 @@ impl<K: Hash + Eq + Clone, V: Clone> InFlight<K, V> {
         self.reads.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The answer to `key`: the read in flight for it, or `read` started now.
-    async fn ask(&self, key: K, read: impl FnOnce() -> BoxFuture<'static, V>) -> (V, bool) {
+    /// The answer to `key`: the read in flight for it, or `read` started
+    /// now (dropped unpolled when one is in flight); and whether it joined one.
+    async fn ask(&self, key: K, read: BoxFuture<'static, V>) -> (V, bool) {
         let (shared, joined) = {
             let mut reads = self.lock();
             match reads.get(&key) {
                 Some(running) => (running.clone(), true),
                 None => {
-                    let started = read().shared();
+                    let started = read.shared();
                     reads.insert(key.clone(), started.clone());
                     (started, false)
                 }
@@ -78,64 +79,45 @@ impl HistoryReads {
         }
     }
 
-    fn count(&self, joined: bool) {
+    /// `read`, under a permit, shared with identical reads in flight
+    /// (`flights`, keyed by `key`); a shared answer is counted.
+    async fn read<K: Hash + Eq + Clone, V: Clone + Send + Sync + 'static>(
+        &self,
+        flights: &InFlight<K, V>,
+        key: K,
+        read: impl std::future::Future<Output = V> + Send + 'static,
+    ) -> V {
+        let permits = self.permits.clone();
+        let under_permit = async move {
+            let _permit = permits.acquire_owned().await;
+            read.await
+        };
+        let (answer, joined) = flights.ask(key, under_permit.boxed()).await;
         if joined {
             self.shared.inc();
         }
+        answer
     }
 
     /// Up to `count` messages older than `before` (the newest when `None`), newest first.
     pub async fn older(&self, backplane: &Backplane, before: Option<&str>, count: usize) -> Page {
-        let (bp, permits, b) = (backplane.clone(), self.permits.clone(), before.map(String::from));
-        let key = (b.clone(), count);
-        let (page, joined) = self
-            .older
-            .ask(key, move || {
-                async move {
-                    let _permit = permits.acquire_owned().await;
-                    bp.older(b.as_deref(), count).await.map(Arc::new).map_err(text)
-                }
-                .boxed()
-            })
-            .await;
-        self.count(joined);
-        page
+        let (bp, b) = (backplane.clone(), before.map(String::from));
+        let read = async move { bp.older(b.as_deref(), count).await.map(Arc::new).map_err(text) };
+        self.read(&self.older, (before.map(String::from), count), read).await
     }
 
     /// Whether a replay after `last` is possible; if so, where it ends.
     pub async fn resume_point(&self, backplane: &Backplane, last: &str) -> Point {
-        let (bp, permits, l) = (backplane.clone(), self.permits.clone(), last.to_string());
-        let (point, joined) = self
-            .points
-            .ask(l.clone(), move || {
-                async move {
-                    let _permit = permits.acquire_owned().await;
-                    bp.resume_point(&l).await.map_err(text)
-                }
-                .boxed()
-            })
-            .await;
-        self.count(joined);
-        point
+        let (bp, l) = (backplane.clone(), last.to_string());
+        let read = async move { bp.resume_point(&l).await.map_err(text) };
+        self.read(&self.points, last.to_string(), read).await
     }
 
     /// Up to `count` messages after `after` through `through`, oldest first.
     pub async fn range(&self, backplane: &Backplane, after: &str, through: &str, count: usize) -> Page {
-        let (bp, permits) = (backplane.clone(), self.permits.clone());
-        let key = (after.to_string(), through.to_string(), count);
-        let (a, t) = (key.0.clone(), key.1.clone());
-        let (page, joined) = self
-            .ranges
-            .ask(key, move || {
-                async move {
-                    let _permit = permits.acquire_owned().await;
-                    bp.range(&a, &t, count).await.map(Arc::new).map_err(text)
-                }
-                .boxed()
-            })
-            .await;
-        self.count(joined);
-        page
+        let (bp, a, t) = (backplane.clone(), after.to_string(), through.to_string());
+        let read = async move { bp.range(&a, &t, count).await.map(Arc::new).map_err(text) };
+        self.read(&self.ranges, (after.to_string(), through.to_string(), count), read).await
     }
 }
 
@@ -156,16 +138,12 @@ mod tests {
         let ask = |key: u32| {
             let (flights, reads, mut gate) = (flights.clone(), reads.clone(), gate.clone());
             tokio::spawn(async move {
-                flights
-                    .ask(key, move || {
-                        async move {
-                            reads.fetch_add(1, Ordering::SeqCst);
-                            let _ = gate.wait_for(|open| *open).await;
-                            key * 10
-                        }
-                        .boxed()
-                    })
-                    .await
+                let read = async move {
+                    reads.fetch_add(1, Ordering::SeqCst);
+                    let _ = gate.wait_for(|open| *open).await;
+                    key * 10
+                };
+                flights.ask(key, read.boxed()).await
             })
         };
         let askers: Vec<_> = (0..20).map(|i| ask(if i < 15 { 1 } else { 2 })).collect();

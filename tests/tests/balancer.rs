@@ -659,13 +659,18 @@ async fn a_node_takes_new_connections_at_its_admission_rate_and_its_own_connecti
             (r.status().as_u16(), retry_after, r.text().await.unwrap_or_default())
         }
     });
+    let began = std::time::Instant::now();
     let (answers, echoed) =
         tokio::join!(futures_util::future::join_all(burst), own.invoke("Echo", vec![json!("mine")]));
+    // What the node could admit while the burst lasted, however slow the
+    // machine: one second's worth at once, then five a second.
+    let most = 5 + (5.0 * began.elapsed().as_secs_f64()).ceil() as usize + 1;
     assert_eq!(echoed, Ok(json!("mine")), "a connection the node owns is never held back");
     let admitted = answers.iter().filter(|(s, _, _)| *s == 200).count();
     let refused: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 503).collect();
     assert_eq!(admitted + refused.len(), 40, "{answers:?}");
-    assert!((1..=12).contains(&admitted), "{admitted} admitted at 5/s within 0.3 s");
+    assert!((1..=most).contains(&admitted), "{admitted} admitted at 5/s, at most {most} while the burst lasted");
+    assert!(!refused.is_empty(), "the rest wait a short while, then are refused");
     for (_, retry_after, body) in &refused {
         assert_eq!(retry_after.as_deref(), Some("1"));
         assert!(body.contains("as fast as they can"), "{body}");

@@ -179,31 +179,26 @@ impl RedisBackplane {
     /// Up to `count` stored messages older than `before` (the newest when
     /// `None`), newest first.
     pub async fn older(&self, before: Option<&str>, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
-        let result = match self.link.conn().await {
-            Ok(mut c) => history::older(&mut c, &self.history_key, before, count).await,
-            Err(e) => Err(e),
-        };
-        self.link.observe(&result);
-        result.map_err(|e| HistoryError(e.to_string()))
+        let read = async { history::older(&mut self.link.conn().await?, &self.history_key, before, count).await };
+        self.observed(read.await)
     }
 
     /// Whether a replay after `last` is possible; if so, the newest stored
     /// id, where it ends.
     pub async fn resume_point(&self, last: &str) -> Result<Result<String, ResumeError>, HistoryError> {
-        let result = match self.link.conn().await {
-            Ok(mut c) => history::check_resume(&mut c, &self.history_key, last).await,
-            Err(e) => Err(e),
-        };
-        self.link.observe(&result);
-        result.map_err(|e| HistoryError(e.to_string()))
+        let read = async { history::check_resume(&mut self.link.conn().await?, &self.history_key, last).await };
+        self.observed(read.await)
     }
 
     /// Up to `count` stored messages after `after` through `through`, oldest first.
     pub async fn range(&self, after: &str, through: &str, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
-        let result = match self.link.conn().await {
-            Ok(mut c) => history::after(&mut c, &self.history_key, after, through, count).await,
-            Err(e) => Err(e),
-        };
+        let read =
+            async { history::after(&mut self.link.conn().await?, &self.history_key, after, through, count).await };
+        self.observed(read.await)
+    }
+
+    /// A history read's outcome, recorded as Redis's state.
+    fn observed<T>(&self, result: redis::RedisResult<T>) -> Result<T, HistoryError> {
         self.link.observe(&result);
         result.map_err(|e| HistoryError(e.to_string()))
     }
