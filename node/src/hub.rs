@@ -296,9 +296,9 @@ async fn invoke(
             let [group] = strings(args)?;
             groups::validate_name(&group).map_err(|e| format!("HubException: {e}"))?;
             let cap = app.cfg.max_groups_per_connection;
-            if app.groups.join(&group, &conn.key, cap).map_err(|e| format!("HubException: {e}."))? {
-                app.backplane.subscribe_group(&group);
-            }
+            let first = app.groups.join(&group, &conn.key, cap).map_err(|e| format!("HubException: {e}."))?;
+            // Completes once the group's messages reach this node.
+            app.backplane.joined_group(&group, first).await;
             Ok(Answer::Empty)
         }
         "LeaveGroup" => {

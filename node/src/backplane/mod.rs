@@ -113,9 +113,10 @@ impl Backplane {
     }
 
     /// Follows `group` (this node has a member in it now).
-    pub fn subscribe_group(&self, group: &str) {
+    /// See `RedisBackplane::joined_group`.
+    pub async fn joined_group(&self, group: &str, first: bool) {
         match self {
-            Backplane::Redis(b) => b.subscribe_group(group),
+            Backplane::Redis(b) => b.joined_group(group, first).await,
             #[cfg(test)]
             Backplane::Memory(_) => {} // every node gets every message
         }

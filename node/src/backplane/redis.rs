@@ -35,7 +35,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 const QUEUE_CAPACITY: usize = 10_000;
 const BATCH: usize = 256;
@@ -53,8 +53,11 @@ pub struct Publication {
 }
 
 enum SubCommand {
-    Subscribe(String),
+    /// Subscribe to a group's channel; answer once Redis confirmed it.
+    Subscribe(String, Option<oneshot::Sender<()>>),
     Unsubscribe(String),
+    /// Answered once every command before it is done.
+    Barrier(oneshot::Sender<()>),
 }
 
 /// Messages this node delivered to its own clients before storing them.
@@ -139,8 +142,25 @@ impl RedisBackplane {
         }
     }
 
-    pub fn subscribe_group(&self, group: &str) {
-        let _ = self.subs.send(SubCommand::Subscribe(group.to_string()));
+    /// After a connection joined `group` (`first`: the node's first member
+    /// of it): returns once messages to the group reach this node, so a
+    /// client that joins and then resumes cannot miss one published between
+    /// its replay's end and the subscription. Waits at most a PING's
+    /// deadline, and not at all while the subscription is down (it is
+    /// made again with every local group when Redis is back).
+    pub async fn joined_group(&self, group: &str, first: bool) {
+        if !self.is_live() {
+            if first {
+                let _ = self.subs.send(SubCommand::Subscribe(group.to_string(), None));
+            }
+            return;
+        }
+        let (done, confirmed) = oneshot::channel();
+        let command =
+            if first { SubCommand::Subscribe(group.to_string(), Some(done)) } else { SubCommand::Barrier(done) };
+        if self.subs.send(command).is_ok() {
+            let _ = tokio::time::timeout(SUBSCRIPTION_DEADLINE, confirmed).await;
+        }
     }
 
     pub fn unsubscribe_group(&self, group: &str) {
@@ -445,7 +465,17 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
                                 cmd = cmds.recv() => {
                                     let change = async {
                                         match cmd {
-                                            Some(SubCommand::Subscribe(g)) => sink.subscribe(bp.group_channel(&g)).await.is_ok(),
+                                            Some(SubCommand::Subscribe(g, done)) => {
+                                                let ok = sink.subscribe(bp.group_channel(&g)).await.is_ok();
+                                                if let (true, Some(done)) = (ok, done) {
+                                                    let _ = done.send(());
+                                                }
+                                                ok
+                                            }
+                                            Some(SubCommand::Barrier(done)) => {
+                                                let _ = done.send(());
+                                                true
+                                            }
                                             Some(SubCommand::Unsubscribe(g)) => sink.unsubscribe(bp.group_channel(&g)).await.is_ok(),
                                             None => false,
                                         }
