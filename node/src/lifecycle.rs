@@ -55,23 +55,51 @@ pub async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Closes every remaining client with `allowReconnect`, oldest first, one
-/// after another over `spread`, so a drained node's clients reach the other
-/// nodes as a steady stream rather than a storm. Each wait is from the close
-/// before it, so a stalled moment never bunches the rest together.
+/// Closes every remaining client with `allowReconnect`, oldest first,
+/// evenly over `spread`, so a drained node's clients reach the other nodes
+/// as a steady stream rather than a storm. Closes go in small batches on a
+/// tick of at least `MIN_TICK` (a timer per client would take a
+/// millisecond or more each, stretching 7,000 closes over 5 s to 20 s), and
+/// a late tick closes only its own batch, so a stalled moment never bunches
+/// the rest together.
 async fn close_spread(app: &App, spread: Duration) {
     let mut remaining = app.connections.all();
     remaining.sort_by_key(|c| std::cmp::Reverse(c.age_ms(crate::connection::now_ms())));
-    let gap = spread.checked_div(remaining.len() as u32).unwrap_or_default();
-    if !remaining.is_empty() {
-        tracing::info!(clients = remaining.len(), spread_secs = spread.as_secs_f64(), "closing the remaining clients");
+    if remaining.is_empty() {
+        return;
     }
-    for (i, conn) in remaining.iter().enumerate() {
-        if i > 0 && !gap.is_zero() {
-            tokio::time::sleep(gap).await;
+    tracing::info!(clients = remaining.len(), spread_secs = spread.as_secs_f64(), "closing the remaining clients");
+    let (tick, batch) = spread_plan(spread, remaining.len());
+    let mut ticks = tokio::time::interval(tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for chunk in remaining.chunks(batch) {
+        ticks.tick().await;
+        for conn in chunk {
+            app.close(conn, None, true);
         }
-        app.close(conn, None, true);
     }
+}
+
+/// The shortest wait between two batches of closes.
+const MIN_TICK: Duration = Duration::from_millis(10);
+
+/// How often to close a batch and how many each time, to close `count`
+/// clients evenly over `spread` (all at once when it is zero).
+fn spread_plan(spread: Duration, count: usize) -> (Duration, usize) {
+    let count = count.max(1);
+    let gap = spread.checked_div(count as u32).unwrap_or_default();
+    if gap.is_zero() && spread.is_zero() {
+        return (MIN_TICK, count);
+    }
+    if gap >= MIN_TICK {
+        return (gap, 1);
+    }
+    // Clients per MIN_TICK, rounded up (in whole nanoseconds, not floats).
+    let batch = (count as u128 * MIN_TICK.as_nanos()).div_ceil(spread.as_nanos().max(1));
+    let batch = (batch as usize).clamp(1, count);
+    // The tick that spreads count / batch batches over the window.
+    let batches = count.div_ceil(batch) as u32;
+    (spread.checked_div(batches).unwrap_or(MIN_TICK).max(Duration::from_millis(1)), batch)
 }
 
 pub async fn drain(app: &Arc<App>, background: Background) {
@@ -108,5 +136,23 @@ pub async fn drain(app: &Arc<App>, background: Background) {
         Err(e) => {
             tracing::warn!(error = %e, "could not remove the registry key; it expires with its TTL")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spread_closes_one_at_a_time_when_there_is_room_and_in_batches_when_not() {
+        // Ten clients over 5 s: one every half second.
+        assert_eq!(spread_plan(Duration::from_secs(5), 10), (Duration::from_millis(500), 1));
+        // 7,000 over 5 s: 14 every 10 ms, 500 batches in all.
+        let (tick, batch) = spread_plan(Duration::from_secs(5), 7000);
+        assert_eq!(batch, 14);
+        assert_eq!(tick, Duration::from_millis(10));
+        assert_eq!(7000usize.div_ceil(batch) as u32 * tick, Duration::from_secs(5));
+        // No window: everyone at once.
+        assert_eq!(spread_plan(Duration::ZERO, 300), (MIN_TICK, 300));
     }
 }
