@@ -11,6 +11,8 @@
 //! fail_to_connect     count the failure against the node; retry a token
 //!                     route on its node after a short wait, any other
 //!                     request on the next least-loaded node
+//! error_while_proxy   a negotiate whose node went away with it in flight
+//!                     goes to the next node too
 //! upstream_request_filter  X-Forwarded-* headers
 //! response_filter     Set-Cookie for new assignments; latency
 //! logging             status metrics; the ctx drop releases counters
@@ -205,6 +207,47 @@ impl ProxyHttp for SwitchboardProxy {
             ctx.node = Some(next);
             ctx.retry_wait = (!wait.is_zero()).then_some(wait);
             e.set_retry(true);
+        }
+        e
+    }
+
+    /// A negotiate whose node went away with the request in flight (a pooled
+    /// connection to a node that was just killed, say) is tried again on the
+    /// next node, as a failed connect is: it has no body and nothing of the
+    /// answer has reached the client, so the client cannot tell. Anything
+    /// else keeps Pingora's rule (idempotent requests on reused connections
+    /// only), because a node may already have acted on it.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let req = session.req_header();
+        let negotiate = req.method == http::Method::POST && req.uri.path().ends_with("/negotiate");
+        let untouched = session.response_written().is_none() && !session.as_ref().retry_buffer_truncated();
+        if !(negotiate && untouched) {
+            if !req.method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
+                e.set_retry(false);
+            } else {
+                e.retry.decide_reuse(client_reused);
+            }
+            return e;
+        }
+        let Some(node) = ctx.node.take() else { return e };
+        tracing::debug!(node = %node.record.node_id, error = %e, "negotiate failed in flight");
+        ctx.in_flight = None;
+        match self.cluster.reroute(&node, RouteKind::New, &mut ctx.tried) {
+            Some((next, _)) => {
+                ctx.kind = Some(RouteKind::New);
+                ctx.set_cookie = true;
+                ctx.node = Some(next);
+                e.set_retry(true);
+            }
+            None => e.set_retry(false),
         }
         e
     }

@@ -472,6 +472,10 @@ enum Gate {
     /// connection that TCP keeps retrying in silence); connections made after
     /// it opens again work.
     Partitioned,
+    /// A node dying with requests in flight: connections are accepted, and
+    /// any of them (new or relayed) is closed the moment bytes arrive,
+    /// without passing them on.
+    Dying,
 }
 
 /// Copies `from` to `to` until the gate is partitioned; from then on it
@@ -491,6 +495,9 @@ async fn relay_half(
             },
             _ = state.wait_for(|s| *s == Gate::Partitioned) => break,
         };
+        if *state.borrow() == Gate::Dying {
+            return;
+        }
         if *state.borrow() == Gate::Partitioned || to.write_all(&buf[..n]).await.is_err() {
             break;
         }
@@ -510,7 +517,7 @@ async fn gate(target: String) -> (u16, tokio::sync::watch::Sender<Gate>) {
     tokio::spawn(async move {
         let mut listener = Some(listener);
         loop {
-            if *watch.borrow() != Gate::Open {
+            if matches!(*watch.borrow(), Gate::Refusing | Gate::Partitioned) {
                 listener = None;
                 if watch.changed().await.is_err() {
                     return;
@@ -539,6 +546,37 @@ async fn gate(target: String) -> (u16, tokio::sync::watch::Sender<Gate>) {
         }
     });
     (port, set)
+}
+
+#[tokio::test]
+async fn a_negotiate_in_flight_to_a_node_that_dies_is_answered_by_another_node() {
+    let redis = RedisServer::start();
+    let node_port = switchboard_tests::free_port();
+    let (gate_port, gate) = gate(format!("127.0.0.1:{node_port}")).await;
+    let advertise = format!("http://127.0.0.1:{gate_port}");
+    let _dying = TestNode::start_on_port(&redis.url(), "a", node_port, &["--advertise-url", &advertise]).await;
+    let _b = TestNode::start(&redis, "b", &[]).await;
+    // Health checks every minute: only the failed requests can reveal the death.
+    let balancer = TestBalancer::start(&redis, &["--health-interval-ms", "60000"]).await;
+    balancer.wait_accepting(&["a", "b"]).await;
+    // Pooled connections to both nodes.
+    let http = cookieless();
+    let negotiate = || http.post(format!("{}/chathub/negotiate?negotiateVersion=1", balancer.base)).send();
+    let mut owners = std::collections::HashSet::new();
+    for _ in 0..12 {
+        let body: Value = negotiate().await.unwrap().json().await.unwrap();
+        owners.insert(switchboard_common::token::owner_of(body["connectionToken"].as_str().unwrap()));
+    }
+    assert_eq!(owners.len(), 2, "both nodes answered while well: {owners:?}");
+
+    gate.send(Gate::Dying).unwrap();
+    for i in 0..8 {
+        let r = negotiate().await.unwrap();
+        assert_eq!(r.status(), 200, "negotiate {i} failed while a node died under it");
+        let body: Value = r.json().await.unwrap();
+        let token = body["connectionToken"].as_str().unwrap();
+        assert_eq!(switchboard_common::token::owner_of(token).as_deref(), Some("b"));
+    }
 }
 
 #[tokio::test]
