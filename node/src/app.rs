@@ -170,7 +170,7 @@ impl App {
         let delivery = Arc::new(ChatDelivery::new(message.clone()));
         let offer = |c: &Arc<Connection>| {
             if let Some(d) = c.gate_live(&delivery) {
-                c.note_live(d.message.id.as_deref());
+                c.note_live(d.message.id.as_deref(), d.message.group.as_deref());
                 self.send_to(c, d.for_connection(c));
             }
         };
@@ -193,7 +193,7 @@ impl App {
     pub fn release_held(&self, conn: &Connection, after: Option<&str>) {
         for d in conn.end_resume(after) {
             if !conn.already_replayed(&d) {
-                conn.note_live(d.message.id.as_deref());
+                conn.note_live(d.message.id.as_deref(), d.message.group.as_deref());
                 self.reply_to(conn, d.for_connection(conn));
             }
         }

@@ -106,6 +106,10 @@ pub struct Connection {
     /// Id of the first chat message delivered live: live delivery is in id
     /// order, so `Resume` need replay only what is older than it.
     first_live_id: OnceLock<String>,
+    /// Groups joined after live delivery began, with the first id of each
+    /// that then reached this connection live (see `missed_before_join`).
+    late_joins: Mutex<Vec<(String, Option<(u64, u64)>)>>,
+    has_late_joins: AtomicBool,
     stateful: OnceLock<Box<Stateful>>,
     created_ms: u64,
     last_sent_ms: AtomicU64,
@@ -156,6 +160,8 @@ impl Connection {
             live_gate: Mutex::new(LiveGate { held, ..LiveGate::default() }),
             replay: Mutex::new(None),
             first_live_id: OnceLock::new(),
+            late_joins: Mutex::new(Vec::new()),
+            has_late_joins: AtomicBool::new(false),
             stateful: OnceLock::new(),
             created_ms: now,
             last_sent_ms: AtomicU64::new(now),
@@ -349,15 +355,49 @@ impl Connection {
         self.gate().replayed(d)
     }
 
-    /// Records that a chat message with `id` was delivered live.
-    pub fn note_live(&self, id: Option<&str>) {
-        if let Some(id) = id {
-            let _ = self.first_live_id.get_or_init(|| id.to_string());
+    /// Records that a chat message with `id` (to `group`) was delivered live.
+    pub fn note_live(&self, id: Option<&str>, group: Option<&str>) {
+        let Some(id) = id else { return };
+        let _ = self.first_live_id.get_or_init(|| id.to_string());
+        if let (true, Some(group)) = (self.has_late_joins(), group) {
+            let mut joins = self.late_joins.lock().unwrap_or_else(|p| p.into_inner());
+            for (g, first_live) in joins.iter_mut() {
+                if g == group && first_live.is_none() {
+                    *first_live = crate::history::parse_id(id);
+                }
+            }
         }
     }
 
     pub fn first_live_id(&self) -> Option<&str> {
         self.first_live_id.get().map(String::as_str)
+    }
+
+    /// Records that `group` was joined after live delivery to this
+    /// connection began: until its first message reaches the connection
+    /// live, none of the group's messages did.
+    pub fn note_late_join(&self, group: &str) {
+        let mut joins = self.late_joins.lock().unwrap_or_else(|p| p.into_inner());
+        if !joins.iter().any(|(g, _)| g == group) {
+            joins.push((group.to_string(), None));
+        }
+        self.has_late_joins.store(true, Ordering::Release);
+    }
+
+    pub fn has_late_joins(&self) -> bool {
+        self.has_late_joins.load(Ordering::Acquire)
+    }
+
+    /// Whether a message of `group` with `id`, though newer than the first
+    /// live one, did not reach this connection live: its group was joined
+    /// later, and it is older than the group's first live message here.
+    pub fn missed_before_join(&self, group: Option<&str>, id: &str) -> bool {
+        let (Some(group), Some(id)) = (group, crate::history::parse_id(id)) else { return false };
+        if !self.has_late_joins() {
+            return false;
+        }
+        let joins = self.late_joins.lock().unwrap_or_else(|p| p.into_inner());
+        joins.iter().any(|(g, first_live)| g == group && first_live.is_none_or(|f| id < f))
     }
 
     /// Starts holding live chat messages: a `Resume` began.

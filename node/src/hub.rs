@@ -296,6 +296,11 @@ async fn invoke(
             let [group] = strings(args)?;
             groups::validate_name(&group).map_err(|e| format!("HubException: {e}"))?;
             let cap = app.cfg.max_groups_per_connection;
+            if conn.first_live_id().is_some() {
+                // Live delivery began before the join: a Resume still to
+                // come must replay what the group had before it.
+                conn.note_late_join(&group);
+            }
             let first = app.groups.join(&group, &conn.key, cap).map_err(|e| format!("HubException: {e}."))?;
             // Completes once the group's messages reach this node.
             app.backplane.joined_group(&group, first).await;

@@ -97,7 +97,14 @@ pub async fn continue_replay(app: &Arc<App>, conn: &Arc<Connection>) -> Flow {
             continue;
         };
         let Some(id) = m.id.clone() else { continue };
-        if replay.live_from.as_deref().is_some_and(|f| history::cmp_ids(&id, f).is_ge()) {
+        let live_already = replay.live_from.as_deref().is_some_and(|f| history::cmp_ids(&id, f).is_ge());
+        if live_already && !conn.missed_before_join(m.group.as_deref(), &id) {
+            if conn.has_late_joins() {
+                // A group joined after live delivery began may still have
+                // older messages to replay: read on, skipping this one.
+                replay.newest = Some(id);
+                continue;
+            }
             // Delivered live already, as is everything after it.
             replay.page.clear();
             replay.done_reading = true;

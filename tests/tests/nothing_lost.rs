@@ -137,6 +137,36 @@ async fn resume_replays_exactly_what_a_connection_missed() {
     assert_eq!(again.invoke("Resume", vec![json!(last_id)]).await, Ok(json!(4)));
 }
 
+/// A client slower than the node's 2 s hold (a storm: seconds between
+/// negotiate and its `Resume`) gets live messages before it rejoins its
+/// group; its replay must still bring the group's messages from before the
+/// join, though they are newer than the first message it got live.
+#[tokio::test]
+async fn a_group_joined_after_live_delivery_began_is_still_replayed() {
+    let (redis, a, b, http) = two_nodes().await;
+    let mut sender = connect(&http, &a, false).await;
+    let mut old = connect(&http, &b, true).await;
+    say(&mut sender, "seen").await;
+    let last_id = collect_until(&mut old, "seen").await.last().unwrap().1.clone().unwrap();
+    drop(old);
+
+    let mut again = connect(&http, &b, true).await;
+    // The hold ends unused, and live delivery begins.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    say(&mut sender, "live first").await;
+    collect_until(&mut again, "live first").await;
+    sender.invoke("SendMessageToGroup", vec![json!("late"), json!("u"), json!("before the join")]).await.unwrap();
+    redis.wait_history_len(3).await;
+    again.invoke("JoinGroup", vec![json!("late")]).await.unwrap();
+    sender.invoke("SendMessageToGroup", vec![json!("late"), json!("u"), json!("after the join")]).await.unwrap();
+    collect_until(&mut again, "after the join").await;
+    // "live first" and "after the join" came live; the group's earlier one is replayed.
+    assert_eq!(again.invoke("Resume", vec![json!(last_id)]).await, Ok(json!(1)));
+    say(&mut sender, "end").await;
+    let got: Vec<String> = collect_until(&mut again, "end").await.into_iter().map(|(t, _)| t).collect();
+    assert_eq!(got, ["before the join", "end"]);
+}
+
 #[tokio::test]
 async fn a_replay_larger_than_the_outbox_budget_arrives_whole() {
     let redis = RedisServer::start();
