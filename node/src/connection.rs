@@ -108,7 +108,7 @@ pub struct Connection {
     first_live_id: OnceLock<String>,
     /// Groups joined after live delivery began, with the first id of each
     /// that then reached this connection live (see `missed_before_join`).
-    late_joins: Mutex<Vec<(String, Option<(u64, u64)>)>>,
+    late_joins: Mutex<Vec<LateJoin>>,
     has_late_joins: AtomicBool,
     stateful: OnceLock<Box<Stateful>>,
     created_ms: u64,
@@ -140,6 +140,10 @@ impl Drop for PollGuard<'_> {
         lp.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+/// A group joined after live delivery began, and the id of its first
+/// message that then reached the connection live.
+type LateJoin = (String, Option<(u64, u64)>);
 
 impl Connection {
     /// A connection as negotiated. A client that tracks message ids may
