@@ -85,7 +85,7 @@ impl Default for NodeConfig {
             long_poll_secs: 90.0,
             long_poll_idle_secs: 15.0,
             drain_secs: 10.0,
-            drain_spread_secs: 5.0,
+            drain_spread_secs: 15.0,
             max_message_bytes: 32 * 1024,
             max_buffered_frames: 1024,
             max_buffered_bytes: 1024 * 1024,
@@ -171,7 +171,7 @@ pub struct Cli {
     /// On SIGTERM, keep serving existing clients this many seconds before closing them [default: 10]
     #[arg(long, env = "SWITCHBOARD_DRAIN_SECS")]
     pub drain_secs: Option<f64>,
-    /// After drain_secs, the clients still connected are closed one by one over this many seconds, oldest first and evenly spaced, instead of all at once (0: all together) [default: 5]
+    /// After drain_secs, the clients still connected are closed one by one over this many seconds, oldest first and evenly spaced, instead of all at once (0: all together) [default: 15]
     #[arg(long, env = "SWITCHBOARD_DRAIN_SPREAD_SECS")]
     pub drain_spread_secs: Option<f64>,
     /// Largest incoming hub message in bytes [default: 32768]
