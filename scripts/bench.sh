@@ -2,7 +2,8 @@
 # Benchmarks Switchboard against Traefik, nginx, HAProxy and direct
 # connections, all on loopback in one run, and writes the report to
 # bench/results/<date>-<mode>/ (report.md, results.json, latency.svg,
-# memory.svg).
+# memory.svg), then runs the storm (a node's thousands of clients
+# reconnecting at once, and a drain) into bench/results/<date>-storm/.
 #
 #   scripts/bench.sh --quick    # a few minutes: short durations, 1k and 3k idle connections
 #   scripts/bench.sh            # the full run (about 15 minutes)
@@ -39,5 +40,11 @@ if ! "$venv/bin/traefik" version 2>/dev/null | grep -q "$TRAEFIK_VERSION"; then
 fi
 
 cargo build --release -p switchboard-node -p switchboard-balancer -p switchboard-bench
-exec target/release/switchboard-bench suite "${mode[@]}" --traefik "$venv/bin/traefik" \
+target/release/switchboard-bench suite "${mode[@]}" --traefik "$venv/bin/traefik" \
   --out bench/results --command-line "scripts/bench.sh ${mode[*]}"
+# The storm: a node's clients all reconnecting at once (kill -9), and a drain.
+# 5,000 clients per node in the full run, 1,000 with --quick.
+storm_size=()
+[ ${#mode[@]} -gt 0 ] && storm_size=(--per-node 1000)
+exec target/release/switchboard-bench storm ${storm_size[@]+"${storm_size[@]}"} --out bench/results \
+  --command-line "scripts/bench.sh ${mode[*]} (storm)"

@@ -14,6 +14,8 @@ mod setup;
 mod signalr;
 mod stats;
 mod store_cost;
+mod storm;
+mod storm_clients;
 mod suite;
 mod svg;
 mod tls;
@@ -68,6 +70,52 @@ enum Command {
         /// Print the balancer's URL and wait this long before sending (for outside clients)
         #[arg(long, default_value_t = 0.0)]
         hold_secs: f64,
+    },
+    /// A node holding thousands of clients is killed, comes back, and another
+    /// drains: Redis, three nodes and two balancers on loopback, N idle
+    /// WebSocket clients per node that reconnect like the official client and
+    /// resume; how long until they are back, who gave up, what was lost, the
+    /// Echo latency of undisturbed clients and every process's CPU. Exits
+    /// non-zero when a client gave up, was not back, or lost or repeated a message.
+    Storm {
+        /// A few hundred clients and short drains (about a minute in all)
+        #[arg(long)]
+        quick: bool,
+        /// Where switchboard-node and switchboard-balancer are (default: next to this program)
+        #[arg(long)]
+        bin_dir: Option<std::path::PathBuf>,
+        /// Clients per node [default: 5000, or 100 with --quick]
+        #[arg(long)]
+        per_node: Option<usize>,
+        /// Groups the clients are spread over
+        #[arg(long, default_value_t = 50)]
+        groups: usize,
+        /// Messages per second from the sender
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// The nodes' drain_spread_secs [default: theirs]
+        #[arg(long)]
+        drain_spread_secs: Option<f64>,
+        /// Write report.md, results.json and plots under OUT/<date>-storm[-quick]/
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// The command line to record in the report
+        #[arg(long)]
+        command_line: Option<String>,
+    },
+    /// (Used by `storm`.) Clients that reconnect like the official client, driven over stdin
+    #[command(hide = true)]
+    StormClients {
+        #[arg(long, value_delimiter = ',')]
+        balancers: Vec<String>,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        first: usize,
+        #[arg(long)]
+        source: std::net::IpAddr,
+        #[arg(long)]
+        groups: usize,
     },
     /// Messages per second Redis stores and publishes: the old PUBLISH+XADD
     /// pipeline against the atomic store-and-publish script
@@ -262,6 +310,36 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("chaos: FAILED: {}", result["failures"]);
                 std::process::exit(1);
             }
+            return Ok(());
+        }
+        Command::Storm { quick, bin_dir, per_node, groups, rate, drain_spread_secs, out, command_line } => {
+            let bin_dir = bin_dir_or_default(bin_dir)?;
+            let command_line = command_line.unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
+            let per_node = per_node.unwrap_or(if quick { 100 } else { 5000 });
+            let o = storm::Options { quick, bin_dir, per_node, groups, rate, drain_spread_secs, command_line };
+            let result = storm::run(&o).await?;
+            let report = storm::markdown(&result);
+            eprintln!("{report}");
+            if let Some(out) = out {
+                let date = result["date"].as_str().unwrap_or("undated");
+                let dir = out.join(format!("{date}-storm{}", if quick { "-quick" } else { "" }));
+                std::fs::create_dir_all(&dir)?;
+                std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&result)?)?;
+                std::fs::write(dir.join("report.md"), report)?;
+                for (name, svg) in storm::plots(&result) {
+                    std::fs::write(dir.join(name), svg)?;
+                }
+                eprintln!("report written to {}", dir.join("report.md").display());
+            }
+            println!("{}", serde_json::to_string(&result)?);
+            if result["failures"].as_array().is_some_and(|f| !f.is_empty()) {
+                eprintln!("storm: FAILED: {}", result["failures"]);
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
+        Command::StormClients { balancers, count, first, source, groups } => {
+            storm_clients::run(balancers, count, first, source, groups).await?;
             return Ok(());
         }
         Command::StoreCost { redis, count } => store_cost::run(&redis, count).await?,

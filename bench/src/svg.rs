@@ -12,7 +12,7 @@ const LEFT: f64 = 70.0;
 const RIGHT: f64 = 150.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 50.0;
-pub const COLOURS: [&str; 5] = ["#6e7781", "#0969da", "#cf222e", "#1a7f37", "#9a6700"];
+pub const COLOURS: [&str; 8] = ["#6e7781", "#0969da", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0a3069"];
 
 /// Escapes text for SVG.
 pub fn esc(s: &str) -> String {
