@@ -9,7 +9,7 @@
 use crate::access_log::AccessLog;
 use crate::admission::Admission;
 use crate::config::BalancerConfig;
-use crate::history::History;
+use crate::history::{self, History, NodeSample, Totals};
 use crate::metrics::Metrics;
 use crate::node_admission::{now_ms, Policy};
 use crate::routing::{self, Readiness, RouteDecision, RouteKind};
@@ -222,6 +222,48 @@ impl Cluster {
 
     pub fn redis_up(&self) -> bool {
         self.redis.is_up()
+    }
+
+    /// Adds this second to the dashboard's history (`Unix ms` `t`).
+    pub fn sample_history(&self, t: i64) {
+        let table = self.table.load();
+        let nodes = table
+            .nodes
+            .iter()
+            .map(|n| NodeSample {
+                id: n.record.node_id.clone(),
+                name: n.record.name.clone(),
+                open: n.stats.open.load(Ordering::Relaxed),
+                on_node: n.record.connections,
+                state: history::state_of(self.ready(n), n.record.status),
+            })
+            .collect();
+        self.history.record(t, Totals::of(&self.metrics), nodes);
+    }
+}
+
+/// Samples the cluster for the dashboard once a second until shutdown.
+pub struct HistorySampler {
+    pub cluster: Arc<Cluster>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for HistorySampler {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let mut tick = tokio::time::interval(history::INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => self.sample_history_now(),
+            }
+        }
+    }
+}
+
+impl HistorySampler {
+    fn sample_history_now(&self) {
+        self.cluster.sample_history(chrono::Utc::now().timestamp_millis());
     }
 }
 

@@ -8,19 +8,16 @@
 //! upgrades, refusals by reason, failed health checks and retries on
 //! another node. Counters are read from the Prometheus metrics, so the
 //! charts and `/metrics` never disagree. Memory is bounded: at most
-//! `SAMPLES` samples and `EVENTS` changes.
+//! `SAMPLES` samples and `EVENTS` changes. What a sample holds is given to
+//! `History::record` (the cluster takes it, `Cluster::sample_history`), so
+//! this module knows the metrics but not the cluster.
 
-use crate::cluster::Cluster;
-use crate::routing::Readiness;
-use async_trait::async_trait;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
+use crate::metrics::Metrics;
 use prometheus::core::Collector;
 use prometheus::IntCounterVec;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 use switchboard_common::registry::NodeStatus;
 
@@ -67,7 +64,7 @@ pub struct Change {
 
 /// Running totals, to turn counters into per-second amounts.
 #[derive(Default, Clone)]
-struct Totals {
+pub struct Totals {
     requests: u64,
     upgrades: u64,
     refused: BTreeMap<String, u64>,
@@ -99,11 +96,24 @@ fn by_label(vec: &IntCounterVec) -> BTreeMap<String, u64> {
     out
 }
 
-/// The state a node is shown in.
-fn state_of(cluster: &Cluster, node: &crate::table::RouteNode) -> &'static str {
-    if !cluster.ready(node) {
+impl Totals {
+    /// The counters' values now.
+    pub fn of(m: &Metrics) -> Self {
+        Totals {
+            requests: by_label(&m.requests).values().sum(),
+            upgrades: m.upgrades.get(),
+            refused: by_label(&m.refused),
+            health_failures: by_label(&m.health_failures).values().sum(),
+            retries: m.retries.get(),
+        }
+    }
+}
+
+/// The state a node is shown in: down unless it passes its checks.
+pub fn state_of(ready: bool, status: NodeStatus) -> &'static str {
+    if !ready {
         "down"
-    } else if node.record.status == NodeStatus::Draining {
+    } else if status == NodeStatus::Draining {
         "draining"
     } else {
         "healthy"
@@ -142,28 +152,9 @@ fn diff(
 }
 
 impl History {
-    /// Takes one sample of `cluster` at `t` (Unix ms).
-    pub fn sample(&self, cluster: &Cluster, t: i64) {
-        let m = &cluster.metrics;
-        let totals = Totals {
-            requests: by_label(&m.requests).values().sum(),
-            upgrades: m.upgrades.get(),
-            refused: by_label(&m.refused),
-            health_failures: by_label(&m.health_failures).values().sum(),
-            retries: m.retries.get(),
-        };
-        let table = cluster.table.load();
-        let nodes: Vec<NodeSample> = table
-            .nodes
-            .iter()
-            .map(|n| NodeSample {
-                id: n.record.node_id.clone(),
-                name: n.record.name.clone(),
-                open: n.stats.open.load(Ordering::Relaxed),
-                on_node: n.record.connections,
-                state: state_of(cluster, n),
-            })
-            .collect();
+    /// Records one sample at `t` (Unix ms): the counters' totals now and
+    /// every node as it stands.
+    pub fn record(&self, t: i64, totals: Totals, nodes: Vec<NodeSample>) {
         let states: HashMap<String, (String, &'static str)> =
             nodes.iter().map(|n| (n.id.clone(), (n.name.clone(), n.state))).collect();
         let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -208,25 +199,6 @@ impl History {
             "samples": samples,
             "changes": changes,
         })
-    }
-}
-
-/// Samples the cluster once a second until shutdown.
-pub struct Sampler {
-    pub cluster: Arc<Cluster>,
-}
-
-#[async_trait]
-impl BackgroundService for Sampler {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tick.tick() => self.cluster.history.sample(&self.cluster, chrono::Utc::now().timestamp_millis()),
-            }
-        }
     }
 }
 

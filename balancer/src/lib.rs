@@ -165,7 +165,7 @@ pub fn run(mut cfg: BalancerConfig, upgrade: bool, shutdown: Shutdown) -> Result
 
     server.add_service(admin);
     server.add_service(background_service("registry watcher", watcher));
-    server.add_service(background_service("dashboard history", history::Sampler { cluster: cluster.clone() }));
+    server.add_service(background_service("dashboard history", cluster::HistorySampler { cluster: cluster.clone() }));
     server.add_service(background_service("health checks", health::HealthChecker { cluster }));
     tracing::info!(%listen, %admin_listen, "switchboard-balancer starting");
     let run_args = match shutdown {
