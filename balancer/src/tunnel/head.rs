@@ -1,0 +1,173 @@
+//! The heads a tunnel reads and writes: the client's upgrade request (what
+//! routing needs of it), the request as forwarded (the client's own
+//! `X-Forwarded-*` lines dropped, the balancer's added) and the node's
+//! response head, read with a bound on its size.
+
+use crate::admission::FORWARDED_HEADERS;
+use crate::proxy::query_id;
+use std::io::ErrorKind;
+use tokio::net::TcpStream;
+
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+
+/// The parts of an upgrade request head that routing needs.
+#[derive(Debug, PartialEq)]
+pub struct UpgradeRequest {
+    pub head_len: usize,
+    /// The path without the query.
+    pub path: String,
+    pub id: Option<String>,
+    pub cookie: Option<String>,
+    pub host: Option<String>,
+    /// Path and query as sent (for the access log, which redacts it).
+    pub target: String,
+    pub user_agent: Option<String>,
+}
+
+fn header_has_token(value: &[u8], token: &str) -> bool {
+    std::str::from_utf8(value).map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))).unwrap_or(false)
+}
+
+impl UpgradeRequest {
+    /// `Some` for a complete `GET` head asking to upgrade to WebSocket.
+    pub fn parse(buf: &[u8]) -> Option<Self> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        let httparse::Status::Complete(head_len) = req.parse(buf).ok()? else {
+            return None;
+        };
+        if req.method != Some("GET") {
+            return None;
+        }
+        let upgrade = req
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade") && header_has_token(h.value, "websocket"));
+        let connection = req
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("connection") && header_has_token(h.value, "upgrade"));
+        if !(upgrade && connection) {
+            return None;
+        }
+        let target = req.path?;
+        let (path, query) = target.split_once('?').map_or((target, None), |(p, q)| (p, Some(q)));
+        let cookies: Vec<&str> = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .collect();
+        let header = |name: &str| {
+            req.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .and_then(|h| std::str::from_utf8(h.value).ok())
+                .map(str::to_string)
+        };
+        Some(UpgradeRequest {
+            head_len,
+            host: header("host"),
+            user_agent: header("user-agent"),
+            target: target.to_string(),
+            path: path.to_string(),
+            id: query_id(query).map(str::to_string),
+            cookie: (!cookies.is_empty()).then(|| cookies.join("; ")),
+        })
+    }
+}
+
+/// `head` without the client's own `X-Forwarded-*` lines (the balancer sets
+/// them; a client must not be able to forge its address to the node).
+pub(super) fn without_forwarded(head: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len());
+    for line in head.split_inclusive(|b| *b == b'\n') {
+        let name = line.split(|b| *b == b':').next().unwrap_or_default();
+        let forged = line.contains(&b':')
+            && FORWARDED_HEADERS.iter().any(|f| name.trim_ascii().eq_ignore_ascii_case(f.as_bytes()));
+        if !forged {
+            out.extend_from_slice(line);
+        }
+    }
+    out
+}
+
+/// Inserts header lines before the blank line that ends `head`.
+pub(super) fn with_headers(head: &[u8], extra: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len() + extra.len());
+    out.extend_from_slice(&head[..head.len() - 2]);
+    out.extend_from_slice(extra.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Reads a response head; returns (bytes read, head length, status, content length).
+pub(super) async fn read_response_head(upstream: &TcpStream) -> Option<(Vec<u8>, usize, u16, Option<usize>)> {
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    loop {
+        upstream.readable().await.ok()?;
+        let mut chunk = Vec::with_capacity(4096);
+        match upstream.try_read_buf(&mut chunk) {
+            Ok(0) => return None,
+            Ok(_) => buf.extend_from_slice(&chunk),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(_) => return None,
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let status = resp.code?;
+                let length = resp
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok());
+                return Some((buf, len, status, length));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => continue,
+            _ => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::cookie_value;
+
+    const WS: &[u8] = b"GET /chathub?id=YQ.x&v=1 HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nCookie: a=1\r\nCookie: switchboard_affinity=ff\r\nSec-WebSocket-Key: k\r\n\r\nextra";
+
+    #[test]
+    fn websocket_upgrades_are_recognised() {
+        let r = UpgradeRequest::parse(WS).unwrap();
+        assert_eq!(r.id.as_deref(), Some("YQ.x"));
+        assert_eq!(r.path, "/chathub");
+        assert_eq!(r.head_len, WS.len() - 5);
+        assert_eq!(cookie_value(r.cookie.as_deref().unwrap(), "switchboard_affinity"), Some("ff"));
+    }
+
+    #[test]
+    fn other_requests_are_not_upgrades() {
+        assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").is_none());
+        assert!(UpgradeRequest::parse(b"POST /chathub HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
+            .is_none());
+        assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n").is_none());
+        assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n").is_none());
+        assert!(UpgradeRequest::parse(b"\x00\x01garbage\r\n\r\n").is_none());
+    }
+
+    #[test]
+    fn a_clients_forwarded_headers_are_dropped() {
+        let head = b"GET /chathub HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 6.6.6.6\r\nx-forwarded-proto : https\r\nX-Forwarded-Forx: keep\r\n\r\n";
+        assert_eq!(without_forwarded(head), b"GET /chathub HTTP/1.1\r\nHost: h\r\nX-Forwarded-Forx: keep\r\n\r\n");
+    }
+
+    #[test]
+    fn headers_are_inserted_before_the_blank_line() {
+        assert_eq!(
+            with_headers(b"HTTP/1.1 101 x\r\nA: b\r\n\r\n", "C: d\r\n"),
+            b"HTTP/1.1 101 x\r\nA: b\r\nC: d\r\n\r\n"
+        );
+    }
+}
