@@ -13,11 +13,11 @@
 //! queue, so a slow disk never holds up a request; lines that do not fit are
 //! counted (`switchboard_balancer_access_log_dropped_total`) and dropped.
 
+use crate::request::Request;
 use prometheus::IntCounter;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::io::Write;
-use std::net::IpAddr;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::time::{Duration, SystemTime};
 
@@ -41,47 +41,27 @@ pub enum AccessLogFormat {
     Common,
 }
 
-/// One finished request.
+/// One finished request: its facts and how it ended.
 #[derive(Debug, Clone)]
 pub struct Entry<'a> {
-    pub client: Option<IpAddr>,
-    pub method: &'a str,
-    /// Path and query as the client sent them (redacted when written).
-    pub target: &'a str,
+    pub request: &'a Request<'a>,
     pub status: u16,
     /// The node's id, when one was chosen.
     pub node: Option<&'a str>,
     /// `token`, `cookie` or `new`; `-` when no node was chosen.
     pub route: &'a str,
-    /// `websocket`, `sse`, `long_poll`, `send`, `close`, `negotiate` or `http`.
-    pub kind: &'a str,
     /// How long it lasted; the line's time is when it began (now − this).
     pub duration: Duration,
     /// Bytes from the client (request bodies; both-way traffic of a WebSocket).
     pub bytes_in: u64,
     /// Bytes to the client (response bodies; for a WebSocket, after the 101).
     pub bytes_out: u64,
-    pub tls: bool,
-    pub user_agent: Option<&'a str>,
 }
 
-/// What kind of SignalR request this is, from its method, target and
-/// `Accept` header (a WebSocket upgrade is told apart before this).
-pub fn kind_of(method: &str, target: &str, accept: Option<&str>) -> &'static str {
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let has_id = query.split('&').any(|p| p.starts_with("id="));
-    if path.ends_with("/negotiate") {
-        "negotiate"
-    } else if has_id && method == "GET" && accept.is_some_and(|a| a.contains("text/event-stream")) {
-        "sse"
-    } else if has_id && method == "GET" {
-        "long_poll"
-    } else if has_id && method == "POST" {
-        "send"
-    } else if has_id && method == "DELETE" {
-        "close"
-    } else {
-        "http"
+impl<'a> Entry<'a> {
+    /// The entry for an answer the balancer gave itself (no node, no body counted).
+    pub fn answered(request: &'a Request<'a>, status: u16, duration: Duration) -> Self {
+        Entry { request, status, node: None, route: "-", duration, bytes_in: 0, bytes_out: 0 }
     }
 }
 
@@ -169,43 +149,44 @@ struct JsonLine<'a> {
 impl Entry<'_> {
     /// The line for `format`, without its newline.
     pub fn format(&self, format: AccessLogFormat) -> String {
-        let target = redact(self.target);
+        let request = self.request;
+        let target = redact(&request.target);
         let time = chrono::DateTime::<chrono::Utc>::from(SystemTime::now() - self.duration);
-        let client = self.client.map_or_else(|| "-".to_string(), |ip| ip.to_canonical().to_string());
+        let client = request.peer.map_or_else(|| "-".to_string(), |ip| ip.to_canonical().to_string());
         let millis = self.duration.as_secs_f64() * 1000.0;
         match format {
             AccessLogFormat::Json => {
                 let line = JsonLine {
                     time: time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
                     client,
-                    method: self.method,
+                    method: &request.method,
                     target: &target,
                     status: self.status,
                     node: self.node,
                     route: self.route,
-                    kind: self.kind,
+                    kind: request.kind,
                     duration_ms: (millis * 1000.0).round() / 1000.0,
                     bytes_in: self.bytes_in,
                     bytes_out: self.bytes_out,
-                    tls: self.tls,
-                    user_agent: self.user_agent,
+                    tls: request.tls,
+                    user_agent: request.user_agent.as_deref(),
                 };
                 serde_json::to_string(&line).unwrap_or_default()
             }
             AccessLogFormat::Common => format!(
                 "{client} - - [{}] \"{} {} HTTP/1.1\" {} {} \"-\" \"{}\" node={} route={} kind={} duration_ms={:.3} bytes_in={} tls={}",
                 time.format("%d/%b/%Y:%H:%M:%S %z"),
-                clean(self.method),
+                clean(&request.method),
                 clean(&target),
                 self.status,
                 self.bytes_out,
-                clean(self.user_agent.unwrap_or("-")),
+                clean(request.user_agent.as_deref().unwrap_or("-")),
                 self.node.map_or(Cow::Borrowed("-"), clean),
                 self.route,
-                self.kind,
+                request.kind,
                 millis,
                 self.bytes_in,
-                self.tls,
+                request.tls,
             ),
         }
     }
@@ -289,20 +270,28 @@ fn write_lines(lines: Receiver<String>, out: Box<dyn Write + Send>) {
 mod tests {
     use super::*;
 
-    fn entry(target: &str) -> Entry<'_> {
+    fn request(target: &str) -> Request<'_> {
+        Request {
+            peer: Some("::ffff:10.1.2.3".parse().unwrap()),
+            tls: false,
+            method: "GET".into(),
+            target: target.into(),
+            host: None,
+            cookie: None,
+            user_agent: Some("Mozilla/5.0 \"x\"".into()),
+            kind: "websocket",
+        }
+    }
+
+    fn entry<'a>(request: &'a Request<'a>) -> Entry<'a> {
         Entry {
-            client: Some("::ffff:10.1.2.3".parse().unwrap()),
-            method: "GET",
-            target,
+            request,
             status: 101,
             node: Some("n1"),
             route: "token",
-            kind: "websocket",
             duration: Duration::from_millis(61_250),
             bytes_in: 120,
             bytes_out: 4096,
-            tls: false,
-            user_agent: Some("Mozilla/5.0 \"x\""),
         }
     }
 
@@ -339,7 +328,8 @@ mod tests {
 
     #[test]
     fn both_formats_carry_every_field_on_one_line() {
-        let e = entry("/chathub?id=s3cret");
+        let r = request("/chathub?id=s3cret");
+        let e = entry(&r);
         let json: serde_json::Value = serde_json::from_str(&e.format(AccessLogFormat::Json)).unwrap();
         assert_eq!(json["target"], "/chathub?id=REDACTED");
         assert_eq!(
@@ -360,14 +350,5 @@ mod tests {
             "{common}"
         );
         assert!(!common.contains("s3cret") && !common.contains('\n'));
-    }
-
-    #[test]
-    fn request_kinds_are_told_apart() {
-        assert_eq!(kind_of("POST", "/chathub/negotiate?negotiateVersion=1", None), "negotiate");
-        assert_eq!(kind_of("GET", "/chathub?id=x", Some("text/event-stream")), "sse");
-        assert_eq!(kind_of("GET", "/chathub?id=x&_=1", Some("*/*")), "long_poll");
-        assert_eq!(kind_of("POST", "/chathub?id=x", None), "send");
-        assert_eq!(kind_of("GET", "/", None), "http");
     }
 }

@@ -12,6 +12,7 @@ use crate::config::BalancerConfig;
 use crate::history::{self, History, NodeSample, Totals};
 use crate::metrics::Metrics;
 use crate::node_admission::{now_ms, Policy};
+use crate::request::Request;
 use crate::routing::{self, Readiness, RouteDecision, RouteKind};
 use crate::table::{NodeStats, RouteNode, RoutingTable};
 use arc_swap::ArcSwap;
@@ -82,9 +83,10 @@ impl Cluster {
 
     /// Routes a request by the live table (see `routing::decide`) and counts
     /// the decision; a retry elsewhere is counted by `reroute`.
-    pub fn route(&self, id: Option<&str>, cookie: Option<&str>) -> RouteDecision {
+    pub fn route(&self, request: &Request<'_>) -> RouteDecision {
         let table = self.table.load();
-        let decision = routing::decide(&table, self, id, cookie, &mut rand::random::<u32>);
+        let cookie = request.cookie.as_deref();
+        let decision = routing::decide(&table, self, request.id(), cookie, &mut rand::random::<u32>);
         match &decision {
             RouteDecision::Node { node, kind } => self.count_route(node, *kind),
             RouteDecision::UnknownConnection => {
@@ -213,7 +215,7 @@ impl Cluster {
             }
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        self.metrics.routing_decisions.with_label_values(&[kind.label()]).inc();
+        self.metrics.count_routed(kind);
     }
 
     pub fn set_redis_up(&self, up: bool, err: Option<&redis::RedisError>) {

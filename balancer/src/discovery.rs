@@ -160,6 +160,7 @@ impl RegistryWatcher {
                 backend,
                 addr,
                 stats,
+                open_gauge: cluster.metrics.open_connections.with_label_values(&[&id]),
                 missing_since: None,
             }));
         }

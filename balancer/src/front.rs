@@ -20,10 +20,12 @@
 //! drops a tunnel when the node's 101 is parsed before the request's empty
 //! body is (seen here on pooled upstream connections).
 
+use crate::access_log::Entry;
 use crate::admission::ConnectionPermit;
 use crate::cluster::Cluster;
 use crate::proxy::SwitchboardProxy;
 use crate::refusal::{self, Refusal};
+use crate::request::{Origin, Request};
 use crate::tls::TlsConn;
 use crate::tunnel;
 use async_trait::async_trait;
@@ -214,7 +216,7 @@ impl ClientConn for L4Stream {
         let socket = tunnel::take_socket(&self)?;
         // Pingora's stream is read only through its own rewind buffer, which
         // the front leaves empty.
-        Some(tunnel::Client { peer: self.peer_ip(), socket: tunnel::Socket::Plain(socket), rewound: Vec::new() })
+        Some(tunnel::Client { socket: tunnel::Socket::Plain(socket), rewound: Vec::new() })
     }
 }
 
@@ -224,9 +226,8 @@ impl ClientConn for TlsConn {
         TlsConn::rewind(self, data);
     }
     fn into_client(self: Box<Self>) -> Option<tunnel::Client> {
-        let peer = self.peer_ip();
         let (socket, rewound) = self.into_parts();
-        Some(tunnel::Client { peer, socket: tunnel::Socket::Tls(Box::new(socket)), rewound })
+        Some(tunnel::Client { socket: tunnel::Socket::Tls(Box::new(socket)), rewound })
     }
 }
 
@@ -236,35 +237,17 @@ pub fn peer_ip_of(s: &impl GetSocketDigest) -> Option<std::net::IpAddr> {
 }
 
 /// Logs an answer the front gave itself (a refusal or a redirect), with the
-/// request line when a head was read.
-fn log_answer(
-    cluster: &Cluster,
-    peer: Option<std::net::IpAddr>,
-    tls: bool,
-    head: Option<&[u8]>,
-    status: u16,
-    started: std::time::Instant,
-) {
+/// request's facts when a head was read.
+fn log_answer(cluster: &Cluster, origin: Origin<'_>, head: Option<&[u8]>, status: u16, started: std::time::Instant) {
     let Some(log) = &cluster.access_log else { return };
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);
     let parsed = head.is_some_and(|h| req.parse(h).is_ok());
-    let (method, target) = if parsed { (req.method.unwrap_or("-"), req.path.unwrap_or("-")) } else { ("-", "-") };
-    let user_agent = req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("user-agent"));
-    log.record(&crate::access_log::Entry {
-        client: peer,
-        method,
-        target,
-        status,
-        node: None,
-        route: "-",
-        kind: "http",
-        duration: started.elapsed(),
-        bytes_in: 0,
-        bytes_out: 0,
-        tls,
-        user_agent: user_agent.and_then(|h| std::str::from_utf8(h.value).ok()),
-    });
+    let request = parsed
+        .then(|| Request::from_parsed(&req, origin, false))
+        .flatten()
+        .unwrap_or_else(|| Request::unparsed(origin.peer, origin.tls));
+    log.record(&Entry::answered(&request, status, started.elapsed()));
 }
 
 /// Where a plain request should go instead when HTTPS is enforced: the same
@@ -304,6 +287,7 @@ impl FrontApp {
             HeadLimits { time: Duration::from_secs(cfg.request_head_timeout_secs), bytes: cfg.max_request_head_bytes };
         let keepalive = Duration::from_secs(cfg.keepalive_timeout_secs);
         let redirect_to = if C::TLS || !cfg.tls_redirect { None } else { cfg.tls_port() };
+        let origin = Origin { peer: conn.peer_ip(), tls: C::TLS, cookie_name: &cfg.cookie_name };
         let mut idle = None;
         loop {
             let started = std::time::Instant::now();
@@ -315,17 +299,17 @@ impl FrontApp {
             };
             if let Some((reason, refusal)) = refused {
                 self.refuse(reason);
-                log_answer(&self.cluster, conn.peer_ip(), C::TLS, None, refusal.status, started);
+                log_answer(&self.cluster, origin, None, refusal.status, started);
                 return answer(&mut *conn, refusal).await;
             }
             if let Some(location) = redirect_to.and_then(|port| https_location(&head, port)) {
                 let moved = refusal::redirect(&location);
                 let _ = conn.write_all(moved.as_bytes()).await;
                 let _ = conn.flush().await;
-                log_answer(&self.cluster, conn.peer_ip(), C::TLS, Some(&head), 308, started);
+                log_answer(&self.cluster, origin, Some(&head), 308, started);
                 return;
             }
-            if let Some(request) = tunnel::UpgradeRequest::parse(&head) {
+            if let Some(request) = tunnel::UpgradeRequest::parse(&head, origin) {
                 if let Some(client) = conn.into_client() {
                     tunnel::serve(self.cluster.clone(), client, request, head, permit).await;
                 }
@@ -389,7 +373,8 @@ impl ServerApp for FrontApp {
                     _ => None,
                 };
                 let status = refusal::TOO_MANY_CONNECTIONS.status;
-                log_answer(&self.cluster, peer_ip_of(&*l4), false, head.as_deref(), status, started);
+                let origin = Origin { peer: peer_ip_of(&*l4), tls: false, cookie_name: &self.cluster.cfg.cookie_name };
+                log_answer(&self.cluster, origin, head.as_deref(), status, started);
                 answer(&mut *l4, &refusal::TOO_MANY_CONNECTIONS).await;
             }
             return None;

@@ -21,6 +21,7 @@ mod node_admission;
 mod proxy;
 mod public_surface;
 mod refusal;
+mod request;
 mod routing;
 mod table;
 mod tls;

@@ -1,5 +1,9 @@
-//! The balancer's Prometheus metrics, served on the admin port.
+//! The balancer's Prometheus metrics, served on the admin port. The labels
+//! every request touches (its status class, its route kind) are resolved to
+//! counter handles once, here, rather than looked up per request (a label
+//! lookup hashes the values and takes a lock).
 
+use crate::routing::RouteKind;
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use switchboard_common::metrics::{counter, counter_vec, gauge, gauge_vec, histogram};
 
@@ -21,25 +25,45 @@ pub struct Metrics {
     pub nodes: IntGauge,
     pub access_log_dropped: IntCounter,
     pub health_failures: IntCounterVec,
+    /// `requests` for each of `STATUS_CLASSES`.
+    by_status: Vec<IntCounter>,
+    /// `routing_decisions` for `token`, `cookie` and `new`.
+    by_route: [IntCounter; 3],
+}
+
+/// The `status` label's values, in the order `status_index` gives.
+const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+/// The status class a response is counted under: its index in `STATUS_CLASSES`.
+fn status_index(status: u16) -> usize {
+    match status {
+        100..=599 => usize::from(status / 100 - 1),
+        _ => STATUS_CLASSES.len() - 1,
+    }
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let buckets = vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+        let requests = counter_vec(
+            &r,
+            "switchboard_balancer_requests_total",
+            "Client requests by response status class",
+            &["status"],
+        );
+        let routing_decisions = counter_vec(
+            &r,
+            "switchboard_balancer_routing_decisions_total",
+            "Routing decisions by kind: token, cookie, new, unknown_connection, no_node",
+            &["kind"],
+        );
         Metrics {
-            requests: counter_vec(
-                &r,
-                "switchboard_balancer_requests_total",
-                "Client requests by response status class",
-                &["status"],
-            ),
-            routing_decisions: counter_vec(
-                &r,
-                "switchboard_balancer_routing_decisions_total",
-                "Routing decisions by kind: token, cookie, new, unknown_connection, no_node",
-                &["kind"],
-            ),
+            by_status: STATUS_CLASSES.iter().map(|c| requests.with_label_values(&[c])).collect(),
+            by_route: [RouteKind::Token, RouteKind::Cookie, RouteKind::New]
+                .map(|k| routing_decisions.with_label_values(&[k.label()])),
+            requests,
+            routing_decisions,
             upgrades: counter(&r, "switchboard_balancer_upgrades_total", "Connections upgraded to WebSocket"),
             retries: counter(
                 &r,
@@ -109,7 +133,38 @@ impl Metrics {
         }
     }
 
+    /// Counts a request answered with `status` (0: none was written).
+    pub fn count_request(&self, status: u16) {
+        self.by_status[status_index(status)].inc();
+    }
+
+    /// Counts a request routed to a node by `kind`.
+    pub fn count_routed(&self, kind: RouteKind) {
+        self.by_route[kind as usize].inc();
+    }
+
     pub fn render(&self) -> String {
         switchboard_common::metrics::render(&self.registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_routes_are_counted_under_their_labels() {
+        let m = Metrics::new();
+        for status in [101, 204, 302, 404, 503, 0, 600] {
+            m.count_request(status);
+        }
+        m.count_routed(RouteKind::Cookie);
+        let text = m.render();
+        for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+            assert!(text.contains(&format!("switchboard_balancer_requests_total{{status=\"{class}\"}} 1")), "{text}");
+        }
+        assert!(text.contains("switchboard_balancer_requests_total{status=\"none\"} 2"), "{text}");
+        assert!(text.contains("switchboard_balancer_routing_decisions_total{kind=\"cookie\"} 1"), "{text}");
+        assert!(text.contains("switchboard_balancer_routing_decisions_total{kind=\"token\"} 0"), "{text}");
     }
 }

@@ -29,14 +29,14 @@ use crate::admission;
 use crate::cluster::Cluster;
 use crate::public_surface;
 use crate::refusal::{self, Refusal};
-use crate::routing::{cookie_value, set_cookie_header, RouteDecision, RouteKind};
+use crate::request::{Origin, Request};
+use crate::routing::{set_cookie_header, RouteDecision, RouteKind};
 use crate::table::RouteNode;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Session};
 use pingora::{Error, Result};
-use prometheus::IntGauge;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,15 +56,13 @@ impl SwitchboardProxy {
 /// One in-flight request counted against a node, released on drop.
 pub struct InFlight {
     node: Arc<RouteNode>,
-    gauge: IntGauge,
 }
 
 impl InFlight {
-    pub fn new(cluster: &Cluster, node: Arc<RouteNode>) -> Self {
+    pub fn new(node: Arc<RouteNode>) -> Self {
         node.stats.open.fetch_add(1, Ordering::Relaxed);
-        let gauge = cluster.metrics.open_connections.with_label_values(&[&node.record.node_id]);
-        gauge.inc();
-        InFlight { node, gauge }
+        node.open_gauge.inc();
+        InFlight { node }
     }
 
     pub fn node(&self) -> &Arc<RouteNode> {
@@ -75,7 +73,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.node.stats.open.fetch_sub(1, Ordering::Relaxed);
-        self.gauge.dec();
+        self.node.open_gauge.dec();
     }
 }
 
@@ -91,11 +89,6 @@ pub struct RequestCtx {
     started: Option<Instant>,
     /// How long to wait before the next connect (a token route's retry).
     retry_wait: Option<Duration>,
-}
-
-/// The `id` query parameter, if present.
-pub fn query_id(query: Option<&str>) -> Option<&str> {
-    query?.split('&').find_map(|pair| pair.strip_prefix("id="))
 }
 
 async fn respond(session: &mut Session, refusal: &Refusal) -> Result<bool> {
@@ -124,29 +117,16 @@ impl ProxyHttp for SwitchboardProxy {
         if cluster.access_log.is_some() {
             ctx.started = Some(Instant::now());
         }
-        let req = session.req_header();
-        if !public_surface::serves(req.uri.path()) {
+        let is_upgrade = session.is_upgrade_req();
+        let request = facts(session, &cluster.cfg.cookie_name, is_upgrade);
+        if !public_surface::serves(request.path()) {
             return respond(session, &refusal::NOT_PUBLIC).await;
         }
-        let id = query_id(req.uri.query()).map(str::to_string);
-        let is_upgrade = session.is_upgrade_req();
-        let starts_connection = req.uri.path().ends_with("/negotiate") || (is_upgrade && id.is_none());
-        if starts_connection {
-            let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-            if !cluster.admit_new_connection(ip) {
-                return respond(session, &refusal::RATE_LIMITED).await;
-            }
+        let starts_connection = request.starts_connection();
+        if starts_connection && !cluster.admit_new_connection(request.peer) {
+            return respond(session, &refusal::RATE_LIMITED).await;
         }
-        let cookie = session
-            .req_header()
-            .headers
-            .get_all("cookie")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find_map(|h| cookie_value(h, &cluster.cfg.cookie_name))
-            .map(str::to_string);
-
-        match cluster.route(id.as_deref(), cookie.as_deref()) {
+        match cluster.route(&request) {
             RouteDecision::Node { node, kind } => {
                 // A new SignalR connection waits for its node's admission
                 // turn (or goes to another node); an existing one never does.
@@ -183,7 +163,7 @@ impl ProxyHttp for SwitchboardProxy {
         // Pooled connections idle for less than the nodes' head timeout
         // (30 s by default), so a node never closes one as it is reused.
         peer.options.idle_timeout = Some(POOLED_IDLE);
-        ctx.in_flight = Some(InFlight::new(&self.cluster, node));
+        ctx.in_flight = Some(InFlight::new(node));
         ctx.upstream_start = Some(Instant::now());
         Ok(Box::new(peer))
     }
@@ -258,11 +238,9 @@ impl ProxyHttp for SwitchboardProxy {
         upstream: &mut RequestHeader,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        let host = session.req_header().headers.get("host").and_then(|h| h.to_str().ok());
+        let request = facts(session, &self.cluster.cfg.cookie_name, false);
         // `insert_header` replaces whatever the client sent under these names.
-        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        for (name, value) in admission::forwarded(peer, host, tls) {
+        for (name, value) in admission::forwarded(request.peer, request.host.as_deref(), request.tls) {
             upstream.insert_header(name, value)?;
         }
         Ok(())
@@ -293,40 +271,29 @@ impl ProxyHttp for SwitchboardProxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
-        self.cluster.metrics.requests.with_label_values(&[admission::status_class(status)]).inc();
+        self.cluster.metrics.count_request(status);
         if let (Some(log), Some(started)) = (&self.cluster.access_log, ctx.started) {
-            let req = session.req_header();
-            let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
-            let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
-            let method = req.method.as_str();
+            let request = facts(session, &self.cluster.cfg.cookie_name, session.is_upgrade_req());
             log.record(&Entry {
-                client: session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
-                method,
-                target,
+                request: &request,
                 // No answer was written: the client left first (nginx's 499).
                 status: if status == 0 { access_log::CLIENT_LEFT } else { status },
                 node: ctx.node.as_ref().map(|n| n.record.node_id.as_str()),
                 route: ctx.kind.map_or("-", RouteKind::label),
-                kind: access_log::kind_of(method, target, header("accept")),
                 duration: started.elapsed(),
                 bytes_in: session.body_bytes_read() as u64,
                 bytes_out: session.body_bytes_sent() as u64,
-                tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
-                user_agent: header("user-agent"),
             });
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::query_id;
-
-    #[test]
-    fn the_id_parameter_is_found_among_others() {
-        assert_eq!(query_id(Some("id=abc")), Some("abc"));
-        assert_eq!(query_id(Some("x=1&id=abc&y")), Some("abc"));
-        assert_eq!(query_id(Some("xid=abc")), None);
-        assert_eq!(query_id(None), None);
-    }
+/// The facts of the request a session holds (borrowed from its head).
+fn facts<'s>(session: &'s Session, cookie_name: &str, upgrade: bool) -> Request<'s> {
+    let origin = Origin {
+        peer: session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
+        tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+        cookie_name,
+    };
+    Request::from_header(session.req_header(), origin, upgrade)
 }

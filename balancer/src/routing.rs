@@ -42,9 +42,9 @@ pub fn set_cookie_header(name: &str, value: &str) -> String {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteKind {
-    Token,
-    Cookie,
-    New,
+    Token = 0,
+    Cookie = 1,
+    New = 2,
 }
 
 impl RouteKind {
@@ -184,6 +184,7 @@ mod tests {
                     addr,
                     cookie: affinity_cookie("s", id),
                     stats: Arc::new(NodeStats::default()),
+                    open_gauge: prometheus::IntGauge::new("open", "open").unwrap(),
                     missing_since: None,
                 })
             })

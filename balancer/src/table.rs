@@ -5,6 +5,7 @@
 //! and swaps it in whole.
 
 use pingora_load_balancing::Backend;
+use prometheus::IntGauge;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -71,6 +72,8 @@ pub struct RouteNode {
     pub addr: SocketAddr,
     pub cookie: String,
     pub stats: Arc<NodeStats>,
+    /// Its `open_connections` gauge, resolved when the table was built.
+    pub open_gauge: IntGauge,
     /// Set when the node's registry key vanished without a `down` announcement.
     pub missing_since: Option<Instant>,
 }

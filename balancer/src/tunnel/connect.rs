@@ -3,10 +3,10 @@
 //! failed connect the retries `Cluster::reroute` allows (the same node for a
 //! token route, the next least-loaded one otherwise).
 
-use super::head::UpgradeRequest;
 use crate::cluster::Cluster;
 use crate::refusal::{self, Refusal};
-use crate::routing::{cookie_value, RouteDecision, RouteKind};
+use crate::request::Request;
+use crate::routing::{RouteDecision, RouteKind};
 use crate::table::RouteNode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,17 +16,16 @@ use tokio::net::TcpStream;
 /// `Cluster::reroute` allows.
 pub(super) async fn connect(
     cluster: &Cluster,
-    req: &UpgradeRequest,
+    req: &Request<'_>,
 ) -> Result<(Arc<RouteNode>, RouteKind, TcpStream), &'static Refusal> {
-    let cookie = req.cookie.as_deref().and_then(|h| cookie_value(h, &cluster.cfg.cookie_name));
-    let (mut node, mut kind) = match cluster.route(req.id.as_deref(), cookie) {
+    let (mut node, mut kind) = match cluster.route(req) {
         RouteDecision::Node { node, kind } => (node, kind),
         RouteDecision::UnknownConnection => return Err(&refusal::UNKNOWN_CONNECTION),
         RouteDecision::NoNodeAvailable => return Err(&refusal::NO_NODE),
     };
     // A WebSocket without an id starts a connection: it waits for its node's
     // admission turn (or goes to another node), as a negotiate does.
-    if req.id.is_none() {
+    if req.starts_connection() {
         (node, kind) = cluster.admit(node, kind).await.ok_or(&refusal::NODES_BUSY)?;
     }
     let timeout = Duration::from_millis(cluster.cfg.connect_timeout_ms);

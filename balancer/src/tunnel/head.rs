@@ -4,24 +4,17 @@
 //! response head, read with a bound on its size.
 
 use crate::admission::FORWARDED_HEADERS;
-use crate::proxy::query_id;
+use crate::request::{Origin, Request};
 use std::io::ErrorKind;
 use tokio::net::TcpStream;
 
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
-/// The parts of an upgrade request head that routing needs.
+/// An upgrade request: its head's length and its facts.
 #[derive(Debug, PartialEq)]
 pub struct UpgradeRequest {
     pub head_len: usize,
-    /// The path without the query.
-    pub path: String,
-    pub id: Option<String>,
-    pub cookie: Option<String>,
-    pub host: Option<String>,
-    /// Path and query as sent (for the access log, which redacts it).
-    pub target: String,
-    pub user_agent: Option<String>,
+    pub request: Request<'static>,
 }
 
 fn header_has_token(value: &[u8], token: &str) -> bool {
@@ -30,7 +23,7 @@ fn header_has_token(value: &[u8], token: &str) -> bool {
 
 impl UpgradeRequest {
     /// `Some` for a complete `GET` head asking to upgrade to WebSocket.
-    pub fn parse(buf: &[u8]) -> Option<Self> {
+    pub fn parse(buf: &[u8], origin: Origin<'_>) -> Option<Self> {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
         let httparse::Status::Complete(head_len) = req.parse(buf).ok()? else {
@@ -50,30 +43,8 @@ impl UpgradeRequest {
         if !(upgrade && connection) {
             return None;
         }
-        let target = req.path?;
-        let (path, query) = target.split_once('?').map_or((target, None), |(p, q)| (p, Some(q)));
-        let cookies: Vec<&str> = req
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
-            .filter_map(|h| std::str::from_utf8(h.value).ok())
-            .collect();
-        let header = |name: &str| {
-            req.headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-                .and_then(|h| std::str::from_utf8(h.value).ok())
-                .map(str::to_string)
-        };
-        Some(UpgradeRequest {
-            head_len,
-            host: header("host"),
-            user_agent: header("user-agent"),
-            target: target.to_string(),
-            path: path.to_string(),
-            id: query_id(query).map(str::to_string),
-            cookie: (!cookies.is_empty()).then(|| cookies.join("; ")),
-        })
+        let request = Request::from_parsed(&req, origin, true)?.into_owned();
+        Some(UpgradeRequest { head_len, request })
     }
 }
 
@@ -134,27 +105,34 @@ pub(super) async fn read_response_head(upstream: &TcpStream) -> Option<(Vec<u8>,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::cookie_value;
+
+    const ORIGIN: Origin<'static> = Origin { peer: None, tls: false, cookie_name: "switchboard_affinity" };
 
     const WS: &[u8] = b"GET /chathub?id=YQ.x&v=1 HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nCookie: a=1\r\nCookie: switchboard_affinity=ff\r\nSec-WebSocket-Key: k\r\n\r\nextra";
 
     #[test]
     fn websocket_upgrades_are_recognised() {
-        let r = UpgradeRequest::parse(WS).unwrap();
-        assert_eq!(r.id.as_deref(), Some("YQ.x"));
-        assert_eq!(r.path, "/chathub");
+        let r = UpgradeRequest::parse(WS, ORIGIN).unwrap();
+        assert_eq!(r.request.id(), Some("YQ.x"));
+        assert_eq!(r.request.path(), "/chathub");
+        assert_eq!(r.request.kind, "websocket");
         assert_eq!(r.head_len, WS.len() - 5);
-        assert_eq!(cookie_value(r.cookie.as_deref().unwrap(), "switchboard_affinity"), Some("ff"));
+        assert_eq!(r.request.cookie.as_deref(), Some("ff"));
     }
 
     #[test]
     fn other_requests_are_not_upgrades() {
-        assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").is_none());
-        assert!(UpgradeRequest::parse(b"POST /chathub HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
-            .is_none());
-        assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n").is_none());
-        assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n").is_none());
-        assert!(UpgradeRequest::parse(b"\x00\x01garbage\r\n\r\n").is_none());
+        assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", ORIGIN).is_none());
+        assert!(UpgradeRequest::parse(
+            b"POST /chathub HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            ORIGIN
+        )
+        .is_none());
+        assert!(
+            UpgradeRequest::parse(b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n", ORIGIN).is_none()
+        );
+        assert!(UpgradeRequest::parse(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n", ORIGIN).is_none());
+        assert!(UpgradeRequest::parse(b"\x00\x01garbage\r\n\r\n", ORIGIN).is_none());
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::cluster::Cluster;
 use crate::proxy::InFlight;
 use crate::public_surface;
 use crate::refusal::{self, Refusal};
+use crate::request::Request;
 use crate::routing::{set_cookie_header, RouteKind};
 use crate::table::RouteNode;
 use head::{read_response_head, with_headers, without_forwarded};
@@ -75,22 +76,13 @@ fn relayed(cluster: &Cluster, log: Option<Box<TunnelLog>>, in_flight: InFlight, 
 /// What the access log needs of a tunnel, kept (boxed) only while the log is on.
 struct TunnelLog {
     started: std::time::Instant,
-    peer: Option<std::net::IpAddr>,
-    target: String,
-    user_agent: Option<String>,
-    tls: bool,
+    request: Request<'static>,
 }
 
 impl TunnelLog {
-    fn new(cluster: &Cluster, req: &UpgradeRequest, peer: Option<std::net::IpAddr>, tls: bool) -> Option<Box<Self>> {
+    fn new(cluster: &Cluster, req: &UpgradeRequest) -> Option<Box<Self>> {
         cluster.access_log.as_ref()?;
-        Some(Box::new(TunnelLog {
-            started: std::time::Instant::now(),
-            peer,
-            target: req.target.clone(),
-            user_agent: req.user_agent.clone(),
-            tls,
-        }))
+        Some(Box::new(TunnelLog { started: std::time::Instant::now(), request: req.request.clone() }))
     }
 
     /// Writes the tunnel's line, when the log is on.
@@ -98,28 +90,22 @@ impl TunnelLog {
         let (Some(this), Some(log)) = (this, &cluster.access_log) else { return };
         let node = ended.node.as_ref();
         log.record(&Entry {
-            client: this.peer,
-            method: "GET",
-            target: &this.target,
+            request: &this.request,
             status: ended.status,
             node: node.map(|(n, _)| n.record.node_id.as_str()),
             route: node.map_or("-", |(_, k)| k.label()),
-            kind: "websocket",
             duration: this.started.elapsed(),
             bytes_in: ended.bytes.0,
             bytes_out: ended.bytes.1,
-            tls: this.tls,
-            user_agent: this.user_agent.as_deref(),
         });
     }
 }
 
-/// A connection the tunnel takes over: its socket, the client's address, and
-/// bytes the front read past the request head but left rewound (none today:
-/// the front reads a head only from an empty rewind buffer).
+/// A connection the tunnel takes over: its socket and bytes the front read
+/// past the request head but left rewound (none today: the front reads a
+/// head only from an empty rewind buffer).
 pub struct Client {
     pub socket: Socket,
-    pub peer: Option<std::net::IpAddr>,
     pub rewound: Vec<u8>,
 }
 
@@ -135,32 +121,29 @@ pub enum Socket {
 /// sockets, its counters and the relay's small state. `permit` is held until
 /// the tunnel closes. `buf` holds the head and whatever followed it.
 pub async fn serve(cluster: Arc<Cluster>, client: Client, req: UpgradeRequest, buf: Vec<u8>, permit: ConnectionPermit) {
-    let Client { socket, peer, rewound } = client;
+    let Client { socket, rewound } = client;
     let mut buf = buf;
     buf.extend_from_slice(&rewound);
     match socket {
-        Socket::Plain(socket) => start(cluster, socket, peer, req, buf, permit).await,
-        Socket::Tls(socket) => start(cluster, *socket, peer, req, buf, permit).await,
+        Socket::Plain(socket) => start(cluster, socket, req, buf, permit).await,
+        Socket::Tls(socket) => start(cluster, *socket, req, buf, permit).await,
     }
 }
 
 /// A client socket a tunnel relays: plain or TLS.
 trait ClientSide: Downstream + Sized + 'static {
-    const TLS: bool;
     /// Relays both ways, then closes both sides; returns the bytes moved
     /// (from the client, to the client).
     fn relay(self, upstream: TcpStream, idle: Duration) -> impl Future<Output = (u64, u64)> + Send;
 }
 
 impl ClientSide for TcpStream {
-    const TLS: bool = false;
     fn relay(self, upstream: TcpStream, idle: Duration) -> impl Future<Output = (u64, u64)> + Send {
         relay::relay(self, upstream, idle)
     }
 }
 
 impl ClientSide for TlsStream<Box<L4Stream>> {
-    const TLS: bool = true;
     fn relay(self, upstream: TcpStream, idle: Duration) -> impl Future<Output = (u64, u64)> + Send {
         relay::relay_tls(self, upstream, idle)
     }
@@ -170,15 +153,14 @@ impl ClientSide for TlsStream<Box<L4Stream>> {
 async fn start<C: ClientSide>(
     cluster: Arc<Cluster>,
     client: C,
-    peer: Option<std::net::IpAddr>,
     req: UpgradeRequest,
     buf: Vec<u8>,
     permit: ConnectionPermit,
 ) {
-    let log = TunnelLog::new(&cluster, &req, peer, C::TLS);
+    let log = TunnelLog::new(&cluster, &req);
     // Boxed, so that the handshake's state does not size the front's future
     // (every kept-alive connection's) too.
-    match Box::pin(handshake(&cluster, client, peer, req, buf)).await {
+    match Box::pin(handshake(&cluster, client, req, buf)).await {
         Ok(Tunnel { client, upstream, kind, in_flight }) => {
             tokio::spawn(async move {
                 let bytes = client.relay(upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
@@ -198,24 +180,24 @@ async fn refuse<C: Downstream, T>(client: &mut C, refusal: &Refusal) -> Result<T
 async fn handshake<C: ClientSide>(
     cluster: &Arc<Cluster>,
     mut client: C,
-    peer: Option<std::net::IpAddr>,
     req: UpgradeRequest,
     buf: Vec<u8>,
 ) -> Result<Tunnel<C>, Ended> {
-    if !public_surface::serves(&req.path) {
+    let request = &req.request;
+    if !public_surface::serves(request.path()) {
         return refuse(&mut client, &refusal::NOT_PUBLIC).await;
     }
-    if req.id.is_none() && !cluster.admit_new_connection(peer) {
+    if request.starts_connection() && !cluster.admit_new_connection(request.peer) {
         return refuse(&mut client, &refusal::RATE_LIMITED).await;
     }
-    let (node, kind, upstream) = match connect::connect(cluster, &req).await {
+    let (node, kind, upstream) = match connect::connect(cluster, request).await {
         Ok(chosen) => chosen,
         Err(refusal) => return refuse(&mut client, refusal).await,
     };
-    let in_flight = InFlight::new(cluster, node.clone());
+    let in_flight = InFlight::new(node.clone());
     let started = std::time::Instant::now();
 
-    let forwarded: String = admission::forwarded(peer, req.host.as_deref(), C::TLS)
+    let forwarded: String = admission::forwarded(request.peer, request.host.as_deref(), request.tls)
         .into_iter()
         .map(|(name, value)| format!("{name}: {value}\r\n"))
         .collect();
@@ -226,11 +208,11 @@ async fn handshake<C: ClientSide>(
     let idle = Duration::from_secs(cluster.cfg.idle_timeout_secs);
     let answer = tokio::time::timeout(idle, read_response_head(&upstream)).await;
     let Ok(Some((resp, head_len, status, length))) = answer else {
-        cluster.metrics.requests.with_label_values(&["5xx"]).inc();
+        cluster.metrics.count_request(502);
         return refuse(&mut client, &refusal::NODE_UNREACHABLE).await;
     };
     cluster.metrics.upstream_latency.observe(started.elapsed().as_secs_f64());
-    cluster.metrics.requests.with_label_values(&[admission::status_class(status)]).inc();
+    cluster.metrics.count_request(status);
     let head = if kind == RouteKind::New {
         let cookie = set_cookie_header(&cluster.cfg.cookie_name, &node.cookie);
         with_headers(&resp[..head_len], &format!("Set-Cookie: {cookie}\r\n"))
