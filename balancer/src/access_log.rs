@@ -58,13 +58,6 @@ pub struct Entry<'a> {
     pub bytes_out: u64,
 }
 
-impl<'a> Entry<'a> {
-    /// The entry for an answer the balancer gave itself (no node, no body counted).
-    pub fn answered(request: &'a Request<'a>, status: u16, duration: Duration) -> Self {
-        Entry { request, status, node: None, route: "-", duration, bytes_in: 0, bytes_out: 0 }
-    }
-}
-
 /// The target with every credential in its query replaced: the values of
 /// `id` and `access_token` however their names are written (compared after
 /// percent-decoding, `%61ccess_token` included), and any value shaped like
@@ -146,7 +139,12 @@ struct JsonLine<'a> {
     user_agent: Option<&'a str>,
 }
 
-impl Entry<'_> {
+impl<'a> Entry<'a> {
+    /// The entry for an answer the balancer gave itself (no node, no body counted).
+    pub fn answered(request: &'a Request<'a>, status: u16, duration: Duration) -> Self {
+        Entry { request, status, node: None, route: "-", duration, bytes_in: 0, bytes_out: 0 }
+    }
+
     /// The line for `format`, without its newline.
     pub fn format(&self, format: AccessLogFormat) -> String {
         let request = self.request;

@@ -26,7 +26,7 @@ pub struct Metrics {
     pub access_log_dropped: IntCounter,
     pub health_failures: IntCounterVec,
     /// `requests` for each of `STATUS_CLASSES`.
-    by_status: Vec<IntCounter>,
+    by_status: [IntCounter; 6],
     /// `routing_decisions` for `token`, `cookie` and `new`.
     by_route: [IntCounter; 3],
 }
@@ -59,7 +59,7 @@ impl Metrics {
             &["kind"],
         );
         Metrics {
-            by_status: STATUS_CLASSES.iter().map(|c| requests.with_label_values(&[c])).collect(),
+            by_status: STATUS_CLASSES.map(|c| requests.with_label_values(&[c])),
             by_route: [RouteKind::Token, RouteKind::Cookie, RouteKind::New]
                 .map(|k| routing_decisions.with_label_values(&[k.label()])),
             requests,

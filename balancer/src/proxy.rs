@@ -89,6 +89,9 @@ pub struct RequestCtx {
     started: Option<Instant>,
     /// How long to wait before the next connect (a token route's retry).
     retry_wait: Option<Duration>,
+    /// The `X-Forwarded-*` headers, from the request's facts (set on every
+    /// attempt's upstream request).
+    forwarded: Vec<(&'static str, String)>,
 }
 
 async fn respond(session: &mut Session, refusal: &Refusal) -> Result<bool> {
@@ -126,6 +129,7 @@ impl ProxyHttp for SwitchboardProxy {
         if starts_connection && !cluster.admit_new_connection(request.peer) {
             return respond(session, &refusal::RATE_LIMITED).await;
         }
+        ctx.forwarded = admission::forwarded(request.peer, request.host.as_deref(), request.tls);
         match cluster.route(&request) {
             RouteDecision::Node { node, kind } => {
                 // A new SignalR connection waits for its node's admission
@@ -234,14 +238,13 @@ impl ProxyHttp for SwitchboardProxy {
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream: &mut RequestHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let request = facts(session, &self.cluster.cfg.cookie_name, false);
         // `insert_header` replaces whatever the client sent under these names.
-        for (name, value) in admission::forwarded(request.peer, request.host.as_deref(), request.tls) {
-            upstream.insert_header(name, value)?;
+        for (name, value) in &ctx.forwarded {
+            upstream.insert_header(*name, value.as_str())?;
         }
         Ok(())
     }

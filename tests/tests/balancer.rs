@@ -738,3 +738,27 @@ async fn a_node_that_joins_a_running_cluster_starts_slowly() {
     assert_eq!(b["slowStart"], true, "{b}");
     assert!(b["ratePerSec"].as_f64().unwrap() < 1000.0, "{b}");
 }
+
+/// The node judges an `Origin` against the address the client used, which it
+/// learns from the balancer's `X-Forwarded-*` headers: a client's own forged
+/// ones must be replaced on the proxied HTTP path (negotiate here), or a page
+/// on another site could pass as same-origin.
+#[tokio::test]
+async fn the_balancer_replaces_a_clients_forwarded_headers_on_proxied_requests() {
+    let c = cluster(&["a"], &[], &[]).await;
+    let negotiate = |origin: &'static str| {
+        cookieless()
+            .post(format!("{}/chathub/negotiate?negotiateVersion=1", c.balancer.base))
+            .header("Host", "chat.example")
+            .header("Origin", origin)
+            .header("X-Forwarded-Proto", "https")
+            .header("X-Forwarded-Host", "evil.example")
+            .send()
+    };
+    let own = negotiate("http://chat.example").await.unwrap();
+    assert_eq!(own.status(), 200, "the page's own origin, as the balancer forwards it");
+    let json: serde_json::Value = own.json().await.unwrap();
+    assert!(json["connectionToken"].as_str().is_some_and(|t| !t.is_empty()), "{json}");
+    let forged = negotiate("https://evil.example").await.unwrap();
+    assert_eq!(forged.status(), 403, "the origin the forged headers named");
+}
