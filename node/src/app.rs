@@ -5,7 +5,7 @@
 //! asked for, or traffic it did not), delivering a chat message to the local
 //! connections that should see it, and forgetting a connection exactly once.
 
-use crate::backplane::{Backplane, BackplaneMetrics, Deliver};
+use crate::backplane::{Backplane, BackplaneMetrics, Deliver, PresenceChange};
 use crate::config::NodeConfig;
 use crate::connection::{ChatDelivery, Connection, ConnectionOptions, ConnectionTable, Limits};
 use crate::groups::LocalGroups;
@@ -260,15 +260,12 @@ impl Deliver for App {
         self.groups.groups()
     }
 
-    fn presence(&self, payload: &[u8]) {
-        match serde_json::from_slice::<crate::presence::Published>(payload) {
-            Ok(p) if crate::user_name::validate_shown(&p.user).is_ok() => {
-                self.presence.apply_remote(&p.node, &p.user, p.online)
-            }
-            _ => {
-                self.metrics.backplane().invalid.inc();
-                tracing::warn!("ignoring a malformed presence change");
-            }
+    fn presence(&self, change: &PresenceChange) {
+        if crate::user_name::validate_shown(&change.user).is_ok() && !change.node.is_empty() {
+            self.presence.apply_remote(&change.node, &change.user, change.online)
+        } else {
+            self.metrics.backplane().invalid.inc();
+            tracing::warn!("ignoring a presence change with an invalid name");
         }
     }
 }

@@ -76,10 +76,6 @@ impl ChatMessage {
     }
 }
 
-pub fn stream_key(prefix: &str) -> String {
-    format!("{prefix}:history")
-}
-
 /// Stores (XADD, capped) and publishes (`<id> <json>`) one message, once per
 /// uid: a retry finds the uid's marker and returns the id it was given.
 pub const STORE_AND_PUBLISH: &str = include_str!("store_and_publish.lua");
@@ -94,7 +90,7 @@ pub async fn load_script(conn: &mut ConnectionManager) -> RedisResult<String> {
 pub fn store_and_publish(
     pipe: &mut redis::Pipeline,
     sha: &str,
-    prefix: &str,
+    layout: &crate::backplane::layout::Layout,
     cap: usize,
     channel: &str,
     m: &ChatMessage,
@@ -104,8 +100,8 @@ pub fn store_and_publish(
         .cmd("EVALSHA")
         .arg(sha)
         .arg(2)
-        .arg(stream_key(prefix))
-        .arg(format!("{prefix}:stored:{}", m.uid))
+        .arg(layout.history())
+        .arg(layout.stored_marker(&m.uid))
         .arg(cap)
         .arg(channel)
         .arg(payload)

@@ -398,12 +398,29 @@ mod tests {
     use futures_util::FutureExt;
     use serde_json::json;
 
+    /// A node on `bus`, with its presence writer running (a refresh every 50 ms).
     fn node(bus: &Arc<MemoryBus>, id: &str) -> Arc<App> {
-        let cfg = crate::config::NodeConfig { node_id: Some(id.into()), ..Default::default() };
+        let cfg = crate::config::NodeConfig { node_id: Some(id.into()), heartbeat_secs: 0.05, ..Default::default() };
         let app = App::with_backplane(cfg, |_, _, _| Backplane::Memory(MemoryBackplane::attach(bus))).unwrap();
         let sink: Arc<dyn Deliver> = app.clone();
         app.backplane.start(Arc::downgrade(&sink));
+        let tasks = app.presence_tasks.lock().unwrap().take().unwrap();
+        tokio::spawn(crate::presence::write_forever(app.clone(), tasks.writes));
+        tokio::spawn(crate::presence::notify_forever(Arc::downgrade(&app), tasks.events));
         app
+    }
+
+    /// The records queued for `conn` until one matches `done` (at most 5 s).
+    async fn until(conn: &Connection, done: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut got = Vec::new();
+        for _ in 0..500 {
+            got.extend(take(conn));
+            if got.iter().any(&done) {
+                return got;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("not seen in 5 s: {got:?}");
     }
 
     /// A client on `app` over WebSockets with the JSON protocol, handshaken.
@@ -492,6 +509,42 @@ mod tests {
         invoke(&a, &back, "r2", "Resume", json!(["9-9"])).await;
         let refused = take(&back);
         assert!(refused[0]["error"].as_str().unwrap().contains("newer than any stored message"), "{refused:?}");
+    }
+
+    #[tokio::test]
+    async fn presence_crosses_nodes_both_ways_and_a_node_that_starts_later_reads_it() {
+        let bus = MemoryBus::new(100);
+        let (a, b) = (node(&bus, "a"), node(&bus, "b"));
+        let watcher = client(&b, "w", false).await;
+        invoke(&b, &watcher, "1", "GetOnlineUsers", json!([])).await;
+        let answer = until(&watcher, |r| r["invocationId"] == "1").await;
+        assert_eq!(answer.iter().find(|r| r["invocationId"] == "1").unwrap()["result"], json!([]));
+        let ann = client(&a, "ann", false).await;
+        invoke(&a, &ann, "2", "SetUser", json!(["ann"])).await;
+        let joined = until(&watcher, |r| r["target"] == "UserJoined").await;
+        let name = events(&joined, "UserJoined")[0]["arguments"][0].clone();
+        assert!(name.as_str().unwrap().contains("ann"), "{joined:?}");
+        // A node started now hears of ann from its first refresh, not from
+        // a change it was not there for.
+        let c = node(&bus, "c");
+        let late = client(&c, "late", false).await;
+        let mut online = json!([]);
+        for _ in 0..100 {
+            invoke(&c, &late, "3", "GetOnlineUsers", json!([])).await;
+            let got = until(&late, |r| r["invocationId"] == "3").await;
+            online = got.iter().find(|r| r["invocationId"] == "3").unwrap()["result"].clone();
+            if online != json!([]) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(online, json!([name]));
+        // Ann's last connection goes: every other node hears she left.
+        a.disconnect(&ann);
+        for (conn, who) in [(&watcher, "b"), (&late, "c")] {
+            let left = until(conn, |r| r["target"] == "UserLeft").await;
+            assert_eq!(events(&left, "UserLeft")[0]["arguments"], json!([name]), "on {who}");
+        }
     }
 
     #[tokio::test]

@@ -3,15 +3,15 @@
 //! for an anonymous connection, from `SetUser(name)`. A user is online while
 //! at least one of their connections, on any node, is.
 //!
-//! Redis holds the truth: one sorted set, `{prefix}:presence`, with a member
-//! `"{nodeId}\n{user}"` per node a user is connected to, scored with when it
-//! expires (Unix ms, the node's clock). Each node rewrites its own members
-//! every heartbeat with `now + ttl`, so the users of a node that dies go
-//! offline within its TTL (plus one heartbeat for the other nodes to look).
-//! Changes are also published on the channel `{prefix}:presence` (JSON:
-//! `{"node","user","online"}`) so other nodes hear of them at once; the
-//! periodic read of the set (`resync`) repairs anything a lost publication
-//! or a Redis restart left wrong.
+//! The backplane holds the truth (`Backplane::write_presence`; in Redis a
+//! sorted set of (node, user) entries, see `backplane::layout`): an entry per
+//! node a user is connected to, expiring a TTL after it was last written
+//! (Unix ms, the node's clock). Each node rewrites its own entries every
+//! heartbeat, so the users of a node that dies go offline within its TTL
+//! (plus one heartbeat for the other nodes to look). Changes are also
+//! published, and reach the other nodes at once as `PresenceChange`s
+//! (`apply_remote`); the periodic read of every entry (`resync`) repairs
+//! anything a lost publication or a Redis restart left wrong.
 //!
 //! Each node keeps the cluster's view in memory. `GetOnlineUsers()` answers
 //! from it, and the connection then receives `UserJoined(user)` and
@@ -20,6 +20,7 @@
 //! number, and a watcher gets only those after the view it was given, so
 //! the answer and the events that follow it never overlap or leave a gap.
 
+use crate::backplane::PresenceWrite;
 use crate::connection::Connection;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, Weak};
@@ -41,7 +42,7 @@ impl Event {
     }
 }
 
-/// What the Redis writer does, in order.
+/// What the presence writer does, in order.
 #[derive(Debug)]
 pub enum Write {
     /// This node's first connection of `user` opened (true) or its last closed.
@@ -50,34 +51,6 @@ pub enum Write {
     Refresh,
     /// Answer once everything before it is written (used when draining).
     Flush(oneshot::Sender<()>),
-}
-
-/// The sorted set of (node, user) members scored by expiry.
-pub fn key(prefix: &str) -> String {
-    format!("{prefix}:presence")
-}
-
-/// The channel changes are published on.
-pub fn channel(prefix: &str) -> String {
-    format!("{prefix}:presence:changes")
-}
-
-/// A published change.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct Published {
-    pub node: String,
-    pub user: String,
-    pub online: bool,
-}
-
-/// The sorted-set member for `user` on `node`.
-pub fn member(node: &str, user: &str) -> String {
-    format!("{node}\n{user}")
-}
-
-/// (node, user) from a sorted-set member.
-pub fn parse_member(m: &str) -> Option<(&str, &str)> {
-    m.split_once('\n').filter(|(n, u)| !n.is_empty() && !u.is_empty())
 }
 
 #[derive(Default)]
@@ -271,17 +244,12 @@ impl Presence {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
-/// Writes this node's presence to Redis in order, batching what is queued,
-/// and every `every` rewrites its members with a fresh expiry, drops expired
-/// ones and reads everyone's into the view. Runs until the node's state is
-/// gone. A failed write is repaired by the next refresh.
+/// Writes this node's presence through the backplane in order, batching
+/// what is queued, and every heartbeat rewrites its entries with a
+/// fresh expiry, drops expired ones and reads everyone's into the view. Runs
+/// until the node's state is gone. A failed write is repaired by the next
+/// refresh.
 pub async fn write_forever(app: std::sync::Arc<crate::app::App>, mut writes: mpsc::UnboundedReceiver<Write>) {
-    let key = key(&app.cfg.key_prefix);
-    let channel = channel(&app.cfg.key_prefix);
     let ttl_ms = (app.cfg.ttl_secs * 1000.0).ceil() as i64;
     let mut tick = tokio::time::interval(app.cfg.duration(app.cfg.heartbeat_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -301,26 +269,12 @@ pub async fn write_forever(app: std::sync::Arc<crate::app::App>, mut writes: mps
                 Err(_) => break,
             }
         }
-        let now = now_ms();
-        let mut pipe = redis::pipe();
-        let mut commands = 0;
+        let mut write = PresenceWrite { node: app.node_id.clone(), ttl_ms, ..PresenceWrite::default() };
         let mut refresh = false;
         let mut flushed = Vec::new();
         for w in batch {
             match w {
-                Write::Change { user, online } => {
-                    let m = member(&app.node_id, &user);
-                    if online {
-                        pipe.zadd(&key, &m, now + ttl_ms).ignore();
-                    } else {
-                        pipe.zrem(&key, &m).ignore();
-                    }
-                    commands += 1;
-                    let note = Published { node: app.node_id.clone(), user, online };
-                    if let Ok(text) = serde_json::to_string(&note) {
-                        pipe.publish(&channel, text).ignore();
-                    }
-                }
+                Write::Change { user, online } => write.changes.push((user, online)),
                 Write::Refresh => refresh = true,
                 Write::Flush(done) => flushed.push(done),
             }
@@ -328,34 +282,12 @@ pub async fn write_forever(app: std::sync::Arc<crate::app::App>, mut writes: mps
         let mut since = 0;
         if refresh {
             // Taken now, after every change queued before it was applied to
-            // the view, so this pipeline never re-adds a user who just left.
-            let mine: Vec<(i64, String)> =
-                app.presence.local_users().iter().map(|u| (now + ttl_ms, member(&app.node_id, u))).collect();
-            if !mine.is_empty() {
-                pipe.zadd_multiple(&key, &mine).ignore();
-            }
-            pipe.zrembyscore(&key, "-inf", now).ignore();
-            pipe.pexpire(&key, ttl_ms.max(60_000)).ignore();
-            pipe.zrangebyscore(&key, format!("({now}"), "+inf");
+            // the view, so this write never re-adds a user who just left.
+            write.refresh = Some(app.presence.local_users());
             since = app.presence.resync_start();
-            commands += 1;
         }
-        let result: redis::RedisResult<Vec<Vec<String>>> = match app.redis.conn().await {
-            Ok(_) if commands == 0 => Ok(Vec::new()),
-            Ok(mut c) => pipe.query_async(&mut c).await,
-            Err(e) => Err(e),
-        };
-        app.redis.observe(&result);
-        match result {
-            Ok(read) if refresh => {
-                let members: Vec<(String, String)> = read
-                    .iter()
-                    .flatten()
-                    .filter_map(|m| parse_member(m))
-                    .map(|(n, u)| (n.to_string(), u.to_string()))
-                    .collect();
-                app.presence.resync(since, &members);
-            }
+        match app.backplane.write_presence(write).await {
+            Ok(members) if refresh => app.presence.resync(since, &members),
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "presence write failed; the next refresh repairs it"),
         }
@@ -464,11 +396,5 @@ mod tests {
         let (seq, _) = t.events.try_recv().unwrap();
         drop(conn);
         assert_eq!(sent(seq), 0, "a closed connection is forgotten");
-    }
-
-    #[test]
-    fn names_are_checked() {
-        assert_eq!(parse_member("n1\nann b"), Some(("n1", "ann b")));
-        assert_eq!(parse_member("garbage"), None);
     }
 }

@@ -3,11 +3,13 @@
 //! Sending stores the message in the bus's capped history under the next id
 //! and hands it, in id order, to every attached node (the sender included),
 //! at once and under the bus's lock, so every node sees one order. Group
-//! messages go to every node; a node's delivery picks the members.
+//! messages go to every node; a node's delivery picks the members. Presence
+//! is a map of expiring (node, user) entries on the bus, and its changes go
+//! to every attached node the same way.
 
-use super::{Deliver, Sink};
+use super::{Deliver, PresenceChange, PresenceWrite, Sink};
 use crate::history::{cmp_ids, parse_id, ChatMessage, ResumeError};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 
 /// What the attached backplanes share.
@@ -22,13 +24,28 @@ struct BusState {
     history: VecDeque<ChatMessage>,
     cap: usize,
     nodes: Vec<Weak<MemoryBackplane>>,
+    /// (node, user) → when the entry expires (Unix ms).
+    presence: HashMap<(String, String), i64>,
+}
+
+impl BusState {
+    fn nodes(&mut self) -> Vec<Arc<MemoryBackplane>> {
+        self.nodes.retain(|n| n.strong_count() > 0);
+        self.nodes.iter().filter_map(Weak::upgrade).collect()
+    }
 }
 
 impl MemoryBus {
     /// A bus keeping the newest `history_len` messages.
     pub fn new(history_len: usize) -> Arc<Self> {
-        let state =
-            BusState { next: 1, added: 0, history: VecDeque::new(), cap: history_len.max(1), nodes: Vec::new() };
+        let state = BusState {
+            next: 1,
+            added: 0,
+            history: VecDeque::new(),
+            cap: history_len.max(1),
+            nodes: Vec::new(),
+            presence: HashMap::new(),
+        };
         Arc::new(MemoryBus { state: Mutex::new(state) })
     }
 
@@ -63,10 +80,34 @@ impl MemoryBackplane {
         while state.history.len() > state.cap {
             state.history.pop_front();
         }
-        state.nodes.retain(|n| n.strong_count() > 0);
-        for node in state.nodes.iter().filter_map(Weak::upgrade) {
+        for node in state.nodes() {
             node.sink.deliver(&message);
         }
+    }
+
+    /// As `RedisBackplane::write_presence` does it in Redis.
+    pub fn write_presence(&self, w: PresenceWrite) -> Vec<(String, String)> {
+        let now = super::now_ms();
+        let mut state = self.bus.state();
+        let nodes = state.nodes();
+        for (user, online) in w.changes {
+            let entry = (w.node.clone(), user.clone());
+            if online {
+                state.presence.insert(entry, now + w.ttl_ms);
+            } else {
+                state.presence.remove(&entry);
+            }
+            let change = PresenceChange { node: w.node.clone(), user, online };
+            for node in &nodes {
+                node.sink.presence(&change);
+            }
+        }
+        let Some(users) = w.refresh else { return Vec::new() };
+        for user in users {
+            state.presence.insert((w.node.clone(), user), now + w.ttl_ms);
+        }
+        state.presence.retain(|_, expires| *expires > now);
+        state.presence.keys().cloned().collect()
     }
 
     pub fn older(&self, before: Option<&str>, count: usize) -> Vec<ChatMessage> {

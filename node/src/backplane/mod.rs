@@ -2,8 +2,11 @@
 //! chat messages to store and fan out (`send`), follows the groups this node
 //! has members in, keeps the history that `GetHistory` and `Resume` read, and
 //! hands every message that arrives, in id order and once, to a `Deliver`
-//! (the node's delivery to its local connections). It knows nothing else of
-//! the node and keeps its own metric handles.
+//! (the node's delivery to its local connections). Presence crosses the same
+//! seam both ways: `write_presence` records and publishes this node's
+//! changes (and refreshes its entries), and other nodes' changes arrive as
+//! typed `PresenceChange`s. It knows nothing else of the node and keeps its
+//! own metric handles; where things live in Redis is `layout`'s alone.
 //!
 //! Two implementations: `redis` (Redis Streams and publish/subscribe; what
 //! the node runs) and, for unit tests, `memory` (one process; several
@@ -11,6 +14,7 @@
 //! delivery logic are tested without Redis. An enum rather than a trait object keeps the async
 //! methods plain.
 
+pub mod layout;
 #[cfg(test)]
 pub mod memory;
 pub mod redis;
@@ -26,8 +30,35 @@ pub trait Deliver: Send + Sync {
     fn deliver(&self, message: &ChatMessage);
     /// The groups with local members (subscribed again after a reconnect).
     fn local_groups(&self) -> Vec<String>;
-    /// A presence change another node published (see `presence`).
-    fn presence(&self, payload: &[u8]);
+    /// A presence change a node published (see `presence`); this node's own
+    /// may come back too.
+    fn presence(&self, change: &PresenceChange);
+}
+
+/// `user`'s first connection on `node` opened (`online`) or its last closed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PresenceChange {
+    pub node: String,
+    pub user: String,
+    pub online: bool,
+}
+
+/// One batch of a node's presence writes, in order (see `presence::write_forever`).
+#[derive(Debug, Default)]
+pub struct PresenceWrite {
+    pub node: String,
+    /// (user, online): recorded (expiring after `ttl_ms`) and published.
+    pub changes: Vec<(String, bool)>,
+    /// This node's users now, for a refresh: their entries get a fresh
+    /// expiry, expired entries of any node go, and the write answers every
+    /// unexpired (node, user). `None`: no refresh, and it answers nothing.
+    pub refresh: Option<Vec<String>>,
+    pub ttl_ms: i64,
+}
+
+/// Wall-clock Unix milliseconds (presence expiries are compared across nodes).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The handler, set when the backplane starts; a weak reference, since the
@@ -50,9 +81,9 @@ impl Sink {
         self.0.get().and_then(Weak::upgrade).map(|s| s.local_groups()).unwrap_or_default()
     }
 
-    fn presence(&self, payload: &[u8]) {
+    fn presence(&self, change: &PresenceChange) {
         if let Some(s) = self.0.get().and_then(Weak::upgrade) {
-            s.presence(payload);
+            s.presence(change);
         }
     }
 }
@@ -67,7 +98,8 @@ pub struct BackplaneMetrics {
     pub invalid: IntCounter,
 }
 
-/// History could not be read (Redis unreachable, say); the text says why.
+/// History or presence could not be read or written (Redis unreachable,
+/// say); the text says why.
 #[derive(Debug)]
 pub struct HistoryError(pub String);
 
@@ -167,6 +199,16 @@ impl Backplane {
             Backplane::Redis(b) => b.range(after, through, count).await,
             #[cfg(test)]
             Backplane::Memory(b) => Ok(b.range(after, through, count)),
+        }
+    }
+
+    /// Records and publishes one batch of this node's presence writes; with
+    /// a refresh, answers every unexpired (node, user).
+    pub async fn write_presence(&self, write: PresenceWrite) -> Result<Vec<(String, String)>, HistoryError> {
+        match self {
+            Backplane::Redis(b) => b.write_presence(write).await,
+            #[cfg(test)]
+            Backplane::Memory(b) => Ok(b.write_presence(write)),
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The Redis backplane that fans chat messages out to every node, in the
 //! order history stores them, and keeps that history.
 //!
-//! Channels: `{prefix}:bp:all` for broadcasts and `{prefix}:bp:group:{name}`
-//! per group (a node subscribes only while it has local members). Sending a
+//! Channels (see `layout`): one for broadcasts and one per group (a node
+//! subscribes only while it has local members). Sending a
 //! message means storing and publishing it in one atomic, idempotent step
 //! (`history::store_and_publish`); every node, the sender included, delivers
 //! it to its clients when it arrives on the backplane, so every client sees
@@ -26,8 +26,14 @@
 //! backplane is `live` only while a subscription is proven: the node's
 //! `/health` reports `degraded` otherwise, and the balancer then sends new
 //! clients to other nodes.
+//!
+//! Presence rides along: a node's changes go into a sorted set of expiring
+//! (node, user) entries and out on the presence channel in one pipeline
+//! (`write_presence`), and the subscriber hands the changes it hears to the
+//! sink as typed `PresenceChange`s.
 
-use super::{BackplaneMetrics, Deliver, HistoryError, Sink};
+use super::layout::{self, Layout};
+use super::{BackplaneMetrics, Deliver, HistoryError, PresenceChange, PresenceWrite, Sink};
 use crate::history::{self, cmp_ids, ChatMessage, ResumeError};
 use crate::redis_link::{RedisLink, CONNECT_TIMEOUT};
 use futures_util::StreamExt;
@@ -72,12 +78,7 @@ pub struct RedisBackplane {
     metrics: BackplaneMetrics,
     sink: Sink,
     history_len: usize,
-    prefix: String,
-    all_channel: String,
-    /// Presence changes (`presence`): delivered to the sink as they come.
-    presence_channel: String,
-    group_prefix: String,
-    history_key: String,
+    layout: Layout,
     queue: mpsc::Sender<Publication>,
     queue_rx: Mutex<Option<mpsc::Receiver<Publication>>>,
     subs: mpsc::UnboundedSender<SubCommand>,
@@ -103,11 +104,7 @@ impl RedisBackplane {
             metrics,
             sink: Sink::default(),
             history_len,
-            prefix: prefix.to_string(),
-            all_channel: format!("{prefix}:bp:all"),
-            presence_channel: crate::presence::channel(prefix),
-            group_prefix: format!("{prefix}:bp:group:"),
-            history_key: history::stream_key(prefix),
+            layout: Layout::new(prefix),
             queue,
             queue_rx: Mutex::new(Some(queue_rx)),
             subs,
@@ -119,16 +116,12 @@ impl RedisBackplane {
         }
     }
 
-    fn group_channel(&self, group: &str) -> String {
-        format!("{}{group}", self.group_prefix)
-    }
-
     /// Queues a chat message for storing and delivery on every node,
     /// this one included.
     pub fn send(&self, message: ChatMessage) {
         let channel = match &message.group {
-            Some(g) => self.group_channel(g),
-            None => self.all_channel.clone(),
+            Some(g) => self.layout.group_channel(g),
+            None => self.layout.all_channel().to_string(),
         };
         self.pending.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = self.queue.try_send(Publication { channel, message }) {
@@ -199,22 +192,69 @@ impl RedisBackplane {
     /// Up to `count` stored messages older than `before` (the newest when
     /// `None`), newest first.
     pub async fn older(&self, before: Option<&str>, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
-        let read = async { history::older(&mut self.link.conn().await?, &self.history_key, before, count).await };
+        let read = async { history::older(&mut self.link.conn().await?, self.layout.history(), before, count).await };
         self.observed(read.await)
     }
 
     /// Whether a replay after `last` is possible; if so, the newest stored
     /// id, where it ends.
     pub async fn resume_point(&self, last: &str) -> Result<Result<String, ResumeError>, HistoryError> {
-        let read = async { history::check_resume(&mut self.link.conn().await?, &self.history_key, last).await };
+        let read = async { history::check_resume(&mut self.link.conn().await?, self.layout.history(), last).await };
         self.observed(read.await)
     }
 
     /// Up to `count` stored messages after `after` through `through`, oldest first.
     pub async fn range(&self, after: &str, through: &str, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
         let read =
-            async { history::after(&mut self.link.conn().await?, &self.history_key, after, through, count).await };
+            async { history::after(&mut self.link.conn().await?, self.layout.history(), after, through, count).await };
         self.observed(read.await)
+    }
+
+    /// One batch of presence writes in one pipeline: each change recorded
+    /// in the presence set (an entry that expires `ttl_ms` from now) or
+    /// removed, and published; with a refresh, this node's entries rewritten
+    /// with a fresh expiry, expired ones dropped and everyone's read.
+    pub async fn write_presence(&self, w: PresenceWrite) -> Result<Vec<(String, String)>, HistoryError> {
+        if w.changes.is_empty() && w.refresh.is_none() {
+            return Ok(Vec::new());
+        }
+        let (key, channel) = (self.layout.presence(), self.layout.presence_changes());
+        let now = super::now_ms();
+        let mut pipe = redis::pipe();
+        for (user, online) in w.changes {
+            let m = layout::presence_member(&w.node, &user);
+            if online {
+                pipe.zadd(key, &m, now + w.ttl_ms).ignore();
+            } else {
+                pipe.zrem(key, &m).ignore();
+            }
+            let change = PresenceChange { node: w.node.clone(), user, online };
+            if let Ok(text) = serde_json::to_string(&change) {
+                pipe.publish(channel, text).ignore();
+            }
+        }
+        let refresh = w.refresh.is_some();
+        if let Some(users) = w.refresh {
+            let mine: Vec<(i64, String)> =
+                users.iter().map(|u| (now + w.ttl_ms, layout::presence_member(&w.node, u))).collect();
+            if !mine.is_empty() {
+                pipe.zadd_multiple(key, &mine).ignore();
+            }
+            pipe.zrembyscore(key, "-inf", now).ignore();
+            pipe.pexpire(key, w.ttl_ms.max(60_000)).ignore();
+            pipe.zrangebyscore(key, format!("({now}"), "+inf");
+        }
+        let write = async { pipe.query_async::<Vec<Vec<String>>>(&mut self.link.conn().await?).await };
+        let read = self.observed(write.await)?;
+        Ok(if refresh {
+            read.iter()
+                .flatten()
+                .filter_map(|m| layout::parse_presence_member(m))
+                .map(|(n, u)| (n.to_string(), u.to_string()))
+                .collect()
+        } else {
+            Vec::new()
+        })
     }
 
     /// A history read's outcome, recorded as Redis's state.
@@ -264,14 +304,22 @@ impl RedisBackplane {
 
     /// A payload received from Redis.
     fn receive(&self, channel: &str, payload: &[u8]) {
-        if channel == self.presence_channel {
-            return self.sink.presence(payload);
+        if channel == self.layout.presence_changes() {
+            match serde_json::from_slice::<PresenceChange>(payload) {
+                Ok(change) => self.sink.presence(&change),
+                Err(_) => {
+                    self.metrics.invalid.inc();
+                    tracing::warn!("ignoring a malformed presence change");
+                }
+            }
+            return;
         }
-        if channel != self.all_channel && !channel.starts_with(&self.group_prefix) {
+        let broadcast = channel == self.layout.all_channel();
+        if !broadcast && self.layout.group_of(channel).is_none() {
             return;
         }
         match history::parse_published(payload) {
-            Some(m) if (channel == self.all_channel) == m.group.is_none() => self.deliver_stored(&m),
+            Some(m) if broadcast == m.group.is_none() => self.deliver_stored(&m),
             _ => {
                 self.metrics.invalid.inc();
                 tracing::warn!(?channel, "ignoring malformed backplane payload");
@@ -288,7 +336,7 @@ impl RedisBackplane {
             return Ok(());
         }
         let mut conn = self.link.conn().await?;
-        let newest = history::last_id(&mut conn, &self.history_key).await?;
+        let newest = history::last_id(&mut conn, self.layout.history()).await?;
         self.last_id.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(newest);
         Ok(())
     }
@@ -298,7 +346,7 @@ impl RedisBackplane {
         let mut conn = self.link.conn().await?;
         let last = self.last_id.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(last) = last else { return Ok(0) };
-        let missed = history::after(&mut conn, &self.history_key, &last, "+", self.history_len).await?;
+        let missed = history::after(&mut conn, self.layout.history(), &last, "+", self.history_len).await?;
         let n = missed.len();
         for m in &missed {
             self.deliver_stored(m);
@@ -343,7 +391,7 @@ async fn publisher(bp: Arc<RedisBackplane>, mut rx: mpsc::Receiver<Publication>)
                             history::store_and_publish(
                                 &mut pipe,
                                 &s,
-                                &bp.prefix,
+                                &bp.layout,
                                 bp.history_len,
                                 &p.channel,
                                 &p.message,
@@ -424,8 +472,8 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
             tokio::time::timeout(CONNECT_TIMEOUT, async { bp.link.client().await?.get_async_pubsub().await }).await;
         if let Ok(Ok(pubsub)) = connected {
             let (mut sink, mut stream) = pubsub.split();
-            let mut channels = vec![bp.all_channel.clone(), bp.presence_channel.clone()];
-            channels.extend(bp.sink.local_groups().iter().map(|g| bp.group_channel(g)));
+            let mut channels = vec![bp.layout.all_channel().to_string(), bp.layout.presence_changes().to_string()];
+            channels.extend(bp.sink.local_groups().iter().map(|g| bp.layout.group_channel(g)));
             match sink.subscribe(&channels).await {
                 Ok(()) => {
                     bp.link.set_up(true, None);
@@ -466,7 +514,7 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
                                     let change = async {
                                         match cmd {
                                             Some(SubCommand::Subscribe(g, done)) => {
-                                                let ok = sink.subscribe(bp.group_channel(&g)).await.is_ok();
+                                                let ok = sink.subscribe(bp.layout.group_channel(&g)).await.is_ok();
                                                 if let (true, Some(done)) = (ok, done) {
                                                     let _ = done.send(());
                                                 }
@@ -476,7 +524,7 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
                                                 let _ = done.send(());
                                                 true
                                             }
-                                            Some(SubCommand::Unsubscribe(g)) => sink.unsubscribe(bp.group_channel(&g)).await.is_ok(),
+                                            Some(SubCommand::Unsubscribe(g)) => sink.unsubscribe(bp.layout.group_channel(&g)).await.is_ok(),
                                             None => false,
                                         }
                                     };
