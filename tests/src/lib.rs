@@ -1,5 +1,6 @@
 //! One small harness for the end-to-end tests: a real `redis-server` on a
-//! free loopback port (`RedisServer`), real `switchboard-node` and
+//! free loopback port (`RedisServer`) or a real Redis Cluster of six
+//! (`RedisCluster`), real `switchboard-node` and
 //! `switchboard-balancer` processes (`Process`), and a SignalR client that
 //! speaks the JSON or MessagePack hub protocol over WebSockets, Server-Sent Events or long
 //! polling on real sockets (`client::HubClient`). Everything is stopped when
@@ -11,12 +12,14 @@ pub mod cluster;
 pub mod msgpack;
 pub mod official;
 pub mod process;
+pub mod redis_cluster;
 pub mod redis_server;
 pub mod tls;
 
 pub use client::{ConnectOptions, HubClient, Protocol, TransportKind, ALL_TRANSPORTS, WAIT};
 pub use cluster::{InProcessBalancer, InProcessNode, TestBalancer, TestNode};
 pub use process::{free_port, free_ports, Process};
+pub use redis_cluster::RedisCluster;
 pub use redis_server::RedisServer;
 
 use std::future::Future;

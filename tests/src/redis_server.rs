@@ -29,14 +29,24 @@ impl RedisServer {
     /// A server that requires `password` (`requirepass`; `masterauth` too,
     /// for a replica or a promoted one).
     pub fn start_with_password(extra: &[&str], password: Option<&str>) -> Self {
+        Self::start_on(free_port(), extra, password)
+    }
+
+    /// A server on `port` (a Redis Cluster member needs `port + 10000` free too).
+    pub fn start_on(port: u16, extra: &[&str], password: Option<&str>) -> Self {
         let mut after: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         if let Some(pw) = password {
             after.extend(["--requirepass", pw, "--masterauth", pw].map(String::from));
         }
         let password = password.map(String::from);
-        let mut s = RedisServer { port: free_port(), child: None, before: Vec::new(), after, password };
+        let mut s = RedisServer { port, child: None, before: Vec::new(), after, password };
         s.spawn();
         s
+    }
+
+    /// Whether the process is running (not stopped).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// A Redis Sentinel watching the master on `master_port` as `service`,
