@@ -77,12 +77,16 @@ pub struct FanoutCeiling {
     /// Receivers and senders connect through the balancer (else straight to the nodes).
     pub via_balancer: bool,
     pub receivers_per_step: usize,
+    pub senders_per_step: usize,
     pub rate_per_sender: f64,
+    /// Broadcasts, or messages to many groups (see `scenarios::Audience`).
+    pub audience: scenarios::Audience,
 }
 
-/// Step `k` has `k × receivers_per_step` receivers and `k` senders, so the
-/// deliveries asked for grow with k². Stops after the first step whose p99
-/// passes the limit or that missed more than 1 % of its deliveries.
+/// Step `k` has `k × receivers_per_step` receivers and `k ×
+/// senders_per_step` senders, so the deliveries asked for grow with k².
+/// Stops after the first step whose p99 passes the limit or that missed more
+/// than 1 % of its deliveries.
 pub async fn fanout_ceiling(o: &FanoutCeiling) -> Result<Value> {
     let cluster = Cluster::start(&o.bin_dir, 3).await?;
     let urls: Vec<String> = if o.via_balancer {
@@ -96,13 +100,18 @@ pub async fn fanout_ceiling(o: &FanoutCeiling) -> Result<Value> {
     let mut within: Option<Value> = None;
     let mut past: Option<Value> = None;
     for k in 1..=o.max_steps {
-        let (receivers, senders) = (k * o.receivers_per_step, k);
+        let (receivers, senders) = (k * o.receivers_per_step, k * o.senders_per_step.max(1));
+        let reach = match o.audience {
+            scenarios::Audience::All => receivers as f64,
+            scenarios::Audience::Groups(n) => receivers as f64 / n.max(1) as f64,
+        };
         eprintln!(
-            "step {k}: {receivers} receivers, {senders} senders × {}/s = {} deliveries/s asked",
+            "step {k}: {receivers} receivers, {senders} senders × {}/s to {} = {} deliveries/s asked",
             o.rate_per_sender,
-            (receivers as f64 * senders as f64 * o.rate_per_sender).round()
+            o.audience.label(),
+            (reach * senders as f64 * o.rate_per_sender).round()
         );
-        let r = scenarios::fanout(&urls, receivers, senders, o.rate_per_sender, o.step, &watch).await?;
+        let r = scenarios::fanout(&urls, receivers, senders, o.rate_per_sender, o.step, o.audience, &watch).await?;
         let p99 = r["latency"]["p99_us"].as_f64().unwrap_or(f64::INFINITY);
         let expected = r["expected_deliveries"].as_f64().unwrap_or(0.0);
         let delivered = r["delivered"].as_f64().unwrap_or(0.0);
@@ -126,6 +135,8 @@ pub async fn fanout_ceiling(o: &FanoutCeiling) -> Result<Value> {
         "via": if o.via_balancer { "balancer" } else { "nodes" },
         "p99_limit_ms": o.p99_limit.as_millis() as u64,
         "rate_per_sender": o.rate_per_sender,
+        "senders_per_step": o.senders_per_step,
+        "audience": o.audience.label(),
         "steps": steps,
         "last_within_limit": within,
         "first_past_limit": past,

@@ -220,8 +220,9 @@ enum Command {
         duration_secs: f64,
     },
     /// Redis, three nodes and the balancer on loopback under growing broadcast
-    /// load (step k: k × receivers-per-step receivers, k senders) until delivery
-    /// p99 passes the limit or deliveries go missing; CPU of every process per step
+    /// or group load (step k: k × receivers-per-step receivers, k ×
+    /// senders-per-step senders) until delivery p99 passes the limit or
+    /// deliveries go missing; CPU of every process per step
     FanoutCeiling {
         /// Where switchboard-node and switchboard-balancer are (default: next to this program)
         #[arg(long)]
@@ -237,6 +238,12 @@ enum Command {
         /// Messages per second from each sender
         #[arg(long, default_value_t = 20.0)]
         rate: f64,
+        /// Senders added at each step
+        #[arg(long, default_value_t = 1)]
+        senders_per_step: usize,
+        /// Send to this many groups (receiver i joins group i mod N) instead of broadcasting
+        #[arg(long)]
+        groups: Option<usize>,
         /// Connect straight to the nodes instead of through the balancer
         #[arg(long)]
         direct: bool,
@@ -375,9 +382,20 @@ async fn main() -> anyhow::Result<()> {
             serde_json::Value::Array(scenarios::echo_sequential(&urls, rounds, per_round).await?)
         }
         Command::Fanout { urls, receivers, senders, rate, duration_secs } => {
-            scenarios::fanout(&urls, receivers, senders, rate, secs(duration_secs), &[]).await?
+            scenarios::fanout(&urls, receivers, senders, rate, secs(duration_secs), scenarios::Audience::All, &[])
+                .await?
         }
-        Command::FanoutCeiling { bin_dir, step_secs, max_steps, p99_limit_ms, receivers_per_step, rate, direct } => {
+        Command::FanoutCeiling {
+            bin_dir,
+            step_secs,
+            max_steps,
+            p99_limit_ms,
+            receivers_per_step,
+            rate,
+            senders_per_step,
+            groups,
+            direct,
+        } => {
             let o = ceiling::FanoutCeiling {
                 bin_dir: bin_dir_or_default(bin_dir)?,
                 step: secs(step_secs),
@@ -385,7 +403,9 @@ async fn main() -> anyhow::Result<()> {
                 p99_limit: Duration::from_millis(p99_limit_ms),
                 via_balancer: !direct,
                 receivers_per_step,
+                senders_per_step,
                 rate_per_sender: rate,
+                audience: groups.map_or(scenarios::Audience::All, scenarios::Audience::Groups),
             };
             ceiling::fanout_ceiling(&o).await?
         }

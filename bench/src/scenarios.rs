@@ -187,21 +187,55 @@ pub async fn echo_throughput(url: &str, connections: usize, duration: Duration) 
     )
 }
 
-/// `senders` clients each broadcast `SendMessage` at `rate` for `duration`
-/// to `receivers` clients; both are spread over `urls` in turn. Reports
-/// deliveries per second and delivery latency (send → receive, same clock),
-/// and the CPU each process in `watch` spent while the senders were sending.
+/// What the senders of a fan-out send to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Audience {
+    /// Everyone: `SendMessage`.
+    All,
+    /// This many groups (`g0`, `g1`, …): receiver `i` joins group `i mod n`,
+    /// and each sender sends `SendMessageToGroup` to the groups in turn,
+    /// starting at its own index.
+    Groups(usize),
+}
+
+impl Audience {
+    pub fn label(self) -> String {
+        match self {
+            Audience::All => "broadcast".into(),
+            Audience::Groups(n) => format!("{n} groups"),
+        }
+    }
+}
+
+/// `senders` clients each send at `rate` for `duration` to `receivers`
+/// clients (everyone, or the members of a group: `audience`); both are
+/// spread over `urls` in turn. Reports deliveries per second and delivery
+/// latency (send → receive, same clock), and the CPU each process in
+/// `watch` spent while the senders were sending.
 pub async fn fanout(
     urls: &[String],
     receivers: usize,
     senders: usize,
     rate: f64,
     duration: Duration,
+    audience: Audience,
     watch: &[(String, u32)],
 ) -> Result<Value> {
-    if urls.is_empty() || senders == 0 {
-        bail!("fanout needs at least one URL and one sender");
+    if urls.is_empty() || senders == 0 || audience == Audience::Groups(0) {
+        bail!("fanout needs at least one URL, one sender and one group");
     }
+    let group = |i: usize| match audience {
+        Audience::All => None,
+        Audience::Groups(n) => Some(format!("g{}", i % n)),
+    };
+    // Members per group, to count the deliveries each group message is owed.
+    let mut members = std::collections::HashMap::<String, u64>::new();
+    for i in 0..receivers {
+        if let Some(g) = group(i) {
+            *members.entry(g).or_default() += 1;
+        }
+    }
+    let members = Arc::new(members);
     let http = reqwest::Client::new();
     let epoch = Instant::now();
     let hist = Arc::new(Mutex::new(histogram()));
@@ -210,8 +244,14 @@ pub async fn fanout(
     let mut per_node = std::collections::BTreeMap::<String, u64>::new();
     let mut opened = stream::iter(0..receivers)
         .map(|i| {
-            let (http, url) = (http.clone(), urls[i % urls.len()].clone());
-            async move { signalr::connect(&http, &url).await }
+            let (http, url, group) = (http.clone(), urls[i % urls.len()].clone(), group(i));
+            async move {
+                let mut sock = signalr::connect(&http, &url).await?;
+                if let Some(g) = group {
+                    sock.invoke("JoinGroup", json!([g])).await?;
+                }
+                Ok::<_, anyhow::Error>(sock)
+            }
         })
         .buffer_unordered(32);
     let mut tasks = Vec::new();
@@ -250,32 +290,45 @@ pub async fn fanout(
     let end = Instant::now() + duration;
     let sending: Vec<_> = senders_socks
         .into_iter()
-        .map(|mut sender| {
+        .enumerate()
+        .map(|(j, mut sender)| {
+            let members = members.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut sent = 0u64;
+                let (mut sent, mut owed) = (0u64, 0u64);
                 while Instant::now() < end {
                     tick.tick().await;
                     let text = format!("t:{}", epoch.elapsed().as_micros());
-                    let msg = json!({"type": 1, "target": "SendMessage", "arguments": ["bench", text]});
+                    let msg = match audience {
+                        Audience::All => json!({"type": 1, "target": "SendMessage", "arguments": ["bench", text]}),
+                        Audience::Groups(n) => {
+                            let g = format!("g{}", (j + sent as usize) % n);
+                            owed += members.get(&g).copied().unwrap_or(0);
+                            json!({"type": 1, "target": "SendMessageToGroup", "arguments": [g, "bench", text]})
+                        }
+                    };
                     if sender.send_record(&msg).await.is_err() {
                         break;
                     }
                     sent += 1;
                 }
+                if audience == Audience::All {
+                    owed = sent * receivers as u64;
+                }
                 // Kept open until counting ends: a socket dropped with unread
                 // bytes is reset, and a reset can discard the last message
                 // before the node has read it.
-                (sent, sender)
+                (sent, owed, sender)
             })
         })
         .collect();
-    let mut sent = 0u64;
+    let (mut sent, mut expected) = (0u64, 0u64);
     let mut open_senders = Vec::new();
     for s in sending {
-        if let Ok((n, sender)) = s.await {
+        if let Ok((n, owed, sender)) = s.await {
             sent += n;
+            expected += owed;
             open_senders.push(sender);
         }
     }
@@ -292,18 +345,20 @@ pub async fn fanout(
     let summary = hist.lock().map(|h| summarize(&h)).ok();
     Ok(json!({
         "urls": urls, "receivers": receivers, "senders": senders, "rate_per_sender": rate,
-        "receivers_per_node": per_node, "sent": sent, "expected_deliveries": sent * receivers as u64,
+        "audience": audience.label(),
+        "receivers_per_node": per_node, "sent": sent, "expected_deliveries": expected,
         "delivered": n, "deliveries_per_sec": (n as f64 / duration.as_secs_f64()).round(), "latency": summary,
         "cpu_percent_of_one_core": cpu,
     }))
 }
 
-/// The send times (`t:<µs>`) carried by the `ReceiveMessage` records of a
-/// text frame, found without parsing each record as JSON: at hundreds of
-/// thousands of deliveries a second the load generator's own parsing would
-/// otherwise be what is measured.
+/// The send times (`t:<µs>`) carried by the `ReceiveMessage` and
+/// `ReceiveGroupMessage` records of a text frame, found without parsing each
+/// record as JSON: at hundreds of thousands of deliveries a second the load
+/// generator's own parsing would otherwise be what is measured.
 fn sent_stamps(text: &str) -> impl Iterator<Item = u64> + '_ {
-    text.split(signalr::RS).filter(|r| r.contains("\"ReceiveMessage\"")).filter_map(|r| {
+    let chat = |r: &&str| r.contains("\"ReceiveMessage\"") || r.contains("\"ReceiveGroupMessage\"");
+    text.split(signalr::RS).filter(chat).filter_map(|r| {
         let at = r.find("\"t:")? + 3;
         let digits: &str = &r[at..];
         let len = digits.bytes().take_while(u8::is_ascii_digit).count();
@@ -449,11 +504,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn send_times_are_read_from_receive_message_records_only() {
+    fn send_times_are_read_from_chat_message_records_only() {
         let rs = signalr::RS;
         let text = format!(
             "{{\"type\":1,\"target\":\"ReceiveMessage\",\"arguments\":[\"bench\",\"t:123\"]}}{rs}{{\"type\":6}}{rs}{{\"type\":1,\"target\":\"ReceiveMessage\",\"arguments\":[\"bench\",\"t:45\",{{}}]}}{rs}{{\"type\":1,\"target\":\"Other\",\"arguments\":[\"t:9\"]}}{rs}{{\"type\":1,\"target\":\"ReceiveMessage\",\"arguments\":[\"bench\",\"hello\"]}}{rs}"
         );
         assert_eq!(sent_stamps(&text).collect::<Vec<_>>(), vec![123, 45]);
+        let group =
+            format!("{{\"type\":1,\"target\":\"ReceiveGroupMessage\",\"arguments\":[\"g1\",\"bench\",\"t:77\"]}}{rs}");
+        assert_eq!(sent_stamps(&group).collect::<Vec<_>>(), vec![77]);
     }
 }

@@ -220,7 +220,7 @@ pub async fn run(opts: &Options) -> Result<Value> {
     eprintln!("6/10 broadcast fan-out over three nodes");
     each(r, "fanout", &contenders, async |c| {
         let urls = if c.name == "direct" { node_urls.clone() } else { vec![c.url.clone()] };
-        scenarios::fanout(&urls, plan.fanout_receivers, 1, 50.0, plan.fanout, &[]).await
+        scenarios::fanout(&urls, plan.fanout_receivers, 1, 50.0, plan.fanout, scenarios::Audience::All, &[]).await
     })
     .await;
     eprintln!("8/10 sticky sessions: cookie-less long-polling clients");
@@ -265,7 +265,9 @@ pub async fn run(opts: &Options) -> Result<Value> {
         p99_limit: Duration::from_millis(100),
         via_balancer: true,
         receivers_per_step: FANOUT_RECEIVERS_PER_STEP,
+        senders_per_step: 1,
         rate_per_sender: FANOUT_RATE_PER_SENDER,
+        audience: scenarios::Audience::All,
     };
     r.insert("fanout_ceiling".into(), report_line("switchboard", ceiling::fanout_ceiling(&fan).await));
     eprintln!("10/10 idle connections at scale: one node, then one balancer");
