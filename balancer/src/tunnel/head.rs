@@ -63,10 +63,13 @@ pub(super) fn without_forwarded(head: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Inserts header lines before the blank line that ends `head`.
+/// Inserts header lines before the blank line that ends `head`, which may
+/// be `\r\n` or a bare `\n` (httparse accepts both, and the client's last
+/// header line must keep its own end).
 pub(super) fn with_headers(head: &[u8], extra: &str) -> Vec<u8> {
+    let blank = if head.ends_with(b"\r\n") { 2 } else { usize::from(head.ends_with(b"\n")) };
     let mut out = Vec::with_capacity(head.len() + extra.len());
-    out.extend_from_slice(&head[..head.len() - 2]);
+    out.extend_from_slice(&head[..head.len() - blank]);
     out.extend_from_slice(extra.as_bytes());
     out.extend_from_slice(b"\r\n");
     out
@@ -146,6 +149,26 @@ mod tests {
         assert_eq!(
             with_headers(b"HTTP/1.1 101 x\r\nA: b\r\n\r\n", "C: d\r\n"),
             b"HTTP/1.1 101 x\r\nA: b\r\nC: d\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn headers_are_inserted_whole_into_a_head_with_bare_line_feeds() {
+        let head = b"GET /chathub HTTP/1.1\nHost: h\nSec-WebSocket-Version: 13\n\n";
+        let forwarded = with_headers(head, "X-Forwarded-For: 10.0.0.1\r\n");
+        assert_eq!(
+            forwarded,
+            b"GET /chathub HTTP/1.1\nHost: h\nSec-WebSocket-Version: 13\nX-Forwarded-For: 10.0.0.1\r\n\r\n"
+        );
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let mut req = httparse::Request::new(&mut headers);
+        assert!(req.parse(&forwarded).unwrap().is_complete());
+        let names: Vec<&str> = req.headers.iter().map(|h| h.name).collect();
+        assert_eq!(names, ["Host", "Sec-WebSocket-Version", "X-Forwarded-For"]);
+        // Mixed: the blank line alone is bare.
+        assert_eq!(
+            with_headers(b"GET / HTTP/1.1\r\nA: b\r\n\n", "C: d\r\n"),
+            b"GET / HTTP/1.1\r\nA: b\r\nC: d\r\n\r\n"
         );
     }
 }
