@@ -118,120 +118,120 @@ impl Default for NodeConfig {
 )]
 pub struct Cli {
     /// TOML configuration file (see config/node.toml)
-    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    #[arg(long, global = true, env = "SWITCHBOARD_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 0.0.0.0:5000]
-    #[arg(long, env = "SWITCHBOARD_LISTEN")]
+    #[arg(long, global = true, env = "SWITCHBOARD_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// Redis URL, or redis+sentinel://[:password@]host:26379[,host:26379…]/service[/db] to follow a Sentinel-managed master [default: redis://127.0.0.1:6379]
-    #[arg(long, env = "SWITCHBOARD_REDIS")]
+    #[arg(long, global = true, env = "SWITCHBOARD_REDIS")]
     pub redis: Option<String>,
     /// Node id in the registry and in tokens [default: host name]
-    #[arg(long, env = "SWITCHBOARD_NODE_ID")]
+    #[arg(long, global = true, env = "SWITCHBOARD_NODE_ID")]
     pub node_id: Option<String>,
     /// Base URL the balancer dials [default: http://<host name>:<port>]
-    #[arg(long, env = "SWITCHBOARD_ADVERTISE_URL")]
+    #[arg(long, global = true, env = "SWITCHBOARD_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
     /// Display name [default: "Node <node id>"]
-    #[arg(long, env = "SWITCHBOARD_NAME")]
+    #[arg(long, global = true, env = "SWITCHBOARD_NAME")]
     pub name: Option<String>,
     /// Description shown in /nodes [default: Switchboard chat node]
-    #[arg(long, env = "SWITCHBOARD_DESCRIPTION")]
+    #[arg(long, global = true, env = "SWITCHBOARD_DESCRIPTION")]
     pub description: Option<String>,
     /// Prefix of every Redis key and channel [default: switchboard]
-    #[arg(long, env = "SWITCHBOARD_KEY_PREFIX")]
+    #[arg(long, global = true, env = "SWITCHBOARD_KEY_PREFIX")]
     pub key_prefix: Option<String>,
     /// Registry heartbeat interval in seconds [default: 15]
-    #[arg(long, env = "SWITCHBOARD_HEARTBEAT_SECS")]
+    #[arg(long, global = true, env = "SWITCHBOARD_HEARTBEAT_SECS")]
     pub heartbeat_secs: Option<f64>,
     /// Registry key TTL in seconds [default: 45]
-    #[arg(long, env = "SWITCHBOARD_TTL_SECS")]
+    #[arg(long, global = true, env = "SWITCHBOARD_TTL_SECS")]
     pub ttl_secs: Option<f64>,
     /// Send a Ping after this many seconds without sending [default: 15]
-    #[arg(long, env = "SWITCHBOARD_KEEPALIVE_SECS")]
+    #[arg(long, global = true, env = "SWITCHBOARD_KEEPALIVE_SECS")]
     pub keepalive_secs: Option<f64>,
     /// Drop a client silent for this many seconds [default: 30]
-    #[arg(long, env = "SWITCHBOARD_CLIENT_TIMEOUT_SECS")]
+    #[arg(long, global = true, env = "SWITCHBOARD_CLIENT_TIMEOUT_SECS")]
     pub client_timeout_secs: Option<f64>,
     /// Drop a connection whose handshake has not arrived after this many seconds [default: 15]
-    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_SECS")]
+    #[arg(long, global = true, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_SECS")]
     pub handshake_timeout_secs: Option<f64>,
     /// A request head must arrive whole within this many seconds, counted from when the connection is ready for it (idle kept-alive connections close after it too); longer than the balancer's pooled-connection idle time [default: 30]
-    #[arg(long, env = "SWITCHBOARD_REQUEST_HEAD_TIMEOUT_SECS")]
+    #[arg(long, global = true, env = "SWITCHBOARD_REQUEST_HEAD_TIMEOUT_SECS")]
     pub request_head_timeout_secs: Option<f64>,
     /// Largest request head (request line and headers) in bytes; larger ones get 431 [default: 32768]
-    #[arg(long, env = "SWITCHBOARD_MAX_REQUEST_HEAD_BYTES")]
+    #[arg(long, global = true, env = "SWITCHBOARD_MAX_REQUEST_HEAD_BYTES")]
     pub max_request_head_bytes: Option<usize>,
     /// Longest a long poll waits for data, in seconds [default: 90]
-    #[arg(long, env = "SWITCHBOARD_LONG_POLL_SECS")]
+    #[arg(long, global = true, env = "SWITCHBOARD_LONG_POLL_SECS")]
     pub long_poll_secs: Option<f64>,
     /// Drop a long-polling connection with no poll for this many seconds [default: 15]
-    #[arg(long, env = "SWITCHBOARD_LONG_POLL_IDLE_SECS")]
+    #[arg(long, global = true, env = "SWITCHBOARD_LONG_POLL_IDLE_SECS")]
     pub long_poll_idle_secs: Option<f64>,
     /// On SIGTERM, keep serving existing clients this many seconds before closing them [default: 10]
-    #[arg(long, env = "SWITCHBOARD_DRAIN_SECS")]
+    #[arg(long, global = true, env = "SWITCHBOARD_DRAIN_SECS")]
     pub drain_secs: Option<f64>,
     /// After drain_secs, the clients still connected are closed one by one over this many seconds, oldest first and evenly spaced, instead of all at once (0: all together) [default: 15]
-    #[arg(long, env = "SWITCHBOARD_DRAIN_SPREAD_SECS")]
+    #[arg(long, global = true, env = "SWITCHBOARD_DRAIN_SPREAD_SECS")]
     pub drain_spread_secs: Option<f64>,
     /// Largest incoming hub message in bytes [default: 32768]
-    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_BYTES")]
+    #[arg(long, global = true, env = "SWITCHBOARD_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
     /// Frames buffered for a slow client before it is disconnected [default: 1024]
-    #[arg(long, env = "SWITCHBOARD_MAX_BUFFERED_FRAMES")]
+    #[arg(long, global = true, env = "SWITCHBOARD_MAX_BUFFERED_FRAMES")]
     pub max_buffered_frames: Option<usize>,
     /// Bytes buffered for one client before it stops being read (its own
     /// replies) or is disconnected (traffic it did not ask for); a GetHistory
     /// answer is at most half of it [default: 1048576]
-    #[arg(long, env = "SWITCHBOARD_MAX_BUFFERED_BYTES")]
+    #[arg(long, global = true, env = "SWITCHBOARD_MAX_BUFFERED_BYTES")]
     pub max_buffered_bytes: Option<usize>,
     /// Groups one connection may be in at once [default: 100]
-    #[arg(long, env = "SWITCHBOARD_MAX_GROUPS_PER_CONNECTION")]
+    #[arg(long, global = true, env = "SWITCHBOARD_MAX_GROUPS_PER_CONNECTION")]
     pub max_groups_per_connection: Option<usize>,
     /// Messages kept in the Redis history stream [default: 1000]
-    #[arg(long, env = "SWITCHBOARD_HISTORY_LEN")]
+    #[arg(long, global = true, env = "SWITCHBOARD_HISTORY_LEN")]
     pub history_len: Option<usize>,
     /// Offer stateful reconnect to clients that ask for it [default: true]
-    #[arg(long, env = "SWITCHBOARD_STATEFUL_RECONNECT")]
+    #[arg(long, global = true, env = "SWITCHBOARD_STATEFUL_RECONNECT")]
     pub stateful_reconnect: Option<bool>,
     /// Unacknowledged bytes a stateful connection may have on the wire before sending pauses [default: 100000]
-    #[arg(long, env = "SWITCHBOARD_STATEFUL_BUFFER_BYTES")]
+    #[arg(long, global = true, env = "SWITCHBOARD_STATEFUL_BUFFER_BYTES")]
     pub stateful_buffer_bytes: Option<usize>,
     /// How long a stateful connection whose socket dropped waits for the client to resume, in seconds [default: 15]
-    #[arg(long, env = "SWITCHBOARD_RECONNECT_WINDOW_SECS")]
+    #[arg(long, global = true, env = "SWITCHBOARD_RECONNECT_WINDOW_SECS")]
     pub reconnect_window_secs: Option<f64>,
     /// Sign-in with JWT bearer tokens: off, optional (a token, if sent, must be valid) or required [default: off]
-    #[arg(long, env = "SWITCHBOARD_AUTH")]
+    #[arg(long, global = true, env = "SWITCHBOARD_AUTH")]
     pub auth: Option<AuthMode>,
     /// HS256 secret tokens are signed with (at least 32 bytes) [default: empty]
-    #[arg(long, env = "SWITCHBOARD_AUTH_SECRET", hide_env_values = true)]
+    #[arg(long, global = true, env = "SWITCHBOARD_AUTH_SECRET", hide_env_values = true)]
     pub auth_secret: Option<String>,
     /// File holding the HS256 secret, instead of auth_secret [default: empty]
-    #[arg(long, env = "SWITCHBOARD_AUTH_SECRET_FILE")]
+    #[arg(long, global = true, env = "SWITCHBOARD_AUTH_SECRET_FILE")]
     pub auth_secret_file: Option<String>,
     /// PEM public key (RSA for RS256, EC P-256 for ES256) tokens are checked with, instead of a secret [default: empty]
-    #[arg(long, env = "SWITCHBOARD_AUTH_PUBLIC_KEY_FILE")]
+    #[arg(long, global = true, env = "SWITCHBOARD_AUTH_PUBLIC_KEY_FILE")]
     pub auth_public_key_file: Option<String>,
     /// Required `iss` of tokens; empty = not checked [default: empty]
-    #[arg(long, env = "SWITCHBOARD_AUTH_ISSUER")]
+    #[arg(long, global = true, env = "SWITCHBOARD_AUTH_ISSUER")]
     pub auth_issuer: Option<String>,
     /// Required `aud` of tokens; empty = not checked [default: empty]
-    #[arg(long, env = "SWITCHBOARD_AUTH_AUDIENCE")]
+    #[arg(long, global = true, env = "SWITCHBOARD_AUTH_AUDIENCE")]
     pub auth_audience: Option<String>,
     /// Seconds of clock difference allowed when checking `exp` and `nbf` [default: 30]
-    #[arg(long, env = "SWITCHBOARD_AUTH_CLOCK_SKEW_SECS")]
+    #[arg(long, global = true, env = "SWITCHBOARD_AUTH_CLOCK_SKEW_SECS")]
     pub auth_clock_skew_secs: Option<u64>,
     /// Development only: POST /auth/dev-token?user=NAME hands anyone a token for any name, and the chat page offers it [default: false]
-    #[arg(long, env = "SWITCHBOARD_AUTH_DEV_SIGN_IN")]
+    #[arg(long, global = true, env = "SWITCHBOARD_AUTH_DEV_SIGN_IN")]
     pub auth_dev_sign_in: Option<bool>,
     /// Other origins (scheme://host[:port]) whose pages may use the hub, comma-separated; "*" = any. Same origin is always allowed [default: none]
-    #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[arg(long, global = true, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
     /// Log format [default: text]
-    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
+    #[arg(long, global = true, env = "SWITCHBOARD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
     /// Validate the merged settings (file, environment, flags) and the key files they name, print them with secrets masked, and exit: 0 when valid, 2 otherwise
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub check_config: bool,
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -458,6 +458,17 @@ mod tests {
         let mut all = vec!["switchboard-node"];
         all.extend_from_slice(args);
         Cli::parse_from(all).resolve()
+    }
+
+    #[test]
+    fn a_subcommand_takes_the_settings_before_or_after_its_name() {
+        const SECRET: &str = "a-demo-secret-of-at-least-32-bytes";
+        let before = Cli::try_parse_from(["n", "--auth-secret", SECRET, "token", "--user", "ana"]).unwrap();
+        let after = Cli::try_parse_from(["n", "token", "--user", "ana", "--auth-secret", SECRET]).unwrap();
+        for cli in [before, after] {
+            assert!(matches!(&cli.command, Some(Command::Token { user, .. }) if user == "ana"));
+            assert_eq!(cli.resolve().unwrap().auth_secret, SECRET);
+        }
     }
 
     #[test]
