@@ -6,7 +6,10 @@
 //! Redis) will not heal by waiting, so it is logged as an error with its
 //! reason, once per distinct reason, even while the state does not change.
 //! Passing server answers (a script cache emptied by a restart, a dataset
-//! still loading) are neither: they count as down until the next success.
+//! still loading, a failover under way) are neither: they count as down
+//! until the next success and are logged like an outage. `Failure` is the
+//! one place that tells these apart, for the log here and for the callers
+//! deciding whether to retry.
 
 use redis::RedisError;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -24,25 +27,56 @@ pub struct RedisState {
     meanwhile: &'static str,
 }
 
-/// A failure of the network (refused, reset, timed out) rather than of
-/// Redis refusing this program.
-pub fn is_network_failure(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+/// What a failed Redis call means: the one classifier both programs use,
+/// for what to log and for whether to try again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The network: refused, reset, timed out, dropped.
+    Network,
+    /// A server state that passes by itself: a dataset still loading
+    /// (`LOADING`), a script cache a restart emptied (`NOSCRIPT`), a failover
+    /// under way (`READONLY` from a demoted master, `MASTERDOWN`, `TRYAGAIN`,
+    /// `CLUSTERDOWN`, Sentinel not knowing the master yet).
+    Passing,
+    /// Redis (or whatever listens there) refuses this program:
+    /// authentication, permissions, or not speaking Redis. Waiting will not
+    /// help; the settings must change.
+    Refusal,
+    /// Anything else (a command the server rejects): not retried.
+    Other,
 }
 
-/// Redis (or whatever listens there) refuses this program: authentication,
-/// permissions, or a connection that fails for a reason other than the
-/// network. Waiting will not help; the settings must change.
-pub fn is_refusal(e: &RedisError) -> bool {
-    use redis::{ErrorKind, ServerErrorKind};
-    matches!(
-        e.kind(),
-        ErrorKind::AuthenticationFailed
-            | ErrorKind::InvalidClientConfig
-            | ErrorKind::Parse
-            | ErrorKind::RESP3NotSupported
-            | ErrorKind::Server(ServerErrorKind::NoPerm)
-    ) || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+impl Failure {
+    pub fn of(e: &RedisError) -> Self {
+        use redis::{ErrorKind, ServerErrorKind};
+        if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+            return Failure::Network;
+        }
+        let refused = matches!(
+            e.kind(),
+            ErrorKind::AuthenticationFailed
+                | ErrorKind::InvalidClientConfig
+                | ErrorKind::Parse
+                | ErrorKind::RESP3NotSupported
+                | ErrorKind::Server(ServerErrorKind::NoPerm)
+        ) || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"));
+        if refused {
+            return Failure::Refusal;
+        }
+        let passing =
+            matches!(e.code(), Some("LOADING" | "NOSCRIPT" | "READONLY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN"))
+                || matches!(e.kind(), ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::EmptySentinelList);
+        if passing {
+            Failure::Passing
+        } else {
+            Failure::Other
+        }
+    }
+
+    /// Whether the same call may succeed later.
+    pub fn retryable(self) -> bool {
+        matches!(self, Failure::Network | Failure::Passing)
+    }
 }
 
 impl RedisState {
@@ -61,13 +95,20 @@ impl RedisState {
             }
             return true;
         }
-        match err {
-            Some(e) if !is_network_failure(e) => {
+        match err.map(|e| (e, Failure::of(e))) {
+            Some((e, failure @ (Failure::Refusal | Failure::Other))) => {
                 let reason = e.to_string();
                 if last.as_deref() != Some(reason.as_str()) {
-                    tracing::error!(reason = %reason, "redis refuses this program (check the URL's password, user and permissions); {}", self.meanwhile);
+                    if failure == Failure::Refusal {
+                        tracing::error!(reason = %reason, "redis refuses this program (check the URL's password, user and permissions); {}", self.meanwhile);
+                    } else {
+                        tracing::warn!(reason = %reason, "redis answered an error; {}", self.meanwhile);
+                    }
                     *last = Some(reason);
                 }
+            }
+            Some((e, Failure::Passing)) if was != DOWN => {
+                tracing::warn!(reason = %e, "redis is not ready yet (loading, restarted or failing over); {}", self.meanwhile)
             }
             _ if was != DOWN => {
                 tracing::warn!(error = ?err.map(ToString::to_string), "redis is unreachable; {}", self.meanwhile)
@@ -87,14 +128,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn network_failures_are_told_from_refusals() {
-        let refused = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert!(is_network_failure(&refused));
-        let timeout = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
-        assert!(is_network_failure(&timeout));
-        let auth =
-            RedisError::from((redis::ErrorKind::AuthenticationFailed, "WRONGPASS invalid username-password pair"));
-        assert!(!is_network_failure(&auth));
+    fn each_failure_lands_where_the_doc_says() {
+        use redis::{ErrorKind, ServerErrorKind};
+        let server = |kind| RedisError::from((ErrorKind::Server(kind), "from the server"));
+        let io = |kind| RedisError::from(std::io::Error::from(kind));
+        assert_eq!(Failure::of(&io(std::io::ErrorKind::ConnectionRefused)), Failure::Network);
+        assert_eq!(Failure::of(&io(std::io::ErrorKind::TimedOut)), Failure::Network);
+        for kind in [
+            ServerErrorKind::NoScript,
+            ServerErrorKind::BusyLoading,
+            ServerErrorKind::ReadOnly,
+            ServerErrorKind::MasterDown,
+            ServerErrorKind::TryAgain,
+            ServerErrorKind::ClusterDown,
+        ] {
+            assert_eq!(Failure::of(&server(kind)), Failure::Passing, "{kind:?}");
+        }
+        let sentinel = RedisError::from((ErrorKind::MasterNameNotFoundBySentinel, "no master yet"));
+        assert_eq!(Failure::of(&sentinel), Failure::Passing);
+        let wrong_password =
+            RedisError::from((ErrorKind::AuthenticationFailed, "WRONGPASS invalid username-password pair"));
+        assert_eq!(Failure::of(&wrong_password), Failure::Refusal);
+        assert_eq!(Failure::of(&server(ServerErrorKind::NoPerm)), Failure::Refusal);
+        assert_eq!(Failure::of(&server(ServerErrorKind::ResponseError)), Failure::Other);
+        assert!(Failure::Network.retryable() && Failure::Passing.retryable());
+        assert!(!Failure::Refusal.retryable() && !Failure::Other.retryable());
     }
 
     #[test]

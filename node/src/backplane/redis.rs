@@ -41,6 +41,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use switchboard_common::redis_state::Failure;
 use tokio::sync::{mpsc, oneshot};
 
 const QUEUE_CAPACITY: usize = 10_000;
@@ -355,19 +356,6 @@ impl RedisBackplane {
     }
 }
 
-/// Whether a failed store-and-publish may succeed later: the network, a
-/// Redis still loading, and a Sentinel failover in progress (no master known
-/// yet, or a demoted master answering READONLY). Anything else (a refusal
-/// such as a wrong password) would fail forever.
-fn retryable(e: &redis::RedisError) -> bool {
-    e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING" | "TRYAGAIN"))
-        || matches!(e.kind(), redis::ErrorKind::MasterNameNotFoundBySentinel | redis::ErrorKind::EmptySentinelList)
-}
-
 async fn publisher(bp: Arc<RedisBackplane>, mut rx: mpsc::Receiver<Publication>) {
     let mut batch: Vec<Publication> = Vec::with_capacity(BATCH);
     let mut delay = Duration::from_millis(100);
@@ -418,7 +406,7 @@ async fn publisher(bp: Arc<RedisBackplane>, mut rx: mpsc::Receiver<Publication>)
                 bp.metrics.published.inc_by(batch.len() as u64);
                 delay = Duration::from_millis(100);
             }
-            Err(e) if retryable(&e) => {
+            Err(e) if Failure::of(&e).retryable() => {
                 bp.metrics.publish_failures.inc();
                 tracing::debug!(error = %e, queued = batch.len(), "store and publish failed; retrying");
                 // The sender's own clients should not wait for Redis: what is
