@@ -42,8 +42,27 @@
   };
 
   const joinedGroups = new Set();
-  const seen = new Set(); // messages already shown, by id (or by content when a message has no id)
+  // Messages already shown, in a window: by id, and by content for a
+  // message without one. Ids are ordered, so an id older than every one
+  // the window still holds counts as shown (a tab open for days must not
+  // keep every id it ever saw). The window is larger than any history page.
+  const SEEN_WINDOW = Number(new URLSearchParams(location.search).get("seenWindow")) || 2000;
+  const seenIds = new Set();
+  let seenFloor = null; // the newest id dropped from the window
+  const seenKeys = new Set();
+  function remember(set, value) {
+    set.add(value);
+    while (set.size > SEEN_WINDOW) {
+      const oldest = set.values().next().value;
+      set.delete(oldest);
+      if (set === seenIds && (seenFloor === null || idAfter(oldest, seenFloor))) seenFloor = String(oldest);
+    }
+  }
+  // Read-only, for the browser tests: how much the page remembers.
+  window.switchboardPage = Object.freeze({ seenCount: () => seenIds.size + seenKeys.size, seenWindow: SEEN_WINDOW });
   let me = { nodeId: null, connectionId: null };
+  // Node ids to names, from the cluster panel's listing.
+  const nodeNames = new Map();
   // The id of the newest message seen: after a reconnect, Resume(lastId)
   // replays exactly what was missed (the hub's Resume, see node/src/hub.rs).
   let lastId = null;
@@ -53,14 +72,20 @@
     return m ? [Number(m[1]), Number(m[2])] : null;
   }
 
+  /** Whether id `a` is newer than id `b` (both `ms-seq`). */
+  function idAfter(a, b) {
+    const p = idParts(a);
+    const q = idParts(b);
+    return !!p && (!q || p[0] > q[0] || (p[0] === q[0] && p[1] > q[1]));
+  }
+
   /** Remembers `id` as the newest seen if it is; false when it was seen before. */
   function noteId(id) {
     if (id === null || id === undefined) return true;
-    if (seen.has(id)) return false;
-    seen.add(id);
-    const p = idParts(id);
-    const q = lastId === null ? null : idParts(lastId);
-    if (p && (!q || p[0] > q[0] || (p[0] === q[0] && p[1] > q[1]))) lastId = String(id);
+    id = String(id);
+    if (seenIds.has(id) || (seenFloor !== null && !idAfter(id, seenFloor))) return false;
+    remember(seenIds, id);
+    if (lastId === null || idAfter(id, lastId)) lastId = id;
     return true;
   }
 
@@ -136,6 +161,7 @@
   function setStatus(state, text) {
     ui.status.dataset.state = state;
     ui.status.textContent = text;
+    ui.status.title = "";
     ui.retry.hidden = !(state === "reconnecting" || state === "offline");
   }
 
@@ -144,19 +170,27 @@
 
   hub.on("ReceiveMessage", (user, message, connectionId, nodeId, messageId) => {
     if (!noteId(messageId)) return;
-    seen.add(messageKey(user, message, connectionId));
+    remember(seenKeys, messageKey(user, message, connectionId));
     showMessage({ user, message, connectionId, nodeId, when: new Date(), kind: "broadcast" });
   });
   hub.on("ReceiveGroupMessage", (group, user, message, connectionId, nodeId, messageId) => {
     if (!noteId(messageId)) return;
     showMessage({ user, message, connectionId, nodeId, when: new Date(), group, kind: "group" });
   });
+  /** "Connected to <name>", the node's id on hover, as the cluster panel names it. */
+  function showConnectedNode() {
+    if (!me.nodeId || ui.status.dataset.state !== "connected") return;
+    setStatus("connected", "Connected to " + (nodeNames.get(me.nodeId) || me.nodeId));
+    ui.status.title = "node id " + me.nodeId;
+  }
+
   hub.on("NodeInfo", (nodeId, connectionId) => {
     me = { nodeId, connectionId };
     ui.nodeId.textContent = nodeId;
     ui.connectionId.textContent = connectionId;
-    setStatus("connected", "Connected to " + nodeId);
+    showConnectedNode();
     highlightCurrentNode();
+    if (!nodeNames.has(nodeId)) refreshNodes();
   });
 
   // ---- who is online ------------------------------------------------------
@@ -270,9 +304,9 @@
       // Group messages only for groups this page is in.
       if (h.group !== undefined && h.group !== null && !joinedGroups.has(String(h.group))) continue;
       const key = messageKey(String(h.user), String(h.message), String(h.connectionId));
-      if (h.id === undefined && seen.has(key)) continue;
+      if (h.id === undefined && seenKeys.has(key)) continue;
       if (!noteId(h.id)) continue;
-      seen.add(key);
+      remember(seenKeys, key);
       const when = new Date(h.timestamp);
       showMessage({
         user: String(h.user),
@@ -379,6 +413,7 @@
     ui.nodeCount.textContent = String(data.active_count ?? nodes.length);
     ui.nodes.replaceChildren();
     for (const n of nodes) {
+      if (n.name) nodeNames.set(String(n.id), String(n.name));
       const li = el("li");
       li.dataset.node = String(n.id);
       li.dataset.status = String(n.status);
@@ -392,6 +427,7 @@
       ui.nodes.appendChild(li);
     }
     highlightCurrentNode();
+    showConnectedNode();
     ui.nodesUpdated.textContent = "updated " + timeLabel(new Date()) + " (from " + String(data.current_node) + ")";
   }
 

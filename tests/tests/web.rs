@@ -454,6 +454,58 @@ async fn a_cut_connection_resumes_without_losing_or_repeating_a_message() {
     assert!(metric_nonzero(&metrics, "switchboard_node_stateful_resumes_total"), "the node saw a resume");
 }
 
+/// The header names the node the page is on as the cluster panel does (the
+/// id on hover), and a page open for long remembers only a window of the
+/// messages it showed (`seenWindow`, 2,000 unless the URL says otherwise)
+/// without showing any twice, across its node's death and a `Resume`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_names_its_node_and_a_long_open_page_remembers_a_window_of_messages() {
+    let redis = RedisServer::start();
+    let mut nodes = [
+        TestNode::start(&redis, "node-a", &["--name", "Alpha"]).await,
+        TestNode::start(&redis, "node-b", &["--name", "Beta"]).await,
+    ];
+    let lb = TestBalancer::start(&redis, &[]).await;
+    lb.wait_accepting(&["node-a", "node-b"]).await;
+    let Some(browser) = Browser::start().await else { return };
+    let (page, node) = open_chat(&browser, &format!("{}/?seenWindow=4", lb.base), 1024, 768).await;
+    let name = if node == "node-a" { "Alpha" } else { "Beta" };
+    let header = "const s = document.getElementById('status'); return [s.textContent, s.title];";
+    eval_until(&page, "the header to name the node", header, |v| {
+        (v[0] == format!("Connected to {name}") && v[1].as_str()?.contains(&node)).then_some(())
+    })
+    .await;
+
+    let (i, other) = nodes.iter().enumerate().find(|(_, n)| n.id != node).map(|(i, n)| (i, n.base.clone())).unwrap();
+    let http = reqwest::Client::new();
+    let mut sender = HubClient::connect(&http, &other, TransportKind::WebSockets).await.unwrap();
+    for k in 0..12 {
+        chat_from(&mut sender, format!("m {k}")).await;
+    }
+    wait_message(&page, "m 11").await;
+    let seen = eval(&page, "return window.switchboardPage.seenCount();").await;
+    assert!(seen.as_u64().is_some_and(|n| n <= 8), "four ids and four contents at most: {seen}");
+
+    // The page's node dies: it reconnects to the other one and resumes.
+    let page_node = 1 - i;
+    nodes[page_node].process.kill();
+    let back = connected_node(&page, Some(&node)).await;
+    assert_eq!(back, nodes[i].id);
+    eval_until(&page, "the header to name the new node", header, |v| {
+        (v[0] == format!("Connected to {}", if back == "node-a" { "Alpha" } else { "Beta" })).then_some(())
+    })
+    .await;
+    for k in 12..15 {
+        chat_from(&mut sender, format!("m {k}")).await;
+    }
+    wait_message(&page, "m 14").await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let texts: Vec<String> =
+        messages(&page).await.iter().map(|m| m["text"].as_str().unwrap_or_default().to_string()).collect();
+    let want: Vec<String> = (0..15).map(|k| format!("m {k}")).collect();
+    assert_eq!(texts, want, "every message once, in order");
+}
+
 /// With `auth = "required"` the page says it needs a sign-in instead of
 /// retrying; a pasted token signs it in (its name replaces the typed one and
 /// is what another person sees), and so does the development sign-in.
