@@ -1,11 +1,34 @@
 //! `switchboard-balancer`: a Pingora proxy that replaces Traefik in front of
-//! Switchboard chat nodes. It discovers nodes by watching the Redis registry
-//! (`discovery`), checks them (`health`), routes every request by connection
-//! token, affinity cookie or least load (`routing`) through the Pingora hooks
-//! in `proxy`, and reports on a separate admin port (`admin`, `metrics`).
-//! `cluster` holds the shared state; `config` the settings. `run` is the
-//! whole program; the binary adds the command line and the process's signals,
-//! and tests run it in-process with their own shutdown signal.
+//! Switchboard chat nodes. The map:
+//!
+//! ```text
+//! front        every public connection from accept to close: connection cap,
+//!              head limits, HTTPS redirect; a WebSocket upgrade goes to
+//!              `tunnel`, any other request to the Pingora proxy in `proxy`
+//! tls          the HTTPS listener's rustls handshake and certificate reloads
+//! tunnel/      WebSocket tunnels the balancer relays itself (head, connect,
+//!              relay)
+//! proxy        Pingora ProxyHttp hooks for negotiates, long polls, SSE,
+//!              sends, the page and /health
+//! request      a request's facts, taken once from its head
+//! routing      token -> cookie -> least loaded; `Cluster::route` applies it
+//! admission    the connection cap, per-IP rate and forwarded headers;
+//! node_admission  each node's rate of new connections, queue and slow start
+//! refusal      the answers the balancer gives itself
+//! public_surface  which node paths the public port forwards
+//! discovery    the Redis registry watcher; `health` the active checks
+//! cluster      the shared state: the routing table (`table`), health, metrics
+//! history      the dashboard's last five minutes; `admin` the admin port
+//!              (dashboard, /api/backends, /metrics from `metrics`)
+//! access_log   one line per request, when enabled; `config` the settings
+//! ```
+//!
+//! `run` is the whole program; the binary adds the command line and the
+//! process's signals, and tests run it in-process with their own shutdown
+//! signal. "The seed", in comments here and in the docs, is the pair of
+//! articles this project re-creates (a SignalR + Traefik + Redis chat
+//! cluster on Docker Compose): its `/nodes` shape, its Traefik settings and
+//! its dashboard port are kept where they still make sense.
 
 mod access_log;
 mod admin;

@@ -147,10 +147,6 @@ impl ProxyHttp for SwitchboardProxy {
             RouteDecision::UnknownConnection => return respond(session, &refusal::UNKNOWN_CONNECTION).await,
             RouteDecision::NoNodeAvailable => return respond(session, &refusal::NO_NODE).await,
         }
-        if is_upgrade {
-            // Pingora's 60 s downstream default would cut idle WebSockets.
-            session.set_read_timeout(Some(Duration::from_secs(cluster.cfg.idle_timeout_secs)));
-        }
         Ok(false)
     }
 

@@ -1,10 +1,19 @@
-//! One small harness for the end-to-end tests: a real `redis-server` on a
-//! free loopback port (`RedisServer`) or a real Redis Cluster of six
-//! (`RedisCluster`), real `switchboard-node` and
-//! `switchboard-balancer` processes (`Process`), and a SignalR client that
-//! speaks the JSON or MessagePack hub protocol over WebSockets, Server-Sent Events or long
-//! polling on real sockets (`client::HubClient`). Everything is stopped when
+//! One small harness for the end-to-end tests. Everything is stopped when
 //! dropped, and every wait is bounded.
+//!
+//! - Redis: `redis_server::RedisServer`, a real `redis-server` (or Sentinel)
+//!   on a free loopback port; `redis_cluster::RedisCluster`, a real Redis
+//!   Cluster of three masters and three replicas.
+//! - The programs: `process::Process` runs `switchboard-node` and
+//!   `switchboard-balancer` binaries from `target/<profile>`;
+//!   `cluster::{TestNode, TestBalancer}` start them against a test's Redis,
+//!   and `cluster::{InProcessNode, InProcessBalancer}` run them inside the
+//!   test process.
+//! - Clients: `client::HubClient`, a SignalR client written from the spec
+//!   (negotiate v0 and v1; WebSockets, Server-Sent Events and long polling;
+//!   JSON, or MessagePack from `msgpack`); `official` serves Microsoft's
+//!   unmodified browser client to a test page; `browser` drives headless
+//!   Chromium over WebDriver; `tls` makes test certificates and a TLS client.
 
 pub mod browser;
 pub mod client;
