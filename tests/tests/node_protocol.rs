@@ -157,6 +157,38 @@ async fn bad_handshakes_are_answered_with_an_error_and_closed() {
     }
 }
 
+/// A frame the WebSocket layer refuses is answered with RFC 6455's close
+/// code before the socket closes, as ASP.NET Core's WebSocket does: 1007 for
+/// a text frame that is not UTF-8 (one client library sends MessagePack in
+/// text frames) and 1009 for a message over the size limit (a framing error
+/// gets 1002 the same way; no client library here can send one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_frames_get_their_close_codes() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let (_r, node, _http) = one_node().await;
+    let text_frame = |bytes: Vec<u8>| Message::Frame(Frame::message(bytes, OpCode::Data(Data::Text), true));
+    let cases = [
+        (text_frame(vec![b'{', 0xff, 0xfe, b'}', 0x1e]), 1007u16),
+        (Message::Binary(vec![0u8; 100 * 1024].into()), 1009),
+    ];
+    for (bad, want) in cases {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/chathub", ws_url(&node.base))).await.unwrap();
+        ws.send(Message::Text("{\"protocol\":\"json\",\"version\":1}\u{1e}".into())).await.unwrap();
+        let hello = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(hello.into_text().unwrap().as_str(), "{}\u{1e}");
+        ws.send(bad).await.unwrap();
+        let close = loop {
+            match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a Close frame with {want}, got {other:?}"),
+            }
+        };
+        assert_eq!(close.map(|f| u16::from(f.code)), Some(want));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transport_requests_get_the_spec_status_codes() {
     let (_r, node, http) = one_node().await;

@@ -5,7 +5,11 @@
 //! WebSocket pings are answered by tungstenite itself. JSON goes in text
 //! frames and MessagePack in binary ones. With stateful reconnect the writer
 //! pauses while too much is unacknowledged, and a socket that drops without a
-//! close leaves the connection waiting for the client's new socket.
+//! close leaves the connection waiting for the client's new socket. A frame
+//! the WebSocket layer refuses is answered with the close code RFC 6455 gives
+//! it (1007 for a text frame that is not UTF-8, 1009 for one over the size
+//! limit, 1002 for a framing error) before the socket closes, as ASP.NET
+//! Core's does.
 
 use crate::app::App;
 use crate::connection::{now_ms, Connection};
@@ -13,12 +17,14 @@ use crate::hub::{self, Flow};
 use crate::outbox::{Batch, OutFrame};
 use crate::protocol::HubProtocol;
 use axum::body::Bytes;
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::SinkExt;
 use std::sync::Arc;
 
 const READ_BUFFER: usize = 1024;
+/// How long the Close answering a refused frame may take to write.
+const CLOSE_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
 const WRITE_BUFFER: usize = 0; // write through; frames are batched by the outbox
 
 pub fn upgrade(app: Arc<App>, conn: Arc<Connection>, upgrade: WebSocketUpgrade, generation: u64) -> Response {
@@ -36,6 +42,19 @@ pub fn upgrade(app: Arc<App>, conn: Arc<Connection>, upgrade: WebSocketUpgrade, 
             ended(&failed.0, &failed.1, generation, false);
         })
         .on_upgrade(move |socket| run(app, conn, socket, generation))
+}
+
+/// The Close that answers a read error, by RFC 6455 §7.4.1: `None` when the
+/// connection itself failed (nothing can be sent).
+fn close_for(e: axum::Error) -> Option<CloseFrame> {
+    use tungstenite::error::{CapacityError, Error};
+    let (code, reason) = match e.into_inner().downcast::<Error>().ok().map(|e| *e)? {
+        Error::Utf8(_) => (1007, "invalid UTF-8 in a text frame"),
+        Error::Capacity(CapacityError::MessageTooLong { .. }) => (1009, "message too big"),
+        Error::Capacity(_) | Error::Protocol(_) => (1002, "protocol error"),
+        _ => return None,
+    };
+    Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) })
 }
 
 /// A frame as a WebSocket message: text for JSON, binary for MessagePack.
@@ -127,7 +146,10 @@ async fn run(app: Arc<App>, conn: Arc<Connection>, mut socket: WebSocket, genera
                 None => break false,
                 Some(Err(e)) => {
                     tracing::debug!(connection = %conn.connection_id, error = ?e.to_string(), "websocket read failed");
-                    break false;
+                    let Some(close) = close_for(e) else { break false };
+                    // Bounded: a client that reads nothing must not hold the task.
+                    let _ = tokio::time::timeout(CLOSE_WRITE, socket.send(Message::Close(Some(close)))).await;
+                    break true;
                 }
             },
             batch = conn.outbox.next_batch(generation), if may_write => match batch {
