@@ -333,6 +333,7 @@ impl ServeHttp for AdminPages {
             }
             "/metrics" => {
                 self.cluster.refresh_admission_gauges();
+                self.cluster.refresh_health_gauges();
                 reply(StatusCode::OK, "text/plain; version=0.0.4", self.cluster.metrics.render().into_bytes())
             }
             "/dashboard" | "/dashboard/" => {

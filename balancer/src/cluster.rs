@@ -158,6 +158,18 @@ impl Cluster {
         }
     }
 
+    /// Sets `backend_healthy` from Pingora's own verdict for every node in
+    /// the table, and only them: its one writer, called as `/metrics` is
+    /// scraped (so a node that passed one check of `health_rise` is not
+    /// reported healthy before Pingora counts it so, and a removed node's
+    /// series goes with it).
+    pub fn refresh_health_gauges(&self) {
+        self.metrics.backend_healthy.reset();
+        for n in self.table.load().nodes.iter() {
+            self.metrics.backend_healthy.with_label_values(&[&n.record.node_id]).set(self.ready(n) as i64);
+        }
+    }
+
     /// Whether a new SignalR connection from `ip` is within the per-IP rate;
     /// a refusal is counted.
     pub fn admit_new_connection(&self, ip: Option<std::net::IpAddr>) -> bool {

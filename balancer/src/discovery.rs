@@ -174,7 +174,6 @@ impl RegistryWatcher {
             } else {
                 cluster.metrics.discovery_events.with_label_values(&["removed"]).inc();
                 let _ = cluster.metrics.open_connections.remove_label_values(&[&prev.record.node_id]);
-                let _ = cluster.metrics.backend_healthy.remove_label_values(&[&prev.record.node_id]);
                 tracing::info!(node = %prev.record.node_id, "node removed");
             }
         }
@@ -186,9 +185,6 @@ impl RegistryWatcher {
         cluster.forget_stats_except(&ids);
         if let Err(e) = cluster.backends.update(|_| {}).await {
             tracing::warn!(error = %e, "backend update failed");
-        }
-        for node in cluster.table.load().nodes.iter() {
-            cluster.metrics.backend_healthy.with_label_values(&[&node.record.node_id]).set(cluster.ready(node) as i64);
         }
     }
 

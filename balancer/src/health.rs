@@ -17,7 +17,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck};
 use pingora_load_balancing::Backend;
-use prometheus::{IntCounterVec, IntGaugeVec};
+use prometheus::IntCounterVec;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +30,6 @@ pub struct NodeHealthCheck {
     /// Whole-check deadline: connect, request and response together.
     timeout: Duration,
     table: Arc<ArcSwap<RoutingTable>>,
-    healthy_gauge: IntGaugeVec,
     failures: IntCounterVec,
 }
 
@@ -38,7 +37,6 @@ impl NodeHealthCheck {
     pub fn new(
         cfg: &crate::config::BalancerConfig,
         table: Arc<ArcSwap<RoutingTable>>,
-        healthy_gauge: IntGaugeVec,
         failures: IntCounterVec,
     ) -> Box<Self> {
         let mut inner = HttpHealthCheck::new("switchboard-health", false);
@@ -63,7 +61,7 @@ impl NodeHealthCheck {
                 "unexpected /health status",
             )),
         }));
-        Box::new(NodeHealthCheck { inner, timeout, table, healthy_gauge, failures })
+        Box::new(NodeHealthCheck { inner, timeout, table, failures })
     }
 
     fn node(&self, target: &Backend) -> Option<Arc<RouteNode>> {
@@ -104,7 +102,6 @@ impl HealthCheck for NodeHealthCheck {
             if node.is_some_and(|n| n.stats.clear_connect_failures()) {
                 tracing::info!(node = %id, "node answers health checks again");
             }
-            self.healthy_gauge.with_label_values(&[&id]).set(1);
         } else {
             self.failures.with_label_values(&[&self.node_id(target)]).inc();
         }
@@ -113,7 +110,6 @@ impl HealthCheck for NodeHealthCheck {
 
     async fn health_status_change(&self, target: &Backend, healthy: bool) {
         let node = self.node_id(target);
-        self.healthy_gauge.with_label_values(&[&node]).set(healthy as i64);
         if healthy {
             // Back from failing its checks: it takes new clients slowly at first.
             if let Some(n) = self.node(target) {

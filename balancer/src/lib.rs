@@ -131,12 +131,7 @@ pub fn run(mut cfg: BalancerConfig, upgrade: bool, shutdown: Shutdown) -> Result
     let metrics = metrics::Metrics::new();
     let mut backends =
         pingora_load_balancing::Backends::new(Box::new(discovery::RegistryDiscovery::new(table.clone())));
-    backends.set_health_check(health::NodeHealthCheck::new(
-        &cfg,
-        table.clone(),
-        metrics.backend_healthy.clone(),
-        metrics.health_failures.clone(),
-    ));
+    backends.set_health_check(health::NodeHealthCheck::new(&cfg, table.clone(), metrics.health_failures.clone()));
     let (listen, admin_listen) = (cfg.listen, cfg.admin_listen);
     let open_files = admission::raise_open_file_limit();
     // The admin port's connections have descriptors of their own, beside the reserve.

@@ -405,6 +405,43 @@ async fn admin_port_serves_api_dashboard_and_metrics() {
     assert_ne!(cookieless().get(format!("{}/api/backends", c.balancer.base)).send().await.unwrap().status(), 200);
 }
 
+/// `switchboard_balancer_backend_healthy` is Pingora's own verdict and
+/// nothing earlier: with `health_rise` 3, a node back from failing its
+/// checks reads 0 until Pingora counts it healthy (the check itself used to
+/// set 1 at its first pass, a second before the node took traffic).
+#[tokio::test]
+async fn the_healthy_gauge_is_pingoras_verdict_when_a_node_needs_several_passes_to_rise() {
+    let checks = ["--health-interval-ms", "300", "--health-timeout-ms", "200", "--health-rise", "3"];
+    let c = cluster(&["a", "b"], &[], &checks).await;
+    let gauge = || async {
+        let m = get_text(&format!("{}/metrics", c.balancer.admin)).await;
+        m.lines()
+            .find_map(|l| l.strip_prefix("switchboard_balancer_backend_healthy{backend=\"a\"} "))
+            .map(|v| v.trim().to_string())
+    };
+    let pingora_says = || async {
+        let v = c.balancer.backends().await;
+        v["nodes"].as_array().and_then(|n| n.iter().find(|n| n["nodeId"] == "a")).map(|n| n["healthy"] == true)
+    };
+    c.nodes[0].process.signal(libc::SIGSTOP);
+    eventually(WAIT, "node a to fail its checks", || async { (gauge().await.as_deref() == Some("0")).then_some(()) })
+        .await;
+    assert_eq!(pingora_says().await, Some(false));
+    c.nodes[0].process.signal(libc::SIGCONT);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        // The gauge first, then Pingora: a gauge of 1 read first must agree.
+        let g = gauge().await;
+        let healthy = pingora_says().await;
+        if g.as_deref() == Some("1") {
+            assert_eq!(healthy, Some(true), "the gauge said healthy before Pingora did");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "node a never became healthy again (gauge {g:?})");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+}
+
 #[tokio::test]
 async fn requests_to_a_node_that_just_died_are_retried_on_another_before_any_health_check() {
     // Health checks every minute: only the failed connection can reveal the death.
