@@ -8,7 +8,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use std::time::Duration;
 use switchboard_tests::client::{record, ws_url, WireDecoder};
-use switchboard_tests::{HubClient, Protocol, RedisServer, TestNode, TransportKind, WAIT};
+use switchboard_tests::{get_text, HubClient, Protocol, RedisServer, TestNode, TransportKind, WAIT};
 use tokio_tungstenite::tungstenite::Message;
 
 fn rss_kib(pid: i32) -> u64 {
@@ -47,10 +47,29 @@ async fn a_frame_of_history_requests_from_a_client_that_does_not_read_is_bounded
         frame.extend(record(&json!({"type":1,"invocationId":i.to_string(),"target":"GetHistory","arguments":[1000]})));
     }
     ws.send(Message::Text(String::from_utf8(frame).unwrap().into())).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Measured once the node has answered what it will while the client
+    // does not read: GetHistory answers counted, and no more for a while
+    // (it reads no more requests once the connection's budget is full).
+    let answered = || async {
+        let m = get_text(&format!("{}/metrics", node.base)).await;
+        m.lines()
+            .find_map(|l| l.strip_prefix("switchboard_node_invocations_total{method=\"GetHistory\",outcome=\"ok\"} "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut last = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = answered().await;
+        if now > 0 && now == last {
+            break;
+        }
+        last = now;
+    }
+    assert!(last > 0, "the node answered none of the GetHistory calls");
     let during = rss_kib(node.process.pid());
     let grew = during.saturating_sub(before);
-    eprintln!("node RSS {before} KiB → {during} KiB with 30 unread GetHistory(1000) answers pending");
+    eprintln!("node RSS {before} KiB → {during} KiB with {last} of 30 GetHistory(1000) answered and unread");
     assert!(grew < 16 * 1024, "the node grew {grew} KiB for one client that does not read");
 
     // Every request is answered, each with a page that fits the budget.
