@@ -45,12 +45,15 @@ pub fn upgrade(app: Arc<App>, conn: Arc<Connection>, upgrade: WebSocketUpgrade, 
 }
 
 /// The Close that answers a read error, by RFC 6455 §7.4.1: `None` when the
-/// connection itself failed (nothing can be sent).
+/// connection itself failed (nothing can be sent, and a stateful connection
+/// waits for the client's next socket): an I/O error, or a socket dropped
+/// without a close, which tungstenite reports as a protocol error.
 fn close_for(e: axum::Error) -> Option<CloseFrame> {
-    use tungstenite::error::{CapacityError, Error};
+    use tungstenite::error::{CapacityError, Error, ProtocolError};
     let (code, reason) = match e.into_inner().downcast::<Error>().ok().map(|e| *e)? {
         Error::Utf8(_) => (1007, "invalid UTF-8 in a text frame"),
         Error::Capacity(CapacityError::MessageTooLong { .. }) => (1009, "message too big"),
+        Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => return None,
         Error::Capacity(_) | Error::Protocol(_) => (1002, "protocol error"),
         _ => return None,
     };
@@ -194,6 +197,18 @@ mod tests {
 
     fn frames(sizes: &[usize]) -> Vec<OutFrame> {
         sizes.iter().enumerate().map(|(i, &n)| OutFrame::plain(Bytes::from(vec![b'a' + i as u8; n]))).collect()
+    }
+
+    #[test]
+    fn refused_frames_get_their_close_codes_and_a_dropped_socket_none() {
+        use tungstenite::error::{CapacityError, Error, ProtocolError};
+        let code = |e: Error| close_for(axum::Error::new(e)).map(|c| c.code);
+        assert_eq!(code(Error::Utf8("invalid".into())), Some(1007));
+        assert_eq!(code(Error::Capacity(CapacityError::MessageTooLong { size: 10, max_size: 5 })), Some(1009));
+        assert_eq!(code(Error::Protocol(ProtocolError::UnmaskedFrameFromClient)), Some(1002));
+        // A client gone without a close may come back (stateful reconnect).
+        assert_eq!(code(Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)), None);
+        assert_eq!(code(Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset))), None);
     }
 
     #[test]
