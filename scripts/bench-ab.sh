@@ -23,21 +23,7 @@ for k in sys.argv[1].split("."):
 print(v)' "$1"; }
 
 # Starts balancer $1 (A or B) as instance $2; sets $url and $pid.
-start() {
-  local port admin
-  port=$(free_port)
-  admin=$(free_port)
-  "${dirs[$1]}/switchboard-balancer" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-    --redis "redis://127.0.0.1:$redis_port" --pid-file "$work/$2.pid" --upgrade-sock "$work/$2.sock" \
-    >"$work/balancer-$2.log" 2>&1 &
-  pid=$!
-  pids+=("$pid")
-  url="http://127.0.0.1:$port"
-  for _ in $(seq 1 100); do
-    [ "$(curl -fsS "$url/nodes" 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' 2>/dev/null)" = 1 ] && break
-    sleep 0.2
-  done
-}
+start() { start_balancer "${dirs[$1]}" "$2"; }
 
 echo "| measure | A | B |"
 echo "|---|---|---|"

@@ -16,25 +16,13 @@ secs=${2:-8}
 
 declare -A base
 for mode in off json common; do
-  port=$(free_port)
-  admin=$(free_port)
   extra=()
   case $mode in
     json) extra=(--access-log "$work/access-json.log" --access-log-format json) ;;
     common) extra=(--access-log "$work/access-common.log" --access-log-format common) ;;
   esac
-  "$bin/switchboard-balancer" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-    --redis "redis://127.0.0.1:$redis_port" --pid-file "$work/$mode.pid" --upgrade-sock "$work/$mode.sock" \
-    "${extra[@]}" >"$work/balancer-$mode.log" 2>&1 &
-  pids+=($!)
-  base[$mode]="http://127.0.0.1:$port"
-done
-
-for mode in off json common; do
-  for _ in $(seq 1 100); do
-    curl -fsS "${base[$mode]}/nodes" >/dev/null 2>&1 && break
-    sleep 0.2
-  done
+  start_balancer "$bin" "$mode" ${extra[@]+"${extra[@]}"}
+  base[$mode]=$url
 done
 
 echo "| round | workload | off | json | common |"
