@@ -50,13 +50,16 @@
   const seenIds = new Set();
   let seenFloor = null; // the newest id dropped from the window
   const seenKeys = new Set();
+  /** Adds `value` to a window of the newest SEEN_WINDOW; returns what fell out. */
   function remember(set, value) {
     set.add(value);
+    const dropped = [];
     while (set.size > SEEN_WINDOW) {
       const oldest = set.values().next().value;
       set.delete(oldest);
-      if (set === seenIds && (seenFloor === null || idAfter(oldest, seenFloor))) seenFloor = String(oldest);
+      dropped.push(oldest);
     }
+    return dropped;
   }
   // Read-only, for the browser tests: how much the page remembers.
   window.switchboardPage = Object.freeze({ seenCount: () => seenIds.size + seenKeys.size, seenWindow: SEEN_WINDOW });
@@ -84,7 +87,9 @@
     if (id === null || id === undefined) return true;
     id = String(id);
     if (seenIds.has(id) || (seenFloor !== null && !idAfter(id, seenFloor))) return false;
-    remember(seenIds, id);
+    for (const old of remember(seenIds, id)) {
+      if (seenFloor === null || idAfter(old, seenFloor)) seenFloor = old;
+    }
     if (lastId === null || idAfter(id, lastId)) lastId = id;
     return true;
   }
