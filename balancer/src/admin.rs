@@ -332,8 +332,7 @@ impl ServeHttp for AdminPages {
                 reply(StatusCode::OK, "text/css; charset=utf-8", include_bytes!("../static/dashboard.css").to_vec())
             }
             "/metrics" => {
-                self.cluster.refresh_admission_gauges();
-                self.cluster.refresh_health_gauges();
+                self.cluster.refresh_gauges();
                 reply(StatusCode::OK, "text/plain; version=0.0.4", self.cluster.metrics.render().into_bytes())
             }
             "/dashboard" | "/dashboard/" => {

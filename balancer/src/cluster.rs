@@ -150,23 +150,18 @@ impl Cluster {
         }
     }
 
-    /// Sets the per-node admission gauges from the gates (before `/metrics` renders).
-    pub fn refresh_admission_gauges(&self) {
-        for n in self.table.load().nodes.iter() {
-            let waiting = n.stats.gate.waiting.load(Ordering::Relaxed) as i64;
-            self.metrics.admission_waiting.with_label_values(&[&n.record.node_id]).set(waiting);
-        }
-    }
-
-    /// Sets `backend_healthy` from Pingora's own verdict for every node in
-    /// the table, and only them: its one writer, called as `/metrics` is
-    /// scraped (so a node that passed one check of `health_rise` is not
-    /// reported healthy before Pingora counts it so, and a removed node's
-    /// series goes with it).
-    pub fn refresh_health_gauges(&self) {
+    /// Sets the per-node gauges read from state elsewhere, as `/metrics` is
+    /// scraped: admission waiters from each node's gate, and
+    /// `backend_healthy` from Pingora's own verdict (its one writer, so a
+    /// node that passed one check of `health_rise` is not reported healthy
+    /// before Pingora counts it so, and a removed node's series goes with it).
+    pub fn refresh_gauges(&self) {
         self.metrics.backend_healthy.reset();
         for n in self.table.load().nodes.iter() {
-            self.metrics.backend_healthy.with_label_values(&[&n.record.node_id]).set(self.ready(n) as i64);
+            let id = n.record.node_id.as_str();
+            let waiting = n.stats.gate.waiting.load(Ordering::Relaxed) as i64;
+            self.metrics.admission_waiting.with_label_values(&[id]).set(waiting);
+            self.metrics.backend_healthy.with_label_values(&[id]).set(self.ready(n) as i64);
         }
     }
 

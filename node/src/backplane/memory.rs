@@ -87,7 +87,7 @@ impl MemoryBackplane {
 
     /// As `RedisBackplane::write_presence` does it in Redis.
     pub fn write_presence(&self, w: PresenceWrite) -> Vec<(String, String)> {
-        let now = super::now_ms();
+        let now = super::unix_ms();
         let mut state = self.bus.state();
         let nodes = state.nodes();
         for (user, online) in w.changes {

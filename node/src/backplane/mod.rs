@@ -57,7 +57,7 @@ pub struct PresenceWrite {
 }
 
 /// Wall-clock Unix milliseconds (presence expiries are compared across nodes).
-pub fn now_ms() -> i64 {
+pub fn unix_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 

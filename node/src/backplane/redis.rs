@@ -220,7 +220,7 @@ impl RedisBackplane {
             return Ok(Vec::new());
         }
         let (key, channel) = (self.layout.presence(), self.layout.presence_changes());
-        let now = super::now_ms();
+        let now = super::unix_ms();
         let mut pipe = redis::pipe();
         for (user, online) in w.changes {
             let m = layout::presence_member(&w.node, &user);
