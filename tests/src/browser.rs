@@ -4,8 +4,8 @@
 //! profile, so sessions have separate cookie jars exactly like two people on
 //! two machines. Screenshots go to `target/<profile>/test-artifacts/`.
 
+use crate::eventually;
 use crate::process::{free_port, target_dir, Process};
-use crate::{eventually, wait_for_status};
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{json, Value};
@@ -19,6 +19,27 @@ pub const PAGE_WAIT: Duration = Duration::from_secs(30);
 /// Set to skip the browser tests on a machine without Chromium (scripts/test.sh
 /// installs it, so CI never skips).
 pub const SKIP_VAR: &str = "SWITCHBOARD_SKIP_BROWSER_TESTS";
+
+/// Ports chromedriver is started on before a test gives up.
+const DRIVER_ATTEMPTS: usize = 3;
+
+/// Waits until chromedriver answers `/status`, for up to 60 s; false as soon
+/// as it has exited (its port was taken) or when the time is up.
+async fn driver_ready(process: &mut Process, driver_url: &str) -> bool {
+    let http = reqwest::Client::new();
+    let status = format!("{driver_url}/status");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        if http.get(&status).send().await.is_ok_and(|r| r.status().is_success()) {
+            return true;
+        }
+        if process.has_exited() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
 
 fn find_program(candidates: &[&str]) -> Option<PathBuf> {
     candidates.iter().map(PathBuf::from).find(|p| p.exists())
@@ -47,12 +68,22 @@ impl Browser {
                  scripts/test.sh installs them), or set {SKIP_VAR}=1 to skip"
             );
         };
-        let port = free_port();
-        let args = vec![format!("--port={port}"), "--allowed-ips=127.0.0.1".to_string()];
-        let process = Process::spawn_program(&driver, "chromedriver", &args);
-        let driver_url = format!("http://127.0.0.1:{port}");
-        wait_for_status(&format!("{driver_url}/status"), 200, Duration::from_secs(20), "chromedriver to start").await;
-        Some(Browser { driver_url, chromium, _driver: process })
+        // A port chosen by `free_port` can be taken (by another test's
+        // listener or an outgoing connection's local port) before chromedriver
+        // binds it; chromedriver then exits. Try a few ports, and give one
+        // that is merely slow (two cores, other Chromiums starting) time.
+        let mut failures = Vec::new();
+        for _ in 0..DRIVER_ATTEMPTS {
+            let port = free_port();
+            let args = vec![format!("--port={port}"), "--allowed-ips=127.0.0.1".to_string()];
+            let mut process = Process::spawn_program(&driver, "chromedriver", &args);
+            let driver_url = format!("http://127.0.0.1:{port}");
+            if driver_ready(&mut process, &driver_url).await {
+                return Some(Browser { driver_url, chromium, _driver: process });
+            }
+            failures.push(format!("port {port}: {}", process.log_text().trim()));
+        }
+        panic!("chromedriver did not start in {DRIVER_ATTEMPTS} attempts:\n{}", failures.join("\n"));
     }
 
     /// A new browser session (own profile, own cookies) with a window of the
