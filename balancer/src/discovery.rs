@@ -1,9 +1,10 @@
 //! Where backends come from: the Redis node registry.
 //!
 //! `RegistryWatcher` (a Pingora background service) subscribes to the
-//! registry channel and re-reads every `{prefix}:nodes:*` hash with SCAN on
-//! each announcement and every `discovery_interval_ms`; announcements are
-//! hints, the hashes are the truth. Each read builds a new `RoutingTable` and
+//! registry channel and re-reads every node's hash (the ids from the
+//! registry's index, see `switchboard_common::registry`) on each
+//! announcement and every `discovery_interval_ms`; announcements are hints,
+//! the hashes are the truth. Each read builds a new `RoutingTable` and
 //! swaps it in whole, then lets pingora-load-balancing's `Backends` pick up
 //! the change through `RegistryDiscovery`. While Redis is unreachable the last
 //! table stays (static stability). A node whose key vanishes without a `down`
@@ -22,12 +23,11 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora_load_balancing::discovery::ServiceDiscovery;
 use pingora_load_balancing::Backend;
-use redis::aio::ConnectionManager;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use switchboard_common::redis_target::RedisTarget;
+use switchboard_common::redis_target::{RedisConn, RedisTarget, Timeouts};
 use switchboard_common::registry::{registry_channel, NodeRecord, RegistryEvent, RegistryEventKind};
 
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -71,6 +71,8 @@ async fn resolve(url: &str) -> Option<SocketAddr> {
 pub struct RegistryWatcher {
     cluster: Arc<Cluster>,
     target: RedisTarget,
+    /// The key prefix as written in Redis (hash-tagged in a Redis Cluster).
+    prefix: String,
 }
 
 fn timed_out() -> redis::RedisError {
@@ -80,28 +82,26 @@ fn timed_out() -> redis::RedisError {
 impl RegistryWatcher {
     pub fn new(cluster: Arc<Cluster>) -> Result<Self, redis::RedisError> {
         let target = RedisTarget::open(cluster.cfg.redis.as_str())?;
-        Ok(RegistryWatcher { cluster, target })
+        let prefix = target.key_prefix(&cluster.cfg.key_prefix);
+        Ok(RegistryWatcher { cluster, target, prefix })
     }
 
-    /// A client for the current server (with Sentinel, the current master).
+    /// A client for one server: the current one (with Sentinel, the
+    /// current master; in a cluster, the next member in turn).
     async fn client(&self) -> redis::RedisResult<redis::Client> {
         self.target.client(REDIS_TIMEOUT * 2).await
     }
 
-    async fn read_registry(&self, conn: &mut Option<ConnectionManager>) -> redis::RedisResult<Vec<NodeRecord>> {
+    async fn read_registry(&self, conn: &mut Option<RedisConn>) -> redis::RedisResult<Vec<NodeRecord>> {
         if conn.is_none() {
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(REDIS_TIMEOUT))
-                .set_response_timeout(Some(REDIS_TIMEOUT))
-                .set_number_of_retries(1);
-            *conn = Some(self.client().await?.get_connection_manager_with_config(config).await?);
+            *conn = Some(self.target.connect(Timeouts { connect: REDIS_TIMEOUT, response: REDIS_TIMEOUT }).await?);
         }
         let Some(c) = conn.as_mut() else { return Ok(Vec::new()) };
-        switchboard_common::registry::read_all(c, &self.cluster.cfg.key_prefix).await
+        switchboard_common::registry::read_all(c, &self.prefix).await
     }
 
     /// Re-reads the registry and swaps in a new table; on failure keeps the old one.
-    async fn refresh(&self, conn: &mut Option<ConnectionManager>, gone: &mut HashSet<String>) {
+    async fn refresh(&self, conn: &mut Option<RedisConn>, gone: &mut HashSet<String>) {
         let cluster = &self.cluster;
         let records = match self.read_registry(conn).await {
             Ok(r) => r,
@@ -192,12 +192,12 @@ impl RegistryWatcher {
         let client = self.client().await?;
         let mut pubsub =
             tokio::time::timeout(REDIS_TIMEOUT, client.get_async_pubsub()).await.map_err(|_| timed_out())??;
-        pubsub.subscribe(registry_channel(&self.cluster.cfg.key_prefix)).await?;
+        pubsub.subscribe(registry_channel(&self.prefix)).await?;
         Ok(pubsub.into_on_message())
     }
 
     async fn watch(&self) {
-        let mut conn: Option<ConnectionManager> = None;
+        let mut conn: Option<RedisConn> = None;
         let mut gone: HashSet<String> = HashSet::new();
         let mut events: Option<redis::aio::PubSubStream> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(self.cluster.cfg.discovery_interval_ms));

@@ -1,12 +1,19 @@
 //! The node registry as stored in Redis: one hash per node at
 //! `{prefix}:nodes:{nodeId}` (refreshed on every heartbeat, with a TTL so a node
-//! that dies silently disappears) and announcements on `{prefix}:registry` so
-//! the balancer reacts within milliseconds. Records read back from Redis are
-//! untrusted input: parsing rejects a record with missing or malformed fields
-//! instead of guessing.
+//! that dies silently disappears), an index of the node ids at
+//! `{prefix}:nodes` (a sorted set scored by each hash's expiry, Unix ms), and
+//! announcements on `{prefix}:registry` so the balancer reacts within
+//! milliseconds. Readers take the ids from the index and read each hash: a
+//! keyed read, which a Redis Cluster routes to the slot's owner and
+//! redirects after a failover, where a SCAN for `{prefix}:nodes:*` would
+//! walk the whole keyspace and, in a cluster, answer nothing from a member
+//! that no longer owns the slot. The hashes stay the truth: an id whose hash
+//! expired is skipped, and writers prune ids long expired. Records read back
+//! from Redis are untrusted input: parsing rejects a record with missing or
+//! malformed fields instead of guessing.
 
+use crate::redis_target::RedisConn;
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures_util::StreamExt;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -17,10 +24,15 @@ pub fn node_key(prefix: &str, node_id: &str) -> String {
     format!("{prefix}:nodes:{node_id}")
 }
 
-/// SCAN pattern matching every node key.
-pub fn node_key_pattern(prefix: &str) -> String {
-    format!("{prefix}:nodes:*")
+/// The index of node ids (see the module's doc).
+pub fn index_key(prefix: &str) -> String {
+    format!("{prefix}:nodes")
 }
+
+/// How long past its expiry (by the writer's clock) an id stays in the
+/// index: readers skip it as soon as its hash is gone, so this only bounds
+/// the index, generously, for clocks that disagree.
+pub const INDEX_SLACK_MS: i64 = 60_000;
 
 pub fn registry_channel(prefix: &str) -> String {
     format!("{prefix}:registry")
@@ -150,26 +162,44 @@ impl RegistryEvent {
     }
 }
 
-/// Every well-formed record under `prefix`, read with SCAN (never KEYS).
-/// Malformed entries and keys of the wrong type are skipped: they are
-/// garbage under our prefix, not an outage. Sorted by node id.
-pub async fn read_all<C: redis::aio::ConnectionLike + Send + Sync>(
-    conn: &mut C,
-    prefix: &str,
-) -> redis::RedisResult<Vec<NodeRecord>> {
-    let mut keys: Vec<String> = Vec::new();
-    {
-        let mut iter = conn.scan_match::<_, String>(node_key_pattern(prefix)).await?;
-        while let Some(k) = iter.next().await {
-            keys.push(k?);
-        }
+/// Adds to `pipe` what (re)registers `record` for `ttl_ms` from `now_ms`
+/// (Unix ms): its hash with that TTL, its id in the index scored by the
+/// hash's expiry, and the pruning of ids long expired.
+pub fn write_record(pipe: &mut redis::Pipeline, prefix: &str, record: &NodeRecord, ttl_ms: i64, now_ms: i64) {
+    let (key, index) = (node_key(prefix, &record.node_id), index_key(prefix));
+    pipe.hset_multiple(&key, &record.to_fields())
+        .ignore()
+        .pexpire(&key, ttl_ms)
+        .ignore()
+        .zadd(&index, &record.node_id, now_ms + ttl_ms)
+        .ignore()
+        .zrembyscore(&index, "-inf", now_ms - INDEX_SLACK_MS)
+        .ignore();
+}
+
+/// Every well-formed record under `prefix`: the index's ids, each hash read
+/// in one pipeline. Ids whose hash expired, malformed entries and keys of
+/// the wrong type are skipped: they are garbage under our prefix, not an
+/// outage. Sorted by node id.
+pub async fn read_all(conn: &mut RedisConn, prefix: &str) -> redis::RedisResult<Vec<NodeRecord>> {
+    let ids: Vec<String> = conn.zrange(index_key(prefix), 0, -1).await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
     }
-    let mut records = Vec::with_capacity(keys.len());
-    for key in keys {
-        let fields: HashMap<String, String> = match conn.hgetall(&key).await {
-            Ok(f) => f,
-            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => return Err(e),
-            Err(_) => continue,
+    let mut pipe = redis::pipe();
+    // A key of another type answers WRONGTYPE in its place; that entry is
+    // garbage, the rest of the read stands.
+    pipe.ignore_errors();
+    for id in &ids {
+        pipe.hgetall(node_key(prefix, id));
+    }
+    let answers: Vec<redis::RedisResult<HashMap<String, String>>> = pipe.query_async(conn).await?;
+    let mut records = Vec::with_capacity(ids.len());
+    for answer in answers {
+        let fields = match answer {
+            Ok(fields) => fields,
+            Err(e) if e.code() == Some("WRONGTYPE") => continue,
+            Err(e) => return Err(e),
         };
         if let Ok(r) = NodeRecord::from_fields(&fields) {
             records.push(r);

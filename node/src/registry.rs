@@ -1,14 +1,15 @@
 //! This node's entry in the registry: the heartbeat that refreshes
-//! `{prefix}:nodes:{nodeId}` with a TTL, the announcements on
-//! `{prefix}:registry` (up when first registered or re-registered after a
-//! Redis outage, draining, down), and the SCAN-based listing behind `/nodes`.
+//! `{prefix}:nodes:{nodeId}` with a TTL and the node's id in the index
+//! `{prefix}:nodes`, the announcements on `{prefix}:registry` (up when first
+//! registered or re-registered after a Redis outage, draining, down), and
+//! the listing behind `/nodes` (see `switchboard_common::registry`).
 
 use crate::app::App;
 use chrono::Utc;
 use redis::RedisResult;
 use std::sync::Arc;
 use switchboard_common::registry::{
-    node_key, registry_channel, NodeRecord, NodeStatus, RegistryEvent, RegistryEventKind,
+    index_key, node_key, registry_channel, write_record, NodeRecord, NodeStatus, RegistryEvent, RegistryEventKind,
 };
 
 pub fn record(app: &App) -> NodeRecord {
@@ -27,10 +28,10 @@ pub fn record(app: &App) -> NodeRecord {
 
 /// Writes the record with its TTL, plus an announcement when given.
 pub async fn beat(app: &App, announce: Option<RegistryEventKind>) -> RedisResult<()> {
-    let key = node_key(&app.cfg.key_prefix, &app.node_id);
     let ttl_ms = (app.cfg.ttl_secs * 1000.0).ceil() as i64;
     let mut pipe = redis::pipe();
-    pipe.atomic().hset_multiple(&key, &record(app).to_fields()).ignore().pexpire(&key, ttl_ms).ignore();
+    pipe.atomic();
+    write_record(&mut pipe, &app.cfg.key_prefix, &record(app), ttl_ms, Utc::now().timestamp_millis());
     if let Some(kind) = announce {
         let event = RegistryEvent { event: kind, node_id: app.node_id.clone() };
         pipe.publish(registry_channel(&app.cfg.key_prefix), event.to_json()).ignore();
@@ -95,7 +96,12 @@ pub async fn deregister(app: &App) -> RedisResult<()> {
     let key = node_key(&app.cfg.key_prefix, &app.node_id);
     let event = RegistryEvent { event: RegistryEventKind::Down, node_id: app.node_id.clone() };
     let mut pipe = redis::pipe();
-    pipe.del(&key).ignore().publish(registry_channel(&app.cfg.key_prefix), event.to_json()).ignore();
+    pipe.del(&key)
+        .ignore()
+        .zrem(index_key(&app.cfg.key_prefix), &app.node_id)
+        .ignore()
+        .publish(registry_channel(&app.cfg.key_prefix), event.to_json())
+        .ignore();
     let mut c = app.redis.conn().await?;
     pipe.query_async(&mut c).await
 }

@@ -6,11 +6,10 @@
 //! answers.
 
 use futures_util::{SinkExt, StreamExt};
-use redis::AsyncCommands;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::Duration;
-use switchboard_common::registry::{node_key, NodeRecord, NodeStatus};
+use switchboard_common::registry::{write_record, NodeRecord, NodeStatus};
 use switchboard_common::token::ConnectionToken;
 use switchboard_tests::client::{record, ws_url};
 use switchboard_tests::{
@@ -330,8 +329,9 @@ async fn a_node_that_accepts_tcp_but_never_answers_is_taken_out_of_rotation() {
         version: "0".into(),
     };
     let mut r = c.redis.connection().await;
-    let _: () = r.hset_multiple(node_key("switchboard", "blackhole"), &fake.to_fields()).await.unwrap();
-    let _: () = r.expire(node_key("switchboard", "blackhole"), 60).await.unwrap();
+    let mut pipe = redis::pipe();
+    write_record(&mut pipe, "switchboard", &fake, 60_000, chrono::Utc::now().timestamp_millis());
+    let _: () = pipe.query_async(&mut r).await.unwrap();
     eventually(WAIT, "black hole to be listed and found unhealthy", || async {
         let v = c.balancer.backends().await;
         v["nodes"].as_array()?.iter().find(|n| n["nodeId"] == "blackhole" && n["healthy"] == false).map(|_| ())

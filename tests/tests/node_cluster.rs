@@ -160,6 +160,7 @@ async fn nodes_lists_live_nodes_and_forgets_a_killed_one_after_its_ttl() {
     let mut r = redis.connection().await;
     let _: () = r.hset("switchboard:nodes:junk", "nodeId", "junk").await.unwrap();
     let _: () = r.set("switchboard:nodes:wrongtype", "x").await.unwrap();
+    let _: () = r.zadd_multiple("switchboard:nodes", &[(i64::MAX, "junk"), (i64::MAX, "wrongtype")]).await.unwrap();
 
     b.process.kill();
     let listing = eventually(Duration::from_secs(15), "killed node to expire", || {

@@ -6,9 +6,8 @@
 //! arrives. (The relay used to race two read-then-write futures in
 //! `select!`, dropping whatever one had read when the other finished first.)
 
-use redis::AsyncCommands;
 use std::time::Duration;
-use switchboard_common::registry::{node_key, NodeRecord, NodeStatus};
+use switchboard_common::registry::{write_record, NodeRecord, NodeStatus};
 use switchboard_common::token::ConnectionToken;
 use switchboard_tests::{InProcessBalancer, RedisServer, TestBalancer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -174,8 +173,9 @@ async fn stand_in(down_bytes: usize) -> (RedisServer, tokio::sync::oneshot::Rece
     };
     let client = redis::Client::open(redis.url()).unwrap();
     let mut r = client.get_multiplexed_async_connection().await.unwrap();
-    let _: () = r.hset_multiple(node_key("switchboard", "relay"), &record.to_fields()).await.unwrap();
-    let _: () = r.expire(node_key("switchboard", "relay"), 120).await.unwrap();
+    let mut pipe = redis::pipe();
+    write_record(&mut pipe, "switchboard", &record, 120_000, chrono::Utc::now().timestamp_millis());
+    let _: () = pipe.query_async(&mut r).await.unwrap();
     (redis, report_rx)
 }
 
