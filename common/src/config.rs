@@ -213,6 +213,7 @@ mod tests {
             mask_url_password("redis+sentinel://:pw@a:26379,b:26379/mymaster"),
             "redis+sentinel://:****@a:26379,b:26379/mymaster"
         );
+        assert_eq!(mask_url_password("redis+cluster://:pw@a:7000,b:7001"), "redis+cluster://:****@a:7000,b:7001");
         assert_eq!(
             mask_url_password("redis://db:6379/@x"),
             "redis://db:6379/@x",

@@ -60,6 +60,10 @@ impl App {
         let metrics = Metrics::new();
         let target = switchboard_common::redis_target::RedisTarget::open(cfg.redis.as_str())
             .map_err(|e| format!("invalid redis URL: {e}"))?;
+        // Every key and channel is named from the prefix as written in
+        // Redis: hash-tagged in a Redis Cluster (see `RedisTarget::key_prefix`).
+        let mut cfg = cfg;
+        cfg.key_prefix = target.key_prefix(&cfg.key_prefix);
         let auth = crate::auth::Auth::from_config(&cfg)?;
         let node_id = cfg.node_id();
         let redis = Arc::new(RedisLink::new(target, metrics.redis_up.clone()));

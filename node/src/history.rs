@@ -11,13 +11,13 @@
 //! untrusted: a malformed one is skipped and logged, not returned
 //! half-filled.
 
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamId, StreamRangeReply};
 use redis::{AsyncCommands, RedisResult};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::cmp::Ordering;
 use std::collections::{HashSet, VecDeque};
+use switchboard_common::redis_target::RedisConn;
 
 /// One chat message as stored, published and replayed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,8 +81,11 @@ impl ChatMessage {
 pub const STORE_AND_PUBLISH: &str = include_str!("store_and_publish.lua");
 
 /// Loads the script into Redis's script cache; answers its SHA1 for `EVALSHA`.
-pub async fn load_script(conn: &mut ConnectionManager) -> RedisResult<String> {
-    redis::cmd("SCRIPT").arg("LOAD").arg(STORE_AND_PUBLISH).query_async(conn).await
+/// In a cluster, loaded on the master that holds `key` (the history
+/// stream), where it runs; a master that takes over after a failover answers
+/// `NOSCRIPT` and the script is loaded again.
+pub async fn load_script(conn: &mut RedisConn, key: &str) -> RedisResult<String> {
+    conn.query_at(redis::cmd("SCRIPT").arg("LOAD").arg(STORE_AND_PUBLISH), key).await
 }
 
 /// Adds the atomic store-and-publish of `m` to a pipeline (`EVALSHA` of the
@@ -163,7 +166,7 @@ fn collect(reply: StreamRangeReply) -> Vec<ChatMessage> {
 /// Up to `count` messages older than `before` (exclusive; the newest when
 /// `None`), newest first: one page of a read that walks history backwards.
 pub async fn older(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     key: &str,
     before: Option<&str>,
     count: usize,
@@ -179,7 +182,7 @@ pub async fn older(
 /// Up to `count` messages after `after` (exclusive) up to `through`
 /// (inclusive; `+` for the newest), oldest first.
 pub async fn after(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     key: &str,
     after: &str,
     through: &str,
@@ -190,7 +193,7 @@ pub async fn after(
 }
 
 /// The id of the newest entry, or `0-0` for an empty history.
-pub async fn last_id(conn: &mut ConnectionManager, key: &str) -> RedisResult<String> {
+pub async fn last_id(conn: &mut RedisConn, key: &str) -> RedisResult<String> {
     let reply: StreamRangeReply = conn.xrevrange_count(key, "+", "-", 1).await?;
     Ok(reply.ids.first().map_or_else(|| "0-0".to_string(), |e| e.id.clone()))
 }
@@ -241,11 +244,7 @@ impl std::fmt::Display for ResumeError {
 /// than the oldest entry left and some entries were trimmed (`entries-added`
 /// above `length`). (A client whose last id is exactly the newest trimmed
 /// entry is told so too, though it missed nothing; it is a rare edge.)
-pub async fn check_resume(
-    conn: &mut ConnectionManager,
-    key: &str,
-    from: &str,
-) -> RedisResult<Result<String, ResumeError>> {
+pub async fn check_resume(conn: &mut RedisConn, key: &str, from: &str) -> RedisResult<Result<String, ResumeError>> {
     if parse_id(from).is_none() {
         return Ok(Err(ResumeError::Malformed));
     }

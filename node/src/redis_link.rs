@@ -1,7 +1,8 @@
 //! The node's command connection to Redis. The first connection is made
 //! lazily and retried on every use, so a node starts and serves its local
 //! clients even while Redis is down; after that, redis-rs's
-//! `ConnectionManager` reconnects by itself (with Sentinel, after an error the
+//! `ConnectionManager` (or, on a Redis Cluster, its cluster connection)
+//! reconnects by itself (with Sentinel, after an error the
 //! next use asks the sentinels for the master again, see `RedisTarget`), and
 //! after a timeout the next use connects anew (a silent connection is not
 //! one the manager would replace). Short connect and response timeouts keep
@@ -10,19 +11,18 @@
 //! exported in `/health` and metrics.
 
 use prometheus::IntGauge;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, RedisResult};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use switchboard_common::redis_state::RedisState;
-use switchboard_common::redis_target::RedisTarget;
+use switchboard_common::redis_target::{RedisConn, RedisTarget, Timeouts};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct RedisLink {
     target: RedisTarget,
-    manager: tokio::sync::Mutex<Option<ConnectionManager>>,
+    manager: tokio::sync::Mutex<Option<RedisConn>>,
     /// With Sentinel: an error was seen, so the master may have moved and
     /// the next connection asks the sentinels again.
     stale: AtomicBool,
@@ -41,13 +41,14 @@ impl RedisLink {
         }
     }
 
-    /// A client for the current server (with Sentinel, the current master).
+    /// A client for one server: the current one (with Sentinel, the current
+    /// master; in a cluster, the next member in turn, for pub/sub).
     pub async fn client(&self) -> RedisResult<Client> {
         self.target.client(CONNECT_TIMEOUT * 2).await
     }
 
     /// A command connection; fails fast while Redis is unreachable.
-    pub async fn conn(&self) -> RedisResult<ConnectionManager> {
+    pub async fn conn(&self) -> RedisResult<RedisConn> {
         let mut guard = self.manager.lock().await;
         if self.stale.swap(false, Ordering::AcqRel) {
             *guard = None;
@@ -55,15 +56,7 @@ impl RedisLink {
         if let Some(m) = guard.as_ref() {
             return Ok(m.clone());
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let m = match self.client().await {
-            Ok(client) => client.get_connection_manager_with_config(config).await,
-            Err(e) => Err(e),
-        };
+        let m = self.target.connect(Timeouts { connect: CONNECT_TIMEOUT, response: RESPONSE_TIMEOUT }).await;
         self.observe(&m);
         let m = m?;
         *guard = Some(m.clone());

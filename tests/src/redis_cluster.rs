@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 pub struct RedisCluster {
     pub members: Vec<RedisServer>,
+    /// Every member's `requirepass` (and `masterauth`), if any.
+    password: Option<String>,
 }
 
 /// `n` ports whose cluster bus ports (`+ 10000`) are free as well; every
@@ -44,6 +46,11 @@ impl RedisCluster {
     /// Three masters and three replicas, every slot covered, every member
     /// agreeing the cluster is ok.
     pub fn start() -> Self {
+        Self::start_with_password(None)
+    }
+
+    /// The same with every member requiring `password`.
+    pub fn start_with_password(password: Option<&str>) -> Self {
         let ports = cluster_ports(6);
         let members: Vec<RedisServer> = ports
             .iter()
@@ -64,16 +71,19 @@ impl RedisCluster {
                     "--repl-diskless-sync-delay",
                     "0",
                 ];
-                RedisServer::start_on(*p, &extra, None)
+                RedisServer::start_on(*p, &extra, password)
             })
             .collect();
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
         create.args(ports.iter().map(|p| format!("127.0.0.1:{p}")));
         create.args(["--cluster-replicas", "1", "--cluster-yes"]);
+        if let Some(pw) = password {
+            create.args(["-a", pw, "--no-auth-warning"]);
+        }
         let out = create.output().expect("redis-cli must be installed (scripts/test.sh installs redis-server)");
         assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
-        let cluster = RedisCluster { members };
+        let cluster = RedisCluster { members, password: password.map(String::from) };
         cluster.wait_ok(Duration::from_secs(30));
         cluster.wait_replicas_synced(Duration::from_secs(30));
         cluster
@@ -85,7 +95,7 @@ impl RedisCluster {
         let deadline = Instant::now() + limit;
         loop {
             let synced = self.members.iter().filter(|m| m.is_running()).all(|m| {
-                let info = Self::text(m.port, &redis::cmd("INFO").arg("replication").to_owned()).unwrap_or_default();
+                let info = self.text(m.port, &redis::cmd("INFO").arg("replication").to_owned()).unwrap_or_default();
                 info_field(&info, "role").as_deref() != Some("slave")
                     || info_field(&info, "master_link_status").as_deref() == Some("up")
             });
@@ -101,22 +111,29 @@ impl RedisCluster {
     /// node or balancer is configured.
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self.members.iter().map(|m| format!("127.0.0.1:{}", m.port)).collect();
-        format!("redis+cluster://{}", hosts.join(","))
+        format!("redis+cluster://{}{}", self.auth(), hosts.join(","))
     }
 
     /// The running members' `redis://` addresses, for redis-rs's cluster client.
     pub fn nodes(&self) -> Vec<String> {
-        self.members.iter().filter(|m| m.is_running()).map(|m| format!("redis://127.0.0.1:{}", m.port)).collect()
+        let auth = self.auth();
+        self.members.iter().filter(|m| m.is_running()).map(|m| format!("redis://{auth}127.0.0.1:{}", m.port)).collect()
     }
 
-    fn query(port: u16, cmd: &redis::Cmd) -> Option<redis::Value> {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    /// `:password@`, or nothing.
+    fn auth(&self) -> String {
+        self.password.as_ref().map(|p| format!(":{p}@")).unwrap_or_default()
+    }
+
+    /// A command's answer from the member on `port`.
+    pub fn query_member(&self, port: u16, cmd: &redis::Cmd) -> Option<redis::Value> {
+        let client = redis::Client::open(format!("redis://{}127.0.0.1:{port}", self.auth())).ok()?;
         let mut c = client.get_connection_with_timeout(Duration::from_secs(1)).ok()?;
         cmd.query(&mut c).ok()
     }
 
-    fn text(port: u16, cmd: &redis::Cmd) -> Option<String> {
-        match Self::query(port, cmd)? {
+    fn text(&self, port: u16, cmd: &redis::Cmd) -> Option<String> {
+        match self.query_member(port, cmd)? {
             redis::Value::BulkString(b) => String::from_utf8(b).ok(),
             redis::Value::VerbatimString { text, .. } => Some(text),
             redis::Value::SimpleString(s) => Some(s),
@@ -129,7 +146,7 @@ impl RedisCluster {
         let deadline = Instant::now() + limit;
         loop {
             let ok = self.members.iter().filter(|m| m.is_running()).all(|m| {
-                Self::text(m.port, &redis::cmd("CLUSTER").arg("INFO").to_owned())
+                self.text(m.port, &redis::cmd("CLUSTER").arg("INFO").to_owned())
                     .and_then(|i| info_field(&i, "cluster_state"))
                     .as_deref()
                     == Some("ok")
@@ -145,24 +162,25 @@ impl RedisCluster {
     /// The index in `members` of the running master that serves `key`'s slot now.
     pub fn master_of(&self, key: &str) -> Option<usize> {
         let slot = self.members.iter().filter(|m| m.is_running()).find_map(|m| {
-            match Self::query(m.port, &redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).to_owned())? {
+            match self.query_member(m.port, &redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).to_owned())? {
                 redis::Value::Int(s) => Some(s),
                 _ => None,
             }
         })?;
         self.members.iter().position(|m| {
             m.is_running()
-                && Self::text(m.port, &redis::cmd("INFO").arg("replication").to_owned())
+                && self
+                    .text(m.port, &redis::cmd("INFO").arg("replication").to_owned())
                     .and_then(|i| info_field(&i, "role"))
                     .as_deref()
                     == Some("master")
-                && Self::owns(m.port, slot)
+                && self.owns(m.port, slot)
         })
     }
 
     /// Whether the member on `port` serves `slot`, by its own `CLUSTER SLOTS`.
-    fn owns(port: u16, slot: i64) -> bool {
-        let Some(redis::Value::Array(ranges)) = Self::query(port, &redis::cmd("CLUSTER").arg("SLOTS").to_owned())
+    fn owns(&self, port: u16, slot: i64) -> bool {
+        let Some(redis::Value::Array(ranges)) = self.query_member(port, &redis::cmd("CLUSTER").arg("SLOTS").to_owned())
         else {
             return false;
         };

@@ -5,12 +5,15 @@
 //! sharded pub/sub delivered by the shard that owns the channel and listed
 //! there only; and when that shard's master is killed, its replica takes
 //! over, and a sharded subscription made again through the same client
-//! reaches it (redis-rs does not move it by itself: see the test).
+//! reaches it (redis-rs does not move it by itself: see the test). Then
+//! Switchboard itself on the cluster: nodes and balancer given
+//! `redis+cluster://…`, through a failover of the master that holds their keys.
 
 use redis::cluster::ClusterClientBuilder;
 use redis::{AsyncCommands, ProtocolVersion, PushInfo, PushKind, Value};
+use serde_json::json;
 use std::time::{Duration, Instant};
-use switchboard_tests::RedisCluster;
+use switchboard_tests::{get_text, HubClient, RedisCluster, TestBalancer, TestNode, TransportKind, WAIT};
 use tokio::sync::mpsc;
 
 /// The next sharded message's payload on `channel`, within `limit`.
@@ -127,4 +130,93 @@ async fn the_cluster_spreads_keys_carries_sharded_pubsub_and_a_subscription_foll
         unsubscribed_for.as_secs_f64(),
         killed.elapsed().as_secs_f64()
     );
+}
+
+async fn hears(client: &mut HubClient, target: &str, text: &str, limit: Duration) -> bool {
+    let at = if target == "ReceiveGroupMessage" { 2 } else { 1 };
+    client.expect(limit, |v| v["target"] == target && v["arguments"][at] == text).await.is_some()
+}
+
+/// Nodes and the balancer given `redis+cluster://…` (with a password): the
+/// balancer discovers the nodes, broadcasts and group messages cross nodes,
+/// every key sits on the one slot of the prefix's hash tag, and when that
+/// slot's master is killed its replica takes over while the clients stay
+/// connected: chat crosses again, nothing sent was lost from history, a node
+/// started afterwards is discovered, and the password shows nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_and_the_balancer_run_on_a_redis_cluster_and_follow_a_failover() {
+    const PASSWORD: &str = "s3cret-cluster-pass";
+    let mut cluster = RedisCluster::start_with_password(Some(PASSWORD));
+    let url = cluster.url();
+    let a = TestNode::start_with_redis_url(&url, "rc-a", &[]).await;
+    let _b = TestNode::start_with_redis_url(&url, "rc-b", &[]).await;
+    let balancer = TestBalancer::start(&cluster.members[0], &["--redis", &url]).await;
+    balancer.wait_accepting(&["rc-a", "rc-b"]).await;
+
+    let http = reqwest::Client::new();
+    let mut one = HubClient::connect(&http, &balancer.base, TransportKind::WebSockets).await.expect("client one");
+    let mut two = HubClient::connect(&http, &balancer.base, TransportKind::WebSockets).await.expect("client two");
+    let node = |c: &HubClient| switchboard_common::token::owner_of(&c.connection_id);
+    while node(&two) == node(&one) {
+        two = HubClient::connect(&http, &balancer.base, TransportKind::WebSockets).await.expect("client two");
+    }
+    one.invoke("SendMessage", vec![json!("one"), json!("before")]).await.expect("SendMessage");
+    assert!(hears(&mut two, "ReceiveMessage", "before", WAIT).await, "a broadcast crossed nodes");
+    one.invoke("JoinGroup", vec![json!("ops")]).await.expect("JoinGroup");
+    two.invoke("JoinGroup", vec![json!("ops")]).await.expect("JoinGroup");
+    one.invoke("SendMessageToGroup", vec![json!("ops"), json!("one"), json!("to ops")]).await.expect("group send");
+    assert!(hears(&mut two, "ReceiveGroupMessage", "to ops", WAIT).await, "a group message crossed nodes");
+
+    // Every key is on the prefix's slot: the history stream is there, and
+    // so are both nodes' registry hashes.
+    let owner = cluster.master_of("{switchboard}").expect("a master for the prefix's slot");
+    let port = cluster.members[owner].port;
+    let len = cluster.query_member(port, redis::cmd("XLEN").arg("{switchboard}:history"));
+    assert_eq!(len, Some(redis::Value::Int(2)), "both messages in the history stream");
+    for id in ["rc-a", "rc-b"] {
+        let exists = cluster.query_member(port, redis::cmd("EXISTS").arg(format!("{{switchboard}}:nodes:{id}")));
+        assert_eq!(exists, Some(redis::Value::Int(1)), "{id}'s registry hash on the prefix's master");
+    }
+
+    // The replica has everything (WAIT), then its master dies.
+    let acked = cluster.query_member(port, redis::cmd("WAIT").arg(1).arg(5000));
+    assert_eq!(acked, Some(redis::Value::Int(1)), "the replica acknowledged the writes");
+    cluster.kill(owner);
+    cluster.wait_failover("{switchboard}", owner, Duration::from_secs(30));
+
+    // Chat crosses nodes again (what is sent meanwhile is queued by the
+    // node and stored once the new master answers).
+    let mut crossed = None;
+    for i in 0..60 {
+        one.send("SendMessage", vec![json!("one"), json!(format!("after {i}"))]).await;
+        if hears(&mut two, "ReceiveMessage", &format!("after {i}"), Duration::from_millis(500)).await {
+            crossed = Some(i);
+            break;
+        }
+    }
+    let Some(last) = crossed else { panic!("no message crossed nodes after the failover") };
+    one.invoke("SendMessageToGroup", vec![json!("ops"), json!("one"), json!("ops again")]).await.expect("group send");
+    assert!(hears(&mut two, "ReceiveGroupMessage", "ops again", WAIT).await, "group messages cross again");
+    let history = two.invoke("GetHistory", vec![json!(100)]).await.expect("GetHistory on the new master");
+    let texts: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|m| m["message"].as_str()).collect();
+    for text in
+        ["before", "to ops", "ops again"].into_iter().map(String::from).chain((0..=last).map(|i| format!("after {i}")))
+    {
+        assert!(texts.contains(&text.as_str()), "{text:?} in history after the failover: {texts:?}");
+    }
+
+    // The registry moved with the slot: a node started now is discovered.
+    let c = TestNode::start_with_redis_url(&url, "rc-c", &[]).await;
+    balancer.wait_accepting(&["rc-a", "rc-b", "rc-c"]).await;
+    assert_eq!(one.invoke("Echo", vec![json!("still here")]).await, Ok(json!("still here")));
+
+    for page in [format!("{}/api/backends", balancer.admin), format!("{}/metrics", balancer.admin)] {
+        assert!(!get_text(&page).await.contains(PASSWORD), "{page} shows the password");
+    }
+    for page in ["metrics", "nodes", "health"] {
+        assert!(!get_text(&format!("{}/{page}", c.base)).await.contains(PASSWORD), "/{page} shows the password");
+    }
+    for (who, log) in [("node", a.process.log_text()), ("balancer", balancer.process.log_text())] {
+        assert!(!log.contains(PASSWORD), "the {who}'s log shows the password");
+    }
 }

@@ -369,7 +369,7 @@ async fn publisher(bp: Arc<RedisBackplane>, mut rx: mpsc::Receiver<Publication>)
             Ok(mut c) => {
                 let loaded = match sha.clone() {
                     Some(s) => Ok(s),
-                    None => history::load_script(&mut c).await,
+                    None => history::load_script(&mut c, bp.layout.history()).await,
                 };
                 match loaded {
                     Ok(s) => {
