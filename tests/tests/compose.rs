@@ -36,6 +36,8 @@ struct Compose {
     https: u16,
     /// Where the test certificate is (docker-compose.https.yml mounts it).
     tls_dir: PathBuf,
+    /// `--env-file`, for the Redis Cluster profile.
+    env_file: Option<PathBuf>,
 }
 
 /// Owns the project: `down -v` when dropped, even when the test fails.
@@ -53,8 +55,10 @@ const ADMIN_TOKEN: &str = "compose-test-token";
 impl Compose {
     fn run(&self, args: &[&str]) -> Output {
         let (file, https) = (repo().join("docker-compose.yml"), repo().join("docker-compose.https.yml"));
+        let env_file = self.env_file.iter().flat_map(|f| ["--env-file".to_string(), f.to_string_lossy().into_owned()]);
         Command::new(self.program[0])
             .args(&self.program[1..])
+            .args(env_file)
             .args(["-p", &self.name, "-f", &file.to_string_lossy(), "-f", &https.to_string_lossy()])
             .args(args)
             .env("SWITCHBOARD_PUBLIC_PORT", self.public.to_string())
@@ -151,6 +155,7 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
         admin: free_port(),
         https: free_port(),
         tls_dir: tls_dir.clone(),
+        env_file: None,
     });
     let base = project.base();
 
@@ -303,4 +308,50 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
         .output()
         .expect("docker volume ls");
     assert!(String::from_utf8_lossy(&volumes.stdout).trim().is_empty(), "volumes left behind");
+    let program = project.program.clone();
+    drop(project);
+
+    on_the_redis_cluster_profile(program, tls_dir).await;
+}
+
+/// The Redis Cluster profile, on the image the test above built: the
+/// one-shot service joins six servers into a cluster, two nodes and the
+/// balancer find each other through it, a message crosses nodes, and the
+/// history stream sits under the prefix's hash tag.
+async fn on_the_redis_cluster_profile(program: Vec<&'static str>, tls_dir: PathBuf) {
+    std::fs::create_dir_all(&tls_dir).expect("certificate dir");
+    TestCa::new().write_leaf(&tls_dir.join("cert.pem"), &tls_dir.join("key.pem"));
+    let project = Project(Compose {
+        program,
+        name: format!("sbtestrc{}", std::process::id()),
+        public: free_port(),
+        admin: free_port(),
+        https: free_port(),
+        tls_dir,
+        env_file: Some(repo().join("config/redis-cluster.env")),
+    });
+    project.ok(&["up", "-d", "--scale", "node=2"]);
+    project.wait_accepting(2).await;
+    let base = project.base();
+    let (a, node_a) = connect(&base).await;
+    let (mut b, mut node_b) = connect(&base).await;
+    while node_b == node_a {
+        (b, node_b) = connect(&base).await;
+    }
+    let mut crossed = false;
+    for i in 0..50 {
+        a.send("SendMessage", vec![json!("a"), json!(format!("on the cluster {i}"))]).await;
+        if b.expect(Duration::from_millis(300), |v| v["target"] == "ReceiveMessage").await.is_some() {
+            crossed = true;
+            break;
+        }
+    }
+    assert!(crossed, "on the Redis Cluster, a message from {node_a} never reached {node_b}");
+    let member = project.container_ids("redis-cluster-1").pop().expect("a cluster member");
+    let out = Command::new("docker")
+        .args(["exec", &member, "redis-cli", "-c", "xlen", "{switchboard}:history"])
+        .output()
+        .expect("docker exec");
+    let len: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+    assert!(len >= 1, "the history stream under the hash tag: {}", String::from_utf8_lossy(&out.stdout));
 }
