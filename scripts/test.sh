@@ -2,9 +2,10 @@
 # Runs Switchboard's whole test suite on a fresh Debian machine: installs what
 # is missing (cmake for Pingora's zlib-ng, redis-server for the tests,
 # chromium and chromium-driver for the web-page tests, iproute2's `ss` to cut
-# connections, python3-venv for the PyPI SignalR clients), checks
-# formatting and lints, builds the programs the tests start, and runs every
-# test. Tests start their own redis-server on free loopback ports.
+# connections, prometheus for `promtool` (the alerting rules' tests),
+# python3-venv for the PyPI SignalR clients), checks formatting and lints,
+# builds the programs the tests start, and runs every test. Tests start their
+# own redis-server on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,7 @@ command -v pkg-config >/dev/null || missing+=(pkg-config)
 [ -x /usr/lib/chromium/chromium ] || [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v ss >/dev/null || missing+=(iproute2)
+command -v promtool >/dev/null || missing+=(prometheus)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 . scripts/lib/apt-install.sh

@@ -162,6 +162,8 @@ impl Cluster {
             let waiting = n.stats.gate.waiting.load(Ordering::Relaxed) as i64;
             self.metrics.admission_waiting.with_label_values(&[id]).set(waiting);
             self.metrics.backend_healthy.with_label_values(&[id]).set(self.ready(n) as i64);
+            // A node with no failure yet shows 0, not nothing.
+            self.metrics.health_failures.with_label_values(&[id]);
         }
     }
 

@@ -58,6 +58,7 @@ impl App {
         make: impl FnOnce(&NodeConfig, Arc<RedisLink>, BackplaneMetrics) -> Backplane,
     ) -> Result<Arc<Self>, String> {
         let metrics = Metrics::new();
+        metrics.preset(&crate::connection::Transport::ALL.map(|t| t.label()));
         let target = switchboard_common::redis_target::RedisTarget::open(cfg.redis.as_str())
             .map_err(|e| format!("invalid redis URL: {e}"))?;
         // Every key and channel is named from the prefix as written in

@@ -34,6 +34,8 @@ pub enum Transport {
 }
 
 impl Transport {
+    pub const ALL: [Transport; 3] = [Transport::WebSockets, Transport::ServerSentEvents, Transport::LongPolling];
+
     pub fn label(self) -> &'static str {
         match self {
             Transport::WebSockets => "websockets",

@@ -28,6 +28,9 @@ pub struct Metrics {
     pub stateful_expired: IntCounter,
     pub redis_up: IntGauge,
     pub draining: IntGauge,
+    /// Set at scrape from the backplane (`http::metrics`).
+    pub backplane_live: IntGauge,
+    pub registry_written: IntGauge,
 }
 
 impl Metrics {
@@ -137,7 +140,31 @@ impl Metrics {
             ),
             redis_up: gauge(&r, "switchboard_node_redis_up", "1 while Redis answers, 0 while it does not"),
             draining: gauge(&r, "switchboard_node_draining", "1 while the node drains before exit"),
+            backplane_live: gauge(
+                &r,
+                "switchboard_node_backplane_live",
+                "1 while messages from other nodes reach this one (subscribed, caught up, answering PINGs)",
+            ),
+            registry_written: gauge(
+                &r,
+                "switchboard_node_registry_last_write_timestamp_seconds",
+                "When this node last wrote its registry entry (Unix seconds; 0 before the first write)",
+            ),
             registry: r,
+        }
+    }
+
+    /// Creates every series whose label values are known up front, at 0,
+    /// so that dashboards and alerts see them before the first event: the
+    /// connection gauges and counters per transport (`transports`), and the
+    /// protocol errors of every kind `hub` and `keepalive` count.
+    pub fn preset(&self, transports: &[&str]) {
+        for t in transports {
+            self.connections.with_label_values(&[t]);
+            self.connections_opened.with_label_values(&[t]);
+        }
+        for kind in ["too_large", "invalid_json", "invalid_message", "handshake", "handshake_timeout"] {
+            self.protocol_errors.with_label_values(&[kind]);
         }
     }
 

@@ -79,6 +79,7 @@ pub async fn heartbeat(app: Arc<App>) {
                 }
                 registered = true;
                 written_count = count;
+                app.metrics.registry_written.set(Utc::now().timestamp());
                 last_beat = Some(tokio::time::Instant::now());
             }
             Err(e) => {
