@@ -99,6 +99,16 @@ pub async fn get_text(url: &str) -> String {
     resp.text().await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
 
+/// The value of the sample `series` (a name, with its labels as exposed:
+/// `name{label="v"}`) in a Prometheus text exposition; 0 when absent.
+pub fn metric_value(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Whether a Prometheus text exposition has a sample of `name` whose value is not zero.
 pub fn metric_nonzero(exposition: &str, name: &str) -> bool {
     exposition.lines().any(|l| l.starts_with(name) && !l.starts_with('#') && !l.ends_with(" 0"))

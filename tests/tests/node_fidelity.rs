@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use switchboard_tests::client::{negotiate, record, ws_url, WireDecoder};
 use switchboard_tests::{
-    get_text, ConnectOptions, HubClient, InProcessNode, Protocol, RedisServer, TransportKind, ALL_TRANSPORTS, WAIT,
+    eventually, get_text, metric_value, ConnectOptions, HubClient, InProcessNode, Protocol, RedisServer, TransportKind,
+    ALL_TRANSPORTS, WAIT,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -77,14 +78,22 @@ async fn concurrent_sends_on_one_connection_are_taken_in_turn() {
     // GetHistory waits on Redis; pause Redis so the first POST stays in progress.
     let redis = redis::Client::open(r.url()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(1000).arg("ALL").query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("ALL").query_async(&mut conn).await.unwrap();
     let slow = record(&json!({"type":1,"invocationId":"h","target":"GetHistory","arguments":[1]}));
     let url = format!("{}/chathub?id={}", c.base, c.id);
+    let received = "switchboard_node_messages_received_total";
+    let before = metric_value(&get_text(&format!("{}/metrics", node.base)).await, received);
     let first = tokio::spawn({
         let (http, url) = (http.clone(), url.clone());
         async move { http.post(url).body(slow).send().await.unwrap().status() }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first POST is in the node (its message counted, its GetHistory
+    // waiting on the paused Redis) before the second is sent.
+    eventually(WAIT, "the first POST's message to reach the hub", || async {
+        let now = metric_value(&get_text(&format!("{}/metrics", node.base)).await, received);
+        (now > before).then_some(())
+    })
+    .await;
     // The official server waits on the connection's write lock: no 409.
     let second = c.post(record(&json!({"type":1,"invocationId":"e","target":"Echo","arguments":[2]}))).await.unwrap();
     assert_eq!(second.status(), 200);
@@ -338,9 +347,15 @@ async fn a_stateful_connection_resumes_on_a_new_socket_and_loses_nothing() {
     let mut c = StatefulClient::connect(&http, &node.base).await;
     broadcast(&mut sender, texts(0..5)).await;
     assert_eq!(c.messages(5).await, texts(0..5));
-    // Acknowledge the first two, then lose the socket.
+    // Acknowledge the first two, then lose the socket once the node has
+    // taken the ack (the acknowledged messages leave its buffer).
+    let buffered = || async {
+        metric_value(&get_text(&format!("{}/metrics", node.base)).await, "switchboard_node_stateful_buffer_bytes")
+    };
+    let before = buffered().await;
+    assert!(before > 0.0, "five unacknowledged messages are buffered");
     c.send(json!({"type":8,"sequenceId":2})).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually(WAIT, "the node to take the ack", || async { (buffered().await < before).then_some(()) }).await;
     c.cut();
     broadcast(&mut sender, texts(5..8)).await;
     c.reconnect().await.unwrap();

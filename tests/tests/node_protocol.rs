@@ -5,7 +5,6 @@
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use std::time::Duration;
 use switchboard_tests::client::{negotiate, record, ws_url};
 use switchboard_tests::{get_text, HubClient, InProcessNode, RedisServer, TransportKind, ALL_TRANSPORTS, WAIT};
 use tokio_tungstenite::tungstenite::Message;
@@ -238,17 +237,22 @@ async fn long_polling_follows_the_spec() {
     assert_eq!(post.status(), 200);
     assert!(post.bytes().await.unwrap().is_empty());
     assert_eq!(http.get(&url).send().await.unwrap().bytes().await.unwrap().as_ref(), b"{}\x1e");
-    // A newer poll ends the older one with 204.
-    let old = tokio::spawn({
+    // A newer poll ends the older one with 204: of two polls sent at once,
+    // whichever the node took first ends, and the other waits.
+    let poll = || {
         let (http, url) = (http.clone(), url.clone());
-        async move { http.get(url).send().await.unwrap().status() }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let newer = tokio::spawn({
-        let (http, url) = (http.clone(), url.clone());
-        async move { http.get(url).send().await.unwrap() }
-    });
-    assert_eq!(tokio::time::timeout(WAIT, old).await.unwrap().unwrap(), 204);
+        tokio::spawn(async move { http.get(url).send().await.unwrap() })
+    };
+    let (mut one, mut two) = (poll(), poll());
+    let (ended, newer) = tokio::time::timeout(WAIT, async {
+        tokio::select! {
+            r = &mut one => (r, two),
+            r = &mut two => (r, one),
+        }
+    })
+    .await
+    .expect("one poll ended");
+    assert_eq!(ended.unwrap().status(), 204);
     // The newer poll gets the next message.
     http.post(&url)
         .body(record(&json!({"type":1,"invocationId":"1","target":"Echo","arguments":["lp"]})))
