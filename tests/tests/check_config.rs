@@ -99,6 +99,21 @@ fn the_node_prints_valid_settings_with_secrets_masked() {
     assert!(stdout.contains(r#"auth_secret = "<set, masked>""#), "{stdout}");
     assert!(stdout.contains("redis://chat:****@redis:6379"), "{stdout}");
     assert!(!stdout.contains(secret) && !stdout.contains("pw0rd"), "{stdout}");
+
+    // A Redis Cluster URL: its password masked too; one naming a database
+    // (a cluster has one) refused with the reason.
+    for program in ["switchboard-node", "switchboard-balancer"] {
+        let cluster = "redis+cluster://:c1uster-pw@r1:7000,r2:7001,r3:7002";
+        let out = check(program, &[], &[("SWITCHBOARD_REDIS", cluster)]);
+        assert!(out.status.success(), "{program}: {}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        assert!(stdout.contains("redis+cluster://:****@r1:7000,r2:7001,r3:7002"), "{program}: {stdout}");
+        assert!(!stdout.contains("c1uster-pw") && !text(&out.stderr).contains("c1uster-pw"), "{program}");
+        let out = check(program, &[], &[("SWITCHBOARD_REDIS", "redis+cluster://:c1uster-pw@r1:7000/2")]);
+        assert_eq!(out.status.code(), Some(2), "{program}");
+        let err = text(&out.stderr);
+        assert!(err.contains("cluster") && !err.contains("c1uster-pw"), "{program}: {err}");
+    }
 }
 
 #[test]
