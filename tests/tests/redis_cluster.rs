@@ -138,7 +138,8 @@ async fn hears(client: &mut HubClient, target: &str, text: &str, limit: Duration
 }
 
 /// Nodes and the balancer given `redis+cluster://…` (with a password): the
-/// balancer discovers the nodes, broadcasts and group messages cross nodes,
+/// balancer discovers the nodes, broadcasts, group messages and presence
+/// cross nodes,
 /// every key sits on the one slot of the prefix's hash tag, and when that
 /// slot's master is killed its replica takes over while the clients stay
 /// connected: chat crosses again, nothing sent was lost from history, a node
@@ -166,6 +167,17 @@ async fn nodes_and_the_balancer_run_on_a_redis_cluster_and_follow_a_failover() {
     two.invoke("JoinGroup", vec![json!("ops")]).await.expect("JoinGroup");
     one.invoke("SendMessageToGroup", vec![json!("ops"), json!("one"), json!("to ops")]).await.expect("group send");
     assert!(hears(&mut two, "ReceiveGroupMessage", "to ops", WAIT).await, "a group message crossed nodes");
+    // Presence crosses too.
+    assert_eq!(one.invoke("SetUser", vec![json!("ana")]).await, Ok(serde_json::Value::Null));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let online = two.invoke("GetOnlineUsers", vec![]).await.expect("GetOnlineUsers");
+        if online.as_array().is_some_and(|u| u.contains(&json!("ana"))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ana never showed online on the other node: {online}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Every key is on the prefix's slot: the history stream is there, and
     // so are both nodes' registry hashes.
