@@ -25,20 +25,28 @@ use tokio::sync::watch;
 
 /// Redis, three nodes and a balancer on loopback, stopped when dropped.
 struct Cluster {
-    _redis: Proc,
-    redis_pid: u32,
+    _redis: Vec<Proc>,
+    redis_pids: Vec<u32>,
     nodes: Vec<Running>,
     balancer: Running,
     work: PathBuf,
 }
 
 impl Cluster {
-    async fn start(bin_dir: &Path, nodes: usize) -> Result<Self> {
+    /// With `redis_masters`, on a Redis Cluster of that many masters
+    /// instead of one Redis.
+    async fn start(bin_dir: &Path, nodes: usize, redis_masters: Option<usize>) -> Result<Self> {
         let work = std::env::temp_dir().join(format!("switchboard-ceiling-{}", std::process::id()));
         std::fs::create_dir_all(&work)?;
-        let (redis, url) = contenders::redis(&work)?;
-        let redis_pid = redis.pid();
-        crate::suite::wait_redis(&url).await?;
+        let (redis, url) = match redis_masters {
+            Some(n) => contenders::redis_cluster(&work, n)?,
+            None => {
+                let (redis, url) = contenders::redis(&work)?;
+                crate::suite::wait_redis(&url).await?;
+                (vec![redis], url)
+            }
+        };
+        let redis_pids = redis.iter().map(Proc::pid).collect();
         let mut running = Vec::new();
         for i in 1..=nodes {
             let node = contenders::node(bin_dir, &work, &url, &format!("node-{i}"))?;
@@ -49,7 +57,7 @@ impl Cluster {
         contenders::wait_ok(&format!("{}/health", balancer.url), Duration::from_secs(30)).await?;
         // One health-check round, so every node is in rotation.
         tokio::time::sleep(Duration::from_millis(contenders::CHECK_INTERVAL_MS + 300)).await;
-        Ok(Cluster { _redis: redis, redis_pid, nodes: running, balancer, work })
+        Ok(Cluster { _redis: redis, redis_pids, nodes: running, balancer, work })
     }
 
     /// Every process whose CPU counts, with this load generator.
@@ -57,7 +65,11 @@ impl Cluster {
         let mut all: Vec<(String, u32)> =
             self.nodes.iter().enumerate().map(|(i, n)| (format!("node-{}", i + 1), n.process.pid())).collect();
         all.push(("balancer".into(), self.balancer.process.pid()));
-        all.push(("redis".into(), self.redis_pid));
+        if let [one] = self.redis_pids[..] {
+            all.push(("redis".into(), one));
+        } else {
+            all.extend(self.redis_pids.iter().enumerate().map(|(i, p)| (format!("redis-{}", i + 1), *p)));
+        }
         all.push(("load generator".into(), std::process::id()));
         all
     }
@@ -81,6 +93,8 @@ pub struct FanoutCeiling {
     pub rate_per_sender: f64,
     /// Broadcasts, or messages to many groups (see `scenarios::Audience`).
     pub audience: scenarios::Audience,
+    /// On a Redis Cluster of this many masters instead of one Redis.
+    pub redis_cluster: Option<usize>,
 }
 
 /// Step `k` has `k × receivers_per_step` receivers and `k ×
@@ -88,7 +102,7 @@ pub struct FanoutCeiling {
 /// Stops after the first step whose p99 passes the limit or that missed more
 /// than 1 % of its deliveries.
 pub async fn fanout_ceiling(o: &FanoutCeiling) -> Result<Value> {
-    let cluster = Cluster::start(&o.bin_dir, 3).await?;
+    let cluster = Cluster::start(&o.bin_dir, 3, o.redis_cluster).await?;
     let urls: Vec<String> = if o.via_balancer {
         vec![cluster.balancer.url.clone()]
     } else {
@@ -137,6 +151,7 @@ pub async fn fanout_ceiling(o: &FanoutCeiling) -> Result<Value> {
         "rate_per_sender": o.rate_per_sender,
         "senders_per_step": o.senders_per_step,
         "audience": o.audience.label(),
+        "redis": match o.redis_cluster { Some(n) => format!("cluster of {n} masters"), None => "one server".to_string() },
         "steps": steps,
         "last_within_limit": within,
         "first_past_limit": past,
@@ -199,7 +214,7 @@ impl Holder {
 /// descriptors); reports the target's resident memory per connection at
 /// each point.
 pub async fn connections(o: &Connections) -> Result<Value> {
-    let cluster = Cluster::start(&o.bin_dir, if o.via_balancer { 2 } else { 1 }).await?;
+    let cluster = Cluster::start(&o.bin_dir, if o.via_balancer { 2 } else { 1 }, None).await?;
     let (url, pid) = if o.via_balancer {
         (cluster.balancer.url.clone(), cluster.balancer.process.pid())
     } else {

@@ -135,6 +135,78 @@ pub fn redis(dir: &Path) -> Result<(Proc, String)> {
     Ok((p, format!("redis://127.0.0.1:{port}")))
 }
 
+/// A Redis Cluster of `masters` masters and no replicas (the bench measures
+/// capacity; replicas only add replication work on the same cores), each
+/// on a free port whose bus port (+10000) is free too, joined with
+/// `redis-cli --cluster create`. Its processes and `redis+cluster://` URL.
+pub fn redis_cluster(dir: &Path, masters: usize) -> Result<(Vec<Proc>, String)> {
+    let mut ports = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..1000 {
+        if ports.len() == masters {
+            break;
+        }
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = l.local_addr()?.port();
+        let Some(bus) = port.checked_add(10_000) else { continue };
+        let Ok(b) = std::net::TcpListener::bind(("127.0.0.1", bus)) else { continue };
+        ports.push(port);
+        held.push((l, b));
+    }
+    anyhow::ensure!(ports.len() == masters, "free ports for a Redis Cluster");
+    drop(held);
+    let mut procs = Vec::new();
+    for port in &ports {
+        let conf = dir.join(format!("nodes-{port}.conf"));
+        let args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            &conf.to_string_lossy(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        procs.push(Proc::spawn(Path::new("redis-server"), &args, &dir.join(format!("redis-{port}.log")))?);
+    }
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    for _ in 0..200 {
+        if addrs.iter().all(|a| std::net::TcpStream::connect(a).is_ok()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let out = std::process::Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+    // Every member agrees the cluster is ok.
+    for _ in 0..400 {
+        let ok = addrs.iter().all(|a| {
+            let (host, port) = a.split_once(':').unwrap_or((a, "6379"));
+            std::process::Command::new("redis-cli")
+                .args(["-h", host, "-p", port, "cluster", "info"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+        });
+        if ok {
+            return Ok((procs, format!("redis+cluster://{}", addrs.join(","))));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!("the Redis Cluster did not become ok")
+}
+
 /// A chat node on a free port.
 pub fn node(bin_dir: &Path, dir: &Path, redis: &str, id: &str) -> Result<Running> {
     let port = free_port()?;

@@ -247,6 +247,9 @@ enum Command {
         /// Connect straight to the nodes instead of through the balancer
         #[arg(long)]
         direct: bool,
+        /// Run on a Redis Cluster of this many masters (no replicas) instead of one Redis
+        #[arg(long)]
+        redis_cluster: Option<usize>,
     },
     /// As many idle SignalR WebSockets as the open-file limit allows, on one
     /// node or through one balancer, opened by several client processes from
@@ -395,6 +398,7 @@ async fn main() -> anyhow::Result<()> {
             senders_per_step,
             groups,
             direct,
+            redis_cluster,
         } => {
             let o = ceiling::FanoutCeiling {
                 bin_dir: bin_dir_or_default(bin_dir)?,
@@ -406,6 +410,7 @@ async fn main() -> anyhow::Result<()> {
                 senders_per_step,
                 rate_per_sender: rate,
                 audience: groups.map_or(scenarios::Audience::All, scenarios::Audience::Groups),
+                redis_cluster,
             };
             ceiling::fanout_ceiling(&o).await?
         }

@@ -268,6 +268,7 @@ pub async fn run(opts: &Options) -> Result<Value> {
         senders_per_step: 1,
         rate_per_sender: FANOUT_RATE_PER_SENDER,
         audience: scenarios::Audience::All,
+        redis_cluster: None,
     };
     r.insert("fanout_ceiling".into(), report_line("switchboard", ceiling::fanout_ceiling(&fan).await));
     eprintln!("10/10 idle connections at scale: one node, then one balancer");

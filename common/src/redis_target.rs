@@ -129,7 +129,11 @@ impl RedisTarget {
         if members.is_empty() {
             return Err(invalid("no cluster members".into()));
         }
-        Ok(RedisTarget::Cluster { members, password: password.map(str::to_string), next: AtomicUsize::new(0) })
+        // Each program starts at a member of its own, so that the nodes'
+        // subscriptions spread over the cluster instead of all landing on the
+        // first member named.
+        let next = AtomicUsize::new(rand::random::<u32>() as usize);
+        Ok(RedisTarget::Cluster { members, password: password.map(str::to_string), next })
     }
 
     /// A client for one server to use now: the one server, the master the
