@@ -193,8 +193,10 @@ async fn nodes_and_the_balancer_run_on_a_redis_cluster_and_follow_a_failover() {
     // The replica has everything (WAIT), then its master dies.
     let acked = cluster.query_member(port, redis::cmd("WAIT").arg(1).arg(5000));
     assert_eq!(acked, Some(redis::Value::Int(1)), "the replica acknowledged the writes");
+    let killed = Instant::now();
     cluster.kill(owner);
     cluster.wait_failover("{switchboard}", owner, Duration::from_secs(30));
+    let promoted = killed.elapsed();
 
     // Chat crosses nodes again (what is sent meanwhile is queued by the
     // node and stored once the new master answers).
@@ -207,6 +209,11 @@ async fn nodes_and_the_balancer_run_on_a_redis_cluster_and_follow_a_failover() {
         }
     }
     let Some(last) = crossed else { panic!("no message crossed nodes after the failover") };
+    eprintln!(
+        "Switchboard on the cluster: replica promoted {:.1} s after the kill, chat crossed nodes again {:.1} s after it",
+        promoted.as_secs_f64(),
+        killed.elapsed().as_secs_f64()
+    );
     one.invoke("SendMessageToGroup", vec![json!("ops"), json!("one"), json!("ops again")]).await.expect("group send");
     assert!(hears(&mut two, "ReceiveGroupMessage", "ops again", WAIT).await, "group messages cross again");
     let history = two.invoke("GetHistory", vec![json!(100)]).await.expect("GetHistory on the new master");
