@@ -7,7 +7,8 @@
 //! over, and a sharded subscription made again through the same client
 //! reaches it (redis-rs does not move it by itself: see the test). Then
 //! Switchboard itself on the cluster: nodes and balancer given
-//! `redis+cluster://…`, through a failover of the master that holds their keys.
+//! `redis+cluster://…`, through a failover of the master that holds their
+//! keys and the death of a member that carries a subscription.
 
 use redis::cluster::ClusterClientBuilder;
 use redis::{AsyncCommands, ProtocolVersion, PushInfo, PushKind, Value};
@@ -228,6 +229,56 @@ async fn nodes_and_the_balancer_run_on_a_redis_cluster_and_follow_a_failover() {
     let c = TestNode::start_with_redis_url(&url, "rc-c", &[]).await;
     balancer.wait_accepting(&["rc-a", "rc-b", "rc-c"]).await;
     assert_eq!(one.invoke("Echo", vec![json!("still here")]).await, Ok(json!("still here")));
+
+    // A member that carries some node's subscription dies (not the one that
+    // holds our keys): that node subscribes on another member and catches
+    // up, so all three nodes' subscriptions are back and chat crosses again.
+    let subscribers = |cluster: &RedisCluster, i: usize| -> i64 {
+        if !cluster.members[i].is_running() {
+            return 0;
+        }
+        let numsub = redis::cmd("PUBSUB").arg("NUMSUB").arg("{switchboard}:bp:all").to_owned();
+        match cluster.query_member(cluster.members[i].port, &numsub) {
+            Some(Value::Array(v)) => match v.get(1) {
+                Some(Value::Int(n)) => *n,
+                _ => 0,
+            },
+            _ => 0,
+        }
+    };
+    let holder = cluster.master_of("{switchboard}").expect("a master for the prefix's slot");
+    let total = |cluster: &RedisCluster| (0..cluster.members.len()).map(|i| subscribers(cluster, i)).sum::<i64>();
+    let deadline = Instant::now() + WAIT;
+    while total(&cluster) < 3 {
+        assert!(Instant::now() < deadline, "three nodes subscribed: {}", total(&cluster));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let victim = (0..cluster.members.len()).find(|i| *i != holder && subscribers(&cluster, *i) > 0);
+    match victim {
+        // Each node starts at a random member: all three on the keys' master
+        // happens about once in 200 runs, and then there is nothing to kill.
+        None => eprintln!("every subscription is on the keys' master; the member-death step is skipped this run"),
+        Some(victim) => {
+            let moved = subscribers(&cluster, victim);
+            cluster.kill(victim);
+            cluster.wait_ok(Duration::from_secs(30));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while total(&cluster) < 3 {
+                assert!(Instant::now() < deadline, "subscriptions moved off the dead member: {}", total(&cluster));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let mut crossed = false;
+            for i in 0..60 {
+                one.send("SendMessage", vec![json!("one"), json!(format!("member gone {i}"))]).await;
+                if hears(&mut two, "ReceiveMessage", &format!("member gone {i}"), Duration::from_millis(500)).await {
+                    crossed = true;
+                    break;
+                }
+            }
+            assert!(crossed, "chat crosses nodes after a subscribed member died");
+            eprintln!("a member carrying {moved} subscription(s) died; every node subscribed elsewhere");
+        }
+    }
 
     for page in [format!("{}/api/backends", balancer.admin), format!("{}/metrics", balancer.admin)] {
         assert!(!get_text(&page).await.contains(PASSWORD), "{page} shows the password");
