@@ -198,6 +198,19 @@ async fn negotiate_query(
 }
 
 impl HubClient {
+    /// Two WebSocket clients through the balancer at `base`, on different
+    /// nodes (the second connects again until its node differs).
+    pub async fn pair_on_two_nodes(http: &reqwest::Client, base: &str) -> (Self, Self) {
+        let connect = || async { HubClient::connect(http, base, TransportKind::WebSockets).await.expect("a client") };
+        let node = |c: &HubClient| switchboard_common::token::owner_of(&c.connection_id);
+        let one = connect().await;
+        let mut two = connect().await;
+        while node(&two) == node(&one) {
+            two = connect().await;
+        }
+        (one, two)
+    }
+
     /// Negotiates (v1) and connects over `kind`, then completes the handshake.
     pub async fn connect(http: &reqwest::Client, base: &str, kind: TransportKind) -> Result<Self, String> {
         Self::connect_with(http, base, kind, Some(1)).await

@@ -136,6 +136,27 @@ async fn connect(base: &str) -> (HubClient, String) {
     (c, node)
 }
 
+/// Two clients through the balancer at `base` on different nodes, once a
+/// message (`{text} {i}`) from the first has reached the second; each with
+/// its node.
+async fn chat_crosses(base: &str, text: &str) -> ((HubClient, String), (HubClient, String)) {
+    let (a, node_a) = connect(base).await;
+    let (mut b, mut node_b) = connect(base).await;
+    while node_b == node_a {
+        (b, node_b) = connect(base).await;
+    }
+    let mut crossed = false;
+    for i in 0..50 {
+        a.send("SendMessage", vec![json!("a"), json!(format!("{text} {i}"))]).await;
+        if b.expect(Duration::from_millis(300), |v| v["target"] == "ReceiveMessage").await.is_some() {
+            crossed = true;
+            break;
+        }
+    }
+    assert!(crossed, "{text}: a message from {node_a} never reached {node_b}");
+    ((a, node_a), (b, node_b))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
     let docker_answers = Command::new("docker").arg("info").output().is_ok_and(|o| o.status.success());
@@ -194,20 +215,7 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
     assert!(status == 200 && text.contains("\"active_count\":3"), "/nodes over HTTPS: {text}");
 
     // Two clients on different nodes exchange a message.
-    let (mut a, node_a) = connect(&base).await;
-    let (mut b, mut node_b) = connect(&base).await;
-    while node_b == node_a {
-        (b, node_b) = connect(&base).await;
-    }
-    let mut crossed = false;
-    for i in 0..50 {
-        a.send("SendMessage", vec![json!("a"), json!(format!("hello {i}"))]).await;
-        if b.expect(Duration::from_millis(300), |v| v["target"] == "ReceiveMessage").await.is_some() {
-            crossed = true;
-            break;
-        }
-    }
-    assert!(crossed, "a message from {node_a} never reached {node_b}");
+    let ((mut a, node_a), (b, node_b)) = chat_crosses(&base, "hello").await;
 
     // History is durable: after `docker compose restart redis` (an
     // append-only file on a named volume), GetHistory still has the message.
@@ -332,21 +340,7 @@ async fn on_the_redis_cluster_profile(program: Vec<&'static str>, tls_dir: PathB
     });
     project.ok(&["up", "-d", "--scale", "node=2"]);
     project.wait_accepting(2).await;
-    let base = project.base();
-    let (a, node_a) = connect(&base).await;
-    let (mut b, mut node_b) = connect(&base).await;
-    while node_b == node_a {
-        (b, node_b) = connect(&base).await;
-    }
-    let mut crossed = false;
-    for i in 0..50 {
-        a.send("SendMessage", vec![json!("a"), json!(format!("on the cluster {i}"))]).await;
-        if b.expect(Duration::from_millis(300), |v| v["target"] == "ReceiveMessage").await.is_some() {
-            crossed = true;
-            break;
-        }
-    }
-    assert!(crossed, "on the Redis Cluster, a message from {node_a} never reached {node_b}");
+    chat_crosses(&project.base(), "on the cluster").await;
     let member = project.container_ids("redis-cluster-1").pop().expect("a cluster member");
     let out = Command::new("docker")
         .args(["exec", &member, "redis-cli", "-c", "xlen", "{switchboard}:history"])

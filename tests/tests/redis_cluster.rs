@@ -14,7 +14,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::{AsyncCommands, ProtocolVersion, PushInfo, PushKind, Value};
 use serde_json::json;
 use std::time::{Duration, Instant};
-use switchboard_tests::{get_text, HubClient, RedisCluster, TestBalancer, TestNode, TransportKind, WAIT};
+use switchboard_tests::{get_text, HubClient, RedisCluster, TestBalancer, TestNode, WAIT};
 use tokio::sync::mpsc;
 
 /// The next sharded message's payload on `channel`, within `limit`.
@@ -156,12 +156,7 @@ async fn nodes_and_the_balancer_run_on_a_redis_cluster_and_follow_a_failover() {
     balancer.wait_accepting(&["rc-a", "rc-b"]).await;
 
     let http = reqwest::Client::new();
-    let mut one = HubClient::connect(&http, &balancer.base, TransportKind::WebSockets).await.expect("client one");
-    let mut two = HubClient::connect(&http, &balancer.base, TransportKind::WebSockets).await.expect("client two");
-    let node = |c: &HubClient| switchboard_common::token::owner_of(&c.connection_id);
-    while node(&two) == node(&one) {
-        two = HubClient::connect(&http, &balancer.base, TransportKind::WebSockets).await.expect("client two");
-    }
+    let (mut one, mut two) = HubClient::pair_on_two_nodes(&http, &balancer.base).await;
     one.invoke("SendMessage", vec![json!("one"), json!("before")]).await.expect("SendMessage");
     assert!(hears(&mut two, "ReceiveMessage", "before", WAIT).await, "a broadcast crossed nodes");
     one.invoke("JoinGroup", vec![json!("ops")]).await.expect("JoinGroup");

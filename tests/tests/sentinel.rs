@@ -8,9 +8,7 @@
 
 use serde_json::json;
 use std::time::Duration;
-use switchboard_tests::{
-    eventually, get_text, HubClient, InProcessBalancer, InProcessNode, RedisServer, TestNode, TransportKind,
-};
+use switchboard_tests::{eventually, get_text, HubClient, InProcessBalancer, InProcessNode, RedisServer, TestNode};
 
 const SERVICE: &str = "sbmaster";
 
@@ -74,12 +72,7 @@ async fn failover(password: Option<&str>) {
     balancer.wait_accepting(&["sent-a", "sent-b"]).await;
 
     let http = reqwest::Client::new();
-    let mut one = HubClient::connect(&http, &balancer.base, TransportKind::WebSockets).await.expect("client one");
-    let mut two = HubClient::connect(&http, &balancer.base, TransportKind::WebSockets).await.expect("client two");
-    let node = |c: &HubClient| switchboard_common::token::owner_of(&c.connection_id);
-    while node(&two) == node(&one) {
-        two = HubClient::connect(&http, &balancer.base, TransportKind::WebSockets).await.expect("client two");
-    }
+    let (mut one, mut two) = HubClient::pair_on_two_nodes(&http, &balancer.base).await;
     one.send("SendMessage", vec![json!("one"), json!("before the failover")]).await;
     assert!(hears(&mut two, "before the failover", Duration::from_secs(10)).await);
 
