@@ -221,6 +221,37 @@ async fn the_idle_limit_closes_quiet_websockets_and_spares_active_ones() {
     assert!(quiet.wait_ended(WAIT).await, "an idle WebSocket outlived the configured idle limit");
 }
 
+/// When the balancer itself ends a tunnel it says so with a WebSocket Close
+/// (1001, "going away") rather than only dropping the TCP connection, which
+/// a client reads as 1006: after the idle limit, and when the node behind
+/// the tunnel dies between frames.
+#[tokio::test]
+async fn the_balancer_ends_its_own_tunnels_with_a_close_frame() {
+    let mut c = cluster(&["a"], &[], &["--idle-timeout-secs", "2"]).await;
+    let open = || async {
+        let url = format!("{}/chathub", ws_url(&c.balancer.base));
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade through the balancer");
+        ws.send(Message::Text("{\"protocol\":\"json\",\"version\":1}\u{1e}".into())).await.unwrap();
+        let hello = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(hello.into_text().unwrap().as_str(), "{}\u{1e}");
+        ws
+    };
+    let close_of = |mut ws: tokio_tungstenite::WebSocketStream<_>| async move {
+        loop {
+            match tokio::time::timeout(WAIT, ws.next()).await.expect("the tunnel ends") {
+                Some(Ok(Message::Close(Some(frame)))) => break (u16::from(frame.code), frame.reason.to_string()),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a Close frame, got {other:?}"),
+            }
+        }
+    };
+    let quiet = open().await;
+    assert_eq!(close_of(quiet).await, (1001, "idle timeout".to_string()));
+    let orphan = open().await;
+    c.nodes[0].process.kill();
+    assert_eq!(close_of(orphan).await, (1001, "node went away".to_string()));
+}
+
 #[tokio::test]
 async fn bad_cookies_are_ignored_and_replaced() {
     let c = cluster(&["a", "b"], &[], &[]).await;

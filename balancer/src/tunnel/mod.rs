@@ -5,9 +5,11 @@
 //! (`head`), passes the node's answer on (adding the affinity cookie for new
 //! clients) and, after a 101, hands both sockets to `relay`, in a task of
 //! its own, until either side closes or the tunnel has been idle for
-//! `idle_timeout_secs`. One access-log line per tunnel, when it ends.
+//! `idle_timeout_secs`; a tunnel the balancer ends itself gets a Close frame
+//! (`frames`). One access-log line per tunnel, when it ends.
 
 mod connect;
+mod frames;
 mod head;
 mod relay;
 
@@ -54,6 +56,8 @@ struct Tunnel<C> {
     upstream: TcpStream,
     kind: RouteKind,
     in_flight: InFlight,
+    /// Where each direction is in its frames after the handshake's trailing bytes.
+    cursors: [frames::FrameCursor; 2],
 }
 
 /// How an upgrade ended, for the access log: the status the client got, the
@@ -134,18 +138,33 @@ pub async fn serve(cluster: Arc<Cluster>, client: Client, req: UpgradeRequest, b
 trait ClientSide: Downstream + Sized + 'static {
     /// Relays both ways, then closes both sides; returns the bytes moved
     /// (from the client, to the client).
-    fn relay(self, upstream: TcpStream, idle: Duration) -> impl Future<Output = (u64, u64)> + Send;
+    fn relay(
+        self,
+        upstream: TcpStream,
+        idle: Duration,
+        cursors: [frames::FrameCursor; 2],
+    ) -> impl Future<Output = (u64, u64)> + Send;
 }
 
 impl ClientSide for TcpStream {
-    fn relay(self, upstream: TcpStream, idle: Duration) -> impl Future<Output = (u64, u64)> + Send {
-        relay::relay(self, upstream, idle)
+    fn relay(
+        self,
+        upstream: TcpStream,
+        idle: Duration,
+        cursors: [frames::FrameCursor; 2],
+    ) -> impl Future<Output = (u64, u64)> + Send {
+        relay::relay(self, upstream, idle, cursors)
     }
 }
 
 impl ClientSide for TlsStream<Box<L4Stream>> {
-    fn relay(self, upstream: TcpStream, idle: Duration) -> impl Future<Output = (u64, u64)> + Send {
-        relay::relay_tls(self, upstream, idle)
+    fn relay(
+        self,
+        upstream: TcpStream,
+        idle: Duration,
+        cursors: [frames::FrameCursor; 2],
+    ) -> impl Future<Output = (u64, u64)> + Send {
+        relay::relay_tls(self, upstream, idle, cursors)
     }
 }
 
@@ -161,9 +180,10 @@ async fn start<C: ClientSide>(
     // Boxed, so that the handshake's state does not size the front's future
     // (every kept-alive connection's) too.
     match Box::pin(handshake(&cluster, client, req, buf)).await {
-        Ok(Tunnel { client, upstream, kind, in_flight }) => {
+        Ok(Tunnel { client, upstream, kind, in_flight, cursors }) => {
             tokio::spawn(async move {
-                let bytes = client.relay(upstream, Duration::from_secs(cluster.cfg.idle_timeout_secs)).await;
+                let idle = Duration::from_secs(cluster.cfg.idle_timeout_secs);
+                let bytes = client.relay(upstream, idle, cursors).await;
                 relayed(&cluster, log, in_flight, kind, bytes);
                 drop(permit);
             });
@@ -225,7 +245,10 @@ async fn handshake<C: ClientSide>(
     }
     if status == 101 {
         cluster.metrics.upgrades.inc();
-        return Ok(Tunnel { client, upstream, kind, in_flight });
+        let mut cursors = [frames::FrameCursor::default(), frames::FrameCursor::default()];
+        cursors[0].feed(&buf[req.head_len..]);
+        cursors[1].feed(&resp[head_len..]);
+        return Ok(Tunnel { client, upstream, kind, in_flight, cursors });
     }
     // A refusal (404, 409, 503…): pass its body on, then close.
     let mut remaining = length.unwrap_or(0).min(MAX_ERROR_BODY).saturating_sub(resp.len() - head_len);

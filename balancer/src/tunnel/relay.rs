@@ -13,7 +13,13 @@
 //! TLS the client side is read through rustls, which has no readiness to wait
 //! on: that direction keeps one small buffer (and rustls its own state) for
 //! the tunnel's life.
+//!
+//! When the balancer itself ends a tunnel (the node went away, or the idle
+//! limit passed) the client gets a Close frame (1001) first, and on expiry
+//! the node too, if the direction is between frames (`frames`); a tunnel
+//! that a side closed is closed as that side did.
 
+use super::frames::{self, FrameCursor};
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use std::future::{poll_fn, Future};
 use std::io::ErrorKind;
@@ -96,6 +102,22 @@ struct Relay {
     /// Per direction: when its write in progress began (ms since `epoch`, plus
     /// one), or 0 when it is not writing.
     writing: [std::sync::atomic::AtomicU64; 2],
+    /// Which side went away first (`CLIENT_GONE`, `NODE_GONE`), or 0.
+    gone: std::sync::atomic::AtomicU8,
+}
+
+/// The sides of a tunnel, and the directions' indexes (0: client → node,
+/// 1: node → client).
+const CLIENT_GONE: u8 = 1;
+const NODE_GONE: u8 = 2;
+
+/// The side that is gone when direction `dir` fails to read (its source) or
+/// to write (its destination).
+fn side_gone(dir: usize, reading: bool) -> u8 {
+    match (dir, reading) {
+        (0, true) | (1, false) => CLIENT_GONE,
+        _ => NODE_GONE,
+    }
 }
 
 const RUNNING: u8 = 0;
@@ -104,7 +126,36 @@ const EXPIRED: u8 = 2;
 
 impl Relay {
     fn new(idle: Duration) -> Self {
-        Relay { state: RUNNING.into(), epoch: Instant::now(), idle, last: 0.into(), writing: [0.into(), 0.into()] }
+        Relay {
+            state: RUNNING.into(),
+            epoch: Instant::now(),
+            idle,
+            last: 0.into(),
+            writing: [0.into(), 0.into()],
+            gone: 0.into(),
+        }
+    }
+
+    /// Ends the tunnel because `side` went away (the first such call is kept).
+    async fn side_ended(&self, side: u8) {
+        use std::sync::atomic::Ordering::AcqRel;
+        let _ = self.gone.compare_exchange(0, side, AcqRel, std::sync::atomic::Ordering::Acquire);
+        self.end(ENDED).await
+    }
+
+    /// The Close the balancer owes each side as the tunnel ends, if any: the
+    /// client's when the node went away or the tunnel expired, the node's
+    /// when it expired; only on a direction between frames (`cursors`: 0 the
+    /// client's bytes to the node, 1 the node's to the client).
+    fn closes_owed(&self, cursors: &[FrameCursor; 2]) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let expired = self.expired();
+        let node_gone = self.gone.load(std::sync::atomic::Ordering::Acquire) == NODE_GONE;
+        let reason = if expired { "idle timeout" } else { "node went away" };
+        let to_client = ((expired || node_gone) && cursors[1].may_close())
+            .then(|| frames::close_frame(frames::GOING_AWAY, reason, None));
+        let to_node = (expired && cursors[0].may_close())
+            .then(|| frames::close_frame(frames::GOING_AWAY, reason, Some(frames::mask_key())));
+        (to_client, to_node)
     }
 
     fn ended(&self) -> bool {
@@ -174,10 +225,16 @@ impl Relay {
 /// buffer; only when a read finds nothing does it free the buffer and park
 /// on readiness (the one wait raced against the end of the tunnel). A busy
 /// direction so costs no wake-up per message, and an idle one holds nothing.
-async fn one_way<W: Downstream>(from: &TcpStream, to: &mut W, relay: &Relay, dir: usize) -> u64 {
+async fn one_way<W: Downstream>(
+    from: &TcpStream,
+    to: &mut W,
+    relay: &Relay,
+    dir: usize,
+    cursor: &mut FrameCursor,
+) -> u64 {
     let mut buf: Vec<u8> = Vec::new();
     let mut moved = 0u64;
-    loop {
+    let gone = loop {
         if relay.ended() {
             return moved;
         }
@@ -186,11 +243,13 @@ async fn one_way<W: Downstream>(from: &TcpStream, to: &mut W, relay: &Relay, dir
         }
         buf.clear();
         match from.try_read_buf(&mut buf) {
-            Ok(0) => break,
+            Ok(0) => break side_gone(dir, true),
             Ok(_) => {
                 if !relay.write(dir, to.send(&buf)).await {
-                    break;
+                    cursor.lose_position();
+                    break side_gone(dir, false);
                 }
+                cursor.feed(&buf);
                 moved += buf.len() as u64;
                 // Yields to the thread's other tasks once tokio's cooperative
                 // budget is spent, so a direction that never runs dry cannot
@@ -207,13 +266,13 @@ async fn one_way<W: Downstream>(from: &TcpStream, to: &mut W, relay: &Relay, dir
                 match ready {
                     None => return moved,
                     Some(Ok(())) => {}
-                    Some(Err(_)) => break,
+                    Some(Err(_)) => break side_gone(dir, true),
                 }
             }
-            Err(_) => break,
+            Err(_) => break side_gone(dir, true),
         }
-    }
-    relay.end(ENDED).await;
+    };
+    relay.side_ended(gone).await;
     moved
 }
 
@@ -243,14 +302,31 @@ async fn watchdog(relay: &Relay) {
     }
 }
 
-pub(super) async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) -> (u64, u64) {
+/// Relays a plain tunnel; `cursors` have followed what went each way
+/// before it (the request's and the 101's trailing bytes).
+pub(super) async fn relay(
+    client: TcpStream,
+    upstream: TcpStream,
+    idle: Duration,
+    cursors: [FrameCursor; 2],
+) -> (u64, u64) {
     let relay = Relay::new(idle);
     let (mut to_client, mut to_upstream) = (&client, &upstream);
+    let [mut up_cursor, mut down_cursor] = cursors;
     let (up, down, ()) = tokio::join!(
-        one_way(&client, &mut to_upstream, &relay, 0),
-        one_way(&upstream, &mut to_client, &relay, 1),
+        one_way(&client, &mut to_upstream, &relay, 0, &mut up_cursor),
+        one_way(&upstream, &mut to_client, &relay, 1, &mut down_cursor),
         watchdog(&relay)
     );
+    // One non-blocking attempt each: a Close is a few bytes, and a side that
+    // cannot take them now is not reading anyway.
+    let (to_client, to_node) = relay.closes_owed(&[up_cursor, down_cursor]);
+    if let Some(close) = to_client {
+        let _ = client.try_write(&close);
+    }
+    if let Some(close) = to_node {
+        let _ = upstream.try_write(&close);
+    }
     (up, down)
 }
 
@@ -258,10 +334,15 @@ pub(super) async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration
 /// tunnel (a TLS stream has no readiness to wait on without reading); the
 /// read is the only thing raced against the end of the tunnel, and a read
 /// that was cancelled has taken nothing.
-async fn client_to_node<R: AsyncRead + Unpin>(mut from: R, to: &TcpStream, relay: &Relay) -> u64 {
+async fn client_to_node<R: AsyncRead + Unpin>(
+    mut from: R,
+    to: &TcpStream,
+    relay: &Relay,
+    cursor: &mut FrameCursor,
+) -> u64 {
     let mut buf = vec![0u8; TLS_READ_CHUNK];
     let mut moved = 0u64;
-    loop {
+    let gone = loop {
         let mut read = ReadBuf::new(&mut buf);
         let ended = poll_fn(|cx| match relay.ended() {
             true => Poll::Ready(None),
@@ -271,25 +352,41 @@ async fn client_to_node<R: AsyncRead + Unpin>(mut from: R, to: &TcpStream, relay
         let n = match ended {
             None => return moved,
             Some(Ok(())) if !read.filled().is_empty() => read.filled().len(),
-            Some(_) => break,
+            Some(_) => break CLIENT_GONE,
         };
         if !relay.write(0, write_all(to, &buf[..n])).await {
-            break;
+            cursor.lose_position();
+            break NODE_GONE;
         }
+        cursor.feed(&buf[..n]);
         moved += n as u64;
-    }
-    relay.end(ENDED).await;
+    };
+    relay.side_ended(gone).await;
     moved
 }
 
-pub(super) async fn relay_tls(client: TlsStream<Box<L4Stream>>, upstream: TcpStream, idle: Duration) -> (u64, u64) {
+/// `relay` for a TLS client side.
+pub(super) async fn relay_tls(
+    client: TlsStream<Box<L4Stream>>,
+    upstream: TcpStream,
+    idle: Duration,
+    cursors: [FrameCursor; 2],
+) -> (u64, u64) {
     let relay = Relay::new(idle);
     let (reader, mut writer) = tokio::io::split(client);
+    let [mut up_cursor, mut down_cursor] = cursors;
     let (up, down, ()) = tokio::join!(
-        client_to_node(reader, &upstream, &relay),
-        one_way(&upstream, &mut writer, &relay, 1),
+        client_to_node(reader, &upstream, &relay, &mut up_cursor),
+        one_way(&upstream, &mut writer, &relay, 1, &mut down_cursor),
         watchdog(&relay)
     );
+    let (to_client, to_node) = relay.closes_owed(&[up_cursor, down_cursor]);
+    if let Some(close) = to_client {
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer.send(&close)).await;
+    }
+    if let Some(close) = to_node {
+        let _ = upstream.try_write(&close);
+    }
     // A TLS close_notify, so the client reads a clean end of stream.
     let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
     (up, down)
@@ -334,7 +431,7 @@ mod tests {
     async fn both_directions_arrive_whole_while_the_node_reads_slowly() {
         let (client, client_end) = pair().await;
         let (node, node_end) = pair().await;
-        let relaying = tokio::spawn(relay(client_end, node_end, Duration::from_secs(30)));
+        let relaying = tokio::spawn(relay(client_end, node_end, Duration::from_secs(30), Default::default()));
         let (up, down) = (pattern(4 << 20, 1), pattern(1 << 20, 7));
         let ((mut client_r, mut client_w), (mut node_r, mut node_w)) = (client.into_split(), node.into_split());
         let (up_len, down_len) = (up.len(), down.len());
@@ -350,23 +447,91 @@ mod tests {
         assert_eq!(moved, (up_len as u64, down_len as u64));
     }
 
+    /// Everything `from` sends until it closes (within 10 s).
+    async fn read_to_end(from: &mut TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), from.read_to_end(&mut got)).await;
+        assert!(read.is_ok(), "the stream ended");
+        got
+    }
+
+    /// A text frame as a node sends it.
+    fn text(payload: &str) -> Vec<u8> {
+        let mut f = vec![0x81, payload.len() as u8];
+        f.extend_from_slice(payload.as_bytes());
+        f
+    }
+
     #[tokio::test]
-    async fn an_idle_tunnel_is_closed_on_both_sides() {
+    async fn an_idle_tunnel_is_closed_on_both_sides_with_a_close_frame() {
         let (mut client, client_end) = pair().await;
         let (mut node, node_end) = pair().await;
-        let relaying = tokio::spawn(relay(client_end, node_end, Duration::from_millis(200)));
+        let relaying = tokio::spawn(relay(client_end, node_end, Duration::from_millis(200), Default::default()));
         let moved = tokio::time::timeout(Duration::from_secs(10), relaying).await.expect("idle expiry").unwrap();
         assert_eq!(moved, (0, 0));
-        let mut b = [0u8; 1];
-        assert!(matches!(client.read(&mut b).await, Ok(0) | Err(_)), "the client sees the end");
-        assert!(matches!(node.read(&mut b).await, Ok(0) | Err(_)), "the node sees the end");
+        let to_client = read_to_end(&mut client).await;
+        assert_eq!(to_client, frames::close_frame(1001, "idle timeout", None), "the client gets 1001, unmasked");
+        let to_node = read_to_end(&mut node).await;
+        assert_eq!(&to_node[..2], &[0x88, 0x80 | 14], "the node gets a masked Close");
+        let key = [to_node[2], to_node[3], to_node[4], to_node[5]];
+        assert_eq!(to_node, frames::close_frame(1001, "idle timeout", Some(key)));
+    }
+
+    #[tokio::test]
+    async fn a_node_that_goes_away_between_frames_leaves_its_client_a_close_after_every_frame() {
+        let (mut client, client_end) = pair().await;
+        let (mut node, node_end) = pair().await;
+        // The 101's trailing bytes held a whole frame: the relay starts between frames.
+        let mut cursors: [FrameCursor; 2] = Default::default();
+        cursors[1].feed(&text("{}\u{1e}"));
+        let relaying = tokio::spawn(relay(client_end, node_end, Duration::from_secs(30), cursors));
+        let frames_sent = [text("{\"type\":6}\u{1e}"), text("{\"type\":1,\"target\":\"x\"}\u{1e}")].concat();
+        node.write_all(&frames_sent).await.unwrap();
+        drop(node); // kill -9: FIN with no Close
+        let got = read_to_end(&mut client).await;
+        assert_eq!(got, [frames_sent, frames::close_frame(1001, "node went away", None)].concat());
+        tokio::time::timeout(Duration::from_secs(10), relaying).await.expect("the relay ends").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_node_that_goes_away_inside_a_frame_leaves_no_close_inside_it() {
+        let (mut client, client_end) = pair().await;
+        let (mut node, node_end) = pair().await;
+        let relaying = tokio::spawn(relay(client_end, node_end, Duration::from_secs(30), Default::default()));
+        let partial = [&[0x81u8, 100][..], &[b'a'; 10]].concat(); // 100 bytes announced, 10 sent
+        node.write_all(&partial).await.unwrap();
+        drop(node);
+        assert_eq!(read_to_end(&mut client).await, partial, "a Close would read as the frame's payload");
+        tokio::time::timeout(Duration::from_secs(10), relaying).await.expect("the relay ends").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_node_that_closes_properly_is_not_closed_again() {
+        let (mut client, client_end) = pair().await;
+        let (mut node, node_end) = pair().await;
+        let relaying = tokio::spawn(relay(client_end, node_end, Duration::from_secs(30), Default::default()));
+        let close = frames::close_frame(1000, "", None);
+        node.write_all(&close).await.unwrap();
+        drop(node);
+        assert_eq!(read_to_end(&mut client).await, close, "one Close, the node's");
+        tokio::time::timeout(Duration::from_secs(10), relaying).await.expect("the relay ends").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_away_is_passed_on_as_it_did() {
+        let (client, client_end) = pair().await;
+        let (mut node, node_end) = pair().await;
+        let relaying = tokio::spawn(relay(client_end, node_end, Duration::from_secs(30), Default::default()));
+        drop(client);
+        assert_eq!(read_to_end(&mut node).await, Vec::<u8>::new(), "the node sees the client's end, no Close of ours");
+        tokio::time::timeout(Duration::from_secs(10), relaying).await.expect("the relay ends").unwrap();
     }
 
     #[tokio::test]
     async fn a_write_stuck_on_a_node_that_never_reads_ends_the_tunnel() {
         let (client, client_end) = pair().await;
         let (_node, node_end) = pair().await; // never read
-        let relaying = tokio::spawn(relay(client_end, node_end, Duration::from_millis(300)));
+        let relaying = tokio::spawn(relay(client_end, node_end, Duration::from_millis(300), Default::default()));
         let (_client_r, mut client_w) = client.into_split();
         let total = 256usize << 20;
         let writing = tokio::spawn(async move {
