@@ -36,7 +36,9 @@ pub enum Failure {
     /// A server state that passes by itself: a dataset still loading
     /// (`LOADING`), a script cache a restart emptied (`NOSCRIPT`), a failover
     /// under way (`READONLY` from a demoted master, `MASTERDOWN`, `TRYAGAIN`,
-    /// `CLUSTERDOWN`, Sentinel not knowing the master yet).
+    /// `CLUSTERDOWN`, Sentinel not knowing the master yet), and a cluster's
+    /// `MOVED`/`ASK` that redis-rs gave up following (a slot whose master
+    /// just died is still pointed at it until a replica takes over).
     Passing,
     /// Redis (or whatever listens there) refuses this program:
     /// authentication, permissions, or not speaking Redis. Waiting will not
@@ -63,9 +65,10 @@ impl Failure {
         if refused {
             return Failure::Refusal;
         }
-        let passing =
-            matches!(e.code(), Some("LOADING" | "NOSCRIPT" | "READONLY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN"))
-                || matches!(e.kind(), ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::EmptySentinelList);
+        let passing = matches!(
+            e.code(),
+            Some("LOADING" | "NOSCRIPT" | "READONLY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "MOVED" | "ASK")
+        ) || matches!(e.kind(), ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::EmptySentinelList);
         if passing {
             Failure::Passing
         } else {
@@ -141,6 +144,8 @@ mod tests {
             ServerErrorKind::MasterDown,
             ServerErrorKind::TryAgain,
             ServerErrorKind::ClusterDown,
+            ServerErrorKind::Moved,
+            ServerErrorKind::Ask,
         ] {
             assert_eq!(Failure::of(&server(kind)), Failure::Passing, "{kind:?}");
         }
