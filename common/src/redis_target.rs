@@ -16,7 +16,10 @@
 //! multi-key step (a pipeline, a transaction, the store-and-publish script)
 //! stays on one slot. Pub/sub connections (`client`) go to one member at a
 //! time, the next one after each failure: a classic `PUBLISH` reaches
-//! subscribers on every member of a cluster.
+//! subscribers on every member of a cluster. The node's chat goes over
+//! sharded pub/sub instead (`SPUBLISH`, and `shard_subscriber`'s
+//! `SSUBSCRIBE`), which the shard that owns the channel's slot serves alone,
+//! without copying every message to every member over the cluster bus.
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
@@ -178,6 +181,32 @@ impl RedisTarget {
                 Ok(RedisConn::Single(client.get_connection_manager_with_config(config).await?))
             }
         }
+    }
+
+    /// In a cluster, a connection for sharded subscriptions: `SSUBSCRIBE`s
+    /// on it go to the master of each channel's slot, and what they receive
+    /// arrives on the receiver as RESP3 pushes. redis-rs does not move such a
+    /// subscription to a replica promoted after a failover (see
+    /// `tests/tests/redis_cluster.rs`): its user proves it alive (a message
+    /// of its own coming back) and makes a new one when it is not. `None`
+    /// for a single server or Sentinel, which use `client`'s classic pub/sub.
+    pub async fn shard_subscriber(
+        &self,
+        t: Timeouts,
+    ) -> RedisResult<Option<(ClusterConnection, tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>)>> {
+        let RedisTarget::Cluster { members, password, .. } = self else { return Ok(None) };
+        let (pushes, received) = tokio::sync::mpsc::unbounded_channel();
+        let mut builder = ClusterClient::builder(members.clone())
+            .connection_timeout(t.connect)
+            .response_timeout(t.response)
+            .retries(1)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(pushes);
+        if let Some(p) = password {
+            builder = builder.password(p.clone());
+        }
+        let conn = builder.build()?.get_async_connection().await?;
+        Ok(Some((conn, received)))
     }
 
     /// Whether connections must be made again after an error (the master

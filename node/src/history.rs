@@ -80,12 +80,23 @@ impl ChatMessage {
 /// uid: a retry finds the uid's marker and returns the id it was given.
 pub const STORE_AND_PUBLISH: &str = include_str!("store_and_publish.lua");
 
+/// The script as it runs: on a Redis Cluster (`sharded`) it publishes with
+/// `SPUBLISH`, so that only the shard that owns the history's slot carries
+/// the message (a classic `PUBLISH` is copied to every member).
+pub fn script(sharded: bool) -> std::borrow::Cow<'static, str> {
+    if sharded {
+        STORE_AND_PUBLISH.replacen("redis.call('PUBLISH'", "redis.call('SPUBLISH'", 1).into()
+    } else {
+        STORE_AND_PUBLISH.into()
+    }
+}
+
 /// Loads the script into Redis's script cache; answers its SHA1 for `EVALSHA`.
 /// In a cluster, loaded on the master that holds `key` (the history
 /// stream), where it runs; a master that takes over after a failover answers
 /// `NOSCRIPT` and the script is loaded again.
-pub async fn load_script(conn: &mut RedisConn, key: &str) -> RedisResult<String> {
-    conn.query_at(redis::cmd("SCRIPT").arg("LOAD").arg(STORE_AND_PUBLISH), key).await
+pub async fn load_script(conn: &mut RedisConn, key: &str, sharded: bool) -> RedisResult<String> {
+    conn.query_at(redis::cmd("SCRIPT").arg("LOAD").arg(script(sharded).as_ref()), key).await
 }
 
 /// Adds the atomic store-and-publish of `m` to a pipeline (`EVALSHA` of the
@@ -324,6 +335,12 @@ mod tests {
         for junk in ["", "5-1", "x-1 {}", "5-1 {", "5-1 {\"user\":1}", "{\"origin\":\"x\"}"] {
             assert_eq!(parse_published(junk.as_bytes()), None, "{junk}");
         }
+    }
+
+    #[test]
+    fn the_sharded_script_publishes_with_spublish_and_only_so() {
+        assert!(!script(false).contains("SPUBLISH") && script(false).contains("redis.call('PUBLISH'"));
+        assert!(script(true).contains("redis.call('SPUBLISH'") && !script(true).contains("redis.call('PUBLISH'"));
     }
 
     #[test]

@@ -47,6 +47,21 @@ impl RedisLink {
         self.target.client(CONNECT_TIMEOUT * 2).await
     }
 
+    /// On a Redis Cluster: a connection for sharded subscriptions and the
+    /// receiver of what they carry (see `RedisTarget::shard_subscriber`).
+    pub async fn shard_subscriber(
+        &self,
+    ) -> RedisResult<
+        Option<(redis::cluster_async::ClusterConnection, tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>)>,
+    > {
+        self.target.shard_subscriber(Timeouts { connect: CONNECT_TIMEOUT, response: RESPONSE_TIMEOUT }).await
+    }
+
+    /// Whether Redis is a cluster: chat then goes over sharded pub/sub.
+    pub fn is_cluster(&self) -> bool {
+        self.target.is_cluster()
+    }
+
     /// A command connection; fails fast while Redis is unreachable.
     pub async fn conn(&self) -> RedisResult<RedisConn> {
         let mut guard = self.manager.lock().await;

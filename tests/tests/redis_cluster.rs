@@ -7,8 +7,8 @@
 //! over, and a sharded subscription made again through the same client
 //! reaches it (redis-rs does not move it by itself: see the test). Then
 //! Switchboard itself on the cluster: nodes and balancer given
-//! `redis+cluster://…`, through a failover of the master that holds their
-//! keys and the death of a member that carries a subscription.
+//! `redis+cluster://…`, chat and presence on shard channels, through a
+//! failover of the master that holds their keys while a sender sends.
 
 use redis::cluster::ClusterClientBuilder;
 use redis::{AsyncCommands, ProtocolVersion, PushInfo, PushKind, Value};
@@ -138,13 +138,54 @@ async fn hears(client: &mut HubClient, target: &str, text: &str, limit: Duration
     client.expect(limit, |v| v["target"] == target && v["arguments"][at] == text).await.is_some()
 }
 
+/// `channels` are shard channels on member `master` (the broadcast one with
+/// `subscribers` subscribers, within `WAIT`), and no running member lists
+/// a chat channel among its classic ones.
+async fn assert_sharded(cluster: &RedisCluster, master: usize, channels: &[&str], subscribers: i64) {
+    let port = cluster.members[master].port;
+    let numsub = |channel: &str| match cluster.query_member(port, redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(channel))
+    {
+        Some(Value::Array(v)) => match v.get(1) {
+            Some(Value::Int(n)) => *n,
+            _ => -1,
+        },
+        _ => -1,
+    };
+    let deadline = Instant::now() + WAIT;
+    while numsub(channels[0]) != subscribers {
+        assert!(
+            Instant::now() < deadline,
+            "{subscribers} shard subscribers to {}: {}",
+            channels[0],
+            numsub(channels[0])
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let listed = |port: u16, kind: &str| -> Vec<String> {
+        let answer = cluster.query_member(port, redis::cmd("PUBSUB").arg(kind));
+        answer.and_then(|v| redis::from_redis_value(v).ok()).unwrap_or_default()
+    };
+    let sharded = listed(port, "SHARDCHANNELS");
+    for c in channels {
+        assert!(sharded.iter().any(|s| s == c), "{c} is a shard channel of its master: {sharded:?}");
+    }
+    for m in cluster.members.iter().filter(|m| m.is_running()) {
+        let classic = listed(m.port, "CHANNELS");
+        assert!(
+            !classic.iter().any(|c| c.contains(":bp:") || c.contains("presence")),
+            "classic chat channels: {classic:?}"
+        );
+    }
+}
+
 /// Nodes and the balancer given `redis+cluster://…` (with a password): the
 /// balancer discovers the nodes, broadcasts, group messages and presence
-/// cross nodes,
-/// every key sits on the one slot of the prefix's hash tag, and when that
-/// slot's master is killed its replica takes over while the clients stay
-/// connected: chat crosses again, nothing sent was lost from history, a node
-/// started afterwards is discovered, and the password shows nowhere.
+/// cross nodes on shard channels, every key sits on the one slot of the
+/// prefix's hash tag, and when that slot's master is killed while a sender
+/// sends, its replica takes over while the clients stay connected: the
+/// other node's client gets every message once and in order, nothing sent
+/// is missing from history, a node started afterwards is discovered and
+/// subscribes on the new master, and the password shows nowhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_and_the_balancer_run_on_a_redis_cluster_and_follow_a_failover() {
     const PASSWORD: &str = "s3cret-cluster-pass";
@@ -185,95 +226,86 @@ async fn nodes_and_the_balancer_run_on_a_redis_cluster_and_follow_a_failover() {
         let exists = cluster.query_member(port, redis::cmd("EXISTS").arg(format!("{{switchboard}}:nodes:{id}")));
         assert_eq!(exists, Some(redis::Value::Int(1)), "{id}'s registry hash on the prefix's master");
     }
+    // Chat and presence ride sharded pub/sub: their channels are shard
+    // channels of the slot's master, and no member lists them as classic ones.
+    let chat_channels = ["{switchboard}:bp:all", "{switchboard}:bp:group:ops", "{switchboard}:presence:changes"];
+    assert_sharded(&cluster, owner, &chat_channels, 2).await;
 
-    // The replica has everything (WAIT), then its master dies.
+    // The replica has everything (WAIT), then its master dies while a
+    // sender on one node sends to the group every 25 ms: the subscriptions
+    // find the promoted master by themselves (the probe's echo stops) and
+    // the receiver on the other node gets every message once, in order.
     let acked = cluster.query_member(port, redis::cmd("WAIT").arg(1).arg(5000));
     assert_eq!(acked, Some(redis::Value::Int(1)), "the replica acknowledged the writes");
+    const STEADY: usize = 320;
+    let sender = tokio::spawn(async move {
+        for i in 0..STEADY {
+            one.send("SendMessageToGroup", vec![json!("ops"), json!("one"), json!(format!("steady {i}"))]).await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        one
+    });
+    let receiver = tokio::spawn(async move {
+        let mut got: Vec<(Instant, String)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while got.last().is_none_or(|(_, t)| t != &format!("steady {}", STEADY - 1)) && Instant::now() < deadline {
+            let Some(args) = two.expect_event("ReceiveGroupMessage", Duration::from_secs(1)).await else { continue };
+            if let Some(text) = args.get(2).and_then(|t| t.as_str()).filter(|t| t.starts_with("steady ")) {
+                got.push((Instant::now(), text.to_string()));
+            }
+        }
+        (two, got)
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let killed = Instant::now();
     cluster.kill(owner);
-    cluster.wait_failover("{switchboard}", owner, Duration::from_secs(30));
+    let promoted_to = cluster.wait_failover("{switchboard}", owner, Duration::from_secs(30));
     let promoted = killed.elapsed();
-
-    // Chat crosses nodes again (what is sent meanwhile is queued by the
-    // node and stored once the new master answers).
-    let mut crossed = None;
-    for i in 0..60 {
-        one.send("SendMessage", vec![json!("one"), json!(format!("after {i}"))]).await;
-        if hears(&mut two, "ReceiveMessage", &format!("after {i}"), Duration::from_millis(500)).await {
-            crossed = Some(i);
-            break;
+    let mut one = sender.await.expect("the sender");
+    let (mut two, got) = receiver.await.expect("the receiver");
+    let texts: Vec<&str> = got.iter().map(|(_, t)| t.as_str()).collect();
+    let want: Vec<String> = (0..STEADY).map(|i| format!("steady {i}")).collect();
+    if texts != want {
+        let missing: Vec<&String> = want.iter().filter(|w| !texts.contains(&w.as_str())).collect();
+        let repeated: Vec<&&str> =
+            texts.iter().enumerate().filter(|(i, t)| texts[..*i].contains(t)).map(|(_, t)| t).collect();
+        let history = two.invoke("GetHistory", vec![json!(1000)]).await.expect("GetHistory");
+        let stored: Vec<&str> =
+            history.as_array().into_iter().flatten().filter_map(|m| m["message"].as_str()).collect();
+        let in_history: Vec<&&String> = missing.iter().filter(|m| stored.contains(&m.as_str())).collect();
+        eprintln!("of those, in history: {in_history:?}; the nodes' warnings and errors:");
+        for l in a.process.log_text().lines().chain(_b.process.log_text().lines()) {
+            if l.contains("WARN") || l.contains("ERROR") {
+                eprintln!("  {l}");
+            }
         }
+        panic!("across the failover: missing {missing:?}, repeated {repeated:?}, received {} of {STEADY}", texts.len());
     }
-    let Some(last) = crossed else { panic!("no message crossed nodes after the failover") };
+    let stopped = got.windows(2).map(|w| w[1].0 - w[0].0).max().unwrap_or_default();
     eprintln!(
-        "Switchboard on the cluster: replica promoted {:.1} s after the kill, chat crossed nodes again {:.1} s after it",
+        "Switchboard on the cluster: replica promoted {:.1} s after the kill; a group message every 25 ms, \
+         the longest pause in delivery {:.1} s; {STEADY} sent, {} received, 0 lost, 0 repeated",
         promoted.as_secs_f64(),
-        killed.elapsed().as_secs_f64()
+        stopped.as_secs_f64(),
+        got.len()
     );
     one.invoke("SendMessageToGroup", vec![json!("ops"), json!("one"), json!("ops again")]).await.expect("group send");
     assert!(hears(&mut two, "ReceiveGroupMessage", "ops again", WAIT).await, "group messages cross again");
-    let history = two.invoke("GetHistory", vec![json!(100)]).await.expect("GetHistory on the new master");
-    let texts: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|m| m["message"].as_str()).collect();
-    for text in
-        ["before", "to ops", "ops again"].into_iter().map(String::from).chain((0..=last).map(|i| format!("after {i}")))
-    {
-        assert!(texts.contains(&text.as_str()), "{text:?} in history after the failover: {texts:?}");
+    one.invoke("SendMessage", vec![json!("one"), json!("after")]).await.expect("SendMessage");
+    assert!(hears(&mut two, "ReceiveMessage", "after", WAIT).await, "broadcasts cross again");
+    let history = two.invoke("GetHistory", vec![json!(1000)]).await.expect("GetHistory on the new master");
+    let stored: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|m| m["message"].as_str()).collect();
+    for text in ["before", "to ops", "ops again", "after"].into_iter().map(String::from).chain(want) {
+        assert!(stored.contains(&text.as_str()), "{text:?} in history after the failover: {stored:?}");
     }
 
-    // The registry moved with the slot: a node started now is discovered.
+    // The registry moved with the slot: a node started now is discovered,
+    // and all three nodes' subscriptions are shard subscriptions on the
+    // promoted master.
     let c = TestNode::start_with_redis_url(&url, "rc-c", &[]).await;
     balancer.wait_accepting(&["rc-a", "rc-b", "rc-c"]).await;
     assert_eq!(one.invoke("Echo", vec![json!("still here")]).await, Ok(json!("still here")));
-
-    // A member that carries some node's subscription dies (not the one that
-    // holds our keys): that node subscribes on another member and catches
-    // up, so all three nodes' subscriptions are back and chat crosses again.
-    let subscribers = |cluster: &RedisCluster, i: usize| -> i64 {
-        if !cluster.members[i].is_running() {
-            return 0;
-        }
-        let numsub = redis::cmd("PUBSUB").arg("NUMSUB").arg("{switchboard}:bp:all").to_owned();
-        match cluster.query_member(cluster.members[i].port, &numsub) {
-            Some(Value::Array(v)) => match v.get(1) {
-                Some(Value::Int(n)) => *n,
-                _ => 0,
-            },
-            _ => 0,
-        }
-    };
-    let holder = cluster.master_of("{switchboard}").expect("a master for the prefix's slot");
-    let total = |cluster: &RedisCluster| (0..cluster.members.len()).map(|i| subscribers(cluster, i)).sum::<i64>();
-    let deadline = Instant::now() + WAIT;
-    while total(&cluster) < 3 {
-        assert!(Instant::now() < deadline, "three nodes subscribed: {}", total(&cluster));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let victim = (0..cluster.members.len()).find(|i| *i != holder && subscribers(&cluster, *i) > 0);
-    match victim {
-        // Each node starts at a random member: all three on the keys' master
-        // happens about once in 200 runs, and then there is nothing to kill.
-        None => eprintln!("every subscription is on the keys' master; the member-death step is skipped this run"),
-        Some(victim) => {
-            let moved = subscribers(&cluster, victim);
-            cluster.kill(victim);
-            cluster.wait_ok(Duration::from_secs(30));
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while total(&cluster) < 3 {
-                assert!(Instant::now() < deadline, "subscriptions moved off the dead member: {}", total(&cluster));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let mut crossed = false;
-            for i in 0..60 {
-                one.send("SendMessage", vec![json!("one"), json!(format!("member gone {i}"))]).await;
-                if hears(&mut two, "ReceiveMessage", &format!("member gone {i}"), Duration::from_millis(500)).await {
-                    crossed = true;
-                    break;
-                }
-            }
-            assert!(crossed, "chat crosses nodes after a subscribed member died");
-            eprintln!("a member carrying {moved} subscription(s) died; every node subscribed elsewhere");
-        }
-    }
+    assert_sharded(&cluster, promoted_to, &chat_channels[..1], 3).await;
 
     for page in [format!("{}/api/backends", balancer.admin), format!("{}/metrics", balancer.admin)] {
         assert!(!get_text(&page).await.contains(PASSWORD), "{page} shows the password");

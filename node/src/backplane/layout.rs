@@ -9,7 +9,12 @@
 //! {prefix}:bp:group:{name}    channel per group, subscribed while this node has members
 //! {prefix}:presence           sorted set: `{node}\n{user}` scored by expiry (Unix ms)
 //! {prefix}:presence:changes   channel: presence changes, JSON `{"node","user","online"}`
+//! {prefix}:bp:echo:{tag}      channel: a subscriber's own liveness probe (on a Redis Cluster)
 //! ```
+//!
+//! On a Redis Cluster the prefix is a hash tag (`{switchboard}`), so all of
+//! these are on one slot, and the channels are shard channels
+//! (`SPUBLISH`/`SSUBSCRIBE`) that only the slot's master carries.
 //!
 //! The registry's keys (`{prefix}:nodes:{id}`, `{prefix}:registry`), which
 //! the balancer reads too, are in `switchboard_common::registry`.
@@ -62,6 +67,11 @@ impl Layout {
         channel.strip_prefix(self.group_prefix.as_str())
     }
 
+    /// A subscriber's own channel, on which it hears its liveness probes.
+    pub fn echo_channel(&self, tag: &str) -> String {
+        format!("{}:bp:echo:{tag}", self.prefix)
+    }
+
     /// The presence sorted set.
     pub fn presence(&self) -> &str {
         &self.presence
@@ -97,6 +107,7 @@ mod tests {
         assert_eq!(l.group_of("sb:bp:group:ops"), Some("ops"));
         assert_eq!(l.group_of("sb:bp:all"), None);
         assert_eq!((l.presence(), l.presence_changes()), ("sb:presence", "sb:presence:changes"));
+        assert_eq!(l.echo_channel("7"), "sb:bp:echo:7");
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod layout;
 #[cfg(test)]
 pub mod memory;
 pub mod redis;
+mod subscription;
 
 use crate::history::{ChatMessage, ResumeError};
 use prometheus::IntCounter;

@@ -27,16 +27,23 @@
 //! `/health` reports `degraded` otherwise, and the balancer then sends new
 //! clients to other nodes.
 //!
+//! On a Redis Cluster every channel is a shard channel of the prefix's one
+//! slot (`SPUBLISH`/`SSUBSCRIBE`, see `subscription`): the slot's master
+//! alone carries chat, instead of the cluster bus copying every classic
+//! publication to every member, and the subscriber proves with a message of
+//! its own that its subscription is on the master that owns the slot now
+//! (after a failover it is not, until made again).
+//!
 //! Presence rides along: a node's changes go into a sorted set of expiring
 //! (node, user) entries and out on the presence channel in one pipeline
 //! (`write_presence`), and the subscriber hands the changes it hears to the
 //! sink as typed `PresenceChange`s.
 
 use super::layout::{self, Layout};
+use super::subscription::{self, Subscription};
 use super::{BackplaneMetrics, Deliver, HistoryError, PresenceChange, PresenceWrite, Sink};
 use crate::history::{self, cmp_ids, ChatMessage, ResumeError};
 use crate::redis_link::{RedisLink, CONNECT_TIMEOUT};
-use futures_util::StreamExt;
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -80,6 +87,8 @@ pub struct RedisBackplane {
     sink: Sink,
     history_len: usize,
     layout: Layout,
+    /// On a Redis Cluster: chat and presence go over sharded pub/sub.
+    sharded: bool,
     queue: mpsc::Sender<Publication>,
     queue_rx: Mutex<Option<mpsc::Receiver<Publication>>>,
     subs: mpsc::UnboundedSender<SubCommand>,
@@ -101,6 +110,7 @@ impl RedisBackplane {
         let (queue, queue_rx) = mpsc::channel(QUEUE_CAPACITY);
         let (subs, subs_rx) = mpsc::unbounded_channel();
         RedisBackplane {
+            sharded: link.is_cluster(),
             link,
             metrics,
             sink: Sink::default(),
@@ -231,7 +241,8 @@ impl RedisBackplane {
             }
             let change = PresenceChange { node: w.node.clone(), user, online };
             if let Ok(text) = serde_json::to_string(&change) {
-                pipe.publish(channel, text).ignore();
+                let publish = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
+                pipe.cmd(publish).arg(channel).arg(text).ignore();
             }
         }
         let refresh = w.refresh.is_some();
@@ -369,7 +380,7 @@ async fn publisher(bp: Arc<RedisBackplane>, mut rx: mpsc::Receiver<Publication>)
             Ok(mut c) => {
                 let loaded = match sha.clone() {
                     Some(s) => Ok(s),
-                    None => history::load_script(&mut c, bp.layout.history()).await,
+                    None => history::load_script(&mut c, bp.layout.history(), bp.sharded).await,
                 };
                 match loaded {
                     Ok(s) => {
@@ -447,6 +458,16 @@ async fn publisher(bp: Arc<RedisBackplane>, mut rx: mpsc::Receiver<Publication>)
     }
 }
 
+/// A new subscription connection: sharded on a Redis Cluster, else classic.
+async fn subscription(bp: &RedisBackplane) -> redis::RedisResult<Subscription> {
+    if let Some((conn, pushes)) = bp.link.shard_subscriber().await? {
+        let echo = bp.layout.echo_channel(&format!("{:016x}", rand::random::<u64>()));
+        return Ok(Subscription::Sharded(subscription::Sharded::new(conn, pushes, echo)));
+    }
+    let (sink, stream) = bp.link.client().await?.get_async_pubsub().await?.split();
+    Ok(Subscription::Classic(sink, stream))
+}
+
 async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<SubCommand>) {
     let mut delay = Duration::from_millis(100);
     loop {
@@ -456,16 +477,18 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
             delay = backoff(delay);
             continue;
         }
-        let connected =
-            tokio::time::timeout(CONNECT_TIMEOUT, async { bp.link.client().await?.get_async_pubsub().await }).await;
-        if let Ok(Ok(pubsub)) = connected {
-            let (mut sink, mut stream) = pubsub.split();
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, subscription(&bp)).await;
+        if let Ok(Ok(mut sub)) = connected {
             let mut channels = vec![bp.layout.all_channel().to_string(), bp.layout.presence_changes().to_string()];
+            if let Subscription::Sharded(s) = &sub {
+                channels.push(s.echo().to_string());
+            }
             channels.extend(bp.sink.local_groups().iter().map(|g| bp.layout.group_channel(g)));
-            match sink.subscribe(&channels).await {
-                Ok(()) => {
+            let subscribed = tokio::time::timeout(SUBSCRIPTION_DEADLINE, sub.subscribe(&channels)).await;
+            match subscribed {
+                Ok(Ok(())) => {
                     bp.link.set_up(true, None);
-                    tracing::info!(channels = channels.len(), "backplane subscribed");
+                    tracing::info!(channels = channels.len(), sharded = bp.sharded, "backplane subscribed");
                     delay = Duration::from_millis(100);
                     // Subscribed first, then read history: nothing falls between.
                     // Live only once caught up: a subscription with a gap
@@ -487,13 +510,13 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
                     if caught_up {
                         loop {
                             tokio::select! {
-                                msg = stream.next() => match msg {
-                                    Some(m) => bp.receive(m.get_channel_name(), m.get_payload_bytes()),
+                                msg = sub.next() => match msg {
+                                    Some((channel, payload)) => bp.receive(&channel, &payload),
                                     None => break,
                                 },
                                 _ = ping.tick() => {
-                                    let answered = tokio::time::timeout(SUBSCRIPTION_DEADLINE, sink.ping::<redis::Value>()).await;
-                                    if !matches!(answered, Ok(Ok(_))) {
+                                    let probe = sub.probe(|channel, payload| bp.receive(channel, payload));
+                                    if !tokio::time::timeout(SUBSCRIPTION_DEADLINE, probe).await.unwrap_or(false) {
                                         tracing::warn!("backplane subscription stopped answering");
                                         break;
                                     }
@@ -502,7 +525,7 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
                                     let change = async {
                                         match cmd {
                                             Some(SubCommand::Subscribe(g, done)) => {
-                                                let ok = sink.subscribe(bp.layout.group_channel(&g)).await.is_ok();
+                                                let ok = sub.subscribe(&[bp.layout.group_channel(&g)]).await.is_ok();
                                                 if let (true, Some(done)) = (ok, done) {
                                                     let _ = done.send(());
                                                 }
@@ -512,7 +535,7 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
                                                 let _ = done.send(());
                                                 true
                                             }
-                                            Some(SubCommand::Unsubscribe(g)) => sink.unsubscribe(bp.layout.group_channel(&g)).await.is_ok(),
+                                            Some(SubCommand::Unsubscribe(g)) => sub.unsubscribe(&bp.layout.group_channel(&g)).await.is_ok(),
                                             None => false,
                                         }
                                     };
@@ -531,7 +554,8 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
                     bp.link.set_up(false, None);
                     tracing::warn!("backplane subscription lost; reconnecting");
                 }
-                Err(e) => bp.link.set_up(false, Some(&e)),
+                Ok(Err(e)) => bp.link.set_up(false, Some(&e)),
+                Err(_) => bp.link.set_up(false, None),
             }
         } else if let Ok(Err(e)) = connected {
             bp.link.set_up(false, Some(&e));
