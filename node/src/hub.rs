@@ -342,7 +342,8 @@ async fn invoke(
             // Replays, as ordinary events in id order, every stored message
             // after `last` this connection would have received; the hub's
             // loop runs it and queues its Completion (see `replay`).
-            let [last] = strings(args)?;
+            let [position] = arity::<1>(args)?;
+            let last = replay::resume_position(position)?;
             replay::start_resume(app, conn, invocation_id, &last).await.map(|()| Answer::Queued)
         }
         "SetUser" => {
@@ -505,6 +506,12 @@ mod tests {
         assert_eq!(texts, [&json!("m1"), &json!("m2"), &json!("m3")], "{got:?}");
         let done = got.iter().find(|r| r["type"] == 3 && r["invocationId"] == "r1").unwrap();
         assert_eq!(done["result"], 2, "how many were replayed");
+        // The same from its newest id per scope.
+        let again = client(&a, "again", true).await;
+        invoke(&a, &again, "r3", "Resume", json!([{"all": ids[0], "groups": {}}])).await;
+        let texts: Vec<Value> =
+            events(&take(&again), "ReceiveMessage").iter().map(|r| r["arguments"][1].clone()).collect();
+        assert_eq!(texts, [json!("m1"), json!("m2"), json!("m3")]);
         // An id newer than anything stored is refused clearly.
         invoke(&a, &back, "r2", "Resume", json!(["9-9"])).await;
         let refused = take(&back);

@@ -39,6 +39,40 @@ fn size_of(m: &ChatMessage) -> usize {
     m.message.len() + m.user.len() + m.connection_id.len() + m.node_id.len() + 64
 }
 
+/// Where `Resume`'s argument says the client is: one message id (the newest
+/// it saw), or its newest id per scope, `{"all": id, "groups": {"ops": id}}`
+/// (see docs/scaling.md, "The message-id question"). History is one stream
+/// here and delivery is in id order, so a client has seen everything meant
+/// for it up to the newest id it names: that one is where the replay starts.
+pub fn resume_position(position: Value) -> Result<String, String> {
+    const SHAPE: &str = "Resume takes the last message id seen, or {\"all\": id, \"groups\": {\"group\": id}}";
+    let bad = || format!("HubException: {SHAPE}.");
+    let ids: Vec<String> = match position {
+        Value::String(id) => return Ok(id),
+        Value::Object(mut scopes) => {
+            let mut ids = Vec::new();
+            if let Some(all) = scopes.remove("all") {
+                ids.push(all.as_str().ok_or_else(bad)?.to_string());
+            }
+            if let Some(groups) = scopes.remove("groups") {
+                for (_, id) in groups.as_object().ok_or_else(bad)? {
+                    ids.push(id.as_str().ok_or_else(bad)?.to_string());
+                }
+            }
+            if !scopes.is_empty() {
+                return Err(bad());
+            }
+            ids
+        }
+        _ => return Err(bad()),
+    };
+    if let Some(malformed) = ids.iter().find(|id| history::parse_id(id).is_none()) {
+        let shown: String = malformed.chars().take(64).collect();
+        return Err(format!("HubException: cannot resume after '{shown}': {}.", history::ResumeError::Malformed));
+    }
+    ids.into_iter().max_by(|a, b| history::cmp_ids(a, b)).ok_or_else(bad)
+}
+
 /// `Resume(last)`: checks that a replay from `last` is possible and, if so,
 /// starts it on `conn` (the hub's loop runs it; `continue_replay`). Live
 /// chat messages are held from now until it ends.
@@ -196,6 +230,19 @@ pub async fn history_page(app: &App, count: usize, budget: usize) -> Result<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resume_position_is_one_id_or_the_newest_of_a_scope_map() {
+        use serde_json::json;
+        assert_eq!(resume_position(json!("5-1")), Ok("5-1".into()));
+        let map = json!({"all": "5-1", "groups": {"ops": "12-0", "dev": "9-3"}});
+        assert_eq!(resume_position(map), Ok("12-0".into()), "compared as ids, not as text");
+        assert_eq!(resume_position(json!({"groups": {"ops": "7-0"}})), Ok("7-0".into()));
+        for bad in [json!({}), json!(5), json!({"all": 5}), json!({"groups": ["1-0"]}), json!({"all": "1-0", "x": 1})] {
+            assert!(resume_position(bad.clone()).unwrap_err().contains("Resume takes"), "{bad}");
+        }
+        assert!(resume_position(json!({"all": "nope"})).unwrap_err().contains("malformed"));
+    }
 
     #[test]
     fn pages_ask_for_as_many_entries_as_fill_their_bytes() {
