@@ -42,7 +42,7 @@ impl Cluster {
             Some(n) => contenders::redis_cluster(&work, n)?,
             None => {
                 let (redis, url) = contenders::redis(&work)?;
-                crate::suite::wait_redis(&url).await?;
+                crate::contenders::wait_redis(&url).await?;
                 (vec![redis], url)
             }
         };
@@ -292,7 +292,7 @@ fn slab_kib() -> Option<u64> {
 /// stdin, opens (or keeps) N idle connections from `source`, answers
 /// `held <open> failed <n>`. Gives up on a step after 200 failures in a row.
 pub async fn hold(url: &str, source: IpAddr) -> Result<()> {
-    crate::suite::raise_fd_limit();
+    crate::contenders::raise_fd_limit();
     let http = reqwest::Client::builder().local_address(source).build()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut held = Vec::new();

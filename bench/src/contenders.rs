@@ -368,3 +368,28 @@ pub fn which(name: &str) -> Result<PathBuf> {
         .find(|p| p.is_file())
         .with_context(|| format!("{name} is not installed (scripts/bench.sh installs it)"))
 }
+
+/// Lets this process (and the proxies it starts) hold as many sockets as the
+/// hard limit allows; idle tests open thousands.
+pub(crate) fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Waits until the `redis-server` at `url` accepts connections.
+pub(crate) async fn wait_redis(url: &str) -> Result<()> {
+    let addr = url.trim_start_matches("redis://").to_string();
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("redis-server did not start on {addr}")
+}

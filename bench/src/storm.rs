@@ -409,7 +409,7 @@ fn absorb(name: &str, at: u64, end: u64, run: &Recorded) -> Value {
 }
 
 pub async fn run(o: &Options) -> Result<Value> {
-    crate::suite::raise_fd_limit();
+    crate::contenders::raise_fd_limit();
     let dir = std::env::temp_dir().join(format!("switchboard-storm-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let t0 = unix_ms();

@@ -294,7 +294,7 @@ fn summary(index: usize, groups: usize, last: Option<u64>, l: &Log) -> Value {
 /// The worker: `count` clients numbered from `first`, spread over
 /// `balancers` by number, connecting from `source`.
 pub async fn run(balancers: Vec<String>, count: usize, first: usize, source: IpAddr, groups: usize) -> Result<()> {
-    crate::suite::raise_fd_limit();
+    crate::contenders::raise_fd_limit();
     let http = reqwest::Client::builder().local_address(source).pool_max_idle_per_host(64).build()?;
     let shared = Arc::new(Shared {
         http,

@@ -109,19 +109,6 @@ async fn with_cpu(pid: u32, ops: &str, workload: impl std::future::Future<Output
     Ok(result)
 }
 
-/// Lets this process (and the proxies it starts) hold as many sockets as the
-/// hard limit allows; idle tests open thousands.
-pub(crate) fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: plain getrlimit/setrlimit on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 fn machine() -> Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model =
@@ -137,24 +124,13 @@ fn machine() -> Value {
     })
 }
 
-pub(crate) async fn wait_redis(url: &str) -> Result<()> {
-    let addr = url.trim_start_matches("redis://").to_string();
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    anyhow::bail!("redis-server did not start on {addr}")
-}
-
 pub async fn run(opts: &Options) -> Result<Value> {
-    raise_fd_limit();
+    contenders::raise_fd_limit();
     let plan = Plan::new(opts.quick);
     let work = std::env::temp_dir().join(format!("switchboard-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let (_redis, redis) = contenders::redis(&work)?;
-    wait_redis(&redis).await?;
+    contenders::wait_redis(&redis).await?;
 
     let mut nodes: Vec<Running> = Vec::new();
     for i in 1..=3 {

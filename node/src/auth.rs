@@ -10,7 +10,7 @@
 //! `issue` signs tokens with the configured secret (the `token` subcommand
 //! and the optional development sign-in).
 
-use crate::config::{AuthMode, NodeConfig};
+use crate::config::{AuthKeys, AuthMode, NodeConfig};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -110,31 +110,13 @@ impl std::fmt::Debug for Auth {
 impl Auth {
     /// Reads the key material the settings name; an unusable key is an error.
     pub fn from_config(cfg: &NodeConfig) -> Result<Auth, String> {
-        let secret = cfg.auth_secret()?;
-        let public = if cfg.auth_public_key_file.is_empty() {
-            None
-        } else {
-            let pem = std::fs::read(&cfg.auth_public_key_file)
-                .map_err(|e| format!("auth_public_key_file {}: {e}", cfg.auth_public_key_file))?;
-            let (key, alg) = match DecodingKey::from_rsa_pem(&pem) {
-                Ok(k) => (k, Algorithm::RS256),
-                Err(_) => DecodingKey::from_ec_pem(&pem).map(|k| (k, Algorithm::ES256)).map_err(|e| {
-                    format!("auth_public_key_file {}: not an RSA or EC public key ({e})", cfg.auth_public_key_file)
-                })?,
-            };
-            Some((key, alg))
-        };
+        let AuthKeys { secret, public } = cfg.auth_keys()?;
         let signer = secret.as_deref().map(EncodingKey::from_secret);
         let (key, alg) = match (public, secret) {
             (Some(p), _) => (Some(p.0), p.1),
             (None, Some(s)) => (Some(DecodingKey::from_secret(&s)), Algorithm::HS256),
             (None, None) => (None, Algorithm::HS256),
         };
-        if cfg.auth != AuthMode::Off && key.is_none() {
-            return Err(
-                "auth is on but no key is set: give auth_secret, auth_secret_file or auth_public_key_file".into()
-            );
-        }
         let mut validation = Validation::new(alg);
         validation.leeway = cfg.auth_clock_skew_secs;
         validation.validate_nbf = true;

@@ -4,6 +4,7 @@
 //! seconds and may be fractional (tests use sub-second heartbeats).
 
 use clap::Parser;
+use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -308,6 +309,14 @@ impl Cli {
     }
 }
 
+/// The sign-in keys the settings name (`NodeConfig::auth_keys`).
+pub struct AuthKeys {
+    /// The HS256 secret, which also signs the node's own tokens.
+    pub secret: Option<Vec<u8>>,
+    /// An RS256 or ES256 public key, which then verifies instead.
+    pub public: Option<(DecodingKey, Algorithm)>,
+}
+
 fn secs(name: &'static str, v: f64) -> Result<Duration, ConfigError> {
     Duration::try_from_secs_f64(v)
         .ok()
@@ -394,7 +403,7 @@ impl NodeConfig {
             }
         }
         // Reading the keys is the final check (a missing file, a short secret, a bad PEM).
-        crate::auth::Auth::from_config(self).map_err(|reason| ConfigError::Invalid { name: "auth", reason })?;
+        self.auth_keys().map_err(|reason| ConfigError::Invalid { name: "auth", reason })?;
         Ok(())
     }
 
@@ -403,6 +412,32 @@ impl NodeConfig {
     /// masked (`--check-config`).
     pub fn masked(&self) -> Result<String, String> {
         switchboard_common::config::masked_toml(self, &["auth_secret"], &["redis"])
+    }
+
+    /// The key material the settings name, read and parsed (`auth` builds
+    /// its validation from it): an unusable key, or auth on with no key, is
+    /// an error.
+    pub fn auth_keys(&self) -> Result<AuthKeys, String> {
+        let secret = self.auth_secret()?;
+        let public = if self.auth_public_key_file.is_empty() {
+            None
+        } else {
+            let file = &self.auth_public_key_file;
+            let pem = std::fs::read(file).map_err(|e| format!("auth_public_key_file {file}: {e}"))?;
+            let (key, alg) = match DecodingKey::from_rsa_pem(&pem) {
+                Ok(k) => (k, Algorithm::RS256),
+                Err(_) => DecodingKey::from_ec_pem(&pem)
+                    .map(|k| (k, Algorithm::ES256))
+                    .map_err(|e| format!("auth_public_key_file {file}: not an RSA or EC public key ({e})"))?,
+            };
+            Some((key, alg))
+        };
+        if self.auth != AuthMode::Off && secret.is_none() && public.is_none() {
+            return Err(
+                "auth is on but no key is set: give auth_secret, auth_secret_file or auth_public_key_file".into()
+            );
+        }
+        Ok(AuthKeys { secret, public })
     }
 
     pub fn auth_secret(&self) -> Result<Option<Vec<u8>>, String> {

@@ -19,6 +19,16 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 use tokio::sync::Notify;
 
+/// Whether the hub's `on_data` (or a replay, `replay::continue_replay`)
+/// processed everything it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Done,
+    /// The connection's outbox is full of replies: the rest waits in the
+    /// reader until the transport has sent some (then call again with no data).
+    Paused,
+}
+
 /// Milliseconds since the process started; cheap and monotonic.
 pub fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();

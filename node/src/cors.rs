@@ -8,13 +8,9 @@
 //! origin is refused with 403 and no CORS headers, WebSocket upgrades
 //! included (browsers do not apply CORS to WebSockets, so the server must).
 //! A request without `Origin` (a non-browser client) is not affected.
+//! This module judges; the middleware that applies it is `http`'s.
 
-use crate::app::App;
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use std::sync::Arc;
+use axum::http::{header, HeaderMap, HeaderValue};
 
 /// `scheme://host[:port]` in lower case with the scheme's default port
 /// dropped, or `None` when `text` is not a web origin.
@@ -98,44 +94,10 @@ pub fn judge(allowed: &AllowedOrigins, headers: &HeaderMap) -> Verdict {
     }
 }
 
-fn allow(headers: &mut HeaderMap, origin: HeaderValue) {
+pub fn allow(headers: &mut HeaderMap, origin: HeaderValue) {
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
     headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
     headers.append(header::VARY, HeaderValue::from_static("Origin"));
-}
-
-/// The middleware on `/chathub` and `/chathub/negotiate`.
-pub async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
-    let origin = match judge(&app.origins, request.headers()) {
-        Verdict::Refused => {
-            app.metrics.origin_refused.inc();
-            let body = "This origin may not use the hub (see allowed_origins).\n";
-            return (StatusCode::FORBIDDEN, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body)
-                .into_response();
-        }
-        Verdict::SameOrigin => None,
-        Verdict::Allowed(origin) => Some(origin),
-    };
-    if request.method() == Method::OPTIONS {
-        let mut resp = StatusCode::NO_CONTENT.into_response();
-        let h = resp.headers_mut();
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, DELETE, OPTIONS"));
-        // The headers the client asked for (the SignalR client sends
-        // X-Requested-With, X-SignalR-User-Agent, Authorization, Content-Type).
-        if let Some(asked) = request.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
-            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
-        }
-        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
-        if let Some(origin) = origin {
-            allow(h, origin);
-        }
-        return resp;
-    }
-    let mut resp = next.run(request).await;
-    if let Some(origin) = origin {
-        allow(resp.headers_mut(), origin);
-    }
-    resp
 }
 
 #[cfg(test)]

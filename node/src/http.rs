@@ -9,8 +9,9 @@ use crate::config::AuthMode;
 use crate::cors;
 use crate::registry;
 use crate::transport;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -27,7 +28,7 @@ pub fn router(app: Arc<App>) -> Router {
     let hub = Router::new()
         .route("/chathub/negotiate", post(transport::negotiate).options(preflight))
         .route("/chathub", get(transport::connect).post(transport::send).delete(transport::delete).options(preflight))
-        .route_layer(axum::middleware::from_fn_with_state(app.clone(), cors::guard));
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), origin_guard));
     Router::new()
         .merge(hub)
         .route("/auth/info", get(auth_info))
@@ -180,4 +181,39 @@ async fn asset(axum::extract::Path(file): axum::extract::Path<String>) -> Respon
         Some((_, content_type, body)) => page(content_type, body),
         None => (StatusCode::NOT_FOUND, "no such file\n").into_response(),
     }
+}
+
+/// The middleware on `/chathub` and `/chathub/negotiate`: refuses origins
+/// `allowed_origins` does not list (see `cors`) and answers preflights.
+async fn origin_guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let origin = match cors::judge(&app.origins, request.headers()) {
+        cors::Verdict::Refused => {
+            app.metrics.origin_refused.inc();
+            let body = "This origin may not use the hub (see allowed_origins).\n";
+            return (StatusCode::FORBIDDEN, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body)
+                .into_response();
+        }
+        cors::Verdict::SameOrigin => None,
+        cors::Verdict::Allowed(origin) => Some(origin),
+    };
+    if request.method() == Method::OPTIONS {
+        let mut resp = StatusCode::NO_CONTENT.into_response();
+        let h = resp.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, DELETE, OPTIONS"));
+        // The headers the client asked for (the SignalR client sends
+        // X-Requested-With, X-SignalR-User-Agent, Authorization, Content-Type).
+        if let Some(asked) = request.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
+        }
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        if let Some(origin) = origin {
+            cors::allow(h, origin);
+        }
+        return resp;
+    }
+    let mut resp = next.run(request).await;
+    if let Some(origin) = origin {
+        cors::allow(resp.headers_mut(), origin);
+    }
+    resp
 }

@@ -23,14 +23,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use std::sync::Arc;
 
-/// Whether `on_data` processed everything it was given.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flow {
-    Done,
-    /// The connection's outbox is full of replies: the rest waits in the
-    /// reader until the transport has sent some (then call again with no data).
-    Paused,
-}
+pub use crate::connection::Flow;
 
 /// Feeds bytes a client sent; afterwards the outbox says whether it lives on.
 /// Holding the reader for the whole batch processes one connection's records
@@ -406,8 +399,8 @@ mod tests {
         let sink: Arc<dyn Deliver> = app.clone();
         app.backplane.start(Arc::downgrade(&sink));
         let tasks = app.presence_tasks.lock().unwrap().take().unwrap();
-        tokio::spawn(crate::presence::write_forever(app.clone(), tasks.writes));
-        tokio::spawn(crate::presence::notify_forever(Arc::downgrade(&app), tasks.events));
+        tokio::spawn(crate::presence_sync::write_forever(app.clone(), tasks.writes));
+        tokio::spawn(crate::presence_sync::notify_forever(Arc::downgrade(&app), tasks.events));
         app
     }
 

@@ -10,7 +10,11 @@
 //! `replay` answers `Resume` and `GetHistory` from history in pages, read
 //! through `history_reads` (bounded, identical reads shared).
 //! `registry` keeps the node discoverable, `lifecycle` starts and drains it,
-//! `server` accepts HTTP connections with limits on request heads.
+//! `server` accepts HTTP connections with limits on request heads. `presence`
+//! is the cluster's view of who is online and `presence_sync` the tasks that
+//! write and announce it. The modules import one another without a circle:
+//! `config` reads settings and key files and knows nothing of `auth`, which
+//! builds on it; `cors` judges origins and `http` applies the judgement.
 
 mod app;
 pub mod auth;
@@ -28,6 +32,7 @@ mod lifecycle;
 mod metrics;
 mod outbox;
 mod presence;
+mod presence_sync;
 mod protocol;
 mod redis_link;
 mod registry;

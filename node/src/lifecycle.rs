@@ -8,7 +8,7 @@
 
 use crate::app::App;
 use crate::backplane::Deliver;
-use crate::{keepalive, presence, registry};
+use crate::{keepalive, presence_sync, registry};
 use std::sync::Arc;
 use std::time::Duration;
 use switchboard_common::registry::RegistryEventKind;
@@ -27,8 +27,8 @@ pub fn start_background_tasks(app: &Arc<App>) -> Background {
     let tasks = app.presence_tasks.lock().unwrap_or_else(|p| p.into_inner()).take();
     let presence = tasks.map_or_else(Vec::new, |tasks| {
         vec![
-            tokio::spawn(presence::write_forever(app.clone(), tasks.writes)),
-            tokio::spawn(presence::notify_forever(Arc::downgrade(app), tasks.events)),
+            tokio::spawn(presence_sync::write_forever(app.clone(), tasks.writes)),
+            tokio::spawn(presence_sync::notify_forever(Arc::downgrade(app), tasks.events)),
         ]
     });
     Background { heartbeat: tokio::spawn(registry::heartbeat(app.clone())), presence }

@@ -4,15 +4,14 @@
 //! entries that is), never the whole capped stream, through
 //! `history_reads` (at most four at once, identical ones shared). A replay
 //! is a cursor kept on the connection: it queues messages while the outbox
-//! has room and then pauses, like a client's pipelined requests do (`hub::Flow::Paused`), and
+//! has room and then pauses, like a client's pipelined requests do (`Flow::Paused`), and
 //! the transport continues it once the client has read some. So a client
 //! that reads gets everything it missed, in order and once, however much
 //! that is; one that does not read holds one outbox and one page.
 
 use crate::app::App;
-use crate::connection::{ChatDelivery, Connection};
+use crate::connection::{ChatDelivery, Connection, Flow};
 use crate::history::{self, ChatMessage, Replay};
-use crate::hub::Flow;
 use crate::protocol::HubMessage;
 use serde_json::Value;
 use std::collections::VecDeque;

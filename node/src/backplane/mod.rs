@@ -44,7 +44,7 @@ pub struct PresenceChange {
     pub online: bool,
 }
 
-/// One batch of a node's presence writes, in order (see `presence::write_forever`).
+/// One batch of a node's presence writes, in order (see `presence_sync::write_forever`).
 #[derive(Debug, Default)]
 pub struct PresenceWrite {
     pub node: String,
