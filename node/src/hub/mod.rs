@@ -1,8 +1,7 @@
 //! The chat hub: what each hub message means. Transports hand raw bytes to
 //! `on_data`; it splits records, answers the handshake, parses messages and
-//! runs invocations (`SendMessage`, `GetNodeInfo`, `JoinGroup`, `LeaveGroup`,
-//! `SendMessageToGroup`, `GetHistory`, `Echo`, `Resume`, and `SetUser` and
-//! `GetOnlineUsers` for presence). Chat messages are
+//! runs invocations through the table of methods in `methods` (chat,
+//! groups, history and `Resume`, `Echo`, presence). Chat messages are
 //! not delivered here: they are stored and published (`backplane`), and every
 //! node, this one too, delivers them in id order as they come back. Method names match
 //! case-insensitively, as in ASP.NET Core. An unknown method or bad arguments
@@ -10,18 +9,16 @@
 //! are not the protocol close the connection with an error.
 
 use crate::app::App;
-use crate::config::AuthMode;
 use crate::connection::{Connection, Transport};
-use crate::groups;
-use crate::history::ChatMessage;
 use crate::outbox::OutFrame;
 use crate::protocol::{handshake_response, parse_handshake, transfer_format_error, HubMessage, ProtocolError};
 use crate::replay;
 use crate::stateful::{Receive, Stateful};
-use crate::user_name;
 use bytes::Bytes;
-use serde_json::Value;
+use methods::Answer;
 use std::sync::Arc;
+
+mod methods;
 
 pub use crate::connection::Flow;
 
@@ -139,10 +136,15 @@ fn handshake(app: &App, conn: &Connection, record: &[u8]) -> bool {
 async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
     match msg {
         HubMessage::Invocation { invocation_id, target, arguments } => {
-            let method = method_label(&target);
-            let outcome = invoke(app, conn, method, invocation_id.as_deref(), arguments).await;
+            let method = methods::find(&target);
+            let outcome = match method {
+                Some(m) => (m.run)(app, conn, invocation_id.as_deref(), arguments).await,
+                None => Err("HubException: Method does not exist.".into()),
+            };
             let label = if outcome.is_ok() { "ok" } else { "error" };
-            app.metrics.invocations.with_label_values(&[method, label]).inc();
+            // The table's names, or "unknown": a bounded label set whatever a client sends.
+            let name = method.map_or("unknown", |m| m.name);
+            app.metrics.invocations.with_label_values(&[name, label]).inc();
             if let Err(e) = &outcome {
                 tracing::debug!(connection = %conn.connection_id, ?target, error = ?e, "invocation failed");
             }
@@ -186,199 +188,6 @@ async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
     }
 }
 
-/// Bounded label set for metrics, whatever target a client sends.
-fn method_label(target: &str) -> &'static str {
-    const KNOWN: [&str; 10] = [
-        "SendMessage",
-        "GetNodeInfo",
-        "JoinGroup",
-        "LeaveGroup",
-        "SendMessageToGroup",
-        "GetHistory",
-        "Echo",
-        "Resume",
-        "SetUser",
-        "GetOnlineUsers",
-    ];
-    KNOWN.iter().find(|k| k.eq_ignore_ascii_case(target)).copied().unwrap_or("unknown")
-}
-
-fn arity<const N: usize>(args: Vec<Value>) -> Result<[Value; N], String> {
-    let n = args.len();
-    args.try_into()
-        .map_err(|_| format!("InvalidDataException: Invocation provides {n} argument(s) but target expects {N}."))
-}
-
-fn strings<const N: usize>(args: Vec<Value>) -> Result<[String; N], String> {
-    let values = arity::<N>(args)?;
-    let mut out: [String; N] = std::array::from_fn(|_| String::new());
-    for (slot, v) in out.iter_mut().zip(values) {
-        match v {
-            Value::String(s) => *slot = s,
-            _ => return Err("InvalidDataException: Error binding arguments. Make sure that the types of the provided values match the types of the hub method being invoked.".into()),
-        }
-    }
-    Ok(out)
-}
-
-/// A new chat message from `conn`, with its uid chosen before any attempt to
-/// store it. A signed-in connection speaks as its token's user, whatever
-/// `user` the client passed; an anonymous one by the name it gives, checked
-/// and marked as anonymous where signed-in users may be about (`user_name`).
-fn chat_message(
-    app: &App,
-    conn: &Connection,
-    group: Option<String>,
-    user: String,
-    message: String,
-) -> Result<ChatMessage, String> {
-    let user = match conn.user() {
-        Some(signed_in) => signed_in.to_string(),
-        None => anonymous_name(app, &user)?,
-    };
-    Ok(ChatMessage {
-        id: None,
-        uid: format!("{:032x}", rand::random::<u128>()),
-        group,
-        user,
-        message,
-        connection_id: conn.connection_id.clone(),
-        node_id: app.node_id.clone(),
-        timestamp: switchboard_common::registry::rfc3339(chrono::Utc::now()),
-    })
-}
-
-/// The name an anonymous client goes by, as others are shown it.
-fn anonymous_name(app: &App, given: &str) -> Result<String, String> {
-    let name = user_name::validate(given).map_err(|e| format!("HubException: {e}."))?;
-    Ok(user_name::shown_anonymous(name, app.auth.mode != AuthMode::Off))
-}
-
-/// How an invocation is answered, when the client gave it an id.
-enum Answer {
-    /// A Completion without a result.
-    Empty,
-    /// A Completion with this result.
-    With(Value),
-    /// The method queued its Completion itself.
-    Queued,
-}
-
-/// Runs `method`, the canonical name from `method_label` ("unknown" when none matched).
-async fn invoke(
-    app: &Arc<App>,
-    conn: &Arc<Connection>,
-    method: &'static str,
-    invocation_id: Option<&str>,
-    args: Vec<Value>,
-) -> Result<Answer, String> {
-    let me = || Value::String(conn.connection_id.clone());
-    let node = || Value::String(app.node_id.clone());
-    match method {
-        "SendMessage" => {
-            let [user, message] = strings(args)?;
-            app.backplane.send(chat_message(app, conn, None, user, message)?);
-            Ok(Answer::Empty)
-        }
-        "GetNodeInfo" => {
-            arity::<0>(args)?;
-            app.reply(conn, HubMessage::event("NodeInfo", vec![node(), me()]));
-            Ok(Answer::Empty)
-        }
-        "JoinGroup" => {
-            let [group] = strings(args)?;
-            groups::validate_name(&group).map_err(|e| format!("HubException: {e}"))?;
-            let cap = app.cfg.max_groups_per_connection;
-            if conn.first_live_id().is_some() {
-                // Live delivery began before the join: a Resume still to
-                // come must replay what the group had before it.
-                conn.note_late_join(&group);
-            }
-            let first = app.groups.join(&group, &conn.key, cap).map_err(|e| format!("HubException: {e}."))?;
-            // Completes once the group's messages reach this node.
-            app.backplane.joined_group(&group, first).await;
-            Ok(Answer::Empty)
-        }
-        "LeaveGroup" => {
-            let [group] = strings(args)?;
-            if app.groups.leave(&group, &conn.key) {
-                app.backplane.unsubscribe_group(&group);
-            }
-            Ok(Answer::Empty)
-        }
-        "SendMessageToGroup" => {
-            let [group, user, message] = strings(args)?;
-            groups::validate_name(&group).map_err(|e| format!("HubException: {e}"))?;
-            app.backplane.send(chat_message(app, conn, Some(group), user, message)?);
-            Ok(Answer::Empty)
-        }
-        "GetHistory" => {
-            let [count] = arity::<1>(args)?;
-            let count = count
-                .as_u64()
-                .ok_or("InvalidDataException: Error binding arguments. 'count' must be a non-negative integer.")?;
-            let count = count.min(app.cfg.history_len as u64) as usize;
-            // The newest entries that fit in half the connection's byte
-            // budget: a page, so one call cannot make the node hold more.
-            let page = replay::history_page(app, count, app.cfg.max_buffered_bytes / 2).await?;
-            // A client that reads history instead of resuming gets live messages now.
-            if conn.message_ids() && conn.is_holding() {
-                app.release_held(conn, None);
-            }
-            Ok(Answer::With(Value::Array(page)))
-        }
-        "Echo" => {
-            let [payload] = arity::<1>(args)?;
-            Ok(Answer::With(payload))
-        }
-        "Resume" => {
-            // Replays, as ordinary events in id order, every stored message
-            // after `last` this connection would have received; the hub's
-            // loop runs it and queues its Completion (see `replay`).
-            let [position] = arity::<1>(args)?;
-            let last = replay::resume_position(position)?;
-            replay::start_resume(app, conn, invocation_id, &last).await.map(|()| Answer::Queued)
-        }
-        "SetUser" => {
-            let [user] = strings(args)?;
-            let name = user_name::validate(&user).map_err(|e| format!("HubException: {e}."))?;
-            match conn.user() {
-                Some(signed_in) if signed_in != name => {
-                    Err(format!("HubException: signed in as '{signed_in}': the name comes from the sign-in token."))
-                }
-                Some(_) => Ok(Answer::Empty),
-                None => {
-                    // Each rename is two presence events for every watcher
-                    // in the cluster: a connection may rename only so often.
-                    if !conn.may_rename() {
-                        return Err("HubException: renaming too often; try again in a moment.".into());
-                    }
-                    app.go_online_as(conn, &anonymous_name(app, name)?);
-                    Ok(Answer::Empty)
-                }
-            }
-        }
-        "GetOnlineUsers" => {
-            arity::<0>(args)?;
-            // Answered under the lock presence events are queued under, so
-            // each change is either in the answer or queued after it. A
-            // reply is never refused for a full outbox, so queuing it never
-            // closes the connection (which would take that lock again).
-            app.presence.watch(Arc::downgrade(conn), |users| {
-                if let Some(id) = invocation_id {
-                    let users = Value::Array(users.into_iter().map(Value::String).collect());
-                    app.reply(
-                        conn,
-                        HubMessage::Completion { invocation_id: id.to_string(), result: Some(users), error: None },
-                    );
-                }
-            });
-            Ok(Answer::Queued)
-        }
-        _ => Err("HubException: Method does not exist.".into()),
-    }
-}
-
 /// Hub and delivery over the in-memory backplane: two nodes sharing one
 /// `MemoryBus`, clients fed bytes as a transport would feed them, and what
 /// each connection's outbox holds read back. No Redis, no sockets.
@@ -390,7 +199,7 @@ mod tests {
     use crate::connection::{ConnectionOptions, Transport};
     use crate::outbox::Batch;
     use futures_util::FutureExt;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     /// A node on `bus`, with its presence writer running (a refresh every 50 ms).
     fn node(bus: &Arc<MemoryBus>, id: &str) -> Arc<App> {
