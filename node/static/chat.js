@@ -67,7 +67,7 @@
   // Node ids to names, from the cluster panel's listing.
   const nodeNames = new Map();
   // The id of the newest message seen: after a reconnect, Resume(lastId)
-  // replays exactly what was missed (the hub's Resume, see node/src/hub.rs).
+  // replays exactly what was missed (the hub's Resume, see node/src/hub/methods.rs).
   let lastId = null;
 
   function idParts(id) {
