@@ -16,6 +16,9 @@
 /// "going away" (RFC 6455 §7.4.1), which clients take as a reason to reconnect.
 pub(super) const GOING_AWAY: u16 = 1001;
 
+/// Both directions' positions: 0 the client's bytes to the node, 1 the node's to the client.
+pub(super) type Cursors = [FrameCursor; 2];
+
 /// The position in one direction's frame sequence.
 #[derive(Debug, Default, Clone)]
 pub(super) struct FrameCursor {

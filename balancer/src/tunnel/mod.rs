@@ -57,7 +57,7 @@ struct Tunnel<C> {
     kind: RouteKind,
     in_flight: InFlight,
     /// Where each direction is in its frames after the handshake's trailing bytes.
-    cursors: [frames::FrameCursor; 2],
+    cursors: frames::Cursors,
 }
 
 /// How an upgrade ended, for the access log: the status the client got, the
@@ -142,7 +142,7 @@ trait ClientSide: Downstream + Sized + 'static {
         self,
         upstream: TcpStream,
         idle: Duration,
-        cursors: [frames::FrameCursor; 2],
+        cursors: frames::Cursors,
     ) -> impl Future<Output = (u64, u64)> + Send;
 }
 
@@ -151,7 +151,7 @@ impl ClientSide for TcpStream {
         self,
         upstream: TcpStream,
         idle: Duration,
-        cursors: [frames::FrameCursor; 2],
+        cursors: frames::Cursors,
     ) -> impl Future<Output = (u64, u64)> + Send {
         relay::relay(self, upstream, idle, cursors)
     }
@@ -162,7 +162,7 @@ impl ClientSide for TlsStream<Box<L4Stream>> {
         self,
         upstream: TcpStream,
         idle: Duration,
-        cursors: [frames::FrameCursor; 2],
+        cursors: frames::Cursors,
     ) -> impl Future<Output = (u64, u64)> + Send {
         relay::relay_tls(self, upstream, idle, cursors)
     }

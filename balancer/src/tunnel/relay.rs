@@ -19,7 +19,7 @@
 //! the node too, if the direction is between frames (`frames`); a tunnel
 //! that a side closed is closed as that side did.
 
-use super::frames::{self, FrameCursor};
+use super::frames::{self, Cursors, FrameCursor};
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use std::future::{poll_fn, Future};
 use std::io::ErrorKind;
@@ -147,7 +147,7 @@ impl Relay {
     /// client's when the node went away or the tunnel expired, the node's
     /// when it expired; only on a direction between frames (`cursors`: 0 the
     /// client's bytes to the node, 1 the node's to the client).
-    fn closes_owed(&self, cursors: &[FrameCursor; 2]) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    fn closes_owed(&self, cursors: &Cursors) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
         let expired = self.expired();
         let node_gone = self.gone.load(std::sync::atomic::Ordering::Acquire) == NODE_GONE;
         let reason = if expired { "idle timeout" } else { "node went away" };
@@ -304,12 +304,7 @@ async fn watchdog(relay: &Relay) {
 
 /// Relays a plain tunnel; `cursors` have followed what went each way
 /// before it (the request's and the 101's trailing bytes).
-pub(super) async fn relay(
-    client: TcpStream,
-    upstream: TcpStream,
-    idle: Duration,
-    cursors: [FrameCursor; 2],
-) -> (u64, u64) {
+pub(super) async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration, cursors: Cursors) -> (u64, u64) {
     let relay = Relay::new(idle);
     let (mut to_client, mut to_upstream) = (&client, &upstream);
     let [mut up_cursor, mut down_cursor] = cursors;
@@ -370,7 +365,7 @@ pub(super) async fn relay_tls(
     client: TlsStream<Box<L4Stream>>,
     upstream: TcpStream,
     idle: Duration,
-    cursors: [FrameCursor; 2],
+    cursors: Cursors,
 ) -> (u64, u64) {
     let relay = Relay::new(idle);
     let (reader, mut writer) = tokio::io::split(client);
@@ -482,7 +477,7 @@ mod tests {
         let (mut client, client_end) = pair().await;
         let (mut node, node_end) = pair().await;
         // The 101's trailing bytes held a whole frame: the relay starts between frames.
-        let mut cursors: [FrameCursor; 2] = Default::default();
+        let mut cursors: Cursors = Default::default();
         cursors[1].feed(&text("{}\u{1e}"));
         let relaying = tokio::spawn(relay(client_end, node_end, Duration::from_secs(30), cursors));
         let frames_sent = [text("{\"type\":6}\u{1e}"), text("{\"type\":1,\"target\":\"x\"}\u{1e}")].concat();
@@ -493,28 +488,24 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), relaying).await.expect("the relay ends").unwrap();
     }
 
-    #[tokio::test]
-    async fn a_node_that_goes_away_inside_a_frame_leaves_no_close_inside_it() {
+    /// What the client reads when the node sends `bytes` and goes away.
+    async fn client_reads_after_the_node_sends(bytes: &[u8]) -> Vec<u8> {
         let (mut client, client_end) = pair().await;
         let (mut node, node_end) = pair().await;
         let relaying = tokio::spawn(relay(client_end, node_end, Duration::from_secs(30), Default::default()));
-        let partial = [&[0x81u8, 100][..], &[b'a'; 10]].concat(); // 100 bytes announced, 10 sent
-        node.write_all(&partial).await.unwrap();
+        node.write_all(bytes).await.unwrap();
         drop(node);
-        assert_eq!(read_to_end(&mut client).await, partial, "a Close would read as the frame's payload");
+        let got = read_to_end(&mut client).await;
         tokio::time::timeout(Duration::from_secs(10), relaying).await.expect("the relay ends").unwrap();
+        got
     }
 
     #[tokio::test]
-    async fn a_node_that_closes_properly_is_not_closed_again() {
-        let (mut client, client_end) = pair().await;
-        let (mut node, node_end) = pair().await;
-        let relaying = tokio::spawn(relay(client_end, node_end, Duration::from_secs(30), Default::default()));
+    async fn a_node_that_goes_away_inside_a_frame_or_after_its_own_close_gets_no_close_of_ours() {
+        let partial = [&[0x81u8, 100][..], &[b'a'; 10]].concat(); // 100 bytes announced, 10 sent
+        assert_eq!(client_reads_after_the_node_sends(&partial).await, partial, "a Close would read as payload");
         let close = frames::close_frame(1000, "", None);
-        node.write_all(&close).await.unwrap();
-        drop(node);
-        assert_eq!(read_to_end(&mut client).await, close, "one Close, the node's");
-        tokio::time::timeout(Duration::from_secs(10), relaying).await.expect("the relay ends").unwrap();
+        assert_eq!(client_reads_after_the_node_sends(&close).await, close, "one Close, the node's");
     }
 
     #[tokio::test]
