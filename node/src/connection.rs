@@ -54,6 +54,30 @@ impl Transport {
         }
     }
 
+    /// Whether binary frames (MessagePack) travel on it: not on Server-Sent
+    /// Events, which carry text lines.
+    pub fn carries_binary(self) -> bool {
+        !matches!(self, Transport::ServerSentEvents)
+    }
+
+    /// Whether SignalR's stateful reconnect works on it (a new socket takes
+    /// the connection over): only WebSockets, as in the official server.
+    pub fn can_be_stateful(self) -> bool {
+        matches!(self, Transport::WebSockets)
+    }
+
+    /// Whether the client sends with `POST /chathub` (the server-to-client
+    /// half is a stream or a poll); a WebSocket sends on itself.
+    pub fn takes_posts(self) -> bool {
+        !matches!(self, Transport::WebSockets)
+    }
+
+    /// Whether the client fetches with polls, which it may stop making (the
+    /// keep-alive sweeper then forgets it) and may end with `DELETE`.
+    pub fn is_polled(self) -> bool {
+        matches!(self, Transport::LongPolling)
+    }
+
     fn from_u8(v: u8) -> Option<Self> {
         match v {
             1 => Some(Transport::WebSockets),

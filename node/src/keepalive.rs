@@ -60,7 +60,7 @@ pub async fn sweep_forever(app: Arc<App>) {
             if conn.hold_outlived(now, RESUME_GRACE_MS) {
                 app.release_held(&conn, None);
             }
-            if conn.transport() == Some(Transport::LongPolling) && conn.unpolled_for(now, poll_idle) {
+            if conn.transport().is_some_and(Transport::is_polled) && conn.unpolled_for(now, poll_idle) {
                 tracing::debug!(connection = %conn.connection_id, "long-polling client stopped polling");
                 app.disconnect(&conn);
             } else if !conn.is_handshaken() {

@@ -99,7 +99,7 @@ fn protocol_error(app: &App, conn: &Connection, e: &ProtocolError) {
 /// Answers the handshake; true when it succeeded.
 fn handshake(app: &App, conn: &Connection, record: &[u8]) -> bool {
     let accepted = parse_handshake(record).and_then(|req| {
-        if req.protocol.is_binary() && conn.transport() == Some(Transport::ServerSentEvents) {
+        if req.protocol.is_binary() && conn.transport().is_some_and(|t| !t.carries_binary()) {
             return Err(transfer_format_error(req.protocol));
         }
         Ok(req)
@@ -109,7 +109,7 @@ fn handshake(app: &App, conn: &Connection, record: &[u8]) -> bool {
             conn.set_protocol(req.protocol);
             // As in the official server: only a client that negotiated it and
             // speaks version 2 gets stateful reconnect, and only on WebSockets.
-            if conn.wants_stateful() && req.version >= 2 && conn.transport() == Some(Transport::WebSockets) {
+            if conn.wants_stateful() && req.version >= 2 && conn.transport().is_some_and(Transport::can_be_stateful) {
                 conn.enable_stateful(Stateful::new(
                     app.cfg.stateful_buffer_bytes,
                     app.metrics.stateful_buffer_bytes.clone(),

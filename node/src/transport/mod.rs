@@ -251,7 +251,7 @@ fn open_websocket(
         }
         conn
     };
-    if conn.transport() == Some(Transport::WebSockets) && !conn.outbox.is_closed() {
+    if conn.transport().is_some_and(Transport::can_be_stateful) && !conn.outbox.is_closed() {
         if let Some(st) = conn.stateful() {
             // Stateful reconnect: this socket takes the connection over, the
             // old one (dead or not) is superseded, and what the client has not
@@ -278,7 +278,7 @@ pub async fn send(
     body: Bytes,
 ) -> Result<StatusCode, Refused> {
     let conn = lookup_as(&app, &headers, &params)?;
-    if conn.transport() == Some(Transport::WebSockets) {
+    if conn.transport().is_some_and(|t| !t.takes_posts()) {
         return Err(TransportError::PostToWebSocket.into());
     }
     // Backpressure, as the official server's pipe gives: a send waits until
@@ -307,7 +307,7 @@ pub async fn delete(
     headers: HeaderMap,
 ) -> Result<StatusCode, Refused> {
     let conn = lookup_as(&app, &headers, &params)?;
-    if conn.transport() != Some(Transport::LongPolling) {
+    if !conn.transport().is_some_and(Transport::is_polled) {
         return Err(TransportError::NotLongPolling.into());
     }
     app.disconnect(&conn);
