@@ -63,7 +63,8 @@ pub fn resume_position(position: Value) -> Result<String, String> {
             }
             ids
         }
-        _ => return Err(bad()),
+        // Neither form: the official server's binding error, as for any method.
+        _ => return Err(crate::protocol::BINDING_ERROR.into()),
     };
     if let Some(malformed) = ids.iter().find(|id| history::parse_id(id).is_none()) {
         let shown: String = malformed.chars().take(64).collect();
@@ -237,8 +238,11 @@ mod tests {
         let map = json!({"all": "5-1", "groups": {"ops": "12-0", "dev": "9-3"}});
         assert_eq!(resume_position(map), Ok("12-0".into()), "compared as ids, not as text");
         assert_eq!(resume_position(json!({"groups": {"ops": "7-0"}})), Ok("7-0".into()));
-        for bad in [json!({}), json!(5), json!({"all": 5}), json!({"groups": ["1-0"]}), json!({"all": "1-0", "x": 1})] {
+        for bad in [json!({}), json!({"all": 5}), json!({"groups": ["1-0"]}), json!({"all": "1-0", "x": 1})] {
             assert!(resume_position(bad.clone()).unwrap_err().contains("Resume takes"), "{bad}");
+        }
+        for neither in [json!(5), json!(null), json!(["1-0"])] {
+            assert!(resume_position(neither.clone()).unwrap_err().contains("Error binding arguments"), "{neither}");
         }
         assert!(resume_position(json!({"all": "nope"})).unwrap_err().contains("malformed"));
     }

@@ -84,7 +84,7 @@ fn arity<const N: usize>(args: Vec<Value>) -> Result<[Value; N], String> {
 fn string(v: Value) -> Result<String, String> {
     match v {
         Value::String(s) => Ok(s),
-        _ => Err("InvalidDataException: Error binding arguments. Make sure that the types of the provided values match the types of the hub method being invoked.".into()),
+        _ => Err(crate::protocol::BINDING_ERROR.into()),
     }
 }
 

@@ -17,6 +17,11 @@ pub use handshake::{handshake_response, parse_handshake, transfer_format_error};
 pub use messages::HubMessage;
 pub use outgoing::Outgoing;
 
+/// The official server's error for invocation arguments of the wrong type
+/// (its Completion's text, after "Failed to invoke '…' due to an error on
+/// the server.").
+pub const BINDING_ERROR: &str = "InvalidDataException: Error binding arguments. Make sure that the types of the provided values match the types of the hub method being invoked.";
+
 /// A hub protocol a client can choose in its handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
