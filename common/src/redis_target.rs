@@ -51,6 +51,10 @@ pub enum RedisTarget {
     },
 }
 
+/// A cluster connection for sharded subscriptions, and the receiver of the
+/// pushes it gets (`RedisTarget::shard_subscriber`).
+pub type ShardSubscriber = (ClusterConnection, tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>);
+
 /// How long a program waits on Redis: to connect, and for an answer.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -190,10 +194,7 @@ impl RedisTarget {
     /// `tests/tests/redis_cluster.rs`): its user proves it alive (a message
     /// of its own coming back) and makes a new one when it is not. `None`
     /// for a single server or Sentinel, which use `client`'s classic pub/sub.
-    pub async fn shard_subscriber(
-        &self,
-        t: Timeouts,
-    ) -> RedisResult<Option<(ClusterConnection, tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>)>> {
+    pub async fn shard_subscriber(&self, t: Timeouts) -> RedisResult<Option<ShardSubscriber>> {
         let RedisTarget::Cluster { members, password, .. } = self else { return Ok(None) };
         let (pushes, received) = tokio::sync::mpsc::unbounded_channel();
         let mut builder = ClusterClient::builder(members.clone())

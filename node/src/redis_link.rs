@@ -15,7 +15,7 @@ use redis::{Client, RedisResult};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use switchboard_common::redis_state::RedisState;
-use switchboard_common::redis_target::{RedisConn, RedisTarget, Timeouts};
+use switchboard_common::redis_target::{RedisConn, RedisTarget, ShardSubscriber, Timeouts};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -49,11 +49,7 @@ impl RedisLink {
 
     /// On a Redis Cluster: a connection for sharded subscriptions and the
     /// receiver of what they carry (see `RedisTarget::shard_subscriber`).
-    pub async fn shard_subscriber(
-        &self,
-    ) -> RedisResult<
-        Option<(redis::cluster_async::ClusterConnection, tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>)>,
-    > {
+    pub async fn shard_subscriber(&self) -> RedisResult<Option<ShardSubscriber>> {
         self.target.shard_subscriber(Timeouts { connect: CONNECT_TIMEOUT, response: RESPONSE_TIMEOUT }).await
     }
 

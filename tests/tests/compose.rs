@@ -53,6 +53,29 @@ impl std::ops::Deref for Project {
 const ADMIN_TOKEN: &str = "compose-test-token";
 
 impl Compose {
+    /// A project named `name` and this process's id, on free ports, with a
+    /// certificate from `ca` written into `tls_dir` for its HTTPS listener.
+    fn project(
+        program: Vec<&'static str>,
+        name: &str,
+        ca: &TestCa,
+        tls_dir: PathBuf,
+        env_file: Option<PathBuf>,
+    ) -> Project {
+        std::fs::create_dir_all(&tls_dir).expect("certificate dir");
+        ca.write_leaf(&tls_dir.join("cert.pem"), &tls_dir.join("key.pem"));
+        let name = format!("{name}{}", std::process::id());
+        Project(Compose {
+            program,
+            name,
+            public: free_port(),
+            admin: free_port(),
+            https: free_port(),
+            tls_dir,
+            env_file,
+        })
+    }
+
     fn run(&self, args: &[&str]) -> Output {
         let (file, https) = (repo().join("docker-compose.yml"), repo().join("docker-compose.https.yml"));
         let env_file = self.env_file.iter().flat_map(|f| ["--env-file".to_string(), f.to_string_lossy().into_owned()]);
@@ -166,18 +189,8 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
     };
     // HTTPS too, with a certificate from a throwaway authority.
     let tls_dir = std::env::temp_dir().join(format!("sbtest-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&tls_dir).expect("certificate dir");
     let ca = TestCa::new();
-    ca.write_leaf(&tls_dir.join("cert.pem"), &tls_dir.join("key.pem"));
-    let project = Project(Compose {
-        program,
-        name: format!("sbtest{}", std::process::id()),
-        public: free_port(),
-        admin: free_port(),
-        https: free_port(),
-        tls_dir: tls_dir.clone(),
-        env_file: None,
-    });
+    let project = Compose::project(program, "sbtest", &ca, tls_dir.clone(), None);
     let base = project.base();
 
     // up --build --scale node=3
@@ -327,17 +340,8 @@ async fn compose_cluster_scales_3_to_7_to_2_without_touching_the_balancer() {
 /// balancer find each other through it, a message crosses nodes, and the
 /// history stream sits under the prefix's hash tag.
 async fn on_the_redis_cluster_profile(program: Vec<&'static str>, tls_dir: PathBuf) {
-    std::fs::create_dir_all(&tls_dir).expect("certificate dir");
-    TestCa::new().write_leaf(&tls_dir.join("cert.pem"), &tls_dir.join("key.pem"));
-    let project = Project(Compose {
-        program,
-        name: format!("sbtestrc{}", std::process::id()),
-        public: free_port(),
-        admin: free_port(),
-        https: free_port(),
-        tls_dir,
-        env_file: Some(repo().join("config/redis-cluster.env")),
-    });
+    let env_file = Some(repo().join("config/redis-cluster.env"));
+    let project = Compose::project(program, "sbtestrc", &TestCa::new(), tls_dir, env_file);
     project.ok(&["up", "-d", "--scale", "node=2"]);
     project.wait_accepting(2).await;
     chat_crosses(&project.base(), "on the cluster").await;

@@ -35,11 +35,11 @@ async fn next_message(rx: &mut mpsc::UnboundedReceiver<PushInfo>, channel: &str,
     }
 }
 
-/// The channels `PUBSUB kind` lists on the member on `port`.
-fn listed(port: u16, kind: &str) -> Vec<String> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-    let mut c = client.get_connection().unwrap();
-    redis::cmd("PUBSUB").arg(kind).query(&mut c).unwrap()
+/// The channels `PUBSUB kind` lists on the member on `port` (none when it
+/// does not answer).
+fn listed(cluster: &RedisCluster, port: u16, kind: &str) -> Vec<String> {
+    let answer = cluster.query_member(port, redis::cmd("PUBSUB").arg(kind));
+    answer.and_then(|v| redis::from_redis_value(v).ok()).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,8 +81,8 @@ async fn the_cluster_spreads_keys_carries_sharded_pubsub_and_a_subscription_foll
     let receivers: i64 = redis::cmd("SPUBLISH").arg(channel).arg("one").query_async(&mut publ).await.unwrap();
     assert_eq!(receivers, 1);
     assert_eq!(next_message(&mut rx, channel, Duration::from_secs(5)).await.as_deref(), Some("one"));
-    assert_eq!(listed(cluster.members[owner].port, "SHARDCHANNELS"), [channel]);
-    assert!(listed(cluster.members[owner].port, "CHANNELS").is_empty());
+    assert_eq!(listed(&cluster, cluster.members[owner].port, "SHARDCHANNELS"), [channel]);
+    assert!(listed(&cluster, cluster.members[owner].port, "CHANNELS").is_empty());
 
     // The owner dies and its replica takes the slot. redis-rs 1.8.1 learns
     // the new topology but does not move the sharded subscription there by
@@ -123,7 +123,7 @@ async fn the_cluster_spreads_keys_carries_sharded_pubsub_and_a_subscription_foll
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(resumed.starts_with("after-"), "{resumed}");
-    assert_eq!(listed(cluster.members[promoted].port, "SHARDCHANNELS"), [channel]);
+    assert_eq!(listed(&cluster, cluster.members[promoted].port, "SHARDCHANNELS"), [channel]);
     eprintln!(
         "failover: replica promoted {:.1} s after the kill; without a new SSUBSCRIBE no receiver for {:.1} s; \
          delivery back {:.1} s after the kill",
@@ -161,16 +161,12 @@ async fn assert_sharded(cluster: &RedisCluster, master: usize, channels: &[&str]
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let listed = |port: u16, kind: &str| -> Vec<String> {
-        let answer = cluster.query_member(port, redis::cmd("PUBSUB").arg(kind));
-        answer.and_then(|v| redis::from_redis_value(v).ok()).unwrap_or_default()
-    };
-    let sharded = listed(port, "SHARDCHANNELS");
+    let sharded = listed(cluster, port, "SHARDCHANNELS");
     for c in channels {
         assert!(sharded.iter().any(|s| s == c), "{c} is a shard channel of its master: {sharded:?}");
     }
     for m in cluster.members.iter().filter(|m| m.is_running()) {
-        let classic = listed(m.port, "CHANNELS");
+        let classic = listed(cluster, m.port, "CHANNELS");
         assert!(
             !classic.iter().any(|c| c.contains(":bp:") || c.contains("presence")),
             "classic chat channels: {classic:?}"

@@ -102,22 +102,16 @@ struct Relay {
     /// Per direction: when its write in progress began (ms since `epoch`, plus
     /// one), or 0 when it is not writing.
     writing: [std::sync::atomic::AtomicU64; 2],
-    /// Which side went away first (`CLIENT_GONE`, `NODE_GONE`), or 0.
-    gone: std::sync::atomic::AtomicU8,
+    /// The node's side went away (read or write failed on it): the client
+    /// is owed a Close.
+    node_gone: std::sync::atomic::AtomicBool,
 }
 
-/// The sides of a tunnel, and the directions' indexes (0: client → node,
-/// 1: node → client).
-const CLIENT_GONE: u8 = 1;
-const NODE_GONE: u8 = 2;
-
-/// The side that is gone when direction `dir` fails to read (its source) or
-/// to write (its destination).
-fn side_gone(dir: usize, reading: bool) -> u8 {
-    match (dir, reading) {
-        (0, true) | (1, false) => CLIENT_GONE,
-        _ => NODE_GONE,
-    }
+/// Whether the side that failed is the node's, when direction `dir` (0:
+/// client → node, 1: node → client) fails to read (its source) or to write
+/// (its destination).
+fn is_node_side(dir: usize, reading: bool) -> bool {
+    (dir == 1) == reading
 }
 
 const RUNNING: u8 = 0;
@@ -132,14 +126,15 @@ impl Relay {
             idle,
             last: 0.into(),
             writing: [0.into(), 0.into()],
-            gone: 0.into(),
+            node_gone: false.into(),
         }
     }
 
-    /// Ends the tunnel because `side` went away (the first such call is kept).
-    async fn side_ended(&self, side: u8) {
-        use std::sync::atomic::Ordering::AcqRel;
-        let _ = self.gone.compare_exchange(0, side, AcqRel, std::sync::atomic::Ordering::Acquire);
+    /// Ends the tunnel because a side went away (`node`: the node's).
+    async fn side_ended(&self, node: bool) {
+        if node {
+            self.node_gone.store(true, std::sync::atomic::Ordering::Release);
+        }
         self.end(ENDED).await
     }
 
@@ -149,7 +144,7 @@ impl Relay {
     /// client's bytes to the node, 1 the node's to the client).
     fn closes_owed(&self, cursors: &Cursors) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
         let expired = self.expired();
-        let node_gone = self.gone.load(std::sync::atomic::Ordering::Acquire) == NODE_GONE;
+        let node_gone = self.node_gone.load(std::sync::atomic::Ordering::Acquire);
         let reason = if expired { "idle timeout" } else { "node went away" };
         let to_client = ((expired || node_gone) && cursors[1].may_close())
             .then(|| frames::close_frame(frames::GOING_AWAY, reason, None));
@@ -243,11 +238,11 @@ async fn one_way<W: Downstream>(
         }
         buf.clear();
         match from.try_read_buf(&mut buf) {
-            Ok(0) => break side_gone(dir, true),
+            Ok(0) => break is_node_side(dir, true),
             Ok(_) => {
                 if !relay.write(dir, to.send(&buf)).await {
                     cursor.lose_position();
-                    break side_gone(dir, false);
+                    break is_node_side(dir, false);
                 }
                 cursor.feed(&buf);
                 moved += buf.len() as u64;
@@ -266,10 +261,10 @@ async fn one_way<W: Downstream>(
                 match ready {
                     None => return moved,
                     Some(Ok(())) => {}
-                    Some(Err(_)) => break side_gone(dir, true),
+                    Some(Err(_)) => break is_node_side(dir, true),
                 }
             }
-            Err(_) => break side_gone(dir, true),
+            Err(_) => break is_node_side(dir, true),
         }
     };
     relay.side_ended(gone).await;
@@ -347,11 +342,11 @@ async fn client_to_node<R: AsyncRead + Unpin>(
         let n = match ended {
             None => return moved,
             Some(Ok(())) if !read.filled().is_empty() => read.filled().len(),
-            Some(_) => break CLIENT_GONE,
+            Some(_) => break false,
         };
         if !relay.write(0, write_all(to, &buf[..n])).await {
             cursor.lose_position();
-            break NODE_GONE;
+            break true;
         }
         cursor.feed(&buf[..n]);
         moved += n as u64;

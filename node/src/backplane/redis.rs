@@ -480,9 +480,6 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, subscription(&bp)).await;
         if let Ok(Ok(mut sub)) = connected {
             let mut channels = vec![bp.layout.all_channel().to_string(), bp.layout.presence_changes().to_string()];
-            if let Subscription::Sharded(s) = &sub {
-                channels.push(s.echo().to_string());
-            }
             channels.extend(bp.sink.local_groups().iter().map(|g| bp.layout.group_channel(g)));
             let subscribed = tokio::time::timeout(SUBSCRIPTION_DEADLINE, sub.subscribe(&channels)).await;
             match subscribed {
@@ -511,11 +508,11 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
                         loop {
                             tokio::select! {
                                 msg = sub.next() => match msg {
-                                    Some((channel, payload)) => bp.receive(&channel, &payload),
+                                    Some(m) => bp.receive(m.channel(), m.payload()),
                                     None => break,
                                 },
                                 _ = ping.tick() => {
-                                    let probe = sub.probe(|channel, payload| bp.receive(channel, payload));
+                                    let probe = sub.probe(|m| bp.receive(m.channel(), m.payload()));
                                     if !tokio::time::timeout(SUBSCRIPTION_DEADLINE, probe).await.unwrap_or(false) {
                                         tracing::warn!("backplane subscription stopped answering");
                                         break;

@@ -29,11 +29,35 @@ pub enum Subscription {
     Sharded(Sharded),
 }
 
+/// One message as it arrived, owned and not copied.
+pub enum Received {
+    Classic(redis::Msg),
+    Sharded { channel: String, payload: Vec<u8> },
+}
+
+impl Received {
+    pub fn channel(&self) -> &str {
+        match self {
+            Received::Classic(m) => m.get_channel_name(),
+            Received::Sharded { channel, .. } => channel,
+        }
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        match self {
+            Received::Classic(m) => m.get_payload_bytes(),
+            Received::Sharded { payload, .. } => payload,
+        }
+    }
+}
+
 pub struct Sharded {
     conn: ClusterConnection,
     pushes: UnboundedReceiver<PushInfo>,
     /// This subscriber's own channel, for `probe`.
     echo: String,
+    /// Whether `echo` is subscribed yet (with the first `subscribe`).
+    listening: bool,
     /// The last token sent on it.
     token: u64,
     /// Channels this side unsubscribed from (their `sunsubscribe` is expected).
@@ -42,40 +66,40 @@ pub struct Sharded {
 
 /// What one push says.
 enum Push {
-    Message(String, Vec<u8>),
+    Message(Received),
     /// The subscription ended without being asked to (the connection
     /// dropped, or the server moved a channel's slot away).
     Lost,
     Other,
 }
 
-fn bytes(v: &Value) -> Option<&[u8]> {
+/// A push's bytes, taken out of it.
+fn bytes(v: Value) -> Option<Vec<u8>> {
     match v {
         Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.as_bytes()),
+        Value::SimpleString(s) => Some(s.into_bytes()),
         _ => None,
     }
 }
 
 impl Sharded {
     pub fn new(conn: ClusterConnection, pushes: UnboundedReceiver<PushInfo>, echo: String) -> Self {
-        Sharded { conn, pushes, echo, token: 0, leaving: HashSet::new() }
-    }
-
-    /// The channel `probe` listens on.
-    pub fn echo(&self) -> &str {
-        &self.echo
+        Sharded { conn, pushes, echo, listening: false, token: 0, leaving: HashSet::new() }
     }
 
     fn read(&mut self, push: Option<PushInfo>) -> Push {
         let Some(push) = push else { return Push::Lost };
+        let mut data = push.data.into_iter().map(bytes);
         match push.kind {
-            PushKind::SMessage => match (push.data.first().and_then(bytes), push.data.get(1).and_then(bytes)) {
-                (Some(c), Some(p)) => Push::Message(String::from_utf8_lossy(c).into_owned(), p.to_vec()),
+            PushKind::SMessage => match (data.next().flatten(), data.next().flatten()) {
+                (Some(c), Some(payload)) => {
+                    let channel = String::from_utf8(c).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into());
+                    Push::Message(Received::Sharded { channel, payload })
+                }
                 _ => Push::Other,
             },
             PushKind::SUnsubscribe => {
-                let channel = push.data.first().and_then(bytes).map(<[u8]>::to_vec).unwrap_or_default();
+                let channel = data.next().flatten().unwrap_or_default();
                 if self.leaving.remove(&channel) {
                     Push::Other
                 } else {
@@ -89,13 +113,18 @@ impl Sharded {
 }
 
 impl Subscription {
-    /// Subscribes to `channels` (on a cluster, all in one slot).
+    /// Subscribes to `channels` (on a cluster, all in one slot; the first
+    /// call also subscribes the probe's own channel).
     pub async fn subscribe(&mut self, channels: &[String]) -> RedisResult<()> {
         match self {
             Subscription::Classic(sink, _) => sink.subscribe(channels).await,
             Subscription::Sharded(s) => {
                 for c in channels {
                     s.leaving.remove(c.as_bytes());
+                }
+                if !s.listening {
+                    s.conn.ssubscribe(&s.echo).await?;
+                    s.listening = true;
                 }
                 s.conn.ssubscribe(channels).await
             }
@@ -112,16 +141,14 @@ impl Subscription {
         }
     }
 
-    /// The next message (channel, payload); `None` once the subscription is lost.
-    pub async fn next(&mut self) -> Option<(String, Vec<u8>)> {
+    /// The next message; `None` once the subscription is lost.
+    pub async fn next(&mut self) -> Option<Received> {
         match self {
-            Subscription::Classic(_, stream) => futures_util::StreamExt::next(stream)
-                .await
-                .map(|m| (m.get_channel_name().to_string(), m.get_payload_bytes().to_vec())),
+            Subscription::Classic(_, stream) => futures_util::StreamExt::next(stream).await.map(Received::Classic),
             Subscription::Sharded(s) => loop {
                 let push = s.pushes.recv().await;
                 match s.read(push) {
-                    Push::Message(c, p) => return Some((c, p)),
+                    Push::Message(m) => return Some(m),
                     Push::Lost => return None,
                     Push::Other => {}
                 }
@@ -132,7 +159,7 @@ impl Subscription {
     /// Whether the subscription still delivers (see the module's doc); a
     /// message that arrives meanwhile goes to `deliver`. The caller bounds
     /// how long this may take.
-    pub async fn probe(&mut self, mut deliver: impl FnMut(&str, &[u8])) -> bool {
+    pub async fn probe(&mut self, mut deliver: impl FnMut(&Received)) -> bool {
         match self {
             Subscription::Classic(sink, _) => sink.ping::<Value>().await.is_ok(),
             Subscription::Sharded(s) => {
@@ -146,12 +173,12 @@ impl Subscription {
                 loop {
                     let push = s.pushes.recv().await;
                     match s.read(push) {
-                        Push::Message(c, p) if c == s.echo => {
-                            if p == token.as_bytes() {
+                        Push::Message(m) if m.channel() == s.echo => {
+                            if m.payload() == token.as_bytes() {
                                 return true;
                             }
                         }
-                        Push::Message(c, p) => deliver(&c, &p),
+                        Push::Message(m) => deliver(&m),
                         Push::Lost => return false,
                         Push::Other => {}
                     }
