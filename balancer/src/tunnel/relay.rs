@@ -9,7 +9,8 @@
 //! idle watchdog's expiry (nothing moved, or a write stuck, for the idle
 //! limit) abandons a write. A buffer is allocated only while data moves, and
 //! the watchdog's is the tunnel's one timer, so an idle tunnel holds two
-//! sockets and one small task (about 2.3 KB in all at 9,500 tunnels). Over
+//! sockets and one small task (about 2.3 KB in all at 9,500 tunnels, measured
+//! before the two frame positions added their 64 bytes). Over
 //! TLS the client side is read through rustls, which has no readiness to wait
 //! on: that direction keeps one small buffer (and rustls its own state) for
 //! the tunnel's life.
