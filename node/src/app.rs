@@ -172,10 +172,10 @@ impl App {
     /// per form (with the message id for connections that asked for it). A
     /// connection in the middle of `Resume` holds it until the replay is done.
     pub fn deliver_chat(&self, message: &ChatMessage) {
-        let delivery = Arc::new(ChatDelivery::new(message.clone()));
+        let delivery = Arc::new(ChatDelivery::new(message.clone(), self.backplane.per_group()));
         let offer = |c: &Arc<Connection>| {
             if let Some(d) = c.gate_live(&delivery) {
-                c.note_live(d.message.id.as_deref(), d.message.group.as_deref());
+                c.note_live(d);
                 self.send_to(c, d.for_connection(c));
             }
         };
@@ -191,14 +191,15 @@ impl App {
         }
     }
 
-    /// Delivers the live chat messages held for `conn` newer than `after`
-    /// (all of them when `after` is `None`) and stops holding. They continue
-    /// a replay the client asked for, so, like it, they are not refused for a
-    /// full outbox; the hold's short window bounds them.
-    pub fn release_held(&self, conn: &Connection, after: Option<&str>) {
-        for d in conn.end_resume(after) {
+    /// Delivers the live chat messages held for `conn` newer than what a
+    /// replay passed (`replayed`: the newest id in each scope it replayed)
+    /// and stops holding. They continue a replay the client asked for, so,
+    /// like it, they are not refused for a full outbox; the hold's short
+    /// window bounds them.
+    pub fn release_held(&self, conn: &Connection, replayed: &[(crate::history::Scope, String)]) {
+        for d in conn.end_resume(replayed) {
             if !conn.already_replayed(&d) {
-                conn.note_live(d.message.id.as_deref(), d.message.group.as_deref());
+                conn.note_live(&d);
                 self.reply_to(conn, d.for_connection(conn));
             }
         }

@@ -8,7 +8,7 @@
 //! connections: atomics instead of per-connection timers, no buffers until data
 //! flows.
 
-use crate::history::{ChatMessage, Replay};
+use crate::history::{ChatMessage, Replay, Scope};
 use crate::outbox::{OutFrame, Outbox, PushError};
 use crate::protocol::{HubProtocol, Outgoing, RecordReader};
 use crate::stateful::Stateful;
@@ -139,9 +139,12 @@ pub struct Connection {
     live_gate: Mutex<LiveGate>,
     /// A `Resume` replay paused for a full outbox (see `replay`).
     replay: Mutex<Option<Box<Replay>>>,
-    /// Id of the first chat message delivered live: live delivery is in id
-    /// order, so `Resume` need replay only what is older than it.
+    /// Id of the first chat message delivered live (in the broadcast, or
+    /// the only, scope): live delivery is in id order, so `Resume` need
+    /// replay only what is older than it.
     first_live_id: OnceLock<String>,
+    /// The same for each group scope (when groups have their own ids).
+    first_live_in_groups: Mutex<Vec<(String, String)>>,
     /// Groups joined after live delivery began, with the first id of each
     /// that then reached this connection live (see `missed_before_join`).
     late_joins: Mutex<Vec<LateJoin>>,
@@ -200,6 +203,7 @@ impl Connection {
             live_gate: Mutex::new(LiveGate { held, ..LiveGate::default() }),
             replay: Mutex::new(None),
             first_live_id: OnceLock::new(),
+            first_live_in_groups: Mutex::new(Vec::new()),
             late_joins: Mutex::new(Vec::new()),
             has_late_joins: AtomicBool::new(false),
             stateful: OnceLock::new(),
@@ -395,10 +399,20 @@ impl Connection {
         self.gate().replayed(d)
     }
 
-    /// Records that a chat message with `id` (to `group`) was delivered live.
-    pub fn note_live(&self, id: Option<&str>, group: Option<&str>) {
-        let Some(id) = id else { return };
-        let _ = self.first_live_id.get_or_init(|| id.to_string());
+    /// Records that a chat message was delivered live.
+    pub fn note_live(&self, d: &ChatDelivery) {
+        let (Some(id), group) = (d.message.id.as_deref(), d.message.group.as_deref()) else { return };
+        match d.scope.as_deref() {
+            None => {
+                let _ = self.first_live_id.get_or_init(|| id.to_string());
+            }
+            Some(scope) => {
+                let mut firsts = self.first_live_in_groups.lock().unwrap_or_else(|p| p.into_inner());
+                if !firsts.iter().any(|(g, _)| g == scope) {
+                    firsts.push((scope.to_string(), id.to_string()));
+                }
+            }
+        }
         if let (true, Some(group)) = (self.has_late_joins(), group) {
             let mut joins = self.late_joins.lock().unwrap_or_else(|p| p.into_inner());
             for (g, first_live) in joins.iter_mut() {
@@ -409,8 +423,15 @@ impl Connection {
         }
     }
 
-    pub fn first_live_id(&self) -> Option<&str> {
-        self.first_live_id.get().map(String::as_str)
+    /// The first id delivered live in `scope`.
+    pub fn first_live_id(&self, scope: Option<&str>) -> Option<String> {
+        match scope {
+            None => self.first_live_id.get().cloned(),
+            Some(scope) => {
+                let firsts = self.first_live_in_groups.lock().unwrap_or_else(|p| p.into_inner());
+                firsts.iter().find(|(g, _)| g == scope).map(|(_, id)| id.clone())
+            }
+        }
     }
 
     /// Records that `group` was joined after live delivery to this
@@ -468,13 +489,17 @@ impl Connection {
     }
 
     /// Stops holding and returns what arrived meanwhile, in arrival order.
-    /// `replayed_through` is the newest id the replay sent: live messages up
-    /// to it that arrive from now on are repeats and are dropped.
-    pub fn end_resume(&self, replayed_through: Option<&str>) -> Vec<Arc<ChatDelivery>> {
+    /// `replayed` has the newest id the replay passed in each scope: live
+    /// messages up to it that arrive from now on are repeats and are dropped.
+    pub fn end_resume(&self, replayed: &[(Scope, String)]) -> Vec<Arc<ChatDelivery>> {
         let mut gate = self.gate();
         gate.replaying = false;
-        if let Some(id) = replayed_through.and_then(crate::history::parse_id) {
-            gate.replayed_through = gate.replayed_through.max(Some(id));
+        for (scope, id) in replayed {
+            let Some(id) = crate::history::parse_id(id) else { continue };
+            match gate.replayed_through.iter_mut().find(|(s, _)| s == scope) {
+                Some((_, through)) => *through = (*through).max(id),
+                None => gate.replayed_through.push((scope.clone(), id)),
+            }
         }
         gate.held.take().unwrap_or_default()
     }
@@ -512,13 +537,14 @@ struct LiveGate {
     held: Option<Vec<Arc<ChatDelivery>>>,
     /// A `Resume` is replaying now (the sweeper must not release the hold).
     replaying: bool,
-    /// The newest id a replay sent.
-    replayed_through: Option<(u64, u64)>,
+    /// The newest id replays passed, per scope.
+    replayed_through: Vec<(Scope, (u64, u64))>,
 }
 
 impl LiveGate {
     fn replayed(&self, d: &ChatDelivery) -> bool {
-        matches!((d.id, self.replayed_through), (Some(id), Some(through)) if id <= through)
+        let Some(id) = d.id else { return false };
+        self.replayed_through.iter().any(|(scope, through)| *scope == d.scope && id <= *through)
     }
 }
 
@@ -535,15 +561,19 @@ pub struct ConnectionOptions {
 pub struct ChatDelivery {
     /// The message id, parsed once for every connection's gate.
     id: Option<(u64, u64)>,
+    /// The history its id belongs to.
+    pub scope: Scope,
     pub message: ChatMessage,
     plain: Outgoing,
     with_id: OnceLock<Outgoing>,
 }
 
 impl ChatDelivery {
-    pub fn new(message: ChatMessage) -> Self {
+    /// `per_group`: each group has its own ids (see `Backplane::per_group`).
+    pub fn new(message: ChatMessage, per_group: bool) -> Self {
         let id = message.id.as_deref().and_then(crate::history::parse_id);
-        ChatDelivery { id, plain: Outgoing::new(message.event(false)), with_id: OnceLock::new(), message }
+        let scope = message.group.clone().filter(|_| per_group);
+        ChatDelivery { id, scope, plain: Outgoing::new(message.event(false)), with_id: OnceLock::new(), message }
     }
 
     pub fn for_connection(&self, c: &Connection) -> &Outgoing {
@@ -626,16 +656,21 @@ mod tests {
     }
 
     fn delivery(id: &str) -> Arc<ChatDelivery> {
-        Arc::new(ChatDelivery::new(crate::history::ChatMessage {
+        delivery_in(id, None, false)
+    }
+
+    fn delivery_in(id: &str, group: Option<&str>, per_group: bool) -> Arc<ChatDelivery> {
+        let message = crate::history::ChatMessage {
             id: Some(id.into()),
             uid: id.into(),
-            group: None,
+            group: group.map(String::from),
             user: "u".into(),
             message: "m".into(),
             connection_id: "c".into(),
             node_id: "n".into(),
             timestamp: String::new(),
-        }))
+        };
+        Arc::new(ChatDelivery::new(message, per_group))
     }
 
     #[test]
@@ -648,7 +683,7 @@ mod tests {
         assert!(c.hold_outlived(now + 60_000, 60_000));
         c.begin_resume();
         assert!(!c.hold_outlived(now + 60_000, 60_000), "never released under a running replay");
-        assert_eq!(c.end_resume(None).len(), 1);
+        assert_eq!(c.end_resume(&[]).len(), 1);
         assert!(!c.is_holding());
         assert!(conn().gate_live(&delivery("1-0")).is_some(), "other clients get them at once");
     }
@@ -680,13 +715,38 @@ mod tests {
         // The replay sent up to 6-0: of the held ones only 7-0 is new, and
         // 6-0 (stored before the replay read it, but handed to this node by
         // the backplane only afterwards) must not go out a second time.
-        let held: Vec<_> = c.end_resume(Some("6-0")).into_iter().map(|d| d.message.id.clone()).collect();
+        let through = [(None, "6-0".to_string())];
+        let held: Vec<_> = c.end_resume(&through).into_iter().map(|d| d.message.id.clone()).collect();
         assert_eq!(held, [Some("5-0".to_string()), Some("7-0".to_string())]);
         assert!(c.gate_live(&delivery("6-0")).is_none(), "replayed already");
         assert!(c.gate_live(&delivery("6-1")).is_some());
         // A later, shorter replay does not move the floor back.
         c.begin_resume();
-        let _ = c.end_resume(Some("2-0"));
+        let _ = c.end_resume(&[(None, "2-0".to_string())]);
         assert!(c.gate_live(&delivery("6-0")).is_none());
+    }
+
+    /// With a stream per group, ids count in their own scope: what a replay
+    /// passed in one says nothing of another, and first live ids are kept
+    /// per scope.
+    #[test]
+    fn per_group_the_gate_and_first_live_ids_keep_to_each_scope() {
+        let c = conn();
+        c.begin_resume();
+        let _ = c.end_resume(&[(Some("ops".to_string()), "6-0".to_string())]);
+        assert!(c.gate_live(&delivery_in("5-0", Some("ops"), true)).is_none(), "replayed in ops");
+        let dev = delivery_in("5-0", Some("dev"), true);
+        assert!(c.gate_live(&dev).is_some(), "another group's ids are its own");
+        assert!(c.gate_live(&delivery_in("5-0", None, true)).is_some(), "and the broadcasts' too");
+        c.note_live(&dev);
+        c.note_live(&delivery_in("9-0", Some("dev"), true));
+        c.note_live(&delivery_in("2-0", None, true));
+        assert_eq!(c.first_live_id(Some("dev")).as_deref(), Some("5-0"));
+        assert_eq!(c.first_live_id(None).as_deref(), Some("2-0"));
+        assert_eq!(c.first_live_id(Some("ops")), None);
+        // One stream: a group message's id is the broadcasts' scope's.
+        let one = conn();
+        one.note_live(&delivery_in("3-0", Some("ops"), false));
+        assert_eq!(one.first_live_id(None).as_deref(), Some("3-0"));
     }
 }

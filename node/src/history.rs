@@ -110,12 +110,13 @@ pub fn store_and_publish(
     m: &ChatMessage,
 ) {
     let payload = serde_json::to_string(m).unwrap_or_default();
+    let scope = layout.scope_of(m.group.as_deref());
     let cmd = pipe
         .cmd("EVALSHA")
         .arg(sha)
         .arg(2)
-        .arg(layout.history())
-        .arg(layout.stored_marker(&m.uid))
+        .arg(layout.history(scope).as_ref())
+        .arg(layout.stored_marker(scope, &m.uid))
         .arg(cap)
         .arg(channel)
         .arg(payload)
@@ -209,25 +210,41 @@ pub async fn last_id(conn: &mut RedisConn, key: &str) -> RedisResult<String> {
     Ok(reply.ids.first().map_or_else(|| "0-0".to_string(), |e| e.id.clone()))
 }
 
+/// Which history a message id belongs to: `None` the broadcast stream (or,
+/// on one Redis, the only one), `Some(group)` that group's stream when each
+/// group has its own (`Layout::per_group`). Ids are ordered within a scope.
+pub type Scope = Option<String>;
+
 /// A `Resume` in progress (`replay` runs it): where it is, where it ends,
 /// and what it has sent. Kept on its connection between pauses.
 pub struct Replay {
     pub invocation_id: Option<String>,
+    /// The scopes still to replay, one after another; the first is under way.
+    pub scopes: VecDeque<ScopeReplay>,
+    /// The newest id passed in each scope replayed so far.
+    pub passed: Vec<(Scope, String)>,
+    /// The connection's groups (one stream holds every group's messages).
+    pub groups: HashSet<String>,
+    pub page: VecDeque<ChatMessage>,
+    pub done_reading: bool,
+    pub replayed: usize,
+    pub seen_bytes: usize,
+    pub seen_entries: usize,
+}
+
+/// One scope of a replay.
+pub struct ScopeReplay {
+    pub scope: Scope,
     /// The last id read; the next page starts after it.
     pub after: String,
     /// The newest id stored when the replay began: anything newer arrives
     /// live (held until the replay ends).
     pub through: String,
-    /// Live delivery began here before the replay: it and all after it were delivered.
+    /// Live delivery in this scope began here before the replay: it and
+    /// all after it were delivered.
     pub live_from: Option<String>,
-    pub groups: HashSet<String>,
-    pub page: VecDeque<ChatMessage>,
-    pub done_reading: bool,
     /// The newest id the replay passed (sent, or not this connection's).
     pub newest: Option<String>,
-    pub replayed: usize,
-    pub seen_bytes: usize,
-    pub seen_entries: usize,
 }
 
 /// Why `Resume` cannot replay from an id.

@@ -14,7 +14,7 @@
 //! the same answer whenever they run, so those are shared until they end.
 
 use crate::backplane::{Backplane, HistoryError};
-use crate::history::{ChatMessage, ResumeError};
+use crate::history::{ChatMessage, ResumeError, Scope};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -75,9 +75,9 @@ impl<K: Hash + Eq + Clone, V: Clone> InFlight<K, V> {
 
 pub struct HistoryReads {
     permits: Arc<Semaphore>,
-    older: InFlight<(Option<String>, usize), Page>,
-    points: InFlight<String, Point>,
-    ranges: InFlight<(String, String, usize), Page>,
+    older: InFlight<(Scope, Option<String>, usize), Page>,
+    points: InFlight<(Scope, String), Point>,
+    ranges: InFlight<(Scope, String, String, usize), Page>,
     /// Reads answered by another asker's read.
     shared: prometheus::IntCounter,
 }
@@ -116,25 +116,35 @@ impl HistoryReads {
         answer
     }
 
-    /// Up to `count` messages older than `before` (the newest when `None`), newest first.
-    pub async fn older(&self, backplane: &Backplane, before: Option<&str>, count: usize) -> Page {
-        let (bp, b) = (backplane.clone(), before.map(String::from));
-        let read = async move { bp.older(b.as_deref(), count).await.map(Arc::new).map_err(text) };
-        self.read(&self.older, (before.map(String::from), count), read).await
+    /// Up to `count` messages of `scope` older than `before` (the newest when `None`), newest first.
+    pub async fn older(&self, backplane: &Backplane, scope: Option<&str>, before: Option<&str>, count: usize) -> Page {
+        let (bp, sc, b) = (backplane.clone(), scope.map(String::from), before.map(String::from));
+        let key = (sc.clone(), b.clone(), count);
+        let read = async move { bp.older(sc.as_deref(), b.as_deref(), count).await.map(Arc::new).map_err(text) };
+        self.read(&self.older, key, read).await
     }
 
-    /// Whether a replay after `last` is possible; if so, where it ends.
-    pub async fn resume_point(&self, backplane: &Backplane, last: &str) -> Point {
-        let (bp, l) = (backplane.clone(), last.to_string());
-        let read = async move { bp.resume_point(&l).await.map_err(text) };
-        self.read(&self.points, last.to_string(), read).await
+    /// Whether a replay of `scope` after `last` is possible; if so, where it ends.
+    pub async fn resume_point(&self, backplane: &Backplane, scope: Option<&str>, last: &str) -> Point {
+        let (bp, sc, l) = (backplane.clone(), scope.map(String::from), last.to_string());
+        let key = (sc.clone(), l.clone());
+        let read = async move { bp.resume_point(sc.as_deref(), &l).await.map_err(text) };
+        self.read(&self.points, key, read).await
     }
 
-    /// Up to `count` messages after `after` through `through`, oldest first.
-    pub async fn range(&self, backplane: &Backplane, after: &str, through: &str, count: usize) -> Page {
-        let (bp, a, t) = (backplane.clone(), after.to_string(), through.to_string());
-        let read = async move { bp.range(&a, &t, count).await.map(Arc::new).map_err(text) };
-        self.read(&self.ranges, (after.to_string(), through.to_string(), count), read).await
+    /// Up to `count` messages of `scope` after `after` through `through`, oldest first.
+    pub async fn range(
+        &self,
+        backplane: &Backplane,
+        scope: Option<&str>,
+        after: &str,
+        through: &str,
+        count: usize,
+    ) -> Page {
+        let (bp, sc, a, t) = (backplane.clone(), scope.map(String::from), after.to_string(), through.to_string());
+        let key = (sc.clone(), a.clone(), t.clone(), count);
+        let read = async move { bp.range(sc.as_deref(), &a, &t, count).await.map(Arc::new).map_err(text) };
+        self.read(&self.ranges, key, read).await
     }
 }
 

@@ -58,7 +58,7 @@ pub async fn sweep_forever(app: Arc<App>) {
             // A message-id client that neither resumed nor read history
             // within a moment gets its live messages.
             if conn.hold_outlived(now, RESUME_GRACE_MS) {
-                app.release_held(&conn, None);
+                app.release_held(&conn, &[]);
             }
             if conn.transport().is_some_and(Transport::is_polled) && conn.unpolled_for(now, poll_idle) {
                 tracing::debug!(connection = %conn.connection_id, "long-polling client stopped polling");

@@ -8,10 +8,15 @@
 //! the transport continues it once the client has read some. So a client
 //! that reads gets everything it missed, in order and once, however much
 //! that is; one that does not read holds one outbox and one page.
+//!
+//! Where each group has its own stream and ids (a Redis Cluster; see
+//! `history::Scope`), a replay is one per scope, one after another: the
+//! broadcasts, then each of the connection's groups, each in id order and
+//! each from the client's own position in it.
 
 use crate::app::App;
 use crate::connection::{ChatDelivery, Connection, Flow};
-use crate::history::{self, ChatMessage, Replay};
+use crate::history::{self, ChatMessage, Replay, ResumeError, Scope, ScopeReplay};
 use crate::protocol::HubMessage;
 use serde_json::Value;
 use std::collections::VecDeque;
@@ -23,6 +28,9 @@ const REPLAY_PAGE_BYTES: usize = 64 * 1024;
 /// the most any page asks for.
 const FIRST_PAGE: usize = 16;
 const MAX_PAGE: usize = 256;
+/// Where a client names no position in a scope it is in, the replay starts
+/// this long before the oldest position it named (see `start_resume`).
+const UNNAMED_SCOPE_MARGIN_MS: u64 = 5_000;
 
 /// How many entries fill `bytes` at the average size seen so far.
 fn page_count(bytes: usize, seen_bytes: usize, seen_entries: usize) -> usize {
@@ -40,22 +48,29 @@ fn size_of(m: &ChatMessage) -> usize {
 
 /// Where `Resume`'s argument says the client is: one message id (the newest
 /// it saw), or its newest id per scope, `{"all": id, "groups": {"ops": id}}`
-/// (see docs/scaling.md, "The message-id question"). History is one stream
-/// here and delivery is in id order, so a client has seen everything meant
-/// for it up to the newest id it names: that one is where the replay starts.
-pub fn resume_position(position: Value) -> Result<String, String> {
+/// (see docs/scaling.md, "The message-id question"); as (scope, id) pairs.
+/// With one stream for everything (`per_group` false) delivery is in id
+/// order, so a client has seen everything meant for it up to the newest id
+/// it names: that one is where the replay starts. With a stream per group
+/// each id counts in its own scope, and a lone id cannot say which.
+pub fn resume_position(position: Value, per_group: bool) -> Result<Vec<(Scope, String)>, String> {
     const SHAPE: &str = "Resume takes the last message id seen, or {\"all\": id, \"groups\": {\"group\": id}}";
     let bad = || format!("HubException: {SHAPE}.");
-    let ids: Vec<String> = match position {
-        Value::String(id) => return Ok(id),
+    let ids: Vec<(Scope, String)> = match position {
+        Value::String(id) if !per_group => return Ok(vec![(None, id)]),
+        Value::String(_) => {
+            return Err("HubException: each group has message ids of its own here, so Resume takes \
+                {\"all\": id, \"groups\": {\"group\": id}} (the newest id seen in each)."
+                .into())
+        }
         Value::Object(mut scopes) => {
             let mut ids = Vec::new();
             if let Some(all) = scopes.remove("all") {
-                ids.push(all.as_str().ok_or_else(bad)?.to_string());
+                ids.push((None, all.as_str().ok_or_else(bad)?.to_string()));
             }
             if let Some(groups) = scopes.remove("groups") {
-                for (_, id) in groups.as_object().ok_or_else(bad)? {
-                    ids.push(id.as_str().ok_or_else(bad)?.to_string());
+                for (g, id) in groups.as_object().ok_or_else(bad)? {
+                    ids.push((Some(g.clone()), id.as_str().ok_or_else(bad)?.to_string()));
                 }
             }
             if !scopes.is_empty() {
@@ -66,41 +81,81 @@ pub fn resume_position(position: Value) -> Result<String, String> {
         // Neither form: the official server's binding error, as for any method.
         _ => return Err(crate::protocol::BINDING_ERROR.into()),
     };
-    if let Some(malformed) = ids.iter().find(|id| history::parse_id(id).is_none()) {
+    if let Some((_, malformed)) = ids.iter().find(|(_, id)| history::parse_id(id).is_none()) {
         let shown: String = malformed.chars().take(64).collect();
-        return Err(format!("HubException: cannot resume after '{shown}': {}.", history::ResumeError::Malformed));
+        return Err(format!("HubException: cannot resume after '{shown}': {}.", ResumeError::Malformed));
     }
-    ids.into_iter().max_by(|a, b| history::cmp_ids(a, b)).ok_or_else(bad)
+    if per_group {
+        return if ids.is_empty() { Err(bad()) } else { Ok(ids) };
+    }
+    let newest = ids.into_iter().map(|(_, id)| id).max_by(|a, b| history::cmp_ids(a, b)).ok_or_else(bad)?;
+    Ok(vec![(None, newest)])
 }
 
-/// `Resume(last)`: checks that a replay from `last` is possible and, if so,
-/// starts it on `conn` (the hub's loop runs it; `continue_replay`). Live
-/// chat messages are held from now until it ends.
-pub async fn start_resume(app: &App, conn: &Connection, invocation_id: Option<&str>, last: &str) -> Result<(), String> {
+/// The scopes a replay for `conn` covers and where each starts: the one
+/// stream from the position given; or, per group, the broadcasts and each
+/// of the connection's groups, from the client's position in it. A scope
+/// it is in but names no position for has had nothing reach the client
+/// since it joined (anything would have left an id), so that replay starts
+/// a margin before the oldest position it named: what it missed while away
+/// is in there, and what is older is from before it joined. The bool says
+/// whether the client named the position.
+fn replay_starts(app: &App, conn: &Connection, positions: Vec<(Scope, String)>) -> Vec<(Scope, String, bool)> {
+    if !app.backplane.per_group() {
+        return positions.into_iter().map(|(scope, id)| (scope, id, true)).collect();
+    }
+    let oldest = positions.iter().filter_map(|(_, id)| history::parse_id(id)).map(|(ms, _)| ms).min().unwrap_or(0);
+    let unnamed = format!("{}-0", oldest.saturating_sub(UNNAMED_SCOPE_MARGIN_MS));
+    let mut groups: Vec<String> = app.groups.of_connection(&conn.key).into_iter().collect();
+    groups.sort();
+    std::iter::once(None)
+        .chain(groups.into_iter().map(Some))
+        .map(|scope| match positions.iter().find(|(s, _)| *s == scope) {
+            Some((_, id)) => (scope, id.clone(), true),
+            None => (scope, unnamed.clone(), false),
+        })
+        .collect()
+}
+
+/// `Resume(position)`: checks that a replay from each position is possible
+/// and, if so, starts it on `conn` (the hub's loop runs it;
+/// `continue_replay`). Live chat messages are held from now until it ends.
+pub async fn start_resume(
+    app: &App,
+    conn: &Connection,
+    invocation_id: Option<&str>,
+    positions: Vec<(Scope, String)>,
+) -> Result<(), String> {
     conn.begin_resume();
-    let through = match app.history_reads.resume_point(&app.backplane, last).await {
-        Ok(Ok(through)) => through,
-        Ok(Err(e)) => {
-            app.release_held(conn, None);
-            return Err(format!(
-                "HubException: cannot resume after '{}': {e}.",
-                last.chars().take(64).collect::<String>()
-            ));
+    let mut scopes = VecDeque::new();
+    for (scope, after, named) in replay_starts(app, conn, positions) {
+        match app.history_reads.resume_point(&app.backplane, scope.as_deref(), &after).await {
+            Ok(Ok(through)) => {
+                let live_from = conn.first_live_id(scope.as_deref());
+                scopes.push_back(ScopeReplay { scope, after, through, live_from, newest: None });
+            }
+            // Nothing stored in a scope the client named nothing in since then.
+            Ok(Err(ResumeError::Future)) if !named => {}
+            Ok(Err(e)) => {
+                app.release_held(conn, &[]);
+                return Err(format!(
+                    "HubException: cannot resume after '{}': {e}.",
+                    after.chars().take(64).collect::<String>()
+                ));
+            }
+            Err(e) => {
+                app.release_held(conn, &[]);
+                return Err(format!("HubException: message history is unavailable ({e})."));
+            }
         }
-        Err(e) => {
-            app.release_held(conn, None);
-            return Err(format!("HubException: message history is unavailable ({e})."));
-        }
-    };
+    }
     conn.set_replay(Replay {
         invocation_id: invocation_id.map(String::from),
-        after: last.to_string(),
-        through,
-        live_from: conn.first_live_id().map(String::from),
+        scopes,
+        passed: Vec::new(),
         groups: app.groups.of_connection(&conn.key).into_iter().collect(),
         page: VecDeque::new(),
         done_reading: false,
-        newest: None,
         replayed: 0,
         seen_bytes: 0,
         seen_entries: 0,
@@ -114,15 +169,24 @@ pub async fn start_resume(app: &App, conn: &Connection, invocation_id: Option<&s
 /// (its Completion queued, live delivery released).
 pub async fn continue_replay(app: &Arc<App>, conn: &Arc<Connection>) -> Flow {
     let Some(mut replay) = conn.take_replay() else { return Flow::Done };
+    let per_group = app.backplane.per_group();
     let mut first = true;
     loop {
         if conn.outbox.is_closed() {
             return Flow::Done; // the connection is ending; nothing more to send
         }
+        if replay.scopes.is_empty() {
+            finish(app, conn, replay, Ok(()));
+            return Flow::Done;
+        }
         let Some(m) = replay.page.pop_front() else {
             if replay.done_reading {
-                finish(app, conn, replay, Ok(()));
-                return Flow::Done;
+                // This scope is done; on to the next.
+                if let Some(done) = replay.scopes.pop_front() {
+                    replay.passed.extend(done.newest.map(|id| (done.scope, id)));
+                }
+                replay.done_reading = false;
+                continue;
             }
             if let Err(e) = read_page(app, &mut replay).await {
                 finish(app, conn, replay, Err(format!("HubException: message history is unavailable ({e}).")));
@@ -131,21 +195,22 @@ pub async fn continue_replay(app: &Arc<App>, conn: &Arc<Connection>) -> Flow {
             continue;
         };
         let Some(id) = m.id.clone() else { continue };
-        let live_already = replay.live_from.as_deref().is_some_and(|f| history::cmp_ids(&id, f).is_ge());
+        let Some(current) = replay.scopes.front_mut() else { continue };
+        let live_already = current.live_from.as_deref().is_some_and(|f| history::cmp_ids(&id, f).is_ge());
         if live_already && !conn.missed_before_join(m.group.as_deref(), &id) {
-            if conn.has_late_joins() {
+            if !per_group && conn.has_late_joins() {
                 // A group joined after live delivery began may still have
-                // older messages to replay: read on, skipping this one.
-                replay.newest = Some(id);
+                // older messages in the one stream: read on, skipping this one.
+                current.newest = Some(id);
                 continue;
             }
-            // Delivered live already, as is everything after it.
+            // Delivered live already, as is everything after it in this scope.
             replay.page.clear();
             replay.done_reading = true;
             continue;
         }
         if !m.group.as_ref().is_none_or(|g| replay.groups.contains(g)) {
-            replay.newest = Some(id);
+            current.newest = Some(id);
             continue;
         }
         if !first && !conn.outbox.has_room() {
@@ -154,22 +219,29 @@ pub async fn continue_replay(app: &Arc<App>, conn: &Arc<Connection>) -> Flow {
             return Flow::Paused;
         }
         first = false;
+        current.newest = Some(id);
         // A reply to the client's own request: queued past the outbox's
         // limit, which the pause above keeps to one message.
-        let d = ChatDelivery::new(m);
+        let d = ChatDelivery::new(m, per_group);
         app.reply_to(conn, d.for_connection(conn));
-        replay.newest = Some(id);
         replay.replayed += 1;
     }
 }
 
-/// Reads the replay's next page (shared with identical reads in flight).
+/// Reads the next page of the replay's current scope (shared with identical reads in flight).
 async fn read_page(app: &App, replay: &mut Replay) -> Result<(), String> {
+    let Some(current) = replay.scopes.front_mut() else {
+        replay.done_reading = true;
+        return Ok(());
+    };
     let count = page_count(REPLAY_PAGE_BYTES, replay.seen_bytes, replay.seen_entries);
-    let page = app.history_reads.range(&app.backplane, &replay.after, &replay.through, count).await?;
+    let page = app
+        .history_reads
+        .range(&app.backplane, current.scope.as_deref(), &current.after, &current.through, count)
+        .await?;
     replay.done_reading = page.len() < count;
     if let Some(last) = page.last().and_then(|m| m.id.clone()) {
-        replay.after = last;
+        current.after = last;
     }
     replay.seen_entries += page.len();
     replay.seen_bytes += page.iter().map(size_of).sum::<usize>();
@@ -179,21 +251,59 @@ async fn read_page(app: &App, replay: &mut Replay) -> Result<(), String> {
 
 /// Ends a replay: its Completion (how many were replayed, or the error) and
 /// the live messages held meanwhile that are newer than what it passed.
-fn finish(app: &App, conn: &Connection, replay: Replay, outcome: Result<(), String>) {
-    if let Some(id) = replay.invocation_id {
+fn finish(app: &App, conn: &Connection, mut replay: Replay, outcome: Result<(), String>) {
+    if let Some(id) = replay.invocation_id.take() {
         let (result, error) = match outcome {
             Ok(()) => (Some(Value::from(replay.replayed)), None),
             Err(e) => (None, Some(format!("Failed to invoke 'Resume' due to an error on the server. {e}"))),
         };
         app.reply(conn, HubMessage::Completion { invocation_id: id, result, error });
     }
-    app.release_held(conn, replay.newest.as_deref());
+    let unfinished = replay.scopes.drain(..).filter_map(|s| s.newest.map(|id| (s.scope, id)));
+    replay.passed.extend(unfinished);
+    app.release_held(conn, &replay.passed);
 }
 
 /// `GetHistory(count)`: the newest `count` messages that fit in `budget`
 /// bytes (as the JSON the client gets), oldest first, each with its `id`
-/// (and `group`), read newest first in pages until the budget is met.
-pub async fn history_page(app: &App, count: usize, budget: usize) -> Result<Vec<Value>, String> {
+/// (and `group`). With a stream per group: the newest of the broadcasts and
+/// of `conn`'s groups together, ordered by id (their ids are times).
+pub async fn history_page(app: &App, conn: &Connection, count: usize, budget: usize) -> Result<Vec<Value>, String> {
+    let mut scopes: Vec<Scope> = vec![None];
+    if app.backplane.per_group() {
+        let mut groups: Vec<String> = app.groups.of_connection(&conn.key).into_iter().collect();
+        groups.sort();
+        scopes.extend(groups.into_iter().map(Some));
+    }
+    let mut entries = Vec::new();
+    for scope in &scopes {
+        entries.extend(newest_of(app, scope.as_deref(), count, budget).await?);
+    }
+    if scopes.len() > 1 {
+        entries.sort_by_key(|e| std::cmp::Reverse(e.0));
+    }
+    let mut used = 0;
+    let mut page = Vec::new();
+    for (_, v, size) in entries.into_iter().take(count) {
+        used += size;
+        if used > budget {
+            break;
+        }
+        page.push(v);
+    }
+    page.reverse();
+    Ok(page)
+}
+
+/// The newest messages of one scope, newest first, up to `count` and
+/// `budget` bytes as JSON: (id, the JSON, its size). Read newest first in
+/// pages until either is met.
+async fn newest_of(
+    app: &App,
+    scope: Option<&str>,
+    count: usize,
+    budget: usize,
+) -> Result<Vec<((u64, u64), Value, usize)>, String> {
     let (mut used, mut seen_bytes, mut seen_entries) = (0, 0, 0);
     let mut before: Option<String> = None;
     let mut page = Vec::new();
@@ -201,7 +311,7 @@ pub async fn history_page(app: &App, count: usize, budget: usize) -> Result<Vec<
         let want = page_count(budget.saturating_sub(used), seen_bytes, seen_entries).min(count - page.len());
         let entries = app
             .history_reads
-            .older(&app.backplane, before.as_deref(), want)
+            .older(&app.backplane, scope, before.as_deref(), want)
             .await
             .map_err(|e| format!("HubException: message history is unavailable ({e})."))?;
         let end = entries.len() < want;
@@ -209,21 +319,22 @@ pub async fn history_page(app: &App, count: usize, budget: usize) -> Result<Vec<
         seen_bytes += entries.iter().map(size_of).sum::<usize>();
         for m in entries.iter() {
             before = m.id.clone();
+            let id = m.id.as_deref().and_then(history::parse_id).unwrap_or_default();
             let Ok(mut v) = serde_json::to_value(m) else { continue };
             if let Some(o) = v.as_object_mut() {
                 o.remove("uid"); // internal
             }
-            used += v.to_string().len() + 1;
+            let size = v.to_string().len() + 1;
+            used += size;
             if used > budget {
                 break 'reading;
             }
-            page.push(v);
+            page.push((id, v, size));
         }
         if end {
             break;
         }
     }
-    page.reverse();
     Ok(page)
 }
 
@@ -234,17 +345,30 @@ mod tests {
     #[test]
     fn a_resume_position_is_one_id_or_the_newest_of_a_scope_map() {
         use serde_json::json;
-        assert_eq!(resume_position(json!("5-1")), Ok("5-1".into()));
+        let one = |id: &str| Ok(vec![(None, id.to_string())]);
+        assert_eq!(resume_position(json!("5-1"), false), one("5-1"));
         let map = json!({"all": "5-1", "groups": {"ops": "12-0", "dev": "9-3"}});
-        assert_eq!(resume_position(map), Ok("12-0".into()), "compared as ids, not as text");
-        assert_eq!(resume_position(json!({"groups": {"ops": "7-0"}})), Ok("7-0".into()));
-        for bad in [json!({}), json!({"all": 5}), json!({"groups": ["1-0"]}), json!({"all": "1-0", "x": 1})] {
-            assert!(resume_position(bad.clone()).unwrap_err().contains("Resume takes"), "{bad}");
+        assert_eq!(resume_position(map, false), one("12-0"), "compared as ids, not as text");
+        assert_eq!(resume_position(json!({"groups": {"ops": "7-0"}}), false), one("7-0"));
+        for per_group in [false, true] {
+            for bad in [json!({}), json!({"all": 5}), json!({"groups": ["1-0"]}), json!({"all": "1-0", "x": 1})] {
+                assert!(resume_position(bad.clone(), per_group).unwrap_err().contains("Resume takes"), "{bad}");
+            }
+            for neither in [json!(5), json!(null), json!(["1-0"])] {
+                let e = resume_position(neither.clone(), per_group).unwrap_err();
+                assert!(e.contains("Error binding arguments"), "{neither}");
+            }
+            assert!(resume_position(json!({"all": "nope"}), per_group).unwrap_err().contains("malformed"));
         }
-        for neither in [json!(5), json!(null), json!(["1-0"])] {
-            assert!(resume_position(neither.clone()).unwrap_err().contains("Error binding arguments"), "{neither}");
-        }
-        assert!(resume_position(json!({"all": "nope"})).unwrap_err().contains("malformed"));
+    }
+
+    #[test]
+    fn with_a_stream_per_group_each_id_keeps_its_scope_and_a_lone_id_is_refused() {
+        use serde_json::json;
+        let map = json!({"all": "5-1", "groups": {"ops": "12-0"}});
+        let ids = resume_position(map, true).unwrap();
+        assert_eq!(ids, vec![(None, "5-1".to_string()), (Some("ops".to_string()), "12-0".to_string())]);
+        assert!(resume_position(json!("5-1"), true).unwrap_err().contains("message ids of its own"));
     }
 
     #[test]

@@ -5,10 +5,12 @@
 //! at once and under the bus's lock, so every node sees one order. Group
 //! messages go to every node; a node's delivery picks the members. Presence
 //! is a map of expiring (node, user) entries on the bus, and its changes go
-//! to every attached node the same way.
+//! to every attached node the same way. A bus made `per_group` keeps a
+//! history per group beside the broadcasts', each with ids of its own, as
+//! the Redis backplane does on a Redis Cluster.
 
 use super::{Deliver, PresenceChange, PresenceWrite, Sink};
-use crate::history::{cmp_ids, parse_id, ChatMessage, ResumeError};
+use crate::history::{cmp_ids, parse_id, ChatMessage, ResumeError, Scope};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -17,11 +19,18 @@ pub struct MemoryBus {
     state: Mutex<BusState>,
 }
 
-struct BusState {
+/// One scope's history.
+#[derive(Default)]
+struct Stream {
     next: u64,
     /// Messages ever added (to tell a trimmed history from a short one).
     added: u64,
     history: VecDeque<ChatMessage>,
+}
+
+struct BusState {
+    per_group: bool,
+    streams: HashMap<Scope, Stream>,
     cap: usize,
     nodes: Vec<Weak<MemoryBackplane>>,
     /// (node, user) → when the entry expires (Unix ms).
@@ -29,6 +38,10 @@ struct BusState {
 }
 
 impl BusState {
+    fn stream(&self, scope: Option<&str>) -> Option<&Stream> {
+        self.streams.get(&scope.filter(|_| self.per_group).map(String::from))
+    }
+
     fn nodes(&mut self) -> Vec<Arc<MemoryBackplane>> {
         self.nodes.retain(|n| n.strong_count() > 0);
         self.nodes.iter().filter_map(Weak::upgrade).collect()
@@ -38,10 +51,18 @@ impl BusState {
 impl MemoryBus {
     /// A bus keeping the newest `history_len` messages.
     pub fn new(history_len: usize) -> Arc<Self> {
+        Self::with_layout(history_len, false)
+    }
+
+    /// A bus with a history per group (see `layout`'s `per_group`).
+    pub fn per_group(history_len: usize) -> Arc<Self> {
+        Self::with_layout(history_len, true)
+    }
+
+    fn with_layout(history_len: usize, per_group: bool) -> Arc<Self> {
         let state = BusState {
-            next: 1,
-            added: 0,
-            history: VecDeque::new(),
+            per_group,
+            streams: HashMap::new(),
             cap: history_len.max(1),
             nodes: Vec::new(),
             presence: HashMap::new(),
@@ -57,12 +78,15 @@ impl MemoryBus {
 pub struct MemoryBackplane {
     bus: Arc<MemoryBus>,
     sink: Sink,
+    /// The bus's layout, kept here: delivery asks for it under the bus's lock.
+    per_group: bool,
 }
 
 impl MemoryBackplane {
     /// A node's backplane on `bus`.
     pub fn attach(bus: &Arc<MemoryBus>) -> Arc<Self> {
-        let b = Arc::new(MemoryBackplane { bus: bus.clone(), sink: Sink::default() });
+        let per_group = bus.state().per_group;
+        let b = Arc::new(MemoryBackplane { bus: bus.clone(), sink: Sink::default(), per_group });
         bus.state().nodes.push(Arc::downgrade(&b));
         b
     }
@@ -71,14 +95,20 @@ impl MemoryBackplane {
         self.sink.set(sink);
     }
 
+    pub fn per_group(&self) -> bool {
+        self.per_group
+    }
+
     pub fn send(&self, mut message: ChatMessage) {
         let mut state = self.bus.state();
-        message.id = Some(format!("1-{}", state.next));
-        state.next += 1;
-        state.added += 1;
-        state.history.push_back(message.clone());
-        while state.history.len() > state.cap {
-            state.history.pop_front();
+        let (cap, per_group) = (state.cap, state.per_group);
+        let stream = state.streams.entry(message.group.clone().filter(|_| per_group)).or_default();
+        stream.next += 1;
+        message.id = Some(format!("1-{}", stream.next));
+        stream.added += 1;
+        stream.history.push_back(message.clone());
+        while stream.history.len() > cap {
+            stream.history.pop_front();
         }
         for node in state.nodes() {
             node.sink.deliver(&message);
@@ -110,34 +140,38 @@ impl MemoryBackplane {
         state.presence.keys().cloned().collect()
     }
 
-    pub fn older(&self, before: Option<&str>, count: usize) -> Vec<ChatMessage> {
+    pub fn older(&self, scope: Option<&str>, before: Option<&str>, count: usize) -> Vec<ChatMessage> {
         let state = self.bus.state();
         let before_ok =
             |m: &ChatMessage| before.is_none_or(|b| m.id.as_deref().is_some_and(|id| cmp_ids(id, b).is_lt()));
-        state.history.iter().rev().filter(|m| before_ok(m)).take(count).cloned().collect()
+        let Some(stream) = state.stream(scope) else { return Vec::new() };
+        stream.history.iter().rev().filter(|m| before_ok(m)).take(count).cloned().collect()
     }
 
     /// As `history::check_resume` decides it for Redis.
-    pub fn resume_point(&self, last: &str) -> Result<String, ResumeError> {
+    pub fn resume_point(&self, scope: Option<&str>, last: &str) -> Result<String, ResumeError> {
         if parse_id(last).is_none() {
             return Err(ResumeError::Malformed);
         }
         let state = self.bus.state();
-        let newest = state.history.back().and_then(|m| m.id.clone()).unwrap_or_else(|| "0-0".into());
+        let empty = Stream::default();
+        let stream = state.stream(scope).unwrap_or(&empty);
+        let newest = stream.history.back().and_then(|m| m.id.clone()).unwrap_or_else(|| "0-0".into());
         if cmp_ids(last, &newest).is_gt() {
             return Err(ResumeError::Future);
         }
-        let trimmed = state.added > state.history.len() as u64;
-        let oldest = state.history.front().and_then(|m| m.id.as_deref());
+        let trimmed = stream.added > stream.history.len() as u64;
+        let oldest = stream.history.front().and_then(|m| m.id.as_deref());
         if trimmed && oldest.is_some_and(|o| cmp_ids(last, o).is_lt()) {
             return Err(ResumeError::Gone);
         }
         Ok(newest)
     }
 
-    pub fn range(&self, after: &str, through: &str, count: usize) -> Vec<ChatMessage> {
+    pub fn range(&self, scope: Option<&str>, after: &str, through: &str, count: usize) -> Vec<ChatMessage> {
         let state = self.bus.state();
         let within = |id: &str| cmp_ids(id, after).is_gt() && cmp_ids(id, through).is_le();
-        state.history.iter().filter(|m| m.id.as_deref().is_some_and(within)).take(count).cloned().collect()
+        let Some(stream) = state.stream(scope) else { return Vec::new() };
+        stream.history.iter().filter(|m| m.id.as_deref().is_some_and(within)).take(count).cloned().collect()
     }
 }

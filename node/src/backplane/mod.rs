@@ -172,34 +172,60 @@ impl Backplane {
         }
     }
 
-    /// Up to `count` stored messages older than `before` (the newest when
-    /// `None`), newest first: one page of a backwards walk.
-    pub async fn older(&self, before: Option<&str>, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
+    /// Whether each group is a history scope of its own, with its own ids
+    /// (on a Redis Cluster; see `layout`), rather than one stream for all.
+    pub fn per_group(&self) -> bool {
         match self {
-            Backplane::Redis(b) => b.older(before, count).await,
+            Backplane::Redis(b) => b.per_group(),
             #[cfg(test)]
-            Backplane::Memory(b) => Ok(b.older(before, count)),
+            Backplane::Memory(b) => b.per_group(),
         }
     }
 
-    /// Whether a replay after `last` is possible (a well-formed id, not in
-    /// the future, nothing after it trimmed away); if so, the newest stored
-    /// id, where the replay ends.
-    pub async fn resume_point(&self, last: &str) -> Result<Result<String, ResumeError>, HistoryError> {
+    /// Up to `count` stored messages of `scope` (see `history::Scope`)
+    /// older than `before` (the newest when `None`), newest first: one page
+    /// of a backwards walk.
+    pub async fn older(
+        &self,
+        scope: Option<&str>,
+        before: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<ChatMessage>, HistoryError> {
         match self {
-            Backplane::Redis(b) => b.resume_point(last).await,
+            Backplane::Redis(b) => b.older(scope, before, count).await,
             #[cfg(test)]
-            Backplane::Memory(b) => Ok(b.resume_point(last)),
+            Backplane::Memory(b) => Ok(b.older(scope, before, count)),
         }
     }
 
-    /// Up to `count` stored messages after `after` (exclusive) through
-    /// `through` (inclusive), oldest first: one page of a replay.
-    pub async fn range(&self, after: &str, through: &str, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
+    /// Whether a replay of `scope` after `last` is possible (a well-formed
+    /// id, not in the future, nothing after it trimmed away); if so, the
+    /// newest stored id, where the replay ends.
+    pub async fn resume_point(
+        &self,
+        scope: Option<&str>,
+        last: &str,
+    ) -> Result<Result<String, ResumeError>, HistoryError> {
         match self {
-            Backplane::Redis(b) => b.range(after, through, count).await,
+            Backplane::Redis(b) => b.resume_point(scope, last).await,
             #[cfg(test)]
-            Backplane::Memory(b) => Ok(b.range(after, through, count)),
+            Backplane::Memory(b) => Ok(b.resume_point(scope, last)),
+        }
+    }
+
+    /// Up to `count` stored messages of `scope` after `after` (exclusive)
+    /// through `through` (inclusive), oldest first: one page of a replay.
+    pub async fn range(
+        &self,
+        scope: Option<&str>,
+        after: &str,
+        through: &str,
+        count: usize,
+    ) -> Result<Vec<ChatMessage>, HistoryError> {
+        match self {
+            Backplane::Redis(b) => b.range(scope, after, through, count).await,
+            #[cfg(test)]
+            Backplane::Memory(b) => Ok(b.range(scope, after, through, count)),
         }
     }
 

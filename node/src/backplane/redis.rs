@@ -27,12 +27,15 @@
 //! `/health` reports `degraded` otherwise, and the balancer then sends new
 //! clients to other nodes.
 //!
-//! On a Redis Cluster every channel is a shard channel of the prefix's one
-//! slot (`SPUBLISH`/`SSUBSCRIBE`, see `subscription`): the slot's master
-//! alone carries chat, instead of the cluster bus copying every classic
-//! publication to every member, and the subscriber proves with a message of
-//! its own that its subscription is on the master that owns the slot now
-//! (after a failover it is not, until made again).
+//! On a Redis Cluster each group is a scope of its own (`Layout::per_group`):
+//! its own stream, ids and shard channel on the slot of its name, so a
+//! group's messages load only the master that owns that slot, and only the
+//! nodes with members subscribe (`SPUBLISH`/`SSUBSCRIBE`, see
+//! `subscription`); broadcasts and presence stay on the prefix's slot. The
+//! publisher sends one pipeline per slot, and the subscriber keeps the last
+//! id it delivered per scope and catches each up. It proves with messages
+//! of its own that every master it listens to still delivers to it (after a
+//! failover the promoted replica does not, until subscribed again).
 //!
 //! Presence rides along: a node's changes go into a sorted set of expiring
 //! (node, user) entries and out on the presence channel in one pipeline
@@ -44,11 +47,13 @@ use super::subscription::{self, Subscription};
 use super::{BackplaneMetrics, Deliver, HistoryError, PresenceChange, PresenceWrite, Sink};
 use crate::history::{self, cmp_ids, ChatMessage, ResumeError};
 use crate::redis_link::{RedisLink, CONNECT_TIMEOUT};
-use std::collections::{HashSet, VecDeque};
+use redis::cluster_routing::Slot;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchboard_common::redis_state::Failure;
+use switchboard_common::redis_target::RedisConn;
 use tokio::sync::{mpsc, oneshot};
 
 const QUEUE_CAPACITY: usize = 10_000;
@@ -96,8 +101,9 @@ pub struct RedisBackplane {
     pending: AtomicUsize,
     /// Subscribed, caught up, and answering its PINGs.
     live: AtomicBool,
-    /// The newest id delivered from the backplane; later arrivals at or below it are repeats.
-    last_id: Mutex<Option<String>>,
+    /// The newest id delivered from the backplane in each scope followed
+    /// (see `history::Scope`); later arrivals at or below it are repeats.
+    last_ids: Mutex<HashMap<history::Scope, String>>,
     early: Mutex<EarlyDeliveries>,
 }
 
@@ -109,20 +115,21 @@ impl RedisBackplane {
     pub fn new(link: Arc<RedisLink>, metrics: BackplaneMetrics, prefix: &str, history_len: usize) -> Self {
         let (queue, queue_rx) = mpsc::channel(QUEUE_CAPACITY);
         let (subs, subs_rx) = mpsc::unbounded_channel();
+        let layout = Layout::new(prefix, link.is_cluster());
         RedisBackplane {
             sharded: link.is_cluster(),
             link,
             metrics,
             sink: Sink::default(),
             history_len,
-            layout: Layout::new(prefix),
+            layout,
             queue,
             queue_rx: Mutex::new(Some(queue_rx)),
             subs,
             subs_rx: Mutex::new(Some(subs_rx)),
             pending: AtomicUsize::new(0),
             live: AtomicBool::new(false),
-            last_id: Mutex::new(None),
+            last_ids: Mutex::new(HashMap::new()),
             early: Mutex::new(EarlyDeliveries::default()),
         }
     }
@@ -200,24 +207,46 @@ impl RedisBackplane {
         }
     }
 
-    /// Up to `count` stored messages older than `before` (the newest when
-    /// `None`), newest first.
-    pub async fn older(&self, before: Option<&str>, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
-        let read = async { history::older(&mut self.link.conn().await?, self.layout.history(), before, count).await };
+    /// Whether each group has its own stream and ids (see `layout`).
+    pub fn per_group(&self) -> bool {
+        self.layout.per_group()
+    }
+
+    /// Up to `count` stored messages of `scope` older than `before` (the
+    /// newest when `None`), newest first.
+    pub async fn older(
+        &self,
+        scope: Option<&str>,
+        before: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<ChatMessage>, HistoryError> {
+        let key = self.layout.history(scope);
+        let read = async { history::older(&mut self.link.conn().await?, &key, before, count).await };
         self.observed(read.await)
     }
 
-    /// Whether a replay after `last` is possible; if so, the newest stored
-    /// id, where it ends.
-    pub async fn resume_point(&self, last: &str) -> Result<Result<String, ResumeError>, HistoryError> {
-        let read = async { history::check_resume(&mut self.link.conn().await?, self.layout.history(), last).await };
+    /// Whether a replay of `scope` after `last` is possible; if so, the
+    /// newest stored id, where it ends.
+    pub async fn resume_point(
+        &self,
+        scope: Option<&str>,
+        last: &str,
+    ) -> Result<Result<String, ResumeError>, HistoryError> {
+        let key = self.layout.history(scope);
+        let read = async { history::check_resume(&mut self.link.conn().await?, &key, last).await };
         self.observed(read.await)
     }
 
-    /// Up to `count` stored messages after `after` through `through`, oldest first.
-    pub async fn range(&self, after: &str, through: &str, count: usize) -> Result<Vec<ChatMessage>, HistoryError> {
-        let read =
-            async { history::after(&mut self.link.conn().await?, self.layout.history(), after, through, count).await };
+    /// Up to `count` stored messages of `scope` after `after` through `through`, oldest first.
+    pub async fn range(
+        &self,
+        scope: Option<&str>,
+        after: &str,
+        through: &str,
+        count: usize,
+    ) -> Result<Vec<ChatMessage>, HistoryError> {
+        let key = self.layout.history(scope);
+        let read = async { history::after(&mut self.link.conn().await?, &key, after, through, count).await };
         self.observed(read.await)
     }
 
@@ -296,16 +325,20 @@ impl RedisBackplane {
         self.sink.deliver(message);
     }
 
-    /// Delivers a stored message once: not at or below the last id passed,
-    /// and not to this node's clients again if they had it early.
+    /// Delivers a stored message once: not at or below the last id passed
+    /// in its scope, and not to this node's clients again if they had it early.
     fn deliver_stored(&self, message: &ChatMessage) {
         let Some(id) = message.id.as_deref() else { return };
         {
-            let mut last = self.last_id.lock().unwrap_or_else(|p| p.into_inner());
-            if last.as_deref().is_some_and(|l| cmp_ids(id, l) != std::cmp::Ordering::Greater) {
-                return;
+            let scope = self.layout.scope_of(message.group.as_deref());
+            let mut last = self.last_ids();
+            match last.get_mut(&scope.map(String::from)) {
+                Some(l) if cmp_ids(id, l) != std::cmp::Ordering::Greater => return,
+                Some(l) => *l = id.to_string(),
+                // A scope not followed (a group just left; its position is
+                // read again before it is followed again).
+                None => return,
             }
-            *last = Some(id.to_string());
         }
         if self.early().uids.remove(&message.uid) {
             return;
@@ -339,32 +372,118 @@ impl RedisBackplane {
         }
     }
 
-    /// Before the first subscription: where this node's delivery starts, the
-    /// newest stored id. Read before subscribing (not after), so a message
-    /// published in between is caught up from history rather than taken for
-    /// one already passed when its publication arrives.
-    async fn start_point(&self) -> redis::RedisResult<()> {
-        if self.last_id.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+    fn last_ids(&self) -> std::sync::MutexGuard<'_, HashMap<history::Scope, String>> {
+        self.last_ids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The scopes this node follows: the broadcast (or only) stream, and
+    /// with `per_group` each group with local members.
+    fn followed(&self) -> Vec<history::Scope> {
+        let mut scopes = vec![None];
+        if self.layout.per_group() {
+            scopes.extend(self.sink.local_groups().into_iter().map(Some));
+        }
+        scopes
+    }
+
+    /// Before subscribing to `scopes`: where delivery starts in each one
+    /// not followed yet, its newest stored id. Read before subscribing (not
+    /// after), so a message published in between is caught up from history
+    /// rather than taken for one already passed when its publication arrives.
+    async fn start_points(&self, scopes: &[history::Scope]) -> redis::RedisResult<()> {
+        let new: Vec<&history::Scope> = {
+            let last = self.last_ids();
+            scopes.iter().filter(|s| !last.contains_key(*s)).collect()
+        };
+        if new.is_empty() {
             return Ok(());
         }
         let mut conn = self.link.conn().await?;
-        let newest = history::last_id(&mut conn, self.layout.history()).await?;
-        self.last_id.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(newest);
+        for scope in new {
+            let newest = history::last_id(&mut conn, &self.layout.history(scope.as_deref())).await?;
+            self.last_ids().entry(scope.clone()).or_insert(newest);
+        }
         Ok(())
     }
 
-    /// After (re)subscribing: everything stored after the last id passed.
+    /// After (re)subscribing: everything stored after the last id passed,
+    /// in every scope followed.
     async fn catch_up(&self) -> redis::RedisResult<usize> {
         let mut conn = self.link.conn().await?;
-        let last = self.last_id.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let Some(last) = last else { return Ok(0) };
-        let missed = history::after(&mut conn, self.layout.history(), &last, "+", self.history_len).await?;
-        let n = missed.len();
-        for m in &missed {
-            self.deliver_stored(m);
+        let mut n = 0;
+        for scope in self.followed() {
+            let last = self.last_ids().get(&scope).cloned();
+            let Some(last) = last else { continue };
+            let key = self.layout.history(scope.as_deref());
+            let missed = history::after(&mut conn, &key, &last, "+", self.history_len).await?;
+            n += missed.len();
+            for m in &missed {
+                self.deliver_stored(m);
+            }
         }
         Ok(n)
     }
+
+    /// A group's channel is subscribed for its first local member: on
+    /// `per_group`, where its delivery starts is read first.
+    async fn follow_group(&self, sub: &mut Subscription, group: &str) -> redis::RedisResult<()> {
+        if self.layout.per_group() {
+            self.start_points(&[Some(group.to_string())]).await?;
+        }
+        sub.subscribe(&[self.layout.group_channel(group)]).await
+    }
+
+    /// A group no longer followed: on `per_group` its position is
+    /// forgotten, so that following it again later starts from then, not
+    /// with what its new members never joined for.
+    async fn unfollow_group(&self, sub: &mut Subscription, group: &str) -> redis::RedisResult<()> {
+        if self.layout.per_group() {
+            self.last_ids().remove(&Some(group.to_string()));
+        }
+        sub.unsubscribe(&self.layout.group_channel(group)).await
+    }
+}
+
+/// Stores and publishes `batch` (one pipeline, or one per slot on a
+/// cluster, all sent at once), loading the script first where `sha` is
+/// unknown. Stores are idempotent, so a batch that fails anywhere is
+/// retried whole.
+async fn store_batch(
+    bp: &RedisBackplane,
+    conn: &mut RedisConn,
+    batch: &[Publication],
+    sha: &mut Option<String>,
+) -> redis::RedisResult<()> {
+    let mut slots: Vec<(String, Vec<&Publication>)> = Vec::new();
+    let mut index: HashMap<Slot, usize> = HashMap::new();
+    for p in batch {
+        let key = bp.layout.history(bp.layout.scope_of(p.message.group.as_deref())).into_owned();
+        let i = *index.entry(Slot::for_key(&key)).or_insert_with(|| {
+            slots.push((key, Vec::new()));
+            slots.len() - 1
+        });
+        slots[i].1.push(p);
+    }
+    if sha.is_none() {
+        // Loaded where each pipeline will run (on a cluster, every master
+        // this batch reaches; all answer the same SHA1).
+        for (key, _) in &slots {
+            *sha = Some(history::load_script(conn, key, bp.sharded).await?);
+        }
+    }
+    let Some(s) = sha.as_deref() else { return Ok(()) };
+    let sends = slots.iter().map(|(_, publications)| {
+        let mut pipe = redis::pipe();
+        for p in publications {
+            history::store_and_publish(&mut pipe, s, &bp.layout, bp.history_len, &p.channel, &p.message);
+        }
+        let mut c = conn.clone();
+        async move { pipe.query_async::<Vec<String>>(&mut c).await }
+    });
+    for result in futures_util::future::join_all(sends).await {
+        result?;
+    }
+    Ok(())
 }
 
 async fn publisher(bp: Arc<RedisBackplane>, mut rx: mpsc::Receiver<Publication>) {
@@ -376,38 +495,16 @@ async fn publisher(bp: Arc<RedisBackplane>, mut rx: mpsc::Receiver<Publication>)
         if batch.is_empty() && rx.recv_many(&mut batch, BATCH).await == 0 {
             return;
         }
-        let result: redis::RedisResult<Vec<String>> = match bp.link.conn().await {
-            Ok(mut c) => {
-                let loaded = match sha.clone() {
-                    Some(s) => Ok(s),
-                    None => history::load_script(&mut c, bp.layout.history(), bp.sharded).await,
-                };
-                match loaded {
-                    Ok(s) => {
-                        sha = Some(s.clone());
-                        let mut pipe = redis::pipe();
-                        for p in &batch {
-                            history::store_and_publish(
-                                &mut pipe,
-                                &s,
-                                &bp.layout,
-                                bp.history_len,
-                                &p.channel,
-                                &p.message,
-                            );
-                        }
-                        pipe.query_async(&mut c).await
-                    }
-                    Err(e) => Err(e),
-                }
-            }
+        let result = match bp.link.conn().await {
+            Ok(mut c) => store_batch(&bp, &mut c, &batch, &mut sha).await,
             Err(e) => Err(e),
         };
         bp.link.observe(&result);
         if let Err(e) = &result {
             if e.code() == Some("NOSCRIPT") {
-                // Redis restarted and lost its script cache: load it and
-                // retry at once (stored messages are not stored again).
+                // Redis restarted and lost its script cache (or, on a
+                // cluster, a master that never ran it got a slot): load it
+                // and retry at once (stored messages are not stored again).
                 sha = None;
                 continue;
             }
@@ -461,8 +558,8 @@ async fn publisher(bp: Arc<RedisBackplane>, mut rx: mpsc::Receiver<Publication>)
 /// A new subscription connection: sharded on a Redis Cluster, else classic.
 async fn subscription(bp: &RedisBackplane) -> redis::RedisResult<Subscription> {
     if let Some((conn, pushes)) = bp.link.shard_subscriber().await? {
-        let echo = bp.layout.echo_channel(&format!("{:016x}", rand::random::<u64>()));
-        return Ok(Subscription::Sharded(subscription::Sharded::new(conn, pushes, echo)));
+        let tag = format!("{:016x}", rand::random::<u64>());
+        return Ok(Subscription::Sharded(subscription::Sharded::new(conn, pushes, tag)));
     }
     let (sink, stream) = bp.link.client().await?.get_async_pubsub().await?.split();
     Ok(Subscription::Classic(sink, stream))
@@ -471,7 +568,7 @@ async fn subscription(bp: &RedisBackplane) -> redis::RedisResult<Subscription> {
 async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<SubCommand>) {
     let mut delay = Duration::from_millis(100);
     loop {
-        if let Err(e) = bp.start_point().await {
+        if let Err(e) = bp.start_points(&bp.followed()).await {
             bp.link.set_up(false, Some(&e));
             tokio::time::sleep(delay).await;
             delay = backoff(delay);
@@ -522,7 +619,7 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
                                     let change = async {
                                         match cmd {
                                             Some(SubCommand::Subscribe(g, done)) => {
-                                                let ok = sub.subscribe(&[bp.layout.group_channel(&g)]).await.is_ok();
+                                                let ok = bp.follow_group(&mut sub, &g).await.is_ok();
                                                 if let (true, Some(done)) = (ok, done) {
                                                     let _ = done.send(());
                                                 }
@@ -532,7 +629,7 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
                                                 let _ = done.send(());
                                                 true
                                             }
-                                            Some(SubCommand::Unsubscribe(g)) => sub.unsubscribe(&bp.layout.group_channel(&g)).await.is_ok(),
+                                            Some(SubCommand::Unsubscribe(g)) => bp.unfollow_group(&mut sub, &g).await.is_ok(),
                                             None => false,
                                         }
                                     };

@@ -10,18 +10,23 @@
 //! orphaned: after a failover the promoted replica owns the slot, and
 //! redis-rs neither moves the subscription there nor says so; a `PING` would
 //! still be answered by some member. So the sharded probe publishes a token
-//! on a channel of the subscriber's own, in the same slot as the chat
-//! channels, and waits to hear it back: heard, the master that owns the
-//! slot now delivers to this very connection; `SPUBLISH` answering zero
-//! receivers, or no echo within the deadline, and the subscriber makes a new
-//! connection (which learns the new owner) and catches up from history. A
+//! on a channel of the subscriber's own on every master it listens to (one
+//! per master, named after the first channel subscribed there, so on that
+//! channel's slot), and waits to hear each back: heard, the master that
+//! owns the slot now delivers to this very connection; `SPUBLISH` answering
+//! zero receivers, or no echo within the deadline, and the subscriber makes
+//! a new connection (which learns the new owners) and catches up from
+//! history. Channels in different slots are subscribed one by one (a
+//! cluster refuses one `SSUBSCRIBE` across slots), all at once. A
 //! subscription the server drops by itself (`sunsubscribe` when a slot
 //! migrates) is taken as lost in the same way.
 
+use super::layout::Layout;
 use redis::aio::{PubSubSink, PubSubStream};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{PushInfo, PushKind, RedisResult, Value};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub enum Subscription {
@@ -54,11 +59,11 @@ impl Received {
 pub struct Sharded {
     conn: ClusterConnection,
     pushes: UnboundedReceiver<PushInfo>,
-    /// This subscriber's own channel, for `probe`.
-    echo: String,
-    /// Whether `echo` is subscribed yet (with the first `subscribe`).
-    listening: bool,
-    /// The last token sent on it.
+    /// This subscriber's own tag, in its probe channels' names.
+    tag: String,
+    /// Its probe channel on each master it listens to, by the master's node id.
+    probes: HashMap<String, String>,
+    /// The last token sent on them.
     token: u64,
     /// Channels this side unsubscribed from (their `sunsubscribe` is expected).
     leaving: HashSet<Vec<u8>>,
@@ -83,8 +88,23 @@ fn bytes(v: Value) -> Option<Vec<u8>> {
 }
 
 impl Sharded {
-    pub fn new(conn: ClusterConnection, pushes: UnboundedReceiver<PushInfo>, echo: String) -> Self {
-        Sharded { conn, pushes, echo, listening: false, token: 0, leaving: HashSet::new() }
+    pub fn new(conn: ClusterConnection, pushes: UnboundedReceiver<PushInfo>, tag: String) -> Self {
+        Sharded { conn, pushes, tag, probes: HashMap::new(), token: 0, leaving: HashSet::new() }
+    }
+
+    /// Whether `channel` is one of this subscriber's probe channels.
+    fn is_probe(&self, channel: &str) -> bool {
+        channel.strip_suffix(self.tag.as_str()).is_some_and(|c| c.ends_with(":echo:"))
+    }
+
+    /// Subscribes `channel` and answers the node id of the master that
+    /// serves its slot (the same routing sends both there).
+    async fn subscribe_one(mut conn: ClusterConnection, channel: &str) -> RedisResult<String> {
+        let route =
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(channel, SlotAddr::Master)));
+        let id = conn.route_command(redis::cmd("CLUSTER").arg("MYID").clone(), route).await?;
+        conn.ssubscribe(channel).await?;
+        redis::from_redis_value(id).map_err(Into::into)
     }
 
     fn read(&mut self, push: Option<PushInfo>) -> Push {
@@ -113,8 +133,8 @@ impl Sharded {
 }
 
 impl Subscription {
-    /// Subscribes to `channels` (on a cluster, all in one slot; the first
-    /// call also subscribes the probe's own channel).
+    /// Subscribes to `channels` (on a cluster, also a probe channel on
+    /// each master not listened to before).
     pub async fn subscribe(&mut self, channels: &[String]) -> RedisResult<()> {
         match self {
             Subscription::Classic(sink, _) => sink.subscribe(channels).await,
@@ -122,11 +142,16 @@ impl Subscription {
                 for c in channels {
                     s.leaving.remove(c.as_bytes());
                 }
-                if !s.listening {
-                    s.conn.ssubscribe(&s.echo).await?;
-                    s.listening = true;
+                let each = channels.iter().map(|c| Sharded::subscribe_one(s.conn.clone(), c));
+                let masters = futures_util::future::try_join_all(each).await?;
+                for (master, channel) in masters.into_iter().zip(channels) {
+                    if !s.probes.contains_key(&master) {
+                        let echo = Layout::echo_channel(channel, &s.tag);
+                        s.conn.ssubscribe(&echo).await?;
+                        s.probes.insert(master, echo);
+                    }
                 }
-                s.conn.ssubscribe(channels).await
+                Ok(())
             }
         }
     }
@@ -165,17 +190,21 @@ impl Subscription {
             Subscription::Sharded(s) => {
                 s.token += 1;
                 let token = s.token.to_string();
-                let receivers: RedisResult<i64> =
-                    redis::cmd("SPUBLISH").arg(&s.echo).arg(&token).query_async(&mut s.conn).await;
-                if !matches!(receivers, Ok(n) if n > 0) {
-                    return false; // the slot's master has no subscription of ours
+                let mut waiting: HashSet<String> = HashSet::new();
+                for echo in s.probes.values() {
+                    let receivers: RedisResult<i64> =
+                        redis::cmd("SPUBLISH").arg(echo).arg(&token).query_async(&mut s.conn).await;
+                    if !matches!(receivers, Ok(n) if n > 0) {
+                        return false; // the slot's master has no subscription of ours
+                    }
+                    waiting.insert(echo.clone());
                 }
-                loop {
+                while !waiting.is_empty() {
                     let push = s.pushes.recv().await;
                     match s.read(push) {
-                        Push::Message(m) if m.channel() == s.echo => {
+                        Push::Message(m) if s.is_probe(m.channel()) => {
                             if m.payload() == token.as_bytes() {
-                                return true;
+                                waiting.remove(m.channel());
                             }
                         }
                         Push::Message(m) => deliver(&m),
@@ -183,6 +212,7 @@ impl Subscription {
                         Push::Other => {}
                     }
                 }
+                true
             }
         }
     }

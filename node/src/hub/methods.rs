@@ -172,7 +172,7 @@ async fn get_node_info(app: &Arc<App>, conn: &Arc<Connection>, _: Option<&str>, 
 async fn join_group(app: &Arc<App>, conn: &Arc<Connection>, _: Option<&str>, group: String) -> Outcome {
     groups::validate_name(&group).map_err(|e| format!("HubException: {e}"))?;
     let cap = app.cfg.max_groups_per_connection;
-    if conn.first_live_id().is_some() {
+    if conn.first_live_id(None).is_some() {
         // Live delivery began before the join: a Resume still to
         // come must replay what the group had before it.
         conn.note_late_join(&group);
@@ -211,10 +211,10 @@ async fn get_history(app: &Arc<App>, conn: &Arc<Connection>, _: Option<&str>, co
     let count = count.min(app.cfg.history_len as u64) as usize;
     // The newest entries that fit in half the connection's byte
     // budget: a page, so one call cannot make the node hold more.
-    let page = replay::history_page(app, count, app.cfg.max_buffered_bytes / 2).await?;
+    let page = replay::history_page(app, conn, count, app.cfg.max_buffered_bytes / 2).await?;
     // A client that reads history instead of resuming gets live messages now.
     if conn.message_ids() && conn.is_holding() {
-        app.release_held(conn, None);
+        app.release_held(conn, &[]);
     }
     Ok(Answer::With(Value::Array(page)))
 }
@@ -228,8 +228,8 @@ async fn echo(_: &Arc<App>, _: &Arc<Connection>, _: Option<&str>, payload: Value
 /// message after the position this connection would have received; the
 /// hub's loop runs it and queues its Completion (see `replay`).
 async fn resume(app: &Arc<App>, conn: &Arc<Connection>, invocation_id: Option<&str>, position: Value) -> Outcome {
-    let last = replay::resume_position(position)?;
-    replay::start_resume(app, conn, invocation_id, &last).await.map(|()| Answer::Queued)
+    let positions = replay::resume_position(position, app.backplane.per_group())?;
+    replay::start_resume(app, conn, invocation_id, positions).await.map(|()| Answer::Queued)
 }
 
 /// `SetUser(name)`: an anonymous connection's name (a signed-in one keeps its token's).

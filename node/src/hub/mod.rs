@@ -320,6 +320,68 @@ mod tests {
         assert!(refused[0]["error"].as_str().unwrap().contains("newer than any stored message"), "{refused:?}");
     }
 
+    /// With a stream per group (as on a Redis Cluster) ids repeat across
+    /// scopes: Resume takes a position per scope and replays each from its
+    /// own, and GetHistory merges the broadcasts and the caller's groups.
+    #[tokio::test]
+    async fn per_group_resume_replays_each_scope_from_its_own_position() {
+        let bus = MemoryBus::per_group(100);
+        let (a, b) = (node(&bus, "a"), node(&bus, "b"));
+        let sender = client(&a, "s", false).await;
+        let first = client(&b, "first", true).await;
+        for (i, g) in ["ops", "dev"].iter().enumerate() {
+            invoke(&b, &first, &format!("j{i}"), "JoinGroup", json!([g])).await;
+        }
+        invoke(&b, &first, "r0", "Resume", json!([{"all": "0-0"}])).await;
+        let sends = [(None, "m0"), (Some("ops"), "o0"), (Some("dev"), "d0"), (Some("qa"), "q0")];
+        let sends = sends.iter().chain(&[(None, "m1"), (Some("ops"), "o1")]);
+        for (i, (group, text)) in sends.enumerate() {
+            let (target, args) = match group {
+                Some(g) => ("SendMessageToGroup", json!([g, "s", text])),
+                None => ("SendMessage", json!(["s", text])),
+            };
+            invoke(&a, &sender, &i.to_string(), target, args).await;
+        }
+        let seen = take(&first);
+        let id_of = |text: &str| {
+            let r = seen.iter().find(|r| r["type"] == 1 && r["arguments"].as_array().unwrap().contains(&json!(text)));
+            r.unwrap_or_else(|| panic!("{text} not seen: {seen:?}"))["arguments"].as_array().unwrap().last().cloned()
+        };
+        let (m0, o0, d0) = (id_of("m0").unwrap(), id_of("o0").unwrap(), id_of("d0").unwrap());
+        assert_eq!((&m0, &o0, &d0), (&json!("1-1"), &json!("1-1"), &json!("1-1")), "each scope counts its own");
+        // Its node goes away after m0, o0 and d0; it comes back on a.
+        let back = client(&a, "back", true).await;
+        for (i, g) in ["ops", "dev"].iter().enumerate() {
+            invoke(&a, &back, &format!("k{i}"), "JoinGroup", json!([g])).await;
+        }
+        invoke(&a, &back, "r1", "Resume", json!([{"all": m0, "groups": {"ops": o0, "dev": d0}}])).await;
+        invoke(&a, &sender, "live", "SendMessageToGroup", json!(["ops", "s", "o2"])).await;
+        let got = take(&back);
+        let text = |r: &Value| r["arguments"][if r["target"] == "ReceiveGroupMessage" { 2 } else { 1 }].clone();
+        let texts: Vec<Value> = got.iter().filter(|r| r["type"] == 1).map(text).collect();
+        let texts: Vec<&str> = texts.iter().filter_map(Value::as_str).collect();
+        assert!(["m1", "o1", "o2"].iter().all(|t| texts.iter().filter(|x| *x == t).count() == 1), "{got:?}");
+        assert!(!texts.iter().any(|t| ["m0", "o0", "d0", "q0"].contains(t)), "nothing seen, nothing of qa: {got:?}");
+        let done = got.iter().find(|r| r["type"] == 3 && r["invocationId"] == "r1").unwrap();
+        assert_eq!(done["result"], 2, "m1 and o1 replayed: {got:?}");
+        // A group it names no position in replays from before the oldest it names.
+        let other = client(&a, "other", true).await;
+        invoke(&a, &other, "k", "JoinGroup", json!(["dev"])).await;
+        invoke(&a, &other, "r2", "Resume", json!([{"all": m0}])).await;
+        let got = take(&other);
+        assert_eq!(got.iter().find(|r| r["invocationId"] == "r2").unwrap()["result"], 2, "m1 and d0: {got:?}");
+        // A lone id cannot say which scope it counts in.
+        invoke(&a, &other, "r3", "Resume", json!(["1-1"])).await;
+        let refused = take(&other);
+        assert!(refused[0]["error"].as_str().unwrap().contains("message ids of its own"), "{refused:?}");
+        // History: the broadcasts and the caller's groups, not qa's.
+        invoke(&a, &back, "h", "GetHistory", json!([50])).await;
+        let page = take(&back)[0]["result"].as_array().unwrap().clone();
+        let mut texts: Vec<&str> = page.iter().filter_map(|m| m["message"].as_str()).collect();
+        texts.sort();
+        assert_eq!(texts, ["d0", "m0", "m1", "o0", "o1", "o2"], "{page:?}");
+    }
+
     #[tokio::test]
     async fn presence_crosses_nodes_both_ways_and_a_node_that_starts_later_reads_it() {
         let bus = MemoryBus::new(100);
