@@ -42,13 +42,17 @@
   };
 
   const joinedGroups = new Set();
-  // Messages already shown, in a window: by id, and by content for a
-  // message without one. Ids are ordered, so an id older than every one
-  // the window still holds counts as shown (a tab open for days must not
-  // keep every id it ever saw). The window is larger than any history page.
+  // Messages already shown, in a window: by scope and id, and by content
+  // for a message without one. A scope is where an id counts: the
+  // broadcasts ("") or, where each group has ids of its own (a Redis
+  // Cluster), a group; on one Redis all share one order, which per-scope
+  // tracking keeps too. Ids are ordered within a scope, so an id older than
+  // every one the window still holds for its scope counts as shown (a tab
+  // open for days must not keep every id it ever saw). The window is larger
+  // than any history page.
   const SEEN_WINDOW = Number(new URLSearchParams(location.search).get("seenWindow")) || 2000;
-  const seenIds = new Set();
-  let seenFloor = null; // the newest id dropped from the window
+  const seenIds = new Set(); // "scope\nid"
+  const seenFloors = new Map(); // scope -> the newest id dropped from the window
   const seenKeys = new Set();
   /** Adds `value` to a window of the newest SEEN_WINDOW; returns what fell out. */
   function remember(set, value) {
@@ -66,9 +70,10 @@
   let me = { nodeId: null, connectionId: null };
   // Node ids to names, from the cluster panel's listing.
   const nodeNames = new Map();
-  // The id of the newest message seen: after a reconnect, Resume(lastId)
-  // replays exactly what was missed (the hub's Resume, see node/src/hub/methods.rs).
-  let lastId = null;
+  // The id of the newest message seen in each scope: after a reconnect,
+  // Resume({all, groups}) replays exactly what was missed (the hub's
+  // Resume, see node/src/replay.rs).
+  const lastIds = new Map();
 
   function idParts(id) {
     const m = /^(\d+)-(\d+)$/.exec(String(id));
@@ -82,16 +87,34 @@
     return !!p && (!q || p[0] > q[0] || (p[0] === q[0] && p[1] > q[1]));
   }
 
-  /** Remembers `id` as the newest seen if it is; false when it was seen before. */
-  function noteId(id) {
+  /** Remembers `id` (of a message to `group`, or to everyone) as seen,
+   * and as the newest of its scope if it is; false when it was seen before. */
+  function noteId(id, group) {
     if (id === null || id === undefined) return true;
     id = String(id);
-    if (seenIds.has(id) || (seenFloor !== null && !idAfter(id, seenFloor))) return false;
-    for (const old of remember(seenIds, id)) {
-      if (seenFloor === null || idAfter(old, seenFloor)) seenFloor = old;
+    const scope = group === undefined || group === null ? "" : String(group);
+    const key = scope + "\n" + id;
+    const floor = seenFloors.get(scope);
+    if (seenIds.has(key) || (floor !== undefined && !idAfter(id, floor))) return false;
+    for (const old of remember(seenIds, key)) {
+      const cut = old.lastIndexOf("\n");
+      const [oldScope, oldId] = [old.slice(0, cut), old.slice(cut + 1)];
+      const f = seenFloors.get(oldScope);
+      if (f === undefined || idAfter(oldId, f)) seenFloors.set(oldScope, oldId);
     }
-    if (lastId === null || idAfter(id, lastId)) lastId = id;
+    const last = lastIds.get(scope);
+    if (last === undefined || idAfter(id, last)) lastIds.set(scope, id);
     return true;
+  }
+
+  /** Resume's position: the newest id seen in each scope. */
+  function resumePosition() {
+    const position = { groups: {} };
+    for (const [scope, id] of lastIds) {
+      if (scope === "") position.all = id;
+      else position.groups[scope] = id;
+    }
+    return position;
   }
 
   function el(tag, className, text) {
@@ -174,12 +197,12 @@
   const hub = new SignalR.HubConnection("chathub?messageIds=true");
 
   hub.on("ReceiveMessage", (user, message, connectionId, nodeId, messageId) => {
-    if (!noteId(messageId)) return;
+    if (!noteId(messageId, null)) return;
     remember(seenKeys, messageKey(user, message, connectionId));
     showMessage({ user, message, connectionId, nodeId, when: new Date(), kind: "broadcast" });
   });
   hub.on("ReceiveGroupMessage", (group, user, message, connectionId, nodeId, messageId) => {
-    if (!noteId(messageId)) return;
+    if (!noteId(messageId, group)) return;
     showMessage({ user, message, connectionId, nodeId, when: new Date(), group, kind: "group" });
   });
   /** "Connected to <name>", the node's id on hover, as the cluster panel names it. */
@@ -269,7 +292,7 @@
         system("Reconnected over " + hub.transportName + " after " + secs + " s");
       }
       lostAt = null;
-      if (reconnected && lastId !== null) await resume();
+      if (reconnected && lastIds.size > 0) await resume();
       else await loadHistory(reconnected);
     } catch (e) {
       system("Could not finish connecting: " + e.message);
@@ -284,7 +307,7 @@
   /** After a reconnect (groups already rejoined): replay what was missed. */
   async function resume() {
     try {
-      const n = await hub.invoke("Resume", lastId);
+      const n = await hub.invoke("Resume", resumePosition());
       if (n > 0) system(n + " messages arrived while reconnecting");
     } catch (e) {
       // The id left the history (or history is unavailable): say there may be
@@ -310,7 +333,7 @@
       if (h.group !== undefined && h.group !== null && !joinedGroups.has(String(h.group))) continue;
       const key = messageKey(String(h.user), String(h.message), String(h.connectionId));
       if (h.id === undefined && seenKeys.has(key)) continue;
-      if (!noteId(h.id)) continue;
+      if (!noteId(h.id, h.group)) continue;
       remember(seenKeys, key);
       const when = new Date(h.timestamp);
       showMessage({

@@ -616,3 +616,64 @@ async fn with_optional_sign_in_the_page_shows_guests_apart_from_signed_in_people
     .await;
     screenshot(&ana, "chat-guest").await;
 }
+
+/// On a Redis Cluster each group has message ids of its own. A page in two
+/// groups whose node dies resumes with its newest id in each scope (the
+/// broadcasts and every group), and shows every broadcast and group message
+/// sent while it was away, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_the_page_resumes_every_group_from_its_own_position() {
+    let cluster = switchboard_tests::RedisCluster::start();
+    let url = cluster.url();
+    let mut nodes = [
+        TestNode::start_with_redis_url(&url, "node-a", &[]).await,
+        TestNode::start_with_redis_url(&url, "node-b", &[]).await,
+    ];
+    let lb = TestBalancer::start(&cluster.members[0], &["--redis", &url]).await;
+    lb.wait_accepting(&["node-a", "node-b"]).await;
+    let Some(browser) = Browser::start().await else { return };
+    let (page, node) = open_chat(&browser, &lb.base, 1024, 768).await;
+    for group in ["ops", "dev"] {
+        join_group(&page, group).await;
+    }
+    let (i, other) = nodes.iter().enumerate().find(|(_, n)| n.id != node).map(|(i, n)| (i, n.base.clone())).unwrap();
+    let http = reqwest::Client::new();
+    let mut sender = HubClient::connect(&http, &other, TransportKind::WebSockets).await.unwrap();
+    let send = |group: Option<&'static str>, text: String| match group {
+        Some(g) => ("SendMessageToGroup", vec![serde_json::json!(g), serde_json::json!("s"), serde_json::json!(text)]),
+        None => ("SendMessage", vec![serde_json::json!("s"), serde_json::json!(text)]),
+    };
+    let rounds = |from: usize, to: usize| {
+        (from..to).flat_map(move |k| {
+            [(None, format!("all {k}")), (Some("ops"), format!("ops {k}")), (Some("dev"), format!("dev {k}"))]
+        })
+    };
+    for (group, text) in rounds(0, 3) {
+        let (target, args) = send(group, text);
+        sender.invoke(target, args).await.expect("send");
+    }
+    wait_message(&page, "dev 2").await;
+
+    // The page's node dies; messages go on to everyone and both groups.
+    nodes[1 - i].process.kill();
+    for (group, text) in rounds(3, 8) {
+        let (target, args) = send(group, text);
+        sender.invoke(target, args).await.expect("send");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let back = connected_node(&page, Some(&node)).await;
+    assert_eq!(back, nodes[i].id);
+    for last in ["all 7", "ops 7", "dev 7"] {
+        wait_message(&page, last).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let shown = messages(&page).await;
+    for (group, text) in rounds(0, 8) {
+        let times = shown.iter().filter(|m| m["text"] == text.as_str()).count();
+        assert_eq!(times, 1, "{text} shown once: {shown:?}");
+        let m = shown.iter().find(|m| m["text"] == text.as_str()).unwrap();
+        assert_eq!(m["group"].as_str(), group, "{text} in its group");
+    }
+    let lines = system_lines(&page).await;
+    assert!(!lines.iter().any(|l| l.contains("may be missing")), "Resume was taken: {lines:?}");
+}

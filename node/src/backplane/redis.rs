@@ -445,14 +445,16 @@ impl RedisBackplane {
 }
 
 /// Stores and publishes `batch` (one pipeline, or one per slot on a
-/// cluster, all sent at once), loading the script first where `sha` is
-/// unknown. Stores are idempotent, so a batch that fails anywhere is
-/// retried whole.
+/// cluster, all sent at once), loading the script first on every slot not
+/// in `loaded` (once per slot: a master must have it before `EVALSHA`; all
+/// answer the same SHA1, kept in `sha`). Stores are idempotent, so a batch
+/// that fails anywhere is retried whole.
 async fn store_batch(
     bp: &RedisBackplane,
     conn: &mut RedisConn,
     batch: &[Publication],
     sha: &mut Option<String>,
+    loaded: &mut HashSet<Slot>,
 ) -> redis::RedisResult<()> {
     let mut slots: Vec<(String, Vec<&Publication>)> = Vec::new();
     let mut index: HashMap<Slot, usize> = HashMap::new();
@@ -464,11 +466,10 @@ async fn store_batch(
         });
         slots[i].1.push(p);
     }
-    if sha.is_none() {
-        // Loaded where each pipeline will run (on a cluster, every master
-        // this batch reaches; all answer the same SHA1).
-        for (key, _) in &slots {
-            *sha = Some(history::load_script(conn, key, bp.sharded).await?);
+    for (slot, i) in &index {
+        if sha.is_none() || !loaded.contains(slot) {
+            *sha = Some(history::load_script(conn, &slots[*i].0, bp.sharded).await?);
+            loaded.insert(*slot);
         }
     }
     let Some(s) = sha.as_deref() else { return Ok(()) };
@@ -491,24 +492,27 @@ async fn publisher(bp: Arc<RedisBackplane>, mut rx: mpsc::Receiver<Publication>)
     let mut delay = Duration::from_millis(100);
     // The script's SHA1 once loaded; loaded again after Redis forgot it.
     let mut sha: Option<String> = None;
+    let mut loaded: HashSet<Slot> = HashSet::new();
     loop {
         if batch.is_empty() && rx.recv_many(&mut batch, BATCH).await == 0 {
             return;
         }
         let result = match bp.link.conn().await {
-            Ok(mut c) => store_batch(&bp, &mut c, &batch, &mut sha).await,
+            Ok(mut c) => store_batch(&bp, &mut c, &batch, &mut sha, &mut loaded).await,
             Err(e) => Err(e),
         };
-        bp.link.observe(&result);
         if let Err(e) = &result {
             if e.code() == Some("NOSCRIPT") {
                 // Redis restarted and lost its script cache (or, on a
-                // cluster, a master that never ran it got a slot): load it
-                // and retry at once (stored messages are not stored again).
+                // cluster, a replica promoted since took a slot): load it
+                // again and retry at once (stored messages are not stored
+                // again). Redis answered, so this says nothing of its state.
                 sha = None;
+                loaded.clear();
                 continue;
             }
         }
+        bp.link.observe(&result);
         match result {
             Ok(_) => {
                 bp.metrics.published.inc_by(batch.len() as u64);
