@@ -134,8 +134,10 @@ pub async fn start_resume(
                 let live_from = conn.first_live_id(scope.as_deref());
                 scopes.push_back(ScopeReplay { scope, after, through, live_from, newest: None });
             }
-            // Nothing stored in a scope the client named nothing in since then.
-            Ok(Err(ResumeError::Future)) if !named => {}
+            // Nothing stored since then in a scope the client named nothing
+            // in; or a group's stream that expired after a week without a
+            // message (`GROUP_HISTORY_IDLE`): nothing after its id to miss.
+            Ok(Err(ResumeError::Future)) if !named || scope.is_some() => {}
             Ok(Err(e)) => {
                 app.release_held(conn, &[]);
                 return Err(format!(

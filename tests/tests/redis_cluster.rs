@@ -240,6 +240,11 @@ async fn nodes_and_the_balancer_run_on_a_redis_cluster_and_follow_a_failover() {
     let ops_history = "switchboard:g:{#ops}:history";
     let len = cluster.query_member(cluster.members[ops_master].port, redis::cmd("XLEN").arg(ops_history));
     assert_eq!(len, Some(redis::Value::Int(1)), "the group message in the group's stream");
+    let ttl = cluster.query_member(cluster.members[ops_master].port, redis::cmd("PTTL").arg(ops_history));
+    assert!(
+        matches!(ttl, Some(redis::Value::Int(ms)) if ms > 6 * 24 * 3_600_000),
+        "a group's stream expires when idle: {ttl:?}"
+    );
     for id in ["rc-a", "rc-b"] {
         let exists = cluster.query_member(port, redis::cmd("EXISTS").arg(format!("{{switchboard}}:nodes:{id}")));
         assert_eq!(exists, Some(redis::Value::Int(1)), "{id}'s registry hash on the prefix's master");
@@ -355,7 +360,9 @@ async fn nodes_and_the_balancer_run_on_a_redis_cluster_and_follow_a_failover() {
     balancer.wait_accepting(&["rc-a", "rc-b", "rc-c"]).await;
     assert_eq!(one.invoke("Echo", vec![json!("still here")]).await, Ok(json!("still here")));
     assert_sharded(&cluster, owner, &chat_channels[..1], 3).await;
-    assert_sharded(&cluster, promoted_to, &[&group_channel(&busy)], 2).await;
+    let owner_of = |c: &HubClient| switchboard_common::token::owner_of(&c.connection_id);
+    let busy_nodes = [owner_of(&two), owner_of(&back)].into_iter().collect::<std::collections::HashSet<_>>();
+    assert_sharded(&cluster, promoted_to, &[&group_channel(&busy)], busy_nodes.len() as i64).await;
 
     for page in [format!("{}/api/backends", balancer.admin), format!("{}/metrics", balancer.admin)] {
         assert!(!get_text(&page).await.contains(PASSWORD), "{page} shows the password");

@@ -65,6 +65,11 @@ const SUBSCRIPTION_PING: Duration = Duration::from_secs(1);
 const SUBSCRIPTION_DEADLINE: Duration = Duration::from_secs(2);
 /// Uids of messages delivered locally before they could be stored.
 const MAX_EARLY_UIDS: usize = 100_000;
+/// How long a group's own history stream (on a Redis Cluster) outlives its
+/// last message: every message renews it. Group names come from clients, so
+/// streams of groups used once must not pile up for ever; a client's
+/// position in an expired stream has nothing after it to miss.
+pub const GROUP_HISTORY_IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub struct Publication {
     channel: String,
@@ -475,8 +480,15 @@ async fn store_batch(
     let Some(s) = sha.as_deref() else { return Ok(()) };
     let sends = slots.iter().map(|(_, publications)| {
         let mut pipe = redis::pipe();
+        let mut renewed: HashSet<&str> = HashSet::new();
         for p in publications {
             history::store_and_publish(&mut pipe, s, &bp.layout, bp.history_len, &p.channel, &p.message);
+            if let Some(group) = bp.layout.scope_of(p.message.group.as_deref()) {
+                if renewed.insert(group) {
+                    let idle_ms = GROUP_HISTORY_IDLE.as_millis() as i64;
+                    pipe.pexpire(bp.layout.history(Some(group)).as_ref(), idle_ms).ignore();
+                }
+            }
         }
         let mut c = conn.clone();
         async move { pipe.query_async::<Vec<String>>(&mut c).await }

@@ -370,6 +370,10 @@ mod tests {
         invoke(&a, &other, "r2", "Resume", json!([{"all": m0}])).await;
         let got = take(&other);
         assert_eq!(got.iter().find(|r| r["invocationId"] == "r2").unwrap()["result"], 2, "m1 and d0: {got:?}");
+        // A group stream with nothing after the id named (it expired, say): nothing to replay.
+        invoke(&a, &other, "r4", "Resume", json!([{"all": m0, "groups": {"dev": "9-9"}}])).await;
+        let got = take(&other);
+        assert_eq!(got.iter().find(|r| r["invocationId"] == "r4").unwrap()["result"], 1, "m1 only: {got:?}");
         // A lone id cannot say which scope it counts in.
         invoke(&a, &other, "r3", "Resume", json!(["1-1"])).await;
         let refused = take(&other);
