@@ -143,7 +143,8 @@ pub struct Connection {
     /// the only, scope): live delivery is in id order, so `Resume` need
     /// replay only what is older than it.
     first_live_id: OnceLock<String>,
-    /// The same for each group scope (when groups have their own ids).
+    /// The same for each group scope (when groups have their own ids),
+    /// while the connection is in the group (see `left_group`).
     first_live_in_groups: Mutex<Vec<(String, String)>>,
     /// Groups joined after live delivery began, with the first id of each
     /// that then reached this connection live (see `missed_before_join`).
@@ -423,6 +424,13 @@ impl Connection {
         }
     }
 
+    /// The connection left `group`: what reached it live there says
+    /// nothing of what it misses until it joins again.
+    pub fn left_group(&self, group: &str) {
+        let mut firsts = self.first_live_in_groups.lock().unwrap_or_else(|p| p.into_inner());
+        firsts.retain(|(g, _)| g != group);
+    }
+
     /// The first id delivered live in `scope`.
     pub fn first_live_id(&self, scope: Option<&str>) -> Option<String> {
         match scope {
@@ -572,7 +580,7 @@ impl ChatDelivery {
     /// `per_group`: each group has its own ids (see `Backplane::per_group`).
     pub fn new(message: ChatMessage, per_group: bool) -> Self {
         let id = message.id.as_deref().and_then(crate::history::parse_id);
-        let scope = message.group.clone().filter(|_| per_group);
+        let scope = crate::history::scope_of(message.group.as_deref(), per_group).map(String::from);
         ChatDelivery { id, scope, plain: Outgoing::new(message.event(false)), with_id: OnceLock::new(), message }
     }
 
@@ -744,6 +752,8 @@ mod tests {
         assert_eq!(c.first_live_id(Some("dev")).as_deref(), Some("5-0"));
         assert_eq!(c.first_live_id(None).as_deref(), Some("2-0"));
         assert_eq!(c.first_live_id(Some("ops")), None);
+        c.left_group("dev");
+        assert_eq!(c.first_live_id(Some("dev")), None, "a group left starts afresh");
         // One stream: a group message's id is the broadcasts' scope's.
         let one = conn();
         one.note_live(&delivery_in("3-0", Some("ops"), false));

@@ -215,6 +215,13 @@ pub async fn last_id(conn: &mut RedisConn, key: &str) -> RedisResult<String> {
 /// group has its own (`Layout::per_group`). Ids are ordered within a scope.
 pub type Scope = Option<String>;
 
+/// The scope a message to `group` (`None`: everyone) counts its id in:
+/// the group's own where each group has its own stream (`per_group`), else
+/// the broadcasts' (the only stream).
+pub fn scope_of(group: Option<&str>, per_group: bool) -> Option<&str> {
+    group.filter(|_| per_group)
+}
+
 /// A `Resume` in progress (`replay` runs it): where it is, where it ends,
 /// and what it has sent. Kept on its connection between pauses.
 pub struct Replay {

@@ -39,7 +39,7 @@ struct BusState {
 
 impl BusState {
     fn stream(&self, scope: Option<&str>) -> Option<&Stream> {
-        self.streams.get(&scope.filter(|_| self.per_group).map(String::from))
+        self.streams.get(&crate::history::scope_of(scope, self.per_group).map(String::from))
     }
 
     fn nodes(&mut self) -> Vec<Arc<MemoryBackplane>> {
@@ -102,7 +102,8 @@ impl MemoryBackplane {
     pub fn send(&self, mut message: ChatMessage) {
         let mut state = self.bus.state();
         let (cap, per_group) = (state.cap, state.per_group);
-        let stream = state.streams.entry(message.group.clone().filter(|_| per_group)).or_default();
+        let scope = crate::history::scope_of(message.group.as_deref(), per_group).map(String::from);
+        let stream = state.streams.entry(scope).or_default();
         stream.next += 1;
         message.id = Some(format!("1-{}", stream.next));
         stream.added += 1;

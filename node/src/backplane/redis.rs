@@ -108,8 +108,37 @@ pub struct RedisBackplane {
     live: AtomicBool,
     /// The newest id delivered from the backplane in each scope followed
     /// (see `history::Scope`); later arrivals at or below it are repeats.
-    last_ids: Mutex<HashMap<history::Scope, String>>,
+    last_ids: Mutex<LastIds>,
     early: Mutex<EarlyDeliveries>,
+}
+
+/// The newest id delivered per scope, looked up without allocating (it is
+/// asked for every message that arrives).
+#[derive(Default)]
+struct LastIds {
+    all: Option<String>,
+    groups: HashMap<String, String>,
+}
+
+impl LastIds {
+    fn get_mut(&mut self, scope: Option<&str>) -> Option<&mut String> {
+        match scope {
+            None => self.all.as_mut(),
+            Some(g) => self.groups.get_mut(g),
+        }
+    }
+
+    /// Sets where `scope` starts, unless it is followed already.
+    fn start(&mut self, scope: Option<&str>, id: String) {
+        match scope {
+            None => {
+                self.all.get_or_insert(id);
+            }
+            Some(g) => {
+                self.groups.entry(g.to_string()).or_insert(id);
+            }
+        }
+    }
 }
 
 fn backoff(current: Duration) -> Duration {
@@ -134,7 +163,7 @@ impl RedisBackplane {
             subs_rx: Mutex::new(Some(subs_rx)),
             pending: AtomicUsize::new(0),
             live: AtomicBool::new(false),
-            last_ids: Mutex::new(HashMap::new()),
+            last_ids: Mutex::new(LastIds::default()),
             early: Mutex::new(EarlyDeliveries::default()),
         }
     }
@@ -337,9 +366,12 @@ impl RedisBackplane {
         {
             let scope = self.layout.scope_of(message.group.as_deref());
             let mut last = self.last_ids();
-            match last.get_mut(&scope.map(String::from)) {
+            match last.get_mut(scope) {
                 Some(l) if cmp_ids(id, l) != std::cmp::Ordering::Greater => return,
-                Some(l) => *l = id.to_string(),
+                Some(l) => {
+                    l.clear();
+                    l.push_str(id);
+                }
                 // A scope not followed (a group just left; its position is
                 // read again before it is followed again).
                 None => return,
@@ -377,7 +409,7 @@ impl RedisBackplane {
         }
     }
 
-    fn last_ids(&self) -> std::sync::MutexGuard<'_, HashMap<history::Scope, String>> {
+    fn last_ids(&self) -> std::sync::MutexGuard<'_, LastIds> {
         self.last_ids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -397,8 +429,8 @@ impl RedisBackplane {
     /// rather than taken for one already passed when its publication arrives.
     async fn start_points(&self, scopes: &[history::Scope]) -> redis::RedisResult<()> {
         let new: Vec<&history::Scope> = {
-            let last = self.last_ids();
-            scopes.iter().filter(|s| !last.contains_key(*s)).collect()
+            let mut last = self.last_ids();
+            scopes.iter().filter(|s| last.get_mut(s.as_deref()).is_none()).collect()
         };
         if new.is_empty() {
             return Ok(());
@@ -406,7 +438,7 @@ impl RedisBackplane {
         let mut conn = self.link.conn().await?;
         for scope in new {
             let newest = history::last_id(&mut conn, &self.layout.history(scope.as_deref())).await?;
-            self.last_ids().entry(scope.clone()).or_insert(newest);
+            self.last_ids().start(scope.as_deref(), newest);
         }
         Ok(())
     }
@@ -417,7 +449,7 @@ impl RedisBackplane {
         let mut conn = self.link.conn().await?;
         let mut n = 0;
         for scope in self.followed() {
-            let last = self.last_ids().get(&scope).cloned();
+            let last = self.last_ids().get_mut(scope.as_deref()).cloned();
             let Some(last) = last else { continue };
             let key = self.layout.history(scope.as_deref());
             let missed = history::after(&mut conn, &key, &last, "+", self.history_len).await?;
@@ -443,7 +475,7 @@ impl RedisBackplane {
     /// with what its new members never joined for.
     async fn unfollow_group(&self, sub: &mut Subscription, group: &str) -> redis::RedisResult<()> {
         if self.layout.per_group() {
-            self.last_ids().remove(&Some(group.to_string()));
+            self.last_ids().groups.remove(group);
         }
         sub.unsubscribe(&self.layout.group_channel(group)).await
     }

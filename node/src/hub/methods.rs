@@ -187,6 +187,7 @@ async fn leave_group(app: &Arc<App>, conn: &Arc<Connection>, _: Option<&str>, gr
     if app.groups.leave(&group, &conn.key) {
         app.backplane.unsubscribe_group(&group);
     }
+    conn.left_group(&group);
     Ok(Answer::Empty)
 }
 
