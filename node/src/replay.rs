@@ -277,22 +277,22 @@ pub async fn history_page(app: &App, conn: &Connection, count: usize, budget: us
         groups.sort();
         scopes.extend(groups.into_iter().map(Some));
     }
-    let mut entries = Vec::new();
+    // The newest that fit so far, newest first: each scope's read is merged
+    // in and cut back to the page at once, so a connection in many groups
+    // holds at most this page and one scope's read, not one per scope.
+    let mut kept: Vec<((u64, u64), Value, usize)> = Vec::new();
     for scope in &scopes {
-        entries.extend(newest_of(app, scope.as_deref(), count, budget).await?);
+        kept.extend(newest_of(app, scope.as_deref(), count, budget).await?);
+        kept.sort_by_key(|e| std::cmp::Reverse(e.0));
+        let mut used = 0;
+        let fits = kept.iter().take(count).take_while(|e| {
+            used += e.2;
+            used <= budget
+        });
+        let n = fits.count();
+        kept.truncate(n);
     }
-    if scopes.len() > 1 {
-        entries.sort_by_key(|e| std::cmp::Reverse(e.0));
-    }
-    let mut used = 0;
-    let mut page = Vec::new();
-    for (_, v, size) in entries.into_iter().take(count) {
-        used += size;
-        if used > budget {
-            break;
-        }
-        page.push(v);
-    }
+    let mut page: Vec<Value> = kept.into_iter().map(|(_, v, _)| v).collect();
     page.reverse();
     Ok(page)
 }
