@@ -8,9 +8,12 @@
 //! serving runs on the decrypted stream; on the plain one, with `tls_redirect`,
 //! requests other than `/health` are redirected to HTTPS instead. A
 //! WebSocket upgrade is routed and tunnelled by `tunnel` (the balancer owns
-//! the socket once the node answers 101); any other request is pushed back
-//! into the stream (`rewind`) and handed to the Pingora HTTP proxy for that
-//! one request, which gives the connection back when it may be reused.
+//! the socket once the node answers 101); a request without a body (a
+//! negotiate, a long poll, an event stream, `/health`, the page) is
+//! forwarded by `forward` over a kept-alive connection to its node; any
+//! other request (one with a body: a long-poll send) is pushed back into the
+//! stream (`rewind`) and handed to the Pingora HTTP proxy for that one
+//! request, which gives the connection back when it may be reused.
 //!
 //! Why not let Pingora run the connection: its read timeout is per read, so
 //! a head trickled a byte at a time on a kept-alive connection never ends,
@@ -23,6 +26,7 @@
 use crate::access_log::Entry;
 use crate::admission::ConnectionPermit;
 use crate::cluster::Cluster;
+use crate::forward::{self, Next};
 use crate::proxy::SwitchboardProxy;
 use crate::refusal::{self, Refusal};
 use crate::request::{Origin, Request};
@@ -100,8 +104,20 @@ pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(
     limits: HeadLimits,
     idle: Option<Duration>,
 ) -> Head {
-    let mut buf: Vec<u8> = Vec::new();
-    if let Some(idle) = idle {
+    read_head_after(stream, limits, idle, Vec::new()).await
+}
+
+/// `read_head` for a head whose first bytes, `carried`, were read already
+/// (sent while the previous request's answer was on its way); with some,
+/// there is no idle wait.
+async fn read_head_after<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    limits: HeadLimits,
+    idle: Option<Duration>,
+    carried: Vec<u8>,
+) -> Head {
+    let mut buf = carried;
+    if let Some(idle) = idle.filter(|_| buf.is_empty()) {
         buf.reserve(1024);
         match tokio::time::timeout(idle, stream.read_buf(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => {}
@@ -289,9 +305,10 @@ impl FrontApp {
         let redirect_to = if C::TLS || !cfg.tls_redirect { None } else { cfg.tls_port() };
         let origin = Origin { peer: conn.peer_ip(), tls: C::TLS, cookie_name: &cfg.cookie_name };
         let mut idle = None;
+        let mut carried = Vec::new();
         loop {
             let started = std::time::Instant::now();
-            let (refused, head) = match read_head(&mut *conn, limits, idle).await {
+            let (refused, head) = match read_head_after(&mut *conn, limits, idle, std::mem::take(&mut carried)).await {
                 Head::Complete(head) => (None, head),
                 Head::Closed => return,
                 Head::TimedOut => (Some(("head_timeout", &refusal::HEAD_TIMEOUT)), Vec::new()),
@@ -314,6 +331,17 @@ impl FrontApp {
                     tunnel::serve(self.cluster.clone(), client, request, head, permit).await;
                 }
                 return;
+            }
+            let reusable = !*shutdown.borrow();
+            // Boxed: only a request in flight holds the forwarder's state.
+            match Box::pin(forward::serve(&self.cluster, &mut *conn, &head, origin, reusable)).await {
+                Some(Next::KeepAlive(early)) => {
+                    carried = early;
+                    idle = Some(keepalive);
+                    continue;
+                }
+                Some(Next::Close) => return,
+                None => {}
             }
             conn.rewind(&head);
             let Some(reused) = self.proxy_one(conn, shutdown).await else { return };

@@ -1,7 +1,8 @@
 //! The public proxy: Pingora `ProxyHttp` hooks around `Cluster::route`, for
-//! every request that is not a WebSocket upgrade (`front` and `tunnel` own
-//! those), with the policy in `admission` and `Cluster::reroute` that the
-//! tunnel shares.
+//! the requests the balancer does not forward itself (`tunnel` owns
+//! WebSocket upgrades, `forward` requests without a body): those with a body
+//! (long-poll sends), HTTP/1.0, `Expect` and pipelined heads. The policy is
+//! the one in `admission` and `Cluster::reroute` that the other paths share.
 //!
 //! ```text
 //! request_filter      public paths only; per-IP rate → route

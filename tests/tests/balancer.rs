@@ -833,3 +833,201 @@ async fn the_balancer_replaces_a_clients_forwarded_headers_on_proxied_requests()
     let forged = negotiate("https://evil.example").await.unwrap();
     assert_eq!(forged.status(), 403, "the origin the forged headers named");
 }
+
+/// A node made of raw HTTP, so the test controls every byte and sees every
+/// connection: `/health` answers healthy; `/nodes?case=…` answers `stream`
+/// (a chunked body whose second half waits for the test), `plain` (a short
+/// body), `close` (a body, then the connection closed without saying so)
+/// and `hold` (no answer: a long poll). Each request is reported with the
+/// number of the connection it came on; a held request's connection is
+/// reported again when the balancer closes it.
+struct RawNode {
+    addr: std::net::SocketAddr,
+    seen: tokio::sync::mpsc::UnboundedReceiver<(String, usize)>,
+    release: std::sync::Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawNode {
+    async fn start() -> RawNode {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, seen) = tokio::sync::mpsc::unbounded_channel();
+        let release = std::sync::Arc::new(tokio::sync::Notify::new());
+        let notify = release.clone();
+        let task = tokio::spawn(async move {
+            let mut number = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                number += 1;
+                let (tx, release) = (tx.clone(), notify.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        buf.drain(..end + 4);
+                        let target = head.split(' ').nth(1).unwrap_or_default().to_string();
+                        let case = target.split("case=").nth(1).unwrap_or("health").to_string();
+                        if case != "health" {
+                            let _ = tx.send((case.clone(), number));
+                        }
+                        match case.as_str() {
+                            "stream" => {
+                                let _ = s
+                                    .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+                                    .await;
+                                release.notified().await;
+                                let _ = s.write_all(b"6\r\nsecond\r\n0\r\n\r\n").await;
+                            }
+                            "hold" => {
+                                let mut rest = [0u8; 64];
+                                while matches!(s.read(&mut rest).await, Ok(n) if n > 0) {}
+                                let _ = tx.send(("closed".into(), number));
+                                return;
+                            }
+                            "close" => {
+                                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbye\n").await;
+                                return;
+                            }
+                            _ => {
+                                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n").await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        RawNode { addr, seen, release, task }
+    }
+
+    async fn next(&mut self) -> (String, usize) {
+        tokio::time::timeout(WAIT, self.seen.recv()).await.expect("the raw node hears").expect("raw node running")
+    }
+}
+
+/// Reads one response from `s`: its head and, by its framing, its raw body.
+async fn raw_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    async fn more(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(WAIT, s.read(&mut chunk)).await.expect("an answer in time").expect("read");
+        assert!(n > 0, "closed early; have {:?}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let end = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        more(s, buf).await;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    buf.drain(..end);
+    let lower = head.to_ascii_lowercase();
+    let body_len = if lower.contains("transfer-encoding: chunked") {
+        loop {
+            if let Some(end) = buf.windows(5).position(|w| w == b"0\r\n\r\n") {
+                break end + 5;
+            }
+            more(s, buf).await;
+        }
+    } else {
+        let len: usize =
+            lower.split("content-length: ").nth(1).and_then(|v| v.split("\r\n").next()?.parse().ok()).unwrap();
+        while buf.len() < len {
+            more(s, buf).await;
+        }
+        len
+    };
+    (head, buf.drain(..body_len).collect())
+}
+
+/// Plain requests the balancer forwards itself: a chunked answer reaches the
+/// client as it is written (an event stream is never held back) and byte for
+/// byte; the client's connection and the one to the node both carry the next
+/// request; a kept connection the node closed is replaced without the client
+/// noticing; and a client that leaves a request the node has not answered
+/// (a long poll) takes the node's side of it away too.
+#[tokio::test]
+async fn plain_requests_stream_through_kept_alive_connections_both_sides() {
+    use tokio::io::AsyncWriteExt;
+    let c = cluster(&[], &[], &[]).await;
+    let mut node = RawNode::start().await;
+    let now = chrono::Utc::now();
+    let record = NodeRecord {
+        node_id: "raw".into(),
+        name: "Raw".into(),
+        description: String::new(),
+        url: format!("http://{}", node.addr),
+        status: NodeStatus::Healthy,
+        connections: 0,
+        last_seen: now,
+        started_at: now,
+        version: "0".into(),
+    };
+    let mut r = c.redis.connection().await;
+    let mut pipe = redis::pipe();
+    write_record(&mut pipe, "switchboard", &record, 60_000, now.timestamp_millis());
+    let _: () = pipe.query_async(&mut r).await.unwrap();
+    c.balancer.wait_accepting(&["raw"]).await;
+
+    let front = c.balancer.base.trim_start_matches("http://").to_string();
+    let mut client = tokio::net::TcpStream::connect(&front).await.unwrap();
+    let mut buf = Vec::new();
+    let ask = |case: &str| format!("GET /nodes?case={case} HTTP/1.1\r\nHost: sb\r\n\r\n");
+
+    client.write_all(ask("stream").as_bytes()).await.unwrap();
+    let (_, first_conn) = node.next().await;
+    // The first chunk arrives while the node still holds the second.
+    let (head, _) = tokio::time::timeout(WAIT, async {
+        use tokio::io::AsyncReadExt;
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = client.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.windows(5).any(|w| w == b"first") {
+                let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                break (String::from_utf8_lossy(&buf[..end]).to_string(), ());
+            }
+        }
+    })
+    .await
+    .expect("the first chunk before the rest is written");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("Set-Cookie: switchboard_affinity="), "a new client gets its cookie: {head}");
+    node.release.notify_one();
+    let (_, body) = raw_response(&mut client, &mut buf).await;
+    assert_eq!(body, b"5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n");
+
+    client.write_all(ask("plain").as_bytes()).await.unwrap();
+    let (_, body) = raw_response(&mut client, &mut buf).await;
+    assert_eq!(body, b"ok\n");
+    assert_eq!(node.next().await, ("plain".into(), first_conn), "the node's connection was kept and reused");
+
+    client.write_all(ask("close").as_bytes()).await.unwrap();
+    assert_eq!(raw_response(&mut client, &mut buf).await.1, b"bye\n");
+    assert_eq!(node.next().await, ("close".into(), first_conn));
+    // Whether or not the balancer saw the close before reusing: an answer.
+    for _ in 0..3 {
+        client.write_all(ask("plain").as_bytes()).await.unwrap();
+        assert_eq!(raw_response(&mut client, &mut buf).await.1, b"ok\n");
+        let (case, conn) = node.next().await;
+        assert_eq!(case, "plain");
+        assert_ne!(conn, first_conn, "a closed connection is not used again");
+    }
+
+    let mut poller = tokio::net::TcpStream::connect(&front).await.unwrap();
+    poller.write_all(ask("hold").as_bytes()).await.unwrap();
+    let (_, held) = node.next().await;
+    drop(poller);
+    assert_eq!(node.next().await, ("closed".into(), held), "the node's side of an abandoned request closes");
+    node.task.abort();
+}

@@ -17,7 +17,8 @@ pub struct UpgradeRequest {
     pub request: Request<'static>,
 }
 
-fn header_has_token(value: &[u8], token: &str) -> bool {
+/// Whether a comma-separated header value holds `token` (any case).
+pub(crate) fn has_token(value: &[u8], token: &str) -> bool {
     std::str::from_utf8(value).map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))).unwrap_or(false)
 }
 
@@ -32,14 +33,10 @@ impl UpgradeRequest {
         if req.method != Some("GET") {
             return None;
         }
-        let upgrade = req
-            .headers
-            .iter()
-            .any(|h| h.name.eq_ignore_ascii_case("upgrade") && header_has_token(h.value, "websocket"));
-        let connection = req
-            .headers
-            .iter()
-            .any(|h| h.name.eq_ignore_ascii_case("connection") && header_has_token(h.value, "upgrade"));
+        let upgrade =
+            req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("upgrade") && has_token(h.value, "websocket"));
+        let connection =
+            req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("connection") && has_token(h.value, "upgrade"));
         if !(upgrade && connection) {
             return None;
         }
@@ -50,7 +47,7 @@ impl UpgradeRequest {
 
 /// `head` without the client's own `X-Forwarded-*` lines (the balancer sets
 /// them; a client must not be able to forge its address to the node).
-pub(super) fn without_forwarded(head: &[u8]) -> Vec<u8> {
+pub(crate) fn without_forwarded(head: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.len());
     for line in head.split_inclusive(|b| *b == b'\n') {
         let name = line.split(|b| *b == b':').next().unwrap_or_default();
@@ -66,7 +63,7 @@ pub(super) fn without_forwarded(head: &[u8]) -> Vec<u8> {
 /// Inserts header lines before the blank line that ends `head`, which may
 /// be `\r\n` or a bare `\n` (httparse accepts both, and the client's last
 /// header line must keep its own end).
-pub(super) fn with_headers(head: &[u8], extra: &str) -> Vec<u8> {
+pub(crate) fn with_headers(head: &[u8], extra: &str) -> Vec<u8> {
     let blank = if head.ends_with(b"\r\n") { 2 } else { usize::from(head.ends_with(b"\n")) };
     let mut out = Vec::with_capacity(head.len() + extra.len());
     out.extend_from_slice(&head[..head.len() - blank]);

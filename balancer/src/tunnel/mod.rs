@@ -8,23 +8,24 @@
 //! `idle_timeout_secs`; a tunnel the balancer ends itself gets a Close frame
 //! (`frames`). One access-log line per tunnel, when it ends.
 
-mod connect;
 mod frames;
 mod head;
 mod relay;
 
 pub use head::UpgradeRequest;
+pub(crate) use head::{has_token, with_headers, without_forwarded};
 
 use crate::access_log::Entry;
 use crate::admission::{self, ConnectionPermit};
 use crate::cluster::Cluster;
+use crate::connect;
 use crate::proxy::InFlight;
 use crate::public_surface;
 use crate::refusal::{self, Refusal};
 use crate::request::Request;
 use crate::routing::{set_cookie_header, RouteKind};
 use crate::table::RouteNode;
-use head::{read_response_head, with_headers, without_forwarded};
+use head::read_response_head;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use relay::{write_all, Downstream, RELAY_CHUNK};
 use std::future::Future;
@@ -210,7 +211,11 @@ async fn handshake<C: ClientSide>(
     if request.starts_connection() && !cluster.admit_new_connection(request.peer) {
         return refuse(&mut client, &refusal::RATE_LIMITED).await;
     }
-    let (node, kind, upstream) = match connect::connect(cluster, request).await {
+    let chosen = match connect::choose(cluster, request).await {
+        Ok((node, kind)) => connect::connect(cluster, node, kind, &mut Vec::new()).await,
+        Err(refusal) => Err(refusal),
+    };
+    let (node, kind, upstream) = match chosen {
         Ok(chosen) => chosen,
         Err(refusal) => return refuse(&mut client, refusal).await,
     };
