@@ -94,7 +94,7 @@ fn spawn_node(bin: &Path, dir: &Path, redis: &str, id: &str, port: u16) -> Resul
 
 fn spawn_balancer(bin: &Path, dir: &Path, redis: &str, port: u16, admin: u16) -> Result<Proc> {
     // Fast health checks, as the end-to-end tests use.
-    switchboard_on(bin, dir, redis, port, admin, 200, 300)
+    switchboard_on(bin, dir, redis, port, admin, (200, 300), &[])
 }
 
 fn now_tag() -> u128 {

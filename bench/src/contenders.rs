@@ -227,22 +227,28 @@ pub struct Running {
     pub process: Proc,
 }
 
+/// Switchboard's balancer for the suite and the ceiling, which measure what
+/// the proxy can do: its per-node admission, which paces new connections at
+/// 1,000 a second per node by design, is off (the storm, which is what it is
+/// for, runs with it on), or the setup workload would measure the setting.
 pub fn switchboard(bin_dir: &Path, dir: &Path, redis: &str) -> Result<Running> {
     let (port, admin) = two_free_ports()?;
-    let process = switchboard_on(bin_dir, dir, redis, port, admin, CHECK_INTERVAL_MS, CHECK_TIMEOUT_MS)?;
+    let checks = (CHECK_INTERVAL_MS, CHECK_TIMEOUT_MS);
+    let process = switchboard_on(bin_dir, dir, redis, port, admin, checks, &["--node-admission-rate", "0"])?;
     Ok(Running { url: format!("http://127.0.0.1:{port}"), process })
 }
 
 /// Switchboard's balancer on given ports (the chaos run restarts it on the
-/// same ones) with the given health-check interval and timeout.
+/// same ones) with the given health-check interval and timeout (ms) and
+/// `extra` arguments.
 pub fn switchboard_on(
     bin_dir: &Path,
     dir: &Path,
     redis: &str,
     port: u16,
     admin: u16,
-    check_interval_ms: u64,
-    check_timeout_ms: u64,
+    (check_interval_ms, check_timeout_ms): (u64, u64),
+    extra: &[&str],
 ) -> Result<Proc> {
     let args: Vec<String> = [
         "--listen",
@@ -266,6 +272,7 @@ pub fn switchboard_on(
         &dir.join(format!("switchboard-{port}.sock")).to_string_lossy(),
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
     .collect();
     let log = dir.join(format!("switchboard-{port}-{}.log", std::process::id()));

@@ -266,7 +266,9 @@ pub fn markdown(doc: &Value) -> String {
          node), so pools grown by earlier workloads do not hide it. CPU per operation is the user and system time \
          of the proxy's processes (for direct, of the node) over the workload, divided by the operations done; the \
          kernel's share of a socket operation is much the same for every proxy, so the user part is the proxy's own \
-         cost. Settings of each workload are in \
+         cost. Switchboard's per-node admission (1,000 new connections a second per node by default) is off \
+         here, so that the setup rate measures the proxy, not the setting; the storm runs with it on. \
+         Settings of each workload are in \
          `results.json` (`settings`).\n"
     );
     let _ = writeln!(s, "## Headline\n\n{}", headline_table(doc));

@@ -435,8 +435,15 @@ pub async fn run(o: &Options) -> Result<Value> {
     let mut urls = Vec::new();
     for name in ["b1", "b2"] {
         let (port, admin) = two_free_ports()?;
-        let p =
-            contenders::switchboard_on(&o.bin_dir, &dir, &redis_url, port, admin, CHECK_INTERVAL_MS, CHECK_TIMEOUT_MS)?;
+        let p = contenders::switchboard_on(
+            &o.bin_dir,
+            &dir,
+            &redis_url,
+            port,
+            admin,
+            (CHECK_INTERVAL_MS, CHECK_TIMEOUT_MS),
+            &[],
+        )?;
         sampler.set(name, vec![p.pid()]);
         balancers.push(p);
         urls.push(format!("http://127.0.0.1:{port}"));
