@@ -41,6 +41,27 @@ async fn cluster(ids: &[&str], node_args: &[&str], balancer_args: &[&str]) -> Cl
     Cluster { redis, nodes, balancer }
 }
 
+/// Lists a node that is not a Switchboard node (a test's own listener) in
+/// the registry as healthy, for a minute.
+async fn register_healthy(redis: &RedisServer, id: &str, addr: std::net::SocketAddr) {
+    let now = chrono::Utc::now();
+    let record = NodeRecord {
+        node_id: id.into(),
+        name: id.into(),
+        description: String::new(),
+        url: format!("http://{addr}"),
+        status: NodeStatus::Healthy,
+        connections: 0,
+        last_seen: now,
+        started_at: now,
+        version: "0".into(),
+    };
+    let mut r = redis.connection().await;
+    let mut pipe = redis::pipe();
+    write_record(&mut pipe, "switchboard", &record, 60_000, now.timestamp_millis());
+    let _: () = pipe.query_async(&mut r).await.unwrap();
+}
+
 /// A fresh cookie-less HTTP client, like a third-party SignalR client.
 fn cookieless() -> reqwest::Client {
     reqwest::Client::new()
@@ -347,22 +368,7 @@ async fn a_node_that_accepts_tcp_but_never_answers_is_taken_out_of_rotation() {
             held.push(s);
         }
     });
-    let now = chrono::Utc::now();
-    let fake = NodeRecord {
-        node_id: "blackhole".into(),
-        name: "Black hole".into(),
-        description: String::new(),
-        url: format!("http://{hole_addr}"),
-        status: NodeStatus::Healthy,
-        connections: 0,
-        last_seen: now,
-        started_at: now,
-        version: "0".into(),
-    };
-    let mut r = c.redis.connection().await;
-    let mut pipe = redis::pipe();
-    write_record(&mut pipe, "switchboard", &fake, 60_000, chrono::Utc::now().timestamp_millis());
-    let _: () = pipe.query_async(&mut r).await.unwrap();
+    register_healthy(&c.redis, "blackhole", hole_addr).await;
     eventually(WAIT, "black hole to be listed and found unhealthy", || async {
         let v = c.balancer.backends().await;
         v["nodes"].as_array()?.iter().find(|n| n["nodeId"] == "blackhole" && n["healthy"] == false).map(|_| ())
@@ -837,10 +843,11 @@ async fn the_balancer_replaces_a_clients_forwarded_headers_on_proxied_requests()
 /// A node made of raw HTTP, so the test controls every byte and sees every
 /// connection: `/health` answers healthy; `/nodes?case=…` answers `stream`
 /// (a chunked body whose second half waits for the test), `plain` (a short
-/// body), `close` (a body, then the connection closed without saying so)
-/// and `hold` (no answer: a long poll). Each request is reported with the
-/// number of the connection it came on; a held request's connection is
-/// reported again when the balancer closes it.
+/// body), `close` (a body, then the connection closed without saying so),
+/// `events` (a chunked stream that stays open) and `hold` (no answer: a long
+/// poll). Each request is reported with the number of the connection it came
+/// on; a held or streaming request's connection is reported again when the
+/// balancer closes it.
 struct RawNode {
     addr: std::net::SocketAddr,
     seen: tokio::sync::mpsc::UnboundedReceiver<(String, usize)>,
@@ -886,6 +893,15 @@ impl RawNode {
                                     .await;
                                 release.notified().await;
                                 let _ = s.write_all(b"6\r\nsecond\r\n0\r\n\r\n").await;
+                            }
+                            "events" => {
+                                let _ = s
+                                    .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\ndata: 1\r\n")
+                                    .await;
+                                let mut rest = [0u8; 64];
+                                while matches!(s.read(&mut rest).await, Ok(n) if n > 0) {}
+                                let _ = tx.send(("closed".into(), number));
+                                return;
                             }
                             "hold" => {
                                 let mut rest = [0u8; 64];
@@ -954,28 +970,14 @@ async fn raw_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (Stri
 /// byte; the client's connection and the one to the node both carry the next
 /// request; a kept connection the node closed is replaced without the client
 /// noticing; and a client that leaves a request the node has not answered
-/// (a long poll) takes the node's side of it away too.
+/// (a long poll), or one whose answer is still streaming (an event stream),
+/// takes the node's side of it away at once.
 #[tokio::test]
 async fn plain_requests_stream_through_kept_alive_connections_both_sides() {
     use tokio::io::AsyncWriteExt;
     let c = cluster(&[], &[], &[]).await;
     let mut node = RawNode::start().await;
-    let now = chrono::Utc::now();
-    let record = NodeRecord {
-        node_id: "raw".into(),
-        name: "Raw".into(),
-        description: String::new(),
-        url: format!("http://{}", node.addr),
-        status: NodeStatus::Healthy,
-        connections: 0,
-        last_seen: now,
-        started_at: now,
-        version: "0".into(),
-    };
-    let mut r = c.redis.connection().await;
-    let mut pipe = redis::pipe();
-    write_record(&mut pipe, "switchboard", &record, 60_000, now.timestamp_millis());
-    let _: () = pipe.query_async(&mut r).await.unwrap();
+    register_healthy(&c.redis, "raw", node.addr).await;
     c.balancer.wait_accepting(&["raw"]).await;
 
     let front = c.balancer.base.trim_start_matches("http://").to_string();
@@ -1029,5 +1031,25 @@ async fn plain_requests_stream_through_kept_alive_connections_both_sides() {
     let (_, held) = node.next().await;
     drop(poller);
     assert_eq!(node.next().await, ("closed".into(), held), "the node's side of an abandoned request closes");
+
+    // The same for a stream already under way (an event stream whose tab closed).
+    let mut listener = tokio::net::TcpStream::connect(&front).await.unwrap();
+    listener.write_all(ask("events").as_bytes()).await.unwrap();
+    let (_, streaming) = node.next().await;
+    let mut seen = Vec::new();
+    while !seen.windows(7).any(|w| w == b"data: 1") {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(WAIT, listener.read(&mut chunk)).await.expect("the first event").unwrap();
+        assert!(n > 0);
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    drop(listener);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(2), node.seen.recv())
+            .await
+            .expect("closed within 2 s, not at the next write"),
+        Some(("closed".into(), streaming))
+    );
     node.task.abort();
 }

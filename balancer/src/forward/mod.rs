@@ -349,14 +349,25 @@ async fn forward<C: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     done.bytes_out = taken as u64;
 
-    // The rest of the body, as it comes.
+    // The rest of the body, as it comes, still watching the client: one
+    // that leaves an event stream ends it now, not at the next write.
     while !body.is_done() {
         buf.clear();
         buf.reserve(READ_CHUNK);
-        let read = tokio::time::timeout(idle, upstream.read_buf(&mut buf)).await;
-        let n = match read {
-            Ok(Ok(n)) => n,
-            _ => return,
+        let mut probe = [0u8; 512];
+        let n = tokio::select! {
+            biased;
+            read = tokio::time::timeout(idle, upstream.read_buf(&mut buf)) => match read {
+                Ok(Ok(n)) => n,
+                _ => return,
+            },
+            read = client.read(&mut probe), if early.is_empty() => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    early.extend_from_slice(&probe[..n]);
+                    continue;
+                }
+            },
         };
         if n == 0 {
             // The end of a body framed by the close; a cut one otherwise.

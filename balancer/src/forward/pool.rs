@@ -69,12 +69,18 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
-    #[tokio::test]
-    async fn a_connection_comes_back_until_its_node_closes_it() {
+    /// A connected pair: the node's address, the balancer's end, the node's end.
+    async fn pair() -> (SocketAddr, TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
-        let (mut server, _) = listener.accept().await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (addr, client, server)
+    }
+
+    #[tokio::test]
+    async fn a_connection_comes_back_until_its_node_closes_it() {
+        let (addr, client, mut server) = pair().await;
         put(addr, client);
         let client = take(addr).expect("an idle connection comes back");
         assert!(take(addr).is_none(), "taken once");
@@ -88,10 +94,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_with_unasked_for_bytes_is_not_reused() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = TcpStream::connect(addr).await.unwrap();
-        let (mut server, _) = listener.accept().await.unwrap();
+        let (addr, client, mut server) = pair().await;
         server.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
         client.readable().await.unwrap();
         put(addr, client);
