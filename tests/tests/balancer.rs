@@ -844,8 +844,8 @@ async fn the_balancer_replaces_a_clients_forwarded_headers_on_proxied_requests()
 /// connection: `/health` answers healthy; `/nodes?case=…` answers `stream`
 /// (a chunked body whose second half waits for the test), `plain` (a short
 /// body), `close` (a body, then the connection closed without saying so),
-/// `events` (a chunked stream that stays open) and `hold` (no answer: a long
-/// poll). Each request is reported with the number of the connection it came
+/// `events` (a chunked stream that stays open), `big` (`BIG` bytes of a
+/// known pattern) and `hold` (no answer: a long poll). Each request is reported with the number of the connection it came
 /// on; a held or streaming request's connection is reported again when the
 /// balancer closes it.
 struct RawNode {
@@ -903,6 +903,12 @@ impl RawNode {
                                 let _ = tx.send(("closed".into(), number));
                                 return;
                             }
+                            "big" => {
+                                let body: Vec<u8> = (0..BIG).map(|i| (i % 251) as u8).collect();
+                                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n");
+                                let _ = s.write_all(head.as_bytes()).await;
+                                let _ = s.write_all(&body).await;
+                            }
                             "hold" => {
                                 let mut rest = [0u8; 64];
                                 while matches!(s.read(&mut rest).await, Ok(n) if n > 0) {}
@@ -928,6 +934,9 @@ impl RawNode {
         tokio::time::timeout(WAIT, self.seen.recv()).await.expect("the raw node hears").expect("raw node running")
     }
 }
+
+/// The size of the raw node's `big` answer: far more than the sockets' buffers.
+const BIG: usize = 16 << 20;
 
 /// Reads one response from `s`: its head and, by its framing, its raw body.
 async fn raw_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (String, Vec<u8>) {
@@ -969,7 +978,8 @@ async fn raw_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (Stri
 /// client as it is written (an event stream is never held back) and byte for
 /// byte; the client's connection and the one to the node both carry the next
 /// request; a kept connection the node closed is replaced without the client
-/// noticing; and a client that leaves a request the node has not answered
+/// noticing; a slow reader gets a large answer whole while its next request
+/// waits; and a client that leaves a request the node has not answered
 /// (a long poll), or one whose answer is still streaming (an event stream),
 /// takes the node's side of it away at once.
 #[tokio::test]
@@ -1025,6 +1035,40 @@ async fn plain_requests_stream_through_kept_alive_connections_both_sides() {
         assert_eq!(case, "plain");
         assert_ne!(conn, first_conn, "a closed connection is not used again");
     }
+
+    // A large answer to a slow reader that sends its next request while
+    // the answer is still coming: every byte arrives, in order, and the
+    // next request (read by the balancer mid-answer) is answered after it.
+    client.write_all(ask("big").as_bytes()).await.unwrap();
+    {
+        use tokio::io::AsyncReadExt;
+        let mut got = std::mem::take(&mut buf);
+        let mut sent_next = false;
+        let end = loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                if got.len() >= end + 4 + BIG {
+                    break end + 4;
+                }
+            }
+            if !sent_next && got.len() > 64 * 1024 {
+                client.write_all(ask("plain").as_bytes()).await.unwrap();
+                sent_next = true;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let mut chunk = vec![0u8; 32 * 1024];
+            let n = tokio::time::timeout(WAIT, client.read(&mut chunk)).await.expect("more of the answer").unwrap();
+            assert!(n > 0, "closed after {} bytes", got.len());
+            got.extend_from_slice(&chunk[..n]);
+        };
+        assert!(sent_next);
+        let body = &got[end..end + BIG];
+        let wrong = body.iter().enumerate().position(|(i, b)| *b != (i % 251) as u8);
+        assert_eq!(wrong, None, "the big answer's bytes arrive as sent");
+        buf = got[end + BIG..].to_vec();
+    }
+    assert_eq!(node.next().await.0, "big");
+    assert_eq!(raw_response(&mut client, &mut buf).await.1, b"ok\n", "the request sent mid-answer is answered");
+    assert_eq!(node.next().await.0, "plain");
 
     let mut poller = tokio::net::TcpStream::connect(&front).await.unwrap();
     poller.write_all(ask("hold").as_bytes()).await.unwrap();
