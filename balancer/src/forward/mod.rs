@@ -127,7 +127,7 @@ struct Done {
     next: Next,
 }
 
-/// Writes `data` and flushes, within `idle`.
+/// Writes `parts` in order and flushes, within `idle`.
 async fn send<C: AsyncWrite + Unpin>(client: &mut C, parts: &[&[u8]], idle: Duration) -> bool {
     let write = async {
         for part in parts {
