@@ -81,9 +81,16 @@ impl Refusal {
     /// The whole response, for the paths that write raw HTTP/1.1 (the
     /// front door and the tunnel); the connection closes after it.
     pub fn to_http(&self) -> String {
-        let extra = if self.retry_after() { "Retry-After: 1\r\n" } else { "" };
+        self.response(true)
+    }
+
+    /// The whole response; `close`: it says the connection closes after it
+    /// (otherwise the connection may carry the client's next request).
+    pub fn response(&self, close: bool) -> String {
+        let retry = if self.retry_after() { "Retry-After: 1\r\n" } else { "" };
+        let connection = if close { "Connection: close\r\n" } else { "" };
         format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{extra}Connection: close\r\n\r\n{}",
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{retry}{connection}\r\n{}",
             self.status,
             self.reason,
             self.content_type,

@@ -977,7 +977,7 @@ async fn raw_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (Stri
 /// Plain requests the balancer forwards itself: a chunked answer reaches the
 /// client as it is written (an event stream is never held back) and byte for
 /// byte; the client's connection and the one to the node both carry the next
-/// request; a kept connection the node closed is replaced without the client
+/// request, after the balancer's own refusals too; a kept connection the node closed is replaced without the client
 /// noticing; a slow reader gets a large answer whole while its next request
 /// waits; and a client that leaves a request the node has not answered
 /// (a long poll), or one whose answer is still streaming (an event stream),
@@ -1035,6 +1035,15 @@ async fn plain_requests_stream_through_kept_alive_connections_both_sides() {
         assert_eq!(case, "plain");
         assert_ne!(conn, first_conn, "a closed connection is not used again");
     }
+
+    // The balancer's own answers keep the connection too (a long-polling
+    // client told its connection is gone negotiates again on it).
+    client.write_all(b"GET /metrics HTTP/1.1\r\nHost: sb\r\n\r\n").await.unwrap();
+    let (head, _) = raw_response(&mut client, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 404") && !head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    client.write_all(ask("plain").as_bytes()).await.unwrap();
+    assert_eq!(raw_response(&mut client, &mut buf).await.1, b"ok\n");
+    assert_eq!(node.next().await.0, "plain");
 
     // A large answer to a slow reader that sends its next request while
     // the answer is still coming: every byte arrives, in order, and the

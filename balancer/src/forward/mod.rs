@@ -138,10 +138,22 @@ async fn send<C: AsyncWrite + Unpin>(client: &mut C, parts: &[&[u8]], idle: Dura
     matches!(tokio::time::timeout(idle, write).await, Ok(Ok(())))
 }
 
-async fn refuse<C: AsyncWrite + Unpin>(client: &mut C, refusal: &Refusal, done: &mut Done) {
+/// Answers for the balancer. The connection stays open for the client's
+/// next request (a long-polling client told its connection is gone
+/// negotiates again on it), except after a 429: a client over its rate
+/// pays for a new connection.
+async fn refuse<C: AsyncWrite + Unpin>(
+    client: &mut C,
+    refusal: &Refusal,
+    done: &mut Done,
+    keep_alive: bool,
+    early: &mut Vec<u8>,
+) {
     done.status = refusal.status;
-    // The answer says `Connection: close`.
-    send(client, &[refusal.to_http().as_bytes()], Duration::from_secs(2)).await;
+    let keep_alive = keep_alive && refusal.status != 429;
+    if send(client, &[refusal.response(!keep_alive).as_bytes()], Duration::from_secs(2)).await && keep_alive {
+        done.next = Next::KeepAlive(std::mem::take(early));
+    }
 }
 
 /// A node's response head.
@@ -262,15 +274,16 @@ async fn forward<C: AsyncRead + AsyncWrite + Unpin + Send>(
     done: &mut Done,
 ) {
     let request = &plain.request;
+    let mut early: Vec<u8> = Vec::new();
     if !public_surface::serves(request.path()) {
-        return refuse(client, &refusal::NOT_PUBLIC, done).await;
+        return refuse(client, &refusal::NOT_PUBLIC, done, keep_alive, &mut early).await;
     }
     if request.starts_connection() && !cluster.admit_new_connection(request.peer) {
-        return refuse(client, &refusal::RATE_LIMITED, done).await;
+        return refuse(client, &refusal::RATE_LIMITED, done, keep_alive, &mut early).await;
     }
     let (mut node, mut kind) = match connect::choose(cluster, request).await {
         Ok(chosen) => chosen,
-        Err(refusal) => return refuse(client, refusal, done).await,
+        Err(refusal) => return refuse(client, refusal, done, keep_alive, &mut early).await,
     };
     let mut extra = String::with_capacity(128);
     for (name, value) in admission::forwarded(request.peer, request.host.as_deref(), request.tls) {
@@ -282,7 +295,6 @@ async fn forward<C: AsyncRead + AsyncWrite + Unpin + Send>(
     let out = with_headers(&without_forwarded(head), &extra);
     let idle = Duration::from_secs(cluster.cfg.idle_timeout_secs);
     let mut tried: Vec<String> = Vec::new();
-    let mut early: Vec<u8> = Vec::new();
     let mut may_reuse = true;
     let (mut upstream, resp, _in_flight, asked) = loop {
         let pooled = if may_reuse { pool::take(node.addr) } else { None };
@@ -294,7 +306,7 @@ async fn forward<C: AsyncRead + AsyncWrite + Unpin + Send>(
                     (node, kind) = (n, k);
                     stream
                 }
-                Err(refusal) => return refuse(client, refusal, done).await,
+                Err(refusal) => return refuse(client, refusal, done, keep_alive, &mut early).await,
             },
         };
         let mut upstream = upstream;
@@ -303,7 +315,7 @@ async fn forward<C: AsyncRead + AsyncWrite + Unpin + Send>(
         match exchange(client, &mut early, &mut upstream, &out, plain, idle).await {
             Ok(resp) => break (upstream, resp, in_flight, asked),
             Err(Failure::ClientLeft) => return,
-            Err(Failure::Bad) => return refuse(client, &refusal::NODE_UNREACHABLE, done).await,
+            Err(Failure::Bad) => return refuse(client, &refusal::NODE_UNREACHABLE, done, keep_alive, &mut early).await,
             // A pooled connection the node closed as it was taken: a fresh
             // one to the same node.
             Err(Failure::Broken) if reused && plain.retriable => may_reuse = false,
@@ -317,10 +329,12 @@ async fn forward<C: AsyncRead + AsyncWrite + Unpin + Send>(
                         (node, kind) = (next, RouteKind::New);
                         may_reuse = true;
                     }
-                    None => return refuse(client, &refusal::NODE_UNREACHABLE, done).await,
+                    None => return refuse(client, &refusal::NODE_UNREACHABLE, done, keep_alive, &mut early).await,
                 }
             }
-            Err(Failure::Broken) => return refuse(client, &refusal::NODE_UNREACHABLE, done).await,
+            Err(Failure::Broken) => {
+                return refuse(client, &refusal::NODE_UNREACHABLE, done, keep_alive, &mut early).await
+            }
         }
     };
     cluster.metrics.upstream_latency.observe(asked.elapsed().as_secs_f64());
@@ -340,7 +354,7 @@ async fn forward<C: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     let out_head = if added.is_empty() { None } else { Some(with_headers(&buf[..head_len], &added)) };
     let Ok(taken) = body.feed(&buf[head_len..]) else {
-        return refuse(client, &refusal::NODE_UNREACHABLE, done).await;
+        return refuse(client, &refusal::NODE_UNREACHABLE, done, keep_alive, &mut early).await;
     };
     let mut clean = head_len + taken == buf.len();
     let first: &[u8] = out_head.as_deref().unwrap_or(&buf[..head_len]);
