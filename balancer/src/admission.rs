@@ -70,6 +70,19 @@ pub fn forwarded(peer: Option<IpAddr>, host: Option<&str>, tls: bool) -> Vec<(&'
     h
 }
 
+/// `forwarded` as header lines (`Name: value\r\n`), for the paths that
+/// write heads themselves (the tunnel and the forwarder).
+pub fn forwarded_lines(peer: Option<IpAddr>, host: Option<&str>, tls: bool) -> String {
+    let mut lines = String::with_capacity(128);
+    for (name, value) in forwarded(peer, host, tls) {
+        lines.push_str(name);
+        lines.push_str(": ");
+        lines.push_str(&value);
+        lines.push_str("\r\n");
+    }
+    lines
+}
+
 impl Admission {
     pub fn new(per_ip_per_sec: u32, cap: usize) -> Self {
         let per_ip = NonZeroU32::new(per_ip_per_sec).map(|n| RateLimiter::keyed(Quota::per_second(n)));

@@ -285,13 +285,7 @@ async fn forward<C: AsyncRead + AsyncWrite + Unpin + Send>(
         Ok(chosen) => chosen,
         Err(refusal) => return refuse(client, refusal, done, keep_alive, &mut early).await,
     };
-    let mut extra = String::with_capacity(128);
-    for (name, value) in admission::forwarded(request.peer, request.host.as_deref(), request.tls) {
-        extra.push_str(name);
-        extra.push_str(": ");
-        extra.push_str(&value);
-        extra.push_str("\r\n");
-    }
+    let extra = admission::forwarded_lines(request.peer, request.host.as_deref(), request.tls);
     let out = with_headers(&without_forwarded(head), &extra);
     let idle = Duration::from_secs(cluster.cfg.idle_timeout_secs);
     let mut tried: Vec<String> = Vec::new();

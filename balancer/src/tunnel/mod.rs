@@ -222,10 +222,7 @@ async fn handshake<C: ClientSide>(
     let in_flight = InFlight::new(node.clone());
     let started = std::time::Instant::now();
 
-    let forwarded: String = admission::forwarded(request.peer, request.host.as_deref(), request.tls)
-        .into_iter()
-        .map(|(name, value)| format!("{name}: {value}\r\n"))
-        .collect();
+    let forwarded = admission::forwarded_lines(request.peer, request.host.as_deref(), request.tls);
     let head = with_headers(&without_forwarded(&buf[..req.head_len]), &forwarded);
     if write_all(&upstream, &head).await.is_err() || write_all(&upstream, &buf[req.head_len..]).await.is_err() {
         return refuse(&mut client, &refusal::NODE_UNREACHABLE).await;
