@@ -3,7 +3,8 @@
 //! and backplane, metrics and the draining flag. It also owns the operations
 //! every layer needs: queueing a message for a connection (a reply the client
 //! asked for, or traffic it did not), delivering a chat message to the local
-//! connections that should see it, and forgetting a connection exactly once.
+//! connections its address names (everyone, a group's members, or a direct
+//! message's two users), and forgetting a connection exactly once.
 
 use crate::backplane::{Backplane, BackplaneMetrics, Deliver, PresenceChange};
 use crate::config::NodeConfig;
@@ -15,6 +16,7 @@ use crate::outbox::{OutFrame, PushError};
 use crate::presence::{Presence, PresenceTasks};
 use crate::protocol::{HubMessage, Outgoing};
 use crate::redis_link::RedisLink;
+use crate::users::LocalUsers;
 use chrono::{DateTime, Utc};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,6 +29,8 @@ pub struct App {
     pub started_at: DateTime<Utc>,
     pub connections: ConnectionTable,
     pub groups: LocalGroups,
+    /// Which local connections belong to which user (see `users`).
+    pub users: LocalUsers,
     pub redis: Arc<RedisLink>,
     pub backplane: Backplane,
     pub metrics: Metrics,
@@ -80,6 +84,7 @@ impl App {
             started_at: Utc::now(),
             connections: ConnectionTable::default(),
             groups: LocalGroups::default(),
+            users: LocalUsers::default(),
             redis,
             backplane,
             metrics,
@@ -168,9 +173,11 @@ impl App {
     }
 
     /// Delivers a chat message to every local connection that should see
-    /// it (everyone, or the group's members), encoded once per protocol and
-    /// per form (with the message id for connections that asked for it). A
-    /// connection in the middle of `Resume` holds it until the replay is done.
+    /// it (everyone, the group's members, or a direct message's sender's
+    /// and recipient's connections but the one that sent it), encoded once
+    /// per protocol and per form (with the message id for connections that
+    /// asked for it). A connection in the middle of `Resume` holds it until
+    /// the replay is done.
     pub fn deliver_chat(&self, message: &ChatMessage) {
         let delivery = Arc::new(ChatDelivery::new(message.clone(), self.backplane.per_group()));
         let offer = |c: &Arc<Connection>| {
@@ -179,14 +186,36 @@ impl App {
                 self.send_to(c, d.for_connection(c));
             }
         };
-        match &message.group {
-            None => self.connections.handshaken().iter().for_each(offer),
-            Some(g) => {
-                for key in self.groups.members(g) {
-                    if let Some(c) = self.connections.get(&key) {
-                        offer(&c);
-                    }
+        let offer_keys = |keys: Vec<String>| {
+            for key in keys {
+                if let Some(c) = self.connections.get(&key) {
+                    offer(&c);
                 }
+            }
+        };
+        match (&message.group, &message.to) {
+            (Some(g), _) => offer_keys(self.groups.members(g)),
+            (None, Some(to)) => {
+                let mut keys = self.users.connections(to);
+                if *to != message.user {
+                    keys.extend(self.users.connections(&message.user));
+                }
+                // The sending connection has its Completion instead.
+                keys.retain(|k| self.connections.get(k).is_some_and(|c| c.connection_id != message.connection_id));
+                offer_keys(keys);
+            }
+            (None, None) => self.connections.handshaken().iter().for_each(offer),
+        }
+    }
+
+    /// Whether `conn`, whose user is `user`, should see `message` (in a
+    /// replay or a history page): anything but another pair's direct
+    /// messages, and not its own direct message back.
+    pub fn may_see(conn: &Connection, user: Option<&str>, message: &ChatMessage) -> bool {
+        match &message.to {
+            None => true,
+            Some(to) => {
+                user.is_some_and(|u| u == to || u == message.user) && message.connection_id != conn.connection_id
             }
         }
     }
@@ -228,6 +257,9 @@ impl App {
         if let Some(user) = conn.presence_slot().lock().unwrap_or_else(|p| p.into_inner()).take() {
             self.presence.remove(&user);
         }
+        if let Some(user) = self.users.remove(&conn.key) {
+            self.backplane.unfollow_user(&user);
+        }
         self.connections.remove(&conn.key);
         for group in self.groups.leave_all(&conn.key) {
             self.backplane.unsubscribe_group(&group);
@@ -243,17 +275,34 @@ impl App {
     /// Makes `conn` online as `user` (instead of any name it had); nothing
     /// once it is gone. The slot's lock is held across the check, so a
     /// connection that `disconnect` removes at the same moment is never left
-    /// online.
-    pub fn go_online_as(&self, conn: &Connection, user: &str) {
+    /// online. A signed-in connection, or any with `auth = "off"`, becomes
+    /// one of `user`'s addresses too (see `users`): answers the user when it
+    /// is the node's first connection of it, whose channel the caller then
+    /// follows (`Backplane::follow_user`) before telling the client it is in.
+    #[must_use = "a user's first local connection must follow the user's channel"]
+    pub fn go_online_as(&self, conn: &Connection, user: &str) -> Option<String> {
         let mut slot = conn.presence_slot().lock().unwrap_or_else(|p| p.into_inner());
         if conn.is_removed() || slot.as_deref() == Some(user) {
-            return;
+            return None;
         }
         if let Some(old) = slot.take() {
             self.presence.remove(&old);
         }
         self.presence.add(user);
         *slot = Some(user.into());
+        if conn.user().is_none() && self.auth.mode != crate::config::AuthMode::Off {
+            return None; // anonymous beside signed-in users: not an address
+        }
+        let change = self.users.set(&conn.key, user);
+        if let Some(left) = change.last {
+            self.backplane.unfollow_user(&left);
+        }
+        change.first
+    }
+
+    /// The user `conn` is an address of, if any.
+    pub fn user_of(&self, conn: &Connection) -> Option<String> {
+        self.users.user_of(&conn.key)
     }
 }
 
@@ -264,6 +313,10 @@ impl Deliver for App {
 
     fn local_groups(&self) -> Vec<String> {
         self.groups.groups()
+    }
+
+    fn local_users(&self) -> Vec<String> {
+        self.users.users()
     }
 
     fn presence(&self, change: &PresenceChange) {

@@ -672,6 +672,7 @@ mod tests {
             id: Some(id.into()),
             uid: id.into(),
             group: group.map(String::from),
+            to: None,
             user: "u".into(),
             message: "m".into(),
             connection_id: "c".into(),

@@ -31,6 +31,9 @@ pub struct ChatMessage {
     pub uid: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// A direct message's recipient (a user; see `users`); `user` is its sender's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
     pub user: String,
     pub message: String,
     pub connection_id: String,
@@ -42,7 +45,9 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     /// The hub event clients receive; with `with_id`, the message id is one
-    /// extra last argument (for connections that opted in with `messageIds`).
+    /// extra last argument (for connections that opted in with `messageIds`);
+    /// a direct message's recipient follows it there, so that the sender's
+    /// other connections can tell whom it went to.
     pub fn event(&self, with_id: bool) -> crate::protocol::HubMessage {
         let mut args: Vec<Value> = Vec::with_capacity(6);
         if let Some(g) = &self.group {
@@ -56,8 +61,15 @@ impl ChatMessage {
         ]);
         if with_id {
             args.push(self.id.clone().map_or(Value::Null, Value::String));
+            if let Some(to) = &self.to {
+                args.push(to.clone().into());
+            }
         }
-        let target = if self.group.is_some() { "ReceiveGroupMessage" } else { "ReceiveMessage" };
+        let target = match (&self.group, &self.to) {
+            (Some(_), _) => "ReceiveGroupMessage",
+            (None, Some(_)) => "ReceivePrivateMessage",
+            (None, None) => "ReceiveMessage",
+        };
         crate::protocol::HubMessage::event(target, args)
     }
 
@@ -67,6 +79,7 @@ impl ChatMessage {
             id: Some(e.id.clone()),
             uid: field("uid").unwrap_or_default(),
             group: field("group").filter(|g| !g.is_empty()),
+            to: field("to").filter(|t| !t.is_empty()),
             user: field("user")?,
             message: field("message")?,
             connection_id: field("connectionId")?,
@@ -100,13 +113,16 @@ pub async fn load_script(conn: &mut RedisConn, key: &str, sharded: bool) -> Redi
 }
 
 /// Adds the atomic store-and-publish of `m` to a pipeline (`EVALSHA` of the
-/// loaded script, `sha`); it answers the id.
+/// loaded script, `sha`); it answers the id. It is published on each of
+/// `channels` (one, or a direct message's two users'), separated by `\n`
+/// (which no channel name holds: user and group names exclude control
+/// characters).
 pub fn store_and_publish(
     pipe: &mut redis::Pipeline,
     sha: &str,
     layout: &crate::backplane::layout::Layout,
     cap: usize,
-    channel: &str,
+    channels: &str,
     m: &ChatMessage,
 ) {
     let payload = serde_json::to_string(m).unwrap_or_default();
@@ -118,7 +134,7 @@ pub fn store_and_publish(
         .arg(layout.history(scope).as_ref())
         .arg(layout.stored_marker(scope, &m.uid))
         .arg(cap)
-        .arg(channel)
+        .arg(channels)
         .arg(payload)
         .arg("uid")
         .arg(&m.uid)
@@ -134,6 +150,9 @@ pub fn store_and_publish(
         .arg(&m.timestamp);
     if let Some(g) = &m.group {
         cmd.arg("group").arg(g);
+    }
+    if let Some(to) = &m.to {
+        cmd.arg("to").arg(to);
     }
 }
 
@@ -232,6 +251,9 @@ pub struct Replay {
     pub passed: Vec<(Scope, String)>,
     /// The connection's groups (one stream holds every group's messages).
     pub groups: HashSet<String>,
+    /// The user the connection is an address of: direct messages to or
+    /// from it are replayed, other users' are not.
+    pub user: Option<String>,
     pub page: VecDeque<ChatMessage>,
     pub done_reading: bool,
     pub replayed: usize,
@@ -330,6 +352,7 @@ mod tests {
             id: Some("5-1".into()),
             uid: "u".into(),
             group: group.map(String::from),
+            to: None,
             user: "a".into(),
             message: "m".into(),
             connection_id: "c".into(),
@@ -349,13 +372,23 @@ mod tests {
             text(msg(Some("g")).event(true)),
             "{\"type\":1,\"target\":\"ReceiveGroupMessage\",\"arguments\":[\"g\",\"a\",\"m\",\"c\",\"n\",\"5-1\"]}\u{1e}"
         );
+        let direct = ChatMessage { to: Some("b".into()), ..msg(None) };
+        assert_eq!(
+            text(direct.event(false)),
+            "{\"type\":1,\"target\":\"ReceivePrivateMessage\",\"arguments\":[\"a\",\"m\",\"c\",\"n\"]}\u{1e}"
+        );
+        assert_eq!(
+            text(direct.event(true)),
+            "{\"type\":1,\"target\":\"ReceivePrivateMessage\",\"arguments\":[\"a\",\"m\",\"c\",\"n\",\"5-1\",\"b\"]}\u{1e}"
+        );
     }
 
     #[test]
     fn published_payloads_round_trip_and_junk_is_refused() {
-        let m = msg(Some("g"));
-        let payload = format!("5-1 {}", serde_json::to_string(&m).unwrap());
-        assert_eq!(parse_published(payload.as_bytes()), Some(m));
+        for m in [msg(Some("g")), ChatMessage { to: Some("b".into()), ..msg(None) }] {
+            let payload = format!("5-1 {}", serde_json::to_string(&m).unwrap());
+            assert_eq!(parse_published(payload.as_bytes()), Some(m));
+        }
         for junk in ["", "5-1", "x-1 {}", "5-1 {", "5-1 {\"user\":1}", "{\"origin\":\"x\"}"] {
             assert_eq!(parse_published(junk.as_bytes()), None, "{junk}");
         }

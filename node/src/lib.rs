@@ -41,6 +41,7 @@ mod server;
 mod stateful;
 mod transport;
 mod user_name;
+mod users;
 
 pub use lifecycle::shutdown_signal;
 

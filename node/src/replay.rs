@@ -156,6 +156,7 @@ pub async fn start_resume(
         scopes,
         passed: Vec::new(),
         groups: app.groups.of_connection(&conn.key).into_iter().collect(),
+        user: app.user_of(conn),
         page: VecDeque::new(),
         done_reading: false,
         replayed: 0,
@@ -211,7 +212,8 @@ pub async fn continue_replay(app: &Arc<App>, conn: &Arc<Connection>) -> Flow {
             replay.done_reading = true;
             continue;
         }
-        if !m.group.as_ref().is_none_or(|g| replay.groups.contains(g)) {
+        let mine = m.group.as_ref().is_none_or(|g| replay.groups.contains(g));
+        if !mine || !App::may_see(conn, replay.user.as_deref(), &m) {
             current.newest = Some(id);
             continue;
         }
@@ -280,9 +282,11 @@ pub async fn history_page(app: &App, conn: &Connection, count: usize, budget: us
     // The newest that fit so far, newest first: each scope's read is merged
     // in and cut back to the page at once, so a connection in many groups
     // holds at most this page and one scope's read, not one per scope.
+    let user = app.user_of(conn);
+    let visible = |m: &ChatMessage| App::may_see(conn, user.as_deref(), m);
     let mut kept: Vec<((u64, u64), Value, usize)> = Vec::new();
     for scope in &scopes {
-        kept.extend(newest_of(app, scope.as_deref(), count, budget).await?);
+        kept.extend(newest_of(app, scope.as_deref(), count, budget, &visible).await?);
         kept.sort_by_key(|e| std::cmp::Reverse(e.0));
         let mut used = 0;
         let fits = kept.iter().take(count).take_while(|e| {
@@ -298,13 +302,16 @@ pub async fn history_page(app: &App, conn: &Connection, count: usize, budget: us
 }
 
 /// The newest messages of one scope, newest first, up to `count` and
-/// `budget` bytes as JSON: (id, the JSON, its size). Read newest first in
-/// pages until either is met.
+/// `budget` bytes as JSON: (id, the JSON, its size), of those `visible`
+/// passes (other users' direct messages are not). Read newest first in
+/// pages until either is met; the pages walk at most the whole capped
+/// history.
 async fn newest_of(
     app: &App,
     scope: Option<&str>,
     count: usize,
     budget: usize,
+    visible: &(dyn Fn(&ChatMessage) -> bool + Sync),
 ) -> Result<Vec<((u64, u64), Value, usize)>, String> {
     let (mut used, mut seen_bytes, mut seen_entries) = (0, 0, 0);
     let mut before: Option<String> = None;
@@ -321,6 +328,9 @@ async fn newest_of(
         seen_bytes += entries.iter().map(size_of).sum::<usize>();
         for m in entries.iter() {
             before = m.id.clone();
+            if !visible(m) {
+                continue;
+            }
             let id = m.id.as_deref().and_then(history::parse_id).unwrap_or_default();
             let Ok(mut v) = serde_json::to_value(m) else { continue };
             if let Some(o) = v.as_object_mut() {

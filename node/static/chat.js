@@ -1,7 +1,8 @@
 // The chat page: connects to the hub through whatever served the page (the
 // balancer, normally), shows every message with its sender, time and the node
 // that carried it, manages groups, lists who is online across the cluster
-// (SetUser / GetOnlineUsers, then UserJoined / UserLeft events) and lists the
+// (SetUser / GetOnlineUsers, then UserJoined / UserLeft events), sends direct
+// messages to a person picked from that list (SendToUser) and lists the
 // cluster's nodes from /nodes.
 //
 // Everything a user or the server supplies is inserted with textContent or as
@@ -42,6 +43,8 @@
   };
 
   const joinedGroups = new Set();
+  // People this page has a direct conversation with: each is a "To" choice.
+  const dmPeers = new Set();
   // Messages already shown, in a window: by scope and id, and by content
   // for a message without one. A scope is where an id counts: the
   // broadcasts ("") or, where each group has ids of its own (a Redis
@@ -165,17 +168,25 @@
     return node;
   }
 
-  /** Renders one chat message. `kind` is "broadcast", "group" or "history". */
-  function showMessage({ user, message, connectionId, nodeId, when, group, kind }) {
+  /**
+   * Renders one chat message. `kind` is "broadcast", "group", "direct" or
+   * "history"; `to` is a direct message's recipient.
+   */
+  function showMessage({ user, message, connectionId, nodeId, when, group, to, kind }) {
     const li = el("li", "message " + kind);
     if (connectionId === me.connectionId) li.classList.add("mine");
     li.dataset.kind = kind;
     li.dataset.node = nodeId;
     li.dataset.connection = connectionId;
     if (group !== undefined) li.dataset.group = group;
+    if (to !== undefined) {
+      li.classList.add("direct");
+      li.dataset.to = to;
+    }
     const meta = el("div", "meta");
     meta.appendChild(userLabel("span", "user", String(user)));
     if (group !== undefined) meta.appendChild(el("span", "tag", "group " + group));
+    if (to !== undefined) meta.appendChild(el("span", "tag dm", "direct to " + to));
     const time = el("time", "when", timeLabel(when));
     time.dateTime = when.toISOString();
     meta.appendChild(time);
@@ -205,6 +216,31 @@
     if (!noteId(messageId, group)) return;
     showMessage({ user, message, connectionId, nodeId, when: new Date(), group, kind: "group" });
   });
+  // A direct message to or from this page's user (the hub sends this page
+  // the id and then the recipient). One this page sent itself is shown when
+  // sent, so a replay of it after a reconnect is skipped by its content.
+  hub.on("ReceivePrivateMessage", (user, message, connectionId, nodeId, messageId, to) => {
+    if (!noteId(messageId, null)) return;
+    const key = messageKey(user, message, connectionId);
+    if (seenKeys.has(key)) return;
+    remember(seenKeys, key);
+    showDirect({ user: String(user), message, connectionId, nodeId, to: String(to), when: new Date(), kind: "direct" });
+  });
+
+  /** Shows a direct message and makes its other party a "To" choice. */
+  function showDirect(m) {
+    const peer = m.user === myName() ? m.to : m.user;
+    if (peer && !dmPeers.has(peer)) {
+      dmPeers.add(peer);
+      renderGroups();
+    }
+    showMessage(m);
+  }
+
+  /** The name this page goes by (a signed-in one from its token). */
+  function myName() {
+    return ui.name.value.trim();
+  }
   /** "Connected to <name>", the node's id on hover, as the cluster panel names it. */
   function showConnectedNode() {
     if (!me.nodeId || ui.status.dataset.state !== "connected") return;
@@ -228,8 +264,26 @@
     ui.online.replaceChildren();
     const mine = ui.name.value.trim();
     for (const user of [...online].sort((a, b) => a.localeCompare(b))) {
-      const li = userLabel("li", user === mine || user === "~" + mine ? "me" : "", user);
+      const isMe = user === mine || user === "~" + mine;
+      const li = userLabel("li", isMe ? "me" : "", user);
       li.dataset.user = user;
+      // Anyone else who is an address (not an anonymous guest) can be
+      // written to directly: a click makes them the "To" choice.
+      if (!isMe && !user.startsWith("~")) {
+        li.classList.add("pickable");
+        li.tabIndex = 0;
+        li.title = "send " + user + " a direct message";
+        const pick = () => {
+          dmPeers.add(user);
+          renderGroups();
+          ui.target.value = "@" + user;
+          ui.message.focus();
+        };
+        li.addEventListener("click", pick);
+        li.addEventListener("keydown", (e) => {
+          if (e.key === "Enter") pick();
+        });
+      }
       ui.online.appendChild(li);
     }
     ui.onlineCount.textContent = String(online.size);
@@ -332,11 +386,11 @@
       // Group messages only for groups this page is in.
       if (h.group !== undefined && h.group !== null && !joinedGroups.has(String(h.group))) continue;
       const key = messageKey(String(h.user), String(h.message), String(h.connectionId));
-      if (h.id === undefined && seenKeys.has(key)) continue;
+      if ((h.id === undefined || h.to !== undefined) && seenKeys.has(key)) continue;
       if (!noteId(h.id, h.group)) continue;
       remember(seenKeys, key);
       const when = new Date(h.timestamp);
-      showMessage({
+      const m = {
         user: String(h.user),
         message: String(h.message),
         connectionId: String(h.connectionId),
@@ -344,7 +398,9 @@
         when: isNaN(when) ? new Date() : when,
         group: h.group === undefined || h.group === null ? undefined : String(h.group),
         kind: "history",
-      });
+      };
+      if (h.to !== undefined && h.to !== null) showDirect(Object.assign(m, { to: String(h.to) }));
+      else showMessage(m);
       added++;
     }
     if (!reconnected) system(added ? "Loaded " + added + " earlier messages" : "No earlier messages");
@@ -367,7 +423,13 @@
     if (!user || !text.trim()) return;
     const group = ui.target.value;
     try {
-      if (group) await hub.invoke("SendMessageToGroup", group, user, text);
+      if (group.startsWith("@")) {
+        const to = group.slice(1);
+        await hub.invoke("SendToUser", to, text);
+        // The hub sends it to every other connection of both users; this one shows it now.
+        remember(seenKeys, messageKey(user, text, me.connectionId));
+        showDirect({ user, message: text, connectionId: me.connectionId, nodeId: me.nodeId, to, when: new Date(), kind: "direct" });
+      } else if (group) await hub.invoke("SendMessageToGroup", group, user, text);
       else await hub.invoke("SendMessage", user, text);
       ui.message.value = "";
     } catch (err) {
@@ -392,13 +454,21 @@
       ui.groups.appendChild(li);
       ui.target.appendChild(new Option("group " + group, group));
     }
-    ui.target.value = joinedGroups.has(current) ? current : "";
+    // Direct choices are "@name": group names never start with "@" here
+    // (the join form refuses them), so the two cannot be confused.
+    for (const peer of [...dmPeers].sort()) ui.target.appendChild(new Option("direct to " + peer, "@" + peer));
+    const still = joinedGroups.has(current) || (current.startsWith("@") && dmPeers.has(current.slice(1)));
+    ui.target.value = still ? current : "";
   }
 
   ui.groupForm.addEventListener("submit", async (e) => {
     e.preventDefault();
     const group = ui.groupName.value.trim();
     if (!group) return;
+    if (group.startsWith("@")) {
+      system("Group names may not begin with @ here: that marks a direct message's recipient.");
+      return;
+    }
     try {
       await hub.invoke("JoinGroup", group);
       joinedGroups.add(group);

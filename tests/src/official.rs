@@ -30,12 +30,15 @@ window.__sbStart = async (name, o) => {
     .configureLogging(signalR.LogLevel.Warning);
   if (o.msgpack) b.withHubProtocol(new signalR.protocols.msgpack.MessagePackHubProtocol());
   if (o.stateful) b.withStatefulReconnect();
-  // With o.resume: message ids, automatic reconnect, and Resume(lastId) after it.
-  if (o.resume) b.withAutomaticReconnect([0, 250, 500, 1000, 2000, 2000, 2000, 2000, 2000, 2000]);
+  // With o.resume: message ids, automatic reconnect (after o.retryDelays), and Resume(lastId) after it.
+  if (o.resume) b.withAutomaticReconnect(o.retryDelays || [0, 250, 500, 1000, 2000, 2000, 2000, 2000, 2000, 2000]);
   const c = b.build();
-  const rec = { state: 'starting', got: [], users: [], node: null, reconnecting: 0, closed: 0, errors: [], lastId: null, resumed: 0 };
+  const rec = { state: 'starting', got: [], users: [], dms: [], node: null, reconnecting: 0, closed: 0, errors: [], lastId: null, resumed: 0 };
   window.__sb.clients[name] = { c, rec };
   c.on('ReceiveMessage', (user, message, cid, node, id) => { rec.got.push(message); rec.users.push(user); if (id) rec.lastId = id; });
+  c.on('ReceivePrivateMessage', (user, message, cid, node, id, to) => {
+    rec.dms.push({ user, message, to: to === undefined ? null : to }); if (id) rec.lastId = id;
+  });
   if (o.resume) c.onreconnected(async () => {
     if (!rec.lastId) return;
     try { rec.resumed += await c.invoke('Resume', rec.lastId); } catch (e) { rec.errors.push('resume: ' + e); }
@@ -62,6 +65,8 @@ window.__sbEcho = async (name) => {
 };
 window.__sbSend = (name, text, as) => window.__sb.clients[name].c.invoke('SendMessage', as || name, text)
   .catch((e) => window.__sb.clients[name].rec.errors.push('send: ' + e));
+window.__sbInvoke = (name, method, args) => window.__sb.clients[name].c.invoke(method, ...args)
+  .catch((e) => window.__sb.clients[name].rec.errors.push(method + ': ' + e));
 window.__sbRec = (name) => { const r = window.__sb.clients[name].rec; return Object.assign({}, r, { connectionIdNow: window.__sb.clients[name].c.connectionId }); };
 return typeof signalR.HubConnectionBuilder + '/' + typeof signalR.protocols.msgpack.MessagePackHubProtocol;
 "#;

@@ -255,6 +255,13 @@ async fn nodes_and_the_balancer_run_on_a_redis_cluster_and_follow_a_failover() {
     assert_sharded(&cluster, owner, &chat_channels, 2).await;
     assert_sharded(&cluster, ops_master, &[&group_channel("ops")], 2).await;
     assert_sharded(&cluster, busy_master, &[&group_channel(&busy)], 1).await;
+    // A direct message: stored with the broadcasts, published on its two
+    // users' shard channels on the prefix's master, each followed by the
+    // one node that has a connection of the user.
+    assert_eq!(two.invoke("SetUser", vec![json!("bob")]).await, Ok(serde_json::Value::Null));
+    one.invoke("SendToUser", vec![json!("bob"), json!("direct")]).await.expect("SendToUser");
+    assert!(hears(&mut two, "ReceivePrivateMessage", "direct", WAIT).await, "a direct message crossed nodes");
+    assert_sharded(&cluster, owner, &["{switchboard}:bp:user:bob", "{switchboard}:bp:user:ana"], 1).await;
 
     // A client that tracks ids, in the busy group, to leave and resume.
     let ids = ConnectOptions { message_ids: true, ..ConnectOptions::default() };

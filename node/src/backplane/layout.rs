@@ -10,6 +10,7 @@
 //! {prefix}:stored:{uid}       a stored message's id, for a retried store (expires)
 //! {prefix}:bp:all             channel: broadcasts, `<id> <json>`
 //! {prefix}:bp:group:{name}    channel per group, subscribed while this node has members
+//! {prefix}:bp:user:{name}     channel per user, subscribed while this node has one of its connections
 //! {prefix}:presence           sorted set: `{node}\n{user}` scored by expiry (Unix ms)
 //! {prefix}:presence:changes   channel: presence changes, JSON `{"node","user","online"}`
 //! ```
@@ -30,6 +31,15 @@
 //! <channel>:echo:{tag}        shard channel: a subscriber's liveness probe, one per master it listens to
 //! ```
 //!
+//! A direct message (`SendToUser`) is stored in the broadcast scope, so its
+//! id is in the order every client resumes from and a replay needs no scope
+//! per user or per pair; it is published on its sender's and its
+//! recipient's user channels only, so only nodes where one of the two is
+//! connected receive it. On a Redis Cluster the user channels are shard
+//! channels on the prefix's slot, beside the broadcast stream the script
+//! writes (a script's keys and shard channels must share a slot): direct
+//! messages load that one master, as broadcasts do.
+//!
 //! (A configured prefix that holds a hash tag of its own keeps every name on
 //! that one slot, groups included.)
 //!
@@ -48,6 +58,7 @@ pub struct Layout {
     history: String,
     all: String,
     group_prefix: String,
+    user_prefix: String,
     presence: String,
     presence_changes: String,
 }
@@ -64,6 +75,7 @@ impl Layout {
             group_base,
             history: format!("{prefix}:history"),
             all: format!("{prefix}:bp:all"),
+            user_prefix: format!("{prefix}:bp:user:"),
             presence: format!("{prefix}:presence"),
             presence_changes: format!("{prefix}:presence:changes"),
         }
@@ -127,6 +139,16 @@ impl Layout {
         }
     }
 
+    /// A user's channel (its direct messages, sent and received).
+    pub fn user_channel(&self, user: &str) -> String {
+        format!("{}{user}", self.user_prefix)
+    }
+
+    /// The user a channel carries, if it is a user channel.
+    pub fn user_of<'c>(&self, channel: &'c str) -> Option<&'c str> {
+        channel.strip_prefix(self.user_prefix.as_str())
+    }
+
     /// A probe channel on the same slot as `channel`, for the subscriber
     /// whose tag is `tag`.
     pub fn echo_channel(channel: &str, tag: &str) -> String {
@@ -169,6 +191,9 @@ mod tests {
         assert_eq!(l.group_channel("ops"), "sb:bp:group:ops");
         assert_eq!(l.group_of("sb:bp:group:ops"), Some("ops"));
         assert_eq!(l.group_of("sb:bp:all"), None);
+        assert_eq!(l.user_channel("ann b"), "sb:bp:user:ann b");
+        assert_eq!(l.user_of("sb:bp:user:ann b"), Some("ann b"));
+        assert_eq!((l.user_of("sb:bp:all"), l.group_of(&l.user_channel("x"))), (None, None));
         assert_eq!((l.presence(), l.presence_changes()), ("sb:presence", "sb:presence:changes"));
         assert_eq!(Layout::echo_channel("sb:bp:all", "7"), "sb:bp:all:echo:7");
     }
@@ -197,9 +222,13 @@ mod tests {
             assert!(names.iter().chain([&probe]).all(|n| tag(n) == tag(&names[0])), "{g}: {names:?}");
             assert_eq!(l.group_of(&l.group_channel(g)), Some(g));
         }
-        for name in
-            [l.history(None).to_string(), l.stored_marker(None, "u"), l.all_channel().into(), l.presence().into()]
-        {
+        for name in [
+            l.history(None).to_string(),
+            l.stored_marker(None, "u"),
+            l.all_channel().into(),
+            l.presence().into(),
+            l.user_channel("a}b{c}"),
+        ] {
             assert_eq!(tag(&name), "sb", "{name}");
         }
         // A prefix with a tag of its own: everything on that slot.

@@ -1,6 +1,6 @@
 //! The seam between this node's hub and the other nodes. A backplane takes
 //! chat messages to store and fan out (`send`), follows the groups this node
-//! has members in, keeps the history that `GetHistory` and `Resume` read, and
+//! has members in and the users it has connections of, keeps the history that `GetHistory` and `Resume` read, and
 //! hands every message that arrives, in id order and once, to a `Deliver`
 //! (the node's delivery to its local connections). Presence crosses the same
 //! seam both ways: `write_presence` records and publishes this node's
@@ -31,6 +31,8 @@ pub trait Deliver: Send + Sync {
     fn deliver(&self, message: &ChatMessage);
     /// The groups with local members (subscribed again after a reconnect).
     fn local_groups(&self) -> Vec<String>;
+    /// The users with local connections (subscribed again after a reconnect).
+    fn local_users(&self) -> Vec<String>;
     /// A presence change a node published (see `presence`); this node's own
     /// may come back too.
     fn presence(&self, change: &PresenceChange);
@@ -80,6 +82,10 @@ impl Sink {
 
     fn local_groups(&self) -> Vec<String> {
         self.0.get().and_then(Weak::upgrade).map(|s| s.local_groups()).unwrap_or_default()
+    }
+
+    fn local_users(&self) -> Vec<String> {
+        self.0.get().and_then(Weak::upgrade).map(|s| s.local_users()).unwrap_or_default()
     }
 
     fn presence(&self, change: &PresenceChange) {
@@ -158,6 +164,25 @@ impl Backplane {
     pub fn unsubscribe_group(&self, group: &str) {
         match self {
             Backplane::Redis(b) => b.unsubscribe_group(group),
+            #[cfg(test)]
+            Backplane::Memory(_) => {}
+        }
+    }
+
+    /// Follows `user`'s direct messages (this node has its first connection
+    /// of the user now); returns once they reach this node, as `joined_group`.
+    pub async fn follow_user(&self, user: &str) {
+        match self {
+            Backplane::Redis(b) => b.follow_user(user).await,
+            #[cfg(test)]
+            Backplane::Memory(_) => {} // every node gets every message
+        }
+    }
+
+    /// Stops following `user` (its last local connection is gone).
+    pub fn unfollow_user(&self, user: &str) {
+        match self {
+            Backplane::Redis(b) => b.unfollow_user(user),
             #[cfg(test)]
             Backplane::Memory(_) => {}
         }

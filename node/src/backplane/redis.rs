@@ -1,8 +1,10 @@
 //! The Redis backplane that fans chat messages out to every node, in the
 //! order history stores them, and keeps that history.
 //!
-//! Channels (see `layout`): one for broadcasts and one per group (a node
-//! subscribes only while it has local members). Sending a
+//! Channels (see `layout`): one for broadcasts, one per group (a node
+//! subscribes only while it has local members) and one per user (while it
+//! has one of the user's connections), which carries the user's direct
+//! messages, sent and received. Sending a
 //! message means storing and publishing it in one atomic, idempotent step
 //! (`history::store_and_publish`); every node, the sender included, delivers
 //! it to its clients when it arrives on the backplane, so every client sees
@@ -72,14 +74,23 @@ const MAX_EARLY_UIDS: usize = 100_000;
 pub const GROUP_HISTORY_IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub struct Publication {
-    channel: String,
+    /// Where it is published: one channel, or a direct message's two users'
+    /// separated by `\n` (see `history::store_and_publish`).
+    channels: String,
     message: ChatMessage,
 }
 
+/// What a node follows beside the broadcasts: a group's or a user's channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Follow {
+    Group(String),
+    User(String),
+}
+
 enum SubCommand {
-    /// Subscribe to a group's channel; answer once Redis confirmed it.
-    Subscribe(String, Option<oneshot::Sender<()>>),
-    Unsubscribe(String),
+    /// Subscribe to a channel; answer once Redis confirmed it.
+    Subscribe(Follow, Option<oneshot::Sender<()>>),
+    Unsubscribe(Follow),
     /// Answered once every command before it is done.
     Barrier(oneshot::Sender<()>),
 }
@@ -171,12 +182,16 @@ impl RedisBackplane {
     /// Queues a chat message for storing and delivery on every node,
     /// this one included.
     pub fn send(&self, message: ChatMessage) {
-        let channel = match &message.group {
-            Some(g) => self.layout.group_channel(g),
-            None => self.layout.all_channel().to_string(),
+        let channels = match (&message.group, &message.to) {
+            (Some(g), _) => self.layout.group_channel(g),
+            (None, Some(to)) if *to == message.user => self.layout.user_channel(to),
+            (None, Some(to)) => {
+                format!("{}\n{}", self.layout.user_channel(&message.user), self.layout.user_channel(to))
+            }
+            (None, None) => self.layout.all_channel().to_string(),
         };
         self.pending.fetch_add(1, Ordering::AcqRel);
-        if let Err(e) = self.queue.try_send(Publication { channel, message }) {
+        if let Err(e) = self.queue.try_send(Publication { channels, message }) {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             self.metrics.dropped.inc();
             tracing::error!("backplane publish queue is full; message delivered to this node only");
@@ -194,22 +209,37 @@ impl RedisBackplane {
     /// deadline, and not at all while the subscription is down (it is
     /// made again with every local group when Redis is back).
     pub async fn joined_group(&self, group: &str, first: bool) {
+        self.follow(Follow::Group(group.to_string()), first).await;
+    }
+
+    pub fn unsubscribe_group(&self, group: &str) {
+        let _ = self.subs.send(SubCommand::Unsubscribe(Follow::Group(group.to_string())));
+    }
+
+    /// After a user's first local connection: returns once the user's
+    /// direct messages reach this node (as `joined_group`).
+    pub async fn follow_user(&self, user: &str) {
+        self.follow(Follow::User(user.to_string()), true).await;
+    }
+
+    pub fn unfollow_user(&self, user: &str) {
+        let _ = self.subs.send(SubCommand::Unsubscribe(Follow::User(user.to_string())));
+    }
+
+    /// Subscribes to what `what` names when `first`, else waits for the
+    /// subscriptions already asked for; see `joined_group`.
+    async fn follow(&self, what: Follow, first: bool) {
         if !self.is_live() {
             if first {
-                let _ = self.subs.send(SubCommand::Subscribe(group.to_string(), None));
+                let _ = self.subs.send(SubCommand::Subscribe(what, None));
             }
             return;
         }
         let (done, confirmed) = oneshot::channel();
-        let command =
-            if first { SubCommand::Subscribe(group.to_string(), Some(done)) } else { SubCommand::Barrier(done) };
+        let command = if first { SubCommand::Subscribe(what, Some(done)) } else { SubCommand::Barrier(done) };
         if self.subs.send(command).is_ok() {
             let _ = tokio::time::timeout(SUBSCRIPTION_DEADLINE, confirmed).await;
         }
-    }
-
-    pub fn unsubscribe_group(&self, group: &str) {
-        let _ = self.subs.send(SubCommand::Unsubscribe(group.to_string()));
     }
 
     /// Waits until every accepted publication reached Redis, or `limit` passes.
@@ -396,12 +426,22 @@ impl RedisBackplane {
             }
             return;
         }
-        let broadcast = channel == self.layout.all_channel();
-        if !broadcast && self.layout.group_of(channel).is_none() {
+        // What each kind of channel may carry: a broadcast, a group's
+        // message, or a direct message.
+        let kind: fn(&ChatMessage) -> bool = if channel == self.layout.all_channel() {
+            |m: &ChatMessage| m.group.is_none() && m.to.is_none()
+        } else if self.layout.group_of(channel).is_some() {
+            |m: &ChatMessage| m.group.is_some()
+        } else if self.layout.user_of(channel).is_some() {
+            |m: &ChatMessage| m.group.is_none() && m.to.is_some()
+        } else {
             return;
-        }
+        };
         match history::parse_published(payload) {
-            Some(m) if broadcast == m.group.is_none() => self.deliver_stored(&m),
+            // A direct message between two users this node both has comes
+            // on both users' channels: the first is delivered to both, and
+            // the second is a repeat of its id.
+            Some(m) if kind(&m) => self.deliver_stored(&m),
             _ => {
                 self.metrics.invalid.inc();
                 tracing::warn!(?channel, "ignoring malformed backplane payload");
@@ -462,22 +502,33 @@ impl RedisBackplane {
     }
 
     /// A group's channel is subscribed for its first local member: on
-    /// `per_group`, where its delivery starts is read first.
-    async fn follow_group(&self, sub: &mut Subscription, group: &str) -> redis::RedisResult<()> {
-        if self.layout.per_group() {
-            self.start_points(&[Some(group.to_string())]).await?;
+    /// `per_group`, where its delivery starts is read first. A user's
+    /// messages are in the broadcast scope, followed from the start.
+    async fn subscribe_to(&self, sub: &mut Subscription, what: &Follow) -> redis::RedisResult<()> {
+        match what {
+            Follow::Group(group) => {
+                if self.layout.per_group() {
+                    self.start_points(&[Some(group.to_string())]).await?;
+                }
+                sub.subscribe(&[self.layout.group_channel(group)]).await
+            }
+            Follow::User(user) => sub.subscribe(&[self.layout.user_channel(user)]).await,
         }
-        sub.subscribe(&[self.layout.group_channel(group)]).await
     }
 
     /// A group no longer followed: on `per_group` its position is
     /// forgotten, so that following it again later starts from then, not
     /// with what its new members never joined for.
-    async fn unfollow_group(&self, sub: &mut Subscription, group: &str) -> redis::RedisResult<()> {
-        if self.layout.per_group() {
-            self.last_ids().groups.remove(group);
+    async fn unsubscribe_from(&self, sub: &mut Subscription, what: &Follow) -> redis::RedisResult<()> {
+        match what {
+            Follow::Group(group) => {
+                if self.layout.per_group() {
+                    self.last_ids().groups.remove(group);
+                }
+                sub.unsubscribe(&self.layout.group_channel(group)).await
+            }
+            Follow::User(user) => sub.unsubscribe(&self.layout.user_channel(user)).await,
         }
-        sub.unsubscribe(&self.layout.group_channel(group)).await
     }
 }
 
@@ -514,7 +565,7 @@ async fn store_batch(
         let mut pipe = redis::pipe();
         let mut renewed: HashSet<&str> = HashSet::new();
         for p in publications {
-            history::store_and_publish(&mut pipe, s, &bp.layout, bp.history_len, &p.channel, &p.message);
+            history::store_and_publish(&mut pipe, s, &bp.layout, bp.history_len, &p.channels, &p.message);
             if let Some(group) = bp.layout.scope_of(p.message.group.as_deref()) {
                 if renewed.insert(group) {
                     let idle_ms = GROUP_HISTORY_IDLE.as_millis() as i64;
@@ -626,6 +677,7 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
         if let Ok(Ok(mut sub)) = connected {
             let mut channels = vec![bp.layout.all_channel().to_string(), bp.layout.presence_changes().to_string()];
             channels.extend(bp.sink.local_groups().iter().map(|g| bp.layout.group_channel(g)));
+            channels.extend(bp.sink.local_users().iter().map(|u| bp.layout.user_channel(u)));
             let subscribed = tokio::time::timeout(SUBSCRIPTION_DEADLINE, sub.subscribe(&channels)).await;
             match subscribed {
                 Ok(Ok(())) => {
@@ -666,8 +718,8 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
                                 cmd = cmds.recv() => {
                                     let change = async {
                                         match cmd {
-                                            Some(SubCommand::Subscribe(g, done)) => {
-                                                let ok = bp.follow_group(&mut sub, &g).await.is_ok();
+                                            Some(SubCommand::Subscribe(what, done)) => {
+                                                let ok = bp.subscribe_to(&mut sub, &what).await.is_ok();
                                                 if let (true, Some(done)) = (ok, done) {
                                                     let _ = done.send(());
                                                 }
@@ -677,7 +729,7 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
                                                 let _ = done.send(());
                                                 true
                                             }
-                                            Some(SubCommand::Unsubscribe(g)) => bp.unfollow_group(&mut sub, &g).await.is_ok(),
+                                            Some(SubCommand::Unsubscribe(what)) => bp.unsubscribe_from(&mut sub, &what).await.is_ok(),
                                             None => false,
                                         }
                                     };

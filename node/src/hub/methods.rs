@@ -57,6 +57,7 @@ pub(super) const METHODS: &[Method] = &[
     method!("JoinGroup", join_group),
     method!("LeaveGroup", leave_group),
     method!("SendMessageToGroup", send_message_to_group),
+    method!("SendToUser", send_to_user),
     method!("GetHistory", get_history),
     method!("Echo", echo),
     method!("Resume", resume),
@@ -140,6 +141,7 @@ fn chat_message(
         id: None,
         uid: format!("{:032x}", rand::random::<u128>()),
         group,
+        to: None,
         user,
         message,
         connection_id: conn.connection_id.clone(),
@@ -204,6 +206,27 @@ async fn send_message_to_group(
     Ok(Answer::Empty)
 }
 
+/// `SendToUser(user, message)`: a direct message to every connection of
+/// `user` and to the sender's other connections, on every node. Only a
+/// connection that is a user's address may send one (signed in, or with
+/// auth off after `SetUser`), and it speaks as that user.
+async fn send_to_user(app: &Arc<App>, conn: &Arc<Connection>, _: Option<&str>, args: (String, String)) -> Outcome {
+    let (to, message) = args;
+    let Some(from) = app.user_of(conn) else {
+        return Err(if app.auth.mode == AuthMode::Off {
+            "HubException: say who you are first (SetUser): direct messages go from one user to another.".into()
+        } else {
+            "HubException: sign in first: direct messages go from one signed-in user to another.".into()
+        });
+    };
+    let to = user_name::validate(&to).map_err(|e| format!("HubException: {e}."))?.to_string();
+    let mut m = chat_message(app, conn, None, from.clone(), message)?;
+    m.user = from;
+    m.to = Some(to);
+    app.backplane.send(m);
+    Ok(Answer::Empty)
+}
+
 /// `GetHistory(count)`: the newest stored messages, oldest first.
 async fn get_history(app: &Arc<App>, conn: &Arc<Connection>, _: Option<&str>, count: Value) -> Outcome {
     let count = count
@@ -247,7 +270,11 @@ async fn set_user(app: &Arc<App>, conn: &Arc<Connection>, _: Option<&str>, user:
             if !conn.may_rename() {
                 return Err("HubException: renaming too often; try again in a moment.".into());
             }
-            app.go_online_as(conn, &anonymous_name(app, name)?);
+            if let Some(first) = app.go_online_as(conn, &anonymous_name(app, name)?) {
+                // With auth off the name is the connection's address too:
+                // its direct messages reach this node once this completes.
+                app.backplane.follow_user(&first).await;
+            }
             Ok(Answer::Empty)
         }
     }

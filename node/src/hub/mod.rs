@@ -1,7 +1,7 @@
 //! The chat hub: what each hub message means. Transports hand raw bytes to
 //! `on_data`; it splits records, answers the handshake, parses messages and
 //! runs invocations through the table of methods in `methods` (chat,
-//! groups, history and `Resume`, `Echo`, presence). Chat messages are
+//! groups, direct messages, history and `Resume`, `Echo`, presence). Chat messages are
 //! not delivered here: they are stored and published (`backplane`), and every
 //! node, this one too, delivers them in id order as they come back. Method names match
 //! case-insensitively, as in ASP.NET Core. An unknown method or bad arguments
@@ -54,7 +54,7 @@ pub async fn on_data(app: &Arc<App>, conn: &Arc<Connection>, data: &[u8]) -> Flo
             }
         };
         if !conn.is_handshaken() {
-            if handshake(app, conn, &record) {
+            if handshake(app, conn, &record).await {
                 // Whatever follows the handshake in this feed is in the new protocol.
                 reader.set_framing(conn.protocol().framing());
             }
@@ -97,7 +97,7 @@ fn protocol_error(app: &App, conn: &Connection, e: &ProtocolError) {
 }
 
 /// Answers the handshake; true when it succeeded.
-fn handshake(app: &App, conn: &Connection, record: &[u8]) -> bool {
+async fn handshake(app: &App, conn: &Connection, record: &[u8]) -> bool {
     let accepted = parse_handshake(record).and_then(|req| {
         if req.protocol.is_binary() && conn.transport().is_some_and(|t| !t.carries_binary()) {
             return Err(transfer_format_error(req.protocol));
@@ -115,12 +115,16 @@ fn handshake(app: &App, conn: &Connection, record: &[u8]) -> bool {
                     app.metrics.stateful_buffer_bytes.clone(),
                 ));
             }
+            // A signed-in connection is online as its token's user from now
+            // on, and the user's direct messages reach this node before the
+            // client hears that it is in.
+            if let Some(user) = conn.user() {
+                if let Some(first) = app.go_online_as(conn, user) {
+                    app.backplane.follow_user(&first).await;
+                }
+            }
             let _ = conn.send(Bytes::from(handshake_response(None)), false, true);
             conn.complete_handshake();
-            // A signed-in connection is online as its token's user from now on.
-            if let Some(user) = conn.user() {
-                app.go_online_as(conn, user);
-            }
             tracing::debug!(connection = %conn.connection_id, protocol = req.protocol.name(), version = req.version, stateful = conn.stateful().is_some(), "handshake");
             true
         }
@@ -384,6 +388,81 @@ mod tests {
         let mut texts: Vec<&str> = page.iter().filter_map(|m| m["message"].as_str()).collect();
         texts.sort();
         assert_eq!(texts, ["d0", "m0", "m1", "o0", "o1", "o2"], "{page:?}");
+    }
+
+    /// A client on `app` that is `user`'s (auth is off: its SetUser name).
+    async fn user_client(app: &Arc<App>, key: &str, user: &str, message_ids: bool) -> Arc<Connection> {
+        let conn = client(app, key, message_ids).await;
+        invoke(app, &conn, "u", "SetUser", json!([user])).await;
+        if message_ids {
+            // Live messages are held for such a client until it resumes or reads history.
+            invoke(app, &conn, "h0", "GetHistory", json!([0])).await;
+        }
+        let done = take(&conn);
+        assert!(done.iter().any(|r| r["invocationId"] == "u" && r.get("error").is_none()), "{done:?}");
+        conn
+    }
+
+    #[tokio::test]
+    async fn a_direct_message_reaches_both_users_other_connections_on_every_node_and_only_them() {
+        let bus = MemoryBus::new(100);
+        let (a, b) = (node(&bus, "a"), node(&bus, "b"));
+        let ana1 = user_client(&a, "ana1", "ana", true).await;
+        let ana2 = user_client(&b, "ana2", "ana", false).await;
+        let bob1 = user_client(&a, "bob1", "bob", false).await;
+        let bob2 = user_client(&b, "bob2", "bob", true).await;
+        let cat = user_client(&b, "cat", "cat", true).await;
+        let nobody = client(&a, "nobody", true).await;
+        invoke(&a, &ana1, "s", "SendToUser", json!(["bob", "psst"])).await;
+        let sent = take(&ana1);
+        assert!(sent.iter().any(|r| r["invocationId"] == "s" && r.get("error").is_none()), "{sent:?}");
+        assert!(events(&sent, "ReceivePrivateMessage").is_empty(), "the sending connection has its completion");
+        let plain = json!(["ana", "psst", "ana1", "a"]);
+        for (conn, who) in [(&bob1, "bob1"), (&ana2, "ana2")] {
+            let got = take(conn);
+            let dms = events(&got, "ReceivePrivateMessage");
+            assert_eq!(dms.len(), 1, "{who}: {got:?}");
+            assert_eq!(dms[0]["arguments"], plain, "{who}");
+        }
+        let got = take(&bob2);
+        let dm = events(&got, "ReceivePrivateMessage")[0]["arguments"].clone();
+        let id = dm[4].clone();
+        assert_eq!(dm, json!(["ana", "psst", "ana1", "a", id, "bob"]), "with the id, then the recipient");
+        for (conn, who) in [(&cat, "cat"), (&nobody, "nobody")] {
+            assert!(events(&take(conn), "ReceivePrivateMessage").is_empty(), "{who} is neither");
+        }
+        invoke(&a, &ana1, "b", "SendMessage", json!(["ana", "to all"])).await;
+        // Resume and GetHistory show it to the two users only.
+        let replays = |app: Arc<App>, conn: Arc<Connection>| async move {
+            invoke(&app, &conn, "r", "Resume", json!(["0-0"])).await;
+            let got = take(&conn);
+            let texts: Vec<Value> = got.iter().filter(|r| r["type"] == 1).map(|r| r["arguments"][1].clone()).collect();
+            invoke(&app, &conn, "h", "GetHistory", json!([10])).await;
+            let page = take(&conn)[0]["result"].as_array().unwrap().clone();
+            let history: Vec<Value> = page.iter().map(|m| m["message"].clone()).collect();
+            (texts, history, page)
+        };
+        let bob3 = user_client(&a, "bob3", "bob", true).await;
+        let (texts, history, page) = replays(a.clone(), bob3).await;
+        assert_eq!((texts, history), (vec![json!("psst"), json!("to all")], vec![json!("psst"), json!("to all")]));
+        assert_eq!((&page[0]["user"], &page[0]["to"]), (&json!("ana"), &json!("bob")), "{page:?}");
+        let ana3 = user_client(&b, "ana3", "ana", true).await;
+        assert_eq!(replays(b.clone(), ana3).await.0, [json!("psst"), json!("to all")], "the sender's other connection");
+        for (app, conn) in [(&b, cat), (&a, nobody), (&a, ana1)] {
+            let (texts, history, _) = replays(app.clone(), conn).await;
+            assert_eq!((texts, history), (vec![json!("to all")], vec![json!("to all")]));
+        }
+        // A connection that is nobody's address cannot send one.
+        let anonymous = client(&b, "anon", false).await;
+        invoke(&b, &anonymous, "x", "SendToUser", json!(["bob", "hi"])).await;
+        assert!(take(&anonymous)[0]["error"].as_str().unwrap().contains("SetUser"));
+        // A rename moves the address: bob2 becomes dan's and no longer gets bob's.
+        invoke(&b, &bob2, "n", "SetUser", json!(["dan"])).await;
+        take(&bob2);
+        let ana4 = user_client(&a, "ana4", "ana", false).await;
+        invoke(&a, &ana4, "s2", "SendToUser", json!(["bob", "again"])).await;
+        assert_eq!(events(&take(&bob1), "ReceivePrivateMessage").len(), 1);
+        assert!(events(&take(&bob2), "ReceivePrivateMessage").is_empty());
     }
 
     #[tokio::test]
