@@ -7,7 +7,7 @@
 //! `target/<profile>/test-artifacts/`.
 
 use fantoccini::{Client, Locator};
-use serde_json::Value;
+use serde_json::{json, Value};
 use switchboard_tests::browser::{click, eval, eval_until, screenshot, type_into, Browser};
 use switchboard_tests::{
     cut_connections_to, eventually, get_text, metric_nonzero, HubClient, RedisServer, TestBalancer, TestNode,
@@ -23,6 +23,7 @@ return [...document.querySelectorAll('#messages li.message')].map(li => ({
   kind: li.dataset.kind,
   node: li.dataset.node,
   group: li.dataset.group || null,
+  to: li.dataset.to || null,
   user: li.querySelector('.user').textContent,
   text: li.querySelector('.text').textContent,
   via: li.querySelector('.node').textContent,
@@ -322,6 +323,14 @@ async fn a_killed_node_sends_its_page_elsewhere_and_the_dashboard_shows_drain_an
     set_name(&bob, "bob").await;
     send_chat(&alice, "before the failure").await;
     wait_message(&bob, "before the failure").await;
+    // Alice picks bob from her online list and writes to him directly.
+    click(&bob, "#message").await; // bob's name is taken when the field loses focus
+    wait_online(&alice, &["alice", "bob"]).await;
+    click(&alice, "#online li[data-user=\"bob\"]").await;
+    send_chat(&alice, "just for bob").await;
+    let dm = wait_message(&bob, "just for bob").await;
+    assert_eq!((&dm["kind"], &dm["to"], &dm["user"]), (&json!("direct"), &json!("bob"), &json!("alice")), "{dm}");
+    choose_target(&alice, "").await;
 
     // A node joins: the chart grows a band for it, the log numbers the join.
     let late = TestNode::start(&redis, "node-d", &[]).await;
@@ -342,7 +351,10 @@ async fn a_killed_node_sends_its_page_elsewhere_and_the_dashboard_shows_drain_an
     // Kill bob's node outright.
     let bob_index = nodes.iter().position(|n| n.id == bob_node).expect("bob's node is one of ours");
     nodes[bob_index].process.kill();
-    // Alice keeps talking while bob is away.
+    // Alice keeps talking while bob is away, to everyone and to him.
+    choose_target(&alice, "@bob").await;
+    send_chat(&alice, "direct while bob is away").await;
+    choose_target(&alice, "").await;
     send_chat(&alice, "while bob reconnects").await;
 
     // The page notices, says so, and reconnects to the only node still taking
@@ -351,6 +363,12 @@ async fn a_killed_node_sends_its_page_elsewhere_and_the_dashboard_shows_drain_an
     wait_message(&bob, "while bob reconnects").await;
     let missed = messages(&bob).await.iter().filter(|m| m["text"] == "while bob reconnects").count();
     assert_eq!(missed, 1, "the message sent during the failover is shown exactly once");
+    let dm = wait_message(&bob, "direct while bob is away").await;
+    assert_eq!((&dm["kind"], &dm["to"]), (&json!("direct"), &json!("bob")), "{dm}");
+    for (page, who) in [(&bob, "bob"), (&alice, "alice")] {
+        let shown = messages(page).await.iter().filter(|m| m["text"] == "direct while bob is away").count();
+        assert_eq!(shown, 1, "{who} shows the direct message sent during the failover once");
+    }
     assert!(now_on != bob_node && now_on != "node-c", "bob should reconnect to a node still accepting: {now_on}");
     let lines = system_lines(&bob).await;
     assert!(
