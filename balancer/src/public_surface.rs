@@ -1,6 +1,9 @@
 //! What the public port forwards to nodes: the chat page and its files, the
-//! SignalR hub, `/health`, the `/nodes` listing and the page's sign-in
-//! helpers (`/auth/info`, and `/auth/dev-token` where a node enables it). Everything else a node
+//! SignalR hub, `/health`, the `/nodes` listing, the page's sign-in
+//! helpers (`/auth/info`, and `/auth/dev-token` where a node enables it)
+//! and the server API for application backends (`/api/hubs/…` and
+//! `/api/health`, which the nodes answer 404 unless an access key is set
+//! and guard with tokens signed with it). Everything else a node
 //! serves (`/metrics` today) is for the cluster's insiders (Prometheus
 //! scrapes each node on its own address) and gets a 404 from the balancer.
 //! It is an allowlist, so a route added to the nodes later stays private
@@ -10,6 +13,10 @@
 pub fn serves(path: &str) -> bool {
     matches!(path, "/" | "/chathub" | "/chathub/negotiate" | "/health" | "/nodes" | "/auth/info" | "/auth/dev-token")
         || path.strip_prefix("/static/").is_some_and(|file| !file.is_empty() && !file.contains('/'))
+        || path == "/api/health"
+        || path
+            .strip_prefix("/api/hubs/")
+            .is_some_and(|rest| !rest.is_empty() && !rest.split('/').any(|s| s == ".." || s == "."))
 }
 
 #[cfg(test)]
@@ -18,7 +25,18 @@ mod tests {
 
     #[test]
     fn the_chat_page_and_the_hub_are_public() {
-        for p in ["/", "/chathub", "/chathub/negotiate", "/health", "/nodes", "/static/chat.js", "/auth/info"] {
+        for p in [
+            "/",
+            "/chathub",
+            "/chathub/negotiate",
+            "/health",
+            "/nodes",
+            "/static/chat.js",
+            "/auth/info",
+            "/api/hubs/chathub/:send",
+            "/api/hubs/chathub/users/ana/groups/ops",
+            "/api/health",
+        ] {
             assert!(serves(p), "{p}");
         }
     }
@@ -27,6 +45,8 @@ mod tests {
     fn metrics_and_anything_unknown_are_not() {
         for p in
             ["/metrics", "/metrics/", "//metrics", "/%6detrics", "/static/", "/static/../metrics", "/api/backends", ""]
+                .into_iter()
+                .chain(["/api/hubs/", "/api/hubs/../../metrics", "/api/hubs/x/./y", "/api/"])
         {
             assert!(!serves(p), "{p}");
         }

@@ -10,7 +10,7 @@ use crate::backplane::{Backplane, BackplaneMetrics, Deliver, PresenceChange};
 use crate::config::NodeConfig;
 use crate::connection::{ChatDelivery, Connection, ConnectionOptions, ConnectionTable, Limits};
 use crate::groups::LocalGroups;
-use crate::history::ChatMessage;
+use crate::history::{Address, ChatMessage};
 use crate::metrics::Metrics;
 use crate::outbox::{OutFrame, PushError};
 use crate::presence::{Presence, PresenceTasks};
@@ -42,6 +42,8 @@ pub struct App {
     pub presence_tasks: std::sync::Mutex<Option<PresenceTasks>>,
     /// History reads, bounded and shared (see `history_reads`).
     pub history_reads: crate::history_reads::HistoryReads,
+    /// The server API's access key; no server API without one.
+    pub api_key: Option<crate::api::auth::AccessKey>,
     draining: AtomicBool,
 }
 
@@ -49,7 +51,13 @@ impl App {
     /// The node's state with the Redis backplane.
     pub fn new(cfg: NodeConfig) -> Result<Arc<Self>, String> {
         Self::with_backplane(cfg, |cfg, link, metrics| {
-            let b = crate::backplane::redis::RedisBackplane::new(link, metrics, &cfg.key_prefix, cfg.history_len);
+            let b = crate::backplane::redis::RedisBackplane::new(
+                link,
+                metrics,
+                &cfg.key_prefix,
+                cfg.history_len,
+                &cfg.node_id(),
+            );
             Backplane::Redis(Arc::new(b))
         })
     }
@@ -70,6 +78,10 @@ impl App {
         let mut cfg = cfg;
         cfg.key_prefix = target.key_prefix(&cfg.key_prefix);
         let auth = crate::auth::Auth::from_config(&cfg)?;
+        let api_key = match cfg.api_access_key.as_str() {
+            "" => None,
+            key => Some(crate::api::auth::AccessKey::parse(key).map_err(|e| format!("api_access_key: {e}"))?),
+        };
         let node_id = cfg.node_id();
         let redis = Arc::new(RedisLink::new(target, metrics.redis_up.clone()));
         let backplane = make(&cfg, redis.clone(), metrics.backplane());
@@ -91,6 +103,7 @@ impl App {
             auth,
             origins: crate::cors::AllowedOrigins::new(&cfg.allowed_origins),
             history_reads,
+            api_key,
             draining: AtomicBool::new(false),
             cfg,
         }))
@@ -193,30 +206,37 @@ impl App {
                 }
             }
         };
-        match (&message.group, &message.to) {
-            (Some(g), _) => offer_keys(self.groups.members(g)),
-            (None, Some(to)) => {
+        match message.address() {
+            Address::All => self.connections.handshaken().iter().for_each(offer),
+            Address::Group(g) => offer_keys(self.groups.members(g)),
+            Address::User { to, from } => {
                 let mut keys = self.users.connections(to);
-                if *to != message.user {
-                    keys.extend(self.users.connections(&message.user));
+                if to != from && !from.is_empty() {
+                    keys.extend(self.users.connections(from));
                 }
                 // The sending connection has its Completion instead.
                 keys.retain(|k| self.connections.get(k).is_some_and(|c| c.connection_id != message.connection_id));
                 offer_keys(keys);
             }
-            (None, None) => self.connections.handshaken().iter().for_each(offer),
+            Address::Connection(id) => {
+                if let Some(c) = self.connections.by_id(id).filter(|c| c.is_handshaken()) {
+                    offer(&c);
+                }
+            }
         }
     }
 
     /// Whether `conn`, whose user is `user`, should see `message` (in a
-    /// replay or a history page): anything but another pair's direct
-    /// messages, and not its own direct message back.
+    /// replay or a history page): what is addressed to everyone, to it, or
+    /// to its user; a direct message to or from its user but not the one it
+    /// sent itself. (Group messages are filtered by membership apart.)
     pub fn may_see(conn: &Connection, user: Option<&str>, message: &ChatMessage) -> bool {
-        match &message.to {
-            None => true,
-            Some(to) => {
-                user.is_some_and(|u| u == to || u == message.user) && message.connection_id != conn.connection_id
+        match message.address() {
+            Address::All | Address::Group(_) => true,
+            Address::User { to, from } => {
+                user.is_some_and(|u| u == to || u == from) && message.connection_id != conn.connection_id
             }
+            Address::Connection(id) => id == conn.connection_id,
         }
     }
 
@@ -304,9 +324,64 @@ impl App {
     pub fn user_of(&self, conn: &Connection) -> Option<String> {
         self.users.user_of(&conn.key)
     }
+
+    /// `go_online_as`, then, when `conn` became an address of `user`, what
+    /// that takes before the client is told it is in: this node follows the
+    /// user's channel (the first local connection of it), and the connection
+    /// joins the groups the server API put the user in.
+    pub async fn become_user(&self, conn: &Connection, user: &str) {
+        if let Some(first) = self.go_online_as(conn, user) {
+            self.backplane.follow_user(&first).await;
+        }
+        if !self.api_enabled() || self.user_of(conn).as_deref() != Some(user) {
+            return; // only the server API puts users in groups
+        }
+        match self.backplane.user_groups(user).await {
+            Ok(groups) => {
+                for group in groups {
+                    if let Err(e) = self.join_group(conn, &group).await {
+                        tracing::info!(connection = %conn.connection_id, error = %e, "could not join one of its user's groups");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read a user's groups; the connection joins none of them"),
+        }
+    }
+
+    /// Whether the server API is served (an access key is configured).
+    pub fn api_enabled(&self) -> bool {
+        self.api_key.is_some()
+    }
+
+    /// Puts `conn` in `group`; returns once the group's messages reach this
+    /// node. The error says why not (a bad name, too many groups).
+    pub async fn join_group(&self, conn: &Connection, group: &str) -> Result<(), String> {
+        crate::groups::validate_name(group)?;
+        if conn.first_live_id(None).is_some() {
+            // Live delivery began before the join: a Resume still to
+            // come must replay what the group had before it.
+            conn.note_late_join(group);
+        }
+        let first =
+            self.groups.join(group, &conn.key, self.cfg.max_groups_per_connection).map_err(|e| format!("{e}."))?;
+        self.backplane.joined_group(group, first).await;
+        Ok(())
+    }
+
+    /// Takes `conn` out of `group` (nothing if it was not in it).
+    pub fn leave_group(&self, conn: &Connection, group: &str) {
+        if self.groups.leave(group, &conn.key) {
+            self.backplane.unsubscribe_group(group);
+        }
+        conn.left_group(group);
+    }
 }
 
 impl Deliver for App {
+    fn control(self: Arc<Self>, command: crate::control::Command) -> futures_util::future::BoxFuture<'static, bool> {
+        Box::pin(async move { crate::control::apply(&self, &command).await })
+    }
+
     fn deliver(&self, message: &ChatMessage) {
         self.deliver_chat(message);
     }

@@ -51,6 +51,9 @@ pub struct NodeConfig {
     pub auth_clock_skew_secs: u64,
     pub auth_dev_sign_in: bool,
     pub allowed_origins: Vec<String>,
+    pub api_access_key: String,
+    pub api_audience: String,
+    pub api_max_body_bytes: usize,
     pub log_format: LogFormat,
 }
 
@@ -104,6 +107,9 @@ impl Default for NodeConfig {
             auth_clock_skew_secs: 30,
             auth_dev_sign_in: false,
             allowed_origins: Vec::new(),
+            api_access_key: String::new(),
+            api_audience: String::new(),
+            api_max_body_bytes: 1024 * 1024,
             log_format: LogFormat::Text,
         }
     }
@@ -228,6 +234,15 @@ pub struct Cli {
     /// Other origins (scheme://host[:port]) whose pages may use the hub, comma-separated; "*" = any. Same origin is always allowed [default: none]
     #[arg(long, global = true, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
+    /// The server API's access key (32+ bytes), or an Azure SignalR connection string holding it (Endpoint=…;AccessKey=…;Version=1.0;); empty = no server API (404) [default: empty]
+    #[arg(long, global = true, env = "SWITCHBOARD_API_ACCESS_KEY")]
+    pub api_access_key: Option<String>,
+    /// The public base URL (scheme://host[:port]) the server API's tokens name in `aud`, where it differs from what requests arrive with (empty: the URL they arrive with) [default: empty]
+    #[arg(long, global = true, env = "SWITCHBOARD_API_AUDIENCE")]
+    pub api_audience: Option<String>,
+    /// Largest server API request body, in bytes (larger: 413) [default: 1048576]
+    #[arg(long, global = true, env = "SWITCHBOARD_API_MAX_BODY_BYTES")]
+    pub api_max_body_bytes: Option<usize>,
     /// Log format [default: text]
     #[arg(long, global = true, env = "SWITCHBOARD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -291,6 +306,9 @@ impl Cli {
             auth_clock_skew_secs,
             auth_dev_sign_in,
             allowed_origins,
+            api_access_key,
+            api_audience,
+            api_max_body_bytes,
             log_format
         );
         // An empty environment variable or "a,,b" lists nothing in between.
@@ -402,6 +420,17 @@ impl NodeConfig {
                 });
             }
         }
+        if !self.api_access_key.is_empty() {
+            crate::api::auth::AccessKey::parse(&self.api_access_key)
+                .map_err(|reason| ConfigError::Invalid { name: "api_access_key", reason })?;
+        }
+        if !self.api_audience.is_empty() && crate::cors::normalise(&self.api_audience).is_none() {
+            return Err(ConfigError::Invalid {
+                name: "api_audience",
+                reason: format!("{:?} is not a base URL like https://chat.example.com[:port]", self.api_audience),
+            });
+        }
+        require_positive("api_max_body_bytes", self.api_max_body_bytes as u64)?;
         // Reading the keys is the final check (a missing file, a short secret, a bad PEM).
         self.auth_keys().map_err(|reason| ConfigError::Invalid { name: "auth", reason })?;
         Ok(())
@@ -411,7 +440,7 @@ impl NodeConfig {
     /// The settings as TOML with `auth_secret` and the Redis password
     /// masked (`--check-config`).
     pub fn masked(&self) -> Result<String, String> {
-        switchboard_common::config::masked_toml(self, &["auth_secret"], &["redis"])
+        switchboard_common::config::masked_toml(self, &["auth_secret", "api_access_key"], &["redis"])
     }
 
     /// The key material the settings name, read and parsed (`auth` builds

@@ -593,46 +593,67 @@ impl ChatDelivery {
     }
 }
 
+/// The node's connections by key (what transports name them by), with the
+/// ids others know them by (the server API) mapped to keys.
 #[derive(Default)]
 pub struct ConnectionTable {
-    map: RwLock<HashMap<String, Arc<Connection>>>,
+    map: RwLock<Tables>,
+}
+
+#[derive(Default)]
+struct Tables {
+    by_key: HashMap<String, Arc<Connection>>,
+    key_of_id: HashMap<String, String>,
 }
 
 impl ConnectionTable {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Connection>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Tables> {
         self.map.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Connection>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Tables> {
         self.map.write().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn insert(&self, conn: Arc<Connection>) {
-        self.write().insert(conn.key.clone(), conn);
+        let mut t = self.write();
+        t.key_of_id.insert(conn.connection_id.clone(), conn.key.clone());
+        t.by_key.insert(conn.key.clone(), conn);
     }
 
     pub fn get(&self, key: &str) -> Option<Arc<Connection>> {
-        self.read().get(key).cloned()
+        self.read().by_key.get(key).cloned()
+    }
+
+    /// The connection whose id (not key) is `id`.
+    pub fn by_id(&self, id: &str) -> Option<Arc<Connection>> {
+        let t = self.read();
+        t.key_of_id.get(id).and_then(|k| t.by_key.get(k)).cloned()
     }
 
     pub fn remove(&self, key: &str) -> Option<Arc<Connection>> {
-        self.write().remove(key)
+        let mut t = self.write();
+        let conn = t.by_key.remove(key)?;
+        if t.key_of_id.get(&conn.connection_id).is_some_and(|k| k == key) {
+            t.key_of_id.remove(&conn.connection_id);
+        }
+        Some(conn)
     }
 
     pub fn len(&self) -> usize {
-        self.read().len()
+        self.read().by_key.len()
     }
 
     /// Every connection, copied out so callers never hold the lock across work.
     pub fn all(&self) -> Vec<Arc<Connection>> {
-        self.read().values().cloned().collect()
+        self.read().by_key.values().cloned().collect()
     }
 
     /// The connections that have completed their handshake, copied out:
     /// a broadcast then sends without holding the table's lock, so new
     /// connections never wait for it.
     pub fn handshaken(&self) -> Vec<Arc<Connection>> {
-        self.read().values().filter(|c| c.is_handshaken()).cloned().collect()
+        self.read().by_key.values().filter(|c| c.is_handshaken()).cloned().collect()
     }
 }
 
@@ -672,12 +693,12 @@ mod tests {
             id: Some(id.into()),
             uid: id.into(),
             group: group.map(String::from),
-            to: None,
             user: "u".into(),
             message: "m".into(),
             connection_id: "c".into(),
             node_id: "n".into(),
             timestamp: String::new(),
+            ..Default::default()
         };
         Arc::new(ChatDelivery::new(message, per_group))
     }

@@ -20,7 +20,7 @@ use std::collections::{HashSet, VecDeque};
 use switchboard_common::redis_target::RedisConn;
 
 /// One chat message as stored, published and replayed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChatMessage {
     /// Stream entry id, once stored.
@@ -31,9 +31,20 @@ pub struct ChatMessage {
     pub uid: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
-    /// A direct message's recipient (a user; see `users`); `user` is its sender's.
+    /// A direct message's recipient (a user; see `users`); `user` is its
+    /// sender's (empty for one the server API sent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
+    /// The one connection (by id) a server API message is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<String>,
+    /// A server API message's hub method (`target`) and arguments: the
+    /// event clients get instead of a chat event. Its `user`, `message` and
+    /// `connectionId` are empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<Vec<Value>>,
     pub user: String,
     pub message: String,
     pub connection_id: String,
@@ -43,12 +54,44 @@ pub struct ChatMessage {
     pub timestamp: String,
 }
 
+/// Whom a message is for: everyone, a group's members, a user's
+/// connections (and, for a direct message, its sender's other ones), or one
+/// connection. Delivery, replay, history pages and the backplane's channels
+/// all go by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Address<'a> {
+    All,
+    Group(&'a str),
+    /// `from` is empty for a message from the server API.
+    User {
+        to: &'a str,
+        from: &'a str,
+    },
+    Connection(&'a str),
+}
+
 impl ChatMessage {
+    pub fn address(&self) -> Address<'_> {
+        match (&self.group, &self.to, &self.connection) {
+            (Some(g), _, _) => Address::Group(g),
+            (None, Some(to), _) => Address::User { to, from: &self.user },
+            (None, None, Some(c)) => Address::Connection(c),
+            (None, None, None) => Address::All,
+        }
+    }
+
     /// The hub event clients receive; with `with_id`, the message id is one
     /// extra last argument (for connections that opted in with `messageIds`);
     /// a direct message's recipient follows it there, so that the sender's
     /// other connections can tell whom it went to.
     pub fn event(&self, with_id: bool) -> crate::protocol::HubMessage {
+        if let Some(target) = &self.target {
+            let mut args = self.arguments.clone().unwrap_or_default();
+            if with_id {
+                args.push(self.id.clone().map_or(Value::Null, Value::String));
+            }
+            return crate::protocol::HubMessage::event(target, args);
+        }
         let mut args: Vec<Value> = Vec::with_capacity(6);
         if let Some(g) = &self.group {
             args.push(g.clone().into());
@@ -80,6 +123,12 @@ impl ChatMessage {
             uid: field("uid").unwrap_or_default(),
             group: field("group").filter(|g| !g.is_empty()),
             to: field("to").filter(|t| !t.is_empty()),
+            connection: field("connection").filter(|c| !c.is_empty()),
+            target: field("target").filter(|t| !t.is_empty()),
+            arguments: match field("arguments") {
+                Some(json) => Some(serde_json::from_str(&json).ok()?),
+                None => None,
+            },
             user: field("user")?,
             message: field("message")?,
             connection_id: field("connectionId")?,
@@ -153,6 +202,13 @@ pub fn store_and_publish(
     }
     if let Some(to) = &m.to {
         cmd.arg("to").arg(to);
+    }
+    if let Some(connection) = &m.connection {
+        cmd.arg("connection").arg(connection);
+    }
+    if let Some(target) = &m.target {
+        let arguments = serde_json::to_string(m.arguments.as_deref().unwrap_or_default()).unwrap_or_default();
+        cmd.arg("target").arg(target).arg("arguments").arg(arguments);
     }
 }
 
@@ -352,12 +408,12 @@ mod tests {
             id: Some("5-1".into()),
             uid: "u".into(),
             group: group.map(String::from),
-            to: None,
             user: "a".into(),
             message: "m".into(),
             connection_id: "c".into(),
             node_id: "n".into(),
             timestamp: "t".into(),
+            ..Default::default()
         }
     }
 
@@ -377,6 +433,13 @@ mod tests {
             text(direct.event(false)),
             "{\"type\":1,\"target\":\"ReceivePrivateMessage\",\"arguments\":[\"a\",\"m\",\"c\",\"n\"]}\u{1e}"
         );
+        let server =
+            ChatMessage { target: Some("Notify".into()), arguments: Some(vec![1.into(), "x".into()]), ..msg(None) };
+        assert_eq!(text(server.event(false)), "{\"type\":1,\"target\":\"Notify\",\"arguments\":[1,\"x\"]}\u{1e}");
+        assert_eq!(
+            text(server.event(true)),
+            "{\"type\":1,\"target\":\"Notify\",\"arguments\":[1,\"x\",\"5-1\"]}\u{1e}"
+        );
         assert_eq!(
             text(direct.event(true)),
             "{\"type\":1,\"target\":\"ReceivePrivateMessage\",\"arguments\":[\"a\",\"m\",\"c\",\"n\",\"5-1\",\"b\"]}\u{1e}"
@@ -385,7 +448,13 @@ mod tests {
 
     #[test]
     fn published_payloads_round_trip_and_junk_is_refused() {
-        for m in [msg(Some("g")), ChatMessage { to: Some("b".into()), ..msg(None) }] {
+        let server = ChatMessage {
+            connection: Some("c1".into()),
+            target: Some("T".into()),
+            arguments: Some(vec![serde_json::json!({"a": [1]})]),
+            ..msg(None)
+        };
+        for m in [msg(Some("g")), ChatMessage { to: Some("b".into()), ..msg(None) }, server] {
             let payload = format!("5-1 {}", serde_json::to_string(&m).unwrap());
             assert_eq!(parse_published(payload.as_bytes()), Some(m));
         }

@@ -36,6 +36,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(health))
         .route("/nodes", get(nodes))
         .route("/metrics", get(metrics))
+        .route("/api/{*rest}", axum::routing::any(crate::api::serve))
         .route("/", get(index))
         .route("/static/{file}", get(asset))
         .layer(DefaultBodyLimit::max(MAX_POST_BODY))

@@ -16,11 +16,13 @@
 //! `config` reads settings and key files and knows nothing of `auth`, which
 //! builds on it; `cors` judges origins and `http` applies the judgement.
 
+mod api;
 mod app;
 pub mod auth;
 mod backplane;
 pub mod config;
 mod connection;
+mod control;
 mod cors;
 mod groups;
 mod history;

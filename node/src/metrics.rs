@@ -11,6 +11,10 @@ pub struct Metrics {
     pub messages_received: IntCounter,
     pub messages_sent: IntCounter,
     pub invocations: IntCounterVec,
+    /// Server API requests by operation and status code (see `api`).
+    pub api_requests: IntCounterVec,
+    /// Messages the server API accepted for delivery, by address kind.
+    pub api_messages: IntCounterVec,
     pub protocol_errors: IntCounterVec,
     pub auth_refused: IntCounterVec,
     pub auth_expired: IntCounter,
@@ -60,6 +64,18 @@ impl Metrics {
                 "switchboard_node_invocations_total",
                 "Hub method invocations by method and outcome",
                 &["method", "outcome"],
+            ),
+            api_requests: counter_vec(
+                &r,
+                "switchboard_node_api_requests_total",
+                "Server API requests by operation and status code",
+                &["operation", "status"],
+            ),
+            api_messages: counter_vec(
+                &r,
+                "switchboard_node_api_messages_total",
+                "Messages the server API accepted for delivery, by address (all, user, group, connection)",
+                &["address"],
             ),
             protocol_errors: counter_vec(
                 &r,

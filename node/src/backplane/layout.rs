@@ -11,6 +11,8 @@
 //! {prefix}:bp:all             channel: broadcasts, `<id> <json>`
 //! {prefix}:bp:group:{name}    channel per group, subscribed while this node has members
 //! {prefix}:bp:user:{name}     channel per user, subscribed while this node has one of its connections
+//! {prefix}:bp:node:{id}       channel per node: server API messages to one of its connections, commands, answers
+//! {prefix}:ugroups:{user}     sorted set: the groups the server API put a user in, scored by expiry (Unix ms)
 //! {prefix}:presence           sorted set: `{node}\n{user}` scored by expiry (Unix ms)
 //! {prefix}:presence:changes   channel: presence changes, JSON `{"node","user","online"}`
 //! ```
@@ -59,6 +61,7 @@ pub struct Layout {
     all: String,
     group_prefix: String,
     user_prefix: String,
+    node_prefix: String,
     presence: String,
     presence_changes: String,
 }
@@ -76,6 +79,7 @@ impl Layout {
             history: format!("{prefix}:history"),
             all: format!("{prefix}:bp:all"),
             user_prefix: format!("{prefix}:bp:user:"),
+            node_prefix: format!("{prefix}:bp:node:"),
             presence: format!("{prefix}:presence"),
             presence_changes: format!("{prefix}:presence:changes"),
         }
@@ -149,6 +153,22 @@ impl Layout {
         channel.strip_prefix(self.user_prefix.as_str())
     }
 
+    /// A node's own channel: server API messages to one of its connections
+    /// (stored, so on the broadcasts' slot), and commands and their answers.
+    pub fn node_channel(&self, node: &str) -> String {
+        format!("{}{node}", self.node_prefix)
+    }
+
+    /// Whether `channel` is a node's channel.
+    pub fn is_node_channel(&self, channel: &str) -> bool {
+        channel.starts_with(self.node_prefix.as_str())
+    }
+
+    /// The sorted set of the groups the server API put `user` in.
+    pub fn user_groups(&self, user: &str) -> String {
+        format!("{}:ugroups:{user}", self.prefix)
+    }
+
     /// A probe channel on the same slot as `channel`, for the subscriber
     /// whose tag is `tag`.
     pub fn echo_channel(channel: &str, tag: &str) -> String {
@@ -193,6 +213,9 @@ mod tests {
         assert_eq!(l.group_of("sb:bp:all"), None);
         assert_eq!(l.user_channel("ann b"), "sb:bp:user:ann b");
         assert_eq!(l.user_of("sb:bp:user:ann b"), Some("ann b"));
+        assert_eq!(l.node_channel("n1"), "sb:bp:node:n1");
+        assert!(l.is_node_channel("sb:bp:node:n1") && !l.is_node_channel("sb:bp:user:n1"));
+        assert_eq!(l.user_groups("ana"), "sb:ugroups:ana");
         assert_eq!((l.user_of("sb:bp:all"), l.group_of(&l.user_channel("x"))), (None, None));
         assert_eq!((l.presence(), l.presence_changes()), ("sb:presence", "sb:presence:changes"));
         assert_eq!(Layout::echo_channel("sb:bp:all", "7"), "sb:bp:all:echo:7");
@@ -228,6 +251,8 @@ mod tests {
             l.all_channel().into(),
             l.presence().into(),
             l.user_channel("a}b{c}"),
+            l.node_channel("n1"),
+            l.user_groups("a{b}"),
         ] {
             assert_eq!(tag(&name), "sb", "{name}");
         }

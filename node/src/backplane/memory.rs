@@ -35,6 +35,8 @@ struct BusState {
     nodes: Vec<Weak<MemoryBackplane>>,
     /// (node, user) → when the entry expires (Unix ms).
     presence: HashMap<(String, String), i64>,
+    /// user → group → when the membership expires (Unix ms).
+    user_groups: HashMap<String, HashMap<String, i64>>,
 }
 
 impl BusState {
@@ -66,6 +68,7 @@ impl MemoryBus {
             cap: history_len.max(1),
             nodes: Vec::new(),
             presence: HashMap::new(),
+            user_groups: HashMap::new(),
         };
         Arc::new(MemoryBus { state: Mutex::new(state) })
     }
@@ -113,6 +116,49 @@ impl MemoryBackplane {
         }
         for node in state.nodes() {
             node.sink.deliver(&message);
+        }
+    }
+
+    /// Runs `command` on every attached node, as the Redis backplane reaches
+    /// the node (or the nodes) it names: whether one found its connection.
+    pub async fn command(&self, command: crate::control::Command) -> Option<bool> {
+        let nodes = self.bus.state().nodes();
+        let mut found = false;
+        for node in nodes {
+            if let Some(run) = node.sink.control(command.clone()) {
+                found |= run.await;
+            }
+        }
+        match command.target() {
+            crate::control::Target::Connection(_) => Some(found),
+            crate::control::Target::User(_) => None,
+        }
+    }
+
+    /// Whether `f` holds for any attached node's handler.
+    pub fn anyone(&self, f: impl Fn(&dyn Deliver) -> bool) -> bool {
+        let nodes = self.bus.state().nodes();
+        nodes.iter().any(|n| n.sink.0.get().and_then(Weak::upgrade).is_some_and(|d| f(d.as_ref())))
+    }
+
+    pub fn user_groups(&self, user: &str) -> Vec<String> {
+        let now = super::unix_ms();
+        let state = self.bus.state();
+        let groups = state.user_groups.get(user).into_iter().flatten();
+        groups.filter(|(_, expires)| **expires > now).map(|(g, _)| g.clone()).collect()
+    }
+
+    pub fn add_user_group(&self, user: &str, group: &str, ttl: std::time::Duration) {
+        let expires = super::unix_ms().saturating_add(ttl.as_millis() as i64);
+        self.bus.state().user_groups.entry(user.into()).or_default().insert(group.into(), expires);
+    }
+
+    pub fn remove_user_groups(&self, user: &str, group: Option<&str>) -> Vec<String> {
+        let mut state = self.bus.state();
+        let Some(groups) = state.user_groups.get_mut(user) else { return Vec::new() };
+        match group {
+            Some(g) => groups.remove(g).map(|_| vec![g.to_string()]).unwrap_or_default(),
+            None => groups.drain().map(|(g, _)| g).collect(),
         }
     }
 

@@ -20,7 +20,9 @@ pub mod memory;
 pub mod redis;
 mod subscription;
 
+use crate::control::Command;
 use crate::history::{ChatMessage, ResumeError};
+use futures_util::future::BoxFuture;
 use prometheus::IntCounter;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -36,6 +38,9 @@ pub trait Deliver: Send + Sync {
     /// A presence change a node published (see `presence`); this node's own
     /// may come back too.
     fn presence(&self, change: &PresenceChange);
+    /// Carries out a server API command (see `control`) on this node's
+    /// connections; resolves to whether it found the connection it names.
+    fn control(self: Arc<Self>, command: Command) -> BoxFuture<'static, bool>;
 }
 
 /// `user`'s first connection on `node` opened (`online`) or its last closed.
@@ -92,6 +97,11 @@ impl Sink {
         if let Some(s) = self.0.get().and_then(Weak::upgrade) {
             s.presence(change);
         }
+    }
+
+    /// The handler's `control`, when it is still there.
+    fn control(&self, command: Command) -> Option<BoxFuture<'static, bool>> {
+        self.0.get().and_then(Weak::upgrade).map(|s| s.control(command))
     }
 }
 
@@ -251,6 +261,67 @@ impl Backplane {
             Backplane::Redis(b) => b.range(scope, after, through, count).await,
             #[cfg(test)]
             Backplane::Memory(b) => Ok(b.range(scope, after, through, count)),
+        }
+    }
+
+    /// Sends a server API command to the node that holds the connection it
+    /// names (`Some(found)`), or to every node that holds one of the user's
+    /// connections (`None`: nobody answers for a user). See `control`.
+    pub async fn command(&self, command: Command) -> Result<Option<bool>, HistoryError> {
+        match self {
+            Backplane::Redis(b) => b.command(command).await,
+            #[cfg(test)]
+            Backplane::Memory(b) => Ok(b.command(command).await),
+        }
+    }
+
+    /// Whether any node has a member of `group` (it follows the group's channel).
+    pub async fn group_has_members(&self, group: &str) -> Result<bool, HistoryError> {
+        match self {
+            Backplane::Redis(b) => b.group_has_members(group).await,
+            #[cfg(test)]
+            Backplane::Memory(b) => Ok(b.anyone(|d| d.local_groups().iter().any(|g| g == group))),
+        }
+    }
+
+    /// Whether any node has a connection of `user` (it follows the user's channel).
+    pub async fn user_is_connected(&self, user: &str) -> Result<bool, HistoryError> {
+        match self {
+            Backplane::Redis(b) => b.user_is_connected(user).await,
+            #[cfg(test)]
+            Backplane::Memory(b) => Ok(b.anyone(|d| d.local_users().iter().any(|u| u == user))),
+        }
+    }
+
+    /// The groups the server API put `user` in (unexpired).
+    pub async fn user_groups(&self, user: &str) -> Result<Vec<String>, HistoryError> {
+        match self {
+            Backplane::Redis(b) => b.user_groups(user).await,
+            #[cfg(test)]
+            Backplane::Memory(b) => Ok(b.user_groups(user)),
+        }
+    }
+
+    /// Records that `user` is in `group` for `ttl` (every connection of the
+    /// user, now and later, joins it).
+    pub async fn add_user_group(&self, user: &str, group: &str, ttl: Duration) -> Result<(), HistoryError> {
+        match self {
+            Backplane::Redis(b) => b.add_user_group(user, group, ttl).await,
+            #[cfg(test)]
+            Backplane::Memory(b) => {
+                b.add_user_group(user, group, ttl);
+                Ok(())
+            }
+        }
+    }
+
+    /// Forgets `user`'s membership of `group` (of every group when `None`);
+    /// answers the groups it was in.
+    pub async fn remove_user_groups(&self, user: &str, group: Option<&str>) -> Result<Vec<String>, HistoryError> {
+        match self {
+            Backplane::Redis(b) => b.remove_user_groups(user, group).await,
+            #[cfg(test)]
+            Backplane::Memory(b) => Ok(b.remove_user_groups(user, group)),
         }
     }
 

@@ -39,6 +39,14 @@
 //! of its own that every master it listens to still delivers to it (after a
 //! failover the promoted replica does not, until subscribed again).
 //!
+//! The server API rides along too (see `control`): every node listens on a
+//! channel of its own, which carries stored messages for one of its
+//! connections, commands about one of its connections (`ctl <json>`) and the
+//! answers to its own commands (`ans <request> <0|1>`); commands about a user
+//! go over the user's channel to every node that holds one of the user's
+//! connections. Which groups the server API put a user in is a sorted set
+//! per user, scored by expiry.
+//!
 //! Presence rides along: a node's changes go into a sorted set of expiring
 //! (node, user) entries and out on the presence channel in one pipeline
 //! (`write_presence`), and the subscriber hands the changes it hears to the
@@ -47,11 +55,12 @@
 use super::layout::{self, Layout};
 use super::subscription::{self, Subscription};
 use super::{BackplaneMetrics, Deliver, HistoryError, PresenceChange, PresenceWrite, Sink};
-use crate::history::{self, cmp_ids, ChatMessage, ResumeError};
+use crate::control::{Command, Envelope, Reply, Target};
+use crate::history::{self, cmp_ids, Address, ChatMessage, ResumeError};
 use crate::redis_link::{RedisLink, CONNECT_TIMEOUT};
 use redis::cluster_routing::Slot;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchboard_common::redis_state::Failure;
@@ -121,7 +130,15 @@ pub struct RedisBackplane {
     /// (see `history::Scope`); later arrivals at or below it are repeats.
     last_ids: Mutex<LastIds>,
     early: Mutex<EarlyDeliveries>,
+    /// This node's id (its own channel's name).
+    node_id: String,
+    /// Commands this node sent and awaits an answer to, by request number.
+    asked: Mutex<HashMap<u64, oneshot::Sender<bool>>>,
+    next_request: AtomicU64,
 }
+
+/// How long a command waits for the node it went to.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(3);
 
 /// The newest id delivered per scope, looked up without allocating (it is
 /// asked for every message that arrives).
@@ -157,7 +174,13 @@ fn backoff(current: Duration) -> Duration {
 }
 
 impl RedisBackplane {
-    pub fn new(link: Arc<RedisLink>, metrics: BackplaneMetrics, prefix: &str, history_len: usize) -> Self {
+    pub fn new(
+        link: Arc<RedisLink>,
+        metrics: BackplaneMetrics,
+        prefix: &str,
+        history_len: usize,
+        node_id: &str,
+    ) -> Self {
         let (queue, queue_rx) = mpsc::channel(QUEUE_CAPACITY);
         let (subs, subs_rx) = mpsc::unbounded_channel();
         let layout = Layout::new(prefix, link.is_cluster());
@@ -176,19 +199,26 @@ impl RedisBackplane {
             live: AtomicBool::new(false),
             last_ids: Mutex::new(LastIds::default()),
             early: Mutex::new(EarlyDeliveries::default()),
+            node_id: node_id.to_string(),
+            asked: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
         }
     }
 
     /// Queues a chat message for storing and delivery on every node,
     /// this one included.
     pub fn send(&self, message: ChatMessage) {
-        let channels = match (&message.group, &message.to) {
-            (Some(g), _) => self.layout.group_channel(g),
-            (None, Some(to)) if *to == message.user => self.layout.user_channel(to),
-            (None, Some(to)) => {
-                format!("{}\n{}", self.layout.user_channel(&message.user), self.layout.user_channel(to))
+        let channels = match message.address() {
+            Address::All => self.layout.all_channel().to_string(),
+            Address::Group(g) => self.layout.group_channel(g),
+            Address::User { to, from } if to == from || from.is_empty() => self.layout.user_channel(to),
+            Address::User { to, from } => {
+                format!("{}\n{}", self.layout.user_channel(from), self.layout.user_channel(to))
             }
-            (None, None) => self.layout.all_channel().to_string(),
+            Address::Connection(id) => match switchboard_common::token::owner_of(id) {
+                Some(node) => self.layout.node_channel(&node),
+                None => return, // no node's: nobody to deliver it to (the API checks first)
+            },
         };
         self.pending.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = self.queue.try_send(Publication { channels, message }) {
@@ -414,8 +444,155 @@ impl RedisBackplane {
         self.sink.deliver(message);
     }
 
+    /// `PUBLISH` (or `SPUBLISH` on a cluster) of `payload` on `channel`;
+    /// answers how many subscribers got it.
+    async fn publish(&self, channel: &str, payload: String) -> Result<i64, HistoryError> {
+        let mut cmd = redis::cmd(if self.sharded { "SPUBLISH" } else { "PUBLISH" });
+        cmd.arg(channel).arg(payload);
+        let sent = async { self.link.conn().await?.query_at::<i64>(&cmd, channel).await };
+        self.observed(sent.await)
+    }
+
+    /// Sends `command` where it goes (see `Backplane::command`).
+    pub async fn command(&self, command: Command) -> Result<Option<bool>, HistoryError> {
+        let channel = match command.target() {
+            Target::User(user) => {
+                let channel = self.layout.user_channel(user);
+                let text = serde_json::to_string(&Envelope { command, reply: None }).unwrap_or_default();
+                self.publish(&channel, format!("ctl {text}")).await?;
+                return Ok(None);
+            }
+            Target::Connection(id) => match switchboard_common::token::owner_of(id) {
+                Some(node) => self.layout.node_channel(&node),
+                None => return Ok(Some(false)),
+            },
+        };
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.asked().insert(request, tx);
+        let reply = Some(Reply { node: self.node_id.clone(), request });
+        let text = serde_json::to_string(&Envelope { command, reply }).unwrap_or_default();
+        let outcome = match self.publish(&channel, format!("ctl {text}")).await {
+            // Nobody listens on that node's channel: the node is gone.
+            Ok(0) => Ok(Some(false)),
+            Ok(_) => match tokio::time::timeout(COMMAND_DEADLINE, rx).await {
+                Ok(Ok(found)) => Ok(Some(found)),
+                _ => Err(HistoryError("the connection's node did not answer in time".into())),
+            },
+            Err(e) => Err(e),
+        };
+        self.asked().remove(&request);
+        outcome
+    }
+
+    fn asked(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<bool>>> {
+        self.asked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a command that arrived, and answers it when asked to.
+    fn run_command(self: &Arc<Self>, payload: &[u8]) {
+        let Ok(envelope) = serde_json::from_slice::<Envelope>(payload) else {
+            self.metrics.invalid.inc();
+            tracing::warn!("ignoring a malformed command");
+            return;
+        };
+        let Some(run) = self.sink.control(envelope.command) else { return };
+        let bp = self.clone();
+        tokio::spawn(async move {
+            let found = run.await;
+            if let Some(Reply { node, request }) = envelope.reply {
+                let answer = format!("ans {request} {}", u8::from(found));
+                if let Err(e) = bp.publish(&bp.layout.node_channel(&node), answer).await {
+                    tracing::warn!(error = %e, "could not answer a command");
+                }
+            }
+        });
+    }
+
+    /// An answer to one of this node's commands.
+    fn answered(&self, payload: &[u8]) {
+        let text = std::str::from_utf8(payload).unwrap_or_default();
+        let parsed = text.split_once(' ').and_then(|(r, f)| Some((r.parse::<u64>().ok()?, f == "1")));
+        match parsed {
+            Some((request, found)) => {
+                if let Some(tx) = self.asked().remove(&request) {
+                    let _ = tx.send(found);
+                }
+            }
+            None => {
+                self.metrics.invalid.inc();
+                tracing::warn!("ignoring a malformed answer");
+            }
+        }
+    }
+
+    /// How many subscribers `channel` has (on a cluster, its slot's master's shard subscribers).
+    async fn subscribers(&self, channel: &str) -> Result<i64, HistoryError> {
+        let mut cmd = redis::cmd("PUBSUB");
+        cmd.arg(if self.sharded { "SHARDNUMSUB" } else { "NUMSUB" }).arg(channel);
+        let read = async { self.link.conn().await?.query_at::<(String, i64)>(&cmd, channel).await };
+        self.observed(read.await).map(|(_, n)| n)
+    }
+
+    pub async fn group_has_members(&self, group: &str) -> Result<bool, HistoryError> {
+        Ok(self.subscribers(&self.layout.group_channel(group)).await? > 0)
+    }
+
+    pub async fn user_is_connected(&self, user: &str) -> Result<bool, HistoryError> {
+        Ok(self.subscribers(&self.layout.user_channel(user)).await? > 0)
+    }
+
+    pub async fn user_groups(&self, user: &str) -> Result<Vec<String>, HistoryError> {
+        let key = self.layout.user_groups(user);
+        let now = super::unix_ms();
+        let read = async {
+            let mut conn = self.link.conn().await?;
+            redis::cmd("ZRANGE")
+                .arg(&key)
+                .arg(format!("({now}"))
+                .arg("+inf")
+                .arg("BYSCORE")
+                .query_async(&mut conn)
+                .await
+        };
+        self.observed(read.await)
+    }
+
+    pub async fn add_user_group(&self, user: &str, group: &str, ttl: Duration) -> Result<(), HistoryError> {
+        let key = self.layout.user_groups(user);
+        let now = super::unix_ms();
+        let expires = now.saturating_add(ttl.as_millis() as i64);
+        let mut pipe = redis::pipe();
+        pipe.zadd(&key, group, expires).ignore();
+        pipe.zrembyscore(&key, "-inf", now).ignore();
+        // The set lives as long as its longest membership.
+        pipe.cmd("PEXPIREAT").arg(&key).arg(expires).arg("GT").ignore();
+        pipe.cmd("PEXPIREAT").arg(&key).arg(expires).arg("NX").ignore();
+        let write = async { pipe.query_async::<()>(&mut self.link.conn().await?).await };
+        self.observed(write.await)
+    }
+
+    pub async fn remove_user_groups(&self, user: &str, group: Option<&str>) -> Result<Vec<String>, HistoryError> {
+        let key = self.layout.user_groups(user);
+        let write = async {
+            let mut conn = self.link.conn().await?;
+            match group {
+                Some(g) => {
+                    let removed: i64 = redis::cmd("ZREM").arg(&key).arg(g).query_async(&mut conn).await?;
+                    Ok(if removed > 0 { vec![g.to_string()] } else { Vec::new() })
+                }
+                None => {
+                    let (groups, _): (Vec<String>, i64) =
+                        redis::pipe().zrange(&key, 0, -1).del(&key).query_async(&mut conn).await?;
+                    Ok(groups)
+                }
+            }
+        };
+        self.observed(write.await)
+    }
+
     /// A payload received from Redis.
-    fn receive(&self, channel: &str, payload: &[u8]) {
+    fn receive(self: &Arc<Self>, channel: &str, payload: &[u8]) {
         if channel == self.layout.presence_changes() {
             match serde_json::from_slice::<PresenceChange>(payload) {
                 Ok(change) => self.sink.presence(&change),
@@ -426,14 +603,30 @@ impl RedisBackplane {
             }
             return;
         }
+        // Commands (on a node's or a user's channel) and answers (on this
+        // node's) are not chat messages.
+        if let Some(command) = payload.strip_prefix(b"ctl ") {
+            if self.layout.is_node_channel(channel) || self.layout.user_of(channel).is_some() {
+                self.run_command(command);
+            }
+            return;
+        }
+        if let Some(answer) = payload.strip_prefix(b"ans ") {
+            if self.layout.is_node_channel(channel) {
+                self.answered(answer);
+            }
+            return;
+        }
         // What each kind of channel may carry: a broadcast, a group's
-        // message, or a direct message.
+        // message, a user's, or one for a connection of this node's.
         let kind: fn(&ChatMessage) -> bool = if channel == self.layout.all_channel() {
-            |m: &ChatMessage| m.group.is_none() && m.to.is_none()
+            |m: &ChatMessage| m.address() == Address::All
         } else if self.layout.group_of(channel).is_some() {
-            |m: &ChatMessage| m.group.is_some()
+            |m: &ChatMessage| matches!(m.address(), Address::Group(_))
         } else if self.layout.user_of(channel).is_some() {
-            |m: &ChatMessage| m.group.is_none() && m.to.is_some()
+            |m: &ChatMessage| matches!(m.address(), Address::User { .. })
+        } else if self.layout.is_node_channel(channel) {
+            |m: &ChatMessage| matches!(m.address(), Address::Connection(_))
         } else {
             return;
         };
@@ -675,7 +868,11 @@ async fn subscriber(bp: Arc<RedisBackplane>, mut cmds: mpsc::UnboundedReceiver<S
         }
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, subscription(&bp)).await;
         if let Ok(Ok(mut sub)) = connected {
-            let mut channels = vec![bp.layout.all_channel().to_string(), bp.layout.presence_changes().to_string()];
+            let mut channels = vec![
+                bp.layout.all_channel().to_string(),
+                bp.layout.presence_changes().to_string(),
+                bp.layout.node_channel(&bp.node_id),
+            ];
             channels.extend(bp.sink.local_groups().iter().map(|g| bp.layout.group_channel(g)));
             channels.extend(bp.sink.local_users().iter().map(|u| bp.layout.user_channel(u)));
             let subscribed = tokio::time::timeout(SUBSCRIPTION_DEADLINE, sub.subscribe(&channels)).await;

@@ -141,12 +141,12 @@ fn chat_message(
         id: None,
         uid: format!("{:032x}", rand::random::<u128>()),
         group,
-        to: None,
         user,
         message,
         connection_id: conn.connection_id.clone(),
         node_id: app.node_id.clone(),
         timestamp: switchboard_common::registry::rfc3339(chrono::Utc::now()),
+        ..Default::default()
     })
 }
 
@@ -172,24 +172,13 @@ async fn get_node_info(app: &Arc<App>, conn: &Arc<Connection>, _: Option<&str>, 
 
 /// `JoinGroup(group)`: completes once the group's messages reach this node.
 async fn join_group(app: &Arc<App>, conn: &Arc<Connection>, _: Option<&str>, group: String) -> Outcome {
-    groups::validate_name(&group).map_err(|e| format!("HubException: {e}"))?;
-    let cap = app.cfg.max_groups_per_connection;
-    if conn.first_live_id(None).is_some() {
-        // Live delivery began before the join: a Resume still to
-        // come must replay what the group had before it.
-        conn.note_late_join(&group);
-    }
-    let first = app.groups.join(&group, &conn.key, cap).map_err(|e| format!("HubException: {e}."))?;
-    app.backplane.joined_group(&group, first).await;
+    app.join_group(conn, &group).await.map_err(|e| format!("HubException: {e}"))?;
     Ok(Answer::Empty)
 }
 
 /// `LeaveGroup(group)`.
 async fn leave_group(app: &Arc<App>, conn: &Arc<Connection>, _: Option<&str>, group: String) -> Outcome {
-    if app.groups.leave(&group, &conn.key) {
-        app.backplane.unsubscribe_group(&group);
-    }
-    conn.left_group(&group);
+    app.leave_group(conn, &group);
     Ok(Answer::Empty)
 }
 
@@ -270,11 +259,9 @@ async fn set_user(app: &Arc<App>, conn: &Arc<Connection>, _: Option<&str>, user:
             if !conn.may_rename() {
                 return Err("HubException: renaming too often; try again in a moment.".into());
             }
-            if let Some(first) = app.go_online_as(conn, &anonymous_name(app, name)?) {
-                // With auth off the name is the connection's address too:
-                // its direct messages reach this node once this completes.
-                app.backplane.follow_user(&first).await;
-            }
+            // With auth off the name is the connection's address too: its
+            // direct messages reach this node once this completes.
+            app.become_user(conn, &anonymous_name(app, name)?).await;
             Ok(Answer::Empty)
         }
     }

@@ -119,9 +119,7 @@ async fn handshake(app: &App, conn: &Connection, record: &[u8]) -> bool {
             // on, and the user's direct messages reach this node before the
             // client hears that it is in.
             if let Some(user) = conn.user() {
-                if let Some(first) = app.go_online_as(conn, user) {
-                    app.backplane.follow_user(&first).await;
-                }
+                app.become_user(conn, user).await;
             }
             let _ = conn.send(Bytes::from(handshake_response(None)), false, true);
             conn.complete_handshake();
