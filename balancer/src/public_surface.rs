@@ -2,8 +2,9 @@
 //! SignalR hub, `/health`, the `/nodes` listing, the page's sign-in
 //! helpers (`/auth/info`, and `/auth/dev-token` where a node enables it)
 //! and the server API for application backends (`/api/hubs/…` and
-//! `/api/health`, which the nodes answer 404 unless an access key is set
-//! and guard with tokens signed with it). Everything else a node
+//! `/api/health`) with Azure's client endpoint (`/client/`, the hub by
+//! another name), which the nodes answer 404 unless an access key is set
+//! and guard with tokens signed with it. Everything else a node
 //! serves (`/metrics` today) is for the cluster's insiders (Prometheus
 //! scrapes each node on its own address) and gets a 404 from the balancer.
 //! It is an allowlist, so a route added to the nodes later stays private
@@ -13,6 +14,7 @@
 pub fn serves(path: &str) -> bool {
     matches!(path, "/" | "/chathub" | "/chathub/negotiate" | "/health" | "/nodes" | "/auth/info" | "/auth/dev-token")
         || path.strip_prefix("/static/").is_some_and(|file| !file.is_empty() && !file.contains('/'))
+        || matches!(path, "/client" | "/client/" | "/client/negotiate")
         || path == "/api/health"
         || path
             .strip_prefix("/api/hubs/")
@@ -36,6 +38,8 @@ mod tests {
             "/api/hubs/chathub/:send",
             "/api/hubs/chathub/users/ana/groups/ops",
             "/api/health",
+            "/client/",
+            "/client/negotiate",
         ] {
             assert!(serves(p), "{p}");
         }

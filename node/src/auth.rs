@@ -219,7 +219,7 @@ impl Auth {
 
 /// The token of a request: the `Authorization: Bearer` header first, then
 /// `access_token` in the query.
-fn bearer<'a>(authorization: Option<&'a str>, params: &'a HashMap<String, String>) -> Option<&'a str> {
+pub fn bearer<'a>(authorization: Option<&'a str>, params: &'a HashMap<String, String>) -> Option<&'a str> {
     let from_header = authorization.and_then(|h| {
         let (scheme, rest) = h.trim().split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())

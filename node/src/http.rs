@@ -1,4 +1,6 @@
-//! The node's HTTP surface: the `/chathub` endpoints (see `transport`),
+//! The node's HTTP surface: the `/chathub` endpoints (see `transport`), and
+//! with an access key the server API (`/api/`, see `api`) and Azure's client
+//! endpoint (`/client/`, the hub under that name),
 //! `/health` for the balancer's checks, `/nodes` in the seed's shape (less
 //! the nodes' internal URLs, which are the balancer's business and shown on
 //! its admin port), `/metrics` for Prometheus (the balancer does not pass it
@@ -25,10 +27,19 @@ const MAX_POST_BODY: usize = 1024 * 1024;
 pub fn router(app: Arc<App>) -> Router {
     // Preflights are answered by the origin guard before reaching a handler.
     let preflight = || async { StatusCode::NO_CONTENT };
-    let hub = Router::new()
+    let mut hub = Router::new()
         .route("/chathub/negotiate", post(transport::negotiate).options(preflight))
-        .route("/chathub", get(transport::connect).post(transport::send).delete(transport::delete).options(preflight))
-        .route_layer(axum::middleware::from_fn_with_state(app.clone(), origin_guard));
+        .route("/chathub", get(transport::connect).post(transport::send).delete(transport::delete).options(preflight));
+    if app.api_enabled() {
+        // Azure's client endpoint: the hub by another name, signed in with
+        // access tokens from the application's backend (see `api::client`).
+        let transports = || get(transport::connect).post(transport::send).delete(transport::delete).options(preflight);
+        hub = hub
+            .route("/client/negotiate", post(transport::negotiate).options(preflight))
+            .route("/client/", transports())
+            .route("/client", transports());
+    }
+    let hub = hub.route_layer(axum::middleware::from_fn_with_state(app.clone(), origin_guard));
     Router::new()
         .merge(hub)
         .route("/auth/info", get(auth_info))

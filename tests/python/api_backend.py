@@ -13,9 +13,18 @@ JSON request per line on stdin and reads one JSON answer per line:
 
 `token` picks how the request is signed: good, none, wrong-key, expired,
 no-exp or wrong-aud (each but good must be refused).
+
+With --serve-port it is also a serverless application's negotiate endpoint,
+as Azure's serverless mode has them: `POST /chathub/negotiate?user=NAME`
+answers `{"url": "<cluster>/client/?hub=chathub", "accessToken": <jwt>}`, a
+token for NAME (`nameid`) whose audience is that URL (`&token=expired` or
+`wrong-key` spoils it), with the CORS answers a page on the cluster's
+origin needs.
 """
 
 import argparse
+import http.server
+import threading
 import base64
 import hashlib
 import hmac
@@ -88,12 +97,71 @@ def call(base: str, key: str, request: dict) -> dict:
         return {"status": e.code, "body": e.read().decode(errors="replace")}
 
 
+def client_token(kind: str, user: str, url: str, key: str) -> str:
+    now = int(time.time())
+    claims = {"aud": url, "exp": now + 300, "nameid": user}
+    if kind == "expired":
+        claims["exp"] = now - 600
+    return jwt(claims, "y" * 40 if kind == "wrong-key" else key)
+
+
+def serve_negotiate(port: int, base: str, key: str) -> None:
+    client_url = f"{base}/client/?hub=chathub"
+
+    class Negotiate(http.server.BaseHTTPRequestHandler):
+        def cors(self) -> None:
+            origin = self.headers.get("Origin")
+            if origin:
+                self.send_header("Access-Control-Allow-Origin", origin)
+                self.send_header("Access-Control-Allow-Credentials", "true")
+                self.send_header("Access-Control-Allow-Methods", "POST, OPTIONS")
+                asked = self.headers.get("Access-Control-Request-Headers")
+                if asked:
+                    self.send_header("Access-Control-Allow-Headers", asked)
+
+        def do_OPTIONS(self) -> None:  # noqa: N802 (the standard library's name)
+            self.send_response(204)
+            self.cors()
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self) -> None:  # noqa: N802
+            path, _, query = self.path.partition("?")
+            params = dict(urllib.parse.parse_qsl(query))
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            if path.rstrip("/") != "/chathub/negotiate" or "user" not in params:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            token = client_token(params.get("token", "good"), params["user"], client_url, key)
+            body = json.dumps({"url": client_url, "accessToken": token}).encode()
+            self.send_response(200)
+            self.cors()
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Negotiate)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--connection-string", required=True)
+    parser.add_argument("--serve-port", type=int)
     args = parser.parse_args()
     settings = parse_connection_string(args.connection_string)
     base, key = settings["endpoint"].rstrip("/"), settings["accesskey"]
+    if args.serve_port:
+        serve_negotiate(args.serve_port, base, key)
+        print(json.dumps({"serving": args.serve_port}), flush=True)
     for line in sys.stdin:
         line = line.strip()
         if not line:

@@ -40,9 +40,23 @@ struct Backend {
 
 impl Backend {
     fn start(connection_string: &str) -> Self {
+        Self::start_with(connection_string, &[])
+    }
+
+    /// The backend serving its own negotiate endpoint on `port` too.
+    async fn serving(connection_string: &str, port: u16) -> Self {
+        let mut backend = Self::start_with(connection_string, &["--serve-port", &port.to_string()]);
+        let line = tokio::time::timeout(Duration::from_secs(20), backend.lines.next_line()).await;
+        let line = line.expect("the backend starts in time").expect("read").expect("the backend is running");
+        assert!(line.contains("serving"), "{line}");
+        backend
+    }
+
+    fn start_with(connection_string: &str, extra: &[&str]) -> Self {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/api_backend.py");
         let mut child = tokio::process::Command::new("python3")
             .args([script, "--connection-string", connection_string])
+            .args(extra)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
@@ -276,4 +290,53 @@ async fn a_backend_drives_every_server_api_call_through_the_balancer() {
 fn base64_of(text: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+}
+
+/// Azure's serverless flow with Microsoft's official browser client
+/// (unmodified, in headless Chromium): the application's own negotiate
+/// endpoint (the Python backend, on another origin) answers `{url,
+/// accessToken}`; the client follows it to the cluster's client endpoint
+/// through the balancer, over WebSockets and long polling; the backend's
+/// message to the token's user reaches both, the user is a full member
+/// (`HEAD` finds it); a token signed with another key, or expired, gets 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_client_follows_a_serverless_negotiate_to_the_client_endpoint() {
+    use switchboard_tests::browser::{eval, eval_until, Browser};
+    let redis = RedisServer::start();
+    let lb = TestBalancer::start(&redis, &[]).await;
+    let connection_string = format!("Endpoint={};AccessKey={KEY};Version=1.0;", lb.base);
+    let key = ["--api-access-key", &connection_string];
+    let _nodes = [TestNode::start(&redis, "node-a", &key).await, TestNode::start(&redis, "node-b", &key).await];
+    lb.wait_accepting(&["node-a", "node-b"]).await;
+    let port = switchboard_tests::free_port();
+    let mut backend = Backend::serving(&connection_string, port).await;
+    let Some(browser) = Browser::start().await else { return };
+    let page = switchboard_tests::official::official_client_page(&browser, &lb.base).await;
+
+    let start = |name: &str, query: &str, transport: &str| {
+        let opts = json!({"url": format!("http://127.0.0.1:{port}/chathub?{query}"), "transport": transport});
+        format!("window.__sbStart('{name}', {opts}); return 1;")
+    };
+    let outcome = |name: &str| format!("const r = window.__sbRec('{name}'); return r.state === 'starting' ? null : r;");
+    for (name, transport) in [("dana-ws", "WebSockets"), ("dana-lp", "LongPolling")] {
+        eval(&page, &start(name, "user=dana", transport)).await;
+        let r =
+            eval_until(&page, &format!("{name} to start"), &outcome(name), |v| (!v.is_null()).then(|| v.clone())).await;
+        assert_eq!(r["state"], "connected", "{name}: {r}");
+    }
+    assert_eq!(backend.status("HEAD", &api("/users/dana")).await, 200, "a client endpoint connection is its user's");
+    assert_eq!(backend.send(&api("/users/dana/:send"), "ReceiveMessage", json!(["backend", "hello dana"])).await, 202);
+    for name in ["dana-ws", "dana-lp"] {
+        let js = format!("const r = window.__sbRec('{name}'); return r.got.includes('hello dana') ? r.got : null;");
+        eval_until(&page, &format!("{name} to get the backend's message"), &js, |v| v.as_array().cloned()).await;
+    }
+    for kind in ["expired", "wrong-key"] {
+        let name = format!("dana-{kind}");
+        eval(&page, &start(&name, &format!("user=dana&token={kind}"), "WebSockets")).await;
+        let r =
+            eval_until(&page, &format!("{name} to fail"), &outcome(&name), |v| (!v.is_null()).then(|| v.clone())).await;
+        let state = r["state"].as_str().unwrap_or_default();
+        assert!(state.starts_with("failed") && state.contains("401"), "{kind}: {r}");
+    }
+    let _ = page.close().await;
 }

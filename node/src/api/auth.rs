@@ -35,6 +35,22 @@ impl std::fmt::Debug for AccessKey {
 struct Claims {
     #[serde(default)]
     aud: Option<Audience>,
+    #[serde(default)]
+    exp: Option<f64>,
+    /// The user, as Azure's SDKs put it in client tokens: `nameid`, or the
+    /// long .NET claim type.
+    #[serde(default)]
+    nameid: Option<String>,
+    #[serde(default, rename = "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier")]
+    name_identifier: Option<String>,
+}
+
+/// Who a client endpoint token says the client is.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ClientClaims {
+    pub user: String,
+    /// When it stops being accepted (its `exp` plus the leeway), Unix seconds.
+    pub expires: u64,
 }
 
 /// `aud` as RFC 7519 allows it: one string or several.
@@ -89,7 +105,28 @@ impl AccessKey {
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err("the Authorization header is not Bearer <token>".into());
         }
-        let token = token.trim();
+        self.verify(token.trim(), urls).map(|_| ())
+    }
+
+    /// Checks a client endpoint's access token (its audience is the client
+    /// URL, one of `urls`) and reads whom it names.
+    pub fn client(&self, token: &str, urls: &[String]) -> Result<ClientClaims, String> {
+        let claims = self.verify(token, urls)?;
+        // Azure lets a token name nobody; here a connection is someone's:
+        // a client endpoint token must name its user.
+        let user = claims
+            .nameid
+            .or(claims.name_identifier)
+            .filter(|u| !u.trim().is_empty())
+            .ok_or("the token names no user (nameid)")?;
+        let user =
+            crate::user_name::validate(&user).map_err(|e| format!("the token's user (nameid): {e}"))?.to_string();
+        let expires = (claims.exp.unwrap_or(0.0).max(0.0).round() as u64).saturating_add(LEEWAY_SECS);
+        Ok(ClientClaims { user, expires })
+    }
+
+    /// A token's signature, `exp`, `nbf` and audience checked; its claims.
+    fn verify(&self, token: &str, urls: &[String]) -> Result<Claims, String> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err("the token is larger than 8 KB".into());
         }
@@ -105,14 +142,14 @@ impl AccessKey {
             }
             .to_string()
         })?;
-        let audiences = match data.claims.aud {
-            Some(Audience::One(a)) => vec![a],
-            Some(Audience::Many(a)) => a,
+        let audiences = match &data.claims.aud {
+            Some(Audience::One(a)) => vec![a.clone()],
+            Some(Audience::Many(a)) => a.clone(),
             None => return Err("the token has no aud (the request's URL)".into()),
         };
         let wanted: Vec<String> = urls.iter().filter_map(|u| normalise_url(u)).collect();
         if audiences.iter().filter_map(|a| normalise_url(a)).any(|a| wanted.contains(&a)) {
-            Ok(())
+            Ok(data.claims)
         } else {
             Err("the token's aud is not this request's URL".into())
         }
@@ -180,6 +217,25 @@ mod tests {
         }
         assert!(k.check(None, urls).unwrap_err().contains("missing"));
         assert!(k.check(Some("Basic abc"), urls).unwrap_err().contains("Bearer"));
+    }
+
+    #[test]
+    fn client_tokens_name_their_user_as_azures_sdks_do() {
+        let k = AccessKey::parse(KEY).unwrap();
+        let url = "http://h:8888/client/?hub=chathub".to_string();
+        let urls = std::slice::from_ref(&url);
+        let exp = now() + 60;
+        let short = token(json!({"aud": url, "exp": exp, "nameid": "ana"}), KEY);
+        assert_eq!(k.client(&short, urls), Ok(ClientClaims { user: "ana".into(), expires: exp + LEEWAY_SECS }));
+        let long = "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier";
+        let dotnet = token(json!({"aud": url, "exp": exp, long: "bob"}), KEY);
+        assert_eq!(k.client(&dotnet, urls).unwrap().user, "bob");
+        let anonymous = token(json!({"aud": url, "exp": exp}), KEY);
+        assert!(k.client(&anonymous, urls).unwrap_err().contains("names no user"));
+        let bad_name = token(json!({"aud": url, "exp": exp, "nameid": "~x"}), KEY);
+        assert!(k.client(&bad_name, urls).unwrap_err().contains("nameid"));
+        let api = token(json!({"aud": "http://h:8888/api/hubs/chathub/:send", "exp": exp, "nameid": "ana"}), KEY);
+        assert!(k.client(&api, urls).unwrap_err().contains("aud"), "a server API token is not a client token");
     }
 
     #[test]

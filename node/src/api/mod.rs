@@ -12,6 +12,7 @@
 //! else changes; with one, a request needs a token signed with it (`auth`).
 
 pub mod auth;
+pub mod client;
 
 use crate::app::App;
 use crate::control::{self, Command};
@@ -173,7 +174,7 @@ fn route(method: &Method, path: &str) -> Result<Operation, Answer> {
 /// The URLs a request may have been sent to, for its token's `aud`: as the
 /// operator says the public one is, as the balancer forwarded it, as it
 /// arrived, and under the connection string's endpoint.
-fn request_urls(app: &App, headers: &HeaderMap, path: &str) -> Vec<String> {
+pub fn request_urls(app: &App, headers: &HeaderMap, path: &str) -> Vec<String> {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
     let mut urls = Vec::new();
     if !app.cfg.api_audience.is_empty() {

@@ -22,7 +22,7 @@ use axum::body::Bytes;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -104,10 +104,39 @@ impl IntoResponse for Refused {
     }
 }
 
+/// Which name the hub was reached by: `/chathub`, whose sign-in is the
+/// `auth` setting's, or Azure's client endpoint `/client/`, whose is an
+/// access token signed with the server API's key (see `api::client`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Hub,
+    Client,
+}
+
+impl Endpoint {
+    fn of(uri: &Uri) -> Self {
+        if crate::api::client::is_client_path(uri.path()) {
+            Endpoint::Client
+        } else {
+            Endpoint::Hub
+        }
+    }
+}
+
 /// Who sent a request, by its bearer token (see `auth`).
-fn identify(app: &App, headers: &HeaderMap, params: &HashMap<String, String>) -> Result<Option<Identity>, AuthError> {
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let result = app.auth.authenticate(authorization, params);
+fn identify(
+    app: &App,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    params: &HashMap<String, String>,
+) -> Result<Option<Identity>, AuthError> {
+    let result = match endpoint {
+        Endpoint::Hub => {
+            let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            app.auth.authenticate(authorization, params)
+        }
+        Endpoint::Client => crate::api::client::identify(app, headers, params),
+    };
     if let Err(e) = &result {
         app.metrics.auth_refused.with_label_values(&[e.label()]).inc();
     }
@@ -115,8 +144,13 @@ fn identify(app: &App, headers: &HeaderMap, params: &HashMap<String, String>) ->
 }
 
 /// Looks up `?id=` for a request that must also be from the connection's user.
-fn lookup_as(app: &App, headers: &HeaderMap, params: &HashMap<String, String>) -> Result<Arc<Connection>, Refused> {
-    let who = identify(app, headers, params)?;
+fn lookup_as(
+    app: &App,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    params: &HashMap<String, String>,
+) -> Result<Arc<Connection>, Refused> {
+    let who = identify(app, endpoint, headers, params)?;
     let conn = lookup(app, params)?;
     conn.admits(who.as_ref()).inspect_err(|e| app.metrics.auth_refused.with_label_values(&[e.label()]).inc())?;
     Ok(conn)
@@ -159,11 +193,11 @@ fn attach(app: &App, conn: &Connection, t: Transport) -> Result<(), TransportErr
 }
 
 /// `POST /chathub/negotiate[?negotiateVersion=N]`; the body is ignored.
-pub async fn negotiate(State(app): State<Arc<App>>, Query(params): Params, headers: HeaderMap) -> Response {
+pub async fn negotiate(State(app): State<Arc<App>>, uri: Uri, Query(params): Params, headers: HeaderMap) -> Response {
     if app.is_draining() {
         return TransportError::Draining.into_response();
     }
-    let who = match identify(&app, &headers, &params) {
+    let who = match identify(&app, Endpoint::of(&uri), &headers, &params) {
         Ok(who) => who,
         Err(e) => return e.into_response(),
     };
@@ -201,6 +235,7 @@ fn wants_event_stream(headers: &HeaderMap) -> bool {
 /// `GET /chathub`: WebSocket upgrade, event stream, or long poll.
 pub async fn connect(
     State(app): State<Arc<App>>,
+    uri: Uri,
     Query(params): Params,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -210,12 +245,12 @@ pub async fn connect(
             Ok(u) => u,
             Err(rejection) => return rejection.into_response(),
         };
-        return match open_websocket(&app, &params, &headers) {
+        return match open_websocket(&app, Endpoint::of(&uri), &params, &headers) {
             Ok((conn, generation)) => websocket::upgrade(app, conn, upgrade, generation),
             Err(e) => e.into_response(),
         };
     }
-    let conn = match lookup_as(&app, &headers, &params) {
+    let conn = match lookup_as(&app, Endpoint::of(&uri), &headers, &params) {
         Ok(conn) => conn,
         Err(refused) => return refused.into_response(),
     };
@@ -232,17 +267,18 @@ pub async fn connect(
 /// socket drains: 0 for a new connection, a fresh one for a resume.
 fn open_websocket(
     app: &App,
+    endpoint: Endpoint,
     params: &HashMap<String, String>,
     headers: &HeaderMap,
 ) -> Result<(Arc<Connection>, u64), Refused> {
     let conn = if params.contains_key("id") {
-        lookup_as(app, headers, params)?
+        lookup_as(app, endpoint, headers, params)?
     } else {
         // skipNegotiation: the connection starts with the socket.
         if app.is_draining() {
             return Err(TransportError::Draining.into());
         }
-        let who = identify(app, headers, params)?;
+        let who = identify(app, endpoint, headers, params)?;
         let token = ConnectionToken::issue(&app.node_id);
         let options = ConnectionOptions { stateful_reconnect: false, message_ids: wants_message_ids(params) };
         let conn = app.new_connection(token.connection_id, token.token, options);
@@ -273,11 +309,12 @@ fn open_websocket(
 /// `POST /chathub?id=…`: one or more records from an SSE or long-polling client.
 pub async fn send(
     State(app): State<Arc<App>>,
+    uri: Uri,
     Query(params): Params,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<StatusCode, Refused> {
-    let conn = lookup_as(&app, &headers, &params)?;
+    let conn = lookup_as(&app, Endpoint::of(&uri), &headers, &params)?;
     if conn.transport().is_some_and(|t| !t.takes_posts()) {
         return Err(TransportError::PostToWebSocket.into());
     }
@@ -303,10 +340,11 @@ pub async fn send(
 /// `DELETE /chathub?id=…`: ends a long-polling connection.
 pub async fn delete(
     State(app): State<Arc<App>>,
+    uri: Uri,
     Query(params): Params,
     headers: HeaderMap,
 ) -> Result<StatusCode, Refused> {
-    let conn = lookup_as(&app, &headers, &params)?;
+    let conn = lookup_as(&app, Endpoint::of(&uri), &headers, &params)?;
     if !conn.transport().is_some_and(Transport::is_polled) {
         return Err(TransportError::NotLongPolling.into());
     }
