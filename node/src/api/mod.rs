@@ -250,7 +250,9 @@ async fn authorized(
             Err(_) => return Answer::error(StatusCode::BAD_REQUEST, "the query string is malformed"),
         },
     };
-    match perform(app, op, &params, body).await {
+    // Boxed: the operations' futures nest deep enough to overflow the
+    // compiler's layout query when inlined into the handler's.
+    match Box::pin(perform(app, op, &params, body)).await {
         Ok(answer) => answer,
         Err(answer) => answer,
     }
@@ -314,7 +316,7 @@ fn unavailable(e: impl std::fmt::Display) -> Answer {
 async fn on_connection(app: &Arc<App>, connection: &str, command: Command) -> Result<bool, Answer> {
     let owner = switchboard_common::token::owner_of(connection);
     if owner.as_deref() == Some(app.node_id.as_str()) {
-        return Ok(control::apply(app, &command).await);
+        return Ok(Box::pin(control::apply(app, &command)).await);
     }
     match app.backplane.command(command).await {
         Ok(found) => Ok(found.unwrap_or(false)),
