@@ -44,6 +44,8 @@ pub struct App {
     pub history_reads: crate::history_reads::HistoryReads,
     /// The server API's access key; no server API without one.
     pub api_key: Option<crate::api::auth::AccessKey>,
+    /// Where upstream events go, if anywhere (see `upstream`).
+    pub upstream: Option<Arc<crate::upstream::Upstream>>,
     draining: AtomicBool,
 }
 
@@ -87,6 +89,7 @@ impl App {
         let backplane = make(&cfg, redis.clone(), metrics.backplane());
         let (presence, presence_tasks) = Presence::new(node_id.clone());
         let history_reads = crate::history_reads::HistoryReads::new(metrics.history_reads_shared.clone());
+        let upstream = crate::upstream::Upstream::new(&cfg, metrics.upstream_calls.clone())?;
         Ok(Arc::new(App {
             presence,
             presence_tasks: std::sync::Mutex::new(Some(presence_tasks)),
@@ -104,6 +107,7 @@ impl App {
             origins: crate::cors::AllowedOrigins::new(&cfg.allowed_origins),
             history_reads,
             api_key,
+            upstream,
             draining: AtomicBool::new(false),
             cfg,
         }))
@@ -277,7 +281,13 @@ impl App {
         if let Some(user) = conn.presence_slot().lock().unwrap_or_else(|p| p.into_inner()).take() {
             self.presence.remove(&user);
         }
-        if let Some(user) = self.users.remove(&conn.key) {
+        let user = self.users.remove(&conn.key);
+        if let Some(upstream) = &self.upstream {
+            if conn.is_handshaken() {
+                upstream.disconnected(conn.connection_id.clone(), user.as_ref().map(|(u, _)| u.clone()));
+            }
+        }
+        if let Some((user, true)) = user {
             self.backplane.unfollow_user(&user);
         }
         self.connections.remove(&conn.key);

@@ -54,6 +54,10 @@ pub struct NodeConfig {
     pub api_access_key: String,
     pub api_audience: String,
     pub api_max_body_bytes: usize,
+    pub upstream_url: String,
+    pub upstream_timeout_secs: f64,
+    pub upstream_concurrency: usize,
+    pub upstream_retries: u32,
     pub log_format: LogFormat,
 }
 
@@ -110,6 +114,10 @@ impl Default for NodeConfig {
             api_access_key: String::new(),
             api_audience: String::new(),
             api_max_body_bytes: 1024 * 1024,
+            upstream_url: String::new(),
+            upstream_timeout_secs: 5.0,
+            upstream_concurrency: 64,
+            upstream_retries: 2,
             log_format: LogFormat::Text,
         }
     }
@@ -243,6 +251,18 @@ pub struct Cli {
     /// Largest server API request body, in bytes (larger: 413) [default: 1048576]
     #[arg(long, global = true, env = "SWITCHBOARD_API_MAX_BODY_BYTES")]
     pub api_max_body_bytes: Option<usize>,
+    /// The application backend's URL (http://…) that gets upstream events: connected, disconnected, and invocations of methods the hub does not define; needs api_access_key, which signs them [default: empty]
+    #[arg(long, global = true, env = "SWITCHBOARD_UPSTREAM_URL")]
+    pub upstream_url: Option<String>,
+    /// How long an upstream call may take; an invocation then gets an error completion [default: 5]
+    #[arg(long, global = true, env = "SWITCHBOARD_UPSTREAM_TIMEOUT_SECS")]
+    pub upstream_timeout_secs: Option<f64>,
+    /// Upstream calls in flight at once from one node; more wait their turn within the timeout [default: 64]
+    #[arg(long, global = true, env = "SWITCHBOARD_UPSTREAM_CONCURRENCY")]
+    pub upstream_concurrency: Option<usize>,
+    /// How many times a connected or disconnected event is retried after a failure [default: 2]
+    #[arg(long, global = true, env = "SWITCHBOARD_UPSTREAM_RETRIES")]
+    pub upstream_retries: Option<u32>,
     /// Log format [default: text]
     #[arg(long, global = true, env = "SWITCHBOARD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -309,6 +329,10 @@ impl Cli {
             api_access_key,
             api_audience,
             api_max_body_bytes,
+            upstream_url,
+            upstream_timeout_secs,
+            upstream_concurrency,
+            upstream_retries,
             log_format
         );
         // An empty environment variable or "a,,b" lists nothing in between.
@@ -431,6 +455,25 @@ impl NodeConfig {
             });
         }
         require_positive("api_max_body_bytes", self.api_max_body_bytes as u64)?;
+        if !self.upstream_url.is_empty() {
+            if self.api_access_key.is_empty() {
+                return Err(ConfigError::Invalid {
+                    name: "upstream_url",
+                    reason: "upstream events are signed with the access key: set api_access_key too".into(),
+                });
+            }
+            let url = self.upstream_url.trim();
+            if !url.starts_with("http://") || url.len() <= "http://".len() {
+                return Err(ConfigError::Invalid {
+                    name: "upstream_url",
+                    reason: format!(
+                        "{url:?} is not an http:// URL (upstream calls go over the cluster's private network)"
+                    ),
+                });
+            }
+        }
+        secs("upstream_timeout_secs", self.upstream_timeout_secs)?;
+        require_positive("upstream_concurrency", self.upstream_concurrency as u64)?;
         // Reading the keys is the final check (a missing file, a short secret, a bad PEM).
         self.auth_keys().map_err(|reason| ConfigError::Invalid { name: "auth", reason })?;
         Ok(())

@@ -42,6 +42,7 @@ mod replay;
 mod server;
 mod stateful;
 mod transport;
+mod upstream;
 mod user_name;
 mod users;
 

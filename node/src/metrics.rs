@@ -15,6 +15,8 @@ pub struct Metrics {
     pub api_requests: IntCounterVec,
     /// Messages the server API accepted for delivery, by address kind.
     pub api_messages: IntCounterVec,
+    /// Upstream calls by category and outcome (see `upstream`).
+    pub upstream_calls: IntCounterVec,
     pub protocol_errors: IntCounterVec,
     pub auth_refused: IntCounterVec,
     pub auth_expired: IntCounter,
@@ -76,6 +78,12 @@ impl Metrics {
                 "switchboard_node_api_messages_total",
                 "Messages the server API accepted for delivery, by address (all, user, group, connection)",
                 &["address"],
+            ),
+            upstream_calls: counter_vec(
+                &r,
+                "switchboard_node_upstream_calls_total",
+                "Calls to the application backend's upstream URL, by category (connections, messages) and outcome (ok, timeout, unreachable, status, not_json, dropped)",
+                &["category", "outcome"],
             ),
             protocol_errors: counter_vec(
                 &r,

@@ -52,9 +52,13 @@ impl LocalUsers {
         Change { first, last }
     }
 
-    /// Forgets `conn`; the user that lost its last local connection, if any.
-    pub fn remove(&self, conn: &str) -> Option<String> {
-        self.lock().take(conn)
+    /// Forgets `conn`: the user it was of, and whether that was the user's
+    /// last local connection (its channel is then no longer followed).
+    pub fn remove(&self, conn: &str) -> Option<(String, bool)> {
+        let mut inner = self.lock();
+        let user = inner.user_of.get(conn).cloned()?;
+        let last = inner.take(conn).is_some();
+        Some((user, last))
     }
 
     /// The keys of `user`'s local connections.
@@ -105,8 +109,10 @@ mod tests {
         assert_eq!(u.user_of("c2").as_deref(), Some("bob"));
         assert_eq!(u.set("c1", "bob"), Change { first: None, last: Some("ana".into()) });
         assert!(u.connections("ana").is_empty());
-        assert_eq!(u.remove("c1"), None);
-        assert_eq!(u.remove("c2"), Some("bob".into()));
+        assert_eq!(u.remove("c1"), Some(("bob".into(), false)));
+        assert_eq!(u.set("c3", "bob"), Change::default());
+        assert_eq!(u.remove("c3"), Some(("bob".into(), false)));
+        assert_eq!(u.remove("c2"), Some(("bob".into(), true)));
         assert_eq!(u.remove("c2"), None, "forgetting twice is harmless");
         assert!(u.users().is_empty() && u.user_of("c1").is_none());
     }

@@ -20,6 +20,8 @@ const LEEWAY_SECS: u64 = 30;
 /// The configured access key.
 pub struct AccessKey {
     key: DecodingKey,
+    /// The key itself, for signing upstream requests.
+    secret: Vec<u8>,
     validation: Validation,
     /// The connection string's `Endpoint`, when the key came in one.
     pub endpoint: Option<String>,
@@ -93,7 +95,7 @@ impl AccessKey {
         validation.validate_nbf = true;
         validation.validate_aud = false; // compared as URLs below
         validation.set_required_spec_claims(&["exp"]);
-        Ok(AccessKey { key: DecodingKey::from_secret(key.as_bytes()), validation, endpoint })
+        Ok(AccessKey { key: DecodingKey::from_secret(key.as_bytes()), secret: key.into_bytes(), validation, endpoint })
     }
 
     /// Checks a request's `Authorization` header for a token signed with the
@@ -106,6 +108,21 @@ impl AccessKey {
             return Err("the Authorization header is not Bearer <token>".into());
         }
         self.verify(token.trim(), urls).map(|_| ())
+    }
+
+    /// `X-ASRS-Signature` for an upstream request about `connection_id`:
+    /// `sha256=` and the hex HMAC-SHA256 of the id with the key, as Azure
+    /// signs it (a backend checks it with the key it already has).
+    pub fn signature(&self, connection_id: &str) -> String {
+        use hmac::Mac;
+        let mut mac = match hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.secret) {
+            Ok(mac) => mac,
+            Err(_) => return String::new(), // HMAC takes a key of any length
+        };
+        mac.update(connection_id.as_bytes());
+        let digest = mac.finalize().into_bytes();
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256={hex}")
     }
 
     /// Checks a client endpoint's access token (its audience is the client
@@ -236,6 +253,17 @@ mod tests {
         assert!(k.client(&bad_name, urls).unwrap_err().contains("nameid"));
         let api = token(json!({"aud": "http://h:8888/api/hubs/chathub/:send", "exp": exp, "nameid": "ana"}), KEY);
         assert!(k.client(&api, urls).unwrap_err().contains("aud"), "a server API token is not a client token");
+    }
+
+    #[test]
+    fn upstream_signatures_are_the_hmac_of_the_connection_id() {
+        // RFC 4231 test case 2: key "Jefe", "what do ya want for nothing?".
+        let mut k = AccessKey::parse(KEY).unwrap();
+        k.secret = b"Jefe".to_vec();
+        assert_eq!(
+            k.signature("what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     #[test]

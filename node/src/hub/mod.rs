@@ -97,7 +97,7 @@ fn protocol_error(app: &App, conn: &Connection, e: &ProtocolError) {
 }
 
 /// Answers the handshake; true when it succeeded.
-async fn handshake(app: &App, conn: &Connection, record: &[u8]) -> bool {
+async fn handshake(app: &Arc<App>, conn: &Arc<Connection>, record: &[u8]) -> bool {
     let accepted = parse_handshake(record).and_then(|req| {
         if req.protocol.is_binary() && conn.transport().is_some_and(|t| !t.carries_binary()) {
             return Err(transfer_format_error(req.protocol));
@@ -123,6 +123,9 @@ async fn handshake(app: &App, conn: &Connection, record: &[u8]) -> bool {
             }
             let _ = conn.send(Bytes::from(handshake_response(None)), false, true);
             conn.complete_handshake();
+            if let Some(upstream) = &app.upstream {
+                upstream.connected(app, conn);
+            }
             tracing::debug!(connection = %conn.connection_id, protocol = req.protocol.name(), version = req.version, stateful = conn.stateful().is_some(), "handshake");
             true
         }
@@ -139,13 +142,18 @@ async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
     match msg {
         HubMessage::Invocation { invocation_id, target, arguments } => {
             let method = methods::find(&target);
-            let outcome = match method {
-                Some(m) => (m.run)(app, conn, invocation_id.as_deref(), arguments).await,
-                None => Err("HubException: Method does not exist.".into()),
+            let outcome = match (method, &app.upstream) {
+                (Some(m), _) => (m.run)(app, conn, invocation_id.as_deref(), arguments).await,
+                // Not the hub's: the application's backend answers it (see `upstream`).
+                (None, Some(upstream)) => {
+                    upstream.invoke(app, conn, invocation_id.clone(), target.clone(), arguments);
+                    Ok(Answer::Queued)
+                }
+                (None, None) => Err("HubException: Method does not exist.".into()),
             };
             let label = if outcome.is_ok() { "ok" } else { "error" };
-            // The table's names, or "unknown": a bounded label set whatever a client sends.
-            let name = method.map_or("unknown", |m| m.name);
+            // The table's names, "upstream" or "unknown": a bounded label set whatever a client sends.
+            let name = method.map_or(if app.upstream.is_some() { "upstream" } else { "unknown" }, |m| m.name);
             app.metrics.invocations.with_label_values(&[name, label]).inc();
             if let Err(e) = &outcome {
                 tracing::debug!(connection = %conn.connection_id, ?target, error = ?e, "invocation failed");
