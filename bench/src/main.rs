@@ -3,6 +3,7 @@
 //! writes the report; the other subcommands run one workload against URLs
 //! you give, printing a human line on stderr and JSON on stdout.
 
+mod api_send;
 mod ceiling;
 mod chaos;
 mod contenders;
@@ -124,6 +125,28 @@ enum Command {
         redis: String,
         #[arg(long, default_value_t = 100_000)]
         count: usize,
+    },
+    /// What a send through the server API costs: Redis, three nodes with an
+    /// access key and the balancer on loopback, N WebSocket clients, and a
+    /// backend POSTing /api/hubs/chathub/:send through the balancer: sends per
+    /// second closed loop (and CPU per send of every process), then delivery
+    /// latency to every client at a fixed rate. Prints JSON.
+    ApiSend {
+        /// Where switchboard-node and switchboard-balancer are (default: next to this program)
+        #[arg(long)]
+        bin_dir: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Concurrent senders in the closed loop
+        #[arg(long, default_value_t = 8)]
+        senders: usize,
+        #[arg(long, default_value_t = 10)]
+        closed_secs: u64,
+        /// Sends per second in the fixed-rate phase
+        #[arg(long, default_value_t = 20)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        rate_secs: u64,
     },
     /// Rewrite report.md and the plots of an earlier run from its results.json
     Report { results: std::path::PathBuf },
@@ -353,6 +376,10 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Command::StoreCost { redis, count } => store_cost::run(&redis, count).await?,
+        Command::ApiSend { bin_dir, clients, senders, closed_secs, rate, rate_secs } => {
+            let opts = api_send::Options { clients, senders, closed_secs, rate, rate_secs };
+            api_send::run(&bin_dir_or_default(bin_dir)?, &opts).await?
+        }
         Command::Report { results } => {
             let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&results)?)?;
             let dir = results.parent().map(|p| p.to_path_buf()).unwrap_or_default();
