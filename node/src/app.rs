@@ -198,6 +198,9 @@ impl App {
     pub fn deliver_chat(&self, message: &ChatMessage) {
         let delivery = Arc::new(ChatDelivery::new(message.clone(), self.backplane.per_group()));
         let offer = |c: &Arc<Connection>| {
+            if !message.excluded.is_empty() && message.excluded.contains(&c.connection_id) {
+                return;
+            }
             if let Some(d) = c.gate_live(&delivery) {
                 c.note_live(d);
                 self.send_to(c, d.for_connection(c));
@@ -235,6 +238,9 @@ impl App {
     /// to its user; a direct message to or from its user but not the one it
     /// sent itself. (Group messages are filtered by membership apart.)
     pub fn may_see(conn: &Connection, user: Option<&str>, message: &ChatMessage) -> bool {
+        if message.excluded.contains(&conn.connection_id) {
+            return false;
+        }
         match message.address() {
             Address::All | Address::Group(_) => true,
             Address::User { to, from } => {

@@ -23,6 +23,8 @@ pub enum Command {
     UserJoinGroup { user: String, group: String },
     UserLeaveGroups { user: String, groups: Vec<String> },
     CloseUser { user: String, reason: Option<String> },
+    CloseGroup { group: String, reason: Option<String>, excluded: Vec<String> },
+    CloseAll { reason: Option<String>, excluded: Vec<String> },
 }
 
 /// Where a command goes.
@@ -30,6 +32,10 @@ pub enum Command {
 pub enum Target<'a> {
     Connection(&'a str),
     User(&'a str),
+    /// Every node with a member of the group.
+    Group(&'a str),
+    /// Every node.
+    All,
 }
 
 impl Command {
@@ -43,6 +49,8 @@ impl Command {
             Command::UserJoinGroup { user, .. }
             | Command::UserLeaveGroups { user, .. }
             | Command::CloseUser { user, .. } => Target::User(user),
+            Command::CloseGroup { group, .. } => Target::Group(group),
+            Command::CloseAll { .. } => Target::All,
         }
     }
 }
@@ -119,6 +127,19 @@ pub async fn apply(app: &Arc<App>, command: &Command) -> bool {
         }
         Command::CloseUser { user, reason } => {
             for c in user_connections(app, user) {
+                app.close(&c, Some(close_error(reason.as_deref())), false);
+            }
+            true
+        }
+        Command::CloseGroup { group, reason, excluded } => {
+            let members = app.groups.members(group).into_iter().filter_map(|k| app.connections.get(&k));
+            for c in members.filter(|c| !excluded.contains(&c.connection_id)) {
+                app.close(&c, Some(close_error(reason.as_deref())), false);
+            }
+            true
+        }
+        Command::CloseAll { reason, excluded } => {
+            for c in app.connections.all().into_iter().filter(|c| !excluded.contains(&c.connection_id)) {
                 app.close(&c, Some(close_error(reason.as_deref())), false);
             }
             true

@@ -45,6 +45,9 @@ pub struct ChatMessage {
     pub target: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arguments: Option<Vec<Value>>,
+    /// Connections (by id) a server API send to everyone or a group leaves out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<String>,
     pub user: String,
     pub message: String,
     pub connection_id: String,
@@ -129,6 +132,10 @@ impl ChatMessage {
                 Some(json) => Some(serde_json::from_str(&json).ok()?),
                 None => None,
             },
+            excluded: match field("excluded") {
+                Some(json) => serde_json::from_str(&json).ok()?,
+                None => Vec::new(),
+            },
             user: field("user")?,
             message: field("message")?,
             connection_id: field("connectionId")?,
@@ -205,6 +212,9 @@ pub fn store_and_publish(
     }
     if let Some(connection) = &m.connection {
         cmd.arg("connection").arg(connection);
+    }
+    if !m.excluded.is_empty() {
+        cmd.arg("excluded").arg(serde_json::to_string(&m.excluded).unwrap_or_default());
     }
     if let Some(target) = &m.target {
         let arguments = serde_json::to_string(m.arguments.as_deref().unwrap_or_default()).unwrap_or_default();
@@ -452,6 +462,7 @@ mod tests {
             connection: Some("c1".into()),
             target: Some("T".into()),
             arguments: Some(vec![serde_json::json!({"a": [1]})]),
+            excluded: vec!["c2".into()],
             ..msg(None)
         };
         for m in [msg(Some("g")), ChatMessage { to: Some("b".into()), ..msg(None) }, server] {

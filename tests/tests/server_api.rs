@@ -14,7 +14,9 @@
 //!   group (a connection the user opens later, on another node, is in it
 //!   until the user is removed), the existence checks (`HEAD`) of
 //!   connections, users, groups and a user's membership: `200`/`204`/`404`;
-//! - close one connection and all of a user's, with the reason in `Close`;
+//! - a send to everyone that leaves one connection out (`excluded`);
+//! - close a group's connections but one, one connection, all of a user's
+//!   and everyone's, with the reason in `Close`;
 //! - a missing, wrongly signed, expired, `exp`-less or wrong-audience token
 //!   (`401`), an oversized body (`413`) and malformed bodies (`400`) change
 //!   nothing; a node without a key answers `404`; the calls are counted in
@@ -243,11 +245,28 @@ async fn a_backend_drives_every_server_api_call_through_the_balancer() {
     assert_eq!(backend.status("DELETE", &api("/users/bob/groups")).await, 204);
     assert_eq!(backend.status("HEAD", &api("/users/bob/groups/later")).await, 404);
 
-    // Closing: one connection, then all of a user's, each with its reason.
-    let path = api(&format!("/connections/{}", cat.connection_id));
+    // A send that leaves a connection out.
+    let path = format!("{}?excluded={}", api("/:send"), cat.connection_id);
+    let request = json!({"method": "POST", "path": api("/:send"), "query": format!("excluded={}", cat.connection_id),
+        "json": {"target": "Notice", "arguments": ["not for cat"]}});
+    assert_eq!(backend.call(request).await.0, 202, "{path}");
+    assert_eq!(gets(&mut ana, "Notice").await[0], "not for cat");
+    none_get(&mut [&mut cat], "Notice").await;
+
+    // Closing: a group's connections but one, one connection, all of a
+    // user's, then everyone's, each with its reason.
+    for c in [&ana, &cat] {
+        assert_eq!(backend.status("PUT", &api(&format!("/groups/closing/connections/{}", c.connection_id))).await, 200);
+    }
+    let query = format!("reason=group-closed&excluded={}", ana.connection_id);
+    let request = json!({"method": "POST", "path": api("/groups/closing/:closeConnections"), "query": query});
+    assert_eq!(backend.call(request).await.0, 204);
+    let close = cat.expect_close(WAIT).await.expect("cat gets a Close");
+    assert!(close["error"].as_str().is_some_and(|e| e.contains("group-closed")), "{close}");
+    let path = api(&format!("/connections/{}", ana.connection_id));
     let (status, _) = backend.call(json!({"method": "DELETE", "path": path, "query": "reason=maintenance"})).await;
     assert_eq!(status, 200);
-    let close = cat.expect_close(WAIT).await.expect("cat gets a Close");
+    let close = ana.expect_close(WAIT).await.expect("ana gets a Close (and was not closed with the group)");
     assert!(close["error"].as_str().is_some_and(|e| e.contains("maintenance")), "{close}");
     let (status, _) = backend
         .call(json!({"method": "POST", "path": api("/users/bob/:closeConnections"), "query": "reason=bye%20bob"}))
@@ -257,6 +276,11 @@ async fn a_backend_drives_every_server_api_call_through_the_balancer() {
         let close = c.expect_close(WAIT).await.expect("bob's connections get a Close");
         assert!(close["error"].as_str().is_some_and(|e| e.contains("bye bob")), "{close}");
     }
+    let (status, _) =
+        backend.call(json!({"method": "POST", "path": api("/:closeConnections"), "query": "reason=everyone"})).await;
+    assert_eq!(status, 204);
+    let close = late.expect_close(WAIT).await.expect("the last client gets a Close");
+    assert!(close["error"].as_str().is_some_and(|e| e.contains("everyone")), "{close}");
     // Gone once their nodes let go of bob's channel.
     let deadline = tokio::time::Instant::now() + WAIT;
     while backend.status("HEAD", &api("/users/bob")).await != 404 {
@@ -279,7 +303,7 @@ async fn a_backend_drives_every_server_api_call_through_the_balancer() {
             "switchboard_node_api_requests_total{operation=\"send_all\",status=\"401\"}",
         );
     }
-    assert_eq!((sends, refused), (1.0, 5.0));
+    assert_eq!((sends, refused), (2.0, 5.0), "two sends to everyone accepted, five refused");
 
     // A node with no key serves no API.
     let plain = TestNode::start(&redis, "node-plain", &[]).await;

@@ -53,6 +53,8 @@ enum Operation {
     AddUserToGroup { user: String, group: String },
     RemoveUserFromGroup { user: String, group: String },
     RemoveUserFromAllGroups(String),
+    CloseAll,
+    CloseGroup(String),
 }
 
 impl Operation {
@@ -76,6 +78,8 @@ impl Operation {
             Operation::AddUserToGroup { .. } => "group_add_user",
             Operation::RemoveUserFromGroup { .. } => "group_remove_user",
             Operation::RemoveUserFromAllGroups(_) => "user_leave_all_groups",
+            Operation::CloseAll => "close_all",
+            Operation::CloseGroup(_) => "close_group",
         }
     }
 }
@@ -142,6 +146,8 @@ fn route(method: &Method, path: &str) -> Result<Operation, Answer> {
     let m = method.clone();
     Ok(match (rest, m) {
         ([":send"], Method::POST) => Operation::SendAll,
+        ([":closeConnections"], Method::POST) => Operation::CloseAll,
+        (["groups", g, ":closeConnections"], Method::POST) => Operation::CloseGroup(owned(g)),
         (["users", u, ":send"], Method::POST) => Operation::SendUser(owned(u)),
         (["groups", g, ":send"], Method::POST) => Operation::SendGroup(owned(g)),
         (["connections", c, ":send"], Method::POST) => Operation::SendConnection(owned(c)),
@@ -164,6 +170,7 @@ fn route(method: &Method, path: &str) -> Result<Operation, Answer> {
         }
         (["users", u, "groups"], Method::DELETE) => Operation::RemoveUserFromAllGroups(owned(u)),
         ([":send"] | ["users", _, ":send"] | ["groups", _, ":send"] | ["connections", _, ":send"], _)
+        | ([":closeConnections"] | ["groups", _, ":closeConnections"], _)
         | (["connections", _] | ["connections", _, "groups"] | ["groups", _], _)
         | (["groups", _, "connections", _] | ["users", _] | ["users", _, ":closeConnections"], _)
         | (["users", _, "groups", _] | ["users", _, "groups"], _) => return Err(wrong()),
@@ -243,7 +250,7 @@ async fn authorized(
         tracing::info!(reason = %why, "server API request refused");
         return Answer::error(StatusCode::UNAUTHORIZED, why);
     }
-    let params: std::collections::HashMap<String, String> = match query {
+    let params: Vec<(String, String)> = match query {
         None => Default::default(),
         Some(_) => match axum::extract::Query::try_from_uri(uri) {
             Ok(axum::extract::Query(p)) => p,
@@ -324,13 +331,15 @@ async fn on_connection(app: &Arc<App>, connection: &str, command: Command) -> Re
     }
 }
 
-async fn perform(
-    app: &Arc<App>,
-    op: Operation,
-    params: &std::collections::HashMap<String, String>,
-    body: Body,
-) -> Result<Answer, Answer> {
-    let reason = params.get("reason").cloned();
+/// A query parameter's first value.
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a String> {
+    params.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+}
+
+async fn perform(app: &Arc<App>, op: Operation, params: &[(String, String)], body: Body) -> Result<Answer, Answer> {
+    let reason = param(params, "reason").cloned();
+    // `excluded=<id>`, repeated: connections a send or a close leaves out.
+    let excluded: Vec<String> = params.iter().filter(|(n, _)| n == "excluded").map(|(_, v)| v.clone()).collect();
     let send = |m: ChatMessage, address: &str| {
         app.metrics.api_messages.with_label_values(&[address]).inc();
         app.backplane.send(m);
@@ -340,7 +349,7 @@ async fn perform(
         Operation::Health => Answer::ok(StatusCode::OK),
         Operation::SendAll => {
             let (target, arguments) = payload(app, body).await?;
-            send(message(app, target, arguments), "all")
+            send(ChatMessage { excluded, ..message(app, target, arguments) }, "all")
         }
         Operation::SendUser(user) => {
             name("user", &user)?;
@@ -350,7 +359,7 @@ async fn perform(
         Operation::SendGroup(group) => {
             name("group", &group)?;
             let (target, arguments) = payload(app, body).await?;
-            send(ChatMessage { group: Some(group), ..message(app, target, arguments) }, "group")
+            send(ChatMessage { group: Some(group), excluded, ..message(app, target, arguments) }, "group")
         }
         Operation::SendConnection(connection) => {
             let (target, arguments) = payload(app, body).await?;
@@ -403,7 +412,7 @@ async fn perform(
         Operation::AddUserToGroup { user, group } => {
             name("user", &user)?;
             name("group", &group)?;
-            let ttl = match params.get("ttl") {
+            let ttl = match param(params, "ttl") {
                 None => Some(DEFAULT_USER_GROUP_TTL),
                 Some(t) => match t.parse::<u64>() {
                     Ok(0) => None, // only the connections there are now
@@ -422,6 +431,15 @@ async fn perform(
             name("group", &group)?;
             app.backplane.remove_user_groups(&user, Some(&group)).await.map_err(unavailable)?;
             app.backplane.command(Command::UserLeaveGroups { user, groups: vec![group] }).await.map_err(unavailable)?;
+            Answer::ok(StatusCode::NO_CONTENT)
+        }
+        Operation::CloseAll => {
+            app.backplane.command(Command::CloseAll { reason, excluded }).await.map_err(unavailable)?;
+            Answer::ok(StatusCode::NO_CONTENT)
+        }
+        Operation::CloseGroup(group) => {
+            name("group", &group)?;
+            app.backplane.command(Command::CloseGroup { group, reason, excluded }).await.map_err(unavailable)?;
             Answer::ok(StatusCode::NO_CONTENT)
         }
         Operation::RemoveUserFromAllGroups(user) => {
@@ -484,6 +502,8 @@ mod tests {
             Operation::AddUserToGroup { user: String::new(), group: String::new() },
             Operation::RemoveUserFromGroup { user: String::new(), group: String::new() },
             Operation::RemoveUserFromAllGroups(String::new()),
+            Operation::CloseAll,
+            Operation::CloseGroup(String::new()),
         ];
         let labels: std::collections::HashSet<&str> = ops.iter().map(Operation::label).collect();
         assert_eq!(labels.len(), ops.len());

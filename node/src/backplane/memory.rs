@@ -129,10 +129,7 @@ impl MemoryBackplane {
                 found |= run.await;
             }
         }
-        match command.target() {
-            crate::control::Target::Connection(_) => Some(found),
-            crate::control::Target::User(_) => None,
-        }
+        matches!(command.target(), crate::control::Target::Connection(_)).then_some(found)
     }
 
     /// Whether `f` holds for any attached node's handler.

@@ -455,17 +455,25 @@ impl RedisBackplane {
 
     /// Sends `command` where it goes (see `Backplane::command`).
     pub async fn command(&self, command: Command) -> Result<Option<bool>, HistoryError> {
+        // A command for many nodes goes over the channel they all follow,
+        // and nobody answers it.
+        let many = match command.target() {
+            Target::User(user) => Some(self.layout.user_channel(user)),
+            Target::Group(group) => Some(self.layout.group_channel(group)),
+            Target::All => Some(self.layout.all_channel().to_string()),
+            Target::Connection(_) => None,
+        };
+        if let Some(channel) = many {
+            let text = serde_json::to_string(&Envelope { command, reply: None }).unwrap_or_default();
+            self.publish(&channel, format!("ctl {text}")).await?;
+            return Ok(None);
+        }
         let channel = match command.target() {
-            Target::User(user) => {
-                let channel = self.layout.user_channel(user);
-                let text = serde_json::to_string(&Envelope { command, reply: None }).unwrap_or_default();
-                self.publish(&channel, format!("ctl {text}")).await?;
-                return Ok(None);
-            }
             Target::Connection(id) => match switchboard_common::token::owner_of(id) {
                 Some(node) => self.layout.node_channel(&node),
                 None => return Ok(Some(false)),
             },
+            _ => return Ok(None),
         };
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -603,12 +611,10 @@ impl RedisBackplane {
             }
             return;
         }
-        // Commands (on a node's or a user's channel) and answers (on this
-        // node's) are not chat messages.
+        // Commands (on any chat channel: a node's, a user's, a group's or the
+        // broadcasts') and answers (on this node's) are not chat messages.
         if let Some(command) = payload.strip_prefix(b"ctl ") {
-            if self.layout.is_node_channel(channel) || self.layout.user_of(channel).is_some() {
-                self.run_command(command);
-            }
+            self.run_command(command);
             return;
         }
         if let Some(answer) = payload.strip_prefix(b"ans ") {
