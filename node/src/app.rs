@@ -6,7 +6,7 @@
 //! connections its address names (everyone, a group's members, or a direct
 //! message's two users), and forgetting a connection exactly once.
 
-use crate::backplane::{Backplane, BackplaneMetrics, Deliver, PresenceChange};
+use crate::backplane::{Backplane, BackplaneMetrics};
 use crate::config::NodeConfig;
 use crate::connection::{ChatDelivery, Connection, ConnectionOptions, ConnectionTable, Limits};
 use crate::groups::LocalGroups;
@@ -390,32 +390,5 @@ impl App {
             self.backplane.unsubscribe_group(group);
         }
         conn.left_group(group);
-    }
-}
-
-impl Deliver for App {
-    fn control(self: Arc<Self>, command: crate::control::Command) -> futures_util::future::BoxFuture<'static, bool> {
-        Box::pin(async move { crate::control::apply(&self, &command).await })
-    }
-
-    fn deliver(&self, message: &ChatMessage) {
-        self.deliver_chat(message);
-    }
-
-    fn local_groups(&self) -> Vec<String> {
-        self.groups.groups()
-    }
-
-    fn local_users(&self) -> Vec<String> {
-        self.users.users()
-    }
-
-    fn presence(&self, change: &PresenceChange) {
-        if crate::user_name::validate_shown(&change.user).is_ok() && !change.node.is_empty() {
-            self.presence.apply_remote(&change.node, &change.user, change.online)
-        } else {
-            self.metrics.backplane().invalid.inc();
-            tracing::warn!("ignoring a presence change with an invalid name");
-        }
     }
 }

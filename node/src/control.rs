@@ -1,74 +1,21 @@
-//! Commands the server API (`api`) gives connections and users wherever
-//! they are in the cluster: put a connection in a group or take it out,
-//! close it, ask whether it exists; the same for every connection of a user.
-//! A command about a connection goes to the node its id names (ids carry
-//! their node, see `switchboard_common::token`), which answers whether it
-//! found it; a command about a user goes over the user's channel to every
-//! node that holds one of the user's connections (see `backplane`). `apply`
-//! carries a command out on this node's connections.
+//! What arrives from the backplane, handed to this node (`Deliver` for
+//! `App`): chat and server API messages to deliver, other nodes' presence
+//! changes, and the server API's commands (see `command`): put a connection
+//! in a group or take it out, close it, ask whether it exists; the same for
+//! every connection of a user, a group or everyone. A command about a
+//! connection reaches the node its id names (ids carry their node, see
+//! `switchboard_common::token`), which answers whether it found it; one
+//! about a user, a group or everyone reaches every node that holds one of
+//! theirs. `apply` carries a command out on this node's connections; the
+//! API calls it directly for a connection of its own node.
 
 use crate::app::App;
+use crate::backplane::{Deliver, PresenceChange};
+use crate::command::Command;
 use crate::connection::Connection;
-use serde::{Deserialize, Serialize};
+use crate::history::ChatMessage;
+use futures_util::future::BoxFuture;
 use std::sync::Arc;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "camelCase", rename_all_fields = "camelCase")]
-pub enum Command {
-    JoinGroup { connection: String, group: String },
-    LeaveGroup { connection: String, group: String },
-    LeaveAllGroups { connection: String },
-    Close { connection: String, reason: Option<String> },
-    Exists { connection: String },
-    UserJoinGroup { user: String, group: String },
-    UserLeaveGroups { user: String, groups: Vec<String> },
-    CloseUser { user: String, reason: Option<String> },
-    CloseGroup { group: String, reason: Option<String>, excluded: Vec<String> },
-    CloseAll { reason: Option<String>, excluded: Vec<String> },
-}
-
-/// Where a command goes.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Target<'a> {
-    Connection(&'a str),
-    User(&'a str),
-    /// Every node with a member of the group.
-    Group(&'a str),
-    /// Every node.
-    All,
-}
-
-impl Command {
-    pub fn target(&self) -> Target<'_> {
-        match self {
-            Command::JoinGroup { connection, .. }
-            | Command::LeaveGroup { connection, .. }
-            | Command::LeaveAllGroups { connection }
-            | Command::Close { connection, .. }
-            | Command::Exists { connection } => Target::Connection(connection),
-            Command::UserJoinGroup { user, .. }
-            | Command::UserLeaveGroups { user, .. }
-            | Command::CloseUser { user, .. } => Target::User(user),
-            Command::CloseGroup { group, .. } => Target::Group(group),
-            Command::CloseAll { .. } => Target::All,
-        }
-    }
-}
-
-/// A command as it crosses the backplane, with where to answer: the asking
-/// node and its request's number.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Envelope {
-    pub command: Command,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reply: Option<Reply>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reply {
-    pub node: String,
-    pub request: u64,
-}
 
 /// The text a connection closed by the server API gets in its `Close`.
 fn close_error(reason: Option<&str>) -> String {
@@ -151,26 +98,36 @@ fn user_connections(app: &App, user: &str) -> Vec<Arc<Connection>> {
     app.users.connections(user).into_iter().filter_map(|k| app.connections.get(&k)).collect()
 }
 
+impl Deliver for App {
+    fn control(self: Arc<Self>, command: Command) -> BoxFuture<'static, bool> {
+        Box::pin(async move { apply(&self, &command).await })
+    }
+
+    fn deliver(&self, message: &ChatMessage) {
+        self.deliver_chat(message);
+    }
+
+    fn local_groups(&self) -> Vec<String> {
+        self.groups.groups()
+    }
+
+    fn local_users(&self) -> Vec<String> {
+        self.users.users()
+    }
+
+    fn presence(&self, change: &PresenceChange) {
+        if crate::user_name::validate_shown(&change.user).is_ok() && !change.node.is_empty() {
+            self.presence.apply_remote(&change.node, &change.user, change.online)
+        } else {
+            self.metrics.backplane().invalid.inc();
+            tracing::warn!("ignoring a presence change with an invalid name");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn envelopes_round_trip_and_name_their_target() {
-        let e = Envelope {
-            command: Command::Close { connection: "bm9kZQ.x".into(), reason: Some("bye".into()) },
-            reply: Some(Reply { node: "n1".into(), request: 7 }),
-        };
-        let text = serde_json::to_string(&e).unwrap();
-        assert_eq!(
-            text,
-            r#"{"command":{"op":"close","connection":"bm9kZQ.x","reason":"bye"},"reply":{"node":"n1","request":7}}"#
-        );
-        assert_eq!(serde_json::from_str::<Envelope>(&text).unwrap(), e);
-        let user = Command::UserLeaveGroups { user: "ana".into(), groups: vec!["g".into()] };
-        assert_eq!(user.target(), Target::User("ana"));
-        assert!(serde_json::from_str::<Envelope>(r#"{"command":{"op":"format"}}"#).is_err());
-    }
 
     #[test]
     fn a_close_reason_is_trimmed_and_bounded() {

@@ -20,6 +20,7 @@ mod api;
 mod app;
 pub mod auth;
 mod backplane;
+mod command;
 pub mod config;
 mod connection;
 mod control;

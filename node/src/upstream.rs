@@ -24,8 +24,8 @@
 //! dropped and counted, so a dead backend costs bounded memory.
 
 use crate::api::auth::AccessKey;
-use crate::app::App;
-use crate::connection::Connection;
+use crate::protocol::HubMessage;
+use futures_util::future::BoxFuture;
 use prometheus::IntCounterVec;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -122,7 +122,7 @@ impl Upstream {
                 .client
                 .post(&self.url)
                 .header("Content-Type", "application/json")
-                .header("X-ASRS-Hub", crate::api::HUB)
+                .header("X-ASRS-Hub", crate::api::auth::HUB)
                 .header("X-ASRS-Category", category)
                 .header("X-ASRS-Event", event)
                 .header("X-ASRS-Connection-Id", connection_id)
@@ -187,18 +187,22 @@ impl Upstream {
         });
     }
 
-    /// `connected`, once `conn` completed its handshake; the groups the
-    /// backend answers with are joined.
-    pub fn connected(self: &Arc<Self>, app: &Arc<App>, conn: &Arc<Connection>) {
-        let (this, app, conn) = (self.clone(), app.clone(), conn.clone());
+    /// `connected`, once a connection completed its handshake; `join`
+    /// gets the groups the backend answers with.
+    pub fn connected(
+        self: &Arc<Self>,
+        connection_id: String,
+        user: Option<String>,
+        join: impl FnOnce(Vec<String>) -> BoxFuture<'static, ()> + Send + 'static,
+    ) {
+        let this = self.clone();
         self.spawn_event(async move {
-            let user = app.user_of(&conn);
-            let answer = this.event("connected", &conn.connection_id, user.as_deref(), json!({})).await;
+            let answer = this.event("connected", &connection_id, user.as_deref(), json!({})).await;
             let groups = answer.as_ref().and_then(|a| a.get("groups")).and_then(Value::as_array).cloned();
-            for group in groups.unwrap_or_default().iter().filter_map(Value::as_str) {
-                if let Err(e) = app.join_group(&conn, group).await {
-                    tracing::info!(connection = %conn.connection_id, error = %e, "could not join a group the backend named");
-                }
+            let groups: Vec<String> =
+                groups.unwrap_or_default().iter().filter_map(Value::as_str).map(String::from).collect();
+            if !groups.is_empty() {
+                join(groups).await;
             }
         });
     }
@@ -211,23 +215,22 @@ impl Upstream {
         });
     }
 
-    /// An invocation of a method the hub does not define: the backend's
-    /// answer becomes its completion, queued for `conn` when it comes.
+    /// An invocation of a method the hub does not define, by the connection
+    /// `connection_id` (of `user`): the backend's answer becomes its
+    /// completion, handed to `answer` when it comes.
     pub fn invoke(
         self: &Arc<Self>,
-        app: &Arc<App>,
-        conn: &Arc<Connection>,
+        (connection_id, user): (String, Option<String>),
         invocation_id: Option<String>,
         target: String,
         arguments: Vec<Value>,
+        answer: impl FnOnce(HubMessage) + Send + 'static,
     ) {
-        let (this, app, conn) = (self.clone(), app.clone(), conn.clone());
+        let this = self.clone();
         tokio::spawn(async move {
             let body = json!({"type": 1, "invocationId": invocation_id, "target": target, "arguments": arguments});
-            let user = app.user_of(&conn);
-            let outcome = this
-                .call("messages", &target, &conn.connection_id, user.as_deref(), body.to_string().into_bytes())
-                .await;
+            let outcome =
+                this.call("messages", &target, &connection_id, user.as_deref(), body.to_string().into_bytes()).await;
             let Some(id) = invocation_id else { return };
             let (result, error) = match outcome {
                 Ok(Value::Null) => (None, None),
@@ -237,7 +240,7 @@ impl Upstream {
                     Some(format!("Failed to invoke '{target}' due to an error on the server. HubException: {e}.")),
                 ),
             };
-            app.reply(&conn, crate::protocol::HubMessage::Completion { invocation_id: id, result, error });
+            answer(HubMessage::Completion { invocation_id: id, result, error });
         });
     }
 }

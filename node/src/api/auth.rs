@@ -10,6 +10,9 @@
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+/// The one hub this cluster serves (in the API's paths, the client
+/// endpoint's `?hub=` and upstream events' `X-ASRS-Hub`).
+pub const HUB: &str = "chathub";
 /// Shortest key accepted (the API's whole security rests on it).
 pub const MIN_KEY_BYTES: usize = 32;
 /// Larger tokens are refused unread.

@@ -15,7 +15,8 @@ pub mod auth;
 pub mod client;
 
 use crate::app::App;
-use crate::control::{self, Command};
+use crate::command::Command;
+use crate::control;
 use crate::history::ChatMessage;
 use axum::body::{to_bytes, Body};
 use axum::extract::{Request, State};
@@ -25,8 +26,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The one hub this cluster serves.
-pub const HUB: &str = "chathub";
+pub use auth::HUB;
 /// How long a user stays in a group the API put it in, without `ttl`: a
 /// year, as Azure does.
 const DEFAULT_USER_GROUP_TTL: Duration = Duration::from_secs(365 * 24 * 3600);

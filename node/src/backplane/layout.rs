@@ -93,7 +93,7 @@ impl Layout {
     /// The scope a message to `group` (`None`: everyone) is stored in:
     /// `None` for the broadcast (or only) stream, the group on `per_group`.
     pub fn scope_of<'g>(&self, group: Option<&'g str>) -> Option<&'g str> {
-        crate::history::scope_of(group, self.per_group)
+        group.filter(|_| self.per_group)
     }
 
     /// A group scope's names start with this. The `#` keeps the hash tag

@@ -121,7 +121,7 @@ impl MemoryBackplane {
 
     /// Runs `command` on every attached node, as the Redis backplane reaches
     /// the node (or the nodes) it names: whether one found its connection.
-    pub async fn command(&self, command: crate::control::Command) -> Option<bool> {
+    pub async fn command(&self, command: crate::command::Command) -> Option<bool> {
         let nodes = self.bus.state().nodes();
         let mut found = false;
         for node in nodes {
@@ -129,7 +129,7 @@ impl MemoryBackplane {
                 found |= run.await;
             }
         }
-        matches!(command.target(), crate::control::Target::Connection(_)).then_some(found)
+        matches!(command.target(), crate::command::Target::Connection(_)).then_some(found)
     }
 
     /// Whether `f` holds for any attached node's handler.

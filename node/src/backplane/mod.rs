@@ -20,7 +20,7 @@ pub mod memory;
 pub mod redis;
 mod subscription;
 
-use crate::control::Command;
+use crate::command::Command;
 use crate::history::{ChatMessage, ResumeError};
 use futures_util::future::BoxFuture;
 use prometheus::IntCounter;

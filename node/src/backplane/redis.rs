@@ -55,7 +55,7 @@
 use super::layout::{self, Layout};
 use super::subscription::{self, Subscription};
 use super::{BackplaneMetrics, Deliver, HistoryError, PresenceChange, PresenceWrite, Sink};
-use crate::control::{Command, Envelope, Reply, Target};
+use crate::command::{Command, Envelope, Reply, Target};
 use crate::history::{self, cmp_ids, Address, ChatMessage, ResumeError};
 use crate::redis_link::{RedisLink, CONNECT_TIMEOUT};
 use redis::cluster_routing::Slot;

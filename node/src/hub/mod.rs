@@ -124,7 +124,16 @@ async fn handshake(app: &Arc<App>, conn: &Arc<Connection>, record: &[u8]) -> boo
             let _ = conn.send(Bytes::from(handshake_response(None)), false, true);
             conn.complete_handshake();
             if let Some(upstream) = &app.upstream {
-                upstream.connected(app, conn);
+                let (app, conn) = (app.clone(), conn.clone());
+                upstream.connected(conn.connection_id.clone(), app.user_of(&conn), move |groups| {
+                    Box::pin(async move {
+                        for group in groups {
+                            if let Err(e) = app.join_group(&conn, &group).await {
+                                tracing::info!(connection = %conn.connection_id, error = %e, "could not join a group the backend named");
+                            }
+                        }
+                    })
+                });
             }
             tracing::debug!(connection = %conn.connection_id, protocol = req.protocol.name(), version = req.version, stateful = conn.stateful().is_some(), "handshake");
             true
@@ -146,7 +155,11 @@ async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
                 (Some(m), _) => (m.run)(app, conn, invocation_id.as_deref(), arguments).await,
                 // Not the hub's: the application's backend answers it (see `upstream`).
                 (None, Some(upstream)) => {
-                    upstream.invoke(app, conn, invocation_id.clone(), target.clone(), arguments);
+                    let (app, conn) = (app.clone(), conn.clone());
+                    let caller = (conn.connection_id.clone(), app.user_of(&conn));
+                    upstream.invoke(caller, invocation_id.clone(), target.clone(), arguments, move |completion| {
+                        app.reply(&conn, completion)
+                    });
                     Ok(Answer::Queued)
                 }
                 (None, None) => Err("HubException: Method does not exist.".into()),
