@@ -7,7 +7,7 @@
 //! per send), then a fixed rate (each message's delivery latency to every
 //! client, from just before its request was sent).
 
-use crate::contenders::{self, Proc, Running};
+use crate::contenders;
 use crate::signalr;
 use crate::stats::{histogram, record, summarize};
 use anyhow::{bail, Context, Result};
@@ -40,28 +40,6 @@ fn jwt(claims: &Value, key: &str) -> String {
     format!("{signing_input}.{}", b64.encode(mac.finalize().into_bytes()))
 }
 
-fn node_with_key(bin_dir: &Path, dir: &Path, redis: &str, id: &str) -> Result<Running> {
-    let port = contenders::free_port()?;
-    let base = format!("http://127.0.0.1:{port}");
-    let args: Vec<String> = [
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--redis",
-        redis,
-        "--node-id",
-        id,
-        "--advertise-url",
-        &base,
-        "--api-access-key",
-        KEY,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let process = Proc::spawn(&bin_dir.join("switchboard-node"), &args, &dir.join(format!("node-{id}.log")))?;
-    Ok(Running { url: base, process })
-}
-
 /// What the clients saw: deliveries, and each one's latency from its send.
 struct Seen {
     deliveries: AtomicU64,
@@ -86,7 +64,7 @@ pub async fn run(bin_dir: &Path, opts: &Options) -> Result<Value> {
     let (redis_proc, redis) = contenders::redis(&dir)?;
     let mut nodes = Vec::new();
     for id in ["api-a", "api-b", "api-c"] {
-        nodes.push(node_with_key(bin_dir, &dir, &redis, id)?);
+        nodes.push(contenders::node_with(bin_dir, &dir, &redis, id, &["--api-access-key", KEY])?);
     }
     for n in &nodes {
         contenders::wait_ok(&format!("{}/health", n.url), Duration::from_secs(20)).await?;

@@ -209,11 +209,17 @@ pub fn redis_cluster(dir: &Path, masters: usize) -> Result<(Vec<Proc>, String)> 
 
 /// A chat node on a free port.
 pub fn node(bin_dir: &Path, dir: &Path, redis: &str, id: &str) -> Result<Running> {
+    node_with(bin_dir, dir, redis, id, &[])
+}
+
+/// A chat node on a free port, with `extra` arguments.
+pub fn node_with(bin_dir: &Path, dir: &Path, redis: &str, id: &str, extra: &[&str]) -> Result<Running> {
     let port = free_port()?;
     let base = format!("http://127.0.0.1:{port}");
     let args: Vec<String> =
         ["--listen", &format!("127.0.0.1:{port}"), "--redis", redis, "--node-id", id, "--advertise-url", &base]
             .iter()
+            .chain(extra)
             .map(|s| s.to_string())
             .collect();
     let process = Proc::spawn(&bin_dir.join("switchboard-node"), &args, &dir.join(format!("node-{id}.log")))?;
