@@ -206,47 +206,29 @@ impl App {
                 self.send_to(c, d.for_connection(c));
             }
         };
-        let offer_keys = |keys: Vec<String>| {
-            for key in keys {
-                if let Some(c) = self.connections.get(&key) {
+        // `but`: a connection left out (a direct message's sender has its Completion instead).
+        let offer_keys = |keys: Vec<String>, but: Option<&str>| {
+            for c in keys.iter().filter_map(|k| self.connections.get(k)) {
+                if Some(c.connection_id.as_str()) != but {
                     offer(&c);
                 }
             }
         };
         match message.address() {
             Address::All => self.connections.handshaken().iter().for_each(offer),
-            Address::Group(g) => offer_keys(self.groups.members(g)),
+            Address::Group(g) => offer_keys(self.groups.members(g), None),
             Address::User { to, from } => {
                 let mut keys = self.users.connections(to);
                 if to != from && !from.is_empty() {
                     keys.extend(self.users.connections(from));
                 }
-                // The sending connection has its Completion instead.
-                keys.retain(|k| self.connections.get(k).is_some_and(|c| c.connection_id != message.connection_id));
-                offer_keys(keys);
+                offer_keys(keys, Some(&message.connection_id));
             }
             Address::Connection(id) => {
                 if let Some(c) = self.connections.by_id(id).filter(|c| c.is_handshaken()) {
                     offer(&c);
                 }
             }
-        }
-    }
-
-    /// Whether `conn`, whose user is `user`, should see `message` (in a
-    /// replay or a history page): what is addressed to everyone, to it, or
-    /// to its user; a direct message to or from its user but not the one it
-    /// sent itself. (Group messages are filtered by membership apart.)
-    pub fn may_see(conn: &Connection, user: Option<&str>, message: &ChatMessage) -> bool {
-        if message.excluded.contains(&conn.connection_id) {
-            return false;
-        }
-        match message.address() {
-            Address::All | Address::Group(_) => true,
-            Address::User { to, from } => {
-                user.is_some_and(|u| u == to || u == from) && message.connection_id != conn.connection_id
-            }
-            Address::Connection(id) => id == conn.connection_id,
         }
     }
 

@@ -74,6 +74,24 @@ pub enum Address<'a> {
 }
 
 impl ChatMessage {
+    /// Whether the connection `connection_id`, whose user is `user`, may be
+    /// shown this message in a replay or a history page: what is addressed to
+    /// everyone, to it, or to its user; a direct message to or from its user
+    /// but not the one it sent itself; nothing it was excluded from. (Group
+    /// messages are filtered by membership apart.)
+    pub fn visible_to(&self, connection_id: &str, user: Option<&str>) -> bool {
+        if self.excluded.iter().any(|e| e == connection_id) {
+            return false;
+        }
+        match self.address() {
+            Address::All | Address::Group(_) => true,
+            Address::User { to, from } => {
+                user.is_some_and(|u| u == to || u == from) && self.connection_id != connection_id
+            }
+            Address::Connection(id) => id == connection_id,
+        }
+    }
+
     pub fn address(&self) -> Address<'_> {
         match (&self.group, &self.to, &self.connection) {
             (Some(g), _, _) => Address::Group(g),

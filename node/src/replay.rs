@@ -213,7 +213,7 @@ pub async fn continue_replay(app: &Arc<App>, conn: &Arc<Connection>) -> Flow {
             continue;
         }
         let mine = m.group.as_ref().is_none_or(|g| replay.groups.contains(g));
-        if !mine || !App::may_see(conn, replay.user.as_deref(), &m) {
+        if !mine || !m.visible_to(&conn.connection_id, replay.user.as_deref()) {
             current.newest = Some(id);
             continue;
         }
@@ -283,7 +283,7 @@ pub async fn history_page(app: &App, conn: &Connection, count: usize, budget: us
     // in and cut back to the page at once, so a connection in many groups
     // holds at most this page and one scope's read, not one per scope.
     let user = app.user_of(conn);
-    let visible = |m: &ChatMessage| App::may_see(conn, user.as_deref(), m);
+    let visible = |m: &ChatMessage| m.visible_to(&conn.connection_id, user.as_deref());
     let mut kept: Vec<((u64, u64), Value, usize)> = Vec::new();
     for scope in &scopes {
         kept.extend(newest_of(app, scope.as_deref(), count, budget, &visible).await?);

@@ -15,16 +15,19 @@
 //!   the invocation as JSON, `{"type":1,"invocationId":…,"target":…,
 //!   "arguments":[…]}`); a 2xx answer's JSON body is the completion's result
 //!   (an empty body: none), any other status, a body that is not JSON or
+//!   larger than half the connection's byte budget, or
 //!   `upstream_timeout_secs` passing is an error completion; an invocation
 //!   without an id gets none.
 //!
-//! Every call runs in a task of its own, so nothing waits for the backend
-//! but the invoking client's completion. At most `upstream_concurrency`
-//! calls are in flight per node; events past `MAX_WAITING` waiting ones are
-//! dropped and counted, so a dead backend costs bounded memory.
+//! Events run in tasks of their own; an invocation is awaited by its
+//! connection's hub loop, as ASP.NET Core runs one invocation of a client at
+//! a time, so a client cannot have more calls in flight than one, and waits
+//! for its answers rather than piling them up. Other connections never
+//! wait for the backend. At most `upstream_concurrency` calls are in flight
+//! per node; events past `MAX_WAITING` waiting ones are dropped and counted,
+//! so a dead backend costs bounded memory.
 
 use crate::api::auth::AccessKey;
-use crate::protocol::HubMessage;
 use futures_util::future::BoxFuture;
 use prometheus::IntCounterVec;
 use serde_json::{json, Value};
@@ -35,8 +38,8 @@ use tokio::sync::Semaphore;
 
 /// Events that may wait for a turn at once; more are dropped.
 const MAX_WAITING: usize = 10_000;
-/// Largest answer read from the backend.
-const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+/// Largest answer to an event read from the backend.
+const MAX_EVENT_ANSWER_BYTES: usize = 64 * 1024;
 
 pub struct Upstream {
     url: String,
@@ -46,6 +49,9 @@ pub struct Upstream {
     waiting: AtomicUsize,
     timeout: Duration,
     retries: u32,
+    /// Largest answer to an invocation: half a connection's byte budget, as
+    /// a `GetHistory` page.
+    max_answer: usize,
     /// Calls by category and outcome.
     calls: IntCounterVec,
 }
@@ -57,6 +63,7 @@ enum Failure {
     Unreachable(String),
     Status(u16),
     NotJson,
+    TooLarge,
 }
 
 impl std::fmt::Display for Failure {
@@ -66,6 +73,7 @@ impl std::fmt::Display for Failure {
             Failure::Unreachable(e) => write!(f, "the application's backend is unreachable ({e})"),
             Failure::Status(s) => write!(f, "the application's backend answered {s}"),
             Failure::NotJson => f.write_str("the application's backend answered with a body that is not JSON"),
+            Failure::TooLarge => f.write_str("the application's backend answered with a body too large to pass on"),
         }
     }
 }
@@ -77,6 +85,7 @@ impl Failure {
             Failure::Unreachable(_) => "unreachable",
             Failure::Status(_) => "status",
             Failure::NotJson => "not_json",
+            Failure::TooLarge => "too_large",
         }
     }
 }
@@ -102,6 +111,7 @@ impl Upstream {
             waiting: AtomicUsize::new(0),
             timeout,
             retries: cfg.upstream_retries,
+            max_answer: (cfg.max_buffered_bytes / 2).max(1),
             calls,
         })))
     }
@@ -115,6 +125,7 @@ impl Upstream {
         connection_id: &str,
         user: Option<&str>,
         body: Vec<u8>,
+        max_answer: usize,
     ) -> Result<Value, Failure> {
         let attempt = async {
             let _turn = self.turns.acquire().await.map_err(|_| Failure::Unreachable("shutting down".into()))?;
@@ -130,20 +141,21 @@ impl Upstream {
             if let Some(user) = user {
                 request = request.header("X-ASRS-User-Id", user);
             }
-            let response = request.body(body).send().await.map_err(|e| Failure::Unreachable(e.to_string()))?;
+            let mut response = request.body(body).send().await.map_err(|e| Failure::Unreachable(e.to_string()))?;
             let status = response.status();
             if !status.is_success() {
                 return Err(Failure::Status(status.as_u16()));
             }
-            if response.content_length().is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {
-                return Err(Failure::NotJson);
+            // Read as it comes, never past the limit (a chunked answer has no length to check first).
+            let mut bytes = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(|e| Failure::Unreachable(e.to_string()))? {
+                if bytes.len() + chunk.len() > max_answer {
+                    return Err(Failure::TooLarge);
+                }
+                bytes.extend_from_slice(&chunk);
             }
-            let bytes = response.bytes().await.map_err(|e| Failure::Unreachable(e.to_string()))?;
             if bytes.iter().all(u8::is_ascii_whitespace) {
                 return Ok(Value::Null);
-            }
-            if bytes.len() > MAX_ANSWER_BYTES {
-                return Err(Failure::NotJson);
             }
             serde_json::from_slice(&bytes).map_err(|_| Failure::NotJson)
         };
@@ -158,7 +170,7 @@ impl Upstream {
         let body = body.to_string().into_bytes();
         let mut delay = Duration::from_millis(200);
         for attempt in 0..=self.retries {
-            match self.call("connections", event, connection_id, user, body.clone()).await {
+            match self.call("connections", event, connection_id, user, body.clone(), MAX_EVENT_ANSWER_BYTES).await {
                 Ok(answer) => return Some(answer),
                 Err(Failure::Status(s)) if (400..500).contains(&s) => return None,
                 Err(e) if attempt == self.retries => {
@@ -216,31 +228,18 @@ impl Upstream {
     }
 
     /// An invocation of a method the hub does not define, by the connection
-    /// `connection_id` (of `user`): the backend's answer becomes its
-    /// completion, handed to `answer` when it comes.
-    pub fn invoke(
-        self: &Arc<Self>,
-        (connection_id, user): (String, Option<String>),
-        invocation_id: Option<String>,
-        target: String,
+    /// `connection_id` (of `user`): the backend's answer, the completion's
+    /// result (`Null`: none), or why there is none.
+    pub async fn invoke(
+        &self,
+        (connection_id, user): (&str, Option<&str>),
+        invocation_id: Option<&str>,
+        target: &str,
         arguments: Vec<Value>,
-        answer: impl FnOnce(HubMessage) + Send + 'static,
-    ) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let body = json!({"type": 1, "invocationId": invocation_id, "target": target, "arguments": arguments});
-            let outcome =
-                this.call("messages", &target, &connection_id, user.as_deref(), body.to_string().into_bytes()).await;
-            let Some(id) = invocation_id else { return };
-            let (result, error) = match outcome {
-                Ok(Value::Null) => (None, None),
-                Ok(v) => (Some(v), None),
-                Err(e) => (
-                    None,
-                    Some(format!("Failed to invoke '{target}' due to an error on the server. HubException: {e}.")),
-                ),
-            };
-            answer(HubMessage::Completion { invocation_id: id, result, error });
-        });
+    ) -> Result<Value, String> {
+        let body = json!({"type": 1, "invocationId": invocation_id, "target": target, "arguments": arguments});
+        let body = body.to_string().into_bytes();
+        let answer = self.call("messages", target, connection_id, user, body, self.max_answer).await;
+        answer.map_err(|e| format!("HubException: {e}."))
     }
 }

@@ -53,9 +53,9 @@ async fn direct_messages_reach_only_their_users_connections_and_survive_a_killed
     for (name, user) in [("bob1", "bob"), ("bob2", "bob"), ("ana", "ana"), ("ana2", "ana"), ("cat", "cat")] {
         page.delete_all_cookies().await.expect("clear cookies");
         let token = signer.issue(user, 3600).expect("token");
-        // The first retry waits a second, so messages sent meanwhile are missed live.
+        // The first retry waits 3 s, so what is sent once the tab noticed its loss is missed live.
         let opts = json!({"url": format!("{}/chathub?messageIds=true", lb.base), "transport": "WebSockets",
-            "token": token, "resume": true, "retryDelays": [1000, 500, 500, 1000, 1000, 2000, 2000, 2000]});
+            "token": token, "resume": true, "retryDelays": [3000, 500, 500, 1000, 1000, 2000, 2000, 2000]});
         eval(&page, &format!("window.__sbStart('{name}', {opts}); return 1;")).await;
         let js = format!("const r = window.__sbRec('{name}'); return r.state === 'starting' ? null : r;");
         let r = eval_until(&page, &format!("{name} to start"), &js, |v| (!v.is_null()).then(|| v.clone())).await;

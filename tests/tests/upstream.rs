@@ -10,13 +10,15 @@
 //! - a method the hub does not define goes upstream as the invocation's
 //!   JSON: a 200 answer is the completion's result, a 500 an error
 //!   completion, an invocation without an id gets no completion;
-//! - an upstream that hangs: the invoking client gets an error completion
-//!   after the timeout, and before it does, another client's chat message
-//!   reaches a client on the same node.
+//! - an upstream that holds an invocation: until the test lets it answer,
+//!   another client's chat message reaches a client on the invoker's node,
+//!   and the invoker then gets the answer; an upstream that never answers:
+//!   the invoking client gets an error completion after the timeout.
 
 use hmac::Mac;
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use switchboard_tests::{token_signer, HubClient, RedisServer, TestNode, TransportKind, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -38,20 +40,25 @@ impl Call {
 }
 
 /// The application backend: records every call and answers by event.
-async fn upstream_server() -> (String, mpsc::UnboundedReceiver<Call>) {
+/// `Hold` is answered `"released"` once `release` is notified; `Hang` never.
+async fn upstream_server(release: Arc<tokio::sync::Notify>) -> (String, mpsc::UnboundedReceiver<Call>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}/upstream", listener.local_addr().expect("addr"));
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
-            tokio::spawn(serve(socket, tx.clone()));
+            tokio::spawn(serve(socket, tx.clone(), release.clone()));
         }
     });
     (url, rx)
 }
 
 /// Serves one connection's requests (keep-alive) until it closes.
-async fn serve(mut socket: tokio::net::TcpStream, calls: mpsc::UnboundedSender<Call>) {
+async fn serve(
+    mut socket: tokio::net::TcpStream,
+    calls: mpsc::UnboundedSender<Call>,
+    release: Arc<tokio::sync::Notify>,
+) {
     let mut buf = Vec::new();
     loop {
         // One head, then its Content-Length body.
@@ -91,6 +98,16 @@ async fn serve(mut socket: tokio::net::TcpStream, calls: mpsc::UnboundedSender<C
                 (200, json!(a[0].as_i64().unwrap_or(0) + a[1].as_i64().unwrap_or(0)).to_string())
             }
             "Fail" => (500, "no".to_string()),
+            "Hold" => {
+                let _ = calls.send(call);
+                release.notified().await;
+                let answer = "\"released\"";
+                let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}", answer.len());
+                if socket.write_all(response.as_bytes()).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             "Hang" => {
                 let _ = calls.send(call);
                 tokio::time::sleep(Duration::from_secs(30)).await;
@@ -147,21 +164,20 @@ async fn signed_in(node: &TestNode, user: &str) -> HubClient {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_events_reach_the_backend_signed_and_its_answers_become_completions() {
     let redis = RedisServer::start();
-    let (url, mut calls) = upstream_server().await;
-    let args = [
-        "--auth",
-        "required",
-        "--auth-secret",
-        SECRET,
-        "--api-access-key",
-        KEY,
-        "--upstream-url",
-        &url,
-        "--upstream-timeout-secs",
-        "4",
-    ];
-    let a = TestNode::start(&redis, "node-a", &args).await;
-    let b = TestNode::start(&redis, "node-b", &args).await;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (url, mut calls) = upstream_server(release.clone()).await;
+    // node-a waits for the upstream longer than this test waits for
+    // anything, so only the upstream's answer ends an invocation there;
+    // node-b gives up soon.
+    let args = |timeout: &'static str| {
+        let base = ["--auth", "required", "--auth-secret", SECRET, "--api-access-key", KEY, "--upstream-url"];
+        let mut args: Vec<String> = base.iter().map(|s| s.to_string()).collect();
+        args.extend([url.clone(), "--upstream-timeout-secs".into(), timeout.into()]);
+        args
+    };
+    let (args_a, args_b) = (args("60"), args("1.5"));
+    let a = TestNode::start(&redis, "node-a", &args_a.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let b = TestNode::start(&redis, "node-b", &args_b.iter().map(String::as_str).collect::<Vec<_>>()).await;
 
     let mut ana = signed_in(&a, "ana").await;
     let connected = next_call(&mut calls, "connected").await;
@@ -173,10 +189,18 @@ async fn upstream_events_reach_the_backend_signed_and_its_answers_become_complet
     let mut bob = signed_in(&b, "bob").await;
     next_call(&mut calls, "connected").await;
 
-    // The upstream's answer put both in "from-upstream".
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    bob.invoke("SendMessageToGroup", vec![json!("from-upstream"), json!("bob"), json!("grouped")]).await.expect("send");
-    let got = ana.expect_event("ReceiveGroupMessage", WAIT).await.expect("ana is in the upstream's group");
+    // The upstream's answer put both in "from-upstream" (once its answer
+    // arrived: bob sends until ana hears one, at most ten times).
+    let mut got = None;
+    for _ in 0..10 {
+        let args = vec![json!("from-upstream"), json!("bob"), json!("grouped")];
+        bob.invoke("SendMessageToGroup", args).await.expect("send");
+        got = ana.expect_event("ReceiveGroupMessage", Duration::from_secs(1)).await;
+        if got.is_some() {
+            break;
+        }
+    }
+    let got = got.expect("ana is in the upstream's group");
     assert_eq!(got[..3], [json!("from-upstream"), json!("bob"), json!("grouped")]);
 
     // Methods the hub does not define.
@@ -195,25 +219,28 @@ async fn upstream_events_reach_the_backend_signed_and_its_answers_become_complet
     assert_eq!(fired.body["invocationId"], Value::Null);
     assert!(ana.expect(Duration::from_millis(500), |v| v["type"] == 3).await.is_none(), "no completion without an id");
 
-    // A hanging upstream: ana waits for her error; meanwhile bob's chat
-    // reaches cat, on ana's node, while ana's invocation is still hanging.
+    // An upstream that holds ana's invocation: meanwhile bob's chat reaches
+    // cat, on ana's node, and ana's invocation is still waiting (node-a
+    // gives up only after 60 s); then the upstream answers, and so does she.
     let mut cat = signed_in(&a, "cat").await;
     next_call(&mut calls, "connected").await;
-    let started = Instant::now();
-    let hung = tokio::spawn(async move {
-        let outcome = ana.invoke("Hang", vec![]).await;
+    let held = tokio::spawn(async move {
+        let outcome = ana.invoke("Hold", vec![]).await;
         (ana, outcome)
     });
-    next_call(&mut calls, "Hang").await;
+    next_call(&mut calls, "Hold").await;
     bob.invoke("SendMessage", vec![json!("bob"), json!("still here")]).await.expect("bob's chat is not held up");
     let heard = cat.expect(WAIT, |v| v["target"] == "ReceiveMessage" && v["arguments"][1] == "still here").await;
-    assert!(heard.is_some(), "cat hears bob while the upstream hangs");
-    assert!(!hung.is_finished(), "ana's invocation was still waiting for the upstream when cat heard bob");
-    let (ana, outcome) = hung.await.expect("ana's task");
-    let error = outcome.expect_err("a timeout is an error completion");
-    assert!(error.contains("did not answer in time"), "{error}");
-    eprintln!("cat heard bob while the upstream hung; ana's error after {:?}", started.elapsed());
+    assert!(heard.is_some(), "cat hears bob while the upstream holds ana's invocation");
+    assert!(!held.is_finished(), "ana's invocation waits for the upstream");
+    release.notify_one();
+    let (ana, outcome) = held.await.expect("ana's task");
+    assert_eq!(outcome, Ok(json!("released")));
     drop(ana);
+    // One that never answers: an error completion once node-b gives up.
+    bob.send("Hang", vec![]).await; // no id: nothing comes back, and bob's next one waits its turn
+    let error = bob.invoke("Hang", vec![]).await.expect_err("a timeout is an error completion");
+    assert!(error.contains("did not answer in time"), "{error}");
 
     // Disconnected, signed, for the connection that left.
     let id = bob.connection_id.clone();

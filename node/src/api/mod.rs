@@ -141,10 +141,22 @@ fn route(method: &Method, path: &str) -> Result<Operation, Answer> {
     if !hub.eq_ignore_ascii_case(HUB) {
         return Err(Answer::error(StatusCode::NOT_FOUND, format!("this cluster serves the hub '{HUB}' only")));
     }
-    let wrong = || Answer::error(StatusCode::METHOD_NOT_ALLOWED, "that method does not apply to this path");
+    if let Some(op) = operation(method, rest) {
+        return Ok(op);
+    }
+    // A path some other method takes: 405, else 404.
+    let methods = [Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::HEAD];
+    if methods.iter().any(|m| operation(m, rest).is_some()) {
+        Err(Answer::error(StatusCode::METHOD_NOT_ALLOWED, "that method does not apply to this path"))
+    } else {
+        Err(not_found())
+    }
+}
+
+/// The operation `method` on the path under the hub (`rest`, decoded) is.
+fn operation(method: &Method, rest: &[&str]) -> Option<Operation> {
     let owned = |v: &str| v.to_string();
-    let m = method.clone();
-    Ok(match (rest, m) {
+    Some(match (rest, method.clone()) {
         ([":send"], Method::POST) => Operation::SendAll,
         ([":closeConnections"], Method::POST) => Operation::CloseAll,
         (["groups", g, ":closeConnections"], Method::POST) => Operation::CloseGroup(owned(g)),
@@ -169,12 +181,7 @@ fn route(method: &Method, path: &str) -> Result<Operation, Answer> {
             Operation::RemoveUserFromGroup { user: owned(u), group: owned(g) }
         }
         (["users", u, "groups"], Method::DELETE) => Operation::RemoveUserFromAllGroups(owned(u)),
-        ([":send"] | ["users", _, ":send"] | ["groups", _, ":send"] | ["connections", _, ":send"], _)
-        | ([":closeConnections"] | ["groups", _, ":closeConnections"], _)
-        | (["connections", _] | ["connections", _, "groups"] | ["groups", _], _)
-        | (["groups", _, "connections", _] | ["users", _] | ["users", _, ":closeConnections"], _)
-        | (["users", _, "groups", _] | ["users", _, "groups"], _) => return Err(wrong()),
-        _ => return Err(not_found()),
+        _ => return None,
     })
 }
 

@@ -155,12 +155,10 @@ async fn on_message(app: &Arc<App>, conn: &Arc<Connection>, msg: HubMessage) {
                 (Some(m), _) => (m.run)(app, conn, invocation_id.as_deref(), arguments).await,
                 // Not the hub's: the application's backend answers it (see `upstream`).
                 (None, Some(upstream)) => {
-                    let (app, conn) = (app.clone(), conn.clone());
-                    let caller = (conn.connection_id.clone(), app.user_of(&conn));
-                    upstream.invoke(caller, invocation_id.clone(), target.clone(), arguments, move |completion| {
-                        app.reply(&conn, completion)
-                    });
-                    Ok(Answer::Queued)
+                    let user = app.user_of(conn);
+                    let caller = (conn.connection_id.as_str(), user.as_deref());
+                    let answer = upstream.invoke(caller, invocation_id.as_deref(), &target, arguments).await;
+                    answer.map(|v| if v.is_null() { Answer::Empty } else { Answer::With(v) })
                 }
                 (None, None) => Err("HubException: Method does not exist.".into()),
             };
