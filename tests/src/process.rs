@@ -8,17 +8,40 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// Ports this test process has handed out: never handed out twice. The
+/// kernel may give a just-closed port to the next bind, and two tests
+/// running at once in one binary would then start servers on one port (the
+/// balancer's per-thread sockets share a port with SO_REUSEPORT, so the
+/// second does not even fail: each test reaches the other's balancer).
+static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// A port that was free a moment ago on 127.0.0.1, not handed out before
+/// by this process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
+    free_ports::<1>()[0]
 }
 
-/// `N` different free ports: each listener is held until all are chosen,
-/// since separate `free_port` calls can return the same port.
+/// `N` different free ports, none handed out before by this process: each
+/// listener is held until all are chosen.
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> =
-        (0..N).map(|_| TcpListener::bind("127.0.0.1:0").expect("a free loopback port")).collect();
-    std::array::from_fn(|i| listeners[i].local_addr().map(|a| a.port()).expect("a bound port"))
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    // Bounded: a few hundred binds at most, even after many tests.
+    for _ in 0..(N + 200) {
+        if ports.len() == N {
+            break;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+        let port = listener.local_addr().map(|a| a.port()).expect("a bound port");
+        if !handed.contains(&port) {
+            handed.push(port);
+            ports.push(port);
+        }
+        held.push(listener);
+    }
+    assert_eq!(ports.len(), N, "no unused loopback port found");
+    std::array::from_fn(|i| ports[i])
 }
 
 /// `target/<profile>`, found from the running test executable.
